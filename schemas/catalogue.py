@@ -1,0 +1,38 @@
+"""The error catalogue of the design: every (type, code) and whether it is retried by default."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from schemas.spec import ErrorType
+
+# code -> (type, retryable by default)
+CATALOGUE: Final[dict[str, tuple[ErrorType, bool]]] = {
+    "INVALID_SPEC": ("validation", False),
+    "IMAGE_NOT_FOUND": ("validation", False),
+    "POLICY_VIOLATION": ("security", False),
+    "EXECUTION_TIMEOUT": ("timeout", True),
+    "OOM_KILLED": ("resource", False),
+    "PIDS_LIMIT": ("resource", False),
+    "OUTPUT_LIMIT": ("resource", False),
+    "QUEUE_FULL": ("resource", True),
+    "HOST_PRESSURE": ("resource", True),
+    "NONZERO_EXIT": ("user_code", False),
+    "SIGNALED": ("user_code", False),
+    "DOCKER_UNAVAILABLE": ("infrastructure", True),
+    "DOCKER_API_ERROR": ("infrastructure", True),
+    "CIRCUIT_OPEN": ("infrastructure", True),
+    "KILLED_EXTERNALLY": ("infrastructure", True),
+    "CONTAINER_VANISHED": ("infrastructure", True),
+    "SUPERVISOR_LOST": ("infrastructure", True),
+    "REDELIVERY_LIMIT": ("infrastructure", False),
+    "CLEANUP_FAILED": ("infrastructure", True),
+}
+
+
+def error_type_of(code: str) -> ErrorType:
+    return CATALOGUE[code][0]
+
+
+def retryable_by_default(code: str) -> bool:
+    return CATALOGUE[code][1]

@@ -1,0 +1,274 @@
+"""Every event of the `SUP_EVENTS` stream, as one tagged union.
+
+Each event is a frozen Struct whose `type` tag is stable and whose subject is
+`sup.<category>.<name>.<node>.<task>` (`_` for "no task"). The envelope fields are common to
+all. Events evolve by adding fields with defaults; a field never changes type, and unknown
+fields are ignored on decode so old readers survive new writers.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar, Literal
+
+import msgspec
+from msgspec import Struct
+
+from schemas.spec import ErrorType, ExecutionError, Result, TaskSpec
+
+SCHEMA_VERSION = 1
+NO_TASK = "_"
+
+
+class Evidence(Struct, kw_only=True, frozen=True):
+    """What was observed about one attempt, recorded so classification can be re-run.
+
+    `adapter_error` is the class tag of the project's exception an adapter raised
+    (`docker_unavailable`, `docker_api_error`, `image_not_found`, `container_vanished`,
+    `circuit_open`, ...). `kills_issued` are the reasons of the supervisor's own kills;
+    `external_kills` the signals of `kill`/`stop` actions Docker reported that the
+    supervisor did not issue.
+    """
+
+    exit_code: int | None = None
+    oom_killed: bool = False
+    memory_oom_events: int = 0
+    pids_limit_events: int = 0
+    kills_issued: tuple[str, ...] = ()
+    external_kills: tuple[str, ...] = ()
+    removed_out_of_band: bool = False
+    adapter_error: str | None = None
+    adapter_message: str | None = None
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    cancelled: bool = False
+
+
+class Event(Struct, frozen=True, kw_only=True, tag_field="type"):
+    """The envelope. `event_id` is also the message's `Nats-Msg-Id`."""
+
+    category: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+
+    event_id: str
+    occurred_at: datetime
+    node_id: str
+    instance_id: str
+    task_id: str = NO_TASK
+    attempt: int = 0
+    correlation_id: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def subject(self) -> str:
+        return f"sup.{self.category}.{self.subject_name()}.{self.node_id}.{self.task_id or NO_TASK}"
+
+    def subject_name(self) -> str:
+        return self.name
+
+
+# --- process -----------------------------------------------------------------------------
+
+
+class SupervisorStarted(Event, tag="supervisor.started"):
+    category = "supervisor"
+    name = "started"
+    version: str = ""
+    pid: int = 0
+    role: str = "run"
+
+
+class SupervisorStopped(Event, tag="supervisor.stopped"):
+    category = "supervisor"
+    name = "stopped"
+    reason: str = ""
+
+
+# --- task ------------------------------------------------------------------------------
+
+
+class TaskSubmitted(Event, tag="task.submitted"):
+    category = "task"
+    name = "submitted"
+    spec: TaskSpec
+    priority: str = "normal"
+
+
+class TaskRejected(Event, tag="task.rejected"):
+    """The task never ran: validation, policy or admission refused it."""
+
+    category = "task"
+    name = "rejected"
+    error: ExecutionError
+    result: Result | None = None
+
+
+class TaskSucceeded(Event, tag="task.succeeded"):
+    """Terminal. `result` output is capped at the event output cap (see `output_capped`)."""
+
+    category = "task"
+    name = "succeeded"
+    result: Result
+
+
+class TaskFailed(Event, tag="task.failed"):
+    category = "task"
+    name = "failed"
+    result: Result
+
+
+class RetryScheduled(Event, tag="task.retry_scheduled"):
+    category = "task"
+    name = "retry_scheduled"
+    next_attempt: int
+    delay_s: float
+    error_code: str
+
+
+# --- attempt ---------------------------------------------------------------------------
+
+
+class AttemptStarted(Event, tag="attempt.started"):
+    category = "attempt"
+    name = "started"
+    max_attempts: int = 1
+
+
+class AttemptFinished(Event, tag="attempt.finished"):
+    category = "attempt"
+    name = "finished"
+    outcome: Literal["succeeded", "failed"]
+    exit_code: int | None = None
+    error_type: str | None = None
+    error_code: str | None = None
+    duration_s: float = 0.0
+    evidence: Evidence = Evidence()
+
+
+# --- container and workspace -----------------------------------------------------------
+
+
+class WorkspaceCreated(Event, tag="workspace.created"):
+    category = "workspace"
+    name = "created"
+    path: str
+    files: int = 0
+    bytes: int = 0
+
+
+class ContainerCreated(Event, tag="container.created"):
+    category = "container"
+    name = "created"
+    container_id: str
+    image: str
+    labels: dict[str, str] = {}
+    deadline: float = 0.0
+
+
+class ContainerStarted(Event, tag="container.started"):
+    category = "container"
+    name = "started"
+    container_id: str
+
+
+class KillIssued(Event, tag="container.kill_issued"):
+    """The supervisor is about to kill the container; recorded before the kill is sent."""
+
+    category = "container"
+    name = "kill_issued"
+    container_id: str
+    reason: Literal["timeout", "output_limit", "cancelled", "cleanup", "reconcile"]
+    signal: str = "SIGKILL"
+
+
+class ContainerExited(Event, tag="container.exited"):
+    category = "container"
+    name = "exited"
+    container_id: str
+    exit_code: int | None = None
+    evidence: Evidence = Evidence()
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+class ErrorRaised(Event, tag="error.raised"):
+    """One classified error. Its subject's name token is the error type, so
+    `sup.error.timeout.>` is every timeout."""
+
+    category = "error"
+    error_type: ErrorType
+    code: str
+    message: str
+    retryable: bool
+    details: dict[str, Any] = {}
+    container_id: str | None = None
+    evidence: Evidence | None = None
+
+    def subject_name(self) -> str:
+        return self.error_type
+
+
+# --- cleanup ---------------------------------------------------------------------------
+
+CleanupStep = Literal["kill", "remove_container", "remove_workspace"]
+
+
+class CleanupSucceeded(Event, tag="cleanup.succeeded"):
+    """One cleanup step done (or found already done: `already_gone`)."""
+
+    category = "cleanup"
+    name = "succeeded"
+    step: CleanupStep
+    resource: str
+    duration_s: float
+    already_gone: bool = False
+
+
+class CleanupFailed(Event, tag="cleanup.failed"):
+    """A cleanup step failed; `resource` names what is left behind."""
+
+    category = "cleanup"
+    name = "failed"
+    step: CleanupStep
+    resource: str
+    duration_s: float
+    reason: str
+    error_class: str = ""
+
+
+AnyEvent = (
+    SupervisorStarted
+    | SupervisorStopped
+    | TaskSubmitted
+    | TaskRejected
+    | TaskSucceeded
+    | TaskFailed
+    | RetryScheduled
+    | AttemptStarted
+    | AttemptFinished
+    | WorkspaceCreated
+    | ContainerCreated
+    | ContainerStarted
+    | KillIssued
+    | ContainerExited
+    | ErrorRaised
+    | CleanupSucceeded
+    | CleanupFailed
+)
+
+EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__  # type: ignore[attr-defined]
+TERMINAL_TASK_EVENTS = (TaskSucceeded, TaskFailed, TaskRejected)
+
+_encoder = msgspec.json.Encoder()
+_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)  # type: ignore[arg-type]
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes) -> Event:
+    """Decode one event; raises `msgspec.DecodeError` / `msgspec.ValidationError`."""
+    return _decoder.decode(data)  # type: ignore[return-value]

@@ -1,0 +1,49 @@
+"""Generate the JSON Schema files under `schemas/json/` from the Structs.
+
+`python -m schemas.jsonschema` rewrites them; a test regenerates them in memory and fails on
+any byte of difference, so the committed files always describe the code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import msgspec
+
+from schemas.events import AnyEvent
+from schemas.spec import ExecutionError, Result, TaskSpec
+
+JSON_DIR = Path(__file__).parent / "json"
+
+_DOCUMENTS: dict[str, object] = {
+    "task_spec.json": TaskSpec,
+    "result.json": Result,
+    "execution_error.json": ExecutionError,
+    "events.json": AnyEvent,
+}
+
+
+def render() -> dict[str, bytes]:
+    """Return file name -> exact bytes of every generated schema."""
+    out: dict[str, bytes] = {}
+    for name, typ in _DOCUMENTS.items():
+        schema = msgspec.json.schema(typ)
+        out[name] = (json.dumps(schema, indent=2, sort_keys=True) + "\n").encode()
+    return out
+
+
+def write(directory: Path = JSON_DIR) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, data in render().items():
+        path = directory / name
+        path.write_bytes(data)
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for p in write():
+        sys.stdout.write(f"{p}\n")

@@ -1,0 +1,90 @@
+"""The task contract: what a submitter sends (TaskSpec) and what it gets back (Result).
+
+Field names are fixed by the design; new fields get defaults so old clients keep working.
+Specs are decoded strictly (`forbid_unknown_fields`): a misspelt field is an error, not a
+silently ignored wish.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
+
+# A token that is safe as one NATS subject token and as a Docker label value.
+Token = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+
+ErrorType = Literal["infrastructure", "resource", "timeout", "user_code", "validation", "security"]
+
+
+class Limits(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Resource limits of one attempt. The configured bounds cap them at admission."""
+
+    timeout_s: Annotated[float, Meta(gt=0)] = 10.0
+    memory_mb: Annotated[int, Meta(ge=6)] = 128
+    cpus: Annotated[float, Meta(gt=0)] = 1.0
+    pids: Annotated[int, Meta(ge=4)] = 64
+    output_bytes: Annotated[int, Meta(ge=0)] = 1_048_576
+
+
+class RetryPolicy(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Exponential backoff with optional full jitter; only retryable errors are retried."""
+
+    max_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
+    base_delay_s: Annotated[float, Meta(ge=0)] = 1.0
+    multiplier: Annotated[float, Meta(ge=1)] = 2.0
+    max_delay_s: Annotated[float, Meta(ge=0)] = 30.0
+    jitter: bool = True
+
+
+class TaskSpec(Struct, forbid_unknown_fields=True, kw_only=True):
+    """One task as submitted. `files` are written to a workspace mounted read-only at
+    /workspace; the security requests (`network`, `privileged`, `cap_add`, `mounts`) are
+    refused unless the configured policy allows them."""
+
+    image: str
+    command: list[str]
+    task_id: Token | None = None
+    files: dict[str, str] = {}
+    env: dict[str, str] = {}
+    priority: Priority = "normal"
+    correlation_id: Annotated[str, Meta(max_length=128)] | None = None
+    limits: Limits = msgspec.field(default_factory=Limits)
+    retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
+    network: str = "none"
+    privileged: bool = False
+    cap_add: list[str] = []
+    mounts: list[dict[str, Any]] = []
+
+
+class ExecutionError(Struct, kw_only=True):
+    """A classified error: `type` and `code` come from the catalogue, `retryable` from the
+    catalogue's default for that code. `details` holds the evidence that decided it."""
+
+    type: ErrorType
+    code: str
+    message: str
+    retryable: bool
+    details: dict[str, Any] = {}
+    task_id: str | None = None
+    container_id: str | None = None
+    timestamp: str | None = None
+
+
+class Result(Struct, kw_only=True):
+    """The outcome of a task after all its attempts."""
+
+    task_id: str
+    status: Literal["succeeded", "failed", "rejected"]
+    attempts: int
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    duration_s: float = 0.0
+    error: ExecutionError | None = None

@@ -1,0 +1,110 @@
+"""One exception root, one branch per layer.
+
+Adapters translate library errors (docker-py, nats-py, DuckDB, OS) into these classes with
+`raise ... from e`; retry, the breaker and classification act only on these classes, never
+on library exceptions or message text. Each class carries `tag`, the stable name recorded
+as `Evidence.adapter_error`.
+"""
+
+from __future__ import annotations
+
+
+class SupervisorError(Exception):
+    """Root of every error the project raises on purpose."""
+
+    tag = "supervisor_error"
+
+
+# --- input -------------------------------------------------------------------------------
+
+
+class SpecError(SupervisorError):
+    """The task spec is unusable as given."""
+
+    tag = "spec_error"
+
+
+class InvalidSpec(SpecError):
+    tag = "invalid_spec"
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"invalid spec: {field}: {reason}")
+
+
+class PolicyViolation(SpecError):
+    tag = "policy_violation"
+
+    def __init__(self, request: str, reason: str) -> None:
+        self.request = request
+        self.reason = reason
+        super().__init__(f"policy violation: {request}: {reason}")
+
+
+# --- docker ------------------------------------------------------------------------------
+
+
+class DockerError(SupervisorError):
+    """Something went wrong talking to the Docker engine."""
+
+    tag = "docker_error"
+
+    def __init__(self, operation: str, detail: str = "") -> None:
+        self.operation = operation
+        self.detail = detail
+        super().__init__(f"docker {operation} failed" + (f": {detail}" if detail else ""))
+
+
+class DockerUnavailable(DockerError):
+    """The daemon cannot be reached (connection refused, socket missing, timeout)."""
+
+    tag = "docker_unavailable"
+
+
+class DockerApiError(DockerError):
+    """The daemon answered with a server error."""
+
+    tag = "docker_api_error"
+
+
+class ImageNotFound(DockerError):
+    tag = "image_not_found"
+
+
+class ContainerVanished(DockerError):
+    """The container was removed while the supervisor still needed it."""
+
+    tag = "container_vanished"
+
+
+# --- event log ---------------------------------------------------------------------------
+
+
+class EventLogError(SupervisorError):
+    tag = "event_log_error"
+
+
+class NatsUnavailable(EventLogError):
+    tag = "nats_unavailable"
+
+    def __init__(self, url: str, detail: str = "") -> None:
+        self.url = url
+        super().__init__(f"NATS at {url} is unreachable" + (f": {detail}" if detail else ""))
+
+
+class OutboxError(EventLogError):
+    tag = "outbox_error"
+
+
+class EmbeddedNatsError(EventLogError):
+    """The embedded nats-server could not be started."""
+
+    tag = "embedded_nats_error"
+
+
+# --- configuration -----------------------------------------------------------------------
+
+
+class ConfigError(SupervisorError):
+    tag = "config_error"

@@ -1,0 +1,49 @@
+"""Names and configurations of the JetStream streams (the contract: extend, don't rename)."""
+
+from __future__ import annotations
+
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+EVENTS_STREAM = "SUP_EVENTS"
+EVENTS_SUBJECTS = ["sup.>"]
+TASKS_STREAM = "SUP_TASKS"
+TASKS_SUBJECTS = ["suptask.*"]
+COMMANDS_STREAM = "SUP_COMMANDS"
+COMMANDS_SUBJECTS = ["supcmd.>"]
+
+# Long enough that an outbox replayed after a NATS outage is still deduplicated by
+# Nats-Msg-Id for everything that was in flight when the connection dropped.
+DUPLICATE_WINDOW_S = 600.0
+
+
+def events_stream_config() -> StreamConfig:
+    return StreamConfig(
+        name=EVENTS_STREAM,
+        subjects=EVENTS_SUBJECTS,
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    )
+
+
+def tasks_stream_config(per_priority_bound: int = 1000) -> StreamConfig:
+    return StreamConfig(
+        name=TASKS_STREAM,
+        subjects=TASKS_SUBJECTS,
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        max_msgs_per_subject=per_priority_bound,
+        discard=DiscardPolicy.NEW,
+        discard_new_per_subject=True,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    )
+
+
+def commands_stream_config() -> StreamConfig:
+    return StreamConfig(
+        name=COMMANDS_STREAM,
+        subjects=COMMANDS_SUBJECTS,
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    )
