@@ -27,6 +27,9 @@ CATALOGUE: Final[dict[str, tuple[ErrorType, bool]]] = {
     "SUPERVISOR_LOST": ("infrastructure", True),
     "REDELIVERY_LIMIT": ("infrastructure", False),
     "CLEANUP_FAILED": ("infrastructure", True),
+    # Extension: the run was cancelled by its own supervisor (Ctrl-C on `supervisor run`,
+    # a forced shutdown); nobody else is to blame and it is not retried.
+    "CANCELLED": ("infrastructure", False),
 }
 
 

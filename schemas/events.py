@@ -103,17 +103,22 @@ class TaskRejected(Event, tag="task.rejected"):
 
 
 class TaskSucceeded(Event, tag="task.succeeded"):
-    """Terminal. `result` output is capped at the event output cap (see `output_capped`)."""
+    """Terminal. The output in `result` is cut to the configured event output cap
+    (64 KiB by default); `output_capped` says it was cut here, not by the task's own cap."""
 
     category = "task"
     name = "succeeded"
     result: Result
+    output_capped: bool = False
 
 
 class TaskFailed(Event, tag="task.failed"):
+    """Terminal. `output_capped` as for task.succeeded."""
+
     category = "task"
     name = "failed"
     result: Result
+    output_capped: bool = False
 
 
 class RetryScheduled(Event, tag="task.retry_scheduled"):

@@ -50,9 +50,10 @@ class DockerError(SupervisorError):
 
     tag = "docker_error"
 
-    def __init__(self, operation: str, detail: str = "") -> None:
+    def __init__(self, operation: str, detail: str = "", *, status: int | None = None) -> None:
         self.operation = operation
         self.detail = detail
+        self.status = status
         super().__init__(f"docker {operation} failed" + (f": {detail}" if detail else ""))
 
 

@@ -1,0 +1,92 @@
+"""Admission of a task spec: decoding, the configured bounds and the security policy.
+
+Pure: takes bytes or a spec plus the configuration, returns the spec or raises
+`InvalidSpec` / `PolicyViolation` with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+
+import msgspec
+
+from schemas import TaskSpec
+from supervisor.config import Bounds, Policy
+from supervisor.errors import InvalidSpec, PolicyViolation
+
+_PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_decoder = msgspec.json.Decoder(TaskSpec)
+
+
+def decode_spec(data: bytes | str) -> TaskSpec:
+    """Decode a JSON spec strictly. The error names the offending field."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as e:
+        m = _PATH_RE.search(str(e))
+        raise InvalidSpec(m.group(1) if m and m.group(1) else "spec", str(e)) from e
+    except msgspec.DecodeError as e:
+        raise InvalidSpec("spec", f"not valid JSON: {e}") from e
+
+
+def check_bounds(spec: TaskSpec, bounds: Bounds) -> None:
+    if not spec.image.strip():
+        raise InvalidSpec("image", "must not be empty")
+    if not spec.command:
+        raise InvalidSpec("command", "must hold at least one argument")
+    if len(spec.command) > bounds.max_command_args:
+        raise InvalidSpec("command", f"more than {bounds.max_command_args} arguments")
+    if any("\x00" in a for a in spec.command):
+        raise InvalidSpec("command", "an argument contains a NUL byte")
+    lim = spec.limits
+    for field, value, top in (
+        ("limits.timeout_s", lim.timeout_s, bounds.max_timeout_s),
+        ("limits.memory_mb", lim.memory_mb, bounds.max_memory_mb),
+        ("limits.cpus", lim.cpus, bounds.max_cpus),
+        ("limits.pids", lim.pids, bounds.max_pids),
+        ("limits.output_bytes", lim.output_bytes, bounds.max_output_bytes),
+    ):
+        if value > top:
+            raise InvalidSpec(field, f"{value} is above the configured bound {top}")
+    if len(spec.env) > bounds.max_env:
+        raise InvalidSpec("env", f"more than {bounds.max_env} variables")
+    for key, value in spec.env.items():
+        if not _ENV_KEY.match(key):
+            raise InvalidSpec(f"env.{key}", "not a valid variable name")
+        if "\x00" in value:
+            raise InvalidSpec(f"env.{key}", "value contains a NUL byte")
+    if len(spec.files) > bounds.max_files:
+        raise InvalidSpec("files", f"more than {bounds.max_files} files")
+    total = 0
+    for name, content in spec.files.items():
+        _check_file_name(name)
+        total += len(content.encode())
+    if total > bounds.max_files_bytes:
+        raise InvalidSpec("files", f"{total} bytes is above the bound {bounds.max_files_bytes}")
+
+
+def _check_file_name(name: str) -> None:
+    p = PurePosixPath(name)
+    if not name or p.is_absolute() or ".." in p.parts or "\x00" in name or name.endswith("/"):
+        raise InvalidSpec(f"files.{name}", "must be a relative path inside the workspace")
+
+
+def check_policy(spec: TaskSpec, policy: Policy) -> None:
+    if spec.privileged and not policy.allow_privileged:
+        raise PolicyViolation("privileged", "privileged containers are forbidden")
+    refused = [c for c in spec.cap_add if c.upper() not in {a.upper() for a in policy.allowed_capabilities}]
+    if refused:
+        raise PolicyViolation("cap_add", f"capabilities {refused} are forbidden")
+    if spec.network not in policy.allowed_networks:
+        raise PolicyViolation("network", f"network {spec.network!r} is forbidden (allowed: {policy.allowed_networks})")
+    if spec.mounts and not policy.allow_mounts:
+        raise PolicyViolation("mounts", "host mounts are forbidden")
+
+
+def admit(spec: TaskSpec, bounds: Bounds, policy: Policy) -> TaskSpec:
+    """Bounds first (is the spec sane), then policy (is it allowed)."""
+    check_bounds(spec, bounds)
+    check_policy(spec, policy)
+    return spec

@@ -1,0 +1,76 @@
+"""Configuration: bounds, security policy and node settings. Strictly decoded (a misspelt key
+is an error), from a TOML or JSON file given with `--config`, with defaults for everything."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+import msgspec
+from msgspec import Struct
+
+from supervisor.errors import ConfigError
+
+
+class Bounds(Struct, forbid_unknown_fields=True, kw_only=True):
+    """The largest limits a spec may ask for, and the size of what it may bring."""
+
+    max_timeout_s: float = 600.0
+    max_memory_mb: int = 4096
+    max_cpus: float = float(os.cpu_count() or 1)
+    max_pids: int = 4096
+    max_output_bytes: int = 64 * 1024 * 1024
+    max_files: int = 256
+    max_files_bytes: int = 16 * 1024 * 1024
+    max_command_args: int = 1024
+    max_env: int = 256
+
+
+class Policy(Struct, forbid_unknown_fields=True, kw_only=True):
+    """What the security requests of a spec may have. Everything is refused by default."""
+
+    allow_privileged: bool = False
+    allowed_capabilities: list[str] = []
+    allowed_networks: list[str] = msgspec.field(default_factory=lambda: ["none"])
+    allow_mounts: bool = False
+
+
+class Sandbox(Struct, forbid_unknown_fields=True, kw_only=True):
+    """How every task container is hardened."""
+
+    user: str = "65534:65534"
+    tmpfs_size: str = "16m"
+    workspace_mount: str = "/workspace"
+    stop_timeout_s: float = 5.0
+
+
+class Config(Struct, forbid_unknown_fields=True, kw_only=True):
+    node_id: str = "n1"
+    data_dir: str = ".supervisor"
+    nats_url: str | None = None
+    docker_url: str | None = None
+    bounds: Bounds = msgspec.field(default_factory=Bounds)
+    policy: Policy = msgspec.field(default_factory=Policy)
+    sandbox: Sandbox = msgspec.field(default_factory=Sandbox)
+    # Output kept in a terminal event's Result (the full capped output is in the CLI result).
+    event_output_bytes: int = 64 * 1024
+    # How often the cgroup counters of running containers are sampled.
+    cgroup_sample_s: float = 0.01
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read a TOML (`.toml`) or JSON file; None gives the defaults. Raises ConfigError."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror}") from e
+    try:
+        if p.suffix == ".toml":
+            return msgspec.convert(tomllib.loads(raw.decode()), Config)
+        return msgspec.json.decode(raw, type=Config)
+    except (msgspec.ValidationError, msgspec.DecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"invalid config {p}: {e}") from e

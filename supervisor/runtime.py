@@ -1,0 +1,284 @@
+"""The Docker adapter: the only module that calls docker-py for task containers.
+
+Every blocking docker-py call runs in this adapter's own thread pool (the default executor
+is far too small for one streaming thread per running container), and every library error
+is translated into the project's exception tree:
+connection failures -> DockerUnavailable, 5xx -> DockerApiError, a missing image ->
+ImageNotFound, a missing container -> ContainerVanished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+import urllib3.exceptions
+
+from supervisor.errors import (
+    ContainerVanished,
+    DockerApiError,
+    DockerError,
+    DockerUnavailable,
+    ImageNotFound,
+)
+
+T = TypeVar("T")
+MANAGED_LABEL = "supervisor.managed"
+
+
+def translate(operation: str, e: BaseException) -> DockerError:
+    """Map a docker-py / transport exception to the project's class (by type, not text)."""
+    if isinstance(e, DockerError):
+        return e
+    if isinstance(e, docker.errors.ImageNotFound):
+        return ImageNotFound(operation, str(e.explanation or e))
+    if isinstance(e, docker.errors.NotFound):
+        return ContainerVanished(operation, str(e.explanation or e))
+    if isinstance(e, docker.errors.APIError):
+        return DockerApiError(
+            operation, f"HTTP {e.status_code}: {e.explanation}", status=e.status_code
+        )
+    if isinstance(
+        e,
+        requests.exceptions.ConnectionError
+        | requests.exceptions.Timeout
+        | urllib3.exceptions.HTTPError
+        | ConnectionError
+        | FileNotFoundError
+        | docker.errors.DockerException,
+    ):
+        return DockerUnavailable(operation, type(e).__name__)
+    return DockerApiError(operation, type(e).__name__)
+
+
+@dataclass
+class ContainerState:
+    exit_code: int | None
+    oom_killed: bool
+    running: bool
+    status: str
+
+
+@dataclass
+class Output:
+    """What a container printed, each stream capped; `*_bytes` count everything seen."""
+
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+
+@dataclass
+class ContainerRequest:
+    """Everything `create` needs; built by the executor from a spec and the config."""
+
+    image: str
+    command: list[str]
+    labels: dict[str, str]
+    env: dict[str, str]
+    workspace: str
+    workspace_mount: str
+    user: str
+    memory_mb: int
+    cpus: float
+    pids: int
+    tmpfs_size: str
+    network: str = "none"
+    privileged: bool = False
+    cap_add: list[str] = field(default_factory=list)
+    mounts: list[dict[str, Any]] = field(default_factory=list)
+    name: str | None = None
+
+
+class DockerRuntime:
+    """Async façade over docker-py. Thread-safe; one per process."""
+
+    def __init__(self, base_url: str | None = None, *, timeout: float = 60, workers: int = 64) -> None:
+        try:
+            if base_url:
+                self.client = docker.DockerClient(base_url=base_url, timeout=timeout, max_pool_size=workers)
+            else:
+                self.client = docker.from_env(timeout=timeout, max_pool_size=workers)
+        except docker.errors.DockerException as e:
+            raise DockerUnavailable("connect", type(e).__name__) from e
+        self.api = self.client.api
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
+
+    async def _call(self, operation: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kw))
+        except DockerError:
+            raise
+        except Exception as e:
+            raise translate(operation, e) from e
+
+    def run_blocking(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run a blocking callable in the adapter's pool (for streaming readers)."""
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def ping(self) -> None:
+        await self._call("ping", self.api.ping)
+
+    async def image_exists(self, image: str) -> bool:
+        try:
+            await self._call("inspect_image", self.api.inspect_image, image)
+        except (ImageNotFound, ContainerVanished):
+            return False
+        return True
+
+    async def create(self, req: ContainerRequest) -> str:
+        host_config = self.api.create_host_config(
+            init=True,
+            network_mode=req.network,
+            cap_drop=["ALL"],
+            cap_add=req.cap_add or None,
+            privileged=req.privileged,
+            security_opt=["no-new-privileges"],
+            read_only=True,
+            tmpfs={"/tmp": f"rw,nosuid,nodev,size={req.tmpfs_size},mode=1777"},
+            pids_limit=req.pids,
+            mem_limit=f"{req.memory_mb}m",
+            memswap_limit=f"{req.memory_mb}m",
+            nano_cpus=int(req.cpus * 1e9),
+            binds=_binds(req),
+        )
+        resp = await self._call(
+            "create",
+            self.api.create_container,
+            req.image,
+            req.command,
+            user=req.user,
+            environment=req.env,
+            labels=req.labels,
+            working_dir=req.workspace_mount,
+            host_config=host_config,
+            network_disabled=req.network == "none",
+            name=req.name,
+            stdin_open=False,
+            tty=False,
+        )
+        return str(resp["Id"])
+
+    async def attach(self, container_id: str) -> Any:
+        """Open the output stream. Call before `start` so no byte is missed."""
+        return await self._call(
+            "attach",
+            self.api.attach,
+            container_id,
+            stdout=True,
+            stderr=True,
+            stream=True,
+            logs=True,
+            demux=True,
+        )
+
+    async def start(self, container_id: str) -> None:
+        await self._call("start", self.api.start, container_id)
+
+    async def wait(self, container_id: str) -> int:
+        resp = await self._call("wait", self.api.wait, container_id, timeout=None)
+        return int(resp.get("StatusCode", -1))
+
+    async def inspect(self, container_id: str) -> ContainerState:
+        attrs = await self._call("inspect", self.api.inspect_container, container_id)
+        st = attrs.get("State") or {}
+        running = bool(st.get("Running"))
+        return ContainerState(
+            exit_code=None if running else st.get("ExitCode"),
+            oom_killed=bool(st.get("OOMKilled")),
+            running=running,
+            status=str(st.get("Status", "")),
+        )
+
+    async def labels(self, container_id: str) -> dict[str, str]:
+        attrs = await self._call("inspect", self.api.inspect_container, container_id)
+        return dict((attrs.get("Config") or {}).get("Labels") or {})
+
+    async def kill(self, container_id: str, signal: str = "SIGKILL") -> bool:
+        """False when there was nothing to kill (already exited or gone)."""
+        try:
+            await self._call("kill", self.api.kill, container_id, signal=signal)
+        except ContainerVanished:
+            return False
+        except DockerApiError as e:
+            if e.status == 409:  # not running: nothing to kill
+                return False
+            raise
+        return True
+
+    async def remove(self, container_id: str) -> bool:
+        """Force-remove with volumes. True if it was already gone."""
+        try:
+            await self._call("remove", self.api.remove_container, container_id, force=True, v=True)
+        except ContainerVanished:
+            return True
+        return False
+
+    async def list_managed(self, node_id: str) -> list[dict[str, Any]]:
+        filters = {"label": [f"{MANAGED_LABEL}=true", f"supervisor.node={node_id}"]}
+        return await self._call("list", self.api.containers, all=True, filters=filters)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
+
+def _binds(req: ContainerRequest) -> dict[str, dict[str, str]]:
+    binds = {req.workspace: {"bind": req.workspace_mount, "mode": "ro"}}
+    for m in req.mounts:
+        binds[str(m["source"])] = {"bind": str(m["target"]), "mode": "ro" if m.get("read_only", True) else "rw"}
+    return binds
+
+
+def read_output(stream: Any, cap: int, out: Output, on_overflow: Callable[[], None]) -> Output:
+    """Drain a demuxed attach stream into `out`, keeping at most `cap` bytes per stream.
+
+    Blocking: runs in the adapter's pool. Past the cap the rest is counted and dropped, and
+    `on_overflow` is called once, so memory stays bounded whatever the script prints.
+    """
+    overflowed = False
+    try:
+        for frame in stream:
+            if not isinstance(frame, tuple):
+                continue
+            for index, chunk in enumerate(frame):
+                if not chunk:
+                    continue
+                if index == 0:
+                    buf, seen = out.stdout, out.stdout_bytes
+                    out.stdout_bytes += len(chunk)
+                else:
+                    buf, seen = out.stderr, out.stderr_bytes
+                    out.stderr_bytes += len(chunk)
+                room = cap - seen
+                if room > 0:
+                    buf += chunk[:room]
+                if len(chunk) > max(room, 0):
+                    if index == 0:
+                        out.stdout_truncated = True
+                    else:
+                        out.stderr_truncated = True
+                    if not overflowed:
+                        overflowed = True
+                        on_overflow()
+    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError):
+        pass  # the stream ends with the container; a broken stream ends it early
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                pass
+    return out

@@ -1,0 +1,40 @@
+"""Workspaces: one temp dir per attempt under `<data_dir>/workspaces`, holding the spec's
+files, mounted read-only into the container. Readable by the sandbox's non-root user."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+WORKSPACES = "workspaces"
+
+
+def create_workspace(root: Path, task_id: str, attempt: int, files: dict[str, str]) -> tuple[Path, int]:
+    """Write `files` (already validated as relative paths) into a new dir; returns (dir, bytes)."""
+    base = root / WORKSPACES
+    base.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{task_id}.{attempt}.", dir=base))
+    os.chmod(path, 0o755)
+    total = 0
+    try:
+        for name, content in files.items():
+            target = path / name
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            data = content.encode()
+            target.write_bytes(data)
+            os.chmod(target, 0o644)
+            total += len(data)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return path, total
+
+
+def remove_workspace(path: Path) -> bool:
+    """Remove the dir; True when it was already gone. Raises OSError when it cannot."""
+    if not path.exists():
+        return True
+    shutil.rmtree(path)
+    return False

@@ -1,0 +1,92 @@
+"""Fixtures: a real nats-server per test, a real Docker engine, and the suite's leak check.
+
+Each test that needs NATS gets its own server and store dir, started as users start it.
+The session ends by asserting that nothing the supervisor manages was left behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from supervisor.natsserver import NatsServer
+
+SANDBOX_IMAGE = "supervisor-sandbox:busybox"
+_TMP_PREFIX = "suptest-"
+
+
+def _docker_client():  # type: ignore[no-untyped-def]
+    import docker
+
+    return docker.from_env(timeout=30)
+
+
+@pytest.fixture
+def tmp_dir() -> Iterator[Path]:
+    """A temp dir that is removed after the test (the leak check looks for leftovers)."""
+    d = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def nats_server(tmp_dir: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_dir / "nats-store")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def nats_url(nats_server: NatsServer) -> str:
+    return nats_server.url
+
+
+@pytest.fixture(scope="session")
+def docker_client():  # type: ignore[no-untyped-def]
+    client = _docker_client()
+    client.ping()
+    client.images.get(SANDBOX_IMAGE)
+    yield client
+    client.close()
+
+
+def _managed_containers() -> list[str]:
+    client = _docker_client()
+    try:
+        return [c.id for c in client.containers.list(all=True, filters={"label": "supervisor.managed=true"})]
+    finally:
+        client.close()
+
+
+def _leftover_temp_dirs() -> list[str]:
+    return sorted(str(p) for p in Path(tempfile.gettempdir()).glob(_TMP_PREFIX + "*"))
+
+
+def _nats_children() -> list[int]:
+    import psutil
+
+    me = psutil.Process()
+    return [p.pid for p in me.children(recursive=True) if "nats-server" in (p.name() or "")]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _suite_leaves_nothing_behind() -> Iterator[None]:
+    """After the whole suite: no managed container, no temp dir, no nats-server child."""
+    before = set(_managed_containers())
+    assert not before, f"managed containers exist before the suite: {sorted(before)}"
+    yield
+    left = _managed_containers()
+    dirs = _leftover_temp_dirs()
+    servers = _nats_children()
+    assert not left, f"the suite leaked managed containers: {left}"
+    assert not dirs, f"the suite leaked temp dirs: {dirs}"
+    assert not servers, f"the suite leaked nats-server processes: {servers}"
