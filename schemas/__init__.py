@@ -28,6 +28,7 @@ from schemas.events import (
     WorkspaceCreated,
     decode_event,
     encode_event,
+    event_type,
 )
 from schemas.spec import (
     PRIORITIES,
@@ -76,6 +77,7 @@ __all__ = [
     "WorkspaceCreated",
     "decode_event",
     "encode_event",
+    "event_type",
     "error_type_of",
     "retryable_by_default",
 ]

@@ -69,7 +69,7 @@ class Event(Struct, frozen=True, kw_only=True, tag_field="type"):
 # --- process -----------------------------------------------------------------------------
 
 
-class SupervisorStarted(Event, tag="supervisor.started"):
+class SupervisorStarted(Event, frozen=True, tag="supervisor.started"):
     category = "supervisor"
     name = "started"
     version: str = ""
@@ -77,7 +77,7 @@ class SupervisorStarted(Event, tag="supervisor.started"):
     role: str = "run"
 
 
-class SupervisorStopped(Event, tag="supervisor.stopped"):
+class SupervisorStopped(Event, frozen=True, tag="supervisor.stopped"):
     category = "supervisor"
     name = "stopped"
     reason: str = ""
@@ -86,14 +86,14 @@ class SupervisorStopped(Event, tag="supervisor.stopped"):
 # --- task ------------------------------------------------------------------------------
 
 
-class TaskSubmitted(Event, tag="task.submitted"):
+class TaskSubmitted(Event, frozen=True, tag="task.submitted"):
     category = "task"
     name = "submitted"
     spec: TaskSpec
     priority: str = "normal"
 
 
-class TaskRejected(Event, tag="task.rejected"):
+class TaskRejected(Event, frozen=True, tag="task.rejected"):
     """The task never ran: validation, policy or admission refused it."""
 
     category = "task"
@@ -102,7 +102,7 @@ class TaskRejected(Event, tag="task.rejected"):
     result: Result | None = None
 
 
-class TaskSucceeded(Event, tag="task.succeeded"):
+class TaskSucceeded(Event, frozen=True, tag="task.succeeded"):
     """Terminal. The output in `result` is cut to the configured event output cap
     (64 KiB by default); `output_capped` says it was cut here, not by the task's own cap."""
 
@@ -112,7 +112,7 @@ class TaskSucceeded(Event, tag="task.succeeded"):
     output_capped: bool = False
 
 
-class TaskFailed(Event, tag="task.failed"):
+class TaskFailed(Event, frozen=True, tag="task.failed"):
     """Terminal. `output_capped` as for task.succeeded."""
 
     category = "task"
@@ -121,7 +121,7 @@ class TaskFailed(Event, tag="task.failed"):
     output_capped: bool = False
 
 
-class RetryScheduled(Event, tag="task.retry_scheduled"):
+class RetryScheduled(Event, frozen=True, tag="task.retry_scheduled"):
     category = "task"
     name = "retry_scheduled"
     next_attempt: int
@@ -132,13 +132,13 @@ class RetryScheduled(Event, tag="task.retry_scheduled"):
 # --- attempt ---------------------------------------------------------------------------
 
 
-class AttemptStarted(Event, tag="attempt.started"):
+class AttemptStarted(Event, frozen=True, tag="attempt.started"):
     category = "attempt"
     name = "started"
     max_attempts: int = 1
 
 
-class AttemptFinished(Event, tag="attempt.finished"):
+class AttemptFinished(Event, frozen=True, tag="attempt.finished"):
     category = "attempt"
     name = "finished"
     outcome: Literal["succeeded", "failed"]
@@ -152,7 +152,7 @@ class AttemptFinished(Event, tag="attempt.finished"):
 # --- container and workspace -----------------------------------------------------------
 
 
-class WorkspaceCreated(Event, tag="workspace.created"):
+class WorkspaceCreated(Event, frozen=True, tag="workspace.created"):
     category = "workspace"
     name = "created"
     path: str
@@ -160,7 +160,7 @@ class WorkspaceCreated(Event, tag="workspace.created"):
     bytes: int = 0
 
 
-class ContainerCreated(Event, tag="container.created"):
+class ContainerCreated(Event, frozen=True, tag="container.created"):
     category = "container"
     name = "created"
     container_id: str
@@ -169,13 +169,13 @@ class ContainerCreated(Event, tag="container.created"):
     deadline: float = 0.0
 
 
-class ContainerStarted(Event, tag="container.started"):
+class ContainerStarted(Event, frozen=True, tag="container.started"):
     category = "container"
     name = "started"
     container_id: str
 
 
-class KillIssued(Event, tag="container.kill_issued"):
+class KillIssued(Event, frozen=True, tag="container.kill_issued"):
     """The supervisor is about to kill the container; recorded before the kill is sent."""
 
     category = "container"
@@ -185,7 +185,7 @@ class KillIssued(Event, tag="container.kill_issued"):
     signal: str = "SIGKILL"
 
 
-class ContainerExited(Event, tag="container.exited"):
+class ContainerExited(Event, frozen=True, tag="container.exited"):
     category = "container"
     name = "exited"
     container_id: str
@@ -198,7 +198,7 @@ class ContainerExited(Event, tag="container.exited"):
 # --- errors ----------------------------------------------------------------------------
 
 
-class ErrorRaised(Event, tag="error.raised"):
+class ErrorRaised(Event, frozen=True, tag="error.raised"):
     """One classified error. Its subject's name token is the error type, so
     `sup.error.timeout.>` is every timeout."""
 
@@ -220,7 +220,7 @@ class ErrorRaised(Event, tag="error.raised"):
 CleanupStep = Literal["kill", "remove_container", "remove_workspace"]
 
 
-class CleanupSucceeded(Event, tag="cleanup.succeeded"):
+class CleanupSucceeded(Event, frozen=True, tag="cleanup.succeeded"):
     """One cleanup step done (or found already done: `already_gone`)."""
 
     category = "cleanup"
@@ -231,7 +231,7 @@ class CleanupSucceeded(Event, tag="cleanup.succeeded"):
     already_gone: bool = False
 
 
-class CleanupFailed(Event, tag="cleanup.failed"):
+class CleanupFailed(Event, frozen=True, tag="cleanup.failed"):
     """A cleanup step failed; `resource` names what is left behind."""
 
     category = "cleanup"
@@ -263,11 +263,18 @@ AnyEvent = (
     | CleanupFailed
 )
 
-EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__  # type: ignore[attr-defined]
+EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__
 TERMINAL_TASK_EVENTS = (TaskSucceeded, TaskFailed, TaskRejected)
 
 _encoder = msgspec.json.Encoder()
-_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)  # type: ignore[arg-type]
+_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)
+
+
+def event_type(event: Event) -> str:
+    """The event's `type` tag (msgspec keeps it in the class config, not on the instance)."""
+    tag = type(event).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
 
 
 def encode_event(event: Event) -> bytes:
@@ -276,4 +283,5 @@ def encode_event(event: Event) -> bytes:
 
 def decode_event(data: bytes) -> Event:
     """Decode one event; raises `msgspec.DecodeError` / `msgspec.ValidationError`."""
-    return _decoder.decode(data)  # type: ignore[return-value]
+    event: Event = _decoder.decode(data)
+    return event

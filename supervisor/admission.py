@@ -15,7 +15,9 @@ from schemas import TaskSpec
 from supervisor.config import Bounds, Policy
 from supervisor.errors import InvalidSpec, PolicyViolation
 
+# msgspec names the location as "at `$.a.b`" and an extra key as "unknown field `k`".
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
+_UNKNOWN_RE = re.compile(r"unknown field `([^`]*)`")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _decoder = msgspec.json.Decoder(TaskSpec)
 
@@ -26,7 +28,11 @@ def decode_spec(data: bytes | str) -> TaskSpec:
         return _decoder.decode(data)
     except msgspec.ValidationError as e:
         m = _PATH_RE.search(str(e))
-        raise InvalidSpec(m.group(1) if m and m.group(1) else "spec", str(e)) from e
+        path = m.group(1) if m else ""
+        unknown = _UNKNOWN_RE.search(str(e))
+        if unknown:
+            path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+        raise InvalidSpec(path or "spec", str(e)) from e
     except msgspec.DecodeError as e:
         raise InvalidSpec("spec", f"not valid JSON: {e}") from e
 
@@ -52,10 +58,10 @@ def check_bounds(spec: TaskSpec, bounds: Bounds) -> None:
             raise InvalidSpec(field, f"{value} is above the configured bound {top}")
     if len(spec.env) > bounds.max_env:
         raise InvalidSpec("env", f"more than {bounds.max_env} variables")
-    for key, value in spec.env.items():
+    for key, env_value in spec.env.items():
         if not _ENV_KEY.match(key):
             raise InvalidSpec(f"env.{key}", "not a valid variable name")
-        if "\x00" in value:
+        if "\x00" in env_value:
             raise InvalidSpec(f"env.{key}", "value contains a NUL byte")
     if len(spec.files) > bounds.max_files:
         raise InvalidSpec("files", f"more than {bounds.max_files} files")
@@ -76,11 +82,15 @@ def _check_file_name(name: str) -> None:
 def check_policy(spec: TaskSpec, policy: Policy) -> None:
     if spec.privileged and not policy.allow_privileged:
         raise PolicyViolation("privileged", "privileged containers are forbidden")
-    refused = [c for c in spec.cap_add if c.upper() not in {a.upper() for a in policy.allowed_capabilities}]
+    refused = [
+        c for c in spec.cap_add if c.upper() not in {a.upper() for a in policy.allowed_capabilities}
+    ]
     if refused:
         raise PolicyViolation("cap_add", f"capabilities {refused} are forbidden")
     if spec.network not in policy.allowed_networks:
-        raise PolicyViolation("network", f"network {spec.network!r} is forbidden (allowed: {policy.allowed_networks})")
+        raise PolicyViolation(
+            "network", f"network {spec.network!r} is forbidden (allowed: {policy.allowed_networks})"
+        )
     if spec.mounts and not policy.allow_mounts:
         raise PolicyViolation("mounts", "host mounts are forbidden")
 

@@ -94,15 +94,15 @@ def classify(ev: Evidence) -> Classification | None:
             stderr_truncated=ev.stderr_truncated,
         )
     if "timeout" in ev.kills_issued:
-        return _make("EXECUTION_TIMEOUT", "the wall-clock deadline passed; the container was killed")
+        return _make(
+            "EXECUTION_TIMEOUT", "the wall-clock deadline passed; the container was killed"
+        )
     if ev.cancelled or "cancelled" in ev.kills_issued:
         return _make("CANCELLED", "the run was cancelled by its supervisor")
-    code = ev.exit_code
-    if code is None:
+    status = ev.exit_code
+    if status is None:
         return _make("DOCKER_API_ERROR", "the container ended without an exit code")
-    if 128 < code <= 128 + 64:
-        name = signal_name(code - 128)
-        return _make(
-            "SIGNALED", f"the script died of {name}", signal=name, exit_code=code
-        )
-    return _make("NONZERO_EXIT", f"the script exited with code {code}", exit_code=code)
+    if 128 < status <= 128 + 64:
+        name = signal_name(status - 128)
+        return _make("SIGNALED", f"the script died of {name}", signal=name, exit_code=status)
+    return _make("NONZERO_EXIT", f"the script exited with code {status}", exit_code=status)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 
 from schemas import CleanupFailed, CleanupSucceeded
@@ -15,6 +17,13 @@ from supervisor.metrics import Metrics
 from supervisor.observe import DockerEventWatcher
 from supervisor.runtime import DockerRuntime
 from supervisor.workspace import remove_workspace
+
+
+@dataclass
+class CleanupReport:
+    ok: bool = True
+    # The container was gone before cleanup removed it: somebody else removed it.
+    container_already_gone: bool = False
 
 
 class Cleaner:
@@ -38,18 +47,24 @@ class Cleaner:
         workspace: Path | None,
         *,
         running: bool,
-    ) -> bool:
-        """Run every step that applies; True when nothing is left behind."""
-        ok = True
+    ) -> CleanupReport:
+        """Run every step that applies, each even if an earlier one failed."""
+        report = CleanupReport()
         if container_id is not None:
             if running:
-                ok &= await self._step(em, "kill", container_id, self._kill(container_id))
-            ok &= await self._step(em, "remove_container", container_id, self.runtime.remove(container_id))
+                ok, _ = await self._step(em, "kill", container_id, self._kill(container_id))
+                report.ok &= ok
+            ok, gone = await self._step(
+                em, "remove_container", container_id, self.runtime.remove(container_id)
+            )
+            report.ok &= ok
+            report.container_already_gone = gone
         if workspace is not None:
-            ok &= await self._step(
+            ok, _ = await self._step(
                 em, "remove_workspace", str(workspace), asyncio.to_thread(remove_workspace, workspace)
             )
-        return ok
+            report.ok &= ok
+        return report
 
     async def _kill(self, container_id: str) -> bool:
         if self.watcher is not None:
@@ -57,7 +72,10 @@ class Cleaner:
         killed = await asyncio.wait_for(self.runtime.kill(container_id), self.kill_timeout_s)
         return not killed
 
-    async def _step(self, em: Emitter, step: str, resource: str, action) -> bool:  # type: ignore[no-untyped-def]
+    async def _step(
+        self, em: Emitter, step: str, resource: str, action: Awaitable[bool]
+    ) -> tuple[bool, bool]:
+        """(succeeded, the resource was already gone)."""
         self.metrics.cleanup_attempts.labels(step).inc()
         t0 = time.perf_counter()
         try:
@@ -74,9 +92,15 @@ class Cleaner:
                 reason=str(e) or type(e).__name__,
                 error_class=getattr(e, "tag", type(e).__name__),
             )
-            return False
+            return False, False
         took = time.perf_counter() - t0
         self.metrics.cleanup_successes.labels(step).inc()
         self.metrics.cleanup_duration.labels(step).observe(took)
-        em.emit(CleanupSucceeded, step=step, resource=resource, duration_s=took, already_gone=already_gone)
-        return True
+        em.emit(
+            CleanupSucceeded,
+            step=step,
+            resource=resource,
+            duration_s=took,
+            already_gone=already_gone,
+        )
+        return True, already_gone

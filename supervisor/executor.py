@@ -9,6 +9,7 @@ even when the attempt is cancelled or an adapter raises. Every step is an event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -44,11 +45,12 @@ from supervisor.errors import ContainerVanished, ImageNotFound, SpecError, Super
 from supervisor.metrics import Metrics
 from supervisor.observe import CgroupSampler, DockerEventWatcher
 from supervisor.retry import backoff_delay, should_retry
-from supervisor.runtime import ContainerRequest, DockerRuntime, Output, read_output
+from supervisor.runtime import ContainerRequest, DockerRuntime, Output, close_socket, read_output
 from supervisor.workspace import create_workspace
 
 _IO_DRAIN_S = 5.0
 _DIED_EVENT_WAIT_S = 1.0
+_DESTROY_EVENT_WAIT_S = 0.5
 
 
 @dataclass
@@ -103,7 +105,9 @@ class Executor:
         self.data_dir = data_dir
         self.rand = rand
         self.sleep = sleep
-        self.cleaner = Cleaner(runtime, watcher, metrics, kill_timeout_s=config.sandbox.stop_timeout_s * 2)
+        self.cleaner = Cleaner(
+            runtime, watcher, metrics, kill_timeout_s=config.sandbox.stop_timeout_s * 2
+        )
 
     # --- task -----------------------------------------------------------------------------
 
@@ -158,19 +162,38 @@ class Executor:
         c = classify(ev)
         assert c is not None
         error = self._error(task_id, c, None, message=str(e))
-        em.emit(ErrorRaised, error_type=c.type, code=c.code, message=str(e), retryable=c.retryable,
-                details=c.details, evidence=ev)
-        result = Result(task_id=task_id, status="rejected", attempts=0, error=error,
-                        duration_s=time.monotonic() - started)
+        em.emit(
+            ErrorRaised,
+            error_type=c.type,
+            code=c.code,
+            message=str(e),
+            retryable=c.retryable,
+            details=c.details,
+            evidence=ev,
+        )
+        result = Result(
+            task_id=task_id,
+            status="rejected",
+            attempts=0,
+            error=error,
+            duration_s=time.monotonic() - started,
+        )
         em.emit(TaskRejected, error=error, result=result)
         self.metrics.tasks.labels("rejected").inc()
         self.metrics.errors.labels(c.type, c.code).inc()
         return result
 
-    def _error(self, task_id: str, c: Classification, container_id: str | None, message: str | None = None) -> ExecutionError:
+    def _error(
+        self, task_id: str, c: Classification, container_id: str | None, message: str | None = None
+    ) -> ExecutionError:
         return ExecutionError(
-            type=c.type, code=c.code, message=message or c.message, retryable=c.retryable,
-            details=c.details, task_id=task_id, container_id=container_id,
+            type=c.type,
+            code=c.code,
+            message=message or c.message,
+            retryable=c.retryable,
+            details=c.details,
+            task_id=task_id,
+            container_id=container_id,
             timestamp=self.emitter.clock().isoformat(),
         )
 
@@ -206,8 +229,13 @@ class Executor:
         capped = len(output.stdout) > cap or len(output.stderr) > cap
         in_event = result
         if capped:
-            in_event = Result(**{**_fields(result), "stdout": bytes(output.stdout[:cap]).decode(errors="replace"),
-                                 "stderr": bytes(output.stderr[:cap]).decode(errors="replace")})
+            in_event = Result(
+                **{
+                    **_fields(result),
+                    "stdout": bytes(output.stdout[:cap]).decode(errors="replace"),
+                    "stderr": bytes(output.stderr[:cap]).decode(errors="replace"),
+                }
+            )
         em.emit(TaskFailed if c else TaskSucceeded, result=in_event, output_capped=capped)
         outcome = "failed" if c else "succeeded"
         self.metrics.tasks.labels(outcome).inc()
@@ -216,7 +244,9 @@ class Executor:
 
     # --- attempt --------------------------------------------------------------------------
 
-    async def _attempt(self, em: Emitter, spec: TaskSpec, task_id: str, attempt: int) -> AttemptOutcome:
+    async def _attempt(
+        self, em: Emitter, spec: TaskSpec, task_id: str, attempt: int
+    ) -> AttemptOutcome:
         em.emit(AttemptStarted, max_attempts=spec.retry.max_attempts)
         started = time.monotonic()
         st = _Attempt()
@@ -235,20 +265,35 @@ class Executor:
         evidence = self._evidence(st)
         c = classify(evidence)
         if c is not None:
-            em.emit(ErrorRaised, error_type=c.type, code=c.code, message=c.message,
-                    retryable=c.retryable, details=c.details, container_id=st.container_id,
-                    evidence=evidence)
+            em.emit(
+                ErrorRaised,
+                error_type=c.type,
+                code=c.code,
+                message=c.message,
+                retryable=c.retryable,
+                details=c.details,
+                container_id=st.container_id,
+                evidence=evidence,
+            )
             self.metrics.errors.labels(c.type, c.code).inc()
         duration = time.monotonic() - started
-        em.emit(AttemptFinished, outcome="failed" if c else "succeeded", exit_code=st.exit_code,
-                error_type=c.type if c else None, error_code=c.code if c else None,
-                duration_s=duration, evidence=evidence)
+        em.emit(
+            AttemptFinished,
+            outcome="failed" if c else "succeeded",
+            exit_code=st.exit_code,
+            error_type=c.type if c else None,
+            error_code=c.code if c else None,
+            duration_s=duration,
+            evidence=evidence,
+        )
         self.metrics.attempts.labels("failed" if c else "succeeded").inc()
         if st.cancelled:
             raise asyncio.CancelledError
         return AttemptOutcome(c, evidence, st.exit_code, st.output, st.container_id, duration)
 
-    async def _execute(self, em: Emitter, spec: TaskSpec, task_id: str, attempt: int, st: _Attempt) -> None:
+    async def _execute(
+        self, em: Emitter, spec: TaskSpec, task_id: str, attempt: int, st: _Attempt
+    ) -> None:
         rt = self.runtime
         st.workspace, nbytes = await asyncio.to_thread(
             create_workspace, self.data_dir, task_id, attempt, spec.files
@@ -266,14 +311,26 @@ class Executor:
         }
         sb = self.config.sandbox
         req = ContainerRequest(
-            image=spec.image, command=spec.command, labels=labels, env=spec.env,
-            workspace=str(st.workspace), workspace_mount=sb.workspace_mount, user=sb.user,
-            memory_mb=spec.limits.memory_mb, cpus=spec.limits.cpus, pids=spec.limits.pids,
-            tmpfs_size=sb.tmpfs_size, network=spec.network, privileged=spec.privileged,
-            cap_add=spec.cap_add, mounts=spec.mounts,
+            image=spec.image,
+            command=spec.command,
+            labels=labels,
+            env={**spec.env, "SUPERVISOR_TASK_ID": task_id, "SUPERVISOR_ATTEMPT": str(attempt)},
+            workspace=str(st.workspace),
+            workspace_mount=sb.workspace_mount,
+            user=sb.user,
+            memory_mb=spec.limits.memory_mb,
+            cpus=spec.limits.cpus,
+            pids=spec.limits.pids,
+            tmpfs_size=sb.tmpfs_size,
+            network=spec.network,
+            privileged=spec.privileged,
+            cap_add=spec.cap_add,
+            mounts=spec.mounts,
         )
         st.container_id = cid = await rt.create(req)
-        em.emit(ContainerCreated, container_id=cid, image=spec.image, labels=labels, deadline=deadline)
+        em.emit(
+            ContainerCreated, container_id=cid, image=spec.image, labels=labels, deadline=deadline
+        )
         stream = await rt.attach(cid)
         self.sampler.track(cid)
         await rt.start(cid)
@@ -285,16 +342,21 @@ class Executor:
         finally:
             self.metrics.running.dec()
 
-    async def _supervise(self, em: Emitter, spec: TaskSpec, cid: str, stream: Any, st: _Attempt) -> None:
+    async def _supervise(
+        self, em: Emitter, spec: TaskSpec, cid: str, stream: Any, st: _Attempt
+    ) -> None:
         loop = asyncio.get_running_loop()
         kill_tasks: list[asyncio.Task[None]] = []
 
         def on_overflow() -> None:
             def _kill() -> None:
                 kill_tasks.append(asyncio.ensure_future(self._kill(em, cid, "output_limit", st)))
+
             loop.call_soon_threadsafe(_kill)
 
-        io = self.runtime.run_blocking(read_output, stream, spec.limits.output_bytes, st.output, on_overflow)
+        io = self.runtime.run_blocking(
+            read_output, stream, spec.limits.output_bytes, st.output, on_overflow
+        )
         waiter = asyncio.ensure_future(self.runtime.wait(cid))
         try:
             done, _ = await asyncio.wait({waiter}, timeout=spec.limits.timeout_s)
@@ -310,7 +372,7 @@ class Executor:
         try:
             await asyncio.wait_for(asyncio.shield(io), _IO_DRAIN_S)
         except TimeoutError:
-            _close_quietly(stream)
+            close_socket(stream)
         state = await self.runtime.inspect(cid)
         st.oom_killed = state.oom_killed
         if state.exit_code is not None:
@@ -325,10 +387,9 @@ class Executor:
         em.emit(KillIssued, container_id=cid, reason=reason)  # type: ignore[arg-type]
         if self.watcher is not None:
             self.watcher.expect_kill(cid)
-        try:
+        # A failed kill is left to cleanup, which force-removes and records what happened.
+        with contextlib.suppress(SupervisorError):
             await self.runtime.kill(cid)
-        except SupervisorError:
-            pass  # cleanup will force-remove it and record what happened
 
     async def _after(self, em: Emitter, st: _Attempt) -> None:
         """Evidence that must be read before removal, then cleanup."""
@@ -343,13 +404,24 @@ class Executor:
                 em.emit(KillIssued, container_id=cid, reason=reason)  # type: ignore[arg-type]
             if self.watcher is not None:
                 st.external_kills = self.watcher.external_kills(cid)
-            if self.watcher is not None and self.watcher.destroyed(cid):
-                st.removed_out_of_band = True
+                # `docker rm -f` is a kill, then a removal once the container is dead: give
+                # the removal a moment to show before deciding it was only a kill.
+                if st.external_kills and not st.removed_out_of_band:
+                    await self.watcher.wait_destroyed(cid, _DESTROY_EVENT_WAIT_S)
+                if self.watcher.destroyed(cid):
+                    st.removed_out_of_band = True
             if not st.removed_out_of_band:
-                em.emit(ContainerExited, container_id=cid, exit_code=st.exit_code,
-                        evidence=self._evidence(st), stdout_bytes=st.output.stdout_bytes,
-                        stderr_bytes=st.output.stderr_bytes)
-        await self.cleaner.clean(em, cid, st.workspace, running=st.running)
+                em.emit(
+                    ContainerExited,
+                    container_id=cid,
+                    exit_code=st.exit_code,
+                    evidence=self._evidence(st),
+                    stdout_bytes=st.output.stdout_bytes,
+                    stderr_bytes=st.output.stderr_bytes,
+                )
+        report = await self.cleaner.clean(em, cid, st.workspace, running=st.running)
+        if report.container_already_gone and not st.adapter_error:
+            st.removed_out_of_band = True
         if cid is not None and self.watcher is not None:
             self.watcher.forget(cid)
 
@@ -372,15 +444,6 @@ class Executor:
 
 def _fields(s: Any) -> dict[str, Any]:
     return {f: getattr(s, f) for f in s.__struct_fields__}
-
-
-def _close_quietly(stream: Any) -> None:
-    close = getattr(stream, "close", None)
-    if close is not None:
-        try:
-            close()
-        except Exception:
-            pass
 
 
 async def _uncancellable(coro: Awaitable[None]) -> None:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from typing import Final, Literal
 
-TaskState = Literal["submitted", "running", "attempt_done", "retrying", "succeeded", "failed", "rejected"]
+TaskState = Literal[
+    "submitted", "running", "attempt_done", "retrying", "succeeded", "failed", "rejected"
+]
 ContainerState = Literal["created", "running", "exited", "removed"]
 WorkspaceState = Literal["present", "removed"]
 

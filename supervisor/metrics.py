@@ -14,8 +14,12 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.tasks = Counter("supervisor_tasks", "Tasks by outcome", ["outcome"], registry=r)
-        self.attempts = Counter("supervisor_attempts", "Attempts by outcome", ["outcome"], registry=r)
-        self.errors = Counter("supervisor_errors", "Classified errors", ["type", "code"], registry=r)
+        self.attempts = Counter(
+            "supervisor_attempts", "Attempts by outcome", ["outcome"], registry=r
+        )
+        self.errors = Counter(
+            "supervisor_errors", "Classified errors", ["type", "code"], registry=r
+        )
         self.cleanup_attempts = Counter(
             "supervisor_cleanup_attempts", "Cleanup steps attempted", ["step"], registry=r
         )

@@ -107,14 +107,18 @@ class NatsServer:
     def stop(self, timeout: float = 10.0) -> None:
         """terminate -> wait -> kill."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        proc.terminate()
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        finally:
+            if proc.stderr is not None:
+                proc.stderr.close()
 
     def restart(self) -> str:
         self.stop()

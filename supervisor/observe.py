@@ -28,6 +28,7 @@ _CGROUP_ROOT = Path("/sys/fs/cgroup")
 class ContainerActivity:
     actions: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     died: asyncio.Event = field(default_factory=asyncio.Event)
+    destroyed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class DockerEventWatcher:
@@ -91,6 +92,8 @@ class DockerEventWatcher:
         act.actions.append((action, attrs))
         if action in ("die", "destroy"):
             act.died.set()
+        if action == "destroy":
+            act.destroyed.set()
 
     def activity(self, cid: str) -> ContainerActivity:
         act = self._activity.get(cid)
@@ -109,6 +112,13 @@ class DockerEventWatcher:
             return False
         try:
             await asyncio.wait_for(self.activity(cid).died.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def wait_destroyed(self, cid: str, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.activity(cid).destroyed.wait(), timeout)
         except TimeoutError:
             return False
         return True

@@ -8,7 +8,9 @@ from collections.abc import Callable
 from schemas import RetryPolicy
 
 
-def backoff_delay(policy: RetryPolicy, attempt: int, rand: Callable[[], float] = random.random) -> float:
+def backoff_delay(
+    policy: RetryPolicy, attempt: int, rand: Callable[[], float] = random.random
+) -> float:
     """Delay before attempt `attempt + 1`, after attempt `attempt` (1-based) failed.
 
     The cap is `min(max_delay_s, base_delay_s * multiplier**(attempt-1))`; with jitter the

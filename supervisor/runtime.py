@@ -10,6 +10,7 @@ ImageNotFound, a missing container -> ContainerVanished.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ import docker
 import docker.errors
 import requests.exceptions
 import urllib3.exceptions
+from docker.utils.socket import STDERR, STDOUT, frames_iter_no_tty
 
 from supervisor.errors import (
     ContainerVanished,
@@ -103,12 +105,25 @@ class ContainerRequest:
 class DockerRuntime:
     """Async façade over docker-py. Thread-safe; one per process."""
 
-    def __init__(self, base_url: str | None = None, *, timeout: float = 60, workers: int = 64) -> None:
+    # A fixed API version keeps construction offline: a daemon that is down at start-up
+    # surfaces as DockerUnavailable on the first call, not as a crash. 1.41 = Docker 20.10.
+    API_VERSION = "1.41"
+
+    def __init__(
+        self, base_url: str | None = None, *, timeout: float = 60, workers: int = 64
+    ) -> None:
         try:
             if base_url:
-                self.client = docker.DockerClient(base_url=base_url, timeout=timeout, max_pool_size=workers)
+                self.client = docker.DockerClient(
+                    base_url=base_url,
+                    version=self.API_VERSION,
+                    timeout=timeout,
+                    max_pool_size=workers,
+                )
             else:
-                self.client = docker.from_env(timeout=timeout, max_pool_size=workers)
+                self.client = docker.from_env(
+                    version=self.API_VERSION, timeout=timeout, max_pool_size=workers
+                )
         except docker.errors.DockerException as e:
             raise DockerUnavailable("connect", type(e).__name__) from e
         self.api = self.client.api
@@ -171,17 +186,10 @@ class DockerRuntime:
         return str(resp["Id"])
 
     async def attach(self, container_id: str) -> Any:
-        """Open the output stream. Call before `start` so no byte is missed."""
-        return await self._call(
-            "attach",
-            self.api.attach,
-            container_id,
-            stdout=True,
-            stderr=True,
-            stream=True,
-            logs=True,
-            demux=True,
-        )
+        """Open the raw output socket (multiplexed frames). Call before `start` so no byte
+        is missed; `read_output` drains and closes it."""
+        params = {"stdout": 1, "stderr": 1, "stream": 1, "logs": 1}
+        return await self._call("attach", self.api.attach_socket, container_id, params=params)
 
     async def start(self, container_id: str) -> None:
         await self._call("start", self.api.start, container_id)
@@ -237,48 +245,52 @@ class DockerRuntime:
 def _binds(req: ContainerRequest) -> dict[str, dict[str, str]]:
     binds = {req.workspace: {"bind": req.workspace_mount, "mode": "ro"}}
     for m in req.mounts:
-        binds[str(m["source"])] = {"bind": str(m["target"]), "mode": "ro" if m.get("read_only", True) else "rw"}
+        binds[str(m["source"])] = {
+            "bind": str(m["target"]),
+            "mode": "ro" if m.get("read_only", True) else "rw",
+        }
     return binds
 
 
-def read_output(stream: Any, cap: int, out: Output, on_overflow: Callable[[], None]) -> Output:
-    """Drain a demuxed attach stream into `out`, keeping at most `cap` bytes per stream.
+def close_socket(sock: Any) -> None:
+    """Close an attach socket and the HTTP response that owns it (docker-py leaves both)."""
+    for obj in (sock, getattr(sock, "_sock", None), getattr(sock, "_response", None)):
+        close = getattr(obj, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
+
+
+def read_output(sock: Any, cap: int, out: Output, on_overflow: Callable[[], None]) -> Output:
+    """Drain an attach socket into `out`, keeping at most `cap` bytes per stream.
 
     Blocking: runs in the adapter's pool. Past the cap the rest is counted and dropped, and
     `on_overflow` is called once, so memory stays bounded whatever the script prints.
     """
     overflowed = False
     try:
-        for frame in stream:
-            if not isinstance(frame, tuple):
+        for stream_id, chunk in frames_iter_no_tty(sock):
+            if not chunk or stream_id not in (STDOUT, STDERR):
                 continue
-            for index, chunk in enumerate(frame):
-                if not chunk:
-                    continue
-                if index == 0:
-                    buf, seen = out.stdout, out.stdout_bytes
-                    out.stdout_bytes += len(chunk)
+            if stream_id == STDOUT:
+                buf, seen = out.stdout, out.stdout_bytes
+                out.stdout_bytes += len(chunk)
+            else:
+                buf, seen = out.stderr, out.stderr_bytes
+                out.stderr_bytes += len(chunk)
+            room = cap - seen
+            if room > 0:
+                buf += chunk[:room]
+            if len(chunk) > max(room, 0):
+                if stream_id == STDOUT:
+                    out.stdout_truncated = True
                 else:
-                    buf, seen = out.stderr, out.stderr_bytes
-                    out.stderr_bytes += len(chunk)
-                room = cap - seen
-                if room > 0:
-                    buf += chunk[:room]
-                if len(chunk) > max(room, 0):
-                    if index == 0:
-                        out.stdout_truncated = True
-                    else:
-                        out.stderr_truncated = True
-                    if not overflowed:
-                        overflowed = True
-                        on_overflow()
-    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError):
+                    out.stderr_truncated = True
+                if not overflowed:
+                    overflowed = True
+                    on_overflow()
+    except (OSError, ValueError):
         pass  # the stream ends with the container; a broken stream ends it early
     finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception:
-                pass
+        close_socket(sock)
     return out

@@ -11,7 +11,9 @@ from pathlib import Path
 WORKSPACES = "workspaces"
 
 
-def create_workspace(root: Path, task_id: str, attempt: int, files: dict[str, str]) -> tuple[Path, int]:
+def create_workspace(
+    root: Path, task_id: str, attempt: int, files: dict[str, str]
+) -> tuple[Path, int]:
     """Write `files` (already validated as relative paths) into a new dir; returns (dir, bytes)."""
     base = root / WORKSPACES
     base.mkdir(parents=True, exist_ok=True)

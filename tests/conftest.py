@@ -6,6 +6,7 @@ The session ends by asserting that nothing the supervisor manages was left behin
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,7 +17,8 @@ import pytest
 from supervisor.natsserver import NatsServer
 
 SANDBOX_IMAGE = "supervisor-sandbox:busybox"
-_TMP_PREFIX = "suptest-"
+# Per test session, so that the leak check sees only this session's dirs.
+_TMP_PREFIX = f"suptest-{os.getpid()}-"
 
 
 def _docker_client():  # type: ignore[no-untyped-def]
@@ -62,7 +64,10 @@ def docker_client():  # type: ignore[no-untyped-def]
 def _managed_containers() -> list[str]:
     client = _docker_client()
     try:
-        return [c.id for c in client.containers.list(all=True, filters={"label": "supervisor.managed=true"})]
+        return [
+            c.id
+            for c in client.containers.list(all=True, filters={"label": "supervisor.managed=true"})
+        ]
     finally:
         client.close()
 
@@ -82,9 +87,8 @@ def _nats_children() -> list[int]:
 def _suite_leaves_nothing_behind() -> Iterator[None]:
     """After the whole suite: no managed container, no temp dir, no nats-server child."""
     before = set(_managed_containers())
-    assert not before, f"managed containers exist before the suite: {sorted(before)}"
     yield
-    left = _managed_containers()
+    left = sorted(set(_managed_containers()) - before)
     dirs = _leftover_temp_dirs()
     servers = _nats_children()
     assert not left, f"the suite leaked managed containers: {left}"

@@ -1,0 +1,238 @@
+"""The `supervisor` command line. Exit codes follow the design:
+run/submit --wait: 0 succeeded, 1 failed, 2 rejected or bad usage, 3 infrastructure."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from schemas import ErrorRaised, Result
+from supervisor.admission import decode_spec
+from supervisor.config import Config, load_config
+from supervisor.errors import ConfigError, InvalidSpec, SupervisorError
+
+EXIT_OK, EXIT_FAILED, EXIT_REJECTED, EXIT_INFRA = 0, 1, 2, 3
+
+
+def exit_code_for(result: Result) -> int:
+    if result.status == "succeeded":
+        return EXIT_OK
+    if result.status == "rejected":
+        return EXIT_REJECTED
+    if result.error is not None and result.error.type == "infrastructure":
+        return EXIT_INFRA
+    return EXIT_FAILED
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nats",
+        dest="nats_url",
+        metavar="URL",
+        help="NATS server URL (else $SUPERVISOR_NATS_URL, else a running daemon's, "
+        "else an embedded nats-server under the data dir)",
+    )
+    p.add_argument(
+        "--data-dir", metavar="DIR", help="data dir (else $SUPERVISOR_DATA_DIR, else ./.supervisor)"
+    )
+    p.add_argument("--node-id", metavar="ID", help="this node's id (default n1)")
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON configuration file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="supervisor",
+        description="Event-sourced supervisor for container executions: runs untrusted "
+        "scripts in hardened Docker containers and publishes every step to "
+        "NATS JetStream.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run one task in the foreground, with retries",
+        description="Run one task (a JSON spec file, or - for stdin) with "
+        "retries, publishing every event. Exit 0 succeeded, 1 "
+        "failed, 2 rejected or bad usage, 3 infrastructure.",
+    )
+    run.add_argument("spec", metavar="SPEC|-", help="task spec JSON file, or - for stdin")
+    run.add_argument("--json", action="store_true", help="print the Result as JSON")
+    _common(run)
+    run.set_defaults(func=_cmd_run)
+
+    tail = sub.add_parser(
+        "tail",
+        help="print live events, one JSON object a line",
+        description="Follow SUP_EVENTS and print matching events as JSON lines until interrupted.",
+    )
+    tail.add_argument("--errors", action="store_true", help="only error events (sup.error.>)")
+    tail.add_argument(
+        "--type",
+        dest="error_type",
+        metavar="T",
+        help="only errors of this type (timeout, resource, user_code, ...)",
+    )
+    tail.add_argument("--code", metavar="C", help="only errors with this code (e.g. OOM_KILLED)")
+    tail.add_argument("--task", metavar="ID", help="only this task's events")
+    tail.add_argument(
+        "--since",
+        metavar="D",
+        help="start from this point: an ISO-8601 time or a duration ago "
+        "(30s, 10m, 2h, 1d); default: only new events",
+    )
+    _common(tail)
+    tail.set_defaults(func=_cmd_tail)
+
+    try:
+        from projections.commands import add_parsers
+    except ImportError:  # the read side is optional at import time
+        add_parsers = None
+    if add_parsers is not None:
+        add_parsers(sub, _common)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config)
+    overrides: dict[str, Any] = {}
+    data_dir = args.data_dir or os.environ.get("SUPERVISOR_DATA_DIR")
+    if data_dir:
+        overrides["data_dir"] = data_dir
+    if args.node_id:
+        overrides["node_id"] = args.node_id
+    if overrides:
+        cfg = msgspec.structs.replace(cfg, **overrides)
+    return cfg
+
+
+def _read_spec_bytes(arg: str) -> bytes:
+    if arg == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(arg).read_bytes()
+    except OSError as e:
+        raise InvalidSpec("spec", f"cannot read {arg}: {e.strerror}") from e
+
+
+def _print_result(result: Result, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
+        return
+    out = sys.stdout
+    if result.stdout:
+        out.write(result.stdout if result.stdout.endswith("\n") else result.stdout + "\n")
+    if result.stderr:
+        sys.stderr.write(result.stderr if result.stderr.endswith("\n") else result.stderr + "\n")
+    line = f"task {result.task_id}: {result.status} after {result.attempts} attempt(s) in {result.duration_s:.2f}s"
+    if result.exit_code is not None:
+        line += f", exit code {result.exit_code}"
+    if result.error is not None:
+        line += f"\n  error: {result.error.type}/{result.error.code}: {result.error.message}"
+    if result.stdout_truncated or result.stderr_truncated:
+        line += "\n  output truncated at the task's output cap"
+    sys.stderr.write(line + "\n")
+
+
+async def _run_async(args: argparse.Namespace, cfg: Config) -> int:
+    from supervisor.node import open_node
+
+    raw = _read_spec_bytes(args.spec)
+    async with open_node(cfg, nats_url=args.nats_url, role="run") as node:
+        try:
+            spec = decode_spec(raw)
+        except InvalidSpec as e:
+            node.emitter.emit(
+                ErrorRaised,
+                error_type="validation",
+                code="INVALID_SPEC",
+                message=str(e),
+                retryable=False,
+                details={"field": e.field},
+            )
+            sys.stderr.write(f"rejected: validation/INVALID_SPEC: {e}\n")
+            return EXIT_REJECTED
+        task = asyncio.ensure_future(node.executor.run(spec))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            result = await task
+        except asyncio.CancelledError:
+            sys.stderr.write(
+                "cancelled: the container was cleaned up and the task recorded as failed\n"
+            )
+            return EXIT_INFRA
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        _print_result(result, args.json)
+        if not await node.events.flush(5.0):
+            sys.stderr.write(
+                f"warning: NATS unreachable; {node.events.backlog} event(s) wait in the outbox "
+                f"under {node.data_dir} and will be published by the next supervisor run\n"
+            )
+        return exit_code_for(result)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    return asyncio.run(_run_async(args, cfg))
+
+
+async def _tail_async(args: argparse.Namespace, cfg: Config) -> int:
+    from supervisor.node import nats_for
+    from supervisor.tail import parse_since, tail
+
+    since = parse_since(args.since) if args.since else None
+    async with nats_for(args.nats_url or cfg.nats_url, Path(cfg.data_dir).resolve()) as url:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await tail(
+            url,
+            errors=args.errors,
+            type_=args.error_type,
+            code=args.code,
+            task=args.task,
+            since=since,
+            out=sys.stdout,
+            stop=stop,
+        )
+    return EXIT_OK
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    return asyncio.run(_tail_async(args, cfg))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, InvalidSpec, ValueError) as e:
+        sys.stderr.write(f"supervisor: {e}\n")
+        return EXIT_REJECTED
+    except SupervisorError as e:
+        sys.stderr.write(f"supervisor: {e}\n")
+        return EXIT_INFRA
+    except KeyboardInterrupt:
+        return EXIT_INFRA
+    except BrokenPipeError:
+        with contextlib.suppress(Exception):
+            sys.stdout.close()
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Wiring of one node's execution path, owned by an `AsyncExitStack` so teardown runs in
+the reverse order of start-up: NATS (embedded when no URL is known) -> event log ->
+Docker runtime -> event watcher -> cgroup sampler -> executor."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from schemas import SupervisorStarted, SupervisorStopped
+from supervisor.config import Config
+from supervisor.emitter import Emitter, new_id
+from supervisor.eventlog import EventLog
+from supervisor.executor import Executor
+from supervisor.metrics import Metrics
+from supervisor.natsserver import NatsServer, resolve_nats_url
+from supervisor.observe import CgroupSampler, DockerEventWatcher
+from supervisor.runtime import DockerRuntime
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class Node:
+    config: Config
+    data_dir: Path
+    instance_id: str
+    nats_url: str
+    events: EventLog
+    emitter: Emitter
+    runtime: DockerRuntime
+    watcher: DockerEventWatcher
+    executor: Executor
+    metrics: Metrics
+
+
+@contextlib.asynccontextmanager
+async def nats_for(cli_url: str | None, data_dir: Path) -> AsyncIterator[str]:
+    """The NATS URL to use; starts (and finally stops) the embedded server if none is known."""
+    url = resolve_nats_url(cli_url, data_dir)
+    if url is not None:
+        yield url
+        return
+    server = NatsServer(data_dir / "nats")
+    url = server.start()
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+@contextlib.asynccontextmanager
+async def open_node(
+    config: Config, *, nats_url: str | None, role: str = "run", flush_timeout: float = 10.0
+) -> AsyncIterator[Node]:
+    data_dir = Path(config.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    instance_id = new_id()[:16]
+    metrics = Metrics()
+    async with contextlib.AsyncExitStack() as stack:
+        url = await stack.enter_async_context(nats_for(nats_url or config.nats_url, data_dir))
+        events = EventLog(data_dir, url, instance_id=instance_id)
+        await events.start()
+        stack.push_async_callback(events.close, flush_timeout)
+        emitter = Emitter(events, config.node_id, instance_id)
+        emitter.emit(SupervisorStarted, version=VERSION, pid=os.getpid(), role=role)
+        runtime = DockerRuntime(config.docker_url)
+        stack.callback(runtime.close)
+        watcher = DockerEventWatcher(runtime.client, config.node_id)
+        watcher.start()
+        stack.callback(watcher.stop)
+        await watcher.wait_connected(timeout=2.0)
+        sampler = CgroupSampler(config.cgroup_sample_s)
+        stack.callback(sampler.stop)
+        executor = Executor(
+            runtime, emitter, config, metrics, watcher=watcher, sampler=sampler, data_dir=data_dir
+        )
+        node = Node(
+            config, data_dir, instance_id, url, events, emitter, runtime, watcher, executor, metrics
+        )
+        try:
+            yield node
+        finally:
+            emitter.emit(SupervisorStopped, reason="exit")

@@ -1,0 +1,99 @@
+"""Spec decoding, bounds and policy: pure checks with exact messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from schemas import Limits, TaskSpec
+from supervisor.admission import admit, decode_spec
+from supervisor.config import Bounds, Policy
+from supervisor.errors import InvalidSpec, PolicyViolation
+
+IMG = "supervisor-sandbox:busybox"
+
+
+def _spec(**kw: object) -> TaskSpec:
+    return TaskSpec(image=IMG, command=["sh", "-c", "true"], **kw)  # type: ignore[arg-type]
+
+
+def test_a_valid_spec_decodes_with_defaults() -> None:
+    spec = decode_spec(json.dumps({"image": IMG, "command": ["true"]}))
+
+    assert spec.priority == "normal"
+    assert spec.limits == Limits()
+    assert spec.network == "none"
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        ({"image": IMG, "command": ["true"], "limits": {"memory_mb": "lots"}}, "limits.memory_mb"),
+        ({"image": IMG, "command": ["true"], "limits": {"timeout_s": -1}}, "limits.timeout_s"),
+        ({"image": IMG, "command": ["true"], "priority": "urgent"}, "priority"),
+        ({"image": IMG, "command": ["true"], "colour": "red"}, "colour"),
+        ({"image": IMG}, "spec"),
+        ({"image": IMG, "command": ["true"], "task_id": "has.dot"}, "task_id"),
+    ],
+)
+def test_a_malformed_spec_names_the_field(doc: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidSpec) as e:
+        decode_spec(json.dumps(doc))
+
+    assert e.value.field == field
+    assert e.value.tag == "invalid_spec"
+
+
+def test_bad_json_is_invalid_spec() -> None:
+    with pytest.raises(InvalidSpec) as e:
+        decode_spec(b"{not json")
+
+    assert e.value.field == "spec"
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        (_spec(limits=Limits(timeout_s=601)), "limits.timeout_s"),
+        (_spec(limits=Limits(memory_mb=5000)), "limits.memory_mb"),
+        (_spec(files={"../escape.sh": "x"}), "files.../escape.sh"),
+        (_spec(files={"/etc/passwd": "x"}), "files./etc/passwd"),
+        (_spec(env={"BAD-KEY": "1"}), "env.BAD-KEY"),
+        (TaskSpec(image=IMG, command=[]), "command"),
+        (TaskSpec(image=" ", command=["true"]), "image"),
+    ],
+)
+def test_bounds_refuse_with_the_field(spec: TaskSpec, field: str) -> None:
+    with pytest.raises(InvalidSpec) as e:
+        admit(spec, Bounds(), Policy())
+
+    assert e.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("spec", "request_name"),
+    [
+        (_spec(privileged=True), "privileged"),
+        (_spec(cap_add=["SYS_ADMIN"]), "cap_add"),
+        (_spec(network="host"), "network"),
+        (_spec(network="bridge"), "network"),
+        (_spec(mounts=[{"source": "/", "target": "/host"}]), "mounts"),
+    ],
+)
+def test_each_forbidden_security_request_is_a_policy_violation(
+    spec: TaskSpec, request_name: str
+) -> None:
+    with pytest.raises(PolicyViolation) as e:
+        admit(spec, Bounds(), Policy())
+
+    assert e.value.request == request_name
+
+
+def test_policy_can_allow_what_it_forbids_by_default() -> None:
+    policy = Policy(allowed_capabilities=["NET_BIND_SERVICE"], allowed_networks=["none", "bridge"])
+
+    assert (
+        admit(_spec(cap_add=["net_bind_service"], network="bridge"), Bounds(), policy).network
+        == "bridge"
+    )

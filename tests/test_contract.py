@@ -1,0 +1,144 @@
+"""The contract: generated JSON Schema is committed and current, subjects have five tokens,
+events round-trip, and imports flow one way."""
+
+from __future__ import annotations
+
+import ast
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+
+from schemas import EVENT_TYPES, ErrorRaised, TaskSucceeded, decode_event, encode_event
+from schemas.jsonschema import JSON_DIR, render
+from supervisor.lifecycle import InvalidTransition, next_container_state, next_task_state
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_committed_json_schema_matches_the_structs() -> None:
+    rendered = render()
+
+    assert sorted(p.name for p in JSON_DIR.glob("*.json")) == sorted(rendered)
+    for name, data in rendered.items():
+        assert (JSON_DIR / name).read_bytes() == data, (
+            f"{name} drifted: run python -m schemas.jsonschema"
+        )
+
+
+def test_every_event_tag_is_unique_and_category_prefixed() -> None:
+    tags = [msgspec.inspect.type_info(t).tag for t in EVENT_TYPES]  # type: ignore[attr-defined]
+
+    assert len(tags) == len(set(tags))
+    for t, cls in zip(tags, EVENT_TYPES, strict=True):
+        assert t.split(".")[0] == cls.category
+
+
+def test_subjects_have_five_tokens_and_errors_use_their_type() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    err = ErrorRaised(
+        event_id="e1",
+        occurred_at=now,
+        node_id="n1",
+        instance_id="i",
+        task_id="t-1",
+        error_type="timeout",
+        code="EXECUTION_TIMEOUT",
+        message="m",
+        retryable=True,
+    )
+
+    assert err.subject() == "sup.error.timeout.n1.t-1"
+    assert decode_event(encode_event(err)) == err
+
+
+def test_unknown_fields_are_ignored_by_old_readers() -> None:
+    raw = (
+        b'{"type":"supervisor.stopped","event_id":"e","occurred_at":"2026-01-01T00:00:00Z",'
+        b'"node_id":"n1","instance_id":"i","reason":"exit","added_in_v2":42}'
+    )
+
+    ev = decode_event(raw)
+
+    assert ev.subject() == "sup.supervisor.stopped.n1._"
+
+
+def test_terminal_events_carry_a_result() -> None:
+    assert "result" in TaskSucceeded.__struct_fields__
+
+
+def test_lifecycle_accepts_the_executor_order_and_refuses_skips() -> None:
+    state = None
+    for t in [
+        "task.submitted",
+        "attempt.started",
+        "attempt.finished",
+        "task.retry_scheduled",
+        "attempt.started",
+        "attempt.finished",
+        "task.succeeded",
+    ]:
+        state = next_task_state(state, t)
+
+    assert state == "succeeded"
+    assert next_container_state("exited", "removed") == "removed"
+    try:
+        next_task_state("succeeded", "attempt.started")
+    except InvalidTransition as e:
+        assert e.state == "succeeded"
+    else:
+        raise AssertionError("a terminal task must not start an attempt")
+
+
+_LAYERS = {
+    "schemas": {"schemas"},
+    # pure decision modules: schemas and each other, nothing with I/O
+    "supervisor.classify": {"schemas"},
+    "supervisor.retry": {"schemas"},
+    "supervisor.admission": {"schemas", "supervisor.config", "supervisor.errors"},
+    "supervisor.lifecycle": set(),
+    "supervisor.errors": set(),
+}
+_PURE_FORBIDDEN = {
+    "docker",
+    "nats",
+    "duckdb",
+    "aiohttp",
+    "psutil",
+    "subprocess",
+    "socket",
+    "requests",
+}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def test_imports_flow_one_way() -> None:
+    for path in (ROOT / "schemas").glob("*.py"):
+        project = {m for m in _imports(path) if m.split(".")[0] in {"supervisor", "projections"}}
+        assert not project, f"{path.name} imports {project}: schemas must import only msgspec"
+    for module, allowed in _LAYERS.items():
+        if module == "schemas":
+            continue
+        path = ROOT / (module.replace(".", "/") + ".py")
+        imports = _imports(path)
+        project = {
+            m for m in imports if m.split(".")[0] in {"supervisor", "projections", "schemas"}
+        }
+        assert {
+            m for m in project if not any(m == a or m.startswith(a + ".") for a in allowed)
+        } == set(), module
+        assert not {m.split(".")[0] for m in imports} & _PURE_FORBIDDEN, module
+    for path in (ROOT / "supervisor").glob("*.py"):
+        assert (
+            not {m for m in _imports(path) if m.startswith("projections")} or path.name == "cli.py"
+        ), f"supervisor/{path.name} imports the read side"

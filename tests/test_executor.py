@@ -1,0 +1,338 @@
+"""The execution path against a real dockerd and a real nats-server: every catalogue code
+this issue can produce is caused for real, and every step is read back from JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from schemas import (
+    ContainerCreated,
+    ErrorRaised,
+    Limits,
+    Result,
+    RetryPolicy,
+    RetryScheduled,
+    TaskSpec,
+    event_type,
+)
+from supervisor.config import Config
+from supervisor.node import Node, open_node
+from tests.conftest import SANDBOX_IMAGE
+from tests.streamutil import stream_events, stream_messages
+
+pytestmark = pytest.mark.usefixtures("docker_client")
+
+
+def _spec(script: str, *, retry: RetryPolicy | None = None, **limits: object) -> TaskSpec:
+    return TaskSpec(
+        image=SANDBOX_IMAGE,
+        command=["sh", "/workspace/main.sh"],
+        files={"main.sh": script},
+        limits=Limits(**limits),  # type: ignore[arg-type]
+        retry=retry or RetryPolicy(max_attempts=1),
+    )
+
+
+@pytest.fixture
+async def node(tmp_dir: Path, nats_url: str) -> AsyncIterator[Node]:
+    cfg = Config(data_dir=str(tmp_dir / "data"), node_id="n1")
+    async with open_node(cfg, nats_url=nats_url) as n:
+        yield n
+
+
+async def _run(node: Node, spec: TaskSpec) -> Result:
+    result = await node.executor.run(spec)
+    assert await node.events.flush(10)
+    return result
+
+
+def _workspaces(node: Node) -> list[Path]:
+    return list((node.data_dir / "workspaces").glob("*"))
+
+
+async def test_success_with_output_publishes_every_step(
+    node: Node, nats_url: str, docker_client
+) -> None:
+    result = await _run(node, _spec("echo hello; echo oops >&2"))
+
+    assert (result.status, result.exit_code, result.attempts) == ("succeeded", 0, 1)
+    assert (result.stdout, result.stderr) == ("hello\n", "oops\n")
+    assert result.error is None
+    msgs = await stream_messages(nats_url, f"sup.*.*.n1.{result.task_id}")
+    assert [event_type(e) for *_, e in msgs] == [
+        "task.submitted",
+        "attempt.started",
+        "workspace.created",
+        "container.created",
+        "container.started",
+        "container.exited",
+        "cleanup.succeeded",
+        "cleanup.succeeded",
+        "attempt.finished",
+        "task.succeeded",
+    ]
+    assert all(h["Nats-Msg-Id"] == e.event_id for _, _, h, e in msgs)
+    assert all(subj == e.subject() for _, subj, _, e in msgs)
+    assert len({e.correlation_id for *_, e in msgs}) == 1
+    created = next(e for *_, e in msgs if isinstance(e, ContainerCreated))
+    assert created.labels["supervisor.managed"] == "true"
+    assert created.labels["supervisor.task"] == result.task_id
+    assert docker_client.containers.list(all=True, filters={"id": created.container_id}) == []
+    assert _workspaces(node) == []
+
+
+async def test_the_container_is_hardened(node: Node) -> None:
+    script = (
+        "id -u; cat /proc/self/status | grep CapEff; touch /root-write 2>/dev/null && echo rw || echo ro;"
+        " ls /sys/class/net; echo x > /workspace/w 2>/dev/null || echo ws-ro; echo t > /tmp/t && echo tmp-ok"
+    )
+    result = await _run(node, _spec(script))
+
+    assert result.stdout.split("\n") == [
+        "65534",
+        "CapEff:\t0000000000000000",
+        "ro",
+        "lo",
+        "ws-ro",
+        "tmp-ok",
+        "",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("script", "limits", "code", "etype", "exit_code"),
+    [
+        ("exit 3", {}, "NONZERO_EXIT", "user_code", 3),
+        ("kill -SEGV $$", {}, "SIGNALED", "user_code", 139),
+        ("x=a; while true; do x=$x$x; done", {"memory_mb": 16}, "OOM_KILLED", "resource", 137),
+        ("sleep 30", {"timeout_s": 1}, "EXECUTION_TIMEOUT", "timeout", 137),
+        (
+            "while true; do echo flood; done",
+            {"output_bytes": 1000},
+            "OUTPUT_LIMIT",
+            "resource",
+            137,
+        ),
+        ("for i in $(seq 1 40); do sleep 5 & done; wait", {"pids": 8}, "PIDS_LIMIT", "resource", 2),
+    ],
+)
+async def test_each_failure_is_classified_from_evidence(
+    node: Node,
+    nats_url: str,
+    script: str,
+    limits: dict[str, object],
+    code: str,
+    etype: str,
+    exit_code: int,
+) -> None:
+    result = await _run(node, _spec(script, **limits))
+
+    assert result.status == "failed"
+    assert result.error is not None
+    assert (result.error.type, result.error.code, result.exit_code) == (etype, code, exit_code)
+    errors = await stream_events(nats_url, f"sup.error.{etype}.n1.{result.task_id}")
+    assert [(e.code, e.retryable) for e in errors] == [(code, result.error.retryable)]  # type: ignore[attr-defined]
+    assert _workspaces(node) == []
+
+
+async def test_signal_details_name_the_signal(node: Node) -> None:
+    result = await _run(node, _spec("kill -SEGV $$"))
+
+    assert result.error is not None and result.error.details["signal"] == "SIGSEGV"
+
+
+async def test_output_flood_keeps_exactly_the_cap_and_marks_truncation(node: Node) -> None:
+    result = await _run(node, _spec("while true; do echo 0123456789; done", output_bytes=1000))
+
+    assert len(result.stdout.encode()) == 1000
+    assert (result.stdout_truncated, result.stderr_truncated) == (True, False)
+
+
+async def test_a_timeout_records_the_supervisors_own_kill(node: Node, nats_url: str) -> None:
+    result = await _run(node, _spec("sleep 30", timeout_s=1))
+
+    kills = await stream_events(nats_url, f"sup.container.kill_issued.n1.{result.task_id}")
+    assert [k.reason for k in kills] == ["timeout"]  # type: ignore[attr-defined]
+
+
+async def test_a_missing_image_is_rejected(node: Node, nats_url: str) -> None:
+    spec = TaskSpec(image="supervisor-sandbox:does-not-exist", command=["true"])
+
+    result = await _run(node, spec)
+
+    assert (result.status, result.attempts) == ("rejected", 0)
+    assert result.error is not None
+    assert (result.error.type, result.error.code, result.error.retryable) == (
+        "validation",
+        "IMAGE_NOT_FOUND",
+        False,
+    )
+    events = await stream_events(nats_url, f"sup.*.*.n1.{result.task_id}")
+    assert [event_type(e) for e in events] == ["task.submitted", "error.raised", "task.rejected"]
+
+
+@pytest.mark.parametrize(
+    "request_fields",
+    [
+        {"privileged": True},
+        {"cap_add": ["SYS_ADMIN"]},
+        {"network": "host"},
+        {"network": "bridge"},
+        {"mounts": [{"source": "/", "target": "/host"}]},
+    ],
+)
+async def test_each_forbidden_security_request_is_refused(
+    node: Node, request_fields: dict[str, object], docker_client
+) -> None:
+    spec = TaskSpec(image=SANDBOX_IMAGE, command=["true"], **request_fields)  # type: ignore[arg-type]
+
+    result = await _run(node, spec)
+
+    assert result.status == "rejected"
+    assert result.error is not None
+    assert (result.error.type, result.error.code) == ("security", "POLICY_VIOLATION")
+    assert (
+        docker_client.containers.list(
+            all=True, filters={"label": f"supervisor.task={result.task_id}"}
+        )
+        == []
+    )
+
+
+async def _wait_running(docker_client, node: Node) -> str:  # type: ignore[no-untyped-def]
+    for _ in range(200):
+        found = docker_client.containers.list(
+            filters={"label": ["supervisor.managed=true", "supervisor.node=n1"]}
+        )
+        if found:
+            return str(found[0].id)
+        await asyncio.sleep(0.05)
+    raise AssertionError("the task's container never ran")
+
+
+async def test_a_container_killed_from_outside_is_killed_externally(
+    node: Node, docker_client
+) -> None:
+    task = asyncio.ensure_future(_run(node, _spec("sleep 30", timeout_s=20)))
+    cid = await _wait_running(docker_client, node)
+
+    await asyncio.to_thread(docker_client.api.kill, cid)
+    result = await task
+
+    assert result.error is not None
+    assert (result.error.type, result.error.code, result.error.retryable) == (
+        "infrastructure",
+        "KILLED_EXTERNALLY",
+        True,
+    )
+    assert result.error.details == {"signals": ["SIGKILL"]}
+
+
+async def test_a_container_removed_from_outside_has_vanished(node: Node, docker_client) -> None:
+    task = asyncio.ensure_future(_run(node, _spec("sleep 30", timeout_s=20)))
+    cid = await _wait_running(docker_client, node)
+
+    await asyncio.to_thread(docker_client.api.remove_container, cid, force=True)
+    result = await task
+
+    assert result.error is not None
+    assert (result.error.type, result.error.code, result.error.retryable) == (
+        "infrastructure",
+        "CONTAINER_VANISHED",
+        True,
+    )
+    assert _workspaces(node) == []
+
+
+async def test_a_retryable_failure_succeeds_on_a_later_attempt(node: Node, nats_url: str) -> None:
+    script = '[ "$SUPERVISOR_ATTEMPT" -ge 2 ] || sleep 30; echo "attempt $SUPERVISOR_ATTEMPT"'
+    retry = RetryPolicy(max_attempts=3, base_delay_s=0.05, jitter=False)
+
+    result = await _run(node, _spec(script, retry=retry, timeout_s=1))
+
+    assert (result.status, result.attempts, result.stdout) == ("succeeded", 2, "attempt 2\n")
+    retries = await stream_events(nats_url, f"sup.task.retry_scheduled.n1.{result.task_id}")
+    assert [
+        (r.attempt, r.next_attempt, r.delay_s, r.error_code)
+        for r in retries
+        if isinstance(r, RetryScheduled)
+    ] == [(1, 2, 0.05, "EXECUTION_TIMEOUT")]
+
+
+async def test_retries_give_up_after_max_attempts(node: Node, nats_url: str) -> None:
+    retry = RetryPolicy(max_attempts=2, base_delay_s=0.05, jitter=False)
+
+    result = await _run(node, _spec("sleep 30", retry=retry, timeout_s=1))
+
+    assert (result.status, result.attempts) == ("failed", 2)
+    assert result.error is not None and result.error.code == "EXECUTION_TIMEOUT"
+    errors = await stream_events(nats_url, f"sup.error.timeout.n1.{result.task_id}")
+    assert [e.attempt for e in errors] == [1, 2]
+
+
+async def test_a_non_retryable_failure_is_not_retried(node: Node) -> None:
+    result = await _run(node, _spec("exit 1", retry=RetryPolicy(max_attempts=3, base_delay_s=0.01)))
+
+    assert (result.status, result.attempts) == ("failed", 1)
+
+
+async def test_cancellation_cleans_up_and_records_the_task(
+    node: Node, nats_url: str, docker_client
+) -> None:
+    task = asyncio.ensure_future(node.executor.run(_spec("sleep 30", timeout_s=20)))
+    cid = await _wait_running(docker_client, node)
+
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await node.events.flush(10)
+
+    assert docker_client.containers.list(all=True, filters={"id": cid}) == []
+    assert _workspaces(node) == []
+    events = await stream_events(nats_url, "sup.task.failed.n1.>")
+    assert [e.result.error.code for e in events] == ["CANCELLED"]  # type: ignore[attr-defined]
+
+
+async def test_a_cleanup_failure_is_recorded_without_hiding_the_outcome(
+    node: Node, nats_url: str
+) -> None:
+    ws_root = node.data_dir / "workspaces"
+    script = "echo done"
+    task = asyncio.ensure_future(_run(node, _spec(script + "; sleep 1")))
+    for _ in range(200):
+        dirs = list(ws_root.glob("*"))
+        if dirs:
+            break
+        await asyncio.sleep(0.02)
+    # An immutable file cannot be unlinked, not even by root: the workspace stays behind.
+    stuck = dirs[0] / "main.sh"
+    rc = os.system(f"chattr +i {stuck} 2>/dev/null")
+    if rc != 0:
+        await task
+        pytest.skip("this filesystem does not support the immutable attribute")
+    try:
+        result = await task
+    finally:
+        os.system(f"chattr -i {stuck}")
+    assert result.status == "succeeded"
+    failed = await stream_events(nats_url, f"sup.cleanup.failed.n1.{result.task_id}")
+    assert [(f.step, f.resource) for f in failed] == [("remove_workspace", str(dirs[0]))]  # type: ignore[attr-defined]
+    import shutil
+
+    shutil.rmtree(dirs[0])
+
+
+async def test_an_error_event_is_published_for_every_failed_attempt(
+    node: Node, nats_url: str
+) -> None:
+    result = await _run(node, _spec("exit 7"))
+
+    errors = await stream_events(nats_url, "sup.error.>")
+    assert [(e.code, e.task_id) for e in errors if isinstance(e, ErrorRaised)] == [
+        ("NONZERO_EXIT", result.task_id)
+    ]
