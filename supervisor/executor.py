@@ -373,6 +373,8 @@ class Executor:
             await asyncio.wait_for(asyncio.shield(io), _IO_DRAIN_S)
         except TimeoutError:
             close_socket(stream)
+        if st.exit_code == 0 and not st.kills:
+            return  # a clean exit: no kill, OOM or removal can have caused it
         state = await self.runtime.inspect(cid)
         st.oom_killed = state.oom_killed
         if state.exit_code is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -186,17 +187,51 @@ def _cgroup_files(cid: str) -> tuple[list[Path], list[Path]]:
     return pids, mem
 
 
-def _read_counter(paths: list[Path], key: str) -> int | None:
-    for p in paths:
-        try:
-            text = p.read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[0] == key:
-                return int(parts[1])
+def _parse_counter(text: bytes, key: bytes) -> int | None:
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == key:
+            return int(parts[1])
     return None
+
+
+class _Counter:
+    """One counter file, opened once (a held fd is read with pread: no path walk per
+    sample). Reads fail with ENODEV once Docker removed the cgroup."""
+
+    def __init__(self, candidates: list[Path], key: bytes) -> None:
+        self.candidates = candidates
+        self.key = key
+        self.fd: int | None = None
+        self.gone = False
+        self.best = 0
+
+    def sample(self) -> None:
+        if self.gone:
+            return
+        if self.fd is None:
+            for p in self.candidates:
+                try:
+                    self.fd = os.open(p, os.O_RDONLY)
+                    break
+                except OSError:
+                    continue
+            if self.fd is None:
+                return
+        try:
+            value = _parse_counter(os.pread(self.fd, 512, 0), self.key)
+        except OSError:
+            self.close()
+            self.gone = True
+            return
+        if value is not None and value > self.best:
+            self.best = value
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
 
 
 class CgroupSampler:
@@ -205,7 +240,7 @@ class CgroupSampler:
 
     def __init__(self, interval: float = 0.01) -> None:
         self.interval = interval
-        self._tracked: dict[str, tuple[list[Path], list[Path], CgroupCounters]] = {}
+        self._tracked: dict[str, tuple[_Counter, _Counter]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cgroup-sampler", daemon=True)
@@ -214,40 +249,35 @@ class CgroupSampler:
     def track(self, cid: str) -> None:
         pids, mem = _cgroup_files(cid)
         with self._lock:
-            self._tracked[cid] = (pids, mem, CgroupCounters())
-        self._sample_one(cid)
-        if not self._started:
-            self._started = True
-            self._thread.start()
+            self._tracked[cid] = (_Counter(pids, b"max"), _Counter(mem, b"oom_kill"))
+            if not self._started:
+                self._started = True
+                self._thread.start()
 
     def untrack(self, cid: str) -> CgroupCounters:
         """Take a last sample and stop tracking; returns the highest counters seen."""
-        self._sample_one(cid)
         with self._lock:
             entry = self._tracked.pop(cid, None)
-        return entry[2] if entry else CgroupCounters()
-
-    def _sample_one(self, cid: str) -> None:
-        with self._lock:
-            entry = self._tracked.get(cid)
-        if entry is None:
-            return
-        pids, mem, counters = entry
-        p = _read_counter(pids, "max")
-        if p is not None and p > counters.pids_limit_events:
-            counters.pids_limit_events = p
-        m = _read_counter(mem, "oom_kill")
-        if m is not None and m > counters.memory_oom_events:
-            counters.memory_oom_events = m
+            if entry is None:
+                return CgroupCounters()
+            for c in entry:
+                c.sample()
+                c.close()
+        return CgroupCounters(pids_limit_events=entry[0].best, memory_oom_events=entry[1].best)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             with self._lock:
-                ids = list(self._tracked)
-            for cid in ids:
-                self._sample_one(cid)
+                for pids, mem in self._tracked.values():
+                    pids.sample()
+                    mem.sample()
 
     def stop(self) -> None:
         self._stop.set()
         if self._started:
             self._thread.join(timeout=2)
+        with self._lock:
+            for entry in self._tracked.values():
+                for c in entry:
+                    c.close()
+            self._tracked.clear()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -108,6 +109,7 @@ class DockerRuntime:
     # A fixed API version keeps construction offline: a daemon that is down at start-up
     # surfaces as DockerUnavailable on the first call, not as a crash. 1.41 = Docker 20.10.
     API_VERSION = "1.41"
+    IMAGE_CACHE_S = 10.0
 
     def __init__(
         self, base_url: str | None = None, *, timeout: float = 60, workers: int = 64
@@ -128,6 +130,7 @@ class DockerRuntime:
             raise DockerUnavailable("connect", type(e).__name__) from e
         self.api = self.client.api
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
+        self._images: dict[str, float] = {}
 
     async def _call(self, operation: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -146,10 +149,17 @@ class DockerRuntime:
         await self._call("ping", self.api.ping)
 
     async def image_exists(self, image: str) -> bool:
+        """Whether the image is present locally. A positive answer is cached for
+        `IMAGE_CACHE_S` (an image removed meanwhile shows up as ImageNotFound at create)."""
+        now = time.monotonic()
+        if self._images.get(image, 0.0) > now:
+            return True
         try:
             await self._call("inspect_image", self.api.inspect_image, image)
         except (ImageNotFound, ContainerVanished):
+            self._images.pop(image, None)
             return False
+        self._images[image] = now + self.IMAGE_CACHE_S
         return True
 
     async def create(self, req: ContainerRequest) -> str:
