@@ -17,7 +17,7 @@ import msgspec
 from schemas import ErrorRaised, Result
 from supervisor.admission import decode_spec
 from supervisor.config import Config, load_config
-from supervisor.errors import ConfigError, InvalidSpec, SupervisorError
+from supervisor.errors import ConfigError, InvalidSpec, NatsUnavailable, SupervisorError
 
 EXIT_OK, EXIT_FAILED, EXIT_REJECTED, EXIT_INFRA = 0, 1, 2, 3
 
@@ -67,6 +67,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the Result as JSON")
     _common(run)
     run.set_defaults(func=_cmd_run)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the daemon (intake, executor, HTTP)",
+        description="Run the node's daemon until SIGTERM/SIGINT: pulls tasks from SUP_TASKS "
+        "while it has capacity, runs them, serves HTTP. A first signal drains (within the "
+        "grace), a second stops at once; containers are always cleaned up.",
+    )
+    serve.add_argument(
+        "--http", metavar="HOST:PORT", help="HTTP listen address (default 127.0.0.1:8787)"
+    )
+    _common(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    submit = sub.add_parser(
+        "submit",
+        help="enqueue a task to a running daemon",
+        description="Validate and enqueue a task (JSON spec file, or - for stdin). Prints the "
+        "task id, or with --wait the result. A full queue is refused at once "
+        "(resource/QUEUE_FULL, exit 2).",
+    )
+    submit.add_argument("spec", metavar="SPEC|-", help="task spec JSON file, or - for stdin")
+    submit.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    submit.add_argument("--json", action="store_true", help="print JSON")
+    submit.add_argument(
+        "--timeout", type=float, default=None, metavar="S",
+        help="with --wait: give up waiting after S seconds (exit 3)",
+    )  # fmt: skip
+    _common(submit)
+    submit.set_defaults(func=_cmd_submit)
 
     tail = sub.add_parser(
         "tail",
@@ -208,6 +238,94 @@ async def _tail_async(args: argparse.Namespace, cfg: Config) -> int:
             stop=stop,
         )
     return EXIT_OK
+
+
+def _signals(first: asyncio.Event, second: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def _on_signal() -> None:
+        if first.is_set():
+            second.set()
+        first.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _on_signal)
+
+
+async def _serve_async(args: argparse.Namespace, cfg: Config) -> int:
+    from supervisor.daemon import Daemon
+
+    stop, force = asyncio.Event(), asyncio.Event()
+    _signals(stop, force)
+    return await Daemon(cfg, nats_url=args.nats_url).run(stop, force)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.http:
+        cfg = msgspec.structs.replace(cfg, http=msgspec.structs.replace(cfg.http, listen=args.http))
+    return asyncio.run(_serve_async(args, cfg))
+
+
+async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
+    from supervisor.emitter import Emitter, new_id
+    from supervisor.eventlog import EventLog
+    from supervisor.intake import Intake, prepare
+    from supervisor.node import nats_for
+    from supervisor.wait import wait_for_result
+
+    raw = _read_spec_bytes(args.spec)
+    spec = prepare(decode_spec(raw))
+    data_dir = Path(cfg.data_dir).resolve()
+    async with nats_for(args.nats_url or cfg.nats_url, data_dir) as url:
+        events = EventLog(data_dir, url, instance_id=new_id()[:16])
+        await events.start()
+        try:
+            if not await events.wait_connected(10):
+                raise NatsUnavailable(url, "cannot submit without NATS")
+            waiter = None
+            if args.wait:
+                waiter = await wait_for_result(events.js, spec.task_id or "")
+            submission = await Intake(
+                events.js, Emitter(events, cfg.node_id, events.instance_id), events, cfg
+            ).submit(spec)
+            if not submission.accepted:
+                result = submission.result()
+                assert result is not None
+                if waiter is not None:
+                    await waiter.cancel()
+                _print_result(result, args.json)
+                return EXIT_REJECTED
+            if waiter is None:
+                if args.json:
+                    sys.stdout.write(
+                        msgspec.json.encode(
+                            {
+                                "task_id": submission.task_id,
+                                "status": "queued",
+                                "correlation_id": submission.correlation_id,
+                            }
+                        ).decode()
+                        + "\n"
+                    )
+                else:
+                    sys.stdout.write(submission.task_id + "\n")
+                return EXIT_OK
+            result = await waiter.result(args.timeout)
+            if result is None:
+                sys.stderr.write(
+                    f"task {submission.task_id}: no result within {args.timeout}s (it is still queued or running)\n"
+                )
+                return EXIT_INFRA
+            _print_result(result, args.json)
+            return exit_code_for(result)
+        finally:
+            await events.close(5.0)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    return asyncio.run(_submit_async(args, cfg))
 
 
 def _cmd_tail(args: argparse.Namespace) -> int:

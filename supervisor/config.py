@@ -45,6 +45,23 @@ class Sandbox(Struct, forbid_unknown_fields=True, kw_only=True):
     stop_timeout_s: float = 5.0
 
 
+class Scheduling(Struct, forbid_unknown_fields=True, kw_only=True):
+    """How much work this node pulls and how it hands it back."""
+
+    concurrency: int = 8
+    memory_budget_mb: int = 4096
+    queue_bound_per_priority: int = 1000
+    max_deliver: int = 5
+    ack_wait_s: float = 30.0
+    ack_progress_s: float = 10.0
+    shutdown_grace_s: float = 30.0
+
+
+class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    listen: str = "127.0.0.1:8787"
+    token: str | None = None
+
+
 class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     node_id: str = "n1"
     data_dir: str = ".supervisor"
@@ -53,6 +70,8 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     bounds: Bounds = msgspec.field(default_factory=Bounds)
     policy: Policy = msgspec.field(default_factory=Policy)
     sandbox: Sandbox = msgspec.field(default_factory=Sandbox)
+    scheduling: Scheduling = msgspec.field(default_factory=Scheduling)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     # Output kept in a terminal event's Result (the full capped output is in the CLI result).
     event_output_bytes: int = 64 * 1024
     # How often the cgroup counters of running containers are sampled.

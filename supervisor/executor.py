@@ -111,9 +111,21 @@ class Executor:
 
     # --- task -----------------------------------------------------------------------------
 
-    async def run(self, spec: TaskSpec, *, announce: bool = True) -> Result:
-        """Run `spec` to a terminal state, publishing every step. Cancellation cleans up,
-        records the task as failed (`CANCELLED`) and re-raises."""
+    async def run(
+        self,
+        spec: TaskSpec,
+        *,
+        announce: bool = True,
+        first_attempt: int = 1,
+        terminal_on_cancel: bool = True,
+    ) -> Result:
+        """Run `spec` to a terminal state, publishing every step.
+
+        `first_attempt` > 1 continues a task whose earlier attempts are in history (a
+        redelivered message). Cancellation always cleans up and closes the attempt; with
+        `terminal_on_cancel` it also records the task as failed (`CANCELLED`) — the daemon
+        turns that off at shutdown, leaving the message to be redelivered.
+        """
         task_id = spec.task_id or f"t-{new_id()[:16]}"
         em = self.emitter.for_task(task_id, spec.correlation_id or new_id())
         started = time.monotonic()
@@ -125,31 +137,49 @@ class Executor:
                 raise ImageNotFound("inspect_image", f"image {spec.image!r} is not present locally")
         except (SpecError, ImageNotFound) as e:
             return self._reject(em, task_id, e, started)
-        attempt = 0
+        attempt = first_attempt - 1
         while True:
             attempt += 1
             aem = em.for_attempt(attempt)
             try:
                 out = await self._attempt(aem, spec, task_id, attempt)
             except asyncio.CancelledError:
-                self._finish(aem, task_id, attempt, None, started, cancelled=True)
+                if terminal_on_cancel:
+                    self._finish(aem, task_id, attempt, None, started, cancelled=True)
                 raise
             if out.classification is None:
                 return self._finish(aem, task_id, attempt, out, started)
             if not should_retry(spec.retry, attempt, out.classification.retryable):
                 return self._finish(aem, task_id, attempt, out, started)
-            delay = backoff_delay(spec.retry, attempt, self.rand)
-            aem.emit(
-                RetryScheduled,
-                next_attempt=attempt + 1,
-                delay_s=delay,
-                error_code=out.classification.code,
-            )
+            delay = self.schedule_retry(aem, spec, attempt, out.classification)
             try:
                 await self.sleep(delay)
             except asyncio.CancelledError:
-                self._finish(aem, task_id, attempt, out, started, cancelled=True)
+                if terminal_on_cancel:
+                    self._finish(aem, task_id, attempt, out, started, cancelled=True)
                 raise
+
+    def schedule_retry(self, em: Emitter, spec: TaskSpec, attempt: int, c: Classification) -> float:
+        """Record the retry after a failed `attempt`; returns the delay to wait."""
+        delay = backoff_delay(spec.retry, attempt, self.rand)
+        em.emit(RetryScheduled, next_attempt=attempt + 1, delay_s=delay, error_code=c.code)
+        return delay
+
+    def fail(
+        self, spec: TaskSpec, c: Classification, attempts: int, message: str | None = None
+    ) -> Result:
+        """Close a task as failed with `c` without running anything (a lost last attempt,
+        a poison message)."""
+        assert spec.task_id is not None
+        em = self.emitter.for_task(spec.task_id, spec.correlation_id or "").for_attempt(attempts)
+        error = self._error(spec.task_id, c, None, message=message)
+        em.emit(ErrorRaised, error_type=c.type, code=c.code, message=error.message,
+                retryable=c.retryable, details=c.details)  # fmt: skip
+        self.metrics.errors.labels(c.type, c.code).inc()
+        result = Result(task_id=spec.task_id, status="failed", attempts=attempts, error=error)
+        em.emit(TaskFailed, result=result)
+        self.metrics.tasks.labels("failed").inc()
+        return result
 
     async def _image_present(self, image: str) -> bool:
         try:

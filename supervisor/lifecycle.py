@@ -3,7 +3,7 @@
 Defined once and used by the executor (which asserts its own transitions), by the projector
 (current state) and by the audit (which replays history against it). Pure: no I/O.
 
-Task:      (none) -submitted-> submitted -rejected-> rejected
+Task:      (none) -submitted-> submitted -rejected-> rejected   (none) -rejected-> rejected
            submitted|retrying -attempt.started-> running -attempt.finished-> attempt_done
            attempt_done -retry_scheduled-> retrying
            attempt_done -succeeded|failed-> succeeded|failed
@@ -31,6 +31,7 @@ TERMINAL_TASK_STATES: Final[frozenset[str]] = frozenset({"succeeded", "failed", 
 _TASK: Final[dict[tuple[str | None, str], TaskState]] = {
     (None, "task.submitted"): "submitted",
     ("submitted", "task.rejected"): "rejected",
+    (None, "task.rejected"): "rejected",  # refused before it was accepted (spec, policy)
     ("submitted", "attempt.started"): "running",
     ("retrying", "attempt.started"): "running",
     ("running", "attempt.finished"): "attempt_done",

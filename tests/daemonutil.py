@@ -1,0 +1,96 @@
+"""Start `supervisor serve` as users do (a subprocess) and talk to it (tests only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from supervisor.natsserver import url_file
+
+SANDBOX_IMAGE = "supervisor-sandbox:busybox"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class DaemonProc:
+    def __init__(self, data_dir: Path, nats_url: str, config: dict[str, Any] | None = None) -> None:
+        self.data_dir = data_dir
+        self.nats_url = nats_url
+        self.port = free_port()
+        self.config_path = data_dir.parent / f"config-{self.port}.json"
+        cfg = dict(config or {})
+        cfg.setdefault("http", {})["listen"] = f"127.0.0.1:{self.port}"
+        self.config_path.write_text(json.dumps(cfg))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir.parent / f"daemon-{self.port}.log"
+
+    def start(self, timeout: float = 30.0) -> DaemonProc:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "serve", "--nats", self.nats_url,
+             "--data-dir", str(self.data_dir), "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited early:\n{self.log()}")
+            if url_file(self.data_dir).exists():
+                return self
+            time.sleep(0.05)
+        raise AssertionError(f"daemon not ready:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it does not go."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+
+def submit(
+    nats_url: str, data_dir: Path, spec: dict[str, Any], *args: str
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", "submit", "-", "--nats", nats_url, "--data-dir", str(data_dir), *args],
+        input=json.dumps(spec).encode(), capture_output=True, timeout=180, check=False,
+    )  # fmt: skip
+
+
+def task(script: str, **extra: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {"image": SANDBOX_IMAGE, "command": ["sh", "-c", script]}
+    doc.update(extra)
+    return doc

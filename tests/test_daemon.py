@@ -1,0 +1,288 @@
+"""The daemon as users run it: `supervisor serve` and `supervisor submit` subprocesses,
+against a real dockerd and a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from schemas import (
+    AttemptStarted,
+    ContainerExited,
+    ContainerStarted,
+    ErrorRaised,
+    TaskFailed,
+    TaskSucceeded,
+)
+from tests.daemonutil import DaemonProc, submit, task
+from tests.streamutil import stream_events
+
+pytestmark = pytest.mark.usefixtures("docker_client")
+
+
+@pytest.fixture
+def daemons(tmp_dir: Path) -> Iterator[list[DaemonProc]]:
+    started: list[DaemonProc] = []
+    yield started
+    for d in started:
+        d.stop()
+
+
+def _daemon(
+    daemons: list[DaemonProc], tmp_dir: Path, nats_url: str, **config: object
+) -> DaemonProc:
+    d = DaemonProc(tmp_dir / "data", nats_url, config).start()
+    daemons.append(d)
+    return d
+
+
+def _managed(docker_client) -> list[str]:  # type: ignore[no-untyped-def]
+    return [
+        c.id
+        for c in docker_client.containers.list(
+            all=True, filters={"label": ["supervisor.managed=true", "supervisor.node=n1"]}
+        )
+    ]
+
+
+def _wait_until(cond, timeout: float = 60.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_submit_wait_runs_the_task_and_prints_its_result(
+    tmp_dir: Path, nats_url: str, daemons
+) -> None:  # type: ignore[no-untyped-def]
+    _daemon(daemons, tmp_dir, nats_url)
+
+    proc = submit(
+        nats_url,
+        tmp_dir / "client",
+        task("echo via daemon", correlation_id="corr-1"),
+        "--wait",
+        "--json",
+    )
+
+    assert proc.returncode == 0, proc.stderr.decode()
+    result = json.loads(proc.stdout)
+    assert (result["status"], result["stdout"]) == ("succeeded", "via daemon\n")
+    events = asyncio.run(stream_events(nats_url, f"sup.*.*.*.{result['task_id']}"))
+    assert {e.correlation_id for e in events} == {"corr-1"}
+
+
+def test_a_full_queue_is_refused_with_queue_full(
+    tmp_dir: Path, nats_url: str, daemons, docker_client
+) -> None:  # type: ignore[no-untyped-def]
+    _daemon(
+        daemons, tmp_dir, nats_url, scheduling={"concurrency": 1, "queue_bound_per_priority": 2}
+    )
+    client = tmp_dir / "client"
+    assert submit(nats_url, client, task("sleep 30", limits={"timeout_s": 60})).returncode == 0
+    _wait_until(lambda: len(_managed(docker_client)) == 1, what="the blocker to run")
+    assert submit(nats_url, client, task("true")).returncode == 0
+
+    proc = submit(nats_url, client, task("true"), "--json")
+
+    assert proc.returncode == 2
+    result = json.loads(proc.stdout)
+    assert result["status"] == "rejected"
+    assert (result["error"]["type"], result["error"]["code"], result["error"]["retryable"]) == (
+        "resource",
+        "QUEUE_FULL",
+        True,
+    )
+    rejected = asyncio.run(stream_events(nats_url, f"sup.task.rejected.*.{result['task_id']}"))
+    assert len(rejected) == 1
+
+
+def test_priority_order_holds_under_a_backlog(
+    tmp_dir: Path, nats_url: str, daemons, docker_client
+) -> None:  # type: ignore[no-untyped-def]
+    _daemon(daemons, tmp_dir, nats_url, scheduling={"concurrency": 1})
+    client = tmp_dir / "client"
+    blocker = task(
+        "sleep 120", limits={"timeout_s": 300}, task_id="blocker", retry={"max_attempts": 1}
+    )
+    assert submit(nats_url, client, blocker).returncode == 0
+    _wait_until(lambda: len(_managed(docker_client)) == 1, what="the blocker to run")
+    for name, prio in [
+        ("low-1", "low"),
+        ("normal-1", "normal"),
+        ("high-1", "high"),
+        ("low-2", "low"),
+        ("high-2", "high"),
+        ("normal-2", "normal"),
+    ]:
+        assert submit(nats_url, client, task("true", task_id=name, priority=prio)).returncode == 0
+
+    docker_client.api.kill(_managed(docker_client)[0])  # the backlog is complete: unblock
+    _wait_until(
+        lambda: len(asyncio.run(stream_events(nats_url, "sup.task.succeeded.>"))) == 6,
+        what="all tasks",
+    )
+
+    started = [
+        e.task_id
+        for e in asyncio.run(stream_events(nats_url, "sup.attempt.started.>"))
+        if isinstance(e, AttemptStarted)
+    ]
+    assert started == ["blocker", "high-1", "high-2", "normal-1", "normal-2", "low-1", "low-2"]
+
+
+def test_a_memory_budget_smaller_than_two_tasks_runs_them_one_at_a_time(
+    tmp_dir: Path, nats_url: str, daemons
+) -> None:  # type: ignore[no-untyped-def]
+    _daemon(daemons, tmp_dir, nats_url, scheduling={"concurrency": 8, "memory_budget_mb": 200})
+    client = tmp_dir / "client"
+    for i in range(3):
+        spec = task("sleep 1", task_id=f"mem-{i}", limits={"memory_mb": 128, "timeout_s": 30})
+        assert submit(nats_url, client, spec).returncode == 0
+
+    _wait_until(
+        lambda: len(asyncio.run(stream_events(nats_url, "sup.task.succeeded.>"))) == 3,
+        what="all tasks",
+    )
+
+    spans = {}
+    for e in asyncio.run(stream_events(nats_url, "sup.container.>")):
+        if isinstance(e, ContainerStarted):
+            spans[e.task_id] = [e.occurred_at, None]
+        elif isinstance(e, ContainerExited):
+            spans[e.task_id][1] = e.occurred_at
+    ordered = sorted(spans.values())
+    assert len(ordered) == 3
+    for (_, end), (start, _) in zip(ordered, ordered[1:], strict=False):
+        assert start >= end, "two 128 MB tasks overlapped under a 200 MB budget"
+
+
+def test_sigterm_drains_and_exits_0_with_no_container_left(
+    tmp_dir: Path, nats_url: str, daemons, docker_client
+) -> None:  # type: ignore[no-untyped-def]
+    d = _daemon(daemons, tmp_dir, nats_url, scheduling={"shutdown_grace_s": 20})
+    assert (
+        submit(
+            nats_url,
+            tmp_dir / "client",
+            task("sleep 2; echo finished", task_id="drained", limits={"timeout_s": 30}),
+        ).returncode
+        == 0
+    )
+    _wait_until(lambda: len(_managed(docker_client)) == 1, what="the task to run")
+
+    d.signal(signal.SIGTERM)
+
+    assert d.wait(60) == 0, d.log()
+    assert _managed(docker_client) == []
+    done = asyncio.run(stream_events(nats_url, "sup.task.succeeded.*.drained"))
+    assert [e.result.stdout for e in done if isinstance(e, TaskSucceeded)] == ["finished\n"]
+    stopped = asyncio.run(stream_events(nats_url, "sup.supervisor.stopped.>"))
+    assert len(stopped) == 1
+
+
+def test_a_second_signal_stops_at_once_and_still_cleans_up(
+    tmp_dir: Path, nats_url: str, daemons, docker_client
+) -> None:  # type: ignore[no-untyped-def]
+    d = _daemon(daemons, tmp_dir, nats_url, scheduling={"shutdown_grace_s": 120})
+    assert (
+        submit(
+            nats_url,
+            tmp_dir / "client",
+            task("sleep 100", task_id="interrupted", limits={"timeout_s": 300}),
+        ).returncode
+        == 0
+    )
+    _wait_until(lambda: len(_managed(docker_client)) == 1, what="the task to run")
+
+    d.signal(signal.SIGTERM)
+    time.sleep(0.5)
+    d.signal(signal.SIGTERM)
+
+    assert d.wait(30) == 0, d.log()
+    assert _managed(docker_client) == []
+    assert list((tmp_dir / "data" / "workspaces").glob("*")) == []
+    assert (
+        asyncio.run(stream_events(nats_url, "sup.task.*.*.interrupted"))[-1].__class__.__name__
+        == "TaskSubmitted"
+    )
+
+
+def test_a_daemon_killed_mid_task_is_replaced_and_the_lost_attempt_recorded(
+    tmp_dir: Path, nats_url: str, daemons, docker_client
+) -> None:  # type: ignore[no-untyped-def]
+    sched = {"ack_wait_s": 2, "ack_progress_s": 0.5}
+    first = _daemon(daemons, tmp_dir, nats_url, scheduling=sched)
+    spec = task(
+        '[ "$SUPERVISOR_ATTEMPT" -ge 2 ] || sleep 60; echo "attempt $SUPERVISOR_ATTEMPT"',
+        task_id="survivor",
+        limits={"timeout_s": 120},
+        retry={"max_attempts": 3, "base_delay_s": 0.1},
+    )
+    assert submit(nats_url, tmp_dir / "client", spec).returncode == 0
+    _wait_until(lambda: len(_managed(docker_client)) == 1, what="the task to run")
+
+    first.kill()
+    _daemon(daemons, tmp_dir, nats_url, scheduling=sched)
+    _wait_until(
+        lambda: asyncio.run(stream_events(nats_url, "sup.task.succeeded.*.survivor")),
+        timeout=90,
+        what="the task to finish",
+    )
+
+    done = asyncio.run(stream_events(nats_url, "sup.task.succeeded.*.survivor"))
+    assert [(e.result.stdout, e.result.attempts) for e in done if isinstance(e, TaskSucceeded)] == [
+        ("attempt 2\n", 2)
+    ]
+    lost = asyncio.run(stream_events(nats_url, "sup.error.infrastructure.*.survivor"))
+    assert [(e.code, e.attempt) for e in lost if isinstance(e, ErrorRaised)] == [
+        ("SUPERVISOR_LOST", 1)
+    ]
+    _wait_until(
+        lambda: _managed(docker_client) == [], timeout=30, what="the lost container to be removed"
+    )
+
+
+def test_a_task_whose_daemon_dies_on_every_delivery_ends_as_redelivery_limit(
+    tmp_dir: Path, nats_url: str, daemons, docker_client
+) -> None:  # type: ignore[no-untyped-def]
+    sched = {"ack_wait_s": 2, "ack_progress_s": 0.5, "max_deliver": 2}
+    spec = task(
+        "sleep 60",
+        task_id="poison",
+        limits={"timeout_s": 120},
+        retry={"max_attempts": 5, "base_delay_s": 0.1},
+    )
+    d = _daemon(daemons, tmp_dir, nats_url, scheduling=sched)
+    assert submit(nats_url, tmp_dir / "client", spec).returncode == 0
+    for _ in range(2):
+        _wait_until(lambda: len(_managed(docker_client)) >= 1, timeout=60, what="the task to run")
+        d.kill()
+        for cid in _managed(docker_client):  # what the reconciler would remove
+            docker_client.api.remove_container(cid, force=True)
+        d = _daemon(daemons, tmp_dir, nats_url, scheduling=sched)
+
+    _wait_until(
+        lambda: asyncio.run(stream_events(nats_url, "sup.task.failed.*.poison")),
+        timeout=60,
+        what="the poison verdict",
+    )
+
+    failed = asyncio.run(stream_events(nats_url, "sup.task.failed.*.poison"))
+    assert [
+        e.result.error.code for e in failed if isinstance(e, TaskFailed) and e.result.error
+    ] == ["REDELIVERY_LIMIT"]
+    errors = asyncio.run(stream_events(nats_url, "sup.error.infrastructure.*.poison"))
+    assert [(e.code, e.attempt) for e in errors if isinstance(e, ErrorRaised)] == [
+        ("SUPERVISOR_LOST", 1),
+        ("SUPERVISOR_LOST", 2),
+        ("REDELIVERY_LIMIT", 2),
+    ]
