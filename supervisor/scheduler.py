@@ -123,11 +123,11 @@ class Scheduler:
                 if spec.task_id is None:
                     raise msgspec.ValidationError("task_id is missing")
             except (msgspec.ValidationError, msgspec.DecodeError) as e:
-                self._poison(msg, prio, str(e))
+                await self._poison(msg, prio, str(e))
                 continue
             return msg, spec
 
-    def _poison(self, msg: Msg, prio: str, reason: str) -> None:
+    async def _poison(self, msg: Msg, prio: str, reason: str) -> None:
         """A message that is not a task spec: recorded as an error, then terminated."""
         seq = msg.metadata.sequence.stream
         self.executor.emitter.emit(
@@ -135,7 +135,8 @@ class Scheduler:
             message=f"undecodable task message on suptask.{prio} (stream seq {seq}): {reason}",
             retryable=False, details={"stream_seq": seq, "priority": prio},
         )  # fmt: skip
-        asyncio.ensure_future(msg.term())
+        with contextlib.suppress(Exception):
+            await msg.term()
 
     def _start(self, msg: Msg, spec: TaskSpec, keepalive: asyncio.Task[None]) -> None:
         assert spec.task_id is not None

@@ -4,6 +4,7 @@ against a real dockerd and a real nats-server."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 import time
@@ -161,7 +162,7 @@ def test_a_memory_budget_smaller_than_two_tasks_runs_them_one_at_a_time(
             spans[e.task_id][1] = e.occurred_at
     ordered = sorted(spans.values())
     assert len(ordered) == 3
-    for (_, end), (start, _) in zip(ordered, ordered[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(ordered):
         assert start >= end, "two 128 MB tasks overlapped under a 200 MB budget"
 
 
