@@ -139,10 +139,14 @@ def main() -> None:
             sup_tp.append(args.tasks / wall)
         rm, sm = statistics.median(raw_lat), statistics.median(sup_lat)
         rt, st = statistics.median(raw_tp), statistics.median(sup_tp)
-        print(f"concurrency 1: raw median {rm * 1000:.1f} ms, supervisor median {sm * 1000:.1f} ms, "
-              f"latency ratio {sm / rm:.3f} (target <= 1.15)")
-        print(f"concurrency {args.concurrency}: raw {rt:.2f} tasks/s, supervisor {st:.2f} tasks/s, "
-              f"throughput ratio {st / rt:.3f} (target >= 0.85)")
+        print(
+            f"concurrency 1: raw median {rm * 1000:.1f} ms, supervisor median {sm * 1000:.1f} ms, "
+            f"latency ratio {sm / rm:.3f} (target <= 1.15)"
+        )
+        print(
+            f"concurrency {args.concurrency}: raw {rt:.2f} tasks/s, supervisor {st:.2f} tasks/s, "
+            f"throughput ratio {st / rt:.3f} (target >= 0.85)"
+        )
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
