@@ -22,14 +22,14 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_executor import SCRIPT, raw_run  # noqa: E402
-from schemas import TaskSpec  # noqa: E402
-from supervisor.config import Config  # noqa: E402
-from supervisor.emitter import Emitter, new_id  # noqa: E402
-from supervisor.eventlog import EventLog  # noqa: E402
-from supervisor.intake import Intake  # noqa: E402
-from supervisor.natsserver import NatsServer  # noqa: E402
-from tests.daemonutil import DaemonProc  # noqa: E402
+from bench.bench_executor import SCRIPT, raw_run
+from schemas import TaskSpec
+from supervisor.config import Config
+from supervisor.emitter import Emitter, new_id
+from supervisor.eventlog import EventLog
+from supervisor.intake import Intake
+from supervisor.natsserver import NatsServer
+from tests.daemonutil import DaemonProc
 
 IMAGE = "supervisor-sandbox:busybox"
 

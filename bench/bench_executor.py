@@ -27,10 +27,10 @@ import docker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from schemas import Limits, RetryPolicy, TaskSpec  # noqa: E402
-from supervisor.config import Config  # noqa: E402
-from supervisor.natsserver import NatsServer  # noqa: E402
-from supervisor.node import open_node  # noqa: E402
+from schemas import Limits, RetryPolicy, TaskSpec
+from supervisor.config import Config
+from supervisor.natsserver import NatsServer
+from supervisor.node import open_node
 
 IMAGE = "supervisor-sandbox:busybox"
 SCRIPT = "echo hello"
