@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from this point: an ISO-8601 time or a duration ago "
         "(30s, 10m, 2h, 1d); default: only new events",
     )
+    tail.add_argument("--limit", type=int, metavar="N", help="exit after N events")
+    tail.add_argument(
+        "--idle-exit",
+        type=float,
+        metavar="S",
+        help="exit once no event arrived for S seconds (for scripts)",
+    )
     _common(tail)
     tail.set_defaults(func=_cmd_tail)
 
@@ -217,6 +224,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(_run_async(args, cfg))
 
 
+class _StampedWriter:
+    """A text stream that remembers when it was last written to (for --idle-exit)."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.last = asyncio.get_running_loop().time()
+
+    def write(self, text: str) -> int:
+        self.last = asyncio.get_running_loop().time()
+        return int(self.out.write(text))
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+async def _idle_watch(writer: _StampedWriter, idle_s: float, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        await asyncio.sleep(min(idle_s, 0.2))
+        if loop.time() - writer.last >= idle_s:
+            stop.set()
+
+
 async def _tail_async(args: argparse.Namespace, cfg: Config) -> int:
     from supervisor.node import nats_for
     from supervisor.tail import parse_since, tail
@@ -227,16 +257,27 @@ async def _tail_async(args: argparse.Namespace, cfg: Config) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await tail(
-            url,
-            errors=args.errors,
-            type_=args.error_type,
-            code=args.code,
-            task=args.task,
-            since=since,
-            out=sys.stdout,
-            stop=stop,
+        out = _StampedWriter(sys.stdout)
+        watch = (
+            asyncio.ensure_future(_idle_watch(out, args.idle_exit, stop))
+            if args.idle_exit
+            else None
         )
+        try:
+            await tail(
+                url,
+                errors=args.errors,
+                type_=args.error_type,
+                code=args.code,
+                task=args.task,
+                since=since,
+                out=out,
+                stop=stop,
+                limit=args.limit,
+            )  # type: ignore[arg-type]
+        finally:
+            if watch is not None:
+                watch.cancel()
     return EXIT_OK
 
 

@@ -64,6 +64,7 @@ class NatsServer:
         self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: list[bytes] = []
+        self._reader: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -96,7 +97,8 @@ class NatsServer:
             ready.set()
 
         assert self.proc.stderr is not None
-        threading.Thread(target=_read, args=(self.proc.stderr,), daemon=True).start()
+        self._reader = threading.Thread(target=_read, args=(self.proc.stderr,), daemon=True)
+        self._reader.start()
         if not ready.wait(timeout) or self.proc.poll() is not None or not port_box:
             log = b"".join(self._log).decode(errors="replace")
             self.stop()
@@ -117,6 +119,10 @@ class NatsServer:
                 proc.kill()
                 proc.wait()
         finally:
+            # The reader ends at EOF once the server is gone; close the pipe only after it.
+            if self._reader is not None:
+                self._reader.join(timeout=5)
+                self._reader = None
             if proc.stderr is not None:
                 proc.stderr.close()
 
