@@ -287,3 +287,26 @@ def test_a_task_whose_daemon_dies_on_every_delivery_ends_as_redelivery_limit(
         ("SUPERVISOR_LOST", 2),
         ("REDELIVERY_LIMIT", 2),
     ]
+
+
+def test_a_poison_message_on_the_queue_is_recorded_and_work_goes_on(
+    tmp_dir: Path, nats_url: str, daemons
+) -> None:  # type: ignore[no-untyped-def]
+    _daemon(daemons, tmp_dir, nats_url)
+
+    async def publish_garbage() -> None:
+        import nats
+
+        nc = await nats.connect(nats_url)
+        await nc.jetstream().publish("suptask.normal", b"{not a spec")
+        await nc.close()
+
+    asyncio.run(publish_garbage())
+    proc = submit(nats_url, tmp_dir / "client", task("echo after"), "--wait", "--json")
+
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout)["stdout"] == "after\n"
+    errors = asyncio.run(stream_events(nats_url, "sup.error.validation.>"))
+    assert [
+        (e.code, e.task_id, e.details["priority"]) for e in errors if isinstance(e, ErrorRaised)
+    ] == [("INVALID_SPEC", "_", "normal")]
