@@ -61,7 +61,10 @@ class Cleaner:
             report.container_already_gone = gone
         if workspace is not None:
             ok, _ = await self._step(
-                em, "remove_workspace", str(workspace), asyncio.to_thread(remove_workspace, workspace)
+                em,
+                "remove_workspace",
+                str(workspace),
+                asyncio.to_thread(remove_workspace, workspace),
             )
             report.ok &= ok
         return report
