@@ -10,8 +10,10 @@ for each round:
 * outbox: the same N events (fresh ids, so deduplication skips nothing) through
   `EventLog.emit` (encode, append to the outbox) and `flush()` (fsync, relay, acks).
 
-The stream is purged between runs so both write into the same-sized stream. Prints msgs/s
-for each and the ratio outbox/raw (the best round of each; target >= 0.8).
+Each run checks that exactly N messages landed, then purges the stream, so every run writes
+into the same empty stream. The two alternate which goes first. Prints msgs/s for each
+round, and the ratio outbox/raw both as best round against best round and as the median of
+the per-round ratios (robust when other work shares the machine); target >= 0.8.
 """
 
 from __future__ import annotations
@@ -19,20 +21,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from schemas import AttemptFinished, Event, Evidence, encode_event  # noqa: E402
-from supervisor.eventlog import MSG_ID_HEADER, EventLog, connect_nats, ensure_streams  # noqa: E402
-from supervisor.natsserver import NatsServer  # noqa: E402
-from supervisor.streams import EVENTS_STREAM  # noqa: E402
+from schemas import AttemptFinished, Event, Evidence, encode_event
+from supervisor.eventlog import MSG_ID_HEADER, EventLog, connect_nats, ensure_streams
+from supervisor.natsserver import NatsServer
+from supervisor.streams import EVENTS_STREAM
 
 
 def make_events(n: int) -> list[Event]:
@@ -89,6 +92,15 @@ async def run_outbox(url: str, data_dir: Path, events: list[Event], instance: st
         await log.close()
 
 
+async def _measured(url: str, run: Coroutine[Any, Any, float], n: int) -> float:
+    """Run one measurement, check that exactly `n` messages landed, then empty the stream."""
+    elapsed = await run
+    stored = await stream_messages(url, purge=True)
+    if stored != n:
+        raise RuntimeError(f"expected {n} messages in {EVENTS_STREAM}, found {stored}")
+    return elapsed
+
+
 async def stream_messages(url: str, *, purge: bool = False) -> int:
     nc = await connect_nats(url, reconnect=False)
     try:
@@ -102,6 +114,10 @@ async def stream_messages(url: str, *, purge: bool = False) -> int:
 
 
 async def main(n: int, rounds: int) -> int:
+    # A SIGTERM (e.g. `timeout`) still stops the server and removes the temp dir.
+    me = asyncio.current_task()
+    assert me is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, me.cancel)
     workdir = Path(tempfile.mkdtemp(prefix="bench-outbox-"))
     server = NatsServer(workdir / "nats")
     try:
@@ -112,10 +128,15 @@ async def main(n: int, rounds: int) -> int:
         raw_rates: list[float] = []
         outbox_rates: list[float] = []
         for r in range(rounds):
-            raw_s = await run_raw(url, make_events(n))
-            assert await stream_messages(url, purge=True) == n
-            outbox_s = await run_outbox(url, workdir / "data", make_events(n), f"bench-{r}")
-            assert await stream_messages(url, purge=True) == n
+            # Alternate which goes first, so a drift in machine load hits both alike.
+            raw_first = r % 2 == 0
+            if raw_first:
+                raw_s = await _measured(url, run_raw(url, make_events(n)), n)
+            outbox_s = await _measured(
+                url, run_outbox(url, workdir / "data", make_events(n), f"bench-{r}"), n
+            )
+            if not raw_first:
+                raw_s = await _measured(url, run_raw(url, make_events(n)), n)
             raw_rates.append(n / raw_s)
             outbox_rates.append(n / outbox_s)
             print(
@@ -124,21 +145,22 @@ async def main(n: int, rounds: int) -> int:
                 f"ratio {raw_s / outbox_s:.2f}"
             )
         raw, outbox = max(raw_rates), max(outbox_rates)
+        paired = statistics.median(o / w for o, w in zip(outbox_rates, raw_rates, strict=True))
         print(f"events: {n}, rounds: {rounds}")
-        print(f"raw js.publish_async : {raw:>9,.0f} msgs/s (best; median {statistics.median(raw_rates):,.0f})")
-        print(
-            f"EventLog emit+flush  : {outbox:>9,.0f} msgs/s "
-            f"(best; median {statistics.median(outbox_rates):,.0f})"
-        )
-        print(f"ratio outbox/raw     : {outbox / raw:.2f} (target >= 0.8)")
-        return 0 if outbox / raw >= 0.8 else 1
+        print(f"raw js.publish_async : {raw:>9,.0f} msgs/s (best round)")
+        print(f"EventLog emit+flush  : {outbox:>9,.0f} msgs/s (best round)")
+        print(f"ratio outbox/raw     : {outbox / raw:.2f} best/best, {paired:.2f} median per round")
+        print("target               : >= 0.8")
+        return 0 if min(outbox / raw, paired) >= 0.8 else 1
     finally:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
