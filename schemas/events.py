@@ -243,6 +243,59 @@ class CleanupFailed(Event, frozen=True, tag="cleanup.failed"):
     error_class: str = ""
 
 
+# --- daemon health -----------------------------------------------------------------------
+
+BreakerStatus = Literal["closed", "open", "half_open"]
+ResourceMetric = Literal["cpu_pct", "memory_pct", "disk_pct", "containers"]
+
+
+class BreakerTransition(Event, frozen=True, tag="breaker.transition"):
+    """The Docker circuit breaker changed state. `failures` is the count of consecutive
+    engine failures when it changed; `reason` says what decided it."""
+
+    category = "breaker"
+    name = "transition"
+    from_state: BreakerStatus
+    to_state: BreakerStatus
+    reason: str
+    failures: int = 0
+
+
+class ResourceAlert(Event, frozen=True, tag="resource.alert"):
+    """A host metric reached its threshold (published once per crossing)."""
+
+    category = "resource"
+    name = "alert"
+    metric: ResourceMetric
+    value: float
+    threshold: float
+
+
+class ResourceRecovered(Event, frozen=True, tag="resource.recovered"):
+    """A host metric that was alerting went back under its threshold (less the hysteresis);
+    `threshold` is the alert threshold, `recover_below` the value it had to go under."""
+
+    category = "resource"
+    name = "recovered"
+    metric: ResourceMetric
+    value: float
+    threshold: float
+    recover_below: float = 0.0
+
+
+class ResourceSample(Event, frozen=True, tag="resource.sample"):
+    """A periodic sample of every host metric, for the trend. `containers` is None when
+    Docker could not be asked."""
+
+    category = "resource"
+    name = "sample"
+    cpu_pct: float
+    memory_pct: float
+    disk_pct: float
+    containers: int | None = None
+    under_pressure: bool = False
+
+
 AnyEvent = (
     SupervisorStarted
     | SupervisorStopped
@@ -261,6 +314,10 @@ AnyEvent = (
     | ErrorRaised
     | CleanupSucceeded
     | CleanupFailed
+    | BreakerTransition
+    | ResourceAlert
+    | ResourceRecovered
+    | ResourceSample
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__

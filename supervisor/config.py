@@ -58,8 +58,42 @@ class Scheduling(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    """The daemon's HTTP endpoint. `token`, when set, is required as a bearer token on
+    `/v1/*`. Readiness fails while more than `max_outbox_backlog` events wait on disk;
+    each readiness check gets `check_timeout_s` to answer."""
+
     listen: str = "127.0.0.1:8787"
     token: str | None = None
+    max_outbox_backlog: int = 10_000
+    check_timeout_s: float = 2.0
+
+
+class Thresholds(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Host pressure thresholds. A metric at or above its threshold is an alert; it recovers
+    only once it is back under `threshold * (1 - hysteresis)`, so a value hovering at the
+    line does not make an alert storm."""
+
+    cpu_pct: float = 80.0
+    memory_pct: float = 85.0
+    disk_pct: float = 90.0
+    containers: int = 1000
+    hysteresis: float = 0.05
+
+
+class BreakerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    """The Docker circuit breaker: it opens after `failure_threshold` consecutive engine
+    failures and lets one probe through once `open_interval_s` has passed."""
+
+    failure_threshold: int = 5
+    open_interval_s: float = 10.0
+
+
+class MonitorConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    """The resource monitor samples every `interval_s`; every `sample_event_every`-th sample
+    is also published as a `resource.sample` event (the trend, once a minute by default)."""
+
+    interval_s: float = 5.0
+    sample_event_every: int = 12
 
 
 class Config(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -76,6 +110,10 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     event_output_bytes: int = 64 * 1024
     # How often the cgroup counters of running containers are sampled.
     cgroup_sample_s: float = 0.01
+    thresholds: Thresholds = msgspec.field(default_factory=Thresholds)
+    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+    monitor: MonitorConfig = msgspec.field(default_factory=MonitorConfig)
+    log_level: str = "INFO"
 
 
 def load_config(path: str | Path | None) -> Config:

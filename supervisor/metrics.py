@@ -44,3 +44,51 @@ class Metrics:
             registry=r,
         )
         self.running = Gauge("supervisor_running_containers", "Containers running now", registry=r)
+        # --- the daemon ---------------------------------------------------------------
+        self.queue_depth = Gauge(
+            "supervisor_queue_depth", "Tasks waiting in SUP_TASKS", ["priority"], registry=r
+        )
+        self.breaker_state = Gauge(
+            "supervisor_breaker_state",
+            "Docker circuit breaker: 0 closed, 1 half-open, 2 open",
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "supervisor_breaker_transitions",
+            "Docker circuit breaker transitions by target state",
+            ["to_state"],
+            registry=r,
+        )
+        self.outbox_backlog = Gauge(
+            "supervisor_outbox_backlog",
+            "Events on disk not yet acknowledged by JetStream",
+            registry=r,
+        )
+        self.host_resource = Gauge(
+            "supervisor_host_resource",
+            "Last host sample: cpu_pct, memory_pct, disk_pct (percent) and managed containers",
+            ["metric"],
+            registry=r,
+        )
+        self.resource_threshold = Gauge(
+            "supervisor_host_resource_threshold",
+            "Alert threshold per host metric",
+            ["metric"],
+            registry=r,
+        )
+        self.resource_pressure = Gauge(
+            "supervisor_host_pressure",
+            "1 while the host metric is alerting",
+            ["metric"],
+            registry=r,
+        )
+        self.resource_alerts = Counter(
+            "supervisor_resource_alerts", "resource.alert events by metric", ["metric"], registry=r
+        )
+        self.ready = Gauge("supervisor_ready", "1 when the last readiness check passed", registry=r)
+        self.ready_check = Gauge(
+            "supervisor_ready_check",
+            "1 when this readiness check passed last time",
+            ["check"],
+            registry=r,
+        )
