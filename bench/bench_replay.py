@@ -1,0 +1,132 @@
+"""Side by side: a raw ordered-consumer read of SUP_EVENTS against a replay of the same
+stream into a fresh DuckDB projection.
+
+    .venv/bin/python bench/bench_replay.py [--events N] [--rounds R]
+
+Starts its own nats-server (in a temp dir, removed afterwards), publishes N realistic mixed
+events (whole task histories: successes, retried timeouts, user errors, OOM kills,
+rejections; `projections.synthetic.mixed_history`) with `publish_async` and their
+`Nats-Msg-Id`, then, in each round:
+
+* raw: an ordered push consumer over the whole stream with a callback that only counts
+  (nats-py's fastest read: no decoding, no writes);
+* replay: `projections.replay` into a new file: decode and validate every event, stage it
+  as Arrow, apply it with set-based SQL, write the file and rename it into place.
+
+The two alternate which goes first. Prints msgs/s for each, and the ratio replay/raw as
+best against best and as the median of the per-round ratios (robust when other work
+shares the machine); target >= 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import nats
+from nats.js.api import DeliverPolicy
+
+from projections.loadgen import publish
+from projections.replay import replay
+from projections.synthetic import EPOCH, mixed_history
+from supervisor.natsserver import NatsServer
+
+CHUNK = 100_000
+TARGET = 0.5
+
+
+async def load(url: str, n: int) -> int:
+    """Publish n events in chunks (each chunk is whole tasks, with its own ids and times)."""
+    last = 0
+    run = uuid.uuid4().hex[:12]
+    for i, start in enumerate(range(0, n, CHUNK)):
+        size = min(CHUNK, n - start)
+        events = mixed_history(
+            size, seed=i, id_prefix=f"{run}-{i:03d}", start=EPOCH + timedelta(hours=i)
+        )
+        last = await publish(url, events)
+    return last
+
+
+async def raw_read(url: str, n: int) -> float:
+    """Seconds to read all n messages with an ordered push consumer that only counts."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        done = asyncio.Event()
+        count = 0
+
+        async def cb(msg: object) -> None:
+            nonlocal count
+            count += 1
+            if count >= n:
+                done.set()
+
+        started = time.perf_counter()
+        sub = await js.subscribe(
+            "sup.>", cb=cb, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+        await done.wait()
+        elapsed = time.perf_counter() - started
+        await sub.unsubscribe()
+        return elapsed
+    finally:
+        await nc.close()
+
+
+async def replay_once(url: str, path: Path, n: int) -> float:
+    started = time.perf_counter()
+    result = await replay(path, url)
+    elapsed = time.perf_counter() - started
+    if result.applied != n:
+        raise SystemExit(f"replay applied {result.applied} events, expected {n}")
+    path.unlink()
+    return elapsed
+
+
+async def main(n: int, rounds: int) -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-replay-"))
+    server = NatsServer(tmp / "nats")
+    try:
+        url = server.start()
+        t0 = time.perf_counter()
+        last = await load(url, n)
+        print(f"published {last:,} events in {time.perf_counter() - t0:.1f}s", flush=True)
+        await raw_read(url, n)  # warm the stream's pages
+        raws, replays = [], []
+        for r in range(rounds):
+            order = ("raw", "replay") if r % 2 == 0 else ("replay", "raw")
+            for what in order:
+                if what == "raw":
+                    raws.append(n / await raw_read(url, n))
+                else:
+                    replays.append(n / await replay_once(url, tmp / "bench.duckdb", n))
+            ratio = replays[-1] / raws[-1]
+            print(f"round {r + 1}: raw {raws[-1]:,.0f} msg/s  replay {replays[-1]:,.0f} "
+                  f"msg/s  ratio {ratio:.2f}", flush=True)  # fmt: skip
+        best = max(replays) / max(raws)
+        median = statistics.median(p / q for p, q in zip(replays, raws, strict=True))
+        print(f"raw ordered-consumer read: {max(raws):,.0f} msg/s (best of {rounds})")
+        print(f"replay into DuckDB:        {max(replays):,.0f} msg/s (best of {rounds})")
+        verdict = "meets" if median >= TARGET else "MISSES"
+        print(f"ratio replay/raw: best {best:.2f}, median {median:.2f} ({verdict} target {TARGET})")
+        return 0
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=1_000_000, help="events to publish")
+    parser.add_argument("--rounds", type=int, default=3, help="raw/replay rounds")
+    args = parser.parse_args()
+    sys.exit(asyncio.run(main(args.events, args.rounds)))

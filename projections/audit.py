@@ -1,0 +1,304 @@
+"""The audit: history (the `events` table) checked against the lifecycle state machine
+(`supervisor.lifecycle`) and the invariants of the design.
+
+Rules, each reported with the task, and the stream sequences that prove it:
+
+- `task_lifecycle`: an event the task machine does not allow in the task's state (the
+  machine then resynchronises on the state the event leads to, so one slip is one report);
+- `one_terminal_state`: a task reached a second terminal event;
+- `task_not_terminal`: a submitted task never reached a terminal state;
+- `attempt_order`: attempts not started as 1, 2, 3..., or an event of an attempt that was
+  never started;
+- `event_after_attempt_finished`: a workspace/container/cleanup/error event of an attempt
+  after its `attempt.finished`. Excepted: cleanup events that resolve an earlier
+  `cleanup.failed` of the same resource, or that follow a `reconcile.decision` naming the
+  resource (cleanup ordered later by the reconciler);
+- `container_lifecycle` / `workspace_lifecycle`: a resource event its machine does not
+  allow (removing an already removed resource is allowed: cleanup is idempotent; so is
+  removing one never recorded as created when a `reconcile.decision` named it);
+- `container_not_removed` / `workspace_not_removed`: created, never removed;
+- `cleanup_unresolved`: a `cleanup.failed` not followed by a `cleanup.succeeded` for the
+  same resource (of the same step, or `remove_container` for a failed `kill`).
+
+"Eventually" rules (`task_not_terminal`, `*_not_removed`, `cleanup_unresolved`) skip work
+still in flight when `grace_s` is given: a task not terminal whose last event is within
+`grace_s` of the end of history (`now`). Without it the history is judged as complete.
+`audit_records` is pure; `load_records` reads them from a projection.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
+
+import duckdb
+import msgspec
+
+from projections.apply import ATTEMPT_CATEGORIES
+from projections.machine import TERMINAL_TASK_TYPES, task_state_after
+from schemas import NO_TASK, Event, event_type
+from supervisor.lifecycle import (
+    TASK_EVENT_TYPES,
+    InvalidTransition,
+    is_terminal,
+    next_container_state,
+    next_task_state,
+    next_workspace_state,
+)
+
+_CONTAINER_EVENTS = ("container.created", "container.started", "container.exited")
+_RESOLVES = {"kill": ("kill", "remove_container"), "remove_container": ("remove_container",),
+             "remove_workspace": ("remove_workspace",)}  # fmt: skip
+
+
+class Record(NamedTuple):
+    """What the audit reads of one event."""
+
+    seq: int
+    type: str
+    task_id: str
+    attempt: int
+    occurred_at: datetime
+    container_id: str | None = None
+    step: str | None = None
+    resource: str | None = None
+    path: str | None = None
+
+
+class Violation(msgspec.Struct, frozen=True, kw_only=True):
+    task_id: str
+    rule: str
+    seqs: tuple[int, ...]
+    detail: str
+    attempt: int | None = None
+    resource: str | None = None
+
+
+_LOAD = """
+SELECT seq, type, task_id, attempt, occurred_at,
+       payload->>'container_id', payload->>'step', payload->>'resource', payload->>'path'
+FROM events ORDER BY seq
+"""
+
+
+def load_records(con: duckdb.DuckDBPyConnection) -> list[Record]:
+    """Every event of the projection, in stream order."""
+    return [Record._make(row) for row in con.execute(_LOAD).fetchall()]
+
+
+def records_of(events: Iterable[Event], first_seq: int = 1) -> list[Record]:
+    """Records of `events` as if they were stored in this order from `first_seq` on."""
+    out = []
+    for seq, e in enumerate(events, start=first_seq):
+        extra = (getattr(e, name, None) for name in ("container_id", "step", "resource", "path"))
+        out.append(
+            Record(seq, event_type(e), e.task_id or NO_TASK, e.attempt, e.occurred_at, *extra)
+        )
+    return out
+
+
+class _Resource:
+    __slots__ = ("attempt", "created", "failed", "last_seq", "removed", "state", "task_id")
+
+    def __init__(self, task_id: str, attempt: int) -> None:
+        self.task_id = task_id
+        self.attempt = attempt
+        self.state: str | None = None
+        self.created: int | None = None
+        self.removed: int | None = None
+        self.failed: list[tuple[int, str]] = []
+        self.last_seq = 0
+
+
+class _Task:
+    __slots__ = ("finished", "last_at", "last_machine", "started", "state", "submitted", "terminal")
+
+    def __init__(self) -> None:
+        self.state: str | None = None
+        self.last_machine: int | None = None
+        self.submitted: int | None = None
+        self.terminal: int | None = None
+        self.started: list[tuple[int, int]] = []
+        self.finished: dict[int, int] = {}
+        self.last_at: datetime | None = None
+
+
+def audit_records(
+    records: Iterable[Record], *, grace_s: float | None = None, now: datetime | None = None
+) -> list[Violation]:
+    """Every violation in `records` (in stream order), sorted by first proving sequence."""
+    out: list[Violation] = []
+    tasks: dict[str, _Task] = defaultdict(_Task)
+    resources: dict[tuple[str, str], _Resource] = {}
+    decided: set[str] = set()
+    end: datetime | None = None
+    for r in records:
+        end = r.occurred_at if end is None or r.occurred_at > end else end
+        t = tasks[r.task_id]
+        t.last_at = r.occurred_at
+        if r.type in TASK_EVENT_TYPES:
+            _task_event(r, t, out)
+        if r.type == "reconcile.decision" and r.resource:
+            decided.add(r.resource)
+        category = r.type.split(".", 1)[0]
+        if r.attempt > 0 and category in ATTEMPT_CATEGORIES:
+            _attempt_event(r, t, resources, decided, out)
+        if category in ("container", "workspace", "cleanup"):
+            _resource_event(r, resources, decided, out)
+    now = now or end
+    open_since = now - timedelta(seconds=grace_s) if now and grace_s is not None else None
+
+    def in_flight(task_id: str) -> bool:
+        t = tasks.get(task_id)
+        return (
+            t is not None and open_since is not None and t.terminal is None
+            and t.last_at is not None and t.last_at >= open_since
+        )  # fmt: skip
+
+    for task_id, t in tasks.items():
+        if t.submitted is not None and t.terminal is None and not in_flight(task_id):
+            out.append(Violation(task_id=task_id, rule="task_not_terminal", seqs=(t.submitted,),
+                                 detail=f"submitted, still {t.state} at the end of history"))  # fmt: skip
+    for (kind, name), res in resources.items():
+        if in_flight(res.task_id):
+            continue
+        if res.created is not None and res.removed is None:
+            out.append(Violation(task_id=res.task_id, rule=f"{kind}_not_removed",
+                                 seqs=(res.created,), attempt=res.attempt, resource=name,
+                                 detail=f"{kind} created, never removed (last {res.state})"))  # fmt: skip
+        for seq, step in res.failed:
+            out.append(Violation(task_id=res.task_id, rule="cleanup_unresolved", seqs=(seq,),
+                                 attempt=res.attempt, resource=name,
+                                 detail=f"{step} failed and was never resolved"))  # fmt: skip
+    out.sort(key=lambda v: (v.seqs[0], v.rule))
+    return out
+
+
+def _task_event(r: Record, t: _Task, out: list[Violation]) -> None:
+    if r.type == "task.submitted" and t.submitted is None:
+        t.submitted = r.seq
+    if r.type == "attempt.started":
+        t.started.append((r.attempt, r.seq))
+        expected = t.started[-2][0] + 1 if len(t.started) > 1 else 1
+        if r.attempt != expected:
+            prev = t.started[-2][1] if len(t.started) > 1 else r.seq
+            out.append(Violation(task_id=r.task_id, rule="attempt_order", attempt=r.attempt,
+                                 seqs=tuple(sorted({prev, r.seq})),
+                                 detail=f"attempt {r.attempt} started where {expected} was due"))  # fmt: skip
+    if r.type == "attempt.finished":
+        t.finished.setdefault(r.attempt, r.seq)
+    try:
+        t.state = next_task_state(t.state, r.type)
+    except InvalidTransition:
+        proof = (t.last_machine, r.seq) if t.last_machine is not None else (r.seq,)
+        if is_terminal(t.state) and r.type in TERMINAL_TASK_TYPES:
+            out.append(Violation(task_id=r.task_id, rule="one_terminal_state",
+                                 seqs=(t.terminal or r.seq, r.seq),
+                                 detail=f"{r.type} after the task was already {t.state}"))  # fmt: skip
+        else:
+            out.append(Violation(task_id=r.task_id, rule="task_lifecycle", seqs=proof,
+                                 attempt=r.attempt or None,
+                                 detail=f"{r.type} not allowed in state {t.state or '(none)'}"))  # fmt: skip
+        t.state = task_state_after(r.type) if not is_terminal(t.state) else t.state
+    if r.type in TERMINAL_TASK_TYPES and t.terminal is None:
+        t.terminal = r.seq
+    t.last_machine = r.seq
+
+
+def _attempt_event(
+    r: Record,
+    t: _Task,
+    resources: dict[tuple[str, str], _Resource],
+    decided: set[str],
+    out: list[Violation],
+) -> None:
+    if r.type != "attempt.started" and all(a != r.attempt for a, _ in t.started):
+        out.append(Violation(task_id=r.task_id, rule="attempt_order", seqs=(r.seq,),
+                             attempt=r.attempt,
+                             detail=f"{r.type} of attempt {r.attempt}, which was never started"))  # fmt: skip
+    finished = t.finished.get(r.attempt)
+    if finished is None or r.type.startswith("attempt."):
+        return
+    if r.type.startswith("cleanup.") and r.resource is not None:
+        res = resources.get((_kind_of(r), r.resource))
+        if r.resource in decided or (res is not None and res.failed):
+            return
+    out.append(Violation(task_id=r.task_id, rule="event_after_attempt_finished",
+                         seqs=(finished, r.seq), attempt=r.attempt,
+                         resource=r.container_id or r.resource or r.path,
+                         detail=f"{r.type} after attempt {r.attempt} finished"))  # fmt: skip
+
+
+def _kind_of(r: Record) -> str:
+    if r.type.startswith("workspace.") or r.step == "remove_workspace":
+        return "workspace"
+    return "container"
+
+
+def _resource_event(
+    r: Record, resources: dict[tuple[str, str], _Resource], decided: set[str], out: list[Violation]
+) -> None:
+    kind = _kind_of(r)
+    name = r.container_id if r.type.startswith("container.") else (r.path or r.resource)
+    if name is None:
+        return
+    res = resources.get((kind, name))
+    if res is None:
+        res = resources[(kind, name)] = _Resource(r.task_id, r.attempt)
+    if r.type == "cleanup.failed":
+        res.failed.append((r.seq, r.step or ""))
+        return
+    if r.type == "cleanup.succeeded":
+        res.failed = [(s, step) for s, step in res.failed if r.step not in _RESOLVES.get(step, ())]
+        if r.step == "kill" or res.state == "removed":
+            return
+        if res.state is None and name in decided:  # an orphan the reconciler found
+            res.state, res.removed, res.last_seq = "removed", r.seq, r.seq
+            return
+        event = "removed"
+    elif r.type in _CONTAINER_EVENTS or r.type == "workspace.created":
+        event = r.type
+    else:
+        return  # container.kill_issued: no state change
+    step = next_container_state if kind == "container" else next_workspace_state
+    try:
+        res.state = step(res.state, event)
+    except InvalidTransition:
+        proof = (res.last_seq, r.seq) if res.last_seq else (r.seq,)
+        out.append(Violation(task_id=r.task_id, rule=f"{kind}_lifecycle", seqs=proof,
+                             attempt=r.attempt or None, resource=name,
+                             detail=f"{event} not allowed in state {res.state or '(none)'}"))  # fmt: skip
+    if event.endswith("created") and res.created is None:
+        res.created = r.seq
+    if event == "removed" and res.removed is None:
+        res.removed = r.seq
+    res.last_seq = r.seq
+
+
+def audit_db(
+    con: duckdb.DuckDBPyConnection, *, grace_s: float | None = None, now: datetime | None = None
+) -> list[Violation]:
+    """`audit_records` over the projection's `events`."""
+    return audit_records(load_records(con), grace_s=grace_s, now=now)
+
+
+def render_text(violations: list[Violation]) -> str:
+    """One line per violation (task, rule, proving sequences, detail), then a summary."""
+    if not violations:
+        return "audit: clean (no violation)\n"
+    lines = []
+    for v in violations:
+        where = f" attempt {v.attempt}" if v.attempt else ""
+        what = f" {v.resource}" if v.resource else ""
+        seqs = ",".join(str(s) for s in v.seqs)
+        lines.append(f"{v.task_id}{where}  {v.rule}{what}  seq {seqs}  {v.detail}")
+    lines.append(f"audit: {len(violations)} violation(s)")
+    return "\n".join(lines) + "\n"
+
+
+def render_json(violations: list[Violation]) -> str:
+    """`{"violations": [...], "count": n}` with each violation's fields."""
+    doc: dict[str, Any] = {"count": len(violations), "violations": violations}
+    return msgspec.json.encode(doc).decode() + "\n"

@@ -1,0 +1,226 @@
+"""The read side's subcommands for the `supervisor` CLI: `replay`, `audit`, `sql`.
+
+`add_parsers(subparsers, common)` registers them; each sets `func`, a callable taking the
+parsed args and returning the exit code (0 ok; `audit` 1 on violations; `sql` 2 on a
+refused statement, 1 when a query fails or times out; 3 when NATS or the projection file
+cannot be used). `common`, when given, adds the CLI's shared options (`--nats`,
+`--data-dir`, ...); without it the two this module needs are added here.
+
+NATS is found as every command finds it (`--nats`, `SUPERVISOR_NATS_URL`, a running
+daemon's URL in the data dir, the configuration); only when none is known is an embedded
+`nats-server` started on the data dir's store, for the duration of the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from projections.audit import audit_db, render_json, render_text
+from projections.errors import ProjectionError, QueryError, QueryRefused
+from projections.query import MAX_ROWS, TIMEOUT_S, check_query, open_readonly, run_query
+from projections.render import FORMATS, render
+from projections.replay import replay
+from supervisor.errors import SupervisorError
+from supervisor.natsserver import NatsServer, resolve_nats_url
+
+EXIT_OK, EXIT_VIOLATIONS, EXIT_REFUSED, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO-8601 time (`2026-05-01T12:00:00Z`; a naive one is UTC) for `--until`."""
+    candidate = text.strip()
+    if candidate[-1:] in ("Z", "z"):
+        candidate = candidate[:-1] + "+00:00"
+    try:
+        when = datetime.fromisoformat(candidate)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO-8601 time such as 2026-05-01T12:00:00Z"
+        ) from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
+
+
+def _nonnegative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def add_parsers(
+    subparsers: Any, common: Callable[[argparse.ArgumentParser], None] | None = None
+) -> None:
+    """Register `replay`, `audit` and `sql` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "replay",
+        help="rebuild the projection as of a point in history",
+        description="Rebuild the DuckDB projection from SUP_EVENTS into FILE (atomically "
+        "replaced), up to a stream sequence or the stream time TIME. A progress bar is "
+        "drawn on a terminal.",
+    )
+    p.add_argument("--db", required=True, metavar="FILE", help="the projection file to write")
+    until = p.add_mutually_exclusive_group()
+    until.add_argument("--until", type=parse_time, metavar="TIME",
+                       help="last stream time to include (ISO 8601, UTC if naive)")  # fmt: skip
+    until.add_argument("--until-seq", type=int, metavar="N", help="last stream sequence to include")
+    _shared(p, common)
+    p.set_defaults(func=cmd_replay)
+
+    p = subparsers.add_parser(
+        "audit",
+        help="check lifecycle invariants over history",
+        description="Check the whole history against the lifecycle state machine and the "
+        "cleanup invariants. Exit 0 when clean, 1 with violations. Without --db the stream "
+        "is replayed into a temporary file first.",
+    )
+    p.add_argument("--db", metavar="FILE", help="a projection file (e.g. made by replay)")
+    p.add_argument("--json", action="store_true", help="print the violations as JSON")
+    p.add_argument("--grace", type=_nonnegative, metavar="SECONDS",
+                   help="treat tasks active within SECONDS of the end of history as in flight")  # fmt: skip
+    _shared(p, common)
+    p.set_defaults(func=cmd_audit)
+
+    p = subparsers.add_parser(
+        "sql",
+        help="read-only SQL over the projection",
+        description="Run one read-only SELECT over a projection file. A statement that is "
+        "not a single SELECT is refused (exit 2).",
+    )
+    p.add_argument(
+        "query", metavar="SQL", help='one SELECT statement, e.g. "SELECT * FROM error_rates"'
+    )
+    p.add_argument("--db", metavar="FILE", help="a projection file (e.g. made by replay)")
+    p.add_argument(
+        "--format", choices=FORMATS, default="table", help="output format (default table)"
+    )
+    p.add_argument(
+        "--max-rows",
+        type=int,
+        default=MAX_ROWS,
+        metavar="N",
+        help=f"row limit (default {MAX_ROWS})",
+    )
+    p.add_argument("--timeout", type=_nonnegative, default=TIMEOUT_S, metavar="S",
+                   help=f"time limit in seconds (default {TIMEOUT_S:g})")  # fmt: skip
+    _shared(p, common)
+    p.set_defaults(func=cmd_sql)
+
+
+def _shared(
+    p: argparse.ArgumentParser, common: Callable[[argparse.ArgumentParser], None] | None
+) -> None:
+    if common is not None:
+        common(p)
+        return
+    p.add_argument("--nats", dest="nats_url", metavar="URL", help="NATS server URL")
+    p.add_argument("--data-dir", metavar="DIR", help="data dir (default ./.supervisor)")
+
+
+def _settings(args: argparse.Namespace) -> tuple[str | None, Path]:
+    """(NATS URL as configured, data dir) from the args, the environment, the config file."""
+    cfg_url: str | None = None
+    cfg_dir = ".supervisor"
+    if getattr(args, "config", None):
+        from supervisor.config import load_config
+
+        cfg = load_config(args.config)
+        cfg_url, cfg_dir = cfg.nats_url, cfg.data_dir
+    data_dir = getattr(args, "data_dir", None) or os.environ.get("SUPERVISOR_DATA_DIR") or cfg_dir
+    return getattr(args, "nats_url", None) or cfg_url, Path(data_dir).resolve()
+
+
+@contextlib.asynccontextmanager
+async def nats_url_for(args: argparse.Namespace) -> AsyncIterator[str]:
+    """The NATS to use; an embedded server on the data dir if none is known."""
+    url, data_dir = _settings(args)
+    found = resolve_nats_url(url, data_dir)
+    if found is not None:
+        yield found
+        return
+    server = NatsServer(data_dir / "nats")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"supervisor: {message}\n")
+    return code
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with nats_url_for(args) as url:
+            result = await replay(args.db, url, until_time=args.until, until_seq=args.until_seq,
+                                  progress=True)  # fmt: skip
+        sys.stderr.write(
+            f"replay: {args.db} at seq {result.seq}: {result.applied} events applied, "
+            f"{result.dead} dead letters, {result.duplicates} duplicates, "
+            f"{result.elapsed_s:.1f}s\n"
+        )
+        return EXIT_OK
+
+    try:
+        return asyncio.run(go())
+    except SupervisorError as e:
+        return _fail(str(e), EXIT_UNAVAILABLE)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    try:
+        if args.db:
+            con = open_readonly(args.db)
+            violations = audit_db(con, grace_s=args.grace)
+            con.close()
+        else:
+            violations = asyncio.run(_audit_stream(args))
+    except (SupervisorError, duckdb.Error) as e:
+        return _fail(str(e), EXIT_UNAVAILABLE)
+    sys.stdout.write(render_json(violations) if args.json else render_text(violations))
+    return EXIT_VIOLATIONS if violations else EXIT_OK
+
+
+async def _audit_stream(args: argparse.Namespace) -> list[Any]:
+    with tempfile.TemporaryDirectory(prefix="supervisor-audit-") as tmp:
+        path = Path(tmp) / "audit.duckdb"
+        async with nats_url_for(args) as url:
+            await replay(path, url, progress=True)
+        con = open_readonly(path)
+        try:
+            return audit_db(con, grace_s=args.grace)
+        finally:
+            con.close()
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    if not args.db:
+        return _fail(
+            "sql needs --db FILE for now (a file made by `supervisor replay`); queries to a "
+            "running daemon's projection will go through its HTTP endpoint",
+            EXIT_REFUSED,
+        )
+    try:
+        check_query(args.query)
+        con = open_readonly(args.db)
+        try:
+            result = run_query(con, args.query, max_rows=args.max_rows, timeout_s=args.timeout)
+        finally:
+            con.close()
+    except QueryRefused as e:
+        return _fail(str(e), EXIT_REFUSED)
+    except (QueryError, ProjectionError) as e:
+        return _fail(str(e), EXIT_VIOLATIONS)
+    sys.stdout.write(render(result, args.format))
+    return EXIT_OK

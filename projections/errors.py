@@ -1,0 +1,74 @@
+"""The read side's branch of the project's exception tree (`supervisor.errors`).
+
+DuckDB and nats-py errors are wrapped here with `raise ... from e`; callers (the CLI, the
+daemon) act on these classes only.
+"""
+
+from __future__ import annotations
+
+from supervisor.errors import SupervisorError
+
+
+class ProjectionError(SupervisorError):
+    """Something went wrong building or reading the projection."""
+
+    tag = "projection_error"
+
+
+class ProjectionStoreError(ProjectionError):
+    """The DuckDB file cannot be opened, is of another DDL version, or a batch failed to
+    apply (the transaction was rolled back; the watermark did not move)."""
+
+    tag = "projection_store_error"
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(f"projection {path}: {detail}")
+
+
+class StreamUnavailable(ProjectionError):
+    """`SUP_EVENTS` could not be read (NATS unreachable, JetStream not answering)."""
+
+    tag = "stream_unavailable"
+
+    def __init__(self, url: str, detail: str) -> None:
+        self.url = url
+        self.detail = detail
+        super().__init__(f"cannot read SUP_EVENTS at {url}: {detail}")
+
+
+class QueryError(ProjectionError):
+    """A read-only query could not be run."""
+
+    tag = "query_error"
+
+
+class QueryRefused(QueryError):
+    """The statement is not one read-only SELECT; nothing was executed."""
+
+    tag = "query_refused"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"query refused: {reason}")
+
+
+class QueryFailed(QueryError):
+    """DuckDB raised while running an accepted statement (unknown table, bad cast...)."""
+
+    tag = "query_failed"
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"query failed: {detail}")
+
+
+class QueryTimeout(QueryError):
+    """The statement ran past its time limit and was interrupted."""
+
+    tag = "query_timeout"
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        super().__init__(f"query interrupted after its time limit of {limit_s:g}s")

@@ -1,0 +1,62 @@
+"""What the read side derives from the lifecycle state machine (`supervisor.lifecycle`).
+
+The machine is defined once, there; this module only reads it through its public API. In
+the task machine every event type leads to one state whatever the state it leaves (that is
+what lets the projector derive a task's state set-wise, from its latest event); the
+derivation below checks that property and fails loudly at import if the machine ever
+loses it. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Final, get_args
+
+from supervisor.lifecycle import (
+    TASK_EVENT_TYPES,
+    InvalidTransition,
+    TaskState,
+    is_terminal,
+    next_task_state,
+)
+
+
+def _targets() -> dict[str, str]:
+    targets: dict[str, str] = {}
+    for event_type in sorted(TASK_EVENT_TYPES):
+        found: set[str] = set()
+        for state in (None, *get_args(TaskState)):
+            try:
+                found.add(next_task_state(state, event_type))
+            except InvalidTransition:
+                continue
+        if len(found) != 1:
+            raise RuntimeError(f"lifecycle: {event_type} leads to {sorted(found)}, not one state")
+        targets[event_type] = found.pop()
+    return targets
+
+
+TASK_TARGET_STATE: Final[dict[str, str]] = _targets()
+"""Task event type -> the state the task is in right after it."""
+
+TERMINAL_TASK_TYPES: Final[tuple[str, ...]] = tuple(
+    sorted(t for t, s in TASK_TARGET_STATE.items() if is_terminal(s))
+)
+"""The task event types that end a task (task.succeeded, task.failed, task.rejected)."""
+
+
+def task_state_after(event_type: str) -> str:
+    """The state a task is in right after `event_type`; KeyError for a non-task event."""
+    return TASK_TARGET_STATE[event_type]
+
+
+def sql_in(values: tuple[str, ...] | list[str]) -> str:
+    """`('a', 'b')` for a SQL IN list of known, quote-free literals."""
+    assert all("'" not in v for v in values)
+    return "(" + ", ".join(f"'{v}'" for v in values) + ")"
+
+
+def sql_task_state_case(column: str) -> str:
+    """A SQL CASE mapping the event type in `column` to the task state after it (NULL for
+    events that do not move the task machine)."""
+    arms = " ".join(f"WHEN '{t}' THEN '{s}'" for t, s in sorted(TASK_TARGET_STATE.items()))
+    return f"CASE {column} {arms} END"

@@ -1,0 +1,102 @@
+"""A decode worker in a process of its own, for bulk runs (replay).
+
+Reading the stream (nats-py) and decoding events (msgspec, Arrow conversion) are both
+Python; in one process they take turns on the GIL and a replay runs at the speed of one
+core. `DecodeProcess` moves the decoding to a child
+(`python -c 'from projections.worker import main; main()'`) that
+talks over its stdin/stdout: each request is a pickled `(replies, subjects, payloads)`,
+each answer a pickled `Staged` batch (Arrow tables travel as buffers) or the exception
+the decoder raised. Frames are an 8-byte big-endian length then the pickle.
+
+A plain child process rather than `multiprocessing`: nothing of the caller's `__main__`
+is re-imported in it, and it never forks a parent that runs DuckDB or Arrow threads. It
+exits when its stdin closes, so it dies with its parent.
+"""
+
+from __future__ import annotations
+
+import gc
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+from typing import IO, Any
+
+from projections.decode import Staged, stage_raw
+from projections.errors import ProjectionError
+
+_LEN = struct.Struct(">Q")
+
+
+def _write(stream: IO[bytes], obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_LEN.pack(len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def _read(stream: IO[bytes]) -> Any:
+    head = stream.read(_LEN.size)
+    if len(head) < _LEN.size:
+        raise EOFError
+    (size,) = _LEN.unpack(head)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError
+    return pickle.loads(data)
+
+
+class DecodeProcess:
+    """The child. `stage` is blocking (call it from a thread) and one call at a time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", "from projections.worker import main; main()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+
+    def stage(self, replies: list[str], subjects: list[str], datas: list[bytes]) -> Staged:
+        """`projections.decode.stage_raw`, in the child. ProjectionError if it died."""
+        proc = self._proc
+        assert proc.stdin is not None and proc.stdout is not None
+        with self._lock:
+            try:
+                _write(proc.stdin, (replies, subjects, datas))
+                answer = _read(proc.stdout)
+            except (OSError, EOFError) as e:
+                raise ProjectionError(f"the decode worker died (exit {proc.poll()})") from e
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer  # type: ignore[no-any-return]
+
+    def close(self, timeout: float = 5.0) -> None:
+        proc = self._proc
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def main() -> None:
+    """The child's loop: a batch in, a staged batch (or the exception) out, until EOF."""
+    gc.disable()  # a batch's objects hold no cycles; reference counting frees them
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        try:
+            replies, subjects, datas = _read(stdin)
+        except EOFError:
+            return
+        try:
+            answer: Any = stage_raw(replies, subjects, datas)
+        except Exception as e:
+            answer = e
+        del replies, subjects, datas
+        _write(stdout, answer)

@@ -1,0 +1,111 @@
+"""The decoder and the pure pieces of the read side (no NATS, no DuckDB)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import msgspec
+
+from projections.decode import STAGING, decode_batch, stage
+from projections.machine import TASK_TARGET_STATE, TERMINAL_TASK_TYPES, sql_task_state_case
+from projections.progress import render_bar
+from projections.projector import Progress, parse_reply, to_ns
+from projections.synthetic import AttemptPlan, HistoryBuilder, mixed_history
+from schemas import encode_event
+
+
+def _batch(payloads: list[bytes]):  # type: ignore[no-untyped-def]
+    n = len(payloads)
+    return decode_batch(list(range(1, n + 1)), [f"sup.s.{i}" for i in range(n)], [0] * n, payloads)
+
+
+def test_each_refusal_has_its_reason() -> None:
+    b = HistoryBuilder()
+    b.submit("t-1")
+    good = encode_event(b.events[0])
+    doc = msgspec.json.decode(good)
+    batch = _batch([
+        b"{nope",
+        b"\xff",
+        b"[]",
+        b'{"event_id": "x"}',
+        b'{"type": "resource.teleported", "event_id": "x"}',
+        good.replace(b'"schema_version":1', b'"schema_version":7'),
+        msgspec.json.encode({**doc, "attempt": "one", "event_id": "y"}),
+        good,
+    ])  # fmt: skip
+    assert [(d.seq, d.reason) for d in batch.dead] == [
+        (1, "undecodable"),
+        (2, "undecodable"),
+        (3, "undecodable"),
+        (4, "unknown_type"),
+        (5, "unknown_type"),
+        (6, "unsupported_schema_version"),
+        (7, "invalid_event"),
+    ]
+    assert batch.dead[4].detail == "type 'resource.teleported' is not in the schemas"
+    assert batch.dead[6].detail == "Expected `int`, got `str` - at `$.attempt`"
+    assert [row[0] for row in batch.rows["batch"]] == [8]
+    assert batch.last_seq == 8
+
+
+def test_a_repeat_within_a_batch_is_dropped_and_counted() -> None:
+    b = HistoryBuilder()
+    b.run_task("t-1")
+    payloads = [encode_event(e) for e in b.events]
+    batch = _batch([*payloads, payloads[3], payloads[0]])
+    assert (batch.events, batch.repeats, len(batch)) == (10, 2, 12)
+
+
+def test_each_event_lands_in_its_staging_kind() -> None:
+    b = HistoryBuilder()
+    b.run_task("t-1", AttemptPlan(error="EXECUTION_TIMEOUT", exit_code=137, kill_reason="timeout"),
+               AttemptPlan())  # fmt: skip
+    batch = _batch([encode_event(e) for e in b.events])
+    counts = {kind: len(rows) for kind, rows in batch.rows.items()}
+    assert counts == {"batch": 21, "submitted": 1, "terminal": 1, "attempt": 4, "container": 7,
+                      "workspace": 2, "error": 1, "cleanup": 4, "alert": 0}  # fmt: skip
+    assert batch.rows["container"][2] == (6, "c-t-1-1", None, None, None, None, "timeout")
+    staged = stage(batch)
+    for kind, table in staged.tables.items():
+        assert table.schema == STAGING[kind]
+    assert staged.tables["batch"].column("occurred_at")[0].as_py() == datetime(2026, 1, 1)
+
+
+def test_mixed_history_is_deterministic_and_decodes_cleanly() -> None:
+    a, b = mixed_history(2000, seed=3), mixed_history(2000, seed=3)
+    assert [encode_event(e) for e in a] == [encode_event(e) for e in b]
+    batch = _batch([encode_event(e) for e in a])
+    assert (batch.events, batch.dead, batch.repeats) == (2000, [], 0)
+
+
+def test_the_task_states_come_from_the_lifecycle_machine() -> None:
+    assert TASK_TARGET_STATE == {
+        "attempt.finished": "attempt_done",
+        "attempt.started": "running",
+        "task.failed": "failed",
+        "task.rejected": "rejected",
+        "task.retry_scheduled": "retrying",
+        "task.submitted": "submitted",
+        "task.succeeded": "succeeded",
+    }
+    assert TERMINAL_TASK_TYPES == ("task.failed", "task.rejected", "task.succeeded")
+    assert sql_task_state_case("t").startswith("CASE t WHEN 'attempt.finished' THEN 'attempt_done'")
+
+
+def test_reply_subjects_of_both_layouts_parse() -> None:
+    v1 = "$JS.ACK.SUP_EVENTS.cons.1.42.40.1767225600000000123.7"
+    v2 = "$JS.ACK.dom.acc.SUP_EVENTS.cons.1.42.40.1767225600000000123.7.rnd"
+    assert parse_reply(v1) == parse_reply(v2) == (42, 1_767_225_600_000_000_123, 7)
+    assert (
+        to_ns(datetime(2026, 1, 1, tzinfo=UTC))
+        == to_ns(datetime(2026, 1, 1))
+        == 1_767_225_600_000_000_000
+    )
+
+
+def test_the_progress_bar_text() -> None:
+    p = Progress(seq=150, target=200, from_seq=100, applied=49, dead=1)
+    text = render_bar(p)
+    assert text.startswith("replay [###############...............]  50.0%  seq 150/200")
+    assert text.endswith("dead 1")
