@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--http", metavar="HOST:PORT", help="HTTP listen address (default 127.0.0.1:8787)"
     )
+    serve.add_argument(
+        "--log-level", metavar="LEVEL", help="DEBUG, INFO (default), WARNING or ERROR"
+    )
+    serve.add_argument(
+        "--no-projection",
+        action="store_true",
+        help="do not run the DuckDB projection in this daemon (/v1/query then answers 503)",
+    )
     _common(serve)
     serve.set_defaults(func=_cmd_serve)
 
@@ -134,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_parsers = None
     if add_parsers is not None:
         add_parsers(sub, _common)
+    try:
+        from projections.reconcile_cli import add_parsers as add_reconcile
+    except ImportError:  # `reconcile` reads the projection: it comes with the read side
+        add_reconcile = None
+    if add_reconcile is not None:
+        add_reconcile(sub, _common)
     return parser
 
 
@@ -295,10 +309,29 @@ def _signals(first: asyncio.Event, second: asyncio.Event) -> None:
 
 async def _serve_async(args: argparse.Namespace, cfg: Config) -> int:
     from supervisor.daemon import Daemon
+    from supervisor.logs import configure
 
+    configure(cfg.node_id, args.log_level or cfg.log_level)
     stop, force = asyncio.Event(), asyncio.Event()
     _signals(stop, force)
-    return await Daemon(cfg, nats_url=args.nats_url).run(stop, force)
+    parts, read_side = _read_side_parts(cfg, with_projection=not args.no_projection)
+    daemon = Daemon(cfg, nats_url=args.nats_url, parts=parts, read_side=read_side)
+    return await daemon.run(stop, force)
+
+
+def _read_side_parts(cfg: Config, *, with_projection: bool) -> tuple[list[Any], Any]:
+    """The daemon's composition: the parts built outside `supervisor` (the projection and
+    its query endpoint, the reconciler). This is the one place that joins them."""
+    parts: list[Any] = []
+    read_side: Any = None
+    if with_projection:
+        try:
+            from projections.live import ProjectionPart
+        except ImportError:  # TEMPORARY while projections.live lands
+            return parts, read_side
+        read_side = ProjectionPart(cfg)
+        parts.append(read_side)
+    return parts, read_side
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -2,8 +2,13 @@
 
 Start-up order (teardown is the reverse, through one AsyncExitStack): NATS (embedded when
 no URL is known) -> event log -> Docker runtime and watchers -> streams and the shared
-work-queue consumers -> resource monitor and Docker breaker -> scheduler -> HTTP. The
-daemon writes its NATS URL into the data dir so that the other commands find it.
+work-queue consumers -> Docker breaker and resource monitor -> HTTP (health answers from
+here on; readiness waits for the rest) -> the injected parts (projection, reconciler) ->
+the scheduler's pull loop. The daemon writes its NATS URL and its HTTP URL into the data
+dir so that the other commands find them.
+
+Work is pulled only while the breaker is closed, the host is under its thresholds and the
+concurrency bound and memory budget leave room; otherwise tasks wait in SUP_TASKS.
 
 Shutdown (SIGTERM/SIGINT): stop pulling, let running tasks finish within the grace, then
 kill and clean up the rest and leave their messages for redelivery, flush the outbox,
@@ -16,41 +21,104 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from schemas import Result
+from nats.js import JetStreamContext
+
+from schemas import PRIORITIES, TaskSpec
+from supervisor.breaker import DockerBreaker, counts
+from supervisor.capacity import can_pull_any, fits_budget
+from supervisor.classify import Classification
 from supervisor.config import Config
 from supervisor.errors import NatsUnavailable
 from supervisor.eventlog import ensure_streams
-from supervisor.intake import Intake
+from supervisor.extension import DaemonContext, Part, ReadSide
+from supervisor.history import read_task_events, summarize
+from supervisor.http import ApiError, Check, HttpServer, create_app, daemon_checks
+from supervisor.intake import Intake, Submission
+from supervisor.metrics import Metrics
+from supervisor.monitor import HostSampler, PsutilSampler, ResourceMonitor
 from supervisor.natsserver import url_file
 from supervisor.node import Node, open_node
 from supervisor.scheduler import Scheduler
-from supervisor.streams import commands_stream_config, tasks_stream_config
+from supervisor.streams import TASKS_STREAM, commands_stream_config, tasks_stream_config
 from supervisor.workqueue import WorkQueue, ensure_consumers
 
 log = logging.getLogger("supervisor.daemon")
 
+QUEUE_DEPTH_REFRESH_S = 1.0
+
+
+def http_url_file(data_dir: Path) -> Path:
+    """Where a running daemon writes the base URL of its HTTP endpoint."""
+    return data_dir / "http.url"
+
 
 class Daemon:
-    def __init__(self, config: Config, *, nats_url: str | None = None) -> None:
+    """One node's daemon. `parts` are started in order before work is pulled (see
+    `supervisor.extension`); `read_side` answers `GET /v1/tasks/{id}` and `/v1/query`
+    (without it a task's state is read back from its events and queries answer 503)."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        nats_url: str | None = None,
+        parts: Sequence[Part] = (),
+        read_side: ReadSide | None = None,
+        sampler: HostSampler | None = None,
+    ) -> None:
         self.config = config
         self.nats_url = nats_url
+        self.parts = list(parts)
+        self.read_side = read_side
+        self.sampler = sampler
         self.node: Node | None = None
         self.intake: Intake | None = None
         self.scheduler: Scheduler | None = None
+        self.breaker: DockerBreaker | None = None
+        self.monitor: ResourceMonitor | None = None
+        self.http: HttpServer | None = None
         self.ready = asyncio.Event()
 
+    # --- scheduling decisions -------------------------------------------------------------
+
     def may_pull(self) -> bool:
-        """Pull work only while Docker's breaker allows it and the host is not under pressure."""
-        return True
+        """Pull only while Docker's breaker is closed, the host is under its thresholds and
+        some capacity is left."""
+        assert self.scheduler is not None and self.breaker is not None and self.monitor
+        sc = self.config.scheduling
+        return can_pull_any(
+            self.scheduler.running_memory(),
+            concurrency=sc.concurrency,
+            memory_budget_mb=sc.memory_budget_mb,
+            pressure=self.monitor.alerting,
+            breaker=self.breaker.state.status,
+        ).ok
 
     def fits(self, memory_mb: int, running: list[int]) -> bool:
         sc = self.config.scheduling
-        return len(running) < sc.concurrency and sum(running) + memory_mb <= sc.memory_budget_mb
+        return fits_budget(
+            memory_mb, running, concurrency=sc.concurrency, memory_budget_mb=sc.memory_budget_mb
+        )
 
-    def on_result(self, result: Result) -> None:
-        pass
+    def _poke(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.poke()
+
+    def _on_attempt(self, c: Classification | None) -> None:
+        """Docker carried out an attempt (whatever the task did) unless its classification
+        is an engine failure: that is what the breaker counts."""
+        assert self.breaker is not None
+        self.breaker.record(c if c is not None and counts(c) else None)
+
+    def _gate(self) -> None:
+        assert self.breaker is not None
+        self.breaker.check()
+
+    # --- the run ----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, force: asyncio.Event) -> int:
         cfg = self.config
@@ -69,12 +137,26 @@ class Daemon:
                 url=node.nats_url,
             )
             await ensure_consumers(js, ack_wait_s=sc.ack_wait_s, max_deliveries=sc.max_deliver + 1)
-            url_path = url_file(node.data_dir)
-            url_path.write_text(node.nats_url + "\n")
-            stack.callback(_unlink, url_path)
+            _publish_url(stack, url_file(node.data_dir), node.nats_url)
             wq = WorkQueue(node.events.nc, js)
             await wq.start()
             stack.push_async_callback(wq.stop)
+
+            self.breaker = breaker = DockerBreaker(
+                node.emitter, cfg.breaker, metrics=node.metrics, on_change=lambda _: self._poke()
+            )
+            self.monitor = monitor = ResourceMonitor(
+                node.emitter,
+                self.sampler or PsutilSampler(node.data_dir),
+                runtime=node.runtime,
+                thresholds=cfg.thresholds,
+                config=cfg.monitor,
+                metrics=node.metrics,
+                on_change=lambda _: self._poke(),
+                on_docker=breaker.record,
+            )
+            node.executor.on_attempt = self._on_attempt
+            node.executor.gate = self._gate
             self.intake = Intake(js, node.emitter, node.events, cfg)
             self.scheduler = scheduler = Scheduler(
                 wq,
@@ -83,15 +165,49 @@ class Daemon:
                 ack_progress_s=sc.ack_progress_s,
                 may_pull=self.may_pull,
                 fits=self.fits,
-                on_result=self.on_result,
             )
+            await monitor.tick()
+            _background(stack, "monitor", lambda: _after(cfg.monitor.interval_s, monitor.run))
+            _background(stack, "breaker", lambda: breaker.watch(node.runtime))
+            _background(stack, "queue depth", lambda: _refresh_queue_depth(js, node.metrics))
+
+            checks = daemon_checks(
+                runtime=node.runtime,
+                connected=lambda: node.events.connected,
+                backlog=lambda: node.events.backlog,
+                breaker=breaker,
+                monitor=monitor,
+                max_backlog=cfg.http.max_outbox_backlog,
+            )
+            checks["started"] = self._started_check
+            node.metrics.outbox_backlog.set_function(lambda: node.events.backlog)
+            app = create_app(
+                metrics=node.metrics,
+                readiness=checks,
+                handlers=_Api(self, js),
+                token=cfg.http.token,
+                check_timeout_s=cfg.http.check_timeout_s,
+            )
+            self.http = http = HttpServer(app, cfg.http.listen)
+            await http.start()
+            stack.push_async_callback(http.stop)
+            _publish_url(stack, http_url_file(node.data_dir), http.url)
+
+            ctx = DaemonContext(node=node, nc=node.events.nc, js=js, breaker=breaker,
+                                monitor=monitor, scheduler=scheduler, checks=checks)  # fmt: skip
+            for part in self.parts:
+                log.info("starting %s", part.name)
+                await part.start(ctx, stack)
+
             loop_task = asyncio.ensure_future(scheduler.loop())
             self.ready.set()
-            log.info("serving on node %s (NATS %s)", cfg.node_id, node.nats_url)
+            log.info("serving on node %s (NATS %s, HTTP %s)", cfg.node_id, node.nats_url, http.url)
             stop_wait = asyncio.ensure_future(stop.wait())
             await asyncio.wait([stop_wait, loop_task], return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
             if loop_task.done() and not loop_task.cancelled() and loop_task.exception():
                 raise loop_task.exception()  # type: ignore[misc]
+            self.ready.clear()
             log.info("stopping: no more pulls; %d task(s) running", len(scheduler.running))
             await scheduler.stop_pulling()
             loop_task.cancel()
@@ -100,6 +216,85 @@ class Daemon:
             await scheduler.drain(sc.shutdown_grace_s, force)
             await node.events.flush(10)
         return 0
+
+    async def _started_check(self) -> Check:
+        if self.ready.is_set():
+            return Check(ok=True, reason="pulling work")
+        return Check(ok=False, reason="starting up or shutting down")
+
+
+class _Api:
+    """The `/v1` handlers: intake for submissions; the read side (or the task's own events
+    when there is none) for state and queries."""
+
+    def __init__(self, daemon: Daemon, js: JetStreamContext) -> None:
+        self.daemon = daemon
+        self.js = js
+
+    async def submit(self, spec: TaskSpec) -> Submission:
+        assert self.daemon.intake is not None
+        return await self.daemon.intake.submit(spec)
+
+    async def task(self, task_id: str) -> Mapping[str, Any] | None:
+        if self.daemon.read_side is not None:
+            return await self.daemon.read_side.task(task_id)
+        events = await read_task_events(self.js, task_id)
+        if not events:
+            return None
+        h = summarize(events)
+        state = h.terminal or ("running" if h.open_attempt is not None else "queued")
+        return {"task_id": task_id, "state": state, "attempts": h.last_attempt,
+                "events": len(events)}  # fmt: skip
+
+    async def query(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
+        if self.daemon.read_side is None:
+            raise ApiError(503, "infrastructure", "QUERY_UNAVAILABLE",
+                           "this daemon runs without a projection")  # fmt: skip
+        return await self.daemon.read_side.query(request)
+
+
+def _background(
+    stack: contextlib.AsyncExitStack, name: str, run: Callable[[], Awaitable[None]]
+) -> None:
+    """Run `run()` until the stack closes; a crash is logged, never silent."""
+
+    async def guarded() -> None:
+        try:
+            await run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the %s loop crashed", name)
+
+    task = asyncio.ensure_future(guarded())
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(cancel)
+
+
+async def _after(delay_s: float, work: Callable[[], Awaitable[None]]) -> None:
+    await asyncio.sleep(delay_s)
+    await work()
+
+
+async def _refresh_queue_depth(js: JetStreamContext, metrics: Metrics) -> None:
+    """Keep `supervisor_queue_depth{priority}` current (tasks queued or in flight)."""
+    while True:
+        with contextlib.suppress(Exception):
+            info = await js.stream_info(TASKS_STREAM, subjects_filter="suptask.>")
+            subjects = info.state.subjects or {}
+            for prio in PRIORITIES:
+                metrics.queue_depth.labels(prio).set(subjects.get(f"suptask.{prio}", 0))
+        await asyncio.sleep(QUEUE_DEPTH_REFRESH_S)
+
+
+def _publish_url(stack: contextlib.AsyncExitStack, path: Path, url: str) -> None:
+    path.write_text(url + "\n")
+    stack.callback(_unlink, path)
 
 
 def _unlink(path: Path) -> None:

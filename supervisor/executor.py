@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -51,6 +52,9 @@ from supervisor.workspace import create_workspace
 _IO_DRAIN_S = 5.0
 _DIED_EVENT_WAIT_S = 1.0
 _DESTROY_EVENT_WAIT_S = 0.5
+
+
+log = logging.getLogger("supervisor.executor")
 
 
 @dataclass
@@ -108,6 +112,12 @@ class Executor:
         self.cleaner = Cleaner(
             runtime, watcher, metrics, kill_timeout_s=config.sandbox.stop_timeout_s * 2
         )
+        # Set by the daemon: `on_attempt` sees each attempt's classification (None for an
+        # attempt Docker carried out, whatever the task's fate) so the breaker learns from
+        # real work; `gate` raises (CircuitOpen) before a retry that Docker cannot serve, so
+        # the task goes back to the queue instead of burning its attempts.
+        self.on_attempt: Callable[[Classification | None], None] | None = None
+        self.gate: Callable[[], None] | None = None
 
     # --- task -----------------------------------------------------------------------------
 
@@ -147,11 +157,15 @@ class Executor:
                 if terminal_on_cancel:
                     self._finish(aem, task_id, attempt, None, started, cancelled=True)
                 raise
+            if self.on_attempt is not None:
+                self.on_attempt(out.classification)
             if out.classification is None:
                 return self._finish(aem, task_id, attempt, out, started)
             if not should_retry(spec.retry, attempt, out.classification.retryable):
                 return self._finish(aem, task_id, attempt, out, started)
             delay = self.schedule_retry(aem, spec, attempt, out.classification)
+            if self.gate is not None:
+                self.gate()
             try:
                 await self.sleep(delay)
             except asyncio.CancelledError:
@@ -268,6 +282,10 @@ class Executor:
             )
         em.emit(TaskFailed if c else TaskSucceeded, result=in_event, output_capped=capped)
         outcome = "failed" if c else "succeeded"
+        log.info("task %s %s after %d attempt(s)%s", task_id, outcome, attempts,
+                 f": {c.type}/{c.code}" if c else "",
+                 extra={"task_id": task_id, "correlation_id": em.correlation_id,
+                        "duration_s": round(duration, 3)})  # fmt: skip
         self.metrics.tasks.labels(outcome).inc()
         self.metrics.task_duration.labels(outcome).observe(duration)
         return result
@@ -317,6 +335,10 @@ class Executor:
             evidence=evidence,
         )
         self.metrics.attempts.labels("failed" if c else "succeeded").inc()
+        log.info("attempt %d %s%s", attempt, "failed" if c else "succeeded",
+                 f": {c.type}/{c.code}" if c else "",
+                 extra={"task_id": task_id, "attempt": attempt, "correlation_id": em.correlation_id,
+                        "exit_code": st.exit_code, "duration_s": round(duration, 3)})  # fmt: skip
         if st.cancelled:
             raise asyncio.CancelledError
         return AttemptOutcome(c, evidence, st.exit_code, st.output, st.container_id, duration)

@@ -16,6 +16,7 @@ from schemas import (
     AttemptStarted,
     ContainerCreated,
     Event,
+    RetryScheduled,
     TaskFailed,
     TaskRejected,
     TaskSucceeded,
@@ -34,6 +35,9 @@ class TaskHistory:
     open_container: str | None = None
     open_workspace: str | None = None
     terminal: str | None = None
+    # The attempt a `retry.scheduled` announced after the last attempt (the delivery that
+    # scheduled it ended before running it: a shutdown, or the Docker breaker opening).
+    retry_pending: int | None = None
 
 
 def summarize(events: list[Event]) -> TaskHistory:
@@ -44,8 +48,11 @@ def summarize(events: list[Event]) -> TaskHistory:
     containers: dict[int, str] = {}
     workspaces: dict[int, str] = {}
     terminal: str | None = None
+    pending: int | None = None
     for e in events:
         match e:
+            case RetryScheduled():
+                pending = e.next_attempt
             case AttemptStarted():
                 started[e.attempt] = e.instance_id
                 last = max(last, e.attempt)
@@ -61,9 +68,11 @@ def summarize(events: list[Event]) -> TaskHistory:
                 terminal = "failed"
             case TaskRejected():
                 terminal = "rejected"
+    if pending is not None and pending <= last:
+        pending = None
     open_attempts = sorted(set(started) - finished)
     if not open_attempts:
-        return TaskHistory(last_attempt=last, terminal=terminal)
+        return TaskHistory(last_attempt=last, terminal=terminal, retry_pending=pending)
     a = open_attempts[-1]
     return TaskHistory(
         last_attempt=last,

@@ -68,7 +68,7 @@ class JsonFormatter(logging.Formatter):
             if name not in doc:
                 doc[name] = value
         for name, value in record.__dict__.items():
-            if name not in _RESERVED and name not in doc:
+            if name not in _RESERVED and doc.get(name) is None:
                 doc[name] = value
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)

@@ -168,6 +168,7 @@ class ResourceMonitor:
         self.alerting: frozenset[ResourceMetric] = frozenset()
         self.last: HostSample | None = None
         self.ticks = 0
+        self._docker_failing = False  # log the first failure and the recovery, not each tick
         if metrics is not None:
             for m in METRICS:
                 metrics.resource_threshold.labels(m).set(threshold_of(m, self.thresholds))
@@ -231,8 +232,11 @@ class ResourceMonitor:
             error = DockerUnavailable("list", f"no answer in {self.docker_timeout_s:g}s")
         except DockerError as e:
             error = e
-        if error is not None:
+        if error is not None and not self._docker_failing:
             log.warning("resource monitor: cannot count containers: %s", error)
+        elif error is None and self._docker_failing:
+            log.info("resource monitor: Docker answers again")
+        self._docker_failing = error is not None
         if self.on_docker is not None:
             self.on_docker(error)
         return count

@@ -23,6 +23,7 @@ from schemas import PRIORITIES, ErrorRaised, Result, TaskSpec
 from supervisor.errors import NatsUnavailable, SupervisorError
 from supervisor.executor import Executor
 from supervisor.history import read_task_events, summarize
+from supervisor.logs import bind
 from supervisor.recovery import catalogue_entry, close_lost_attempt, redelivery_limit
 from supervisor.retry import should_retry
 from supervisor.workqueue import WorkQueue
@@ -156,6 +157,10 @@ class Scheduler:
                 await msg.in_progress()
 
     async def _handle(self, msg: Msg, spec: TaskSpec, keepalive: asyncio.Task[None]) -> None:
+        with bind(task_id=spec.task_id, correlation_id=spec.correlation_id):
+            await self._handle_bound(msg, spec, keepalive)
+
+    async def _handle_bound(self, msg: Msg, spec: TaskSpec, keepalive: asyncio.Task[None]) -> None:
         try:
             result = await self._execute(msg, spec)
             if result is not None:
@@ -191,6 +196,11 @@ class Scheduler:
             return ex.fail(spec, redelivery_limit(deliveries, self.max_deliver), attempts=last)
         if last == 0:
             return await ex.run(spec, announce=False, terminal_on_cancel=False)
+        if previous is None and history.retry_pending == last + 1:
+            # The earlier delivery already decided to retry (and waited); run it now.
+            return await ex.run(
+                spec, announce=False, first_attempt=last + 1, terminal_on_cancel=False
+            )
         previous = previous or catalogue_entry(
             "SUPERVISOR_LOST", "the previous delivery ended without a result"
         )

@@ -80,7 +80,11 @@ def _nats_children() -> list[int]:
     import psutil
 
     me = psutil.Process()
-    return [p.pid for p in me.children(recursive=True) if "nats-server" in (p.name() or "")]
+    return [
+        p.pid
+        for p in me.children(recursive=True)
+        if (p.name() or "") in {"nats-server", "dockerd", "containerd"}
+    ]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -93,4 +97,4 @@ def _suite_leaves_nothing_behind() -> Iterator[None]:
     servers = _nats_children()
     assert not left, f"the suite leaked managed containers: {left}"
     assert not dirs, f"the suite leaked temp dirs: {dirs}"
-    assert not servers, f"the suite leaked nats-server processes: {servers}"
+    assert not servers, f"the suite leaked server processes (nats-server, dockerd): {servers}"

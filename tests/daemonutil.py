@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ class DaemonProc:
         self.config_path = data_dir.parent / f"config-{self.port}.json"
         cfg = dict(config or {})
         cfg.setdefault("http", {})["listen"] = f"127.0.0.1:{self.port}"
+        # A busy CI host must not look like pressure to tests that are not about it.
+        cfg.setdefault("thresholds", {"cpu_pct": 1000.0, "memory_pct": 1000.0})
         self.config_path.write_text(json.dumps(cfg))
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"daemon-{self.port}.log"
@@ -48,10 +52,40 @@ class DaemonProc:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited early:\n{self.log()}")
-            if url_file(self.data_dir).exists():
+            if url_file(self.data_dir).exists() and self._started():
                 return self
             time.sleep(0.05)
         raise AssertionError(f"daemon not ready:\n{self.log()}")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _started(self) -> bool:
+        """The daemon pulls work (its `started` readiness check passes)."""
+        try:
+            _, body = self.get("/readyz")
+        except OSError:
+            return False
+        return bool(json.loads(body)["checks"].get("started", {}).get("ok"))
+
+    def get(self, path: str, token: str | None = None) -> tuple[int, bytes]:
+        return self.request("GET", path, token=token)
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, token: str | None = None
+    ) -> tuple[int, bytes]:
+        """One HTTP request to the daemon: (status, body); HTTP errors are answers too."""
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(self.base_url + path, data=body, method=method,
+                                     headers=headers)  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -50,3 +50,14 @@ async def stream_messages(
 
 async def stream_events(url: str, subject: str = "sup.>") -> list[Event]:
     return [e for _, _, _, e in await stream_messages(url, subject)]
+
+
+async def count_messages(url: str, subject: str) -> int:
+    """How many messages of SUP_EVENTS match `subject` now (the stream's subject index: no
+    waiting for messages that may never come)."""
+    nc = await nats.connect(url, connect_timeout=5)
+    try:
+        info = await nc.jetstream().stream_info(EVENTS_STREAM, subjects_filter=subject)
+        return sum((info.state.subjects or {}).values())
+    finally:
+        await nc.close()

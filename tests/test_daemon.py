@@ -85,7 +85,10 @@ def test_a_full_queue_is_refused_with_queue_full(
     tmp_dir: Path, nats_url: str, daemons, docker_client
 ) -> None:  # type: ignore[no-untyped-def]
     _daemon(
-        daemons, tmp_dir, nats_url, scheduling={"concurrency": 1, "queue_bound_per_priority": 2}
+        daemons,
+        tmp_dir,
+        nats_url,
+        scheduling={"concurrency": 1, "queue_bound_per_priority": 2, "shutdown_grace_s": 1},
     )
     client = tmp_dir / "client"
     assert submit(nats_url, client, task("sleep 30", limits={"timeout_s": 60})).returncode == 0
