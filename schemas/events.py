@@ -296,6 +296,101 @@ class ResourceSample(Event, frozen=True, tag="resource.sample"):
     under_pressure: bool = False
 
 
+# --- node and reconciler -----------------------------------------------------------------
+
+
+class ObservedContainer(Struct, kw_only=True, frozen=True):
+    """One container as Docker listed it: its `supervisor.*` labels, Docker's state
+    (created, running, paused, restarting, exited, dead, removing) and its creation time in
+    epoch seconds."""
+
+    container_id: str
+    state: str
+    created: float
+    labels: dict[str, str] = {}
+
+
+class ObservedWorkspace(Struct, kw_only=True, frozen=True):
+    """One workspace dir on disk; `created` is its modification time in epoch seconds."""
+
+    path: str
+    created: float
+
+
+class NodeInventory(Event, frozen=True, tag="node.inventory"):
+    """What the node observed at one reconcile pass: every container carrying
+    `supervisor.managed=true` and this node's id (running or not) and every dir under
+    `workspace_root`. The listing began at `observed_at` (a resource recorded as created
+    before that and absent here is gone). The reconciler's only reading of Docker and the
+    disk; every divergence is computed from the projection of these events."""
+
+    category = "node"
+    name = "inventory"
+    observed_at: datetime | None = None
+    workspace_root: str = ""
+    containers: tuple[ObservedContainer, ...] = ()
+    workspaces: tuple[ObservedWorkspace, ...] = ()
+    pass_id: str = ""
+
+
+class NodeHeartbeat(Event, frozen=True, tag="node.heartbeat"):
+    """The instance is alive. Published every `interval_s`; once an instance has published
+    one, it is taken as dead when none came for `timeout_s`."""
+
+    category = "node"
+    name = "heartbeat"
+    role: str = "serve"
+    interval_s: float = 0.0
+    timeout_s: float = 0.0
+
+
+class ReconcileDecision(Event, frozen=True, tag="reconcile.decision"):
+    """A divergence the reconciler found and what it orders about it. `rule` names the rule,
+    `resource` the container id, workspace path or `<task>/<attempt>`; `evidence_seqs` are
+    the `SUP_EVENTS` sequences that prove it (the inventory that observed or missed the
+    resource, the terminal event, the last heartbeat...). Unless `dry_run`, a cleanup
+    command with `command_id` goes to `SUP_COMMANDS`; its `reconcile.outcome` follows."""
+
+    category = "reconcile"
+    name = "decision"
+    rule: str
+    resource_kind: str
+    resource: str
+    action: str
+    evidence_seqs: tuple[int, ...] = ()
+    reason: str = ""
+    dry_run: bool = False
+    command_id: str | None = None
+    resource_task_id: str = NO_TASK
+    resource_attempt: int = 0
+    since: datetime | None = None
+    pass_id: str = ""
+
+
+ReconcileOutcomeKind = Literal["succeeded", "already_gone", "refused", "failed"]
+
+
+class ReconcileOutcome(Event, frozen=True, tag="reconcile.outcome"):
+    """What the node's command executor did with one delivery of a cleanup command.
+    `refused`: the resource is not this node's managed resource (nothing was touched).
+    A `failed` outcome with `final` false is retried; `final` closes the command."""
+
+    category = "reconcile"
+    name = "outcome"
+    command_id: str
+    outcome: ReconcileOutcomeKind
+    final: bool = True
+    delivery: int = 1
+    rule: str = ""
+    action: str = ""
+    resource_kind: str = ""
+    resource: str = ""
+    resource_task_id: str = NO_TASK
+    resource_attempt: int = 0
+    decision_id: str = ""
+    detail: str = ""
+
+
 AnyEvent = (
     SupervisorStarted
     | SupervisorStopped
@@ -318,6 +413,10 @@ AnyEvent = (
     | ResourceAlert
     | ResourceRecovered
     | ResourceSample
+    | NodeInventory
+    | NodeHeartbeat
+    | ReconcileDecision
+    | ReconcileOutcome
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import msgspec
 
+from schemas.commands import CleanupCommand
 from schemas.events import AnyEvent
 from schemas.spec import ExecutionError, Result, TaskSpec
 
@@ -22,6 +23,7 @@ _DOCUMENTS: dict[str, object] = {
     "result.json": Result,
     "execution_error.json": ExecutionError,
     "events.json": AnyEvent,
+    "commands.json": CleanupCommand,
 }
 
 
