@@ -98,6 +98,8 @@ _LAYERS = {
     "supervisor.admission": {"schemas", "supervisor.config", "supervisor.errors"},
     "supervisor.lifecycle": set(),
     "supervisor.errors": set(),
+    "supervisor.projected": set(),
+    "supervisor.divergence": {"schemas", "supervisor.projected"},
 }
 _PURE_FORBIDDEN = {
     "docker",

@@ -1,0 +1,625 @@
+"""The divergence rules, without I/O: each rule caused on a hand-built projected state,
+the precedence between rules, the command ids, and properties over generated states
+(nothing outside this node's managed containers is ever targeted; live work is never
+touched; the verdict does not depend on order; a divergence found stays found)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from supervisor.divergence import (
+    RULES,
+    Divergence,
+    RuleConfig,
+    command_id,
+    decide,
+    liveness,
+    oldest_leak_s,
+    plan,
+)
+from supervisor.projected import (
+    AttemptRecord,
+    ContainerRecord,
+    InstanceRecord,
+    Inventory,
+    ProjectedState,
+    SeenContainer,
+    SeenWorkspace,
+    TaskRecord,
+    WorkspaceRecord,
+    seen_container,
+    workspace_owner,
+)
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+CFG = RuleConfig(creation_grace_s=30, deadline_grace_s=10, heartbeat_timeout_s=20,
+                 lost_attempt_grace_s=60, max_attempt_s=1200)  # fmt: skip
+ROOT = "/data/workspaces"
+INV_SEQ = 500
+
+
+def ago(seconds: float) -> datetime:
+    return NOW - timedelta(seconds=seconds)
+
+
+@dataclass
+class World:
+    """A projected state built step by step; `build()` freezes it."""
+
+    node: str = "n1"
+    seen: dict[str, SeenContainer] = field(default_factory=dict)
+    seen_ws: dict[str, SeenWorkspace] = field(default_factory=dict)
+    containers: dict[str, ContainerRecord] = field(default_factory=dict)
+    workspaces: dict[str, WorkspaceRecord] = field(default_factory=dict)
+    attempts: dict[tuple[str, int], AttemptRecord] = field(default_factory=dict)
+    tasks: dict[str, TaskRecord] = field(default_factory=dict)
+    instances: dict[str, InstanceRecord] = field(default_factory=dict)
+    open_commands: set[str] = field(default_factory=set)
+    finals: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def serve(self, iid: str, heartbeat_s_ago: float | None = 1.0, seq: int = 10) -> World:
+        hb = None if heartbeat_s_ago is None else ago(heartbeat_s_ago)
+        self.instances[iid] = InstanceRecord(
+            iid, self.node, "serve", started_seq=seq, heartbeat_seq=seq + 1 if hb else None,
+            heartbeat_at=hb, heartbeat_timeout_s=None,
+        )  # fmt: skip
+        return self
+
+    def run_instance(self, iid: str, seq: int = 10) -> World:
+        self.instances[iid] = InstanceRecord(iid, self.node, "run", started_seq=seq)
+        return self
+
+    def stopped(self, iid: str, seq: int = 90) -> World:
+        inst = self.instances[iid]
+        self.instances[iid] = dataclasses.replace(inst, stopped_seq=seq, stopped_at=ago(100))
+        return self
+
+    def task(
+        self, tid: str, *, state: str = "running", finished_seq: int | None = None,
+        quiet_s: float = 0.0, seq: int = 20,
+    ) -> World:  # fmt: skip
+        fin = ago(quiet_s) if finished_seq is not None else None
+        self.tasks[tid] = TaskRecord(tid, state, finished_seq or seq, ago(quiet_s), finished_seq,
+                                     fin, correlation_id=f"corr-{tid}")  # fmt: skip
+        return self
+
+    def attempt(
+        self, tid: str, n: int, iid: str, *, finished_seq: int | None = None,
+        started_s_ago: float = 100.0, seq: int = 21,
+    ) -> World:  # fmt: skip
+        fin = ago(50) if finished_seq is not None else None
+        self.attempts[(tid, n)] = AttemptRecord(tid, n, self.node, iid, seq, ago(started_s_ago),
+                                                finished_seq, fin)  # fmt: skip
+        return self
+
+    def container(
+        self, cid: str, tid: str, n: int, iid: str, *, state: str = "running",
+        created_s_ago: float = 100.0, deadline_in_s: float | None = 300.0, observed: bool = True,
+        recorded: bool = True, node: str | None = None, managed: bool = True,
+        removed_seq: int | None = None, failed_seq: int | None = None, seq: int = 22,
+    ) -> World:  # fmt: skip
+        deadline = NOW + timedelta(seconds=deadline_in_s) if deadline_in_s is not None else None
+        if observed:
+            self.seen[cid] = SeenContainer(cid, state, ago(created_s_ago), tid, n, iid, deadline,
+                                           managed, node or self.node)  # fmt: skip
+        if recorded:
+            self.containers[cid] = ContainerRecord(
+                cid, tid, n, node or self.node, iid, seq, ago(created_s_ago), deadline,
+                removed_seq, failed_seq, ago(40) if failed_seq else None,
+            )  # fmt: skip
+        return self
+
+    def workspace(
+        self, name: str, tid: str, n: int, iid: str, *, created_s_ago: float = 100.0,
+        observed: bool = True, recorded: bool = True, removed_seq: int | None = None,
+        failed_seq: int | None = None, root: str = ROOT, seq: int = 23,
+    ) -> World:  # fmt: skip
+        path = f"{root}/{name}"
+        if observed:
+            self.seen_ws[path] = SeenWorkspace(path, ago(created_s_ago), *workspace_owner(path))
+        if recorded:
+            self.workspaces[path] = WorkspaceRecord(
+                path, tid, n, self.node, iid, seq, ago(created_s_ago), removed_seq, failed_seq,
+                ago(40) if failed_seq else None,
+            )  # fmt: skip
+        return self
+
+    def build(self) -> ProjectedState:
+        inv = Inventory(INV_SEQ, ago(1), ROOT, dict(self.seen), dict(self.seen_ws))
+        return ProjectedState(
+            self.node, inv, dict(self.containers), dict(self.workspaces), dict(self.attempts),
+            dict(self.tasks), dict(self.instances), frozenset(self.open_commands),
+            dict(self.finals), self_instance="me",
+        )  # fmt: skip
+
+
+def found(world: World, now: datetime = NOW) -> list[tuple[str, str, str]]:
+    return [(d.rule, d.resource_kind, d.resource) for d in decide(world.build(), now, CFG)]
+
+
+def only(world: World) -> Divergence:
+    ds = decide(world.build(), NOW, CFG)
+    assert len(ds) == 1, ds
+    return ds[0]
+
+
+def running_task(w: World, tid: str = "t-1", iid: str = "boot-1") -> World:
+    return w.task(tid).attempt(tid, 1, iid)
+
+
+# --- orphan_container ---------------------------------------------------------------------
+
+
+def test_orphan_a_container_of_a_task_that_ended() -> None:
+    w = World().serve("boot-1").task("t-1", state="succeeded", finished_seq=30, quiet_s=50)
+    w.attempt("t-1", 1, "boot-1", finished_seq=29).container("c1", "t-1", 1, "boot-1",
+                                                             state="exited")  # fmt: skip
+    d = only(w)
+    assert (d.rule, d.resource, d.action) == ("orphan_container", "c1", "remove_container")
+    assert d.evidence == (22, 30, INV_SEQ)
+    assert d.reason == "observed, and its task succeeded"
+    assert (d.since, d.task_id, d.attempt) == (ago(50), "t-1", 1)
+
+
+def test_orphan_a_container_of_a_finished_attempt_while_the_task_retries() -> None:
+    w = World().serve("boot-1").task("t-1").attempt("t-1", 1, "boot-1", finished_seq=29)
+    w.attempt("t-1", 2, "boot-1").container("c1", "t-1", 1, "boot-1", state="exited")
+    d = only(w)
+    assert (d.rule, d.evidence, d.reason) == (
+        "orphan_container",
+        (22, 29, INV_SEQ),
+        "observed, and its attempt 1 finished",
+    )
+
+
+def test_orphan_a_container_of_an_unknown_task_only_past_the_creation_grace() -> None:
+    young = World().container("c1", "t-x", 1, "boot-9", recorded=False, created_s_ago=29)
+    old = World().container("c1", "t-x", 1, "boot-9", recorded=False, created_s_ago=31)
+
+    assert found(young) == []
+    d = only(old)
+    assert (d.rule, d.evidence, d.reason) == (
+        "orphan_container",
+        (INV_SEQ,),
+        "observed, and its task t-x is unknown to the log",
+    )
+
+
+def test_orphan_a_young_container_of_a_dead_instance_at_once() -> None:
+    w = running_task(World().serve("boot-1", heartbeat_s_ago=21))
+    w.container("c1", "t-1", 1, "boot-1", created_s_ago=5)
+    d = only(w)
+    assert (d.rule, d.evidence) == ("orphan_container", (11, 22, INV_SEQ))
+    assert d.reason == ("observed, and instance boot-1 sent no heartbeat for 21s (timeout 20s)")
+    assert d.since == ago(21)
+
+
+def test_orphan_a_container_of_a_stopped_instance() -> None:
+    w = running_task(World().serve("boot-1").stopped("boot-1", seq=90))
+    w.container("c1", "t-1", 1, "boot-1")
+    assert (only(w).rule, only(w).evidence) == ("orphan_container", (22, 90, INV_SEQ))
+
+
+def test_the_heartbeat_timeout_an_instance_declared_wins_over_the_config() -> None:
+    w = running_task(World().serve("boot-1", heartbeat_s_ago=8))
+    inst = w.instances["boot-1"]
+    w.instances["boot-1"] = dataclasses.replace(inst, heartbeat_timeout_s=5.0)
+    w.container("c1", "t-1", 1, "boot-1")
+    assert found(w) == [("orphan_container", "container", "c1")]
+
+
+def test_live_work_is_never_a_divergence() -> None:
+    w = running_task(World().serve("boot-1"))
+    w.container("c1", "t-1", 1, "boot-1").workspace("t-1.1.ab", "t-1", 1, "boot-1")
+    assert found(w) == []
+
+
+def test_work_of_an_instance_without_heartbeats_is_presumed_alive() -> None:
+    w = running_task(World().run_instance("cli-1"), iid="cli-1")
+    w.container("c1", "t-1", 1, "cli-1", created_s_ago=500)
+    w.workspace("t-1.1.ab", "t-1", 1, "cli-1", created_s_ago=500)
+    assert found(w) == []
+
+
+def test_the_reconciling_instance_is_alive_whatever_the_log_says() -> None:
+    w = running_task(World().serve("me", heartbeat_s_ago=500), iid="me")
+    w.container("c1", "t-1", 1, "me")
+    assert found(w) == []
+    assert liveness(w.build(), "me", NOW, CFG).status == "live"
+
+
+def test_containers_of_another_node_or_without_the_label_are_never_targeted() -> None:
+    w = World().task("t-1", state="failed", finished_seq=30, quiet_s=500)
+    w.container("c-other", "t-1", 1, "boot-1", node="n2", created_s_ago=500)
+    w.container("c-bare", "t-1", 1, "boot-1", managed=False, recorded=False, created_s_ago=500)
+    assert found(w) == []
+
+
+# --- overdue_container --------------------------------------------------------------------
+
+
+def test_overdue_a_running_container_past_its_deadline_and_grace() -> None:
+    w = running_task(World().serve("boot-1"))
+    w.container("c1", "t-1", 1, "boot-1", deadline_in_s=-11)
+    d = only(w)
+    assert (d.rule, d.evidence, d.since) == ("overdue_container", (22, INV_SEQ), ago(11))
+    assert d.reason == "running 11s past its deadline (grace 10s)"
+
+
+def test_not_overdue_within_the_grace_or_once_exited() -> None:
+    within = running_task(World().serve("boot-1"))
+    within.container("c1", "t-1", 1, "boot-1", deadline_in_s=-9)
+    exited = running_task(World().serve("boot-1"))
+    exited.container("c1", "t-1", 1, "boot-1", deadline_in_s=-500, state="exited")
+    assert found(within) == []
+    assert found(exited) == []
+
+
+def test_overdue_takes_the_deadline_from_the_record_when_the_label_lacks_it() -> None:
+    w = running_task(World().serve("boot-1"))
+    w.container("c1", "t-1", 1, "boot-1", deadline_in_s=-60)
+    w.seen["c1"] = dataclasses.replace(w.seen["c1"], deadline=None)
+    assert found(w) == [("overdue_container", "container", "c1")]
+
+
+def test_overdue_claims_a_container_before_orphan() -> None:
+    w = running_task(World().serve("boot-1", heartbeat_s_ago=60))
+    w.container("c1", "t-1", 1, "boot-1", deadline_in_s=-60)
+    assert found(w) == [("overdue_container", "container", "c1")]
+
+
+# --- unresolved_cleanup_failure -----------------------------------------------------------
+
+
+def test_an_unresolved_cleanup_failure_of_a_container_still_there() -> None:
+    w = running_task(World().serve("boot-1"))
+    w.container("c1", "t-1", 1, "boot-1", state="exited", failed_seq=40)
+    d = only(w)
+    assert (d.rule, d.evidence, d.since) == ("unresolved_cleanup_failure", (40, INV_SEQ), ago(40))
+
+
+def test_an_unresolved_cleanup_failure_of_a_workspace_still_on_disk() -> None:
+    w = running_task(World().serve("boot-1")).workspace("t-1.1.ab", "t-1", 1, "boot-1",
+                                                        failed_seq=41)  # fmt: skip
+    d = only(w)
+    assert (d.rule, d.resource_kind, d.action, d.evidence) == (
+        "unresolved_cleanup_failure",
+        "workspace",
+        "remove_workspace",
+        (41, INV_SEQ),
+    )
+
+
+def test_a_failure_resolved_since_is_no_divergence() -> None:
+    w = running_task(World().serve("boot-1"))
+    w.container("c1", "t-1", 1, "boot-1", failed_seq=40, removed_seq=41, observed=False)
+    assert found(w) == []
+
+
+# --- vanished_container -------------------------------------------------------------------
+
+
+def test_vanished_a_recorded_container_absent_from_the_inventory() -> None:
+    w = running_task(World().serve("boot-1")).container("c1", "t-1", 1, "boot-1", observed=False)
+    d = only(w)
+    assert (d.rule, d.resource_kind, d.action, d.evidence, d.since) == (
+        "vanished_container",
+        "container",
+        "remove_container",
+        (22, INV_SEQ),
+        ago(1),
+    )
+
+
+def test_a_container_created_while_the_listing_ran_is_not_vanished() -> None:
+    w = running_task(World().serve("boot-1"))
+    w.container("c1", "t-1", 1, "boot-1", observed=False, created_s_ago=2)
+    assert found(w) == []
+
+
+def test_vanished_closes_the_attempt_of_a_dead_instance_as_container_vanished() -> None:
+    w = World().serve("boot-1", heartbeat_s_ago=100).task("t-1", quiet_s=61)
+    w.attempt("t-1", 1, "boot-1").container("c1", "t-1", 1, "boot-1", observed=False)
+    ds = decide(w.build(), NOW, CFG)
+    assert [(d.rule, d.resource_kind, d.resource, d.error_code, d.fail_task) for d in ds] == [
+        ("vanished_container", "attempt", "t-1/1", "CONTAINER_VANISHED", False),
+        ("vanished_container", "container", "c1", None, False),
+    ]
+    assert ds[0].evidence == (11, 22, INV_SEQ)
+
+
+def test_vanished_leaves_the_attempt_to_a_redelivery_within_the_grace() -> None:
+    w = World().serve("boot-1", heartbeat_s_ago=100).task("t-1", quiet_s=59)
+    w.attempt("t-1", 1, "boot-1").container("c1", "t-1", 1, "boot-1", observed=False)
+    assert found(w) == [("vanished_container", "container", "c1")]
+
+
+# --- leaked_workspace and vanished_workspace ----------------------------------------------
+
+
+def test_leaked_a_workspace_of_a_finished_attempt() -> None:
+    w = World().serve("boot-1").task("t-1").attempt("t-1", 1, "boot-1", finished_seq=29)
+    w.attempt("t-1", 2, "boot-1").workspace("t-1.1.ab", "t-1", 1, "boot-1")
+    d = only(w)
+    assert (d.rule, d.resource, d.evidence, d.reason) == (
+        "leaked_workspace", f"{ROOT}/t-1.1.ab", (23, 29, INV_SEQ),
+        "on disk, and its attempt 1 finished")  # fmt: skip
+
+
+def test_leaked_a_young_workspace_of_a_dead_instance() -> None:
+    w = running_task(World().serve("boot-1", heartbeat_s_ago=30))
+    w.workspace("t-1.1.ab", "t-1", 1, "boot-1", created_s_ago=3)
+    assert found(w) == [("leaked_workspace", "workspace", f"{ROOT}/t-1.1.ab")]
+
+
+def test_a_dir_the_log_does_not_know_leaks_only_past_the_grace() -> None:
+    young = World().workspace("t-9.1.zz", "t-9", 1, "?", recorded=False, created_s_ago=10)
+    old = World().workspace("t-9.1.zz", "t-9", 1, "?", recorded=False, created_s_ago=40)
+    assert found(young) == []
+    d = only(old)
+    assert (d.rule, d.task_id, d.attempt, d.evidence) == ("leaked_workspace", "t-9", 1, (INV_SEQ,))
+
+
+def test_a_dir_recorded_as_removed_yet_on_disk_leaks() -> None:
+    w = running_task(World().serve("boot-1"))
+    w.workspace("t-1.1.ab", "t-1", 1, "boot-1", removed_seq=44)
+    d = only(w)
+    assert (d.rule, d.evidence, d.reason) == (
+        "leaked_workspace",
+        (23, 44, INV_SEQ),
+        "on disk, and recorded as removed yet still on disk",
+    )
+
+
+def test_vanished_a_recorded_workspace_gone_from_disk_after_its_attempt() -> None:
+    w = World().serve("boot-1").task("t-1", state="failed", finished_seq=30, quiet_s=10)
+    w.attempt("t-1", 1, "boot-1", finished_seq=29)
+    w.workspace("t-1.1.ab", "t-1", 1, "boot-1", observed=False)
+    d = only(w)
+    assert (d.rule, d.action, d.evidence) == ("vanished_workspace", "remove_workspace",
+                                              (23, 30, INV_SEQ))  # fmt: skip
+
+
+def test_a_vanished_workspace_of_running_work_or_of_another_root_is_left_alone() -> None:
+    running = running_task(World().serve("boot-1"))
+    running.workspace("t-1.1.ab", "t-1", 1, "boot-1", observed=False)
+    other_root = World().serve("boot-1").task("t-1", state="failed", finished_seq=30)
+    other_root.attempt("t-1", 1, "boot-1", finished_seq=29)
+    other_root.workspace("t-1.1.ab", "t-1", 1, "boot-1", observed=False, root="/elsewhere/ws")
+    assert found(running) == []
+    assert found(other_root) == []
+
+
+# --- lost_attempt --------------------------------------------------------------------------
+
+
+def test_lost_an_attempt_of_a_dead_daemon_once_its_task_is_quiet() -> None:
+    w = World().serve("boot-1", heartbeat_s_ago=100).task("t-1", quiet_s=61)
+    w.attempt("t-1", 1, "boot-1")
+    d = only(w)
+    assert (d.rule, d.resource_kind, d.resource, d.action, d.error_code, d.fail_task) == (
+        "lost_attempt",
+        "attempt",
+        "t-1/1",
+        "close_attempt",
+        "SUPERVISOR_LOST",
+        False,
+    )
+    assert (d.evidence, d.since) == ((11, 21), ago(100))
+
+
+def test_a_lost_attempt_waits_for_the_grace_and_for_its_container() -> None:
+    quiet = World().serve("boot-1", heartbeat_s_ago=100).task("t-1", quiet_s=59)
+    quiet.attempt("t-1", 1, "boot-1")
+    with_container = World().serve("boot-1", heartbeat_s_ago=100).task("t-1", quiet_s=500)
+    with_container.attempt("t-1", 1, "boot-1").container("c1", "t-1", 1, "boot-1")
+    assert found(quiet) == []
+    assert found(with_container) == [("orphan_container", "container", "c1")]
+
+
+def test_lost_an_attempt_of_a_cli_run_past_its_deadline_ends_the_task_too() -> None:
+    def world(deadline_in_s: float) -> World:
+        w = World().run_instance("cli-1").task("t-1", quiet_s=500).attempt("t-1", 1, "cli-1")
+        return w.container("c1", "t-1", 1, "cli-1", observed=False, recorded=True,
+                           removed_seq=80, deadline_in_s=deadline_in_s)  # fmt: skip
+
+    assert found(world(-9)) == []
+    d = only(world(-11))
+    assert (d.rule, d.error_code, d.fail_task, d.since) == (
+        "lost_attempt",
+        "SUPERVISOR_LOST",
+        True,
+        ago(11),
+    )
+    assert d.reason == ("the attempt runs on record but instance cli-1 (run) publishes no "
+                        "heartbeats and the attempt is past its deadline")  # fmt: skip
+
+
+def test_lost_an_attempt_without_any_deadline_after_the_longest_attempt() -> None:
+    def world(started_s_ago: float) -> World:
+        w = World().run_instance("cli-1").task("t-1", quiet_s=5000)
+        return w.attempt("t-1", 1, "cli-1", started_s_ago=started_s_ago)
+
+    assert found(world(1199)) == []
+    assert found(world(1201)) == [("lost_attempt", "attempt", "t-1/1")]
+
+
+def test_no_attempt_of_an_ended_task_is_closed() -> None:
+    w = World().serve("boot-1", heartbeat_s_ago=100)
+    w.task("t-1", state="failed", finished_seq=30, quiet_s=500).attempt("t-1", 1, "boot-1")
+    assert found(w) == []
+
+
+# --- deciding and planning -----------------------------------------------------------------
+
+
+def test_one_divergence_per_resource_oldest_first() -> None:
+    w = World().serve("boot-1").task("t-1", state="succeeded", finished_seq=30, quiet_s=50)
+    w.attempt("t-1", 1, "boot-1", finished_seq=29)
+    w.container("c1", "t-1", 1, "boot-1", state="exited", failed_seq=40)
+    w.workspace("t-1.1.ab", "t-1", 1, "boot-1")
+    assert found(w) == [
+        ("leaked_workspace", "workspace", f"{ROOT}/t-1.1.ab"),  # since 50 s ago
+        ("unresolved_cleanup_failure", "container", "c1"),  # since 40 s ago
+    ]
+    assert [name for name, _ in RULES] == [
+        "unresolved_cleanup_failure", "overdue_container", "orphan_container",
+        "vanished_container", "leaked_workspace", "vanished_workspace", "lost_attempt",
+    ]  # fmt: skip
+
+
+def test_command_ids_are_deterministic_and_change_with_each_final_outcome() -> None:
+    first = command_id("n1", "remove_container", "c1", 0)
+    assert first == command_id("n1", "remove_container", "c1", 0)
+    assert first.startswith("cmd-") and len(first) == 36
+    others = {command_id("n2", "remove_container", "c1", 0),
+              command_id("n1", "remove_workspace", "c1", 0),
+              command_id("n1", "remove_container", "c2", 0),
+              command_id("n1", "remove_container", "c1", 1)}  # fmt: skip
+    assert first not in others and len(others) == 4
+
+
+def test_plan_marks_commands_already_decided_as_pending() -> None:
+    w = World().container("c1", "t-x", 1, "?", recorded=False, created_s_ago=100)
+    cid = command_id("n1", "remove_container", "c1", 0)
+    assert [(p.command_id, p.pending) for p in plan(w.build(), NOW, CFG)] == [(cid, False)]
+    w.open_commands.add(cid)
+    assert [(p.command_id, p.pending) for p in plan(w.build(), NOW, CFG)] == [(cid, True)]
+    w.open_commands.clear()
+    w.finals[("remove_container", "c1")] = 1
+    assert [(p.command_id, p.pending) for p in plan(w.build(), NOW, CFG)] == [
+        (command_id("n1", "remove_container", "c1", 1), False)
+    ]
+
+
+def test_oldest_leak_age() -> None:
+    w = World().container("c1", "t-x", 1, "?", recorded=False, created_s_ago=100)
+    w.container("c2", "t-y", 1, "?", recorded=False, created_s_ago=40)
+    assert oldest_leak_s(decide(w.build(), NOW, CFG), NOW) == 100.0
+    assert oldest_leak_s([], NOW) == 0.0
+
+
+# --- labels and names ----------------------------------------------------------------------
+
+
+def test_labels_are_parsed_and_a_malformed_number_reads_as_absent() -> None:
+    labels = {"supervisor.managed": "true", "supervisor.node": "n1", "supervisor.task": "t-1",
+              "supervisor.attempt": "2", "supervisor.instance": "boot-1",
+              "supervisor.deadline": "1767268800.5"}  # fmt: skip
+    c = seen_container("c1", "running", 1767268700.0, labels)
+    assert c == SeenContainer("c1", "running", datetime(2026, 1, 1, 11, 58, 20, tzinfo=UTC),
+                              "t-1", 2, "boot-1",
+                              datetime(2026, 1, 1, 12, 0, 0, 500000, tzinfo=UTC), True, "n1")  # fmt: skip
+    bad = seen_container("c1", "exited", 0.0, {"supervisor.attempt": "x",
+                                                "supervisor.deadline": "soon"})  # fmt: skip
+    assert (bad.attempt, bad.deadline, bad.managed, bad.node_id, bad.running) == (
+        None,
+        None,
+        False,
+        None,
+        False,
+    )
+
+
+def test_workspace_owner_from_the_dir_name() -> None:
+    assert workspace_owner("/d/workspaces/t-1.2.k3j_x") == ("t-1", 2)
+    assert workspace_owner("/d/workspaces/t-1.x.k3j") == ("t-1", None)
+    assert workspace_owner("/d/workspaces/stray") == (None, None)
+
+
+# --- properties ----------------------------------------------------------------------------
+
+_INSTANCES = ("live", "dead", "stopped", "silent")
+
+
+@st.composite
+def worlds(draw: st.DrawFn) -> World:
+    w = World()
+    w.serve("live", heartbeat_s_ago=draw(st.floats(0, 19)))
+    w.serve("dead", heartbeat_s_ago=draw(st.floats(21, 1000)))
+    w.serve("stopped").stopped("stopped")
+    w.run_instance("silent")
+    for i in range(draw(st.integers(0, 6))):
+        tid = f"t-{i}"
+        iid = draw(st.sampled_from(_INSTANCES))
+        ended = draw(st.booleans())
+        w.task(tid, state="succeeded" if ended else "running",
+               finished_seq=100 + i if ended else None, quiet_s=draw(st.floats(0, 500)))  # fmt: skip
+        attempt_done = ended or draw(st.booleans())
+        w.attempt(tid, 1, iid, finished_seq=99 if attempt_done else None,
+                  started_s_ago=draw(st.floats(0, 2000)))  # fmt: skip
+        if draw(st.booleans()):
+            w.container(
+                f"c{i}", tid, 1, iid, state=draw(st.sampled_from(["running", "exited", "created"])),
+                created_s_ago=draw(st.floats(0, 500)), deadline_in_s=draw(st.floats(-500, 500)),
+                observed=draw(st.booleans()), recorded=draw(st.booleans()),
+                node=draw(st.sampled_from(["n1", "n1", "n2"])), managed=draw(st.booleans()),
+                failed_seq=draw(st.sampled_from([None, 60])),
+            )  # fmt: skip
+        if draw(st.booleans()):
+            w.workspace(f"{tid}.1.ab", tid, 1, iid, created_s_ago=draw(st.floats(0, 500)),
+                        observed=draw(st.booleans()), recorded=draw(st.booleans()))  # fmt: skip
+    return w
+
+
+@settings(max_examples=300, deadline=None)
+@given(worlds())
+def test_nothing_but_this_nodes_managed_containers_is_ever_targeted(w: World) -> None:
+    state = w.build()
+    for d in decide(state, NOW, CFG):
+        if d.resource_kind != "container":
+            continue
+        seen = state.inventory.containers.get(d.resource)
+        if seen is not None:
+            assert seen.managed and seen.node_id == "n1", d
+        else:  # absent: only recording that a container of this node is gone
+            assert d.rule == "vanished_container" and state.containers[d.resource].node_id == "n1"
+
+
+@settings(max_examples=300, deadline=None)
+@given(worlds())
+def test_running_work_of_a_live_daemon_within_its_deadline_is_never_touched(w: World) -> None:
+    state = w.build()
+    for d in decide(state, NOW, CFG):
+        att = state.attempts.get((d.task_id, d.attempt))
+        task = state.tasks.get(d.task_id)
+        alive = att is not None and att.instance_id == "live" and att.finished_seq is None
+        if alive and task is not None and task.finished_seq is None:
+            seen = state.inventory.containers.get(d.resource)
+            assert d.resource_kind != "attempt", d
+            assert d.rule != "orphan_container", d
+            if d.rule == "overdue_container":
+                assert seen is not None and seen.deadline is not None and seen.deadline < NOW
+
+
+@settings(max_examples=200, deadline=None)
+@given(worlds(), st.randoms())
+def test_the_verdict_does_not_depend_on_the_order_of_the_rows(w: World, rnd: random.Random) -> None:
+    state = w.build()
+
+    def shuffled(m: dict) -> dict:  # type: ignore[type-arg]
+        items = list(m.items())
+        rnd.shuffle(items)
+        return dict(items)
+
+    inv = dataclasses.replace(state.inventory, containers=shuffled(dict(state.inventory.containers)),
+                              workspaces=shuffled(dict(state.inventory.workspaces)))  # fmt: skip
+    other = dataclasses.replace(state, inventory=inv, containers=shuffled(dict(state.containers)),
+                                workspaces=shuffled(dict(state.workspaces)),
+                                attempts=shuffled(dict(state.attempts)))  # fmt: skip
+    assert decide(other, NOW, CFG) == decide(state, NOW, CFG)
+
+
+@settings(max_examples=200, deadline=None)
+@given(worlds(), st.floats(0, 3600))
+def test_a_divergence_found_stays_found_as_time_passes(w: World, later_s: float) -> None:
+    state = w.build()
+    now_found = {(d.resource_kind, d.resource) for d in decide(state, NOW, CFG)}
+    later = NOW + timedelta(seconds=later_s)
+    assert now_found <= {(d.resource_kind, d.resource) for d in decide(state, later, CFG)}
