@@ -2,9 +2,9 @@
 
 The store registers the staging tables of `projections.decode.STAGING` as `_batch`
 (every valid event's envelope and payload), `_submitted`, `_terminal`, `_attempt`,
-`_container`, `_workspace`, `_error`, `_cleanup` and `_alert` (what the projection reads
-of each kind's body, keyed by `seq`), then runs `APPLY_STATEMENTS` in order, in one transaction
-with the watermark:
+`_container`, `_workspace`, `_error`, `_cleanup`, `_alert`, `_instance`, `_inventory`,
+`_decision` and `_outcome` (what the projection reads of each kind's body, keyed by `seq`),
+then runs `APPLY_STATEMENTS` in order, in one transaction with the watermark:
 
 1. `_dups`: events of the batch already in `events` (same `event_id`); `_new` is the batch
    without them. Joining a kind's rows with `_new` drops its duplicates too. This is what
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from projections.apply_reconcile import RECONCILE_STATEMENTS
 from projections.machine import TERMINAL_TASK_TYPES, sql_in, sql_task_state_case
 from schemas import NO_TASK
 
@@ -82,8 +83,6 @@ INSERT INTO alerts
 SELECT {_ENV}, split_part(n.type, '.', 2), x.metric, x.value, x.threshold
 FROM _alert x JOIN _new n ON n.seq = x.seq
 """
-
-# `reconcile_decisions` gets its INSERT here when reconcile.decision joins the schemas.
 
 MERGE_TASKS = f"""
 MERGE INTO tasks USING (
@@ -405,7 +404,9 @@ APPLY_STATEMENTS: Final[tuple[str, ...]] = (
     MERGE_ATTEMPTS,
     MERGE_CONTAINERS,
     MERGE_WORKSPACES,
+    *RECONCILE_STATEMENTS,
 )
-"""Run in this order over the staging tables, inside the batch's transaction."""
+"""Run in this order over the staging tables, inside the batch's transaction (the node and
+reconciler tables last: `projections.apply_reconcile`)."""
 
 SET_WATERMARK = "UPDATE projector_state SET seq = $seq WHERE stream = $stream"

@@ -11,18 +11,21 @@ Rules, each reported with the task, and the stream sequences that prove it:
   never started;
 - `event_after_attempt_finished`: a workspace/container/cleanup/error event of an attempt
   after its `attempt.finished`. Excepted: cleanup events that resolve an earlier
-  `cleanup.failed` of the same resource, or that follow a `reconcile.decision` naming the
-  resource (cleanup ordered later by the reconciler);
+  `cleanup.failed` of the same resource, or cleanup events and kills that follow a
+  `reconcile.decision` naming the resource (cleanup ordered later by the reconciler);
 - `container_lifecycle` / `workspace_lifecycle`: a resource event its machine does not
   allow (removing an already removed resource is allowed: cleanup is idempotent; so is
   removing one never recorded as created when a `reconcile.decision` named it);
 - `container_not_removed` / `workspace_not_removed`: created, never removed;
 - `cleanup_unresolved`: a `cleanup.failed` not followed by a `cleanup.succeeded` for the
-  same resource (of the same step, or `remove_container` for a failed `kill`).
+  same resource (of the same step, or `remove_container` for a failed `kill`);
+- `decision_without_outcome`: a `reconcile.decision` that ordered a command (not a dry
+  run) with no final `reconcile.outcome` for that command afterwards.
 
-"Eventually" rules (`task_not_terminal`, `*_not_removed`, `cleanup_unresolved`) skip work
-still in flight when `grace_s` is given: a task not terminal whose last event is within
-`grace_s` of the end of history (`now`). Without it the history is judged as complete.
+"Eventually" rules (`task_not_terminal`, `*_not_removed`, `cleanup_unresolved`,
+`decision_without_outcome`) skip work still in flight when `grace_s` is given: a task not
+terminal whose last event (a decision: itself) is within `grace_s` of the end of history
+(`now`). Without it the history is judged as complete.
 `audit_records` is pure; `load_records` reads them from a projection.
 """
 
@@ -65,6 +68,9 @@ class Record(NamedTuple):
     step: str | None = None
     resource: str | None = None
     path: str | None = None
+    command_id: str | None = None
+    dry_run: bool | None = None
+    final: bool | None = None
 
 
 class Violation(msgspec.Struct, frozen=True, kw_only=True):
@@ -78,7 +84,8 @@ class Violation(msgspec.Struct, frozen=True, kw_only=True):
 
 _LOAD = """
 SELECT seq, type, task_id, attempt, occurred_at,
-       payload->>'container_id', payload->>'step', payload->>'resource', payload->>'path'
+       payload->>'container_id', payload->>'step', payload->>'resource', payload->>'path',
+       payload->>'command_id', (payload->>'dry_run')::BOOLEAN, (payload->>'final')::BOOLEAN
 FROM events ORDER BY seq
 """
 
@@ -92,7 +99,8 @@ def records_of(events: Iterable[Event], first_seq: int = 1) -> list[Record]:
     """Records of `events` as if they were stored in this order from `first_seq` on."""
     out = []
     for seq, e in enumerate(events, start=first_seq):
-        extra = (getattr(e, name, None) for name in ("container_id", "step", "resource", "path"))
+        names = ("container_id", "step", "resource", "path", "command_id", "dry_run", "final")
+        extra = (getattr(e, name, None) for name in names)
         out.append(
             Record(seq, event_type(e), e.task_id or NO_TASK, e.attempt, e.occurred_at, *extra)
         )
@@ -133,6 +141,8 @@ def audit_records(
     tasks: dict[str, _Task] = defaultdict(_Task)
     resources: dict[tuple[str, str], _Resource] = {}
     decided: set[str] = set()
+    ordered: dict[str, Record] = {}  # command id -> the first decision ordering it
+    concluded: set[str] = set()  # command ids with a final outcome
     end: datetime | None = None
     for r in records:
         end = r.occurred_at if end is None or r.occurred_at > end else end
@@ -142,6 +152,10 @@ def audit_records(
             _task_event(r, t, out)
         if r.type == "reconcile.decision" and r.resource:
             decided.add(r.resource)
+            if r.command_id and not r.dry_run:
+                ordered.setdefault(r.command_id, r)
+        if r.type == "reconcile.outcome" and r.final and r.command_id:
+            concluded.add(r.command_id)
         category = r.type.split(".", 1)[0]
         if r.attempt > 0 and category in ATTEMPT_CATEGORIES:
             _attempt_event(r, t, resources, decided, out)
@@ -172,6 +186,12 @@ def audit_records(
             out.append(Violation(task_id=res.task_id, rule="cleanup_unresolved", seqs=(seq,),
                                  attempt=res.attempt, resource=name,
                                  detail=f"{step} failed and was never resolved"))  # fmt: skip
+    for command_id, d in ordered.items():
+        if command_id in concluded or (open_since is not None and d.occurred_at >= open_since):
+            continue
+        out.append(Violation(task_id=d.task_id, rule="decision_without_outcome", seqs=(d.seq,),
+                             resource=d.resource,
+                             detail=f"command {command_id} never reached a final outcome"))  # fmt: skip
     out.sort(key=lambda v: (v.seqs[0], v.rule))
     return out
 
@@ -225,6 +245,8 @@ def _attempt_event(
         res = resources.get((_kind_of(r), r.resource))
         if r.resource in decided or (res is not None and res.failed):
             return
+    if r.type == "container.kill_issued" and r.container_id in decided:
+        return  # the reconciler kills a container left running
     out.append(Violation(task_id=r.task_id, rule="event_after_attempt_finished",
                          seqs=(finished, r.seq), attempt=r.attempt,
                          resource=r.container_id or r.resource or r.path,

@@ -6,8 +6,10 @@ what the log says, never the time they were written, so a replay of the whole hi
 gives exactly the rows of the live projection; views may use `now()` (ages).
 
 Tables come in three kinds: the raw log (`events`, `dead_letters`), facts (one row per
-event of a kind: `errors`, `cleanups`, `alerts`, `reconcile_decisions`) and current state
-(one row per entity: `tasks`, `attempts`, `containers`, `workspaces`), plus the
+event of a kind: `errors`, `cleanups`, `alerts`, `reconcile_decisions`,
+`reconcile_outcomes`, `inventories`) and current state (one row per entity: `tasks`,
+`attempts`, `containers`, `workspaces`, `instances`; and `observed_containers` /
+`observed_workspaces`, the rows of each node's latest `node.inventory`), plus the
 `projector_state` watermark. Bump `DDL_VERSION` on any change to a table; a projection file
 of another version is refused (replay it).
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 from typing import Final
 
-DDL_VERSION: Final = 1
+DDL_VERSION: Final = 2
 
 TABLES: Final[tuple[str, ...]] = (
     "events",
@@ -29,6 +31,11 @@ TABLES: Final[tuple[str, ...]] = (
     "cleanups",
     "alerts",
     "reconcile_decisions",
+    "reconcile_outcomes",
+    "instances",
+    "inventories",
+    "observed_containers",
+    "observed_workspaces",
     "projector_state",
 )
 """Every table, in the order a comparison or a dump should visit them."""
@@ -39,6 +46,7 @@ VIEWS: Final[tuple[str, ...]] = (
     "cleanup_success_rate",
     "task_latency",
     "open_tasks",
+    "reconcile_commands",
 )
 
 KEYS: Final[dict[str, tuple[str, ...]]] = {
@@ -52,6 +60,11 @@ KEYS: Final[dict[str, tuple[str, ...]]] = {
     "cleanups": ("seq",),
     "alerts": ("seq",),
     "reconcile_decisions": ("seq",),
+    "reconcile_outcomes": ("seq",),
+    "instances": ("instance_id",),
+    "inventories": ("seq",),
+    "observed_containers": ("node_id", "container_id"),
+    "observed_workspaces": ("node_id", "path"),
     "projector_state": ("stream",),
 }
 """The key of each table (unique by construction; no index is declared: inserts stay cheap)."""
@@ -218,7 +231,74 @@ CREATE TABLE IF NOT EXISTS reconcile_decisions ({_ENVELOPE},
     resource       VARCHAR NOT NULL,
     evidence_seqs  BIGINT[] NOT NULL,
     command_id     VARCHAR,
-    dry_run        BOOLEAN NOT NULL
+    dry_run        BOOLEAN NOT NULL,
+    action         VARCHAR NOT NULL,
+    reason         VARCHAR NOT NULL,
+    resource_task_id VARCHAR NOT NULL,
+    resource_attempt INTEGER NOT NULL,
+    since          TIMESTAMP
+)""",
+    "reconcile_outcomes": f"""
+CREATE TABLE IF NOT EXISTS reconcile_outcomes ({_ENVELOPE},
+    command_id     VARCHAR NOT NULL,
+    outcome        VARCHAR NOT NULL,
+    final          BOOLEAN NOT NULL,
+    delivery       INTEGER NOT NULL,
+    rule           VARCHAR NOT NULL,
+    action         VARCHAR NOT NULL,
+    resource_kind  VARCHAR NOT NULL,
+    resource       VARCHAR NOT NULL,
+    detail         VARCHAR NOT NULL
+)""",
+    "instances": """
+CREATE TABLE IF NOT EXISTS instances (
+    instance_id         VARCHAR NOT NULL,
+    node_id             VARCHAR NOT NULL,
+    role                VARCHAR,
+    pid                 INTEGER,
+    started_at          TIMESTAMP,
+    started_seq         BIGINT,
+    stopped_at          TIMESTAMP,
+    stopped_seq         BIGINT,
+    heartbeats          BIGINT NOT NULL,
+    last_heartbeat_at   TIMESTAMP,
+    last_heartbeat_seq  BIGINT,
+    heartbeat_timeout_s DOUBLE,
+    first_seq           BIGINT NOT NULL,
+    last_seq            BIGINT NOT NULL,
+    last_event_at       TIMESTAMP NOT NULL,
+    events              BIGINT NOT NULL
+)""",
+    "inventories": f"""
+CREATE TABLE IF NOT EXISTS inventories ({_ENVELOPE},
+    instance_id    VARCHAR NOT NULL,
+    observed_at    TIMESTAMP NOT NULL,
+    workspace_root VARCHAR NOT NULL,
+    containers     INTEGER NOT NULL,
+    workspaces     INTEGER NOT NULL
+)""",
+    "observed_containers": """
+CREATE TABLE IF NOT EXISTS observed_containers (
+    node_id       VARCHAR NOT NULL,
+    seq           BIGINT NOT NULL,
+    container_id  VARCHAR NOT NULL,
+    state         VARCHAR NOT NULL,
+    created_at    TIMESTAMP NOT NULL,
+    task_id       VARCHAR,
+    attempt       INTEGER,
+    instance_id   VARCHAR,
+    deadline      TIMESTAMP,
+    managed       BOOLEAN NOT NULL,
+    label_node    VARCHAR
+)""",
+    "observed_workspaces": """
+CREATE TABLE IF NOT EXISTS observed_workspaces (
+    node_id    VARCHAR NOT NULL,
+    seq        BIGINT NOT NULL,
+    path       VARCHAR NOT NULL,
+    created_at TIMESTAMP NOT NULL,
+    task_id    VARCHAR,
+    attempt    INTEGER
 )""",
     "projector_state": """
 CREATE TABLE IF NOT EXISTS projector_state (
@@ -297,6 +377,32 @@ FROM tasks t
 LEFT JOIN attempts a ON a.task_id = t.task_id AND a.attempt = t.attempts
 WHERE NOT coalesce(t.{_TERMINAL_TASK}, false)
 ORDER BY t.first_seq
+""",
+    # One row per command the reconciler ordered (dry runs order nothing): its first
+    # decision, and where its outcomes stand. `status`: issued (no outcome yet), retrying
+    # (failed, to be delivered again), or the final outcome.
+    "reconcile_commands": """
+CREATE OR REPLACE VIEW reconcile_commands AS
+WITH d AS (
+    SELECT command_id, min(seq) AS decision_seq, arg_min(occurred_at, seq) AS decided_at,
+           arg_min(node_id, seq) AS node_id, arg_min(rule, seq) AS rule,
+           arg_min(action, seq) AS action, arg_min(resource_kind, seq) AS resource_kind,
+           arg_min(resource, seq) AS resource, arg_min(resource_task_id, seq) AS task_id,
+           arg_min(resource_attempt, seq) AS attempt, count(*) AS decisions
+    FROM reconcile_decisions WHERE NOT dry_run AND command_id IS NOT NULL
+    GROUP BY command_id
+), o AS (
+    SELECT command_id, count(*) AS deliveries, arg_max(outcome, seq) AS last_outcome,
+           bool_or(final) AS final, max(seq) FILTER (WHERE final) AS outcome_seq,
+           max(occurred_at) FILTER (WHERE final) AS finished_at, arg_max(detail, seq) AS detail
+    FROM reconcile_outcomes GROUP BY command_id
+)
+SELECT d.*, CASE WHEN o.final THEN o.last_outcome WHEN o.command_id IS NULL THEN 'issued'
+                 ELSE 'retrying' END AS status,
+       coalesce(o.deliveries, 0) AS deliveries, o.outcome_seq, o.finished_at, o.detail,
+       coalesce(epoch(o.finished_at), epoch(now())) - epoch(d.decided_at) AS age_s
+FROM d LEFT JOIN o USING (command_id)
+ORDER BY d.decision_seq
 """,
 }
 

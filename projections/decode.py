@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import msgspec
@@ -42,8 +43,14 @@ from schemas import (
     ErrorRaised,
     Event,
     KillIssued,
+    NodeHeartbeat,
+    NodeInventory,
+    ReconcileDecision,
+    ReconcileOutcome,
     ResourceAlert,
     ResourceRecovered,
+    SupervisorStarted,
+    SupervisorStopped,
     TaskFailed,
     TaskRejected,
     TaskSubmitted,
@@ -51,6 +58,7 @@ from schemas import (
     WorkspaceCreated,
     decode_event,
 )
+from supervisor.projected import seen_container, workspace_owner
 
 TAGS: Final[dict[type[Event], str]] = {cls: str(cls.__struct_config__.tag) for cls in EVENT_TYPES}
 KNOWN_TYPES: Final[frozenset[str]] = frozenset(TAGS.values())
@@ -97,6 +105,35 @@ STAGING: Final[dict[str, pa.Schema]] = {
     "alert": pa.schema([
         ("seq", pa.int64()), ("metric", pa.string()), ("value", pa.float64()),
         ("threshold", pa.float64()),
+    ]),
+    "instance": pa.schema([
+        ("seq", pa.int64()), ("role", pa.string()), ("pid", pa.int32()),
+        ("timeout_s", pa.float64()),
+    ]),
+    "inventory": pa.schema([
+        ("seq", pa.int64()), ("observed_at", _TS), ("workspace_root", pa.string()),
+        ("containers", pa.list_(pa.struct([
+            ("container_id", pa.string()), ("state", pa.string()), ("created_at", _TS),
+            ("task_id", pa.string()), ("attempt", pa.int32()), ("instance_id", pa.string()),
+            ("deadline", _TS), ("managed", pa.bool_()), ("label_node", pa.string()),
+        ]))),
+        ("workspaces", pa.list_(pa.struct([
+            ("path", pa.string()), ("created_at", _TS), ("task_id", pa.string()),
+            ("attempt", pa.int32()),
+        ]))),
+    ]),
+    "decision": pa.schema([
+        ("seq", pa.int64()), ("rule", pa.string()), ("resource_kind", pa.string()),
+        ("resource", pa.string()), ("evidence_seqs", pa.list_(pa.int64())),
+        ("command_id", pa.string()), ("dry_run", pa.bool_()), ("action", pa.string()),
+        ("reason", pa.string()), ("resource_task_id", pa.string()),
+        ("resource_attempt", pa.int32()), ("since", _TS),
+    ]),
+    "outcome": pa.schema([
+        ("seq", pa.int64()), ("command_id", pa.string()), ("outcome", pa.string()),
+        ("final", pa.bool_()), ("delivery", pa.int32()), ("rule", pa.string()),
+        ("action", pa.string()), ("resource_kind", pa.string()), ("resource", pa.string()),
+        ("detail", pa.string()),
     ]),
 }  # fmt: skip
 """Each staging table (registered as `_<kind>` while a batch is applied) and its columns.
@@ -213,6 +250,25 @@ def _rejected(ev: TaskRejected) -> tuple[Any, ...]:
     return (r and r.exit_code, e.type, e.code, r and r.duration_s)
 
 
+def _inventory(ev: NodeInventory) -> tuple[Any, ...]:
+    """The listing's time and root, and its containers (labels parsed) and workspaces (owner
+    parsed from the dir name) as lists of structs, unnested by SQL."""
+    containers = []
+    for c in ev.containers:
+        s = seen_container(c.container_id, c.state, c.created, c.labels)
+        containers.append({
+            "container_id": s.container_id, "state": s.state, "created_at": s.created_at,
+            "task_id": s.task_id, "attempt": s.attempt, "instance_id": s.instance_id,
+            "deadline": s.deadline, "managed": s.managed, "label_node": s.node_id,
+        })  # fmt: skip
+    workspaces = []
+    for w in ev.workspaces:
+        task_id, attempt = workspace_owner(w.path)
+        workspaces.append({"path": w.path, "created_at": datetime.fromtimestamp(w.created, UTC),
+                           "task_id": task_id, "attempt": attempt})  # fmt: skip
+    return (ev.observed_at or ev.occurred_at, ev.workspace_root, containers, workspaces)
+
+
 # What the projection reads of each type's body: type -> (staging kind, row after `seq`).
 # A dict rather than `match`: this runs once per event in the projector's hot loop, and a
 # match statement tries its cases in order (it cost three times as much).
@@ -233,9 +289,15 @@ _EXTRACT: Final[dict[type[Event], tuple[str, Callable[[Any], tuple[Any, ...]]]]]
     ErrorRaised: ("error", lambda e: (e.error_type, e.code, e.message, e.retryable, e.container_id)),
     ResourceAlert: ("alert", lambda e: (e.metric, e.value, e.threshold)),
     ResourceRecovered: ("alert", lambda e: (e.metric, e.value, e.threshold)),
+    SupervisorStarted: ("instance", lambda e: (e.role, e.pid, None)),
+    SupervisorStopped: ("instance", lambda e: (None, None, None)),
+    NodeHeartbeat: ("instance", lambda e: (e.role, None, e.timeout_s)),
+    NodeInventory: ("inventory", _inventory),
+    ReconcileDecision: ("decision", lambda e: (e.rule, e.resource_kind, e.resource, list(e.evidence_seqs), e.command_id, e.dry_run, e.action, e.reason, e.resource_task_id, e.resource_attempt, e.since)),
+    ReconcileOutcome: ("outcome", lambda e: (e.command_id, e.outcome, e.final, e.delivery, e.rule, e.action, e.resource_kind, e.resource, e.detail)),
 }  # fmt: skip
-"""Types absent here (supervisor.*, task.retry_scheduled, breaker.*, resource.sample) are
-kept in `events` only."""
+"""Types absent here (task.retry_scheduled, breaker.*, resource.sample) are kept in
+`events` only."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import msgspec
 import pytest
 
 from projections import ProjectionStore, ProjectionStoreError, Projector, replay, snapshot
-from projections.ddl import TABLES
+from projections.ddl import DDL_VERSION, TABLES
 from projections.loadgen import publish
 from projections.synthetic import AttemptPlan, HistoryBuilder, mixed_history
 from schemas import TaskSubmitted, encode_event
@@ -338,7 +338,7 @@ async def test_catch_up_on_a_missing_or_empty_stream_is_a_no_op(
     with Projector(db, nats_url) as p:
         result = await p.catch_up()
     assert (result.seq, result.target, result.applied) == (0, 0, 0)
-    assert tables(db)["projector_state"] == [("SUP_EVENTS", 0, 1)]
+    assert tables(db)["projector_state"] == [("SUP_EVENTS", 0, DDL_VERSION)]
 
 
 def test_a_file_of_another_ddl_version_is_refused(tmp_dir: Path) -> None:

@@ -64,7 +64,8 @@ def test_each_event_lands_in_its_staging_kind() -> None:
     batch = _batch([encode_event(e) for e in b.events])
     counts = {kind: len(rows) for kind, rows in batch.rows.items()}
     assert counts == {"batch": 21, "submitted": 1, "terminal": 1, "attempt": 4, "container": 7,
-                      "workspace": 2, "error": 1, "cleanup": 4, "alert": 0}  # fmt: skip
+                      "workspace": 2, "error": 1, "cleanup": 4, "alert": 0, "instance": 0,
+                      "inventory": 0, "decision": 0, "outcome": 0}  # fmt: skip
     assert batch.rows["container"][2] == (6, "c-t-1-1", None, None, None, None, "timeout")
     staged = stage(batch)
     for kind, table in staged.tables.items():

@@ -1,0 +1,197 @@
+"""The reconciler's `StateSource` over the DuckDB projection.
+
+`DuckDBState(on_cursor)` reads one node's projected state (`supervisor.projected`) in one
+read transaction, so every table is seen at the same committed batch. `on_cursor` runs a
+function on a read cursor of the projection's database, off the event loop:
+`ProjectionPart`'s query pool in the daemon, or `cursor_runner(con)` for a database this
+process holds (the CLI's replayed copy, tests). `refresh`, when given, is awaited before
+each read (the CLI catches its copy up with the stream there).
+
+What is read is bounded by the node's present, not its history: its latest inventory, the
+containers and workspaces it has not removed (or that the inventory shows), the attempts
+still open, the tasks, attempts and instances those refer to, and the reconciler's own
+commands that have no final outcome yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import duckdb
+
+from supervisor.projected import (
+    AttemptRecord,
+    ContainerRecord,
+    InstanceRecord,
+    Inventory,
+    ProjectedState,
+    SeenContainer,
+    SeenWorkspace,
+    TaskRecord,
+    WorkspaceRecord,
+)
+
+T = TypeVar("T")
+OnCursor = Callable[[Callable[[duckdb.DuckDBPyConnection], Any]], Awaitable[Any]]
+
+_LATEST = """
+SELECT seq, observed_at, workspace_root FROM inventories
+WHERE node_id = $node ORDER BY seq DESC LIMIT 1
+"""
+
+_SEEN_CONTAINERS = """
+SELECT container_id, state, created_at, task_id, attempt, instance_id, deadline, managed,
+       label_node AS node_id
+FROM observed_containers WHERE node_id = $node
+"""
+
+_SEEN_WORKSPACES = """
+SELECT path, created_at, task_id, attempt FROM observed_workspaces WHERE node_id = $node
+"""
+
+_FAILED = """
+SELECT resource, max(seq) AS failed_seq, arg_max(occurred_at, seq) AS failed_at
+FROM cleanups WHERE outcome = 'failed' AND step IN {steps} GROUP BY resource
+"""
+
+_CONTAINERS = f"""
+SELECT c.container_id, c.task_id, c.attempt, c.node_id, c.instance_id, c.created_seq,
+       c.created_at, c.deadline, c.removed_seq, f.failed_seq, f.failed_at
+FROM containers c
+LEFT JOIN ({_FAILED.format(steps="('kill', 'remove_container')")}) f
+    ON f.resource = c.container_id
+WHERE (c.node_id = $node AND c.removed_seq IS NULL)
+   OR c.container_id IN (SELECT container_id FROM observed_containers WHERE node_id = $node)
+"""
+
+_WORKSPACES = f"""
+SELECT w.path, w.task_id, w.attempt, w.node_id, w.instance_id, w.created_seq, w.created_at,
+       w.removed_seq, f.failed_seq, f.failed_at
+FROM workspaces w
+LEFT JOIN ({_FAILED.format(steps="('remove_workspace',)")}) f ON f.resource = w.path
+WHERE (w.node_id = $node AND w.removed_seq IS NULL)
+   OR w.path IN (SELECT path FROM observed_workspaces WHERE node_id = $node)
+"""
+
+_REFS = """
+CREATE OR REPLACE TEMP TABLE _reconcile_refs AS
+SELECT task_id, attempt FROM observed_containers WHERE node_id = $node AND task_id IS NOT NULL
+UNION SELECT task_id, attempt FROM observed_workspaces WHERE node_id = $node
+                                                        AND task_id IS NOT NULL
+UNION SELECT task_id, attempt FROM containers WHERE node_id = $node AND removed_seq IS NULL
+UNION SELECT task_id, attempt FROM workspaces WHERE node_id = $node AND removed_seq IS NULL
+UNION SELECT task_id, attempt FROM attempts WHERE node_id = $node AND finished_seq IS NULL
+"""
+
+_ATTEMPTS = """
+SELECT a.task_id, a.attempt, a.node_id, a.instance_id, a.started_seq, a.started_at,
+       a.finished_seq, a.finished_at
+FROM attempts a SEMI JOIN _reconcile_refs r ON r.task_id = a.task_id AND r.attempt = a.attempt
+"""
+
+_TASKS = """
+SELECT task_id, state, last_seq, last_event_at, finished_seq, finished_at, correlation_id
+FROM tasks WHERE task_id IN (SELECT task_id FROM _reconcile_refs)
+"""
+
+_INSTANCES = """
+SELECT instance_id, node_id, role, started_seq, stopped_seq, stopped_at,
+       last_heartbeat_seq AS heartbeat_seq, last_heartbeat_at AS heartbeat_at,
+       heartbeat_timeout_s
+FROM instances
+WHERE node_id = $node
+   OR instance_id IN (SELECT instance_id FROM observed_containers WHERE node_id = $node)
+"""
+
+_OPEN_COMMANDS = """
+SELECT DISTINCT command_id FROM reconcile_decisions
+WHERE node_id = $node AND NOT dry_run AND command_id IS NOT NULL
+  AND command_id NOT IN (SELECT command_id FROM reconcile_outcomes WHERE final)
+"""
+
+_FINALS = """
+SELECT action, resource, count(*) FROM reconcile_outcomes
+WHERE node_id = $node AND final GROUP BY action, resource
+"""
+
+
+def _records(
+    cur: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any], cls: Callable[..., T]
+) -> list[T]:
+    """Rows as `cls(**columns)`; DuckDB's naive TIMESTAMPs (UTC by the projection's
+    convention) become aware datetimes."""
+    cur.execute(sql, params)
+    names = [d[0] for d in cur.description or []]
+    return [
+        cls(**{n: v.replace(tzinfo=UTC) if isinstance(v, datetime) else v
+               for n, v in zip(names, row, strict=True)})
+        for row in cur.fetchall()
+    ]  # fmt: skip
+
+
+def read_state(
+    cur: duckdb.DuckDBPyConnection, node_id: str, inventory_id: str
+) -> ProjectedState | None:
+    """The projected state of `node_id`, or None while inventory `inventory_id` is not in
+    the projection. Blocking; one read transaction (rolled back: it writes only a temp
+    table)."""
+    p = {"node": node_id}
+    cur.execute("BEGIN TRANSACTION")
+    try:
+        if not cur.execute("SELECT 1 FROM inventories WHERE event_id = $id",
+                           {"id": inventory_id}).fetchall():  # fmt: skip
+            return None
+        seq, observed_at, root = cur.execute(_LATEST, p).fetchall()[0]
+        seen = {c.container_id: c for c in _records(cur, _SEEN_CONTAINERS, p, SeenContainer)}
+        seen_ws = {w.path: w for w in _records(cur, _SEEN_WORKSPACES, p, SeenWorkspace)}
+        containers = {c.container_id: c for c in _records(cur, _CONTAINERS, p, ContainerRecord)}
+        workspaces = {w.path: w for w in _records(cur, _WORKSPACES, p, WorkspaceRecord)}
+        cur.execute(_REFS, p)
+        attempts = {(a.task_id, a.attempt): a for a in _records(cur, _ATTEMPTS, {}, AttemptRecord)}
+        tasks = {t.task_id: t for t in _records(cur, _TASKS, {}, TaskRecord)}
+        instances = {i.instance_id: i for i in _records(cur, _INSTANCES, p, InstanceRecord)}
+        open_commands = frozenset(r[0] for r in cur.execute(_OPEN_COMMANDS, p).fetchall())
+        finals = {(r[0], r[1]): int(r[2]) for r in cur.execute(_FINALS, p).fetchall()}
+    finally:
+        cur.execute("ROLLBACK")
+    inventory = Inventory(seq, observed_at.replace(tzinfo=UTC), root, seen, seen_ws)
+    return ProjectedState(node_id, inventory, containers, workspaces, attempts, tasks,
+                          instances, open_commands, finals)  # fmt: skip
+
+
+class DuckDBState:
+    """The `supervisor.reconciler.StateSource` adapter (see the module docstring)."""
+
+    def __init__(
+        self, on_cursor: OnCursor, *, refresh: Callable[[], Awaitable[object]] | None = None
+    ) -> None:
+        self.on_cursor = on_cursor
+        self.refresh = refresh
+
+    async def load(self, node_id: str, inventory_id: str) -> ProjectedState | None:
+        if self.refresh is not None:
+            await self.refresh()
+        state: ProjectedState | None = await self.on_cursor(
+            lambda cur: read_state(cur, node_id, inventory_id)
+        )
+        return state
+
+
+def cursor_runner(con: duckdb.DuckDBPyConnection) -> tuple[OnCursor, Callable[[], None]]:
+    """(`on_cursor`, `close`) for a database this process holds: one cursor, made now (before
+    any other thread writes on `con`), used from one worker thread."""
+    cur = con.cursor()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="reconcile-read")
+
+    async def on_cursor(fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, cur)
+
+    def close() -> None:
+        pool.shutdown(wait=True)
+        cur.close()
+
+    return on_cursor, close
