@@ -96,6 +96,33 @@ class MonitorConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     sample_event_every: int = 12
 
 
+class ReconcileConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    """The reconciler: a pass every `interval_s` (and one at start-up), heartbeats every
+    `heartbeat_s`. A daemon instance whose heartbeats stop for `heartbeat_timeout_s` is dead.
+    A container or workspace younger than `creation_grace_s` is spared unless its instance
+    is known dead; a running container is overdue `deadline_grace_s` after its deadline; an
+    attempt whose instance is gone is closed once its task was quiet for
+    `lost_attempt_grace_s` (longer than the task queue's ack wait, so a redelivery closes it
+    first when there is one). A failed cleanup command is tried `command_attempts` times in
+    all, `command_backoff_s` apart at first, doubling up to `command_backoff_max_s`."""
+
+    enabled: bool = True
+    interval_s: float = 10.0
+    misfire_grace_s: float = 5.0
+    heartbeat_s: float = 5.0
+    heartbeat_timeout_s: float = 20.0
+    creation_grace_s: float = 30.0
+    deadline_grace_s: float = 10.0
+    lost_attempt_grace_s: float = 60.0
+    max_attempt_s: float = 1200.0
+    max_commands_per_pass: int = 500
+    projection_wait_s: float = 10.0
+    command_attempts: int = 5
+    command_backoff_s: float = 1.0
+    command_backoff_max_s: float = 30.0
+    command_concurrency: int = 8
+
+
 class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     node_id: str = "n1"
     data_dir: str = ".supervisor"
@@ -113,6 +140,7 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     thresholds: Thresholds = msgspec.field(default_factory=Thresholds)
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
     monitor: MonitorConfig = msgspec.field(default_factory=MonitorConfig)
+    reconcile: ReconcileConfig = msgspec.field(default_factory=ReconcileConfig)
     log_level: str = "INFO"
 
 

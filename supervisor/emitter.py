@@ -40,9 +40,12 @@ class Emitter:
     def for_attempt(self, attempt: int) -> Emitter:
         return replace(self, attempt=attempt)
 
-    def emit(self, cls: type[E], **fields: Any) -> E:
+    def emit(self, cls: type[E], *, event_id: str | None = None, **fields: Any) -> E:
+        """Build and hand over one event. `event_id` (else a new random one) lets a writer
+        that may repeat itself (two reconcilers, a retried command) give a deterministic id,
+        so JetStream's duplicate window keeps one copy."""
         event = cls(
-            event_id=new_id(),
+            event_id=event_id or new_id(),
             occurred_at=self.clock(),
             node_id=self.node_id,
             instance_id=self.instance_id,

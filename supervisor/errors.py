@@ -104,6 +104,35 @@ class EmbeddedNatsError(EventLogError):
     tag = "embedded_nats_error"
 
 
+# --- reconciler --------------------------------------------------------------------------
+
+
+class ReconcileError(SupervisorError):
+    """A reconcile pass or a cleanup command could not be carried out."""
+
+    tag = "reconcile_error"
+
+
+class ProjectionLagging(ReconcileError):
+    """The projection did not show the pass's own inventory in time: deciding from it
+    would judge the node on stale facts."""
+
+    tag = "projection_lagging"
+
+    def __init__(self, inventory_id: str, waited_s: float) -> None:
+        self.inventory_id = inventory_id
+        self.waited_s = waited_s
+        super().__init__(
+            f"the projection did not show inventory {inventory_id} within {waited_s:g}s"
+        )
+
+
+class CommandBusError(ReconcileError):
+    """A command could not be published to (or read from) `SUP_COMMANDS`."""
+
+    tag = "command_bus_error"
+
+
 # --- configuration -----------------------------------------------------------------------
 
 
