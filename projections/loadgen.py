@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import nats
 from nats.js.client import JetStreamContext
@@ -35,7 +36,7 @@ async def publish(url: str, items: Iterable[Item], *, max_pending: int = 20_000)
     nc = await nats.connect(url)
     failures: list[BaseException] = []
 
-    def _check(f: asyncio.Future[object]) -> None:
+    def _check(f: asyncio.Future[Any]) -> None:
         if not f.cancelled() and f.exception() is not None:
             failures.append(f.exception())  # type: ignore[arg-type]
 

@@ -57,7 +57,8 @@ _BULK_CHECKPOINT = 2_000_000
 @dataclass
 class Progress:
     """Where a run is, after each applied batch: `seq` reached, from `from_seq` (the
-    watermark it started at) towards `target` (0 when following live)."""
+    watermark it started at) towards `target` (0 when following live); `last` is what the
+    latest batch did."""
 
     seq: int
     target: int
@@ -67,6 +68,7 @@ class Progress:
     dead: int = 0
     batches: int = 0
     started: float = field(default_factory=time.monotonic)
+    last: ApplyResult | None = None
 
     @property
     def elapsed_s(self) -> float:
@@ -78,6 +80,7 @@ class Progress:
         self.duplicates += result.duplicates
         self.dead += result.dead
         self.batches += 1
+        self.last = result
 
 
 ProgressCallback = Callable[[Progress], None]

@@ -7,13 +7,18 @@ PRAGMA, SET, CALL, EXPORT, LOAD, transactions, and a second statement smuggled a
 `;`. The guard is one layer; the connection is the other: `open_readonly` opens the file
 read-only with file access outside the database disabled, extension loading off and the
 configuration locked, so even a SELECT cannot read `/etc/passwd` or reach the network.
-`run_query` streams at most `max_rows` rows and interrupts the statement at `timeout_s`.
+`run_query` streams at most `max_rows` rows and interrupts the statement at `timeout_s`, in
+a transaction that is rolled back afterwards (a third layer: no table data is ever
+committed by a query). The daemon runs the same on a cursor of the projector's own database
+(`projections.live`), where the file's configuration is locked down the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,8 @@ class QueryResult:
     rows: list[tuple[Any, ...]]
     truncated: bool
     elapsed_s: float
+    seq: int | None = None
+    """The watermark of the projection the statement saw (None: not a projection)."""
 
 
 def check_query(sql: str) -> str:
@@ -53,7 +60,9 @@ def check_query(sql: str) -> str:
     return str(statement.query)
 
 
-def readonly_config(memory_limit: str = MEMORY_LIMIT) -> dict[str, str | bool]:
+def readonly_config(
+    memory_limit: str = MEMORY_LIMIT,
+) -> dict[str, str | bool | int | float | list[str]]:
     return {
         "enable_external_access": False,
         "autoload_known_extensions": False,
@@ -83,29 +92,72 @@ def run_query(
     max_rows: int = MAX_ROWS,
     timeout_s: float = TIMEOUT_S,
 ) -> QueryResult:
-    """Check `sql` and run it on a cursor of `con`: at most `max_rows` rows are fetched
-    (`truncated` says there were more), and the statement is interrupted after
-    `timeout_s`. Raises QueryRefused, QueryTimeout, QueryFailed."""
-    statement = check_query(sql)
+    """`run_on_cursor` on a new cursor of `con`, closed afterwards."""
+    check_query(sql)
     cur = con.cursor()
-    timer = threading.Timer(timeout_s, cur.interrupt)
-    started = time.monotonic()
-    timer.start()
     try:
+        return run_on_cursor(cur, sql, max_rows=max_rows, timeout_s=timeout_s)
+    finally:
+        cur.close()
+
+
+def run_on_cursor(
+    cur: duckdb.DuckDBPyConnection,
+    sql: str,
+    *,
+    max_rows: int = MAX_ROWS,
+    timeout_s: float = TIMEOUT_S,
+) -> QueryResult:
+    """Check `sql` and run it on `cur` within `read_transaction`: at most `max_rows` rows
+    are fetched (`truncated` says there were more). Raises QueryRefused, QueryTimeout,
+    QueryFailed."""
+    statement = check_query(sql)
+    started = time.monotonic()
+    with read_transaction(cur, timeout_s) as seq:
         cur.execute(statement)
         description = cur.description or []
         rows = cur.fetchmany(max_rows + 1)
-    except duckdb.InterruptException as e:
-        raise QueryTimeout(timeout_s) from e
-    except duckdb.Error as e:
-        raise QueryFailed(str(e)) from e
-    finally:
-        timer.cancel()
-        cur.close()
     return QueryResult(
         columns=[d[0] for d in description],
         types=[str(d[1]) for d in description],
         rows=rows[:max_rows],
         truncated=len(rows) > max_rows,
         elapsed_s=time.monotonic() - started,
+        seq=seq,
     )
+
+
+@contextlib.contextmanager
+def read_transaction(cur: duckdb.DuckDBPyConnection, timeout_s: float) -> Iterator[int | None]:
+    """Run the block's statements on `cur` in one transaction that is always rolled back,
+    interrupted after `timeout_s`. Rolling back is a last layer under the guard: no table
+    data a statement might reach is ever committed (sequences, which DuckDB does not roll
+    back, do not exist in a projection). One transaction means every statement, and the
+    watermark yielded (the projection's `projector_state.seq`, None for a file that is not
+    a projection), see one snapshot. DuckDB errors become QueryTimeout (interrupted) or
+    QueryFailed."""
+    timer = threading.Timer(timeout_s, cur.interrupt)
+    timer.start()
+    try:
+        cur.begin()
+        yield _watermark(cur)
+    except duckdb.InterruptException as e:
+        raise QueryTimeout(timeout_s) from e
+    except duckdb.Error as e:
+        raise QueryFailed(str(e)) from e
+    finally:
+        timer.cancel()
+        with contextlib.suppress(duckdb.Error):
+            cur.rollback()
+
+
+def _watermark(cur: duckdb.DuckDBPyConnection) -> int | None:
+    """The projection's watermark, None for a file that is not a projection (an error
+    would abort the transaction, hence the look in the catalog first)."""
+    found = cur.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'projector_state'"
+    ).fetchall()
+    if not found[0][0]:
+        return None
+    rows = cur.execute("SELECT max(seq) FROM projector_state").fetchall()
+    return None if rows[0][0] is None else int(rows[0][0])

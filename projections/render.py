@@ -1,8 +1,12 @@
-"""Query results as text: an aligned table for people, JSON and CSV for scripts. Pure.
+"""Query results as text: an aligned table for people, JSON and CSV for scripts, and the
+JSON document `POST /v1/query` answers with. Pure.
 
 JSON is an array of objects (column -> value); timestamps are ISO 8601, decimals are
-numbers, bytes are base64, lists and structs stay nested. CSV has a header row and uses
-the same conversions, with nested values written as JSON.
+numbers, bytes are base64, lists and structs stay nested, integers beyond 64 bits are
+strings. CSV has a header row and uses the same conversions, with nested values written
+as JSON. `result_doc` / `result_from_doc` are the wire form of a `QueryResult` (columns,
+types, rows as arrays of those values), so the CLI renders a daemon's answer exactly as it
+renders a local one.
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ FORMATS = ("table", "json", "csv")
 _MAX_CELL = 60
 
 
+_INT_RANGE = range(-(2**63), 2**64)
+
+
 def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, str | bool | float):
+        return value
+    if isinstance(value, int):
+        return value if value in _INT_RANGE else str(value)
     if isinstance(value, dt.datetime | dt.date | dt.time):
         return value.isoformat()
     if isinstance(value, dt.timedelta):
@@ -37,7 +48,7 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
-    return value
+    return str(value)
 
 
 def _cell(value: Any) -> str:
@@ -98,3 +109,38 @@ def render(result: QueryResult, fmt: str) -> str:
     if fmt == "table":
         return render_table(result)
     raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def result_doc(result: QueryResult) -> dict[str, Any]:
+    """The JSON-able answer of `POST /v1/query`: `columns`, `types` (DuckDB's names),
+    `rows` (arrays, values as in `render_json`), `row_count`, `truncated`, `elapsed_s` and
+    `seq` (the projection's watermark the statement saw)."""
+    return {
+        "columns": result.columns,
+        "types": result.types,
+        "rows": [[_plain(v) for v in row] for row in result.rows],
+        "row_count": len(result.rows),
+        "truncated": result.truncated,
+        "elapsed_s": round(result.elapsed_s, 6),
+        "seq": result.seq,
+    }
+
+
+def row_doc(columns: list[str], row: tuple[Any, ...]) -> dict[str, Any]:
+    """One row as a JSON-able object (column -> value, as in `render_json`)."""
+    return {c: _plain(v) for c, v in zip(columns, row, strict=True)}
+
+
+def result_from_doc(doc: dict[str, Any]) -> QueryResult:
+    """A `QueryResult` from `result_doc`'s form. Raises ValueError if `doc` is not one."""
+    try:
+        return QueryResult(
+            columns=[str(c) for c in doc["columns"]],
+            types=[str(t) for t in doc.get("types") or ["" for _ in doc["columns"]]],
+            rows=[tuple(row) for row in doc["rows"]],
+            truncated=bool(doc["truncated"]),
+            elapsed_s=float(doc.get("elapsed_s") or 0.0),
+            seq=doc.get("seq"),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"not a query result: {e!r}") from e

@@ -10,11 +10,13 @@ resume exactly after the last applied message.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from projections.apply import APPLY_STATEMENTS, INSERT_DEAD_LETTERS, SET_WATERMARK
 from projections.ddl import DDL_VERSION, KEYS, TABLES, schema_statements
@@ -26,15 +28,20 @@ from supervisor.streams import EVENTS_STREAM
 @dataclass(frozen=True)
 class ApplyResult:
     """What one batch did: events inserted, duplicates skipped (an `event_id` already
-    applied), dead letters written, and the watermark reached."""
+    applied), dead letters written, and the watermark reached. `committed_ns` is the wall
+    clock (ns since the epoch) right after the commit, when the batch became visible to
+    readers, and `stored_ns` the stream's timestamp of each event of the batch: together
+    they give each event's delay from publish to visible (see `projections.live`)."""
 
     applied: int
     duplicates: int
     dead: int
     seq: int
+    committed_ns: int = field(default=0, compare=False)
+    stored_ns: pa.ChunkedArray | None = field(default=None, compare=False, repr=False)
 
 
-def store_config(*, bulk: bool = False) -> dict[str, str | bool]:
+def store_config(*, bulk: bool = False) -> dict[str, str | bool | int | float | list[str]]:
     """The database configuration of a projection file, locked once opened: no file access
     beyond the database itself and no extension loading (so a query cursor on the writer's
     database can read nothing else), and, in bulk mode, no checkpoint before `close` (a
@@ -45,11 +52,6 @@ def store_config(*, bulk: bool = False) -> dict[str, str | bool]:
         "autoload_known_extensions": False,
         "autoinstall_known_extensions": False,
         "checkpoint_threshold": "1TB" if bulk else "16MB",
-        **(
-            {"threads": int(__import__("os").environ["PT"])}
-            if "PT" in __import__("os").environ
-            else {}
-        ),
     }
 
 
@@ -117,6 +119,7 @@ class ProjectionStore:
                 con.execute(INSERT_DEAD_LETTERS)
             con.execute(SET_WATERMARK, {"seq": staged.last_seq, "stream": self.stream})
             con.commit()
+            committed_ns = time.time_ns()
         except duckdb.Error as e:
             _rollback_quietly(con)
             raise ProjectionStoreError(
@@ -130,7 +133,10 @@ class ProjectionStore:
                 with contextlib.suppress(duckdb.Error):
                     con.unregister(name)
         duplicates = staged.events - applied + staged.repeats
-        return ApplyResult(applied, duplicates, staged.dead.num_rows, staged.last_seq)
+        return ApplyResult(
+            applied, duplicates, staged.dead.num_rows, staged.last_seq,
+            committed_ns, staged.tables["batch"].column("stored_ns"),
+        )  # fmt: skip
 
     def checkpoint(self) -> None:
         """Write everything committed into the file now (and truncate the WAL)."""
