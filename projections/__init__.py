@@ -1,12 +1,17 @@
 """The read side: the projector (SUP_EVENTS -> DuckDB), the tables and views, replay,
-the lifecycle audit and read-only SQL. See docs/projections.md."""
+the lifecycle audit, read-only SQL, and the daemon's live projection and query endpoint
+(`ProjectionPart`). See docs/projections.md."""
 
 from projections.audit import Record, Violation, audit_db, audit_records, load_records
 from projections.audit import render_json as render_audit_json
 from projections.audit import render_text as render_audit_text
+from projections.client import daemon_url, query_daemon
 from projections.ddl import DDL_VERSION, TABLES, VIEWS
 from projections.decode import Batch, DeadLetter, Staged, decode_batch, stage
+from projections.endpoint import QueryEndpoint, QueryLimits
 from projections.errors import (
+    DaemonRefused,
+    DaemonUnreachable,
     ProjectionError,
     ProjectionStoreError,
     QueryError,
@@ -15,9 +20,24 @@ from projections.errors import (
     QueryTimeout,
     StreamUnavailable,
 )
+from projections.live import Lag, LiveSettings, ProjectionPart
 from projections.projector import Progress, ProgressCallback, Projector
-from projections.query import QueryResult, check_query, open_readonly, run_query
-from projections.render import render, render_csv, render_json, render_table
+from projections.query import (
+    QueryResult,
+    check_query,
+    open_readonly,
+    read_transaction,
+    run_on_cursor,
+    run_query,
+)
+from projections.render import (
+    render,
+    render_csv,
+    render_json,
+    render_table,
+    result_doc,
+    result_from_doc,
+)
 from projections.replay import replay
 from projections.store import ApplyResult, ProjectionStore, snapshot, table_rows
 
@@ -27,15 +47,22 @@ __all__ = [
     "VIEWS",
     "ApplyResult",
     "Batch",
+    "DaemonRefused",
+    "DaemonUnreachable",
     "DeadLetter",
+    "Lag",
+    "LiveSettings",
     "Progress",
     "ProgressCallback",
     "ProjectionError",
+    "ProjectionPart",
     "ProjectionStore",
     "ProjectionStoreError",
     "Projector",
+    "QueryEndpoint",
     "QueryError",
     "QueryFailed",
+    "QueryLimits",
     "QueryRefused",
     "QueryResult",
     "QueryTimeout",
@@ -46,9 +73,12 @@ __all__ = [
     "audit_db",
     "audit_records",
     "check_query",
+    "daemon_url",
     "decode_batch",
     "load_records",
     "open_readonly",
+    "query_daemon",
+    "read_transaction",
     "render",
     "render_audit_json",
     "render_audit_text",
@@ -56,6 +86,9 @@ __all__ = [
     "render_json",
     "render_table",
     "replay",
+    "result_doc",
+    "result_from_doc",
+    "run_on_cursor",
     "run_query",
     "snapshot",
     "stage",

@@ -2,9 +2,13 @@
 
 `add_parsers(subparsers, common)` registers them; each sets `func`, a callable taking the
 parsed args and returning the exit code (0 ok; `audit` 1 on violations; `sql` 2 on a
-refused statement, 1 when a query fails or times out; 3 when NATS or the projection file
-cannot be used). `common`, when given, adds the CLI's shared options (`--nats`,
+refused statement or a refused token, 1 when a query fails or times out; 3 when NATS, the
+projection file or the daemon cannot be used).
+
+`common`, when given, adds the CLI's shared options (`--nats`,
 `--data-dir`, ...); without it the two this module needs are added here.
+
+`sql` without `--db` asks the running daemon (`POST /v1/query`, `projections.client`).
 
 NATS is found as every command finds it (`--nats`, `SUPERVISOR_NATS_URL`, a running
 daemon's URL in the data dir, the configuration); only when none is known is an embedded
@@ -27,14 +31,39 @@ from typing import Any
 import duckdb
 
 from projections.audit import audit_db, render_json, render_text
-from projections.errors import ProjectionError, QueryError, QueryRefused
-from projections.query import MAX_ROWS, TIMEOUT_S, check_query, open_readonly, run_query
+from projections.client import daemon_token, daemon_url, query_daemon
+from projections.errors import (
+    DaemonRefused,
+    DaemonUnreachable,
+    ProjectionError,
+    QueryError,
+    QueryRefused,
+)
+from projections.query import (
+    MAX_ROWS,
+    TIMEOUT_S,
+    QueryResult,
+    check_query,
+    open_readonly,
+    run_query,
+)
 from projections.render import FORMATS, render
 from projections.replay import replay
+from supervisor.config import Config, load_config
 from supervisor.errors import SupervisorError
 from supervisor.natsserver import NatsServer, resolve_nats_url
 
 EXIT_OK, EXIT_VIOLATIONS, EXIT_REFUSED, EXIT_UNAVAILABLE = 0, 1, 2, 3
+EXIT_QUERY_FAILED = EXIT_VIOLATIONS
+
+# A daemon's error answer to `sql`, by its catalogue code -> the exit code (else 3).
+_EXIT_FOR_CODE = {
+    "QUERY_REFUSED": EXIT_REFUSED,
+    "INVALID_QUERY": EXIT_REFUSED,
+    "UNAUTHORIZED": EXIT_REFUSED,
+    "QUERY_FAILED": EXIT_QUERY_FAILED,
+    "QUERY_TIMEOUT": EXIT_QUERY_FAILED,
+}
 
 
 def parse_time(text: str) -> datetime:
@@ -94,13 +123,18 @@ def add_parsers(
     p = subparsers.add_parser(
         "sql",
         help="read-only SQL over the projection",
-        description="Run one read-only SELECT over a projection file. A statement that is "
-        "not a single SELECT is refused (exit 2).",
+        description="Run one read-only SELECT over the running daemon's live projection "
+        "(POST /v1/query; its address from <data-dir>/http.url, else the configured "
+        "http.listen; token from $SUPERVISOR_HTTP_TOKEN, else http.token), or over a "
+        "projection file with --db. A statement that is not a single SELECT is refused "
+        "(exit 2); a failed or timed-out query exits 1; no daemon, 3.",
     )
     p.add_argument(
         "query", metavar="SQL", help='one SELECT statement, e.g. "SELECT * FROM error_rates"'
     )
     p.add_argument("--db", metavar="FILE", help="a projection file (e.g. made by replay)")
+    p.add_argument("--url", metavar="URL",
+                   help="the daemon's HTTP address (default: <data-dir>/http.url)")  # fmt: skip
     p.add_argument(
         "--format", choices=FORMATS, default="table", help="output format (default table)"
     )
@@ -127,17 +161,16 @@ def _shared(
     p.add_argument("--data-dir", metavar="DIR", help="data dir (default ./.supervisor)")
 
 
+def _config(args: argparse.Namespace) -> Config:
+    """`--config FILE`, or the defaults."""
+    return load_config(getattr(args, "config", None))
+
+
 def _settings(args: argparse.Namespace) -> tuple[str | None, Path]:
     """(NATS URL as configured, data dir) from the args, the environment, the config file."""
-    cfg_url: str | None = None
-    cfg_dir = ".supervisor"
-    if getattr(args, "config", None):
-        from supervisor.config import load_config
-
-        cfg = load_config(args.config)
-        cfg_url, cfg_dir = cfg.nats_url, cfg.data_dir
-    data_dir = getattr(args, "data_dir", None) or os.environ.get("SUPERVISOR_DATA_DIR") or cfg_dir
-    return getattr(args, "nats_url", None) or cfg_url, Path(data_dir).resolve()
+    cfg = _config(args)
+    data_dir = getattr(args, "data_dir", None) or os.environ.get("SUPERVISOR_DATA_DIR")
+    return getattr(args, "nats_url", None) or cfg.nats_url, Path(data_dir or cfg.data_dir).resolve()
 
 
 @contextlib.asynccontextmanager
@@ -205,22 +238,35 @@ async def _audit_stream(args: argparse.Namespace) -> list[Any]:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    if not args.db:
-        return _fail(
-            "sql needs --db FILE for now (a file made by `supervisor replay`); queries to a "
-            "running daemon's projection will go through its HTTP endpoint",
-            EXIT_REFUSED,
-        )
     try:
-        check_query(args.query)
-        con = open_readonly(args.db)
-        try:
-            result = run_query(con, args.query, max_rows=args.max_rows, timeout_s=args.timeout)
-        finally:
-            con.close()
+        result = _sql_local(args) if args.db else _sql_remote(args)
     except QueryRefused as e:
         return _fail(str(e), EXIT_REFUSED)
+    except DaemonRefused as e:
+        return _fail(e.message, _EXIT_FOR_CODE.get(e.code, EXIT_UNAVAILABLE))
+    except DaemonUnreachable as e:
+        return _fail(f"{e} (is `supervisor serve` running? --url, or --db FILE for a file)",
+                     EXIT_UNAVAILABLE)  # fmt: skip
     except (QueryError, ProjectionError) as e:
-        return _fail(str(e), EXIT_VIOLATIONS)
+        return _fail(str(e), EXIT_QUERY_FAILED)
+    except SupervisorError as e:  # a bad --config
+        return _fail(str(e), EXIT_REFUSED)
     sys.stdout.write(render(result, args.format))
     return EXIT_OK
+
+
+def _sql_local(args: argparse.Namespace) -> QueryResult:
+    check_query(args.query)
+    con = open_readonly(args.db)
+    try:
+        return run_query(con, args.query, max_rows=args.max_rows, timeout_s=args.timeout)
+    finally:
+        con.close()
+
+
+def _sql_remote(args: argparse.Namespace) -> QueryResult:
+    cfg = _config(args)
+    _, data_dir = _settings(args)
+    url = args.url.rstrip("/") if args.url else daemon_url(data_dir, cfg.http.listen)
+    return query_daemon(url, args.query, max_rows=args.max_rows, timeout_s=args.timeout,
+                        token=daemon_token(cfg.http.token))  # fmt: skip

@@ -72,3 +72,27 @@ class QueryTimeout(QueryError):
     def __init__(self, limit_s: float) -> None:
         self.limit_s = limit_s
         super().__init__(f"query interrupted after its time limit of {limit_s:g}s")
+
+
+class DaemonUnreachable(ProjectionError):
+    """No daemon answered at the HTTP address (`supervisor sql` without `--db`)."""
+
+    tag = "daemon_unreachable"
+
+    def __init__(self, url: str, detail: str) -> None:
+        self.url = url
+        self.detail = detail
+        super().__init__(f"no daemon answered at {url}: {detail}")
+
+
+class DaemonRefused(ProjectionError):
+    """The daemon answered a query with an error: its HTTP `status` and the catalogue
+    `code` of its body (`QUERY_REFUSED`, `QUERY_TIMEOUT`, `UNAUTHORIZED`, ...)."""
+
+    tag = "daemon_refused"
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        super().__init__(message)

@@ -1,0 +1,189 @@
+"""The projection part behind the real HTTP app (`supervisor.http.create_app`, as the daemon
+serves it), and `supervisor sql` without `--db` against it: rows, formats, refusals and
+their exit codes, the token, an unreachable daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from projections.live import ProjectionPart
+from projections.loadgen import publish
+from schemas import TaskSpec
+from supervisor.cli import main
+from supervisor.extension import DaemonContext
+from supervisor.http import HttpServer, create_app
+from tests.test_projections import scenario_history
+from tests.test_projections_live import running_part
+
+pytestmark = pytest.mark.nats
+
+TOKEN = "s3cret"
+
+
+class ReadOnlyApi:
+    """The daemon's `/v1` handlers, reduced to its read side."""
+
+    def __init__(self, part: ProjectionPart) -> None:
+        self.part = part
+
+    async def submit(self, spec: TaskSpec) -> Any:
+        raise NotImplementedError
+
+    async def task(self, task_id: str) -> Any:
+        return await self.part.task(task_id)
+
+    async def query(self, request: Any) -> Any:
+        return await self.part.query(request)
+
+
+@pytest.fixture
+async def daemon(nats_url: str, tmp_dir: Path) -> AsyncIterator[tuple[str, DaemonContext]]:
+    """The part on the scenario history, served over HTTP with a token; its URL is in
+    `<tmp_dir>/http.url`, as a daemon writes it."""
+    await publish(nats_url, scenario_history())
+    async with running_part(tmp_dir, nats_url) as (part, ctx):
+        app = create_app(metrics=ctx.node.metrics, readiness=ctx.checks,
+                         handlers=ReadOnlyApi(part), token=TOKEN)  # fmt: skip
+        server = HttpServer(app, "127.0.0.1:0")
+        await server.start()
+        (tmp_dir / "http.url").write_text(server.url + "\n")
+        try:
+            yield server.url, ctx
+        finally:
+            await server.stop()
+
+
+def config_file(tmp_dir: Path, body: str) -> str:
+    path = tmp_dir / "supervisor.toml"
+    path.write_text(body)
+    return str(path)
+
+
+async def sql(tmp_dir: Path, *argv: str, token: str | None = TOKEN) -> int:
+    """`supervisor sql ...` in a thread (the server runs in this loop)."""
+    conf = config_file(tmp_dir, f'[http]\ntoken = "{token}"\n' if token else "")
+    args = ["sql", *argv, "--data-dir", str(tmp_dir), "--config", conf]
+    return await asyncio.to_thread(main, args)
+
+
+async def test_the_http_api_maps_the_part_and_its_errors(
+    daemon: tuple[str, DaemonContext],
+) -> None:
+    url, _ = daemon
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession(headers=auth) as http:
+        async with http.post(
+            f"{url}/v1/query", json={"sql": "SELECT count(*) AS n FROM tasks"}
+        ) as r:
+            assert r.status == 200
+            doc = await r.json()
+            assert (doc["columns"], doc["rows"], doc["seq"]) == (["n"], [[16]], 185)
+        async with http.post(f"{url}/v1/query", json={"sql": "COPY tasks TO 'x.csv'"}) as r:
+            assert (r.status, await r.json()) == (400, {"error": {
+                "type": "validation", "code": "QUERY_REFUSED",
+                "message": "query refused: COPY statements are not allowed: read-only SELECT only",
+            }})  # fmt: skip
+        slow = {"sql": "SELECT count(*) FROM range(10000000000000)", "timeout_s": 0.3}
+        async with http.post(f"{url}/v1/query", json=slow) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (504, "QUERY_TIMEOUT")
+        async with http.post(f"{url}/v1/query", json={"sql": "SELECT * FROM nowhere"}) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (400, "QUERY_FAILED")
+        async with http.get(f"{url}/v1/tasks/t-retried") as r:
+            task = await r.json()
+            assert (r.status, task["state"], len(task["attempt_details"])) == (200, "succeeded", 2)
+        async with http.get(f"{url}/v1/tasks/t-nobody") as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (404, "TASK_NOT_FOUND")
+        async with http.get(f"{url}/readyz") as r:
+            checks = (await r.json())["checks"]
+            assert checks["projection"] == {
+                "ok": True, "reason": "applied up to seq 185, 0 behind (0.00s)",
+                "seq": 185, "stream_seq": 185, "behind": 0, "lag_s": 0.0,
+            }  # fmt: skip
+        async with http.get(f"{url}/metrics") as r:
+            assert "supervisor_projection_seq 185.0" in await r.text()
+
+
+async def test_sql_without_db_asks_the_running_daemon(
+    daemon: tuple[str, DaemonContext], tmp_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    statement = "SELECT step, attempts, failed FROM cleanup_success_rate"
+    assert await sql(tmp_dir, statement) == 0
+    assert capsys.readouterr().out == (
+        "step             | attempts | failed\n"
+        "-----------------+----------+-------\n"
+        "remove_container |       16 |      1\n"
+        "remove_workspace |       17 |      1\n"
+        "(2 rows)\n"
+    )
+    assert await sql(tmp_dir, statement, "--format", "csv") == 0
+    assert capsys.readouterr().out == (
+        "step,attempts,failed\nremove_container,16,1\nremove_workspace,17,1\n"
+    )
+    assert await sql(tmp_dir, "SELECT task_id, submitted_at FROM tasks WHERE "
+                               "task_id = 't-ok'", "--format", "json") == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out) == [
+        {"task_id": "t-ok", "submitted_at": "2026-01-01T00:00:00"}
+    ]
+    assert await sql(tmp_dir, "SELECT * FROM range(10)", "--max-rows", "2") == 0
+    assert capsys.readouterr().out.endswith("(2 rows) (truncated: more rows than the row limit)\n")
+
+
+@pytest.mark.parametrize(
+    ("statement", "code", "message"),
+    [
+        ("SELECT 1; DROP TABLE tasks",
+         2, "supervisor: query refused: exactly one statement is allowed, got 2\n"),
+        ("DELETE FROM tasks",
+         2, "supervisor: query refused: DELETE statements are not allowed: read-only SELECT only\n"),
+        ("ATTACH 'x.duckdb' AS x",
+         2, "supervisor: query refused: ATTACH statements are not allowed: read-only SELECT only\n"),
+        ("SELECT * FROM nowhere", 1, None),
+    ],
+)  # fmt: skip
+async def test_sql_without_db_exits_2_on_a_refusal_and_1_on_a_failure(
+    daemon: tuple[str, DaemonContext],
+    tmp_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    statement: str,
+    code: int,
+    message: str | None,
+) -> None:
+    assert await sql(tmp_dir, statement) == code
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    if message is not None:
+        assert captured.err == message
+    else:
+        assert captured.err.startswith(
+            "supervisor: query failed: Catalog Error: Table with name nowhere"
+        )
+
+
+async def test_sql_without_db_and_the_wrong_token_exits_2(
+    daemon: tuple[str, DaemonContext], tmp_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await sql(tmp_dir, "SELECT 1", token="wrong") == 2
+    assert capsys.readouterr().err == "supervisor: a valid bearer token is required for /v1\n"
+    assert await sql(tmp_dir, "SELECT 1", token=None) == 2
+
+
+async def test_sql_without_a_daemon_exits_3(
+    tmp_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = config_file(tmp_dir, f'[http]\nlisten = "0.0.0.0:{port}"\n')
+    args = ["sql", "SELECT 1", "--data-dir", str(tmp_dir), "--config", conf]
+    assert await asyncio.to_thread(main, args) == 3
+    err = capsys.readouterr().err
+    assert err.startswith(f"supervisor: no daemon answered at http://127.0.0.1:{port}: ")
+    assert err.endswith("(is `supervisor serve` running? --url, or --db FILE for a file)\n")
