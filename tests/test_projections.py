@@ -22,6 +22,7 @@ from projections.ddl import DDL_VERSION, TABLES
 from projections.loadgen import publish
 from projections.synthetic import AttemptPlan, HistoryBuilder, mixed_history
 from schemas import TaskSubmitted, encode_event
+from supervisor.cli import main as cli_main
 
 pytestmark = pytest.mark.nats
 
@@ -61,7 +62,7 @@ async def follow_until(db: Path, url: str, seq: int, **kw: Any) -> None:
 
 
 def scenario_history() -> list[Any]:
-    """Every kind of outcome, leaks included: 16 tasks, 179 events."""
+    """Every kind of outcome, leaks included: 16 tasks, 185 events."""
     b = HistoryBuilder(id_prefix="sc")
     b.run_task("t-ok")
     b.run_task("t-retried", TIMEOUT, AttemptPlan())
@@ -110,8 +111,9 @@ async def test_live_projection_equals_replay_and_replay_until_equals_live_then(
         assert live_rows[table] == full_rows[table], table
     assert len(full_rows["events"]) == len(history)
 
-    middle = tmp_dir / "middle.duckdb"
-    await replay(middle, nats_url, until_seq=s1)
+    middle = tmp_dir / "middle.duckdb"  # through the command line this time
+    argv = ["replay", "--db", str(middle), "--until-seq", str(s1), "--nats", nats_url]
+    assert await asyncio.to_thread(cli_main, argv) == 0
     middle_rows = tables(middle)
     for table in TABLES:
         assert middle_rows[table] == at_s1[table], table
@@ -184,12 +186,37 @@ async def test_poison_messages_are_dead_lettered_and_later_events_applied(
 
 
 _KILLABLE = """
-import asyncio, sys
+import asyncio, sys, time
 from projections import Projector
+
+
+class StallingConnection:
+    # The store's DuckDB connection, except that the commit of the first batch reaching
+    # seq 1500 says so and stalls: the test kills the process there, inside the
+    # transaction that has written the batch's rows and watermark.
+
+    def __init__(self, con):
+        self.con, self.seq = con, 0
+
+    def __getattr__(self, name):
+        return getattr(self.con, name)
+
+    def execute(self, sql, params=None):
+        if isinstance(params, dict) and "seq" in params:
+            self.seq = params["seq"]
+        return self.con.execute(sql, params)
+
+    def commit(self):
+        if self.seq >= 1500:
+            print("committing", self.seq, flush=True)
+            time.sleep(60)
+        return self.con.commit()
+
 
 async def main():
     with Projector(sys.argv[1], sys.argv[2], batch_size=int(sys.argv[3])) as p:
-        await p.catch_up(progress=lambda s: print(s.seq, flush=True))
+        p.store.con = StallingConnection(p.store.con)
+        await p.catch_up(progress=lambda s: print("applied", s.seq, flush=True))
 
 asyncio.run(main())
 """
@@ -207,20 +234,26 @@ async def test_killed_projector_resumes_with_no_gap_and_no_double_count(
         cwd=Path(__file__).parent.parent,
     )
     assert proc.stdout is not None
-    seen = 0
-    while seen < 1500:
-        line = await asyncio.to_thread(proc.stdout.readline)
+    applied = 0
+    while True:
+        line = (await asyncio.to_thread(proc.stdout.readline)).decode().split()
         assert line, "the projector ended before it could be killed"
-        seen = int(line)
-    os.kill(proc.pid, signal.SIGKILL)
+        if line[0] == "committing":
+            killed_batch_end = int(line[1])
+            break
+        applied = int(line[1])
+    os.kill(proc.pid, signal.SIGKILL)  # mid-batch: its rows are written, not committed
     proc.wait()
     proc.stdout.close()
 
     with Projector(db, nats_url, batch_size=1000) as p:
         resumed_from = p.last_seq
+        assert applied <= resumed_from < killed_batch_end
+        assert query_con(p.store.con, "SELECT count(*) FROM events") == resumed_from
+        assert query_con(p.store.con, "SELECT max(seq) FROM events") == resumed_from
         result = await p.catch_up()
-    assert seen <= resumed_from < last
-    assert result.applied == last - resumed_from
+    assert (result.from_seq, result.applied, result.duplicates) == (
+        resumed_from, last - resumed_from, 0)  # fmt: skip
     fresh = tmp_dir / "fresh.duckdb"
     await replay(fresh, nats_url)
     assert tables(db) == tables(fresh)
