@@ -98,12 +98,20 @@ def chunk(seed: int, first_seq: int, n: int, lo_us: int, hi_us: int) -> pa.Table
     })  # fmt: skip
 
 
+def _arrow(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
+    """The result of `sql` as one Arrow table, without the copy a DB-API result makes
+    (the relation's `to_arrow_table` in DuckDB 2, `arrow` before)."""
+    rel = con.sql(sql)
+    fetch = getattr(rel, "to_arrow_table", None) or rel.arrow
+    return fetch()
+
+
 def median_s(con: duckdb.DuckDBPyConnection, sql: str, runs: int) -> tuple[float, int]:
     times = []
     rows = 0
     for _ in range(runs):
         t = time.perf_counter()
-        rows = con.execute(sql).fetch_arrow_table().num_rows
+        rows = _arrow(con, sql).num_rows
         times.append(time.perf_counter() - t)
     return statistics.median(times), rows
 
