@@ -2,10 +2,14 @@
 
 `DuckDBState(on_cursor)` reads one node's projected state (`supervisor.projected`) in one
 read transaction, so every table is seen at the same committed batch. `on_cursor` runs a
-function on a read cursor of the projection's database, off the event loop:
-`ProjectionPart`'s query pool in the daemon, or `cursor_runner(con)` for a database this
-process holds (the CLI's replayed copy, tests). `refresh`, when given, is awaited before
-each read (the CLI catches its copy up with the stream there).
+function on a read cursor of the projection's database, off the event loop: the daemon's
+projection part's query cursors, or `cursor_runner(con)` for a database this process holds
+(the CLI's replayed copy, tests). `refresh`, when given, is awaited before each read (the
+CLI catches its copy up with the stream there).
+
+`OwnProjection` is a daemon part for a reconciler without the daemon's projection (`serve
+--no-projection`, or the reconciler in a role of its own): it follows the stream into a
+file of its own and offers the same `state`.
 
 What is read is bounded by the node's present, not its history: its latest inventory, the
 containers and workspaces it has not removed (or that the inventory shows), the attempts
@@ -16,13 +20,18 @@ commands that have no final outcome yet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import duckdb
 
+from projections.errors import ProjectionError
+from projections.projector import Projector
 from supervisor.projected import (
     AttemptRecord,
     ContainerRecord,
@@ -34,6 +43,11 @@ from supervisor.projected import (
     TaskRecord,
     WorkspaceRecord,
 )
+
+if TYPE_CHECKING:
+    from supervisor.extension import DaemonContext
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 OnCursor = Callable[[Callable[[duckdb.DuckDBPyConnection], Any]], Awaitable[Any]]
@@ -195,3 +209,62 @@ def cursor_runner(con: duckdb.DuckDBPyConnection) -> tuple[OnCursor, Callable[[]
         cur.close()
 
     return on_cursor, close
+
+
+class OwnProjection:
+    """A daemon `Part`: a live projection of `SUP_EVENTS` in `<data_dir>/reconcile.duckdb`
+    (or `db_path`) for the reconciler alone; `state` reads it. Start it before the
+    `ReconcilerPart`. A projector that fails is restarted after `retry_s`."""
+
+    name = "reconcile-projection"
+
+    def __init__(
+        self, db_path: str | Path | None = None, *, batch_age_s: float = 0.05, retry_s: float = 1.0
+    ) -> None:
+        self.db_path = Path(db_path) if db_path is not None else None
+        self.batch_age_s = batch_age_s
+        self.retry_s = retry_s
+        self.state = DuckDBState(self.on_cursor)
+        self._on_cursor: OnCursor | None = None
+
+    async def on_cursor(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        if self._on_cursor is None:
+            raise ProjectionError("the reconciler's projection is not open")
+        result: T = await self._on_cursor(fn)
+        return result
+
+    async def start(self, ctx: DaemonContext, stack: contextlib.AsyncExitStack) -> None:
+        """Open the file and catch up with the stream, then follow it. Raises
+        ProjectionStoreError, StreamUnavailable."""
+        path = self.db_path or Path(ctx.node.data_dir) / "reconcile.duckdb"
+        url = ctx.node.nats_url
+        projector = await asyncio.to_thread(Projector, path, url, batch_age_s=self.batch_age_s)
+        on_cursor, close = cursor_runner(projector.store.con)  # before the projector writes
+        stop = asyncio.Event()
+
+        async def teardown() -> None:
+            stop.set()
+            self._on_cursor = None
+            with contextlib.suppress(asyncio.CancelledError):
+                await follow
+            close()
+            await asyncio.to_thread(projector.close)
+
+        try:
+            await projector.catch_up()
+        except BaseException:
+            close()
+            await asyncio.to_thread(projector.close)
+            raise
+        follow = asyncio.create_task(self._follow(projector, stop), name="reconcile-projection")
+        stack.push_async_callback(teardown)
+        self._on_cursor = on_cursor
+
+    async def _follow(self, projector: Projector, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await projector.run(stop)
+            except ProjectionError as e:
+                log.warning("reconciler's projection: %s; restarting in %gs", e, self.retry_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.retry_s)

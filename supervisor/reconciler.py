@@ -50,6 +50,8 @@ from supervisor.workspace import WORKSPACES
 
 log = logging.getLogger("supervisor.reconciler")
 
+_POLL_S = 0.025
+
 
 class StateSource(Protocol):
     """The projection, as the rules read it."""
@@ -118,7 +120,8 @@ class PassReport:
     already being carried out, included); `decided` the decision events of this pass;
     `commands` the ids of the commands it published (`issued` of them were new, the rest
     duplicates JetStream dropped); `deferred` divergences were left for the next pass
-    (`max_commands_per_pass`)."""
+    (`max_commands_per_pass`); `projection_wait_s` is how long the projection took to show
+    the pass's inventory (and the state was read)."""
 
     pass_id: str
     dry_run: bool
@@ -134,6 +137,7 @@ class PassReport:
     duplicates: int = 0
     oldest_leak_s: float = 0.0
     duration_s: float = 0.0
+    projection_wait_s: float = 0.0
 
 
 def rule_config(cfg: ReconcileConfig) -> RuleConfig:
@@ -232,12 +236,15 @@ class Reconciler:
             workspaces=workspaces,
             pass_id=pass_id,
         )
+        waiting = time.monotonic()
         state = await self._projected(inventory.event_id)
+        waited = time.monotonic() - waiting
         now = self.clock()
         planned = plan(state, now, self.rules)
         report = PassReport(pass_id, dry_run, inventory.event_id, state.inventory.seq,
                             len(containers), len(workspaces), planned,
-                            oldest_leak_s=oldest_leak_s((p.divergence for p in planned), now))  # fmt: skip
+                            oldest_leak_s=oldest_leak_s((p.divergence for p in planned), now),
+                            projection_wait_s=waited)  # fmt: skip
         due = [p for p in planned if dry_run or not p.pending]
         cap = self.config.max_commands_per_pass
         report.deferred = max(len(due) - cap, 0)
@@ -261,18 +268,17 @@ class Reconciler:
         return report
 
     async def _projected(self, inventory_id: str) -> ProjectedState:
-        waited = 0.0
-        delay = 0.02
+        """Poll the projection (a cheap lookup while the inventory is not there) until it
+        shows `inventory_id`, at most `projection_wait_s`."""
         limit = self.config.projection_wait_s
+        started = time.monotonic()
         while True:
             state = await self.state.load(self.node_id, inventory_id)
             if state is not None:
                 return dataclasses.replace(state, self_instance=self.emitter.instance_id)
-            if waited >= limit:
+            if time.monotonic() - started >= limit:
                 raise ProjectionLagging(inventory_id, limit)
-            await self.sleep(delay)
-            waited += delay
-            delay = min(delay * 2, 0.25)
+            await self.sleep(_POLL_S)
 
     def _decide(
         self, p: Planned, state: ProjectedState, pass_id: str, dry_run: bool
