@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="wait for the result and print it")
     submit.add_argument("--json", action="store_true", help="print JSON")
     submit.add_argument(
+        "--priority", choices=["high", "normal", "low"], help="override the spec's priority"
+    )
+    submit.add_argument(
+        "--correlation-id", metavar="ID",
+        help="correlation id repeated by every event of the task (default: the spec's, else new)",
+    )  # fmt: skip
+    submit.add_argument(
         "--timeout", type=float, default=None, metavar="S",
         help="with --wait: give up waiting after S seconds (exit 3)",
     )  # fmt: skip
@@ -349,7 +356,9 @@ async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
     from supervisor.wait import wait_for_result
 
     raw = _read_spec_bytes(args.spec)
-    spec = prepare(decode_spec(raw))
+    spec = decode_spec(raw)
+    overrides = {"priority": args.priority, "correlation_id": args.correlation_id}
+    spec = prepare(msgspec.structs.replace(spec, **{k: v for k, v in overrides.items() if v}))
     data_dir = Path(cfg.data_dir).resolve()
     async with nats_for(args.nats_url or cfg.nats_url, data_dir) as url:
         events = EventLog(data_dir, url, instance_id=new_id()[:16])

@@ -32,6 +32,7 @@ from supervisor.config import Config
 from supervisor.emitter import Emitter, new_id
 from supervisor.errors import EventLogError, NatsUnavailable, SpecError
 from supervisor.ports import EventSink
+from supervisor.streams import TASKS_STREAM
 
 # JetStream's error code for "maximum messages per subject exceeded" (discard-new refusal).
 JS_ERR_MAX_MSGS_PER_SUBJECT = 10077
@@ -99,16 +100,26 @@ class Intake:
             )
         except nats.js.errors.APIError as e:
             if e.err_code == JS_ERR_MAX_MSGS_PER_SUBJECT:
+                bound = await self._bound()
                 c = Classification(
                     type="resource", code="QUEUE_FULL", retryable=True,
-                    message=f"the {spec.priority} queue is full ({self.config.scheduling.queue_bound_per_priority} tasks); try again later",
-                    details={"priority": spec.priority, "bound": self.config.scheduling.queue_bound_per_priority},
+                    message=f"the {spec.priority} queue is full ({bound} tasks queued or running); try again later",
+                    details={"priority": spec.priority, "bound": bound},
                 )  # fmt: skip
                 return self._reject(em, spec, c, c.message)
             raise EventLogError(f"SUP_TASKS refused the task: {e}") from e
         except (nats.errors.Error, OSError) as e:
             raise NatsUnavailable("jetstream", repr(e)) from e
         return Submission(spec.task_id, spec.correlation_id, True, stream_seq=ack.seq)
+
+    async def _bound(self) -> int | None:
+        """The per-priority bound the stream enforces (set by the daemon that created it,
+        which may differ from this process's configuration)."""
+        try:
+            info = await self.js.stream_info(TASKS_STREAM)
+        except (nats.errors.Error, OSError):
+            return None
+        return info.config.max_msgs_per_subject
 
     def _reject(self, em: Emitter, spec: TaskSpec, c: Classification, message: str) -> Submission:
         assert spec.task_id is not None and spec.correlation_id is not None
