@@ -332,10 +332,8 @@ def _read_side_parts(cfg: Config, *, with_projection: bool) -> tuple[list[Any], 
     parts: list[Any] = []
     read_side: Any = None
     if with_projection:
-        try:
-            from projections.live import ProjectionPart
-        except ImportError:  # TEMPORARY while projections.live lands
-            return parts, read_side
+        from projections.live import ProjectionPart
+
         read_side = ProjectionPart(cfg)
         parts.append(read_side)
     return parts, read_side
