@@ -27,6 +27,19 @@ class ProjectionStoreError(ProjectionError):
         super().__init__(f"projection {path}: {detail}")
 
 
+class ProjectionVersionMismatch(ProjectionStoreError):
+    """The file was built by another DDL version of the projection: replay it."""
+
+    tag = "projection_version_mismatch"
+
+    def __init__(self, path: str, found: int, expected: int) -> None:
+        self.found = found
+        self.expected = expected
+        super().__init__(
+            path, f"built by DDL version {found}, this reader is version {expected}: replay it"
+        )
+
+
 class StreamUnavailable(ProjectionError):
     """`SUP_EVENTS` could not be read (NATS unreachable, JetStream not answering)."""
 

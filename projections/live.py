@@ -38,9 +38,9 @@ import nats.js.errors
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 from projections.endpoint import QueryEndpoint, QueryLimits, unavailable
-from projections.errors import ProjectionError, StreamUnavailable
+from projections.errors import ProjectionError, ProjectionVersionMismatch, StreamUnavailable
 from projections.projector import Progress, Projector
-from projections.replay import BULK_BATCH
+from projections.replay import BULK_BATCH, replay
 from supervisor.http import Check
 from supervisor.streams import EVENTS_STREAM
 
@@ -124,10 +124,10 @@ class ProjectionPart:
     # --- the part -----------------------------------------------------------------------
 
     async def start(self, ctx: DaemonContext, stack: contextlib.AsyncExitStack) -> None:
-        """Open the file, catch up, then follow in the background; register the
-        `projection` readiness check and the metrics. Raises ProjectionStoreError (the file
-        cannot be opened: held by another process, of another DDL version) and
-        StreamUnavailable."""
+        """Open the file (rebuilt from the stream if another DDL version made it), catch up,
+        then follow in the background; register the `projection` readiness check and the
+        metrics. Raises ProjectionStoreError (the file cannot be opened: held by another
+        process) and StreamUnavailable."""
         self.db_path = self.db_path or Path(ctx.node.data_dir) / DB_NAME
         self._js = ctx.js
         self._nats_url = ctx.node.nats_url
@@ -169,7 +169,13 @@ class ProjectionPart:
         assert path is not None
         live = partial(Projector, path, self._nats_url, batch_size=s.batch_size,
                        batch_age_s=s.batch_age_s, stream=self.stream)  # fmt: skip
-        projector = await asyncio.to_thread(live)
+        try:
+            projector = await asyncio.to_thread(live)
+        except ProjectionVersionMismatch as e:
+            # The file is derived data the daemon owns: rebuild it from the log.
+            log.warning("%s; rebuilding it from the stream", e)
+            await replay(path, self._nats_url)
+            projector = await asyncio.to_thread(live)
         try:
             behind = await self._stream_seq() - projector.last_seq
             if behind > s.bulk_backlog:

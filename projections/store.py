@@ -21,7 +21,7 @@ import pyarrow as pa
 from projections.apply import APPLY_STATEMENTS, INSERT_DEAD_LETTERS, SET_WATERMARK
 from projections.ddl import DDL_VERSION, KEYS, TABLES, schema_statements
 from projections.decode import Staged
-from projections.errors import ProjectionStoreError
+from projections.errors import ProjectionStoreError, ProjectionVersionMismatch
 from supervisor.streams import EVENTS_STREAM
 
 
@@ -66,10 +66,16 @@ class ProjectionStore:
         self.stream = stream
         try:
             self.con = duckdb.connect(str(self.path), config=store_config(bulk=bulk))
-            self.con.execute("SET lock_configuration = true")
-            self._install()
         except duckdb.Error as e:
             raise ProjectionStoreError(str(self.path), f"cannot open: {e}") from e
+        try:
+            self.con.execute("SET lock_configuration = true")
+            self._install()
+        except BaseException as e:
+            self.con.close()  # or the file stays held by this process
+            if isinstance(e, duckdb.Error):
+                raise ProjectionStoreError(str(self.path), f"cannot open: {e}") from e
+            raise
 
     def _install(self) -> None:
         con = self.con
@@ -84,10 +90,7 @@ class ProjectionStore:
             con.execute("INSERT INTO projector_state VALUES (?, 0, ?)", [self.stream, DDL_VERSION])
         elif row[1] != DDL_VERSION:
             con.rollback()
-            raise ProjectionStoreError(
-                str(self.path),
-                f"built by DDL version {row[1]}, this reader is version {DDL_VERSION}: replay it",
-            )
+            raise ProjectionVersionMismatch(str(self.path), int(row[1]), DDL_VERSION)
         con.commit()
 
     def last_seq(self) -> int:

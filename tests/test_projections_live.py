@@ -17,8 +17,8 @@ import duckdb
 import nats
 import pytest
 
-from projections import replay, snapshot
-from projections.ddl import TABLES
+from projections import ProjectionStore, replay, snapshot
+from projections.ddl import DDL_VERSION, TABLES
 from projections.errors import QueryFailed, QueryRefused, QueryTimeout
 from projections.live import LiveSettings, ProjectionPart
 from projections.loadgen import publish
@@ -280,3 +280,22 @@ async def test_the_projection_follows_on_after_nats_restarts(
         assert (first, last) == (185, 217)
         answer = await part.query({"sql": "SELECT count(*), max(seq) FROM events"})
         assert answer["rows"] == [[217, 217]]
+
+
+async def test_a_file_of_another_ddl_version_is_rebuilt_from_the_stream(
+    nats_url: str, tmp_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    last = await publish(nats_url, scenario_history())
+    ProjectionStore(tmp_dir / "projection.duckdb").close()
+    con = duckdb.connect(str(tmp_dir / "projection.duckdb"))
+    con.execute("UPDATE projector_state SET ddl_version = 0")
+    con.close()
+    async with running_part(tmp_dir, nats_url) as (part, _):
+        assert part.last_seq == last
+        answer = await part.query({"sql": "SELECT count(*) FROM tasks"})
+        assert answer["rows"] == [[16]]
+    assert any("built by DDL version 0" in m and m.endswith("rebuilding it from the stream")
+               for m in caplog.messages)  # fmt: skip
+    assert tables(tmp_dir / "projection.duckdb")["projector_state"] == [
+        ("SUP_EVENTS", last, DDL_VERSION)
+    ]
