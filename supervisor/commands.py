@@ -23,12 +23,12 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 import nats.errors
-import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
@@ -231,6 +231,9 @@ class CommandExecutor:
             outcome, detail = await self.execute(cmd)
         except SupervisorError as e:
             outcome, detail = "failed", f"{type(e).__name__}: {e}"
+        except Exception as e:  # a bug must not lose the command: it is retried, and logged
+            log.exception("command %s crashed", cmd.command_id)
+            outcome, detail = "failed", f"{type(e).__name__}: {e}"
         final = outcome != "failed" or not should_retry(self.retry, delivery, True)
         self.emitter.emit(
             ReconcileOutcome, command_id=cmd.command_id, outcome=outcome, final=final,
@@ -323,7 +326,7 @@ class CommandExecutor:
         # The stream, not the projection, is the authority at the moment of acting.
         try:
             history = summarize(await read_task_events(self.js, cmd.task_id))
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
+        except (nats.errors.Error, TimeoutError) as e:
             raise CommandBusError(f"cannot read the history of {cmd.task_id}: {e!r}") from e
         if history.terminal is not None or history.open_attempt != cmd.attempt:
             return "already_gone", f"attempt {cmd.attempt} of {cmd.task_id} is already closed"
@@ -349,7 +352,7 @@ class CommandExecutor:
         return "succeeded", f"attempt {cmd.attempt} of {cmd.task_id} closed as {code}"
 
 
-async def _settle(action: object) -> None:
+async def _settle(action: Awaitable[None]) -> None:
     """Ack/nak/term, ignoring a connection lost meanwhile (the delivery then comes back)."""
     with contextlib.suppress(Exception):
-        await action  # type: ignore[misc]
+        await action

@@ -225,6 +225,7 @@ def orphan_container(state: ProjectedState, now: datetime, cfg: RuleConfig) -> l
 
 def vanished_container(state: ProjectedState, now: datetime, cfg: RuleConfig) -> list[Divergence]:
     inv = state.inventory
+    index = _Attempts.of(state)
     out = []
     for rec in state.containers.values():
         if (
@@ -238,7 +239,7 @@ def vanished_container(state: ProjectedState, now: datetime, cfg: RuleConfig) ->
                               "remove_container", evidence,
                               "recorded as created, absent from the inventory: its removal is "
                               "recorded", inv.observed_at, rec.task_id, rec.attempt))  # fmt: skip
-        closing = _closable(state, rec.task_id, rec.attempt, now, cfg)
+        closing = _closable(state, rec.task_id, rec.attempt, now, cfg, index)
         if closing is not None:
             life, fail_task = closing
             out.append(Divergence("vanished_container", "attempt",
@@ -304,10 +305,11 @@ def vanished_workspace(state: ProjectedState, now: datetime, cfg: RuleConfig) ->
 
 def lost_attempt(state: ProjectedState, now: datetime, cfg: RuleConfig) -> list[Divergence]:
     out = []
+    index = _Attempts.of(state)
     for att in state.attempts.values():
         if att.node_id != state.node_id:
             continue
-        closing = _closable(state, att.task_id, att.attempt, now, cfg)
+        closing = _closable(state, att.task_id, att.attempt, now, cfg, index)
         if closing is None:
             continue
         life, fail_task = closing
@@ -325,8 +327,34 @@ def _owner(c: SeenContainer, rec: ContainerRecord | None) -> tuple[str, int]:
     return task_id, attempt
 
 
+@dataclass(frozen=True)
+class _Attempts:
+    """Per (task, attempt): whether a container of it is observed running, and the deadline
+    its container was given. Built once per rule, not once per attempt."""
+
+    running: frozenset[tuple[str | None, int | None]]
+    deadlines: dict[tuple[str, int], datetime]
+
+    @classmethod
+    def of(cls, state: ProjectedState) -> _Attempts:
+        running = frozenset(
+            (c.task_id, c.attempt) for c in state.inventory.containers.values() if c.running
+        )
+        deadlines = {
+            (r.task_id, r.attempt): r.deadline
+            for r in state.containers.values()
+            if r.deadline is not None
+        }
+        return cls(running, deadlines)
+
+
 def _closable(
-    state: ProjectedState, task_id: str, attempt: int, now: datetime, cfg: RuleConfig
+    state: ProjectedState,
+    task_id: str,
+    attempt: int,
+    now: datetime,
+    cfg: RuleConfig,
+    index: _Attempts,
 ) -> tuple[Life, bool] | None:
     """(why its owner is gone, whether the task must be ended too) when the open attempt
     (task, attempt) may be closed now; None while it must be left alone."""
@@ -338,14 +366,13 @@ def _closable(
         or _age_s(now, task.last_event_at) < cfg.lost_attempt_grace_s
     ):  # fmt: skip
         return None
-    for c in state.inventory.containers.values():
-        if c.task_id == task_id and c.attempt == attempt and c.running:
-            return None  # its container goes first (orphan or overdue)
+    if (task_id, attempt) in index.running:
+        return None  # its container goes first (orphan or overdue)
     life = liveness(state, att.instance_id, now, cfg)
     if life.status == "live":
         return None
     if life.status == "unknown":
-        deadline = _deadline_of(state, task_id, attempt)
+        deadline = index.deadlines.get((task_id, attempt))
         if deadline is None:
             if att.started_at is None or _age_s(now, att.started_at) < cfg.max_attempt_s:
                 return None
@@ -356,13 +383,6 @@ def _closable(
     inst = state.instances.get(att.instance_id)
     fail_task = inst is not None and inst.role is not None and inst.role != "serve"
     return life, fail_task
-
-
-def _deadline_of(state: ProjectedState, task_id: str, attempt: int) -> datetime | None:
-    for rec in state.containers.values():
-        if rec.task_id == task_id and rec.attempt == attempt and rec.deadline is not None:
-            return rec.deadline
-    return None
 
 
 # --- deciding --------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ class ReconcilerPart:
         scheduler.add_job(self.run_pass, "interval", seconds=cfg.interval_s, id="reconcile",
                           coalesce=True, max_instances=1,
                           misfire_grace_time=max(int(cfg.misfire_grace_s), 1))  # fmt: skip
-        scheduler.add_job(self.heartbeat, "interval", seconds=cfg.heartbeat_s, id="heartbeat",
+        scheduler.add_job(self._heartbeat, "interval", seconds=cfg.heartbeat_s, id="heartbeat",
                           coalesce=True, max_instances=1,
                           misfire_grace_time=max(int(cfg.heartbeat_s), 1))  # fmt: skip
         scheduler.start()
@@ -87,6 +87,11 @@ class ReconcilerPart:
         ctx.add_check("reconciler", self.check)
         log.info("reconciler: a pass every %gs, heartbeats every %gs", cfg.interval_s,
                  cfg.heartbeat_s)  # fmt: skip
+
+    async def _heartbeat(self) -> None:
+        # A coroutine: APScheduler runs plain functions in a thread, and the event log's
+        # emit belongs to the loop.
+        self.heartbeat()
 
     def heartbeat(self) -> None:
         assert self._ctx is not None

@@ -44,7 +44,7 @@ from schemas import (
 from supervisor.config import ReconcileConfig
 from supervisor.divergence import RULES, Planned, RuleConfig, oldest_leak_s, plan
 from supervisor.emitter import Emitter, new_id, utcnow
-from supervisor.errors import ProjectionLagging
+from supervisor.errors import CommandBusError, ProjectionLagging
 from supervisor.projected import ProjectedState
 from supervisor.workspace import WORKSPACES
 
@@ -256,7 +256,9 @@ class Reconciler:
             raise ValueError("a reconciler without a command bus can only do dry runs")
         # Decisions are in the stream before their commands: whoever carries a command
         # out, its cleanup events follow the decision that explains them.
-        await self.emitter.sink.flush(self.config.projection_wait_s)
+        if decided and not await self.emitter.sink.flush(self.config.projection_wait_s):
+            raise CommandBusError("the decisions are not in SUP_EVENTS yet; no command is "
+                                  "ordered before the decision that explains it")  # fmt: skip
         for p in planned:
             if p.pending or p.command_id in decided:
                 stored = await self.bus.publish(self._command(p, state, decided))
