@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from schemas import (
     ContainerExited,
     ContainerStarted,
     ErrorRaised,
+    Event,
     Evidence,
     ExecutionError,
     KillIssued,
@@ -36,6 +37,7 @@ from schemas import (
     TaskSubmitted,
     TaskSucceeded,
     WorkspaceCreated,
+    event_type,
 )
 from supervisor.admission import admit
 from supervisor.classify import Classification, classify
@@ -43,8 +45,10 @@ from supervisor.cleanup import Cleaner
 from supervisor.config import Config
 from supervisor.emitter import Emitter, new_id
 from supervisor.errors import ContainerVanished, ImageNotFound, SpecError, SupervisorError
+from supervisor.lifecycle import LifecycleTracker
 from supervisor.metrics import Metrics
 from supervisor.observe import CgroupSampler, DockerEventWatcher
+from supervisor.ports import EventSink
 from supervisor.retry import backoff_delay, should_retry
 from supervisor.runtime import ContainerRequest, DockerRuntime, Output, close_socket, read_output
 from supervisor.workspace import create_workspace
@@ -101,7 +105,8 @@ class Executor:
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
         self.runtime = runtime
-        self.emitter = emitter
+        self.lifecycle = LifecycleTracker()
+        self.emitter = replace(emitter, sink=_CheckedSink(emitter.sink, self.lifecycle, metrics))
         self.config = config
         self.metrics = metrics
         self.watcher = watcher
@@ -494,6 +499,38 @@ class Executor:
             stderr_truncated=st.output.stderr_truncated,
             cancelled=st.cancelled,
         )
+
+
+class _CheckedSink:
+    """The executor's sink: each event is checked against the lifecycle state machine as it
+    is emitted, then handed on. A transition the machine does not allow is a bug of ours:
+    it is logged and counted (`supervisor_lifecycle_violations_total`), and the event is
+    still published, since it records what happened."""
+
+    def __init__(self, sink: EventSink, tracker: LifecycleTracker, metrics: Metrics) -> None:
+        self.sink = sink
+        self.tracker = tracker
+        self.metrics = metrics
+
+    def emit(self, event: Event) -> None:
+        step = getattr(event, "step", None)
+        container_id = getattr(event, "container_id", None)
+        if step == "remove_container":
+            container_id = getattr(event, "resource", None)
+        violation = self.tracker.observe(
+            event_type(event), event.task_id, container_id=container_id, step=step
+        )
+        if violation is not None:
+            log.error("lifecycle violation: %s", violation,
+                      extra={"task_id": event.task_id, "attempt": event.attempt})  # fmt: skip
+            self.metrics.lifecycle_violations.labels(violation.machine).inc()
+        self.sink.emit(event)
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        return await self.sink.flush(timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sink, name)
 
 
 def _fields(s: Any) -> dict[str, Any]:

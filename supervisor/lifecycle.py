@@ -93,3 +93,64 @@ def next_workspace_state(state: str | None, event_type: str) -> WorkspaceState:
 
 def is_terminal(state: str | None) -> bool:
     return state in TERMINAL_TASK_STATES
+
+
+_CONTAINER_EVENTS: Final[frozenset[str]] = frozenset(
+    {"container.created", "container.started", "container.exited"}
+)
+
+
+class LifecycleTracker:
+    """Folds the events one process emits through the machines, as they are emitted.
+
+    `observe` returns the InvalidTransition an event would make (and leaves the state
+    alone), else None. A task first seen in the middle of its life (a redelivered message
+    continues a history this process did not see) is tracked from its next task event
+    that the machine accepts from any earlier state; a task is forgotten at its terminal
+    state and a container once removed, so the memory is that of the work in flight.
+    """
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, str] = {}
+        self.containers: dict[str, str] = {}
+
+    def observe(
+        self, event_type: str, task_id: str, *, container_id: str | None = None,
+        step: str | None = None, ok: bool = True,
+    ) -> InvalidTransition | None:  # fmt: skip
+        if event_type in TASK_EVENT_TYPES:
+            return self._task(event_type, task_id)
+        if container_id is None:
+            return None
+        if event_type in _CONTAINER_EVENTS:
+            return self._container(event_type, container_id)
+        if event_type == "cleanup.succeeded" and step == "remove_container":
+            return self._container("removed", container_id)
+        return None
+
+    def _task(self, event_type: str, task_id: str) -> InvalidTransition | None:
+        known = task_id in self.tasks
+        state = self.tasks.get(task_id)
+        if not known and event_type not in ("task.submitted", "task.rejected"):
+            sources = [s for (s, t) in _TASK if t == event_type and s is not None]
+            state = sources[0] if sources else None  # joined mid-life: assume a valid source
+        try:
+            new = next_task_state(state, event_type)
+        except InvalidTransition as e:
+            return e
+        if is_terminal(new):
+            self.tasks.pop(task_id, None)
+        else:
+            self.tasks[task_id] = new
+        return None
+
+    def _container(self, event_type: str, container_id: str) -> InvalidTransition | None:
+        try:
+            new = next_container_state(self.containers.get(container_id), event_type)
+        except InvalidTransition as e:
+            return e
+        if new == "removed":
+            self.containers.pop(container_id, None)
+        else:
+            self.containers[container_id] = new
+        return None

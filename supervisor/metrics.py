@@ -85,6 +85,12 @@ class Metrics:
         self.resource_alerts = Counter(
             "supervisor_resource_alerts", "resource.alert events by metric", ["metric"], registry=r
         )
+        self.lifecycle_violations = Counter(
+            "supervisor_lifecycle_violations",
+            "Events emitted against the lifecycle state machine (a bug; see the logs)",
+            ["machine"],
+            registry=r,
+        )
         self.ready = Gauge("supervisor_ready", "1 when the last readiness check passed", registry=r)
         self.ready_check = Gauge(
             "supervisor_ready_check",

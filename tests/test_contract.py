@@ -144,3 +144,26 @@ def test_imports_flow_one_way() -> None:
         assert (
             not {m for m in _imports(path) if m.startswith("projections")} or path.name == "cli.py"
         ), f"supervisor/{path.name} imports the read side"
+
+
+def test_the_tracker_follows_a_whole_task_and_flags_a_second_terminal_state() -> None:
+    from supervisor.lifecycle import LifecycleTracker
+
+    t = LifecycleTracker()
+    steps = ["task.submitted", "attempt.started", "attempt.finished", "task.retry_scheduled",
+             "attempt.started", "attempt.finished", "task.succeeded"]  # fmt: skip
+    assert [t.observe(s, "t-1") for s in steps] == [None] * len(steps)
+    assert t.tasks == {}  # forgotten at its terminal state
+    assert t.observe("container.created", "t-1", container_id="c") is None
+    assert t.observe("container.started", "t-1", container_id="c") is None
+    v = t.observe("container.created", "t-1", container_id="c")
+    assert v is not None and (v.machine, v.state, v.event_type) == (
+        "container", "running", "container.created")  # fmt: skip
+    assert t.observe("cleanup.succeeded", "t-1", container_id="c", step="remove_container") is None
+    assert t.containers == {}
+    t.observe("task.submitted", "t-2")
+    v = t.observe("task.succeeded", "t-2")
+    assert v is not None and (v.machine, v.state) == ("task", "submitted")
+    # A redelivered task joins mid-life: its first event is accepted from a valid source.
+    assert t.observe("attempt.started", "t-3") is None
+    assert t.tasks["t-3"] == "running"

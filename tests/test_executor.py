@@ -43,6 +43,10 @@ async def node(tmp_dir: Path, nats_url: str) -> AsyncIterator[Node]:
     cfg = Config(data_dir=str(tmp_dir / "data"), node_id="n1")
     async with open_node(cfg, nats_url=nats_url) as n:
         yield n
+    # Whatever the test did, every event the executor emitted followed the state machine.
+    violations = n.metrics.registry.get_sample_value
+    assert [violations("supervisor_lifecycle_violations_total", {"machine": m}) or 0.0
+            for m in ("task", "container")] == [0.0, 0.0]  # fmt: skip
 
 
 async def _run(node: Node, spec: TaskSpec) -> Result:
