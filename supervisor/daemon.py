@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from supervisor.natsserver import url_file
 from supervisor.node import Node, open_node
 from supervisor.scheduler import Scheduler
 from supervisor.streams import TASKS_STREAM, commands_stream_config, tasks_stream_config
+from supervisor.tail import parse_since, subject_filter, tail
 from supervisor.workqueue import WorkQueue, ensure_consumers
 
 log = logging.getLogger("supervisor.daemon")
@@ -246,11 +247,64 @@ class _Api:
         return {"task_id": task_id, "state": state, "attempts": h.last_attempt,
                 "events": len(events)}  # fmt: skip
 
+    async def errors(self, params: Mapping[str, str]) -> AsyncIterator[bytes]:
+        """Follow the error stream with `supervisor tail`'s filters, for one HTTP client."""
+        unknown = set(params) - {"type", "code", "task", "since", "limit"}
+        if unknown:
+            raise ValueError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+        since = parse_since(params["since"]) if "since" in params else None
+        limit = int(params["limit"]) if "limit" in params else None
+        subject_filter(errors=True, type_=params.get("type"), task=params.get("task"))
+        assert self.daemon.node is not None
+        lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+        follow = asyncio.ensure_future(
+            tail(
+                self.daemon.node.nats_url,
+                errors=True,
+                type_=params.get("type"),
+                code=params.get("code"),
+                task=params.get("task"),
+                since=since,
+                limit=limit,
+                out=_QueueWriter(lines),
+            )
+        )
+        follow.add_done_callback(lambda _: lines.put_nowait(None))
+        try:
+            while (line := await lines.get()) is not None:
+                yield line
+            if not follow.cancelled() and follow.exception() is not None:
+                raise follow.exception()  # type: ignore[misc]
+        finally:
+            follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await follow
+
     async def query(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
         if self.daemon.read_side is None:
             raise ApiError(503, "infrastructure", "QUERY_UNAVAILABLE",
                            "this daemon runs without a projection")  # fmt: skip
         return await self.daemon.read_side.query(request)
+
+
+class _QueueWriter:
+    """A text sink for `tail` that hands each line to a queue. A client too slow to read
+    `MAX_BUFFERED` lines loses the newest ones rather than growing the daemon's memory
+    (the stream keeps them all: `since` reads them again)."""
+
+    MAX_BUFFERED = 10_000
+
+    def __init__(self, queue: asyncio.Queue[bytes | None]) -> None:
+        self.queue = queue
+
+    def write(self, text: str) -> int:
+        line = text.rstrip("\n")
+        if line and self.queue.qsize() < self.MAX_BUFFERED:
+            self.queue.put_nowait(line.encode())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 def _background(

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import msgspec
@@ -111,6 +111,11 @@ class Handlers(Protocol):
 
     async def query(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
         """Run a read-only query described by the request body (a JSON object)."""
+        ...
+
+    def errors(self, params: Mapping[str, str]) -> AsyncIterator[bytes]:
+        """The error events matching `params` (type, code, task, since, limit), each the raw
+        JSON it was published as, as they arrive. Raises ValueError for a bad filter."""
         ...
 
 
@@ -267,6 +272,33 @@ def _add_api(app: web.Application, handlers: Handlers) -> None:
             raise ApiError(400, "validation", "INVALID_QUERY", "the body must be a JSON object")
         return _json(await handlers.query(body))
 
+    async def errors(request: web.Request) -> web.StreamResponse:
+        try:
+            events = handlers.errors(dict(request.query))
+            first = asyncio.ensure_future(anext(events))
+            await asyncio.wait([first], timeout=0.05)  # a bad filter fails before the 200
+            failed = first.exception() if first.done() else None
+            if isinstance(failed, ValueError):
+                raise ApiError(400, "validation", "INVALID_QUERY", str(failed))
+            if failed is not None:
+                raise failed
+        except ValueError as e:
+            raise ApiError(400, "validation", "INVALID_QUERY", str(e)) from e
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        try:
+            line = await first
+            while True:
+                await resp.write(line + b"\n")
+                line = await anext(events)
+        except (StopAsyncIteration, ConnectionResetError):
+            pass
+        finally:
+            first.cancel()
+            await events.aclose()  # type: ignore[attr-defined]
+        return resp
+
+    app.router.add_get("/v1/errors", errors)
     app.router.add_post("/v1/tasks", submit)
     app.router.add_get("/v1/tasks/{task_id}", task)
     app.router.add_post("/v1/query", query)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -277,3 +279,31 @@ def test_logs_are_json_lines_with_the_task_context(
     started = [e for e in _events(nats_url, "sup.attempt.started.*.t-logged")
                if isinstance(e, AttemptStarted)]  # fmt: skip
     assert {line["correlation_id"] for line in mine} == {started[0].correlation_id}
+
+
+def test_the_error_stream_is_served_over_http_as_json_lines(
+    tmp_dir: Path, nats_url: str, daemons: list[DaemonProc]
+) -> None:
+    d = _start(daemons, tmp_dir, nats_url)
+    assert d.get("/v1/errors?type=no.such")[0] == 400
+    assert d.get("/v1/errors?colour=red")[0] == 400
+    client = tmp_dir / "client"
+    assert _result(nats_url, client, task("exit 4", task_id="t-before"))["status"] == "failed"
+
+    got: list[dict[str, Any]] = []
+
+    def follow() -> None:
+        url = d.base_url + "/v1/errors?type=user_code&since=10m&limit=2"
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            assert resp.headers["Content-Type"].startswith("application/x-ndjson")
+            got.extend(json.loads(line) for line in resp)
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    assert _result(nats_url, client, task("exit 5", task_id="t-live"))["status"] == "failed"
+    reader.join(60)
+
+    assert [(e["task_id"], e["code"], e["details"]["exit_code"]) for e in got] == [
+        ("t-before", "NONZERO_EXIT", 4),
+        ("t-live", "NONZERO_EXIT", 5),
+    ]
