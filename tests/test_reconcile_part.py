@@ -106,7 +106,7 @@ async def test_the_part_reconciles_at_start_up_then_on_its_interval(
                 docker_client.api.remove_container(cid, force=True)
 
     assert start_up is not None and [p.divergence.resource for p in start_up.planned] == [before]
-    assert took < 5.0, took  # a pass every 0.5 s, then the command
+    assert took < 10.0, took  # a pass every 0.5 s, then the command (a busy host: slack)
     assert check.ok and check.details["failing_commands"] == []
     assert check.details["failed_passes_in_row"] == 0
     assert 'supervisor_reconcile_passes_total{outcome="ok"}' in metrics

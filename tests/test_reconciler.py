@@ -214,6 +214,8 @@ async def test_a_cleanup_that_fails_is_retried_with_backoff_and_resolved(
         try:
             report = await r.reconciler.run_pass()
             (cid,) = [p.command_id for p in report.planned if p.divergence.resource == str(path)]
+            (close,) = [p.command_id for p in report.planned if p.command_id != cid]
+            assert await r.outcomes([close]) == {close: "succeeded"}  # the lost attempt
             deadline = time.monotonic() + 20
             while cid not in r.executor.failing and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
