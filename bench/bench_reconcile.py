@@ -40,7 +40,8 @@ from supervisor.emitter import Emitter, new_id
 from supervisor.eventlog import EventLog
 from supervisor.intake import Intake
 from supervisor.natsserver import NatsServer
-from tests.reconcileutil import ReconcilingDaemon, labels, new_node_id, rig
+from tests.daemonutil import DaemonProc
+from tests.reconcileutil import labels, new_node_id, rig
 
 IMAGE = "supervisor-sandbox:busybox"
 
@@ -77,16 +78,16 @@ def leak_to_removal(n: int, interval: float, timeout: float) -> None:
         "scheduling": {"ack_wait_s": 600, "ack_progress_s": 5, "concurrency": n,
                        "memory_budget_mb": 1_000_000},
     }  # fmt: skip
-    daemons: list[ReconcilingDaemon] = []
+    daemons: list[DaemonProc] = []
     try:
-        first = ReconcilingDaemon(tmp / "data", url, config).start()
+        first = DaemonProc(tmp / "data", url, config).start()
         daemons.append(first)
         asyncio.run(_submit(url, tmp / "client", n))
         while len(_managed(api, node_id)) < n:
             time.sleep(0.2)
         left = _managed(api, node_id)
         first.kill()
-        second = ReconcilingDaemon(tmp / "data", url, config)
+        second = DaemonProc(tmp / "data", url, config)
         daemons.append(second)
         t0 = time.monotonic()
         second.start(timeout=120)

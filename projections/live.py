@@ -26,13 +26,14 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import duckdb
 import nats.errors
 import nats.js.errors
 from prometheus_client import CollectorRegistry, Gauge, Histogram
@@ -43,6 +44,8 @@ from projections.projector import Progress, Projector
 from projections.replay import BULK_BATCH, replay
 from supervisor.http import Check
 from supervisor.streams import EVENTS_STREAM
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -339,6 +342,13 @@ class ProjectionPart:
         if self._endpoint is None:
             raise unavailable()
         return await self._endpoint.query(request)
+
+    async def on_cursor(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """Run `fn` on one of the live projection's read cursors, in its thread pool (the
+        reconciler reads its projected state this way). ApiError 503 while closed."""
+        if self._endpoint is None:
+            raise unavailable()
+        return await self._endpoint._on_cursor(fn)
 
     async def task(self, task_id: str) -> dict[str, Any] | None:
         """`QueryEndpoint.task` on the live projection: None also while the task is not

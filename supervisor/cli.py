@@ -336,6 +336,18 @@ def _read_side_parts(cfg: Config, *, with_projection: bool) -> tuple[list[Any], 
 
         read_side = ProjectionPart(cfg)
         parts.append(read_side)
+    if cfg.reconcile.enabled:
+        from projections.reconcile_state import DuckDBState, OwnProjection
+        from supervisor.reconcile_part import ReconcilerPart
+
+        if read_side is not None:  # the reconciler reads the live projection's cursors
+            state = DuckDBState(read_side.on_cursor)
+        else:  # --no-projection: a projection of its own, <data_dir>/reconcile.duckdb
+            own = OwnProjection()
+            parts.append(own)
+            state = own.state
+        # After the projection: it starts first (its start-up pass reads it), stops last.
+        parts.append(ReconcilerPart(cfg, state=state))
     return parts, read_side
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -38,12 +36,10 @@ from supervisor.commands import CommandExecutor, JetStreamCommands
 from supervisor.config import Config, ReconcileConfig
 from supervisor.emitter import Emitter
 from supervisor.eventlog import ensure_streams
-from supervisor.natsserver import url_file
 from supervisor.node import Node, open_node
 from supervisor.reconciler import ReconcileMetrics, Reconciler
 from supervisor.streams import commands_stream_config
 from supervisor.workspace import create_workspace
-from tests.daemonutil import DaemonProc
 
 SANDBOX_IMAGE = "supervisor-sandbox:busybox"
 FAST = {"creation_grace_s": 0.0, "lost_attempt_grace_s": 0.0, "command_backoff_s": 0.2,
@@ -184,49 +180,3 @@ async def rig(nats_url: str, tmp_dir: Path, docker_client: Any, *, background: b
             await follow
             close()
             projector.close()
-
-
-_LAUNCH = """
-import asyncio, signal, sys
-import msgspec
-from projections.reconcile_state import OwnProjection
-from supervisor.config import load_config
-from supervisor.daemon import Daemon
-from supervisor.reconcile_part import ReconcilerPart
-
-cfg = msgspec.structs.replace(load_config(sys.argv[1]), data_dir=sys.argv[3])
-own = OwnProjection()
-
-async def main():
-    stop, force = asyncio.Event(), asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: force.set() if stop.is_set() else stop.set())
-    parts = [own, ReconcilerPart(cfg, state=own.state)]
-    return await Daemon(cfg, nats_url=sys.argv[2], parts=parts).run(stop, force)
-
-sys.exit(asyncio.run(main()))
-"""
-
-
-class ReconcilingDaemon(DaemonProc):
-    """A daemon process composed as `supervisor serve` is to be with the reconciler
-    (`OwnProjection` and `ReconcilerPart` handed to `Daemon` as parts). TEMPORARY: once
-    serve composes it, `DaemonProc` does the same."""
-
-    def start(self, timeout: float = 60.0) -> ReconcilingDaemon:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _LAUNCH, str(self.config_path), self.nats_url,
-                 str(self.data_dir)],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited early:\n{self.log()}")
-            if url_file(self.data_dir).exists() and self._started():
-                return self
-            time.sleep(0.05)
-        raise AssertionError(f"daemon not ready:\n{self.log()}")

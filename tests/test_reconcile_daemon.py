@@ -1,9 +1,7 @@
 """The reconciler in a real daemon process: killed with SIGKILL while 5 long tasks run, then
 started again, the daemon removes every container and workspace the dead one left, within
-the heartbeat timeout plus one interval, each removal explained by a decision event.
-
-The daemon is `tests.reconcileutil.ReconcilingDaemon` until `supervisor serve` composes the
-reconciler itself (then: `DaemonProc`)."""
+the heartbeat timeout plus one interval, each removal explained by a decision event. The
+daemon is `supervisor serve`, as users start it."""
 
 from __future__ import annotations
 
@@ -16,7 +14,7 @@ import pytest
 
 from schemas import ReconcileDecision
 from tests.daemonutil import DaemonProc, submit, task
-from tests.reconcileutil import ReconcilingDaemon, new_node_id
+from tests.reconcileutil import new_node_id
 from tests.streamutil import stream_events
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
@@ -57,7 +55,7 @@ def test_a_daemon_killed_mid_task_leaves_nothing_once_it_is_back(
     }
     data = tmp_dir / "data"
     try:
-        first = ReconcilingDaemon(data, nats_url, config).start()
+        first = DaemonProc(data, nats_url, config).start()
         daemons.append(first)
         for i in range(5):
             spec = task("sleep 300", task_id=f"long-{i}", limits={"timeout_s": 600},
@@ -68,7 +66,7 @@ def test_a_daemon_killed_mid_task_leaves_nothing_once_it_is_back(
         workspaces = sorted(str(p) for p in (data / "workspaces").iterdir())
 
         first.kill()
-        second = ReconcilingDaemon(data, nats_url, config)
+        second = DaemonProc(data, nats_url, config)
         daemons.append(second)
         t0 = time.monotonic()
         second.start()
