@@ -67,4 +67,3 @@ class ReadSide(Protocol):
     async def query(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
         """Run the read-only query described by the request body (`{"sql": ...}`)."""
         ...
-
