@@ -122,6 +122,19 @@ async def submit_latency(url: str, data_dir: Path, n: int) -> tuple[list[float],
     return ours, raw
 
 
+def _lag_quantiles(daemon: DaemonProc) -> dict[str, float]:
+    """The projection's exact recent publish-to-visible quantiles, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, body = daemon.get("/metrics")
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        if family.name == "supervisor_projection_lag_recent_seconds":
+            for sample in family.samples:
+                out["p" + str(round(float(sample.labels["quantile"]) * 100))] = sample.value
+    return out
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -133,6 +146,11 @@ def main() -> None:
     ap.add_argument("--queued", type=int, default=10_000)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--submits", type=int, default=1000)
+    ap.add_argument(
+        "--core-only",
+        action="store_true",
+        help="run the daemon without the DuckDB read side (no projection, no reconciler)",
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
     server = NatsServer(tmp / "nats")
@@ -154,7 +172,12 @@ def main() -> None:
             "queue_bound_per_priority": max(args.queued, args.tasks) + 100,
             "memory_budget_mb": 64 * 1024,
         }
-        daemon = DaemonProc(tmp / "data", url, {"scheduling": sched}).start()
+        config: dict[str, object] = {"scheduling": sched}
+        extra: tuple[str, ...] = ()
+        if args.core_only:
+            config["reconcile"] = {"enabled": False}
+            extra = ("--no-projection",)
+        daemon = DaemonProc(tmp / "data", url, config, extra).start()
         specs = [_spec(i, SCRIPT) for i in range(args.tasks)]
         sup_s = asyncio.run(submit_all(url, tmp / "client", specs, wait=True))
         _, raw_s = raw_run(args.tasks, args.concurrency, str(mount))
@@ -164,7 +187,16 @@ def main() -> None:
             f"daemon {sup_tp:.2f}/s, ratio {sup_tp / raw_tp:.3f} (target >= 0.8)"
         )
 
+        lag = _lag_quantiles(daemon)
+        if lag:
+            print(
+                "live projection lag (publish to visible) over the last events of that run: "
+                + ", ".join(f"{q} {v * 1e3:.0f} ms" for q, v in lag.items())
+                + " (target p99 < 1 s)"
+            )
+
         proc = psutil.Process(daemon.proc.pid)  # type: ignore[union-attr]
+        idle = proc.memory_info().rss
         long = [_spec(i, "sleep 500", timeout=590) for i in range(args.queued)]
         asyncio.run(submit_all(url, tmp / "client", long, wait=False))
         peak = 0
@@ -174,7 +206,7 @@ def main() -> None:
             time.sleep(0.2)
         print(
             f"daemon peak RSS with {args.queued} queued and {args.concurrency} running: "
-            f"{peak / 2**20:.1f} MB (target <= 150 MB)"
+            f"{peak / 2**20:.1f} MB (target <= 150 MB); before queueing {idle / 2**20:.1f} MB"
         )
     finally:
         if daemon is not None:

@@ -26,7 +26,14 @@ def free_port() -> int:
 
 
 class DaemonProc:
-    def __init__(self, data_dir: Path, nats_url: str, config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        nats_url: str,
+        config: dict[str, Any] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
+        self.args = args
         self.data_dir = data_dir
         self.nats_url = nats_url
         self.port = free_port()
@@ -44,7 +51,7 @@ class DaemonProc:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor", "serve", "--nats", self.nats_url,
-             "--data-dir", str(self.data_dir), "--config", str(self.config_path)],
+             "--data-dir", str(self.data_dir), "--config", str(self.config_path), *self.args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         log.close()
