@@ -7,14 +7,17 @@ Used by the embedded default and by the tests, which start servers exactly as us
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from supervisor.errors import EmbeddedNatsError
@@ -80,8 +83,9 @@ class NatsServer:
             "--store_dir", str(self.store_dir),
         ]  # fmt: skip
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-        )
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )  # fmt: skip
         ready = threading.Event()
         port_box: list[int] = []
 
@@ -151,6 +155,26 @@ def _reachable(url: str, timeout: float = 0.5) -> bool:
             return True
     except OSError:
         return False
+
+
+def _load_prctl() -> Callable[[int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_prctl = _load_prctl()  # looked up here: a forked child must not load libraries
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the forked child, before exec: SIGTERM when the thread that started the server
+    dies, so an embedded server never outlives a process killed with SIGKILL (the next
+    process starts its own on the same store). Linux only; elsewhere a no-op."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def resolve_nats_url(cli_url: str | None, data_dir: Path) -> str | None:
