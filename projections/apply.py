@@ -1,26 +1,33 @@
 """The set-based SQL that applies one batch of events to the projection. Pure: text only.
 
-The store registers the staging tables of `projections.decode.STAGING` as `_batch`
-(every valid event's envelope and payload), `_submitted`, `_terminal`, `_attempt`,
-`_container`, `_workspace`, `_error`, `_cleanup`, `_alert`, `_instance`, `_inventory`,
-`_decision` and `_outcome` (what the projection reads of each kind's body, keyed by `seq`),
-then runs `APPLY_STATEMENTS` in order, in one transaction with the watermark:
+The store loads the staging tables of `projections.decode.STAGING` into temp tables of the
+same names: `_batch` (every valid event's envelope and payload), `_submitted`, `_terminal`,
+`_attempt`, `_container`, `_workspace`, `_error`, `_cleanup`, `_alert`, `_instance`,
+`_inventory`, `_decision` and `_outcome` (what the projection reads of each kind's body,
+keyed by `seq`). Then, in one transaction with the watermark, it fills `_new`
+(`FILL_NEW`) and runs the statements of `APPLY_STATEMENTS` whose inputs hold rows, in order:
 
-1. `_dups`: events of the batch already in `events` (same `event_id`); `_new` is the batch
-   without them. Joining a kind's rows with `_new` drops its duplicates too. This is what
-   makes applying an event twice a no-op.
+1. `_new` is the batch without the events already in `events` (same `event_id`). Joining
+   a kind's rows with `_new` drops its duplicates too. This is what makes applying an event
+   twice a no-op.
 2. `events` and the fact tables get one row per new event of their kind.
 3. Each current-state table is merged (`MERGE INTO`) with the batch's contribution per key.
    Every column is a "first" (kept from the stored row if it has one), a "last" (taken from
    the batch), or a count (added), combined in stream order; so the rows do not depend on
    where batch boundaries fell, and a replay equals the live projection.
+
+Why statements are skipped: planning a `MERGE` costs milliseconds whatever its input, and a
+live batch holds a few events of a few kinds. Each `Step` names the inputs it reads; over
+empty inputs it would change nothing, so `steps_for` leaves it out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Final
 
-from projections.apply_reconcile import RECONCILE_STATEMENTS
+from projections import apply_reconcile as rec
 from projections.machine import TERMINAL_TASK_TYPES, sql_in, sql_task_state_case
 from schemas import NO_TASK
 
@@ -36,6 +43,12 @@ attempt (retry_scheduled, the terminal event) are task-level."""
 
 CONTAINER_STEPS: Final[tuple[str, ...]] = ("kill", "remove_container")
 
+TASK_SCOPE: Final = "task_scope"
+"""An input of `steps_for` besides the staging kinds: some event of the batch names a task."""
+
+ATTEMPT_SCOPE: Final = "attempt_scope"
+"""Another: some event of the batch belongs to an attempt (`ATTEMPT_CATEGORIES`, attempt >= 1)."""
+
 _TERMINAL = sql_in(TERMINAL_TASK_TYPES)
 _STATE = sql_task_state_case("type")
 
@@ -43,18 +56,22 @@ _STATE = sql_task_state_case("type")
 # duplicate window): same event_id, hence the same occurred_at. Joining on both lets DuckDB
 # push the batch's occurred_at range into the scan of `events` and skip every row group
 # outside it, so the check costs the batch's time span, not the history's size. Repeats
-# within a batch were already dropped by the decoder.
-FIND_DUPLICATES = """
-CREATE OR REPLACE TEMP TABLE _dups AS
-SELECT b.seq FROM _batch b
-JOIN events e ON e.event_id = b.event_id AND e.occurred_at = b.occurred_at
+# within a batch were already dropped by the decoder. The statement's count is the number of
+# new events.
+FILL_NEW = """
+INSERT INTO _new
+SELECT * REPLACE (make_timestamp(stored_ns // 1000) AS stored_ns) FROM _batch
+WHERE seq NOT IN (
+    SELECT b.seq FROM _batch b
+    JOIN events e ON e.event_id = b.event_id AND e.occurred_at = b.occurred_at
+)
 """
 
-NEW_VIEW = """
-CREATE OR REPLACE TEMP VIEW _new AS
-SELECT * REPLACE (make_timestamp(stored_ns // 1000) AS stored_ns)
-FROM _batch WHERE seq NOT IN (SELECT seq FROM _dups)
+CREATE_NEW = """
+CREATE TEMP TABLE _new AS
+SELECT * REPLACE (make_timestamp(stored_ns // 1000) AS stored_ns) FROM _batch LIMIT 0
 """
+"""`_new`, made once per connection after the staging table `_batch`."""
 
 INSERT_EVENTS = """
 INSERT INTO events
@@ -393,20 +410,51 @@ SELECT seq, subject, make_timestamp(stored_ns // 1000), data, reason, detail
 FROM _dead
 """
 
-APPLY_STATEMENTS: Final[tuple[str, ...]] = (
-    FIND_DUPLICATES,
-    NEW_VIEW,
-    INSERT_EVENTS,
-    INSERT_ERRORS,
-    INSERT_CLEANUPS,
-    INSERT_ALERTS,
-    MERGE_TASKS,
-    MERGE_ATTEMPTS,
-    MERGE_CONTAINERS,
-    MERGE_WORKSPACES,
-    *RECONCILE_STATEMENTS,
+
+@dataclass(frozen=True)
+class Step:
+    """One statement of a batch, and the inputs it reads (staging kinds, `TASK_SCOPE`,
+    `ATTEMPT_SCOPE`): when none of them holds rows it would change nothing."""
+
+    sql: str
+    reads: frozenset[str]
+
+
+def _step(sql: str, *reads: str) -> Step:
+    return Step(sql, frozenset(reads))
+
+
+_RECONCILE_READS: Final[dict[str, tuple[str, ...]]] = {
+    rec.MERGE_INSTANCES: ("batch",),  # every event counts towards its instance
+    rec.INSERT_INVENTORIES: ("inventory",),
+    rec.LATEST_INVENTORY: ("inventory",),
+    **dict.fromkeys(rec.REPLACE_OBSERVED_CONTAINERS, ("inventory",)),
+    **dict.fromkeys(rec.REPLACE_OBSERVED_WORKSPACES, ("inventory",)),
+    rec.INSERT_DECISIONS: ("decision",),
+    rec.INSERT_OUTCOMES: ("outcome",),
+}
+
+APPLY_STATEMENTS: Final[tuple[Step, ...]] = (
+    _step(INSERT_EVENTS, "batch"),
+    _step(INSERT_ERRORS, "error"),
+    _step(INSERT_CLEANUPS, "cleanup"),
+    _step(INSERT_ALERTS, "alert"),
+    _step(MERGE_TASKS, TASK_SCOPE),
+    _step(MERGE_ATTEMPTS, ATTEMPT_SCOPE),
+    _step(MERGE_CONTAINERS, "container", "cleanup"),
+    _step(MERGE_WORKSPACES, "workspace", "cleanup"),
+    # A statement added there without its inputs here fails at import (KeyError).
+    *(_step(sql, *_RECONCILE_READS[sql]) for sql in rec.RECONCILE_STATEMENTS),
 )
-"""Run in this order over the staging tables, inside the batch's transaction (the node and
-reconciler tables last: `projections.apply_reconcile`)."""
+"""Run in this order over `_new` and the staging tables, inside the batch's transaction
+(the node and reconciler tables last: `projections.apply_reconcile`)."""
+
+
+def steps_for(inputs: Collection[str]) -> tuple[str, ...]:
+    """The statements of `APPLY_STATEMENTS` that read one of `inputs` (those holding rows
+    in the batch), in order."""
+    present = frozenset(inputs)
+    return tuple(s.sql for s in APPLY_STATEMENTS if not s.reads.isdisjoint(present))
+
 
 SET_WATERMARK = "UPDATE projector_state SET seq = $seq WHERE stream = $stream"

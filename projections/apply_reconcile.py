@@ -74,7 +74,7 @@ SELECT {_ENV}, n.instance_id, x.observed_at, x.workspace_root, len(x.containers)
 FROM _inventory x JOIN _new n ON n.seq = x.seq
 """
 
-_LATEST = """
+LATEST_INVENTORY = """
 CREATE OR REPLACE TEMP VIEW _latest_inventory AS
 SELECT n.node_id, max(n.seq) AS seq FROM _inventory x JOIN _new n ON n.seq = x.seq
 GROUP BY n.node_id
@@ -118,7 +118,7 @@ FROM _outcome x JOIN _new n ON n.seq = x.seq
 RECONCILE_STATEMENTS: Final[tuple[str, ...]] = (
     MERGE_INSTANCES,
     INSERT_INVENTORIES,
-    _LATEST,
+    LATEST_INVENTORY,
     *REPLACE_OBSERVED_CONTAINERS,
     *REPLACE_OBSERVED_WORKSPACES,
     INSERT_DECISIONS,

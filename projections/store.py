@@ -1,27 +1,45 @@
 """The DuckDB file of the projection: schema, batch application, watermark.
 
 One `ProjectionStore` is the single writer of its file (DuckDB allows one writer process).
-`apply` registers a `Staged` batch's Arrow tables and runs the set-based statements of
-`projections.apply` and the watermark update in one transaction: either the rows and the
-new `projector_state.seq` are both durable, or neither is. That is what makes a restart
-resume exactly after the last applied message.
+`apply` loads a `Staged` batch into the connection's temp tables and runs the set-based
+statements of `projections.apply` and the watermark update in one transaction: either the
+rows and the new `projector_state.seq` are both durable, or neither is. That is what makes
+a restart resume exactly after the last applied message.
+
+What a batch costs whatever its size is kept small, because a live batch holds a few
+events: only the statements whose inputs hold rows run (`projections.apply.steps_for`);
+the Arrow tables are read once each, into temp tables made once per connection, so the
+statements scan DuckDB's own storage and never call back into Python for rows; the temp
+tables are emptied inside the transaction, so nothing of them is ever committed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from projections.apply import APPLY_STATEMENTS, INSERT_DEAD_LETTERS, SET_WATERMARK
+from projections.apply import (
+    ATTEMPT_CATEGORIES,
+    ATTEMPT_SCOPE,
+    CREATE_NEW,
+    FILL_NEW,
+    INSERT_DEAD_LETTERS,
+    SET_WATERMARK,
+    TASK_SCOPE,
+    steps_for,
+)
 from projections.ddl import DDL_VERSION, KEYS, TABLES, schema_statements
-from projections.decode import Staged
+from projections.decode import STAGING, Staged
 from projections.errors import ProjectionStoreError, ProjectionVersionMismatch
+from schemas import NO_TASK
 from supervisor.streams import EVENTS_STREAM
 
 
@@ -64,6 +82,7 @@ class ProjectionStore:
     ) -> None:
         self.path = Path(path)
         self.stream = stream
+        self._parsed: dict[str, duckdb.Statement] = {}
         try:
             self.con = duckdb.connect(str(self.path), config=store_config(bulk=bulk))
         except duckdb.Error as e:
@@ -71,6 +90,7 @@ class ProjectionStore:
         try:
             self.con.execute("SET lock_configuration = true")
             self._install()
+            self._create_staging()
         except BaseException as e:
             self.con.close()  # or the file stays held by this process
             if isinstance(e, duckdb.Error):
@@ -93,6 +113,23 @@ class ProjectionStore:
             raise ProjectionVersionMismatch(str(self.path), int(row[1]), DDL_VERSION)
         con.commit()
 
+    def _create_staging(self) -> None:
+        """The temp tables a batch is loaded into, this connection's own and emptied before
+        each commit: `_<kind>` for each staging kind of `STAGING`, with the columns DuckDB
+        reads from its Arrow schema, and `_new`."""
+        for kind, schema in STAGING.items():
+            with _registered(self.con, "_empty", schema.empty_table()):
+                self.con.execute(f"CREATE TEMP TABLE _{kind} AS FROM _empty LIMIT 0")
+        self.con.execute(CREATE_NEW)
+
+    def _run(self, sql: str, params: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
+        """Execute `sql`, parsed once per store: the same few statements run for every
+        batch, and parsing the text of a merge takes milliseconds."""
+        statement = self._parsed.get(sql)
+        if statement is None:
+            statement = self._parsed[sql] = self.con.extract_statements(sql)[0]
+        return self.con.execute(statement, params)
+
     def last_seq(self) -> int:
         """The last stream sequence applied (0: nothing yet)."""
         rows = self.con.execute(
@@ -105,22 +142,14 @@ class ProjectionStore:
         Raises ProjectionStoreError (after a rollback) if DuckDB refuses anything."""
         con = self.con
         applied = 0
-        names: list[str] = []
         try:
             con.begin()
             if staged.events:
-                for kind, table in staged.tables.items():
-                    con.register(f"_{kind}", table)
-                    names.append(f"_{kind}")
-                for statement in APPLY_STATEMENTS:
-                    con.execute(statement)
-                dups = con.execute("SELECT count(*) FROM _dups").fetchall()[0][0]
-                applied = staged.events - int(dups)
+                applied = self._apply_events(staged)
             if staged.dead.num_rows:
-                con.register("_dead", staged.dead)
-                names.append("_dead")
-                con.execute(INSERT_DEAD_LETTERS)
-            con.execute(SET_WATERMARK, {"seq": staged.last_seq, "stream": self.stream})
+                with _registered(con, "_dead", staged.dead):
+                    self._run(INSERT_DEAD_LETTERS)
+            self._run(SET_WATERMARK, {"seq": staged.last_seq, "stream": self.stream})
             con.commit()
             committed_ns = time.time_ns()
         except duckdb.Error as e:
@@ -131,15 +160,28 @@ class ProjectionStore:
         except BaseException:
             _rollback_quietly(con)
             raise
-        finally:
-            for name in names:
-                with contextlib.suppress(duckdb.Error):
-                    con.unregister(name)
         duplicates = staged.events - applied + staged.repeats
         return ApplyResult(
             applied, duplicates, staged.dead.num_rows, staged.last_seq,
             committed_ns, staged.tables["batch"].column("stored_ns"),
         )  # fmt: skip
+
+    def _apply_events(self, staged: Staged) -> int:
+        """In the open transaction: load the staging kinds that have rows, fill `_new`, and
+        run the statements those inputs call for; then empty the temp tables again.
+        Returns the number of new events (the batch less the duplicates)."""
+        con = self.con
+        filled = [kind for kind, table in staged.tables.items() if table.num_rows]
+        for kind in filled:
+            con.from_arrow(staged.tables[kind]).insert_into(f"_{kind}")
+        applied = int(self._run(FILL_NEW).fetchall()[0][0])
+        if applied:
+            for statement in steps_for(_inputs(staged)):
+                self._run(statement)
+            self._run("DELETE FROM _new")
+        for kind in filled:
+            self._run(f"DELETE FROM _{kind}")
+        return applied
 
     def checkpoint(self) -> None:
         """Write everything committed into the file now (and truncate the WAL)."""
@@ -163,6 +205,32 @@ class ProjectionStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _inputs(staged: Staged) -> frozenset[str]:
+    """The inputs of `projections.apply.steps_for` that hold rows in `staged`: its non-empty
+    staging kinds, and `TASK_SCOPE` / `ATTEMPT_SCOPE` (read off the envelopes, as the task
+    and attempt merges select them)."""
+    inputs = {kind for kind, table in staged.tables.items() if table.num_rows}
+    batch = staged.tables["batch"]
+    if pc.any(pc.not_equal(batch.column("task_id"), NO_TASK)).as_py():
+        inputs.add(TASK_SCOPE)
+    in_attempt = pc.filter(batch.column("type"), pc.greater(batch.column("attempt"), 0))
+    if any(t.split(".", 1)[0] in ATTEMPT_CATEGORIES for t in pc.unique(in_attempt).to_pylist()):
+        inputs.add(ATTEMPT_SCOPE)
+    return frozenset(inputs)
+
+
+@contextlib.contextmanager
+def _registered(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> Iterator[None]:
+    """`table` readable as `name` for the duration (unregistered quietly: an error that
+    aborted the transaction is the one to report)."""
+    con.register(name, table)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(duckdb.Error):
+            con.unregister(name)
 
 
 def _rollback_quietly(con: duckdb.DuckDBPyConnection) -> None:
