@@ -50,6 +50,7 @@ from supervisor.streams import EVENTS_STREAM, EVENTS_SUBJECTS, events_stream_con
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.1
+_BUSY_POLL_S = 0.01
 _IN_FLIGHT = 2
 _BULK_CHECKPOINT = 2_000_000
 
@@ -245,7 +246,9 @@ class Projector:
         while not finished:
             while self._inflight and self._inflight[0].done():
                 await self._settle_oldest(state, progress)
-            first = await self._next(queue, born if buf and not self.bulk else None)
+            first = await self._next(
+                queue, born if buf and not self.bulk else None, busy=bool(self._inflight)
+            )
             if first is not None:
                 chunk = [first]
                 while not queue.empty():
@@ -257,18 +260,30 @@ class Projector:
                     born = time.monotonic()
                 buf.extend(chunk)
             stopping = stop is not None and stop.is_set()
-            aged = bool(buf) and not self.bulk and time.monotonic() - born >= self.batch_age_s
+            # Live, an aged batch waits for the writer to be free, and grows meanwhile: cut
+            # early, it would queue behind the batch being applied and its events would wait
+            # for two applications instead of one (each costs a fixed ~0.2 s of planning).
+            aged = (bool(buf) and not self.bulk and not self._inflight
+                    and time.monotonic() - born >= self.batch_age_s)  # fmt: skip
             if buf and (len(buf) >= self.batch_size or aged or finished or stopping):
                 await self._submit(buf, state, progress)
                 buf = []
             finished = finished or stopping
 
-    async def _next(self, queue: asyncio.Queue[Msg], born: float | None) -> Msg | None:
+    async def _next(
+        self, queue: asyncio.Queue[Msg], born: float | None, *, busy: bool = False
+    ) -> Msg | None:
         """The next message, or None once the batch born at `born` is due (or after a short
-        poll when there is no batch: time to look at `stop`)."""
+        poll when there is no batch: time to look at `stop`; or, when the writer is `busy`
+        with an earlier batch, after a shorter one: time to see whether it is done)."""
         if not queue.empty():
             return queue.get_nowait()
-        wait = _POLL_S if born is None else born + self.batch_age_s - time.monotonic()
+        if born is None:
+            wait = _POLL_S
+        elif busy:
+            wait = _BUSY_POLL_S
+        else:
+            wait = born + self.batch_age_s - time.monotonic()
         if wait <= 0:
             return None
         try:
