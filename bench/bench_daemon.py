@@ -135,6 +135,22 @@ def _lag_quantiles(daemon: DaemonProc) -> dict[str, float]:
     return out
 
 
+def _batch_stats(daemon: DaemonProc) -> tuple[int, float]:
+    """(batches applied, mean seconds per batch) of the live projection, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, body = daemon.get("/metrics")
+    count, total = 0.0, 0.0
+    for family in text_string_to_metric_families(body.decode()):
+        if family.name == "supervisor_projection_batch_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_count"):
+                    count = sample.value
+                elif sample.name.endswith("_sum"):
+                    total = sample.value
+    return int(count), (total / count if count else 0.0)
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -193,6 +209,10 @@ def main() -> None:
                 "live projection lag (publish to visible) over the last events of that run: "
                 + ", ".join(f"{q} {v * 1e3:.0f} ms" for q, v in lag.items())
                 + " (target p99 < 1 s)"
+            )
+            batches, mean = _batch_stats(daemon)
+            print(
+                f"  {batches} projection batches during the run, {mean * 1e3:.0f} ms each on average"
             )
 
         proc = psutil.Process(daemon.proc.pid)  # type: ignore[union-attr]

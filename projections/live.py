@@ -63,7 +63,8 @@ RECENT_DELAYS = 10_000
 @dataclass(frozen=True)
 class LiveSettings:
     """How the daemon's projection runs. A live batch is applied at the latest
-    `batch_age_s` after its first message arrived; at start-up, more than `bulk_backlog`
+    `batch_age_s` after its first message arrived, and the writer applies batches at most
+    `max_busy` of the time (see `projections.projector.Projector`); at start-up, more than `bulk_backlog`
     messages behind are caught up in bulk mode first. Readiness fails while the oldest
     message not yet applied is older than `max_lag_s`; the lag gauges are sampled every
     `sample_every_s`. At most `query_workers` queries run at once, within `limits`. A
@@ -71,6 +72,7 @@ class LiveSettings:
 
     batch_size: int = 20_000
     batch_age_s: float = 0.1
+    max_busy: float = 0.5
     bulk_backlog: int = 200_000
     max_lag_s: float = 5.0
     sample_every_s: float = 1.0
@@ -108,6 +110,10 @@ class ProjectionPart:
         stream: str = EVENTS_STREAM,
     ) -> None:
         self.config = config
+        if settings is None and config is not None:
+            c = config.projection
+            settings = LiveSettings(batch_age_s=c.batch_age_s, max_busy=c.max_busy,
+                                    max_lag_s=c.max_lag_s)  # fmt: skip
         self.settings = settings or LiveSettings()
         self.db_path: Path | None = Path(db_path) if db_path is not None else None
         self.stream = stream
@@ -123,6 +129,7 @@ class ProjectionPart:
         self._endpoint: QueryEndpoint | None = None
         self._recent: deque[float] = deque(maxlen=RECENT_DELAYS)
         self._delays: Histogram | None = None
+        self._batches: Histogram | None = None
 
     # --- the part -----------------------------------------------------------------------
 
@@ -171,7 +178,8 @@ class ProjectionPart:
         s, path = self.settings, self.db_path
         assert path is not None
         live = partial(Projector, path, self._nats_url, batch_size=s.batch_size,
-                       batch_age_s=s.batch_age_s, stream=self.stream)  # fmt: skip
+                       batch_age_s=s.batch_age_s, stream=self.stream,
+                       max_busy=s.max_busy)  # fmt: skip
         try:
             projector = await asyncio.to_thread(live)
         except ProjectionVersionMismatch as e:
@@ -226,6 +234,8 @@ class ProjectionPart:
         r = p.last
         if r is None or r.stored_ns is None or self._delays is None:
             return
+        if self._batches is not None:
+            self._batches.observe(r.apply_s)
         for stored in r.stored_ns.to_pylist():
             delay = max(r.committed_ns - stored, 0) / 1e9
             self._delays.observe(delay)
@@ -309,6 +319,12 @@ class ProjectionPart:
         self._delays = Histogram(
             "supervisor_projection_lag_seconds",
             "Delay of each event from publish (stream timestamp) to visible in the projection",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self._batches = Histogram(
+            "supervisor_projection_batch_seconds",
+            "Time to apply one batch to the projection (one transaction)",
             buckets=LAG_BUCKETS,
             registry=r,
         )

@@ -57,6 +57,8 @@ class ApplyResult:
     seq: int
     committed_ns: int = field(default=0, compare=False)
     stored_ns: pa.ChunkedArray | None = field(default=None, compare=False, repr=False)
+    apply_s: float = field(default=0.0, compare=False)
+    """How long the transaction took, from begin to commit."""
 
 
 def store_config(*, bulk: bool = False) -> dict[str, str | bool | int | float | list[str]]:
@@ -142,6 +144,7 @@ class ProjectionStore:
         Raises ProjectionStoreError (after a rollback) if DuckDB refuses anything."""
         con = self.con
         applied = 0
+        started = time.perf_counter()
         try:
             con.begin()
             if staged.events:
@@ -164,6 +167,7 @@ class ProjectionStore:
         return ApplyResult(
             applied, duplicates, staged.dead.num_rows, staged.last_seq,
             committed_ns, staged.tables["batch"].column("stored_ns"),
+            time.perf_counter() - started,
         )  # fmt: skip
 
     def _apply_events(self, staged: Staged) -> int:

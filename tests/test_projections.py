@@ -5,10 +5,12 @@ messages, idempotence, and the exact rows of the tables and views."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -421,3 +423,42 @@ def test_submitted_event_fields_land_in_tasks(tmp_dir: Path) -> None:
         ).fetchall()
     assert (result.applied, result.seq) == (1, 1)
     assert row == [("t-1", "submitted", "high", "supervisor-sandbox:busybox", 5, 1)]
+
+
+async def test_a_writer_capped_to_a_share_of_time_rests_between_batches_and_loses_nothing(
+    nats_url: str, tmp_dir: Path
+) -> None:
+    """`max_busy` spaces live batches (each starts at least apply * (1/share - 1) after
+    the one before ended) and still applies every event, as a replay does."""
+    history = mixed_history(1500, id_prefix="busy")
+    db, stop, batches, applied = tmp_dir / "live.duckdb", asyncio.Event(), [], [0]
+    with Projector(db, nats_url, batch_size=10_000, batch_age_s=0.01, max_busy=0.25) as p:
+
+        def on_progress(state: Any) -> None:
+            batches.append((time.monotonic(), state.last.apply_s))
+            applied[0] = state.seq
+
+        task = asyncio.create_task(p.run(stop, progress=on_progress))
+        last = 0
+        for i in range(0, len(history), 100):  # events keep coming while it rests
+            last = await publish(nats_url, history[i : i + 100])
+            await asyncio.sleep(0.05)
+        while applied[0] < last:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    full = tmp_dir / "full.duckdb"
+    await replay(full, nats_url)
+    live_rows, full_rows = tables(db), tables(full)
+    for table in TABLES:
+        assert live_rows[table] == full_rows[table], table
+    assert len(batches) >= 2
+    for (ended, took), (seen, applied) in itertools.pairwise(batches):
+        # `seen` is when the next batch was settled: it started `applied` before that.
+        assert seen - applied >= ended + 3 * took - 0.02
+
+
+def test_max_busy_outside_its_range_is_refused(tmp_dir: Path) -> None:
+    with pytest.raises(ValueError, match="max_busy"):
+        Projector(tmp_dir / "x.duckdb", "nats://127.0.0.1:1", max_busy=0)
+    assert not (tmp_dir / "x.duckdb").exists()

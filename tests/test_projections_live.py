@@ -24,7 +24,8 @@ from projections.live import LiveSettings, ProjectionPart
 from projections.loadgen import publish
 from projections.synthetic import AttemptPlan, HistoryBuilder, mixed_history
 from schemas import Event
-from supervisor.config import Config
+from supervisor.config import Config, load_config
+from supervisor.errors import ConfigError
 from supervisor.eventlog import EventLog
 from supervisor.extension import DaemonContext
 from supervisor.http import ApiError
@@ -299,3 +300,13 @@ async def test_a_file_of_another_ddl_version_is_rebuilt_from_the_stream(
     assert tables(tmp_dir / "projection.duckdb")["projector_state"] == [
         ("SUP_EVENTS", last, DDL_VERSION)
     ]
+
+
+def test_the_projection_section_of_the_config_sets_the_live_projection(tmp_dir: Path) -> None:
+    path = tmp_dir / "c.toml"
+    path.write_text("[projection]\nbatch_age_s = 0.3\nmax_busy = 0.2\nmax_lag_s = 7\n")
+    s = ProjectionPart(load_config(path)).settings
+    assert (s.batch_age_s, s.max_busy, s.max_lag_s) == (0.3, 0.2, 7.0)
+    path.write_text("[projection]\nmax_busy = 1.5\n")
+    with pytest.raises(ConfigError, match=r"projection\.max_busy"):
+        load_config(path)
