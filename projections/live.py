@@ -64,8 +64,8 @@ RECENT_DELAYS = 10_000
 class LiveSettings:
     """How the daemon's projection runs. A live batch is applied at the latest
     `batch_age_s` after its first message arrived, and the writer applies batches at most
-    `max_busy` of the time (see `projections.projector.Projector`); at start-up, more than `bulk_backlog`
-    messages behind are caught up in bulk mode first. Readiness fails while the oldest
+    `max_busy` of the time (see `projections.projector.Projector`); at start-up, more
+    than `bulk_backlog` messages behind are caught up in bulk mode first. Readiness fails while the oldest
     message not yet applied is older than `max_lag_s`; the lag gauges are sampled every
     `sample_every_s`. At most `query_workers` queries run at once, within `limits`. A
     failed projector restarts after `retry_min_s`, doubling up to `retry_max_s`."""
