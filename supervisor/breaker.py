@@ -5,11 +5,14 @@ that return the next state and, when the status changed, an event-ready `Transit
 
 - closed: work flows. Each engine failure adds one to `failures`; a success resets it;
   `failure_threshold` consecutive failures open the breaker.
-- open: no work. Once `open_interval_s` has passed since it opened, `allow` hands out one
-  probe and moves to half-open.
-- half_open: only that probe. Its success closes the breaker, its failure reopens it (the
-  interval starts again). A probe whose outcome never came back is replaced by a new one
-  after another `open_interval_s`, so a lost probe cannot wedge the breaker.
+- open: no work. Once its interval has passed since it opened, `allow` hands out one
+  probe and moves to half-open. The interval is `open_interval_s`, doubled for each probe
+  that failed since the breaker was last closed, up to `max_open_interval_s`: a long
+  outage is probed less and less often, a short one is noticed at once.
+- half_open: only that probe. Its success closes the breaker (and the interval starts
+  over from `open_interval_s`), its failure reopens it for a doubled interval. A probe
+  whose outcome never came back is replaced by a new one after another interval, so a
+  lost probe cannot wedge the breaker.
 
 Only engine failures count: the project's `DockerUnavailable` and `DockerApiError` (or a
 classified error of type `infrastructure` with code DOCKER_UNAVAILABLE/DOCKER_API_ERROR).
@@ -75,12 +78,21 @@ class ClassifiedError(Protocol):
 
 class BreakerState(Struct, frozen=True, kw_only=True):
     """`failures`: consecutive engine failures. `opened_at`: when it last opened (None while
-    closed). `probe_at`: when the outstanding half-open probe was handed out."""
+    closed). `probe_at`: when the outstanding half-open probe was handed out. `reopens`:
+    probes that failed since it was last closed (each doubles the open interval)."""
 
     status: BreakerStatus = "closed"
     failures: int = 0
     opened_at: float | None = None
     probe_at: float | None = None
+    reopens: int = 0
+
+
+def open_interval(state: BreakerState, config: BreakerConfig = _DEFAULT) -> float:
+    """How long the breaker stays open before a probe: `open_interval_s` doubled per failed
+    probe (`state.reopens`), capped at `max_open_interval_s` (never below the first)."""
+    cap = max(config.max_open_interval_s, config.open_interval_s)
+    return min(config.open_interval_s * 2.0 ** min(state.reopens, 64), cap)
 
 
 class Transition(Struct, frozen=True, kw_only=True):
@@ -152,14 +164,16 @@ def on_failure(
 ) -> Step:
     """A Docker call failed with `error`. An error that does not `count` changes nothing.
     Closed: one more failure; at the threshold it opens (at `now`). Half-open: it reopens
-    and the interval starts again. Open: the count grows, the interval is unchanged."""
+    for a doubled interval. Open: the count grows, the interval is unchanged."""
     if not counts(error):
         return Step(state)
     failures = state.failures + 1
     if state.status == "open":
-        return Step(BreakerState(status="open", failures=failures, opened_at=state.opened_at))
+        return Step(BreakerState(status="open", failures=failures, opened_at=state.opened_at,
+                                 reopens=state.reopens))  # fmt: skip
     if state.status == "half_open":
-        new = BreakerState(status="open", failures=failures, opened_at=now)
+        new = BreakerState(status="open", failures=failures, opened_at=now,
+                           reopens=state.reopens + 1)  # fmt: skip
         return _move(state, new, f"probe failed: {_describe(error)}")
     if failures >= config.failure_threshold:
         new = BreakerState(status="open", failures=failures, opened_at=now)
@@ -175,22 +189,26 @@ def allow(
     has been out for a whole interval (its outcome is presumed lost: a new probe)."""
     if state.status == "closed":
         return Decision(kind="allow"), state
+    interval = open_interval(state, config)
     if state.status == "open":
         opened = state.opened_at if state.opened_at is not None else now
-        wait = opened + config.open_interval_s - now
+        wait = opened + interval - now
         if wait > 0:
             return Decision(kind="reject", retry_in_s=wait), state
-        new = BreakerState(
-            status="half_open", failures=state.failures, opened_at=state.opened_at, probe_at=now
-        )
-        step = _move(state, new, f"open for {config.open_interval_s:g}s: probing Docker")
+        new = BreakerState(status="half_open", failures=state.failures,
+                           opened_at=state.opened_at, probe_at=now, reopens=state.reopens)  # fmt: skip
+        step = _move(state, new, f"open for {interval:g}s: probing Docker")
         return Decision(kind="probe", transition=step.transition), new
-    probe_at = state.probe_at if state.probe_at is not None else now - config.open_interval_s
-    wait = probe_at + config.open_interval_s - now
+    probe_at = state.probe_at if state.probe_at is not None else now - interval
+    wait = probe_at + interval - now
     if wait > 0:
         return Decision(kind="reject", retry_in_s=wait), state
     return Decision(kind="probe"), BreakerState(
-        status="half_open", failures=state.failures, opened_at=state.opened_at, probe_at=now
+        status="half_open",
+        failures=state.failures,
+        opened_at=state.opened_at,
+        probe_at=now,
+        reopens=state.reopens,
     )
 
 

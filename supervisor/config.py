@@ -83,10 +83,12 @@ class Thresholds(Struct, forbid_unknown_fields=True, kw_only=True):
 
 class BreakerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     """The Docker circuit breaker: it opens after `failure_threshold` consecutive engine
-    failures and lets one probe through once `open_interval_s` has passed."""
+    failures and lets one probe through once `open_interval_s` has passed; each failed
+    probe doubles the interval, up to `max_open_interval_s`."""
 
     failure_threshold: int = 5
     open_interval_s: float = 10.0
+    max_open_interval_s: float = 60.0
 
 
 class MonitorConfig(Struct, forbid_unknown_fields=True, kw_only=True):

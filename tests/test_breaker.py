@@ -27,6 +27,7 @@ from supervisor.breaker import (
     counts,
     on_failure,
     on_success,
+    open_interval,
 )
 from supervisor.classify import Classification
 from supervisor.config import BreakerConfig
@@ -206,15 +207,36 @@ def test_the_probe_failing_reopens_it_and_restarts_the_interval() -> None:
     step = on_failure(HALF, 111.0, DOWN, config=CFG)
 
     assert step == Step(
-        BreakerState(status="open", failures=4, opened_at=111.0),
+        BreakerState(status="open", failures=4, opened_at=111.0, reopens=1),
         Transition(
             from_state="half_open", to_state="open",
             reason="probe failed: docker_unavailable: docker create failed: ConnectionError",
             failures=4,
         ),
     )  # fmt: skip
-    assert allow(step.state, 120.0, config=CFG)[0].kind == "reject"
-    assert allow(step.state, 121.0, config=CFG)[0].kind == "probe"
+    assert allow(step.state, 130.0, config=CFG)[0].kind == "reject"  # 20 s now
+    assert allow(step.state, 131.0, config=CFG)[0].kind == "probe"
+
+
+def test_each_failed_probe_doubles_the_interval_up_to_the_cap_and_closing_resets_it() -> None:
+    cfg = BreakerConfig(failure_threshold=1, open_interval_s=10.0, max_open_interval_s=35.0)
+    s, now = on_failure(BreakerState(), 0.0, DOWN, config=cfg).state, 0.0
+    waits = []
+    for _ in range(4):
+        decision, _ = allow(s, now, config=cfg)
+        waits.append(decision.retry_in_s)
+        now += open_interval(s, cfg)
+        decision, s = allow(s, now, config=cfg)
+        assert decision.kind == "probe"
+        s = on_failure(s, now, DOWN, config=cfg).state
+    assert waits == [10.0, 20.0, 35.0, 35.0]
+    decision, s = allow(s, now + 35.0, config=cfg)
+    s = on_success(s, now + 35.0, config=cfg).state
+    assert s == BreakerState()
+    s = on_failure(s, now + 40.0, DOWN, config=cfg).state
+    assert open_interval(s, cfg) == 10.0
+    # a cap below the first interval never shortens it
+    assert open_interval(s, BreakerConfig(open_interval_s=10.0, max_open_interval_s=1.0)) == 10.0
 
 
 def test_a_user_error_of_the_probe_leaves_it_half_open() -> None:
@@ -227,6 +249,7 @@ _configs = st.builds(
     BreakerConfig,
     failure_threshold=st.integers(1, 6),
     open_interval_s=st.floats(0.5, 30.0, allow_nan=False),
+    max_open_interval_s=st.floats(0.5, 120.0, allow_nan=False),
 )
 _ops = st.lists(
     st.tuples(
@@ -262,13 +285,16 @@ def test_any_sequence_keeps_the_invariants(
             if before.status == "closed":
                 assert decision.kind == "allow"
             if before.status == "open" and before.opened_at is not None:
-                assert (decision.kind == "probe") == (now >= before.opened_at + cfg.open_interval_s)
+                due = before.opened_at + open_interval(before, cfg)
+                assert (decision.kind == "probe") == (now >= due)
+                assert cfg.open_interval_s <= open_interval(before, cfg)
             if decision.kind == "probe":
                 assert s.status == "half_open" and s.probe_at == now
         # status and timestamps agree
         assert (s.status == "closed") == (s.opened_at is None)
         assert (s.status == "half_open") == (s.probe_at is not None)
         assert s.failures >= 0
+        assert s.status != "closed" or s.reopens == 0  # closing resets the back-off
         # a transition is reported exactly when the status changes, and says so truly
         if transition is None:
             assert s.status == before.status
@@ -290,7 +316,7 @@ def test_no_probe_goes_before_the_interval(
 ) -> None:
     s = BreakerState(status="open", failures=failures, opened_at=opened)
 
-    decision, after = allow(s, opened + cfg.open_interval_s * 0.999, config=cfg)
+    decision, after = allow(s, opened + open_interval(s, cfg) * 0.999, config=cfg)
 
     assert decision.kind == "reject" and after == s
     assert decision.retry_in_s is not None and decision.retry_in_s > 0
@@ -408,7 +434,7 @@ async def test_a_probe_against_an_unreachable_engine_reopens_it(tmp_dir: Path) -
             runtime.close()
 
     assert closed is False
-    assert breaker.state == BreakerState(status="open", failures=4, opened_at=1010.0)
+    assert breaker.state == BreakerState(status="open", failures=4, opened_at=1010.0, reopens=1)
     assert _transitions(sink)[-1] == (
         "half_open", "open", "probe failed: docker_unavailable: docker ping failed: ConnectionError", 4,
     )  # fmt: skip

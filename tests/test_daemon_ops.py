@@ -117,7 +117,8 @@ def test_the_breaker_opens_when_dockerd_stops_tasks_wait_and_drain_after_it_retu
     tmp_dir: Path, nats_url: str, daemons: list[DaemonProc], dockerd: PrivateDockerd
 ) -> None:
     d = _start(daemons, tmp_dir, nats_url, docker_url=dockerd.url,
-               breaker={"failure_threshold": 2, "open_interval_s": 1.0},
+               breaker={"failure_threshold": 2, "open_interval_s": 1.0,
+                        "max_open_interval_s": 2.0},
                monitor={"interval_s": 0.2})  # fmt: skip
     client = tmp_dir / "client"
     assert _result(nats_url, client, task("echo before"))["status"] == "succeeded"
