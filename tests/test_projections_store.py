@@ -9,7 +9,7 @@ from typing import Any
 
 import duckdb
 
-from projections import ProjectionStore, decode_batch, snapshot, stage
+from projections import ProjectionStore, decode_batch, stage
 from projections.apply import (
     APPLY_STATEMENTS,
     ATTEMPT_SCOPE,
@@ -40,6 +40,7 @@ from schemas import (
     SupervisorStopped,
     encode_event,
 )
+from tests.test_projections import tables
 
 POISON = b'{"type": "task.submitted"}'
 
@@ -97,14 +98,6 @@ def project(db: Path, payloads: list[bytes], cuts: tuple[int, ...] = ()) -> list
                                  payloads[lo:hi])  # fmt: skip
             results.append(store.apply(stage(batch)))
     return results
-
-
-def tables(db: Path) -> dict[str, list[tuple[Any, ...]]]:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return snapshot(con)
-    finally:
-        con.close()
 
 
 def test_each_statement_runs_only_for_the_inputs_it_reads() -> None:
