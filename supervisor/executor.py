@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from schemas import (
     AttemptFinished,
@@ -52,6 +52,8 @@ from supervisor.ports import EventSink
 from supervisor.retry import backoff_delay, should_retry
 from supervisor.runtime import ContainerRequest, DockerRuntime, Output, close_socket, read_output
 from supervisor.workspace import create_workspace
+
+T = TypeVar("T")
 
 _IO_DRAIN_S = 5.0
 _DIED_EVENT_WAIT_S = 1.0
@@ -352,9 +354,14 @@ class Executor:
         self, em: Emitter, spec: TaskSpec, task_id: str, attempt: int, st: _Attempt
     ) -> None:
         rt = self.runtime
-        st.workspace, nbytes = await asyncio.to_thread(
-            create_workspace, self.data_dir, task_id, attempt, spec.files
+        # Creating steps run to completion even when the attempt is cancelled meanwhile, so
+        # what they made is known to cleanup instead of leaking (a workspace, a container,
+        # an open socket).
+        (st.workspace, nbytes), cancelled = await _settled(
+            asyncio.to_thread(create_workspace, self.data_dir, task_id, attempt, spec.files)
         )
+        if cancelled:
+            raise asyncio.CancelledError
         em.emit(WorkspaceCreated, path=str(st.workspace), files=len(spec.files), bytes=nbytes)
         deadline = time.time() + spec.limits.timeout_s
         labels = {
@@ -384,13 +391,22 @@ class Executor:
             cap_add=spec.cap_add,
             mounts=spec.mounts,
         )
-        st.container_id = cid = await rt.create(req)
+        cid, cancelled = await _settled(rt.create(req))
+        st.container_id = cid
         em.emit(
             ContainerCreated, container_id=cid, image=spec.image, labels=labels, deadline=deadline
         )
-        stream = await rt.attach(cid)
-        self.sampler.track(cid)
-        await rt.start(cid)
+        if cancelled:
+            raise asyncio.CancelledError
+        stream, cancelled = await _settled(rt.attach(cid))
+        try:
+            if cancelled:
+                raise asyncio.CancelledError
+            self.sampler.track(cid)
+            await rt.start(cid)
+        except BaseException:
+            close_socket(stream)  # not yet handed to the reader, which would close it
+            raise
         st.running = True
         self.metrics.running.inc()
         try:
@@ -537,16 +553,25 @@ def _fields(s: Any) -> dict[str, Any]:
     return {f: getattr(s, f) for f in s.__struct_fields__}
 
 
-async def _uncancellable(coro: Awaitable[None]) -> None:
-    """Run `coro` to completion even if the caller is cancelled meanwhile (cleanup must
-    finish); a cancellation received is re-raised afterwards."""
-    task = asyncio.ensure_future(coro)
+async def _settled(aw: Awaitable[T]) -> tuple[T, bool]:
+    """Run `aw` to completion even if the caller is cancelled meanwhile; return its result
+    and whether a cancellation was received (the caller re-raises it once the result is
+    safe)."""
+    task = asyncio.ensure_future(aw)
     cancelled = False
     while not task.done():
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
             cancelled = True
-    task.result()
+    if cancelled and task.exception() is not None:
+        raise asyncio.CancelledError from task.exception()  # the failure is moot now
+    return task.result(), cancelled
+
+
+async def _uncancellable(coro: Awaitable[None]) -> None:
+    """Run `coro` to completion (cleanup must finish); a cancellation received meanwhile
+    is re-raised afterwards."""
+    _, cancelled = await _settled(coro)
     if cancelled:
         raise asyncio.CancelledError

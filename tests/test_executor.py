@@ -4,7 +4,9 @@ this issue can produce is caused for real, and every step is read back from JetS
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from schemas import (
     TaskSpec,
     event_type,
 )
+from supervisor import executor as executor_module
 from supervisor.config import Config
 from supervisor.node import Node, open_node
 from tests.conftest import SANDBOX_IMAGE
@@ -300,6 +303,48 @@ async def test_cancellation_cleans_up_and_records_the_task(
     assert _workspaces(node) == []
     events = await stream_events(nats_url, "sup.task.failed.n1.>")
     assert [e.result.error.code for e in events] == ["CANCELLED"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("step", ["create_workspace", "create", "attach", "start"])
+async def test_a_cancellation_during_a_creating_step_leaks_nothing(
+    node: Node, nats_url: str, docker_client, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    # The step is held inside its thread while the attempt is cancelled: what it creates
+    # (a workspace, a container, an attach socket) must still be known to cleanup.
+    entered, release = threading.Event(), threading.Event()
+    if step == "create_workspace":
+        target, name = executor_module, "create_workspace"
+    else:
+        names = {"create": "create_container", "attach": "attach_socket", "start": "start"}
+        target, name = node.executor.runtime.api, names[step]
+    real = getattr(target, name)
+
+    def held(*args: object, **kw: object) -> object:
+        entered.set()
+        release.wait(10)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(target, name, held)
+    task = asyncio.ensure_future(node.executor.run(_spec("sleep 30", timeout_s=20)))
+    assert await asyncio.to_thread(entered.wait, 10)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await node.events.flush(10)
+    gc.collect()  # an attach socket dropped unclosed would warn here, failing the test
+
+    events = await stream_events(nats_url, "sup.task.failed.n1.>")
+    assert [e.result.error.code for e in events] == ["CANCELLED"]  # type: ignore[attr-defined]
+    filters = {"label": f"supervisor.task={events[0].task_id}"}
+    assert docker_client.containers.list(all=True, filters=filters) == []
+    assert _workspaces(node) == []
+    created = await stream_events(nats_url, "sup.container.created.n1.>")
+    cleaned = await stream_events(nats_url, "sup.cleanup.succeeded.n1.>")
+    removed = [e.resource for e in cleaned if e.step == "remove_container"]  # type: ignore[attr-defined]
+    assert [e.container_id for e in created] == removed  # type: ignore[attr-defined]
+    assert len(created) == (0 if step == "create_workspace" else 1)
 
 
 async def test_a_cleanup_failure_is_recorded_without_hiding_the_outcome(
