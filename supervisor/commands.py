@@ -55,7 +55,7 @@ from supervisor.eventlog import MSG_ID_HEADER
 from supervisor.history import read_task_events, summarize
 from supervisor.metrics import Metrics
 from supervisor.reconciler import ReconcileMetrics
-from supervisor.recovery import catalogue_entry
+from supervisor.recovery import catalogue_entry, closing_event_id
 from supervisor.retry import backoff_delay, should_retry
 from supervisor.runtime import MANAGED_LABEL, DockerRuntime
 from supervisor.streams import COMMANDS_STREAM
@@ -335,11 +335,13 @@ class CommandExecutor:
             code, f"closed by the reconciler ({cmd.rule})", lost_instance=history.open_instance,
             command_id=cmd.command_id, decision_id=cmd.decision_id,
         )  # fmt: skip
-        # Deterministic ids: a command carried out twice records the closing once.
-        em.emit(ErrorRaised, event_id=f"{cmd.command_id}.error", error_type=c.type, code=c.code,
-                message=c.message, retryable=c.retryable, details=c.details)  # fmt: skip
-        em.emit(AttemptFinished, event_id=f"{cmd.command_id}.finished", outcome="failed",
-                error_type=c.type, error_code=c.code)  # fmt: skip
+        # Deterministic ids: a command carried out twice, or racing the redelivery of the
+        # task, records the closing once.
+        em.emit(ErrorRaised, event_id=closing_event_id(cmd.task_id, cmd.attempt, "error"),
+                error_type=c.type, code=c.code, message=c.message, retryable=c.retryable,
+                details=c.details)  # fmt: skip
+        em.emit(AttemptFinished, event_id=closing_event_id(cmd.task_id, cmd.attempt, "finished"),
+                outcome="failed", error_type=c.type, error_code=c.code)  # fmt: skip
         self.metrics.errors.labels(c.type, c.code).inc()
         if cmd.fail_task:
             error = ExecutionError(

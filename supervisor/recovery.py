@@ -22,6 +22,14 @@ def catalogue_entry(code: str, message: str, **details: object) -> Classificatio
     )
 
 
+def closing_event_id(task_id: str, attempt: int, what: str) -> str:
+    """The event id of the `what` ("error", "finished") event that closes a lost attempt.
+    Deterministic, so that two closers racing (a redelivery and the reconciler, each having
+    read the attempt as open) record the closing once: JetStream drops the second by its
+    Nats-Msg-Id and the projection counts each event id once."""
+    return f"lost.{task_id}.{attempt}.{what}"
+
+
 async def close_lost_attempt(
     executor: Executor, spec: TaskSpec, history: TaskHistory
 ) -> Classification:
@@ -40,9 +48,12 @@ async def close_lost_attempt(
     if workspace is not None and not workspace.is_relative_to(executor.data_dir):
         workspace = None  # another node's disk: its own reconciler removes it
     await executor.cleaner.clean(em, container, workspace, running=container is not None)
-    em.emit(ErrorRaised, error_type=c.type, code=c.code, message=c.message,
-            retryable=c.retryable, details=c.details)  # fmt: skip
-    em.emit(AttemptFinished, outcome="failed", error_type=c.type, error_code=c.code)
+    attempt = history.open_attempt
+    em.emit(ErrorRaised, event_id=closing_event_id(spec.task_id, attempt, "error"),
+            error_type=c.type, code=c.code, message=c.message, retryable=c.retryable,
+            details=c.details)  # fmt: skip
+    em.emit(AttemptFinished, event_id=closing_event_id(spec.task_id, attempt, "finished"),
+            outcome="failed", error_type=c.type, error_code=c.code)  # fmt: skip
     executor.metrics.errors.labels(c.type, c.code).inc()
     return c
 

@@ -18,6 +18,7 @@ import msgspec
 import pytest
 from prometheus_client import generate_latest
 
+from projections.audit import audit_records, records_of
 from schemas import (
     AttemptFinished,
     CleanupCommand,
@@ -25,10 +26,13 @@ from schemas import (
     KillIssued,
     ReconcileDecision,
     ReconcileOutcome,
+    TaskSpec,
 )
 from supervisor.commands import JetStreamCommands
 from supervisor.emitter import Emitter, utcnow
+from supervisor.history import read_task_events, summarize
 from supervisor.reconciler import Reconciler
+from supervisor.recovery import close_lost_attempt
 from supervisor.streams import COMMANDS_STREAM
 from tests.reconcileutil import labels, new_node_id, rig
 from tests.streamutil import stream_events
@@ -82,6 +86,40 @@ async def test_orphans_of_a_dead_daemon_are_removed_and_their_attempts_closed(
         assert third.planned == []
         assert await r.query("SELECT count(*) FROM leaked_resources WHERE node_id = $1",
                              r.node_id) == [(0,)]  # fmt: skip
+
+
+async def test_a_redelivery_racing_the_reconciler_closes_a_lost_attempt_once(
+    nats_url: str, tmp_dir: Path, docker_client
+) -> None:  # type: ignore[no-untyped-def]
+    async with rig(nats_url, tmp_dir, docker_client) as r:
+        dead = r.dead_instance("boot-dead")
+        r.running_attempt(dead, "t-race", container=False)
+        await r.node.events.flush(10)
+        # The redelivered task's daemon reads the attempt as open...
+        history = summarize(await read_task_events(r.js, "t-race"))
+        assert history.open_attempt == 1
+        # ...the reconciler closes it meanwhile (its workspace first, then the attempt)...
+        rules: list[str] = []
+        for _ in range(3):
+            pass_ = await r.reconciler.run_pass()
+            assert set((await r.outcomes(pass_.commands)).values()) <= {"succeeded"}
+            rules += [p.divergence.rule for p in pass_.planned]
+            if "lost_attempt" in rules:
+                break
+        assert sorted(rules) == ["leaked_workspace", "lost_attempt"]
+        # ...and then the daemon closes it too, from what it read before.
+        spec = TaskSpec(image="supervisor-sandbox:busybox", command=["true"], task_id="t-race")
+        await close_lost_attempt(r.node.executor, spec, history)
+        await r.node.events.flush(10)
+
+        errors = await stream_events(nats_url, f"sup.error.infrastructure.{r.node_id}.t-race")
+        finished = await stream_events(nats_url, f"sup.attempt.finished.{r.node_id}.t-race")
+        assert [e.code for e in errors if isinstance(e, ErrorRaised)] == ["SUPERVISOR_LOST"]
+        assert [e.attempt for e in finished if isinstance(e, AttemptFinished)] == [1]
+        # The late closer's cleanup (found gone) follows the reconciler's decision: allowed.
+        history_events = await stream_events(nats_url, f"sup.*.*.{r.node_id}.>")
+        rules = {v.rule for v in audit_records(records_of(history_events))}
+        assert rules == {"task_not_terminal"}  # only the task itself is left to finish
 
 
 async def _last_heartbeat_seq(r, instance: str) -> int:  # type: ignore[no-untyped-def]
