@@ -403,7 +403,12 @@ class Executor:
             if cancelled:
                 raise asyncio.CancelledError
             self.sampler.track(cid)
-            await rt.start(cid)
+            _, cancelled = await _settled(rt.start(cid))
+            if cancelled:
+                # It runs: record it so, and cleanup kills it as cancelled.
+                st.running = True
+                em.emit(ContainerStarted, container_id=cid)
+                raise asyncio.CancelledError
         except BaseException:
             close_socket(stream)  # not yet handed to the reader, which would close it
             raise

@@ -15,6 +15,7 @@ import pytest
 from schemas import (
     ContainerCreated,
     ErrorRaised,
+    KillIssued,
     Limits,
     Result,
     RetryPolicy,
@@ -340,11 +341,16 @@ async def test_a_cancellation_during_a_creating_step_leaks_nothing(
     filters = {"label": f"supervisor.task={events[0].task_id}"}
     assert docker_client.containers.list(all=True, filters=filters) == []
     assert _workspaces(node) == []
-    created = await stream_events(nats_url, "sup.container.created.n1.>")
-    cleaned = await stream_events(nats_url, "sup.cleanup.succeeded.n1.>")
-    removed = [e.resource for e in cleaned if e.step == "remove_container"]  # type: ignore[attr-defined]
-    assert [e.container_id for e in created] == removed  # type: ignore[attr-defined]
+    history = await stream_events(nats_url, "sup.*.*.n1.>")
+    created = [e.container_id for e in history if isinstance(e, ContainerCreated)]
+    removed = [e.resource for e in history
+               if event_type(e) == "cleanup.succeeded" and e.step == "remove_container"]  # type: ignore[attr-defined]  # fmt: skip
+    assert created == removed
     assert len(created) == (0 if step == "create_workspace" else 1)
+    # A container that did start is recorded as started, then killed as cancelled.
+    started = [e for e in history if event_type(e) == "container.started"]
+    kills = [e.reason for e in history if isinstance(e, KillIssued)]
+    assert (len(started), kills) == ((1, ["cancelled"]) if step == "start" else (0, []))
 
 
 async def test_a_cleanup_failure_is_recorded_without_hiding_the_outcome(
