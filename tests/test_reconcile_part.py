@@ -76,7 +76,8 @@ async def test_the_part_reconciles_at_start_up_then_on_its_interval(
         return str(c.id)
 
     def gone(cid: str) -> bool:
-        return docker_client.containers.list(all=True, filters={"id": cid}) == []
+        # The raw list: containers.list() inspects each hit and 404s if it goes meanwhile.
+        return docker_client.api.containers(all=True, filters={"id": cid}) == []
 
     try:
         async with daemon_context(nats_url, tmp_dir, interval_s=0.5, heartbeat_s=0.2) as (
