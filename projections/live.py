@@ -42,6 +42,7 @@ from projections.endpoint import QueryEndpoint, QueryLimits, unavailable
 from projections.errors import ProjectionError, ProjectionVersionMismatch, StreamUnavailable
 from projections.projector import Progress, Projector
 from projections.replay import BULK_BATCH, replay
+from supervisor.config import ProjectionConfig
 from supervisor.http import Check
 from supervisor.streams import EVENTS_STREAM
 
@@ -60,6 +61,10 @@ LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 3
 RECENT_DELAYS = 10_000
 
 
+_CONFIGURED = ProjectionConfig()
+"""The `[projection]` section's defaults: the settings it sets default to them."""
+
+
 @dataclass(frozen=True)
 class LiveSettings:
     """How the daemon's projection runs. A live batch is applied at the latest
@@ -71,15 +76,20 @@ class LiveSettings:
     failed projector restarts after `retry_min_s`, doubling up to `retry_max_s`."""
 
     batch_size: int = 20_000
-    batch_age_s: float = 0.1
-    max_busy: float = 0.5
+    batch_age_s: float = _CONFIGURED.batch_age_s
+    max_busy: float = _CONFIGURED.max_busy
     bulk_backlog: int = 200_000
-    max_lag_s: float = 5.0
+    max_lag_s: float = _CONFIGURED.max_lag_s
     sample_every_s: float = 1.0
     query_workers: int = 4
     limits: QueryLimits = field(default_factory=QueryLimits)
     retry_min_s: float = 0.5
     retry_max_s: float = 10.0
+
+    @classmethod
+    def configured(cls, c: ProjectionConfig) -> LiveSettings:
+        """The settings with what the `[projection]` section sets."""
+        return cls(batch_age_s=c.batch_age_s, max_busy=c.max_busy, max_lag_s=c.max_lag_s)
 
 
 @dataclass(frozen=True)
@@ -111,9 +121,7 @@ class ProjectionPart:
     ) -> None:
         self.config = config
         if settings is None and config is not None:
-            c = config.projection
-            settings = LiveSettings(batch_age_s=c.batch_age_s, max_busy=c.max_busy,
-                                    max_lag_s=c.max_lag_s)  # fmt: skip
+            settings = LiveSettings.configured(config.projection)
         self.settings = settings or LiveSettings()
         self.db_path: Path | None = Path(db_path) if db_path is not None else None
         self.stream = stream
