@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 from msgspec import Struct
+from msgspec.structs import replace
 
 from schemas import BreakerStatus, BreakerTransition
 from supervisor.config import BreakerConfig
@@ -169,11 +170,10 @@ def on_failure(
         return Step(state)
     failures = state.failures + 1
     if state.status == "open":
-        return Step(BreakerState(status="open", failures=failures, opened_at=state.opened_at,
-                                 reopens=state.reopens))  # fmt: skip
+        return Step(replace(state, failures=failures))
     if state.status == "half_open":
-        new = BreakerState(status="open", failures=failures, opened_at=now,
-                           reopens=state.reopens + 1)  # fmt: skip
+        new = replace(state, status="open", failures=failures, opened_at=now, probe_at=None,
+                      reopens=state.reopens + 1)  # fmt: skip
         return _move(state, new, f"probe failed: {_describe(error)}")
     if failures >= config.failure_threshold:
         new = BreakerState(status="open", failures=failures, opened_at=now)
@@ -195,21 +195,14 @@ def allow(
         wait = opened + interval - now
         if wait > 0:
             return Decision(kind="reject", retry_in_s=wait), state
-        new = BreakerState(status="half_open", failures=state.failures,
-                           opened_at=state.opened_at, probe_at=now, reopens=state.reopens)  # fmt: skip
+        new = replace(state, status="half_open", probe_at=now)
         step = _move(state, new, f"open for {interval:g}s: probing Docker")
         return Decision(kind="probe", transition=step.transition), new
     probe_at = state.probe_at if state.probe_at is not None else now - interval
     wait = probe_at + interval - now
     if wait > 0:
         return Decision(kind="reject", retry_in_s=wait), state
-    return Decision(kind="probe"), BreakerState(
-        status="half_open",
-        failures=state.failures,
-        opened_at=state.opened_at,
-        probe_at=now,
-        reopens=state.reopens,
-    )
+    return Decision(kind="probe"), replace(state, probe_at=now)
 
 
 # --- the service ---------------------------------------------------------------------------
