@@ -27,6 +27,8 @@ from pathlib import Path
 
 import msgspec
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -122,32 +124,28 @@ async def submit_latency(url: str, data_dir: Path, n: int) -> tuple[list[float],
     return ours, raw
 
 
+def _samples(daemon: DaemonProc, family_name: str) -> list[Sample]:
+    """The samples of one metric family of the daemon's /metrics."""
+    _, body = daemon.get("/metrics")
+    for family in text_string_to_metric_families(body.decode()):
+        if family.name == family_name:
+            return list(family.samples)
+    return []
+
+
 def _lag_quantiles(daemon: DaemonProc) -> dict[str, float]:
     """The projection's exact recent publish-to-visible quantiles, from /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    _, body = daemon.get("/metrics")
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(body.decode()):
-        if family.name == "supervisor_projection_lag_recent_seconds":
-            for sample in family.samples:
-                out["p" + str(round(float(sample.labels["quantile"]) * 100))] = sample.value
-    return out
+    return {
+        "p" + str(round(float(s.labels["quantile"]) * 100)): s.value
+        for s in _samples(daemon, "supervisor_projection_lag_recent_seconds")
+    }
 
 
 def _batch_stats(daemon: DaemonProc) -> tuple[int, float]:
     """(batches applied, mean seconds per batch) of the live projection, from /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    _, body = daemon.get("/metrics")
-    count, total = 0.0, 0.0
-    for family in text_string_to_metric_families(body.decode()):
-        if family.name == "supervisor_projection_batch_seconds":
-            for sample in family.samples:
-                if sample.name.endswith("_count"):
-                    count = sample.value
-                elif sample.name.endswith("_sum"):
-                    total = sample.value
+    by_name = {s.name: s.value for s in _samples(daemon, "supervisor_projection_batch_seconds")}
+    count = by_name.get("supervisor_projection_batch_seconds_count", 0.0)
+    total = by_name.get("supervisor_projection_batch_seconds_sum", 0.0)
     return int(count), (total / count if count else 0.0)
 
 
