@@ -6,6 +6,7 @@ any byte of difference, so the committed files always describe the code.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -27,11 +28,25 @@ _DOCUMENTS: dict[str, object] = {
 }
 
 
+def _clean(node: object) -> object:
+    """`node` with every description dedented the way `inspect.cleandoc` does: msgspec
+    0.23 dedents docstrings and earlier versions keep their indentation, and the files must
+    not depend on which one is installed."""
+    if isinstance(node, dict):
+        return {
+            k: inspect.cleandoc(v) if k == "description" and isinstance(v, str) else _clean(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_clean(v) for v in node]
+    return node
+
+
 def render() -> dict[str, bytes]:
     """Return file name -> exact bytes of every generated schema."""
     out: dict[str, bytes] = {}
     for name, typ in _DOCUMENTS.items():
-        schema = msgspec.json.schema(typ)
+        schema = _clean(msgspec.json.schema(typ))
         out[name] = (json.dumps(schema, indent=2, sort_keys=True) + "\n").encode()
     return out
 
