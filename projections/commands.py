@@ -1,12 +1,9 @@
 """The read side's subcommands for the `supervisor` CLI: `replay`, `audit`, `sql`.
 
-`add_parsers(subparsers, common)` registers them; each sets `func`, a callable taking the
-parsed args and returning the exit code (0 ok; `audit` 1 on violations; `sql` 2 on a
+`projections.parsers` registers them; each `cmd_*` takes the parsed args and returns the
+exit code (0 ok; `audit` 1 on violations; `sql` 2 on a
 refused statement or a refused token, 1 when a query fails or times out; 3 when NATS, the
 projection file or the daemon cannot be used).
-
-`common`, when given, adds the CLI's shared options (`--nats`,
-`--data-dir`, ...); without it the two this module needs are added here.
 
 `sql` without `--db` asks the running daemon (`POST /v1/query`, `projections.client`).
 
@@ -23,8 +20,7 @@ import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +36,12 @@ from projections.errors import (
     QueryRefused,
 )
 from projections.query import (
-    MAX_ROWS,
-    TIMEOUT_S,
     QueryResult,
     check_query,
     open_readonly,
     run_query,
 )
-from projections.render import FORMATS, render
+from projections.render import render
 from projections.replay import replay
 from supervisor.config import Config, load_config
 from supervisor.errors import SupervisorError
@@ -64,101 +58,6 @@ _EXIT_FOR_CODE = {
     "QUERY_FAILED": EXIT_QUERY_FAILED,
     "QUERY_TIMEOUT": EXIT_QUERY_FAILED,
 }
-
-
-def parse_time(text: str) -> datetime:
-    """An ISO-8601 time (`2026-05-01T12:00:00Z`; a naive one is UTC) for `--until`."""
-    candidate = text.strip()
-    if candidate[-1:] in ("Z", "z"):
-        candidate = candidate[:-1] + "+00:00"
-    try:
-        when = datetime.fromisoformat(candidate)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an ISO-8601 time such as 2026-05-01T12:00:00Z"
-        ) from None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
-
-
-def _nonnegative(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
-def add_parsers(
-    subparsers: Any, common: Callable[[argparse.ArgumentParser], None] | None = None
-) -> None:
-    """Register `replay`, `audit` and `sql` on the CLI's subparsers."""
-    p = subparsers.add_parser(
-        "replay",
-        help="rebuild the projection as of a point in history",
-        description="Rebuild the DuckDB projection from SUP_EVENTS into FILE (atomically "
-        "replaced), up to a stream sequence or the stream time TIME. A progress bar is "
-        "drawn on a terminal.",
-    )
-    p.add_argument("--db", required=True, metavar="FILE", help="the projection file to write")
-    until = p.add_mutually_exclusive_group()
-    until.add_argument("--until", type=parse_time, metavar="TIME",
-                       help="last stream time to include (ISO 8601, UTC if naive)")  # fmt: skip
-    until.add_argument("--until-seq", type=int, metavar="N", help="last stream sequence to include")
-    _shared(p, common)
-    p.set_defaults(func=cmd_replay)
-
-    p = subparsers.add_parser(
-        "audit",
-        help="check lifecycle invariants over history",
-        description="Check the whole history against the lifecycle state machine and the "
-        "cleanup invariants. Exit 0 when clean, 1 with violations. Without --db the stream "
-        "is replayed into a temporary file first.",
-    )
-    p.add_argument("--db", metavar="FILE", help="a projection file (e.g. made by replay)")
-    p.add_argument("--json", action="store_true", help="print the violations as JSON")
-    p.add_argument("--grace", type=_nonnegative, metavar="SECONDS",
-                   help="treat tasks active within SECONDS of the end of history as in flight")  # fmt: skip
-    _shared(p, common)
-    p.set_defaults(func=cmd_audit)
-
-    p = subparsers.add_parser(
-        "sql",
-        help="read-only SQL over the projection",
-        description="Run one read-only SELECT over the running daemon's live projection "
-        "(POST /v1/query; its address from <data-dir>/http.url, else the configured "
-        "http.listen; token from $SUPERVISOR_HTTP_TOKEN, else http.token), or over a "
-        "projection file with --db. A statement that is not a single SELECT is refused "
-        "(exit 2); a failed or timed-out query exits 1; no daemon, 3.",
-    )
-    p.add_argument(
-        "query", metavar="SQL", help='one SELECT statement, e.g. "SELECT * FROM error_rates"'
-    )
-    p.add_argument("--db", metavar="FILE", help="a projection file (e.g. made by replay)")
-    p.add_argument("--url", metavar="URL",
-                   help="the daemon's HTTP address (default: <data-dir>/http.url)")  # fmt: skip
-    p.add_argument(
-        "--format", choices=FORMATS, default="table", help="output format (default table)"
-    )
-    p.add_argument(
-        "--max-rows",
-        type=int,
-        default=MAX_ROWS,
-        metavar="N",
-        help=f"row limit (default {MAX_ROWS})",
-    )
-    p.add_argument("--timeout", type=_nonnegative, default=TIMEOUT_S, metavar="S",
-                   help=f"time limit in seconds (default {TIMEOUT_S:g})")  # fmt: skip
-    _shared(p, common)
-    p.set_defaults(func=cmd_sql)
-
-
-def _shared(
-    p: argparse.ArgumentParser, common: Callable[[argparse.ArgumentParser], None] | None
-) -> None:
-    if common is not None:
-        common(p)
-        return
-    p.add_argument("--nats", dest="nats_url", metavar="URL", help="NATS server URL")
-    p.add_argument("--data-dir", metavar="DIR", help="data dir (default ./.supervisor)")
 
 
 def _config(args: argparse.Namespace) -> Config:

@@ -25,10 +25,9 @@ from typing import Any
 
 import duckdb
 
+from projections.defaults import MAX_ROWS, TIMEOUT_S
 from projections.errors import QueryFailed, QueryRefused, QueryTimeout
 
-MAX_ROWS = 10_000
-TIMEOUT_S = 30.0
 MEMORY_LIMIT = "1GB"
 
 

@@ -22,7 +22,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -40,35 +40,6 @@ _OUTCOMES = """
 SELECT command_id, arg_max(outcome, seq), arg_max(detail, seq) FROM reconcile_outcomes
 WHERE final AND command_id IN (SELECT unnest($ids)) GROUP BY command_id
 """
-
-
-def add_parsers(
-    subparsers: Any, common: Callable[[argparse.ArgumentParser], None] | None = None
-) -> None:
-    """Register `reconcile` on the CLI's subparsers."""
-    p = subparsers.add_parser(
-        "reconcile",
-        help="one reconciliation pass now",
-        description="Observe this node, compare with the projection and order the cleanup "
-        "of every divergence (orphan, overdue or vanished containers, leaked workspaces, "
-        "lost attempts, unresolved cleanup failures). Exit 0 when the pass ran.",
-    )
-    p.add_argument("--dry-run", action="store_true",
-                   help="publish the decisions it would take; order and change nothing")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print the pass as JSON")
-    p.add_argument("--db", metavar="FILE",
-                   help="a projection file to use and catch up (default: a temporary replay)")  # fmt: skip
-    p.add_argument("--wait", type=float, default=30.0, metavar="S",
-                   help="carry out the commands and wait up to S seconds for their outcomes "
-                   "(0: leave them to the daemon; default 30)")  # fmt: skip
-    if common is not None:
-        common(p)
-    else:
-        p.add_argument("--nats", dest="nats_url", metavar="URL", help="NATS server URL")
-        p.add_argument("--data-dir", metavar="DIR", help="data dir (default ./.supervisor)")
-        p.add_argument("--node-id", metavar="ID", help="this node's id (default n1)")
-        p.add_argument("--config", metavar="FILE", help="TOML or JSON configuration file")
-    p.set_defaults(func=cmd_reconcile)
 
 
 def _config(args: argparse.Namespace) -> Config:

@@ -20,9 +20,9 @@ import json
 import uuid
 from typing import Any
 
+from projections.defaults import FORMATS
 from projections.query import QueryResult
 
-FORMATS = ("table", "json", "csv")
 _MAX_CELL = 60
 
 

@@ -144,17 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     tail.set_defaults(func=_cmd_tail)
 
     try:
-        from projections.commands import add_parsers
+        from projections.parsers import add_parsers
     except ImportError:  # the read side is optional at import time
         add_parsers = None
     if add_parsers is not None:
         add_parsers(sub, _common)
-    try:
-        from projections.reconcile_cli import add_parsers as add_reconcile
-    except ImportError:  # `reconcile` reads the projection: it comes with the read side
-        add_reconcile = None
-    if add_reconcile is not None:
-        add_reconcile(sub, _common)
     return parser
 
 

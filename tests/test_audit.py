@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from projections.audit import Record, Violation, audit_db, audit_records, records_of, render_text
-from projections.commands import add_parsers
 from projections.decode import decode_batch, stage
+from projections.parsers import add_parsers
 from projections.store import ProjectionStore
 from projections.synthetic import AttemptPlan, HistoryBuilder
 from schemas import (

@@ -11,9 +11,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from projections.commands import add_parsers
 from projections.decode import decode_batch, stage
 from projections.errors import QueryFailed, QueryRefused, QueryTimeout
+from projections.parsers import add_parsers
 from projections.query import QueryResult, check_query, open_readonly, run_query
 from projections.render import render_csv, render_json, render_table
 from projections.store import ProjectionStore
