@@ -146,16 +146,31 @@ class ProjectionPart:
         then follow in the background; register the `projection` readiness check and the
         metrics. Raises ProjectionStoreError (the file cannot be opened: held by another
         process) and StreamUnavailable."""
-        self.db_path = self.db_path or Path(ctx.node.data_dir) / DB_NAME
-        self._js = ctx.js
-        self._nats_url = ctx.node.nats_url
+        await self.open(data_dir=Path(ctx.node.data_dir), nats_url=ctx.node.nats_url, js=ctx.js,
+                        registry=ctx.node.metrics.registry, stack=stack)  # fmt: skip
+        ctx.add_check("projection", self.check)
+
+    async def open(
+        self,
+        *,
+        data_dir: Path,
+        nats_url: str,
+        js: JetStreamContext,
+        registry: CollectorRegistry,
+        stack: contextlib.AsyncExitStack,
+    ) -> None:
+        """`start` without a daemon (the projection's own process uses it): open
+        `<data_dir>/projection.duckdb` (unless `db_path` was given), catch up, follow, and
+        register the metrics on `registry`; the teardown goes on `stack`."""
+        self.db_path = self.db_path or data_dir / DB_NAME
+        self._js = js
+        self._nats_url = nats_url
         stack.push_async_callback(self.close)
         await self._open_caught_up()
         assert self._projector is not None
         self._endpoint = QueryEndpoint(self._projector.store.con, workers=self.settings.query_workers,
                                        limits=self.settings.limits)  # fmt: skip
-        self._register(ctx.node.metrics.registry)
-        ctx.add_check("projection", self.check)
+        self._register(registry)
         self._tasks = [
             asyncio.create_task(self._follow(), name="projection-follow"),
             asyncio.create_task(self._sample(), name="projection-lag"),

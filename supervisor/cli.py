@@ -321,22 +321,25 @@ async def _serve_async(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _read_side_parts(cfg: Config, *, with_projection: bool) -> tuple[list[Any], Any]:
-    """The daemon's composition: the parts built outside `supervisor` (the projection and
-    its query endpoint, the reconciler). This is the one place that joins them."""
+    """The daemon's composition: the projection (a child process running
+    `projections.service`, which serves the queries), the reconciler reading it, and with
+    `--no-projection` the reconciler's own in-process projection. This is the one place
+    that joins them."""
     parts: list[Any] = []
     read_side: Any = None
     if with_projection:
-        from projections.live import ProjectionPart
+        from supervisor.projection_process import ProjectionProcess
 
-        read_side = ProjectionPart(cfg)
+        read_side = ProjectionProcess(cfg)
         parts.append(read_side)
     if cfg.reconcile.enabled:
-        from projections.reconcile_state import DuckDBState, OwnProjection
         from supervisor.reconcile_part import ReconcilerPart
 
-        if read_side is not None:  # the reconciler reads the live projection's cursors
-            state = DuckDBState(read_side.on_cursor)
+        if read_side is not None:  # the reconciler reads the projection process's state
+            state = read_side.state
         else:  # --no-projection: a projection of its own, <data_dir>/reconcile.duckdb
+            from projections.reconcile_state import OwnProjection
+
             own = OwnProjection()
             parts.append(own)
             state = own.state

@@ -182,12 +182,18 @@ class Daemon:
             )
             checks["started"] = self._started_check
             node.metrics.outbox_backlog.set_function(lambda: node.events.backlog)
+            scrape_hooks: list[Callable[[], Awaitable[None]]] = []
+
+            async def before_scrape() -> None:
+                await asyncio.gather(*(hook() for hook in scrape_hooks))
+
             app = create_app(
                 metrics=node.metrics,
                 readiness=checks,
                 handlers=_Api(self, js),
                 token=cfg.http.token,
                 check_timeout_s=cfg.http.check_timeout_s,
+                on_scrape=before_scrape,
             )
             self.http = http = HttpServer(app, cfg.http.listen)
             await http.start()
@@ -195,7 +201,8 @@ class Daemon:
             _publish_url(stack, http_url_file(node.data_dir), http.url)
 
             ctx = DaemonContext(node=node, nc=node.events.nc, js=js, breaker=breaker,
-                                monitor=monitor, scheduler=scheduler, checks=checks)  # fmt: skip
+                                monitor=monitor, scheduler=scheduler, checks=checks,
+                                scrape_hooks=scrape_hooks)  # fmt: skip
             for part in self.parts:
                 log.info("starting %s", part.name)
                 await part.start(ctx, stack)

@@ -13,7 +13,7 @@ A part that serves the HTTP API implements `ReadSide`; the daemon routes
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 class DaemonContext:
     """What a part may use. `node` holds the config, data dir, emitter, event log, Docker
     runtime, executor and metrics; `nc`/`js` are the event log's NATS connection (it
-    reconnects on its own); `add_check` adds a readiness check to `/readyz`."""
+    reconnects on its own); `add_check` adds a readiness check to `/readyz`,
+    `add_scrape_hook` a refresh before each `/metrics`."""
 
     node: Node
     nc: NATS
@@ -41,9 +42,14 @@ class DaemonContext:
     monitor: ResourceMonitor
     scheduler: Scheduler
     checks: dict[str, CheckFn] = field(default_factory=dict)
+    scrape_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     def add_check(self, name: str, check: CheckFn) -> None:
         self.checks[name] = check
+
+    def add_scrape_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Await `hook` before each `/metrics` answer (to fetch metrics kept elsewhere)."""
+        self.scrape_hooks.append(hook)
 
 
 class Part(Protocol):

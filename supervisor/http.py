@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -206,11 +207,12 @@ def create_app(
     handlers: Handlers | None = None,
     token: str | None = None,
     check_timeout_s: float = 2.0,
-    on_scrape: Callable[[], None] | None = None,
+    on_scrape: Callable[[], Awaitable[None] | None] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
 ) -> web.Application:
     """Build the app. `readiness` maps a check name to its check; `handlers` None leaves
-    `/v1` unrouted (404); `on_scrape` runs before each `/metrics` (refresh gauges there)."""
+    `/v1` unrouted (404); `on_scrape` runs (and is awaited when it is a coroutine function)
+    before each `/metrics`: refresh gauges there."""
     app = web.Application(middlewares=[_errors, _auth(token)], client_max_size=max_body_bytes)
 
     async def healthz(_: web.Request) -> web.Response:
@@ -228,8 +230,8 @@ def create_app(
         return _json(body, status=200 if ready else 503)
 
     async def metrics_text(request: web.Request) -> web.Response:
-        if on_scrape is not None:
-            on_scrape()
+        if on_scrape is not None and inspect.isawaitable(pending := on_scrape()):
+            await pending
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(body=encoder(metrics.registry), headers={"Content-Type": content_type})
 
@@ -353,7 +355,8 @@ _TAGS: dict[str, tuple[int, str, str]] = {
 _HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "BODY_TOO_LARGE"}
 
 
-def _from_exception(e: SupervisorError) -> web.Response:
+def error_response(e: SupervisorError) -> web.Response:
+    """The catalogue-shaped answer for one of the project's exceptions."""
     match e:
         case ApiError():
             return _error(e.status, e.type, e.code, e.message, **e.details)
@@ -381,7 +384,7 @@ async def _errors(
     try:
         return await handler(request)
     except SupervisorError as e:
-        return _from_exception(e)
+        return error_response(e)
     except web.HTTPException as e:
         if e.status < 400:
             raise

@@ -87,14 +87,30 @@ def _nats_children() -> list[int]:
     ]
 
 
+def _projection_services() -> set[int]:
+    """Projection processes (`python -m projections.service`) anywhere on the host: one
+    whose daemon was killed is no longer a child of anything the suite started."""
+    import psutil
+
+    return {
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if "projections.service" in (p.info["cmdline"] or [])
+    }
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _suite_leaves_nothing_behind() -> Iterator[None]:
-    """After the whole suite: no managed container, no temp dir, no nats-server child."""
+    """After the whole suite: no managed container, no temp dir, no nats-server child, no
+    projection process."""
     before = set(_managed_containers())
+    services_before = _projection_services()
     yield
     left = sorted(set(_managed_containers()) - before)
     dirs = _leftover_temp_dirs()
     servers = _nats_children()
+    services = sorted(_projection_services() - services_before)
     assert not left, f"the suite leaked managed containers: {left}"
     assert not dirs, f"the suite leaked temp dirs: {dirs}"
     assert not servers, f"the suite leaked server processes (nats-server, dockerd): {servers}"
+    assert not services, f"the suite leaked projection processes: {services}"

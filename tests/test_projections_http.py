@@ -20,6 +20,8 @@ from schemas import TaskSpec
 from supervisor.cli import main
 from supervisor.extension import DaemonContext
 from supervisor.http import HttpServer, create_app
+from supervisor.projection_process import ProjectionProcess
+from tests.test_projection_process import running_process
 from tests.test_projections import scenario_history
 from tests.test_projections_live import running_part
 
@@ -31,7 +33,7 @@ TOKEN = "s3cret"
 class ReadOnlyApi:
     """The daemon's `/v1` handlers, reduced to its read side."""
 
-    def __init__(self, part: ProjectionPart) -> None:
+    def __init__(self, part: ProjectionPart | ProjectionProcess) -> None:
         self.part = part
 
     async def submit(self, spec: TaskSpec) -> Any:
@@ -44,14 +46,23 @@ class ReadOnlyApi:
         return await self.part.query(request)
 
 
-@pytest.fixture
-async def daemon(nats_url: str, tmp_dir: Path) -> AsyncIterator[tuple[str, DaemonContext]]:
-    """The part on the scenario history, served over HTTP with a token; its URL is in
-    `<tmp_dir>/http.url`, as a daemon writes it."""
+@pytest.fixture(params=["in-process", "process"])
+async def daemon(
+    request: pytest.FixtureRequest, nats_url: str, tmp_dir: Path
+) -> AsyncIterator[tuple[str, DaemonContext]]:
+    """The read side on the scenario history, served over HTTP with a token; its URL is in
+    `<tmp_dir>/http.url`, as a daemon writes it. Both read sides: the part in this process
+    (tests, `--no-projection`'s reconciler) and the projection process `serve` runs."""
     await publish(nats_url, scenario_history())
-    async with running_part(tmp_dir, nats_url) as (part, ctx):
+    running = running_part if request.param == "in-process" else running_process
+    async with running(tmp_dir, nats_url) as (part, ctx):
+
+        async def before_scrape() -> None:
+            await asyncio.gather(*(hook() for hook in ctx.scrape_hooks))
+
         app = create_app(metrics=ctx.node.metrics, readiness=ctx.checks,
-                         handlers=ReadOnlyApi(part), token=TOKEN)  # fmt: skip
+                         handlers=ReadOnlyApi(part), token=TOKEN,
+                         on_scrape=before_scrape)  # fmt: skip
         server = HttpServer(app, "127.0.0.1:0")
         await server.start()
         (tmp_dir / "http.url").write_text(server.url + "\n")

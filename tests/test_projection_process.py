@@ -1,0 +1,122 @@
+"""The daemon's projection in a process of its own (`supervisor.projection_process` and
+`projections.service`), on a real nats-server and DuckDB file: it is restarted when it
+dies, it never outlives its daemon (even one killed with SIGKILL), a daemon started right
+after finds the file free, a service that cannot open its file fails the start with the
+reason, and the daemon's own process never loads DuckDB. Its read API (queries, task
+lookups, errors, readiness, metrics) is tested through HTTP in `test_projections_http`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import nats
+import psutil
+import pytest
+
+from projections.loadgen import publish
+from supervisor.config import Config
+from supervisor.extension import DaemonContext
+from supervisor.http import ApiError
+from supervisor.metrics import Metrics
+from supervisor.projection_process import ProjectionProcess, ProjectionProcessError
+from tests.daemonutil import DaemonProc
+from tests.test_projections import scenario_history
+from tests.test_projections_live import until
+
+pytestmark = pytest.mark.nats
+
+COUNT_TASKS = {"sql": "SELECT count(*) AS n FROM tasks"}
+
+
+@contextlib.asynccontextmanager
+async def running_process(
+    data_dir: Path, url: str, **options: Any
+) -> AsyncIterator[tuple[ProjectionProcess, DaemonContext]]:
+    """A started projection process on a minimal daemon context (the node's data dir, NATS
+    URL and metrics), torn down by its exit stack as the daemon does."""
+    nc = await nats.connect(url)
+    node = SimpleNamespace(data_dir=data_dir, nats_url=url, metrics=Metrics())
+    ctx = DaemonContext(node=node, nc=nc, js=nc.jetstream(), breaker=None,  # type: ignore[arg-type]
+                        monitor=None, scheduler=None)  # type: ignore[arg-type]  # fmt: skip
+    part = ProjectionProcess(Config(), **options)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(nc.close)
+        await part.start(ctx, stack)
+        yield part, ctx
+
+
+def _service_pids() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["cmdline"])
+            if "projections.service" in (p.info["cmdline"] or [])}  # fmt: skip
+
+
+async def test_a_killed_service_is_restarted_and_reads_resume(nats_url: str, tmp_dir: Path) -> None:
+    await publish(nats_url, scenario_history())
+    async with running_process(tmp_dir, nats_url, restart_min_s=1.0) as (part, _):
+        assert (await part.query(COUNT_TASKS))["rows"] == [[16]]
+        first = part.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        await until(lambda: part.pid is None)
+
+        check = await part.check()
+        assert (check.ok, check.reason) == (
+            False, "the projection process exited with status -9; restarting")  # fmt: skip
+        with pytest.raises(ApiError) as refused:
+            await part.query(COUNT_TASKS)
+        assert (refused.value.status, refused.value.code) == (503, "PROJECTION_UNAVAILABLE")
+
+        await until(lambda: part.pid is not None, timeout=30)
+        assert (await part.check()).ok
+        assert (await part.query(COUNT_TASKS))["rows"] == [[16]]
+        assert (part.restarts, part.pid != first) == (1, True)
+    assert part.pid is None
+    assert not psutil.pid_exists(first)
+
+
+async def test_a_service_that_cannot_open_its_file_fails_the_start(
+    nats_url: str, tmp_dir: Path
+) -> None:
+    (tmp_dir / "projection.duckdb").write_bytes(b"not a database" * 1000)
+    with pytest.raises(ProjectionProcessError) as failed:
+        async with running_process(tmp_dir, nats_url, open_timeout_s=0.5):
+            pass
+    assert failed.value.returncode == 1
+    assert not _service_pids() & {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_the_service_dies_with_its_daemon_and_frees_the_file(nats_url: str, tmp_dir: Path) -> None:
+    config = {"reconcile": {"enabled": False}}
+    daemon = DaemonProc(tmp_dir / "data", nats_url, config).start()
+    try:
+        assert daemon.proc is not None
+        (service,) = psutil.Process(daemon.proc.pid).children()
+        assert "projections.service" in service.cmdline()
+        # DuckDB is loaded in the service only: that is what keeps the daemon small.
+        assert "duckdb" in _maps(service.pid)
+        assert "duckdb" not in _maps(daemon.proc.pid)
+
+        daemon.kill()
+        service.wait(timeout=30)  # stdin closed: it stops on its own
+
+        again = DaemonProc(tmp_dir / "data", nats_url, config).start()
+        assert again.proc is not None
+        (second,) = psutil.Process(again.proc.pid).children()
+        status, body = again.request("POST", "/v1/query", b'{"sql": "SELECT 42 AS n"}')
+        assert (status, json.loads(body)["rows"]) == (200, [[42]])
+        again.stop()
+        assert again.wait() == 0
+        assert not psutil.pid_exists(second.pid)  # stopped, and waited for, by its daemon
+    finally:
+        daemon.stop()
