@@ -69,7 +69,8 @@ _CONFIGURED = ProjectionConfig()
 class LiveSettings:
     """How the daemon's projection runs. A live batch is applied at the latest
     `batch_age_s` after its first message arrived, and the writer applies batches at most
-    `max_busy` of the time (see `projections.projector.Projector`); at start-up, more
+    `max_busy` of the time (see `projections.projector.Projector`) with `threads` DuckDB
+    worker threads (None: one per core); at start-up, more
     than `bulk_backlog` messages behind are caught up in bulk mode first. Readiness fails while the oldest
     message not yet applied is older than `max_lag_s`; the lag gauges are sampled every
     `sample_every_s`. At most `query_workers` queries run at once, within `limits`. A
@@ -78,6 +79,7 @@ class LiveSettings:
     batch_size: int = 20_000
     batch_age_s: float = _CONFIGURED.batch_age_s
     max_busy: float = _CONFIGURED.max_busy
+    threads: int | None = _CONFIGURED.threads
     bulk_backlog: int = 200_000
     max_lag_s: float = _CONFIGURED.max_lag_s
     sample_every_s: float = 1.0
@@ -89,7 +91,8 @@ class LiveSettings:
     @classmethod
     def configured(cls, c: ProjectionConfig) -> LiveSettings:
         """The settings with what the `[projection]` section sets."""
-        return cls(batch_age_s=c.batch_age_s, max_busy=c.max_busy, max_lag_s=c.max_lag_s)
+        return cls(batch_age_s=c.batch_age_s, max_busy=c.max_busy, max_lag_s=c.max_lag_s,
+                   threads=c.threads)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,7 @@ class ProjectionPart:
         assert path is not None
         live = partial(Projector, path, self._nats_url, batch_size=s.batch_size,
                        batch_age_s=s.batch_age_s, stream=self.stream,
-                       max_busy=s.max_busy)  # fmt: skip
+                       max_busy=s.max_busy, threads=s.threads)  # fmt: skip
         try:
             projector = await asyncio.to_thread(live)
         except ProjectionVersionMismatch as e:

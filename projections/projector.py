@@ -116,6 +116,7 @@ class Projector:
     collector for the run: a batch's objects (messages, decoded events, rows) hold no
     cycles and are freed by reference counting, while collecting a heap of a hundred
     thousand buffered messages again and again cost a third of the replay time.
+    `threads` sets DuckDB's worker threads for the file (`store_config`).
     """
 
     def __init__(
@@ -129,6 +130,7 @@ class Projector:
         connect_timeout: float = 5.0,
         bulk: bool = False,
         max_busy: float = 1.0,
+        threads: int | None = None,
     ) -> None:
         if not 0 < max_busy <= 1:
             raise ValueError(f"max_busy must be in (0, 1], not {max_busy}")
@@ -140,7 +142,7 @@ class Projector:
         self.bulk = bulk
         self.max_busy = max_busy
         self._rest_until = 0.0
-        self.store = ProjectionStore(db_path, stream=stream, bulk=bulk)
+        self.store = ProjectionStore(db_path, stream=stream, bulk=bulk, threads=threads)
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="projector-decode")
         self._worker: DecodeProcess | None = DecodeProcess() if bulk else None
         self._unflushed = 0

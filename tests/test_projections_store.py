@@ -168,3 +168,18 @@ def test_a_heartbeat_runs_the_events_insert_and_the_instances_merge_only(tmp_dir
             for t in ("_new", "_batch", "_instance", "_container")
         }
         assert left == {"_new": 0, "_batch": 0, "_instance": 0, "_container": 0}
+
+
+def test_a_live_store_plans_without_the_optimizer_and_its_query_cursors_with_it(
+    tmp_dir: Path,
+) -> None:
+    def setting(con: duckdb.DuckDBPyConnection, name: str) -> Any:
+        return con.execute(f"SELECT current_setting('{name}')").fetchall()[0][0]
+
+    with ProjectionStore(tmp_dir / "live.duckdb", threads=1) as store:
+        cursor = store.con.cursor()
+        assert (setting(store.con, "enable_optimizer"), setting(cursor, "enable_optimizer"),
+                setting(store.con, "threads")) == (False, True, 1)  # fmt: skip
+        cursor.close()
+    with ProjectionStore(tmp_dir / "bulk.duckdb", bulk=True) as store:
+        assert setting(store.con, "enable_optimizer") is True
