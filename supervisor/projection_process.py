@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("supervisor.projection")
 
 SERVICE = "projections.service"
+READ_TIMEOUT_S = 30.0
+"""How long a task lookup, the reconciler's state, a readiness check or a metrics fetch may
+take before the service counts as not answering."""
 
 
 class ProjectionProcessError(SupervisorError):
@@ -160,10 +163,10 @@ class ProjectionProcess:
                 rc = await child.proc.wait()
                 if self._closing:
                     return
-                self._child = None
-                await child.session.close()
                 self._down = f"the projection process exited with status {rc}; restarting"
+                self._child = None
                 log.error("%s", self._down)
+                await child.session.close()
             await asyncio.sleep(delay)
             try:
                 self._child = await self._spawn()
@@ -193,19 +196,27 @@ class ProjectionProcess:
 
     async def _call(
         self, method: str, path: str, *, body: bytes | None = None,
-        params: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None, timeout_s: float | None = READ_TIMEOUT_S,
     ) -> tuple[int, bytes]:  # fmt: skip
+        """One request to the service: (status, body). Raises ApiError 503
+        PROJECTION_UNAVAILABLE while it is down, or when it does not answer in time."""
         child = self._child
         if child is None:
             raise unavailable(self._down or "the projection process is not running")
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5)
         try:
-            async with child.session.request(method, path, data=body, params=params) as resp:
+            async with child.session.request(method, path, data=body, params=params,
+                                             timeout=timeout) as resp:  # fmt: skip
                 return resp.status, await resp.read()
+        except TimeoutError as e:
+            raise unavailable(f"the projection process did not answer within {timeout_s:g}s") from e
         except (aiohttp.ClientError, OSError) as e:
             raise unavailable(f"the projection process did not answer: {e!r}") from e
 
     async def query(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
-        status, body = await self._call("POST", "/query", body=msgspec.json.encode(request))
+        # No deadline of ours: the service holds each query to its own time limit.
+        status, body = await self._call("POST", "/query", body=msgspec.json.encode(request),
+                                        timeout_s=None)  # fmt: skip
         if status != 200:
             raise _api_error(status, body)
         doc: dict[str, Any] = msgspec.json.decode(body)
