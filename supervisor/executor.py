@@ -187,16 +187,24 @@ class Executor:
         return delay
 
     def fail(
-        self, spec: TaskSpec, c: Classification, attempts: int, message: str | None = None
+        self,
+        spec: TaskSpec,
+        c: Classification,
+        attempts: int,
+        message: str | None = None,
+        *,
+        recorded: bool = False,
     ) -> Result:
         """Close a task as failed with `c` without running anything (a lost last attempt,
-        a poison message)."""
+        a poison message). `recorded`: `c` is an error the log holds already (the closing
+        of a lost attempt), repeated in the result but not raised again."""
         assert spec.task_id is not None
         em = self.emitter.for_task(spec.task_id, spec.correlation_id or "").for_attempt(attempts)
         error = self._error(spec.task_id, c, None, message=message)
-        em.emit(ErrorRaised, error_type=c.type, code=c.code, message=error.message,
-                retryable=c.retryable, details=c.details)  # fmt: skip
-        self.metrics.errors.labels(c.type, c.code).inc()
+        if not recorded:
+            em.emit(ErrorRaised, error_type=c.type, code=c.code, message=error.message,
+                    retryable=c.retryable, details=c.details)  # fmt: skip
+            self.metrics.errors.labels(c.type, c.code).inc()
         result = Result(task_id=spec.task_id, status="failed", attempts=attempts, error=error)
         em.emit(TaskFailed, result=result)
         self.metrics.tasks.labels("failed").inc()

@@ -189,23 +189,24 @@ class Scheduler:
         if history.terminal is not None:
             return None  # done before, only the ack was lost
         last = history.last_attempt
-        previous = None
+        closed = None
         if history.open_attempt is not None:
-            previous = await close_lost_attempt(ex, spec, history)
+            closed = await close_lost_attempt(ex, spec, history)
         if deliveries > self.max_deliver:
             return ex.fail(spec, redelivery_limit(deliveries, self.max_deliver), attempts=last)
         if last == 0:
             return await ex.run(spec, announce=False, terminal_on_cancel=False)
-        if previous is None and history.retry_pending == last + 1:
+        if closed is None and history.retry_pending == last + 1:
             # The earlier delivery already decided to retry (and waited); run it now.
             return await ex.run(
                 spec, announce=False, first_attempt=last + 1, terminal_on_cancel=False
             )
-        previous = previous or catalogue_entry(
+        previous = closed or catalogue_entry(
             "SUPERVISOR_LOST", "the previous delivery ended without a result"
         )
         if not should_retry(spec.retry, last, previous.retryable):
-            return ex.fail(spec, previous, attempts=last)
+            # A lost attempt just closed has its error in the log: the failure repeats it.
+            return ex.fail(spec, previous, attempts=last, recorded=closed is not None)
         em = ex.emitter.for_task(spec.task_id, spec.correlation_id or "").for_attempt(last)
         await ex.sleep(ex.schedule_retry(em, spec, last, previous))
         return await ex.run(spec, announce=False, first_attempt=last + 1, terminal_on_cancel=False)

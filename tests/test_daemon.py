@@ -258,6 +258,38 @@ def test_a_daemon_killed_mid_task_is_replaced_and_the_lost_attempt_recorded(
     )
 
 
+def test_a_lost_last_attempt_fails_the_task_with_one_error(
+    tmp_dir: Path, nats_url: str, daemons, docker_client
+) -> None:  # type: ignore[no-untyped-def]
+    sched = {"ack_wait_s": 2, "ack_progress_s": 0.5}
+    first = _daemon(daemons, tmp_dir, nats_url, scheduling=sched)
+    spec = task("sleep 60", task_id="last", limits={"timeout_s": 120},
+                retry={"max_attempts": 1})  # fmt: skip
+    assert submit(nats_url, tmp_dir / "client", spec).returncode == 0
+    _wait_until(lambda: len(_managed(docker_client)) == 1, what="the task to run")
+
+    first.kill()
+    _daemon(daemons, tmp_dir, nats_url, scheduling=sched)
+    _wait_until(
+        lambda: asyncio.run(stream_events(nats_url, "sup.task.failed.*.last")),
+        timeout=90,
+        what="the task to fail",
+    )
+
+    failed = asyncio.run(stream_events(nats_url, "sup.task.failed.*.last"))
+    assert [(e.result.error.code, e.result.attempts) for e in failed
+            if isinstance(e, TaskFailed) and e.result.error] == [("SUPERVISOR_LOST", 1)]  # fmt: skip
+    # The closing of the attempt records the error; the task's failure repeats it in its
+    # result only, so error counts see one lost attempt.
+    errors = asyncio.run(stream_events(nats_url, "sup.error.*.*.last"))
+    assert [(e.code, e.attempt) for e in errors if isinstance(e, ErrorRaised)] == [
+        ("SUPERVISOR_LOST", 1)
+    ]
+    _wait_until(
+        lambda: _managed(docker_client) == [], timeout=30, what="the lost container to be removed"
+    )
+
+
 def test_a_task_whose_daemon_dies_on_every_delivery_ends_as_redelivery_limit(
     tmp_dir: Path, nats_url: str, daemons, docker_client
 ) -> None:  # type: ignore[no-untyped-def]
