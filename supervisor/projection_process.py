@@ -50,14 +50,16 @@ take before the service counts as not answering."""
 
 
 class ProjectionProcessError(SupervisorError):
-    """The projection's process exited before it served."""
+    """The projection's process exited before it served (`returncode`), or answered its
+    start with something other than its ready line."""
 
     tag = "projection_process_error"
 
-    def __init__(self, returncode: int) -> None:
+    def __init__(self, returncode: int | None, detail: str = "") -> None:
         self.returncode = returncode
         super().__init__(
-            f"the projection process exited with status {returncode} before serving "
+            detail
+            or f"the projection process exited with status {returncode} before serving "
             "(its log lines say why)"
         )
 
@@ -145,7 +147,13 @@ class ProjectionProcess:
             raise
         if not line:
             raise ProjectionProcessError(await proc.wait())
-        port = int(msgspec.json.decode(line)["port"])
+        try:
+            port = int(msgspec.json.decode(line)["port"])
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            await _end(proc, self.stop_timeout_s)
+            raise ProjectionProcessError(
+                None, f"the projection process started with {line[:200]!r}, not its ready line"
+            ) from None
         session = aiohttp.ClientSession(
             base_url=f"http://127.0.0.1:{port}",
             headers={"Authorization": f"Bearer {token}"},
@@ -167,6 +175,7 @@ class ProjectionProcess:
                 self._child = None
                 log.error("%s", self._down)
                 await child.session.close()
+                await _end(child.proc, self.stop_timeout_s)  # closes its pipes
             await asyncio.sleep(delay)
             try:
                 self._child = await self._spawn()
@@ -182,15 +191,15 @@ class ProjectionProcess:
     async def close(self) -> None:
         """Stop the service (it applies what it gathered and checkpoints the file)."""
         self._closing = True
-        child, self._child = self._child, None
         self._down = "the daemon is stopping"
-        if child is not None:
-            await child.session.close()
-            await _end(child.proc, self.stop_timeout_s)
-        if self._supervise is not None:
+        if self._supervise is not None:  # first: a restart under way ends with a child set
             self._supervise.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervise
+        child, self._child = self._child, None
+        if child is not None:
+            await child.session.close()
+            await _end(child.proc, self.stop_timeout_s)
 
     # --- requests -------------------------------------------------------------------------
 
