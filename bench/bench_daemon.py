@@ -67,12 +67,15 @@ async def submit_all(url: str, data_dir: Path, specs: list[TaskSpec], wait: bool
     intake = Intake(events.js, Emitter(events, "client", events.instance_id), events, cfg)
     done = asyncio.Event()
     finished: set[str] = set()
+    failed: set[str] = set()
     want = {s.task_id for s in specs}
 
     async def on_terminal(msg) -> None:  # type: ignore[no-untyped-def]
         task = msg.subject.split(".")[-1]
         if task in want:
             finished.add(task)
+            if msg.subject.startswith("sup.task.failed."):
+                failed.add(task)
             if len(finished) == len(want):
                 done.set()
 
@@ -94,6 +97,8 @@ async def submit_all(url: str, data_dir: Path, specs: list[TaskSpec], wait: bool
     took = time.perf_counter() - t0
     del sub
     await events.close(10)
+    if failed:
+        print(f"  {len(failed)} of {len(want)} tasks failed, e.g. {sorted(failed)[:3]}")
     return took
 
 
