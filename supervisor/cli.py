@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-projection",
         action="store_true",
-        help="do not run the DuckDB projection in this daemon (/v1/query then answers 503)",
+        help="do not run the DuckDB projection (by default a child process of the daemon); "
+        "/v1/query then answers 503",
     )
     _common(serve)
     serve.set_defaults(func=_cmd_serve)
