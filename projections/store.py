@@ -102,11 +102,6 @@ class ProjectionStore:
         except duckdb.Error as e:
             raise ProjectionStoreError(str(self.path), f"cannot open: {e}") from e
         try:
-            if not bulk:
-                # A live batch's statements run over a few rows, and planning them is most
-                # of their cost: unoptimized, a batch takes about a sixth less CPU. This
-                # connection's own setting; query cursors keep the optimizer.
-                self.con.execute("PRAGMA disable_optimizer")
             self.con.execute("SET lock_configuration = true")
             self._install()
             self._create_staging()

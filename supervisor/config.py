@@ -133,7 +133,7 @@ class ProjectionConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     lowest lag, a lower share leaves more of a busy host to the tasks). Readiness fails
     while the oldest event not yet applied is older than `max_lag_s`. `threads` is DuckDB's
     worker threads for the projection and its queries: with one, a live batch takes about
-    a third less CPU (waking other threads for a few rows costs more than it saves), while
+    a fifth less CPU (waking other threads for a few rows costs more than it saves), while
     a large `/v1/query` runs on one core; none means one per core."""
 
     batch_age_s: Annotated[float, msgspec.Meta(gt=0)] = 0.1
