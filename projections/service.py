@@ -45,7 +45,7 @@ from projections.reconcile_state import DuckDBState
 from supervisor.config import Config
 from supervisor.errors import SupervisorError
 from supervisor.eventlog import close_quietly, connect_nats
-from supervisor.http import ApiError, error_response
+from supervisor.http import error_response, json_response, query_body
 from supervisor.logs import configure
 
 log = logging.getLogger("projections.service")
@@ -132,17 +132,11 @@ def _app(part: ProjectionPart, registry: CollectorRegistry, token: str) -> web.A
             return error_response(e)
 
     async def query(request: web.Request) -> web.Response:
-        try:
-            body = msgspec.json.decode(await request.read())
-        except msgspec.DecodeError as e:
-            raise ApiError(400, "validation", "INVALID_QUERY", f"not valid JSON: {e}") from e
-        if not isinstance(body, dict):
-            raise ApiError(400, "validation", "INVALID_QUERY", "the body must be a JSON object")
-        return _json(await part.query(body))
+        return json_response(await part.query(await query_body(request)))
 
     async def task(request: web.Request) -> web.Response:
         doc = await part.task(request.match_info["task_id"])
-        return web.Response(status=404) if doc is None else _json(doc)
+        return web.Response(status=404) if doc is None else json_response(doc)
 
     async def projected(request: web.Request) -> web.Response:
         found = await state.load(request.query["node"], request.query["inventory"])
@@ -152,7 +146,7 @@ def _app(part: ProjectionPart, registry: CollectorRegistry, token: str) -> web.A
                             content_type="application/msgpack")  # fmt: skip
 
     async def check(_: web.Request) -> web.Response:
-        return _json(await part.check())
+        return json_response(await part.check())
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), content_type="text/plain")
@@ -164,13 +158,6 @@ def _app(part: ProjectionPart, registry: CollectorRegistry, token: str) -> web.A
     app.router.add_get("/check", check)
     app.router.add_get("/metrics", metrics)
     return app
-
-
-_encoder = msgspec.json.Encoder()
-
-
-def _json(doc: Any) -> web.Response:
-    return web.Response(body=_encoder.encode(doc), content_type="application/json")
 
 
 async def _main_async(setup: Setup) -> int:

@@ -216,7 +216,7 @@ def create_app(
     app = web.Application(middlewares=[_errors, _auth(token)], client_max_size=max_body_bytes)
 
     async def healthz(_: web.Request) -> web.Response:
-        return _json({"status": "ok"})
+        return json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
         names = list(readiness)
@@ -227,7 +227,7 @@ def create_app(
         for name, c in checks.items():
             metrics.ready_check.labels(name).set(1 if c.ok else 0)
         body = {"ready": ready, "checks": {n: _check_doc(c) for n, c in checks.items()}}
-        return _json(body, status=200 if ready else 503)
+        return json_response(body, status=200 if ready else 503)
 
     async def metrics_text(request: web.Request) -> web.Response:
         if on_scrape is not None and inspect.isawaitable(pending := on_scrape()):
@@ -249,7 +249,7 @@ def _add_api(app: web.Application, handlers: Handlers) -> None:
         sub = await handlers.submit(spec)
         if sub.accepted:
             doc = {"task_id": sub.task_id, "correlation_id": sub.correlation_id, "status": "queued"}
-            return _json(doc, status=202)
+            return json_response(doc, status=202)
         err = sub.error
         if err is None:
             raise ApiError(500, "infrastructure", "INTERNAL", "the intake refused without a reason")
@@ -263,16 +263,10 @@ def _add_api(app: web.Application, handlers: Handlers) -> None:
         doc = await handlers.task(task_id)
         if doc is None:
             raise ApiError(404, "validation", "TASK_NOT_FOUND", f"no task {task_id!r}")
-        return _json(doc)
+        return json_response(doc)
 
     async def query(request: web.Request) -> web.Response:
-        try:
-            body = msgspec.json.decode(await request.read())
-        except msgspec.DecodeError as e:
-            raise ApiError(400, "validation", "INVALID_QUERY", f"not valid JSON: {e}") from e
-        if not isinstance(body, dict):
-            raise ApiError(400, "validation", "INVALID_QUERY", "the body must be a JSON object")
-        return _json(await handlers.query(body))
+        return json_response(await handlers.query(await query_body(request)))
 
     async def errors(request: web.Request) -> web.StreamResponse:
         try:
@@ -321,10 +315,24 @@ def _check_doc(c: Check) -> dict[str, Any]:
     return {"ok": c.ok, "reason": c.reason, **c.details}
 
 
+async def query_body(request: web.Request) -> dict[str, Any]:
+    """The JSON object of a `/v1/query` request. Raises ApiError 400 INVALID_QUERY."""
+    try:
+        body = msgspec.json.decode(await request.read())
+    except msgspec.DecodeError as e:
+        raise ApiError(400, "validation", "INVALID_QUERY", f"not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise ApiError(400, "validation", "INVALID_QUERY", "the body must be a JSON object")
+    return body
+
+
 # --- errors and auth --------------------------------------------------------------------------
 
 
-def _json(doc: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+def json_response(
+    doc: Any, *, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """`doc` as a JSON answer."""
     return web.Response(body=_encoder.encode(doc), status=status, headers=headers,
                         content_type="application/json")  # fmt: skip
 
@@ -333,7 +341,7 @@ def _error(
     status: int, type: str, code: str, message: str, *,
     headers: Mapping[str, str] | None = None, **extra: Any,
 ) -> web.Response:  # fmt: skip
-    return _json({"error": {"type": type, "code": code, "message": message, **extra}},
+    return json_response({"error": {"type": type, "code": code, "message": message, **extra}},
                  status=status, headers=headers)  # fmt: skip
 
 
