@@ -128,13 +128,21 @@ def add_read_side_parsers(
 
 
 def _shared(
-    p: argparse.ArgumentParser, common: Callable[[argparse.ArgumentParser], None] | None
+    p: argparse.ArgumentParser,
+    common: Callable[[argparse.ArgumentParser], None] | None,
+    *,
+    node: bool = False,
 ) -> None:
+    """The CLI's shared options (`common`), or without it the ones these commands read:
+    `--nats`, `--data-dir`, and with `node` also `--node-id` and `--config`."""
     if common is not None:
         common(p)
         return
     p.add_argument("--nats", dest="nats_url", metavar="URL", help="NATS server URL")
     p.add_argument("--data-dir", metavar="DIR", help="data dir (default ./.supervisor)")
+    if node:
+        p.add_argument("--node-id", metavar="ID", help="this node's id (default n1)")
+        p.add_argument("--config", metavar="FILE", help="TOML or JSON configuration file")
 
 
 def add_reconcile_parser(
@@ -156,11 +164,5 @@ def add_reconcile_parser(
     p.add_argument("--wait", type=float, default=30.0, metavar="S",
                    help="carry out the commands and wait up to S seconds for their outcomes "
                    "(0: leave them to the daemon; default 30)")  # fmt: skip
-    if common is not None:
-        common(p)
-    else:
-        p.add_argument("--nats", dest="nats_url", metavar="URL", help="NATS server URL")
-        p.add_argument("--data-dir", metavar="DIR", help="data dir (default ./.supervisor)")
-        p.add_argument("--node-id", metavar="ID", help="this node's id (default n1)")
-        p.add_argument("--config", metavar="FILE", help="TOML or JSON configuration file")
+    _shared(p, common, node=True)
     p.set_defaults(func=_lazy("projections.reconcile_cli", "cmd_reconcile"))
