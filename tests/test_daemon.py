@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import docker.errors
 import pytest
@@ -20,6 +21,7 @@ from schemas import (
     ContainerExited,
     ContainerStarted,
     ErrorRaised,
+    Event,
     TaskFailed,
     TaskSucceeded,
 )
@@ -223,29 +225,36 @@ def test_a_second_signal_stops_at_once_and_still_cleans_up(
     )
 
 
+def _kill_mid_task_and_replace(
+    daemons: list[DaemonProc], tmp_dir: Path, nats_url: str, docker_client,  # type: ignore[no-untyped-def]
+    spec: dict[str, Any], terminal: str,
+) -> list[Event]:  # fmt: skip
+    """Submit `spec` to a daemon, SIGKILL it once the task's container runs, start another,
+    and return the events on the `terminal` subject once there are some."""
+    sched = {"ack_wait_s": 2, "ack_progress_s": 0.5}
+    first = _daemon(daemons, tmp_dir, nats_url, scheduling=sched)
+    assert submit(nats_url, tmp_dir / "client", spec).returncode == 0
+    _wait_until(lambda: len(_managed(docker_client)) == 1, what="the task to run")
+
+    first.kill()
+    _daemon(daemons, tmp_dir, nats_url, scheduling=sched)
+    _wait_until(lambda: asyncio.run(stream_events(nats_url, terminal)), timeout=90,
+                what="the task's terminal event")  # fmt: skip
+    return asyncio.run(stream_events(nats_url, terminal))
+
+
 def test_a_daemon_killed_mid_task_is_replaced_and_the_lost_attempt_recorded(
     tmp_dir: Path, nats_url: str, daemons, docker_client
 ) -> None:  # type: ignore[no-untyped-def]
-    sched = {"ack_wait_s": 2, "ack_progress_s": 0.5}
-    first = _daemon(daemons, tmp_dir, nats_url, scheduling=sched)
     spec = task(
         '[ "$SUPERVISOR_ATTEMPT" -ge 2 ] || sleep 60; echo "attempt $SUPERVISOR_ATTEMPT"',
         task_id="survivor",
         limits={"timeout_s": 120},
         retry={"max_attempts": 3, "base_delay_s": 0.1},
     )
-    assert submit(nats_url, tmp_dir / "client", spec).returncode == 0
-    _wait_until(lambda: len(_managed(docker_client)) == 1, what="the task to run")
-
-    first.kill()
-    _daemon(daemons, tmp_dir, nats_url, scheduling=sched)
-    _wait_until(
-        lambda: asyncio.run(stream_events(nats_url, "sup.task.succeeded.*.survivor")),
-        timeout=90,
-        what="the task to finish",
+    done = _kill_mid_task_and_replace(
+        daemons, tmp_dir, nats_url, docker_client, spec, "sup.task.succeeded.*.survivor"
     )
-
-    done = asyncio.run(stream_events(nats_url, "sup.task.succeeded.*.survivor"))
     assert [(e.result.stdout, e.result.attempts) for e in done if isinstance(e, TaskSucceeded)] == [
         ("attempt 2\n", 2)
     ]
@@ -261,22 +270,11 @@ def test_a_daemon_killed_mid_task_is_replaced_and_the_lost_attempt_recorded(
 def test_a_lost_last_attempt_fails_the_task_with_one_error(
     tmp_dir: Path, nats_url: str, daemons, docker_client
 ) -> None:  # type: ignore[no-untyped-def]
-    sched = {"ack_wait_s": 2, "ack_progress_s": 0.5}
-    first = _daemon(daemons, tmp_dir, nats_url, scheduling=sched)
     spec = task("sleep 60", task_id="last", limits={"timeout_s": 120},
                 retry={"max_attempts": 1})  # fmt: skip
-    assert submit(nats_url, tmp_dir / "client", spec).returncode == 0
-    _wait_until(lambda: len(_managed(docker_client)) == 1, what="the task to run")
-
-    first.kill()
-    _daemon(daemons, tmp_dir, nats_url, scheduling=sched)
-    _wait_until(
-        lambda: asyncio.run(stream_events(nats_url, "sup.task.failed.*.last")),
-        timeout=90,
-        what="the task to fail",
+    failed = _kill_mid_task_and_replace(
+        daemons, tmp_dir, nats_url, docker_client, spec, "sup.task.failed.*.last"
     )
-
-    failed = asyncio.run(stream_events(nats_url, "sup.task.failed.*.last"))
     assert [(e.result.error.code, e.result.attempts) for e in failed
             if isinstance(e, TaskFailed) and e.result.error] == [("SUPERVISOR_LOST", 1)]  # fmt: skip
     # The closing of the attempt records the error; the task's failure repeats it in its
