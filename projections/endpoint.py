@@ -28,7 +28,7 @@ import msgspec
 from projections.errors import QueryRefused
 from projections.query import MAX_ROWS, TIMEOUT_S, check_query, read_transaction, run_on_cursor
 from projections.render import render, result_doc, row_doc
-from supervisor.http import ApiError
+from supervisor.http import ApiError, projection_unavailable
 
 T = TypeVar("T")
 
@@ -162,8 +162,7 @@ class QueryEndpoint:
 
 def unavailable() -> ApiError:
     """The answer while there is no projection to read (503)."""
-    return ApiError(503, "infrastructure", "PROJECTION_UNAVAILABLE",
-                    "the projection is not open (the daemon is starting or stopping)")  # fmt: skip
+    return projection_unavailable("the projection is not open (the daemon is starting or stopping)")
 
 
 def _rows(cur: duckdb.DuckDBPyConnection, sql: str, *params: Any) -> list[dict[str, Any]]:

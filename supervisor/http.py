@@ -69,6 +69,12 @@ class ApiError(SupervisorError):
         super().__init__(f"{status} {type}/{code}: {message}")
 
 
+def projection_unavailable(why: str) -> ApiError:
+    """The read API's answer while there is no projection to read: 503
+    PROJECTION_UNAVAILABLE, saying why."""
+    return ApiError(503, "infrastructure", "PROJECTION_UNAVAILABLE", why)
+
+
 class HttpServerError(SupervisorError):
     """The HTTP endpoint could not be bound."""
 

@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 
 from supervisor.config import Config
 from supervisor.errors import SupervisorError
-from supervisor.http import ApiError, Check
+from supervisor.http import ApiError, Check, projection_unavailable
 from supervisor.projected import ProjectedState
 
 if TYPE_CHECKING:
@@ -62,10 +62,6 @@ class ProjectionProcessError(SupervisorError):
             or f"the projection process exited with status {returncode} before serving "
             "(its log lines say why)"
         )
-
-
-def unavailable(why: str) -> ApiError:
-    return ApiError(503, "infrastructure", "PROJECTION_UNAVAILABLE", why)
 
 
 class _Child:
@@ -211,16 +207,18 @@ class ProjectionProcess:
         PROJECTION_UNAVAILABLE while it is down, or when it does not answer in time."""
         child = self._child
         if child is None:
-            raise unavailable(self._down or "the projection process is not running")
+            raise projection_unavailable(self._down or "the projection process is not running")
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5)
         try:
             async with child.session.request(method, path, data=body, params=params,
                                              timeout=timeout) as resp:  # fmt: skip
                 return resp.status, await resp.read()
         except TimeoutError as e:
-            raise unavailable(f"the projection process did not answer within {timeout_s:g}s") from e
+            raise projection_unavailable(
+                f"the projection process did not answer within {timeout_s:g}s"
+            ) from e
         except (aiohttp.ClientError, OSError) as e:
-            raise unavailable(f"the projection process did not answer: {e!r}") from e
+            raise projection_unavailable(f"the projection process did not answer: {e!r}") from e
 
     async def query(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
         # No deadline of ours: the service holds each query to its own time limit.
@@ -299,7 +297,7 @@ def _api_error(status: int, body: bytes) -> ApiError:
         err = dict(msgspec.json.decode(body)["error"])
         type_, code, message = err.pop("type"), err.pop("code"), err.pop("message")
     except (msgspec.DecodeError, KeyError, TypeError):
-        return unavailable(f"the projection process answered {status}: {body[:200]!r}")
+        return projection_unavailable(f"the projection process answered {status}: {body[:200]!r}")
     return ApiError(status, type_, code, message, **err)
 
 
