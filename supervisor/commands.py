@@ -34,9 +34,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
 from schemas import (
-    AttemptFinished,
     CleanupCommand,
-    ErrorRaised,
     ExecutionError,
     KillIssued,
     ReconcileOutcome,
@@ -55,7 +53,7 @@ from supervisor.eventlog import MSG_ID_HEADER
 from supervisor.history import read_task_events, summarize
 from supervisor.metrics import Metrics
 from supervisor.reconciler import ReconcileMetrics
-from supervisor.recovery import catalogue_entry, closing_event_id
+from supervisor.recovery import catalogue_entry, record_closing
 from supervisor.retry import backoff_delay, should_retry
 from supervisor.runtime import MANAGED_LABEL, DockerRuntime
 from supervisor.streams import COMMANDS_STREAM
@@ -337,11 +335,7 @@ class CommandExecutor:
         )  # fmt: skip
         # Deterministic ids: a command carried out twice, or racing the redelivery of the
         # task, records the closing once.
-        em.emit(ErrorRaised, event_id=closing_event_id(cmd.task_id, cmd.attempt, "error"),
-                error_type=c.type, code=c.code, message=c.message, retryable=c.retryable,
-                details=c.details)  # fmt: skip
-        em.emit(AttemptFinished, event_id=closing_event_id(cmd.task_id, cmd.attempt, "finished"),
-                outcome="failed", error_type=c.type, error_code=c.code)  # fmt: skip
+        record_closing(em, cmd.task_id, cmd.attempt, c)
         self.metrics.errors.labels(c.type, c.code).inc()
         if cmd.fail_task:
             error = ExecutionError(

@@ -48,14 +48,20 @@ async def close_lost_attempt(
     if workspace is not None and not workspace.is_relative_to(executor.data_dir):
         workspace = None  # another node's disk: its own reconciler removes it
     await executor.cleaner.clean(em, container, workspace, running=container is not None)
-    attempt = history.open_attempt
-    em.emit(ErrorRaised, event_id=closing_event_id(spec.task_id, attempt, "error"),
-            error_type=c.type, code=c.code, message=c.message, retryable=c.retryable,
-            details=c.details)  # fmt: skip
-    em.emit(AttemptFinished, event_id=closing_event_id(spec.task_id, attempt, "finished"),
-            outcome="failed", error_type=c.type, error_code=c.code)  # fmt: skip
+    record_closing(em, spec.task_id, history.open_attempt, c)
     executor.metrics.errors.labels(c.type, c.code).inc()
     return c
+
+
+def record_closing(em: Emitter, task_id: str, attempt: int, c: Classification) -> None:
+    """Emit the closing of a lost attempt: its error and its `attempt.finished` as failed,
+    under the ids of `closing_event_id`, whoever closes it (a redelivery or the
+    reconciler)."""
+    em.emit(ErrorRaised, event_id=closing_event_id(task_id, attempt, "error"),
+            error_type=c.type, code=c.code, message=c.message, retryable=c.retryable,
+            details=c.details)  # fmt: skip
+    em.emit(AttemptFinished, event_id=closing_event_id(task_id, attempt, "finished"),
+            outcome="failed", error_type=c.type, error_code=c.code)  # fmt: skip
 
 
 async def _ours(executor: Executor, em: Emitter, container_id: str | None) -> str | None:
