@@ -128,7 +128,7 @@ WHERE node_id = $node AND NOT dry_run AND command_id IS NOT NULL
 """
 
 _FINALS = """
-SELECT action, resource, count(*) FROM reconcile_outcomes
+SELECT action, resource, count(*), max(occurred_at) FROM reconcile_outcomes
 WHERE node_id = $node AND final GROUP BY action, resource
 """
 
@@ -169,12 +169,14 @@ def read_state(
         tasks = {t.task_id: t for t in _records(cur, _TASKS, {}, TaskRecord)}
         instances = {i.instance_id: i for i in _records(cur, _INSTANCES, p, InstanceRecord)}
         open_commands = frozenset(r[0] for r in cur.execute(_OPEN_COMMANDS, p).fetchall())
-        finals = {(r[0], r[1]): int(r[2]) for r in cur.execute(_FINALS, p).fetchall()}
+        rows = cur.execute(_FINALS, p).fetchall()
     finally:
         cur.execute("ROLLBACK")
     inventory = Inventory(seq, observed_at.replace(tzinfo=UTC), root, seen, seen_ws)
+    finals = {(r[0], r[1]): int(r[2]) for r in rows}
+    finals_at = {(r[0], r[1]): r[3].replace(tzinfo=UTC) for r in rows}
     return ProjectedState(node_id, inventory, containers, workspaces, attempts, tasks,
-                          instances, open_commands, finals)  # fmt: skip
+                          instances, open_commands, finals, finals_at)  # fmt: skip
 
 
 class DuckDBState:

@@ -426,8 +426,14 @@ class Planned:
 
 
 def plan(state: ProjectedState, now: datetime, cfg: RuleConfig) -> list[Planned]:
+    """The commands due. A resource whose last command ended after the inventory's listing
+    began is left to the next pass: the listing may predate that command's work (Docker
+    lists a container while it is being removed) and proves nothing about it."""
     out = []
     for d in decide(state, now, cfg):
+        last = state.finals_at.get((d.action, d.resource))
+        if last is not None and last >= state.inventory.observed_at:
+            continue
         generation = state.finals.get((d.action, d.resource), 0)
         cid = command_id(state.node_id, d.action, d.resource, generation)
         out.append(Planned(d, cid, cid in state.open_commands))

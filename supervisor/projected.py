@@ -129,7 +129,8 @@ class InstanceRecord:
 class ProjectedState:
     """Everything the rules read about one node. `open_commands` are the command ids of
     decisions in the log with no final outcome yet; `finals` counts the final outcomes of
-    each (action, resource), which makes the next command for it a new one."""
+    each (action, resource), which makes the next command for it a new one, and
+    `finals_at` holds when the last of them was recorded."""
 
     node_id: str
     inventory: Inventory
@@ -140,6 +141,7 @@ class ProjectedState:
     instances: Mapping[str, InstanceRecord] = field(default_factory=dict)
     open_commands: frozenset[str] = frozenset()
     finals: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    finals_at: Mapping[tuple[str, str], datetime] = field(default_factory=dict)
     self_instance: str | None = None
 
 

@@ -62,6 +62,7 @@ class World:
     instances: dict[str, InstanceRecord] = field(default_factory=dict)
     open_commands: set[str] = field(default_factory=set)
     finals: dict[tuple[str, str], int] = field(default_factory=dict)
+    finals_at: dict[tuple[str, str], datetime] = field(default_factory=dict)
 
     def serve(self, iid: str, heartbeat_s_ago: float | None = 1.0, seq: int = 10) -> World:
         hb = None if heartbeat_s_ago is None else ago(heartbeat_s_ago)
@@ -135,7 +136,7 @@ class World:
         return ProjectedState(
             self.node, inv, dict(self.containers), dict(self.workspaces), dict(self.attempts),
             dict(self.tasks), dict(self.instances), frozenset(self.open_commands),
-            dict(self.finals), self_instance="me",
+            dict(self.finals), dict(self.finals_at), self_instance="me",
         )  # fmt: skip
 
 
@@ -495,6 +496,19 @@ def test_plan_marks_commands_already_decided_as_pending() -> None:
     w.finals[("remove_container", "c1")] = 1
     assert [(p.command_id, p.pending) for p in plan(w.build(), NOW, CFG)] == [
         (command_id("n1", "remove_container", "c1", 1), False)
+    ]
+
+
+def test_plan_leaves_a_resource_whose_command_ended_after_the_listing_began() -> None:
+    # The inventory's listing began 1 s ago (see `World.build`): Docker may have listed the
+    # container while the last command was removing it. The next listing decides.
+    w = World().container("c1", "t-x", 1, "?", recorded=False, created_s_ago=100)
+    w.finals[("remove_container", "c1")] = 1
+    w.finals_at[("remove_container", "c1")] = ago(0.5)
+    assert plan(w.build(), NOW, CFG) == []
+    w.finals_at[("remove_container", "c1")] = ago(2)
+    assert [p.command_id for p in plan(w.build(), NOW, CFG)] == [
+        command_id("n1", "remove_container", "c1", 1)
     ]
 
 

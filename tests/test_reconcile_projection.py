@@ -172,6 +172,7 @@ def test_the_state_is_read_once_the_inventory_is_projected(tmp_dir: Path) -> Non
     assert state.instances["boot-2"].heartbeat_timeout_s == 3.0
     assert state.open_commands == frozenset()
     assert dict(state.finals) == {("remove_container", "c-t-1-1"): 1}
+    assert dict(state.finals_at) == {("remove_container", "c-t-1-1"): events[16].occurred_at}
     verdict = decide(state, datetime(2026, 1, 1, 0, 5, tzinfo=UTC), RuleConfig())
     assert [(d.rule, d.resource, d.evidence) for d in verdict] == [
         ("orphan_container", "c-t-1-1", (4, 8, 13)),
