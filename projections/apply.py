@@ -450,11 +450,20 @@ APPLY_STATEMENTS: Final[tuple[Step, ...]] = (
 (the node and reconciler tables last: `projections.apply_reconcile`)."""
 
 
-def steps_for(inputs: Collection[str]) -> tuple[str, ...]:
+FOLDED_MERGES: Final[frozenset[str]] = frozenset(
+    (MERGE_TASKS, MERGE_ATTEMPTS, MERGE_CONTAINERS, MERGE_WORKSPACES, rec.MERGE_INSTANCES)
+)
+"""The `MERGE`s that `projections.fold` computes in Python for a small batch."""
+
+
+def steps_for(inputs: Collection[str], *, folded: bool = False) -> tuple[str, ...]:
     """The statements of `APPLY_STATEMENTS` that read one of `inputs` (those holding rows
-    in the batch), in order."""
+    in the batch), in order; `folded`: without `FOLDED_MERGES`."""
     present = frozenset(inputs)
-    return tuple(s.sql for s in APPLY_STATEMENTS if not s.reads.isdisjoint(present))
+    skip = FOLDED_MERGES if folded else frozenset()
+    return tuple(
+        s.sql for s in APPLY_STATEMENTS if not s.reads.isdisjoint(present) and s.sql not in skip
+    )
 
 
 SET_WATERMARK = "UPDATE projector_state SET seq = $seq WHERE stream = $stream"

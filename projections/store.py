@@ -6,21 +6,32 @@ statements of `projections.apply` and the watermark update in one transaction: e
 rows and the new `projector_state.seq` are both durable, or neither is. That is what makes
 a restart resume exactly after the last applied message.
 
-What a batch costs whatever its size is kept small, because a live batch holds a few
-events: only the statements whose inputs hold rows run (`projections.apply.steps_for`);
-the Arrow tables are read once each, into temp tables made once per connection, so the
-statements scan DuckDB's own storage and never call back into Python for rows; the temp
-tables are emptied inside the transaction, so nothing of them is ever committed.
+Two ways, one result (`tests/test_fold.py` holds them equal, row for row):
+
+- A large batch (a replay, a catch-up: more than `FOLD_MAX_EVENTS` events) is set-based
+  SQL: the Arrow tables are read once each into temp tables made once per connection, so
+  the statements scan DuckDB's own storage and never call back into Python for rows; only
+  the statements whose inputs hold rows run (`projections.apply.steps_for`); the temp
+  tables are emptied inside the transaction, so nothing of them is ever committed.
+- A small batch (live) would pay most of its cost planning five `MERGE`s whatever its
+  size, so its current-state rows are computed in Python (`projections.fold`) and
+  replaced with one keyed `DELETE` and one Arrow insert per table; `events` and the fact
+  tables get Arrow inserts too, with no staging table unless the batch holds a kind that
+  only SQL handles (inventories, reconcile decisions and outcomes). The writer keeps the
+  rows it last wrote (`CACHED_ROWS` per table, forgotten on a rollback or a set-based
+  batch), so the steady state reads none back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import duckdb
 import pyarrow as pa
@@ -39,8 +50,13 @@ from projections.apply import (
 from projections.ddl import DDL_VERSION, KEYS, TABLES, schema_statements
 from projections.decode import STAGING, Staged
 from projections.errors import ProjectionStoreError, ProjectionVersionMismatch
+from projections.fold import FACT_KINDS, FOLDS, Event, Fold, Row, fact_rows
 from schemas import NO_TASK
 from supervisor.streams import EVENTS_STREAM
+
+FOLD_MAX_EVENTS = 2000
+"""A batch of at most this many new events has its current-state rows computed in Python
+(`projections.fold`); a larger one (a replay, a catch-up) runs the set-based `MERGE`s."""
 
 
 @dataclass(frozen=True)
@@ -91,9 +107,14 @@ class ProjectionStore:
         stream: str = EVENTS_STREAM,
         bulk: bool = False,
         threads: int | None = None,
+        fold_max: int = FOLD_MAX_EVENTS,
     ) -> None:
         self.path = Path(path)
         self.stream = stream
+        self.fold_max = fold_max
+        self._schemas: dict[str, pa.Schema] = {}
+        self._cached: dict[str, OrderedDict[Any, Row]] = {f.table: OrderedDict() for f in FOLDS}
+        """The last `CACHED_ROWS` rows this writer wrote to each folded table, by key."""
         self._parsed: dict[str, duckdb.Statement] = {}
         try:
             self.con = duckdb.connect(
@@ -135,6 +156,8 @@ class ProjectionStore:
             with _registered(self.con, "_empty", schema.empty_table()):
                 self.con.execute(f"CREATE TEMP TABLE _{kind} AS FROM _empty LIMIT 0")
         self.con.execute(CREATE_NEW)
+        for table in (*FACT_KINDS, *(f.table for f in FOLDS)):
+            self._schemas[table] = self.con.sql(f"FROM {table} LIMIT 0").arrow().schema
 
     def _run(self, sql: str, params: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
         """Execute `sql`, parsed once per store: the same few statements run for every
@@ -169,11 +192,13 @@ class ProjectionStore:
             committed_ns = time.time_ns()
         except duckdb.Error as e:
             _rollback_quietly(con)
+            self._forget()
             raise ProjectionStoreError(
                 str(self.path), f"batch up to seq {staged.last_seq}: {e}"
             ) from e
         except BaseException:
             _rollback_quietly(con)
+            self._forget()
             raise
         duplicates = staged.events - applied + staged.repeats
         return ApplyResult(
@@ -183,21 +208,125 @@ class ProjectionStore:
         )  # fmt: skip
 
     def _apply_events(self, staged: Staged) -> int:
-        """In the open transaction: load the staging kinds that have rows, fill `_new`, and
-        run the statements those inputs call for; then empty the temp tables again.
-        Returns the number of new events (the batch less the duplicates)."""
+        """In the open transaction: load the staging kinds that have rows (a folded batch:
+        those SQL reads), fill `_new`, run the statements those inputs call for, fold the
+        rest; then empty the temp tables again. Returns the number of new events (the batch
+        less the duplicates)."""
         con = self.con
-        filled = [kind for kind, table in staged.tables.items() if table.num_rows]
+        folded = staged.events <= self.fold_max
+        if folded and all(k in _DIRECT for k, t in staged.tables.items() if t.num_rows):
+            return self._apply_direct(staged)
+        filled = [kind for kind, table in staged.tables.items()
+                  if table.num_rows and not (folded and kind in _FOLD_ONLY)]  # fmt: skip
         for kind in filled:
             con.from_arrow(staged.tables[kind]).insert_into(f"_{kind}")
         applied = int(self._run(FILL_NEW).fetchall()[0][0])
         if applied:
-            for statement in steps_for(_inputs(staged)):
+            if not folded:
+                self._forget()
+            for statement in steps_for(_inputs(staged), folded=folded):
                 self._run(statement)
+            if folded:
+                new = None if applied == staged.events else self._new_seqs()
+                events = _events(staged, new)
+                self._fold_all(events)
             self._run("DELETE FROM _new")
         for kind in filled:
             self._run(f"DELETE FROM _{kind}")
         return applied
+
+    def _apply_direct(self, staged: Staged) -> int:
+        """A small batch of no kind that only SQL reads: no staging table at all. Its
+        duplicates are found with one keyed read of `events` (`FILL_NEW`'s test: same
+        `event_id` and `occurred_at`); `events` gets its Arrow rows, the fact tables
+        `fact_rows`, the current-state tables their folds."""
+        batch = staged.tables["batch"]
+        stamps = batch.column("occurred_at")
+        span = pc.min_max(stamps)
+        stored = set(self._run(FIND_DUPLICATES, {"ids": batch.column("event_id").to_pylist(),
+                                             "lo": span["min"].as_py(),
+                                             "hi": span["max"].as_py()}).fetchall())  # fmt: skip
+        new = None
+        if stored:
+            pairs = zip(batch.column("event_id").to_pylist(), stamps.to_pylist(), strict=True)
+            keep = pa.array([p not in stored for p in pairs], pa.bool_())
+            batch = batch.filter(keep)
+            new = set(batch.column("seq").to_pylist())
+        if not batch.num_rows:
+            return 0
+        stored_at = pc.divide(batch.column("stored_ns"), 1000).cast(pa.timestamp("us"))
+        self._insert("events", batch.set_column(2, "stored_at", stored_at))
+        events = _events(staged, new)
+        for table in FACT_KINDS:
+            columns = self._schemas[table].names
+            if rows := fact_rows(table, columns, events):
+                self._insert(table, pa.Table.from_pylist(rows, schema=self._schemas[table]))
+        self._fold_all(events)
+        return int(batch.num_rows)
+
+    def _insert(self, table: str, rows: pa.Table) -> None:
+        self.con.from_arrow(rows).insert_into(table)
+
+    def _new_seqs(self) -> set[int]:
+        return {int(r[0]) for r in self._run("SELECT seq FROM _new").fetchall()}
+
+    def _fold_all(self, events: list[Event]) -> None:
+        """Replace the current-state rows the events touch by the rows `projections.fold`
+        computes for them: per table, a keyed delete of the stored ones and an Arrow insert.
+        The stored rows come from `_cached` (this writer's own recent rows) or are read;
+        one statement finds which of the other keys are stored at all, so a batch of new
+        and recently written keys (the steady state) reads no row."""
+        groups = {f.table: g for f in FOLDS if (g := f.select(events))}
+        if not groups:
+            return
+        stored: dict[str, dict[Any, Row]] = {t: {} for t in groups}
+        unknown: dict[str, list[Any]] = {}
+        for table, g in groups.items():
+            cache = self._cached[table]
+            for key in g:
+                row = cache.get(key)
+                if row is not None:
+                    stored[table][key] = row
+                else:
+                    unknown.setdefault(table, []).append(key)
+        if unknown:
+            for table in self._stored_among(unknown):
+                stored[table].update(self._read(_BY_TABLE[table], unknown[table]))
+        for f in FOLDS:
+            if f.table in groups:
+                self._replace(f, groups[f.table], stored[f.table])
+
+    def _stored_among(self, unknown: dict[str, list[Any]]) -> set[str]:
+        """The tables where some of their `unknown` keys are stored: one statement."""
+        params = {t: _key_param(t, unknown.get(t, [])) for t in _BY_TABLE}
+        attempts = unknown.get("attempts", [])
+        params["attempt_tasks"] = list({t for t, _ in attempts}) or [""]
+        return {r[0] for r in self._run(_STORED_AMONG, params).fetchall()}
+
+    def _read(self, f: Fold, keys: list[Any]) -> dict[Any, Row]:
+        where, params = _keyed(f, keys)
+        cur = self.con.execute(f"SELECT * FROM {f.table} WHERE {where}", params)
+        names = [d[0] for d in cur.description or []]
+        rows = (dict(zip(names, values, strict=True)) for values in cur.fetchall())
+        return {f.key_of(row): row for row in rows}
+
+    def _replace(self, f: Fold, groups: dict[Any, list[Event]], stored: dict[Any, Row]) -> None:
+        rows = [f.fold(key, stored.get(key), evs) for key, evs in groups.items()]
+        if stored:
+            where, params = _keyed(f, list(stored))
+            self.con.execute(f"DELETE FROM {f.table} WHERE {where}", params)
+        self._insert(f.table, pa.Table.from_pylist(rows, schema=self._schemas[f.table]))
+        cache = self._cached[f.table]
+        for key, row in zip(groups, rows, strict=True):
+            cache[key] = row
+            cache.move_to_end(key)
+        while len(cache) > CACHED_ROWS:
+            cache.popitem(last=False)
+
+    def _forget(self) -> None:
+        """Empty `_cached`: after a rollback, or before SQL rewrites the tables."""
+        for cache in self._cached.values():
+            cache.clear()
 
     def checkpoint(self) -> None:
         """Write everything committed into the file now (and truncate the WAL)."""
@@ -221,6 +350,82 @@ class ProjectionStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+CACHED_ROWS = 2_000
+"""Rows of each folded table the writer keeps (see `ProjectionStore._fold_all`): a live
+key is touched over a task's few seconds, and a task's row is a few kB of Python objects."""
+
+_BY_TABLE: Final[dict[str, Fold]] = {f.table: f for f in FOLDS}
+
+
+def _keyed(f: Fold, keys: list[Any]) -> tuple[str, dict[str, Any]]:
+    """The WHERE clause selecting `keys` of `f.table`, and its parameters."""
+    if len(f.keys) == 1:
+        return f"list_contains($k, {f.keys[0]})", {"k": keys}
+    # (task_id, attempt): the strings first, they are cheaper to compare.
+    where = "list_contains($t, task_id) AND list_contains($k, {'t': task_id, 'a': attempt})"
+    return where, {"t": list({t for t, _ in keys}), "k": _key_param("attempts", keys)}
+
+
+def _key_param(table: str, keys: list[Any]) -> list[Any]:
+    """`keys` as a list parameter (never empty: DuckDB cannot type an empty list; the
+    placeholder matches no row, as every key column is NOT NULL and no id is empty)."""
+    if table == "attempts":
+        return [{"t": t, "a": a} for t, a in keys] or [{"t": "", "a": -1}]
+    return list(keys) or [""]
+
+
+_STORED_AMONG = """
+SELECT 'tasks' FROM tasks WHERE list_contains($tasks, task_id)
+UNION SELECT 'attempts' FROM attempts
+    WHERE list_contains($attempt_tasks, task_id)
+      AND list_contains($attempts, {'t': task_id, 'a': attempt})
+UNION SELECT 'containers' FROM containers WHERE list_contains($containers, container_id)
+UNION SELECT 'workspaces' FROM workspaces WHERE list_contains($workspaces, path)
+UNION SELECT 'instances' FROM instances WHERE list_contains($instances, instance_id)
+"""
+
+FIND_DUPLICATES = """
+SELECT event_id, occurred_at FROM events
+WHERE occurred_at BETWEEN $lo AND $hi AND list_contains($ids, event_id)
+"""
+"""The events of a batch already applied (see `projections.apply.FILL_NEW`)."""
+
+_FOLDED_STATEMENTS: Final = (
+    FILL_NEW,
+    *steps_for((*STAGING, TASK_SCOPE, ATTEMPT_SCOPE), folded=True),
+)
+_FOLD_ONLY: Final[frozenset[str]] = frozenset(
+    kind
+    for kind in STAGING
+    if not any(re.search(rf"\b_{kind}\b", sql) for sql in _FOLDED_STATEMENTS)
+)
+"""The staging kinds that only the folded `MERGE`s read: a folded batch does not load them."""
+
+_DIRECT: Final[frozenset[str]] = frozenset({"batch", *_FOLD_ONLY, *FACT_KINDS.values()})
+"""A folded batch of these kinds only needs no staging table (`ProjectionStore._apply_direct`)."""
+
+
+def _events(staged: Staged, new: set[int] | None) -> list[Event]:
+    """The batch's events as `projections.fold` reads them, in stream order: each envelope
+    with the row of its kind (`kind` names it; None for an event of no kind); `new`: only
+    these sequences (None: all)."""
+    envelopes = staged.tables["batch"].drop_columns(["subject", "payload"]).to_pylist()
+    by_seq: dict[int, Event] = {}
+    for e in envelopes:
+        if new is None or e["seq"] in new:
+            e["_kind"] = None
+            by_seq[e["seq"]] = e
+    for kind, table in staged.tables.items():
+        if kind == "batch" or not table.num_rows:
+            continue
+        for row in table.to_pylist():
+            e = by_seq.get(row["seq"])
+            if e is not None:
+                e.update(row)
+                e["_kind"] = kind
+    return sorted(by_seq.values(), key=lambda e: e["seq"])
 
 
 def _inputs(staged: Staged) -> frozenset[str]:

@@ -1,0 +1,133 @@
+"""The Python fold of small batches (`projections.fold`) against the set-based `MERGE`s.
+
+The same history is projected twice into real DuckDB files: once in a single batch
+through the `MERGE`s, once cut into small batches (some of them re-sent, so they hold
+duplicates) through the fold. Every row of every table must be equal.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+from typing import Any
+
+import duckdb
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from projections import ProjectionStore, decode_batch, stage
+from projections.store import snapshot
+from projections.synthetic import AttemptPlan, HistoryBuilder
+from schemas import Event, ResourceAlert, ResourceRecovered, encode_event
+from tests.test_reconcile_projection import history as node_history
+
+_PLANS = (
+    AttemptPlan(),
+    AttemptPlan(error="NONZERO_EXIT", exit_code=1),
+    AttemptPlan(error="EXECUTION_TIMEOUT", exit_code=137, kill_reason="timeout"),
+    AttemptPlan(error="OOM_KILLED", exit_code=137),
+    AttemptPlan(leak_container=True),
+    AttemptPlan(leak_workspace=True, error="NONZERO_EXIT", exit_code=2),
+    AttemptPlan(fail_cleanup=("remove_container",)),
+    AttemptPlan(fail_cleanup=("remove_container", "remove_workspace"), resolve_failed_cleanup=True),
+)
+
+_TASK = st.one_of(
+    st.lists(st.sampled_from(_PLANS), min_size=1, max_size=3),  # a whole task
+    st.just("rejected"),
+    st.just("in_flight"),  # an attempt that has not finished
+)
+
+
+def build(tasks: list[Any], seed: int) -> list[Event]:
+    """Each task from its own builder, the tasks interleaved (each keeps its order), then a
+    second daemon's node and reconciler events."""
+    per_task = []
+    for i, plan in enumerate(tasks):
+        b = HistoryBuilder(id_prefix=f"g{i}")
+        tid = f"t-g{i}"
+        if plan == "rejected":
+            b.submit(tid)
+            b.reject(tid)
+        elif plan == "in_flight":
+            b.submit(tid)
+            b.attempt(tid, 1, finish=False)
+        else:
+            b.run_task(tid, *plan)
+        per_task.append(b.events)
+    rnd = random.Random(seed)
+    out: list[Event] = []
+    while any(per_task):
+        events = rnd.choice([e for e in per_task if e])
+        out.append(events.pop(0))
+    node = node_history()
+    at = node[-1].occurred_at
+    alerts = [cls(event_id=f"a{i}", occurred_at=at, node_id="n1", instance_id="boot-2",
+                  metric="memory_pct", value=91.5 - 10 * i, threshold=85.0)
+              for i, cls in enumerate((ResourceAlert, ResourceRecovered))]  # fmt: skip
+    return out + node + alerts
+
+
+def project(
+    db: Path, events: list[Event], batches: list[tuple[int, int]], fold_max: int,
+    reopen_every: int = 0,
+) -> Any:  # fmt: skip
+    """Apply the batches; `reopen_every` n batches, close and reopen the file (the writer
+    then knows none of the stored rows and reads them)."""
+    payloads = [encode_event(e) for e in events]
+    store = ProjectionStore(db, fold_max=fold_max)
+    try:
+        for i, (lo, hi) in enumerate(batches, start=1):
+            seqs = list(range(lo + 1, hi + 1))
+            store.apply(stage(decode_batch(seqs, [events[s - 1].subject() for s in seqs],
+                                           [0] * len(seqs), payloads[lo:hi])))  # fmt: skip
+            if reopen_every and i % reopen_every == 0:
+                store.close()
+                store = ProjectionStore(db, fold_max=fold_max)
+    finally:
+        store.close()
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return snapshot(con)
+    finally:
+        con.close()
+
+
+def small_batches(n: int, seed: int) -> list[tuple[int, int]]:
+    """Cuts of 1 to 8 events; one batch in three also re-sends up to 5 events before it."""
+    rnd = random.Random(seed)
+    out, pos = [], 0
+    while pos < n:
+        hi = min(n, pos + rnd.randint(1, 8))
+        lo = max(0, pos - rnd.randint(1, 5)) if rnd.random() < 1 / 3 else pos
+        out.append((lo, hi))
+        pos = hi
+    return out
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(tasks=st.lists(_TASK, min_size=1, max_size=8), seed=st.integers(0, 2**16))
+def test_the_fold_of_small_batches_equals_the_merge_of_the_whole(
+    tmp_dir: Path, tasks: list[Any], seed: int
+) -> None:
+    events = build(tasks, seed)
+    dbs = [tmp_dir / f"{seed}-{len(events)}-{kind}.duckdb" for kind in ("merge", "fold")]
+    for db in dbs:
+        db.unlink(missing_ok=True)
+    merged = project(dbs[0], events, [(0, len(events))], fold_max=0)
+    folded = project(dbs[1], events, small_batches(len(events), seed), fold_max=10**6,
+                     reopen_every=seed % 4)  # fmt: skip
+
+    assert all(merged[t] for t in ("tasks", "attempts", "instances", "alerts"))
+    assert folded == merged
+
+
+def test_a_batch_above_the_bound_is_merged_and_gives_the_same_rows(tmp_dir: Path) -> None:
+    events = build([[_PLANS[0]], [_PLANS[2], _PLANS[6]], "in_flight"], seed=3)
+    cut = list(itertools.pairwise([0, 9, 10, len(events)]))
+    merged = project(tmp_dir / "m.duckdb", events, cut, fold_max=0)
+    mixed = project(tmp_dir / "x.duckdb", events, cut, fold_max=5)  # 9 and the rest merge
+    assert mixed == merged
