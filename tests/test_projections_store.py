@@ -151,12 +151,14 @@ _MERGED = (
      "DELETE FROM _instance", SET_WATERMARK],
     [FILL_NEW, "DELETE FROM _batch", "DELETE FROM _instance", SET_WATERMARK],
 )  # fmt: skip
-# Folded in Python, with no staging table: the duplicate check, then the instance's row,
-# known from the batches before, replaced (`events` gets the Arrow rows, outside `execute`).
+# Folded in Python, with no staging table: the duplicate check, the event's Arrow row, then
+# the instance's row, known from the batches before, replaced.
 _FOLDED = (
-    [FIND_DUPLICATES, f"DELETE FROM instances WHERE {_KEYED}", SET_WATERMARK],
+    [FIND_DUPLICATES, "INSERT INTO events SELECT * FROM _rows_events",
+     f"DELETE FROM instances WHERE {_KEYED}",
+     "INSERT INTO instances SELECT * FROM _rows_instances", SET_WATERMARK],
     [FIND_DUPLICATES, SET_WATERMARK],
-)  # fmt: skip
+)  # fmt: skip  # fmt: skip
 
 
 @pytest.mark.parametrize(
