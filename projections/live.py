@@ -69,7 +69,8 @@ _CONFIGURED = ProjectionConfig()
 class LiveSettings:
     """How the daemon's projection runs. A live batch is applied at the latest
     `batch_age_s` after its first message arrived, and the writer applies batches at most
-    `max_busy` of the time (see `projections.projector.Projector`) with `threads` DuckDB
+    `max_busy` of the time, resting no longer than `rest_lag_s` after a batch's first
+    message arrived (see `projections.projector.Projector`) with `threads` DuckDB
     worker threads (None: one per core); at start-up, more
     than `bulk_backlog` messages behind are caught up in bulk mode first. Readiness fails while the oldest
     message not yet applied is older than `max_lag_s`; the lag gauges are sampled every
@@ -79,6 +80,7 @@ class LiveSettings:
     batch_size: int = 20_000
     batch_age_s: float = _CONFIGURED.batch_age_s
     max_busy: float = _CONFIGURED.max_busy
+    rest_lag_s: float = _CONFIGURED.rest_lag_s
     threads: int | None = _CONFIGURED.threads
     bulk_backlog: int = 200_000
     max_lag_s: float = _CONFIGURED.max_lag_s
@@ -91,8 +93,8 @@ class LiveSettings:
     @classmethod
     def configured(cls, c: ProjectionConfig) -> LiveSettings:
         """The settings with what the `[projection]` section sets."""
-        return cls(batch_age_s=c.batch_age_s, max_busy=c.max_busy, max_lag_s=c.max_lag_s,
-                   threads=c.threads)  # fmt: skip
+        return cls(batch_age_s=c.batch_age_s, max_busy=c.max_busy, rest_lag_s=c.rest_lag_s,
+                   max_lag_s=c.max_lag_s, threads=c.threads)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,8 @@ class ProjectionPart:
         assert path is not None
         live = partial(Projector, path, self._nats_url, batch_size=s.batch_size,
                        batch_age_s=s.batch_age_s, stream=self.stream,
-                       max_busy=s.max_busy, threads=s.threads)  # fmt: skip
+                       max_busy=s.max_busy, rest_lag_s=s.rest_lag_s,
+                       threads=s.threads)  # fmt: skip
         try:
             projector = await asyncio.to_thread(live)
         except ProjectionVersionMismatch as e:

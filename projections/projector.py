@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -110,8 +111,9 @@ class Projector:
     watermark. `batch_size` and `batch_age_s` bound a batch: live, a batch is applied at
     the latest `batch_age_s` after its first message arrived, once the batch before it is
     applied, and, with `max_busy` below 1, once the writer has rested long enough to have
-    been busy at most that fraction of the time (each live batch costs DuckDB a fixed
-    ~0.2 s of CPU, taken from the tasks on a busy host). `bulk=True` (replay) makes
+    been busy at most that fraction of the time (each live batch costs a few tens of ms of
+    CPU, taken from the tasks on a busy host) or the batch's first message has waited
+    `rest_lag_s`. `bulk=True` (replay) makes
     batches by size only, defers checkpoints to `close`, and pauses Python's cyclic garbage
     collector for the run: a batch's objects (messages, decoded events, rows) hold no
     cycles and are freed by reference counting, while collecting a heap of a hundred
@@ -130,6 +132,7 @@ class Projector:
         connect_timeout: float = 5.0,
         bulk: bool = False,
         max_busy: float = 1.0,
+        rest_lag_s: float = math.inf,
         threads: int | None = None,
     ) -> None:
         if not 0 < max_busy <= 1:
@@ -141,6 +144,7 @@ class Projector:
         self.connect_timeout = connect_timeout
         self.bulk = bulk
         self.max_busy = max_busy
+        self.rest_lag_s = rest_lag_s
         self._rest_until = 0.0
         self.store = ProjectionStore(db_path, stream=stream, bulk=bulk, threads=threads)
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="projector-decode")
@@ -275,7 +279,7 @@ class Projector:
             # for two applications instead of one (each costs a fixed ~0.2 s of planning).
             now = time.monotonic()
             aged = (bool(buf) and not self.bulk and not self._inflight
-                    and now - born >= self.batch_age_s and now >= self._rest_until)  # fmt: skip
+                    and now - born >= self.batch_age_s and now >= self._rested(born))  # fmt: skip
             if buf and (len(buf) >= self.batch_size or aged or finished or stopping):
                 await self._submit(buf, state, progress)
                 buf = []
@@ -294,13 +298,19 @@ class Projector:
         elif busy:
             wait = _BUSY_POLL_S
         else:
-            wait = max(born + self.batch_age_s, self._rest_until) - time.monotonic()
+            wait = max(born + self.batch_age_s, self._rested(born)) - time.monotonic()
         if wait <= 0:
             return None
         try:
             return await asyncio.wait_for(queue.get(), wait)
         except TimeoutError:
             return None
+
+    def _rested(self, born: float) -> float:
+        """When the writer's rest ends for a batch born at `born`: at `_rest_until`, but
+        never more than `rest_lag_s` after the batch's first message arrived (a long
+        batch is not followed by a rest as long: its events have waited enough)."""
+        return min(self._rest_until, born + self.rest_lag_s)
 
     async def _submit(
         self, msgs: list[Msg], state: Progress, progress: ProgressCallback | None

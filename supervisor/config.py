@@ -129,8 +129,9 @@ class ReconcileConfig(Struct, forbid_unknown_fields=True, kw_only=True):
 class ProjectionConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     """The daemon's live projection. A batch is applied at the latest `batch_age_s` after
     its first event arrived, once the batch before it is applied; the writer is busy at
-    most `max_busy` of the time (each batch costs DuckDB a fixed ~0.2 s of CPU: 1 gives the
-    lowest lag, a lower share leaves more of a busy host to the tasks). Readiness fails
+    most `max_busy` of the time (each live batch costs about 50 ms of CPU: 1 gives the
+    lowest lag, a lower share leaves more of a busy host to the tasks), but its rest never
+    holds back a batch whose first event has waited `rest_lag_s`. Readiness fails
     while the oldest event not yet applied is older than `max_lag_s`. `threads` is DuckDB's
     worker threads for the projection and its queries: with one, a live batch takes about
     a fifth less CPU (waking other threads for a few rows costs more than it saves), while
@@ -138,6 +139,7 @@ class ProjectionConfig(Struct, forbid_unknown_fields=True, kw_only=True):
 
     batch_age_s: Annotated[float, msgspec.Meta(gt=0)] = 0.1
     max_busy: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    rest_lag_s: Annotated[float, msgspec.Meta(gt=0)] = 0.3
     max_lag_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     threads: Annotated[int, msgspec.Meta(ge=1)] | None = 1
 

@@ -458,6 +458,21 @@ async def test_a_writer_capped_to_a_share_of_time_rests_between_batches_and_lose
         assert seen - applied >= ended + 3 * took - 0.02
 
 
+def test_the_rest_never_holds_a_batch_past_rest_lag_s(tmp_dir: Path) -> None:
+    """After a long batch the rest would be as long; a batch whose first message has
+    already waited `rest_lag_s` does not wait for it."""
+    with Projector(tmp_dir / "x.duckdb", "nats://127.0.0.1:1", max_busy=0.5,
+                   rest_lag_s=0.3) as p:  # fmt: skip
+        p._rest_until = 100.0  # a 2 s batch ended at 98.0
+        assert p._rested(born=99.5) == 99.8  # born during the rest: waits 0.3 s at most
+        assert p._rested(born=97.0) == 97.3  # born during the batch: goes once applied
+        p._rest_until = 99.6
+        assert p._rested(born=99.5) == 99.6  # a short rest is kept whole
+    with Projector(tmp_dir / "y.duckdb", "nats://127.0.0.1:1", max_busy=0.5) as p:
+        p._rest_until = 100.0
+        assert p._rested(born=10.0) == 100.0  # no bound unless asked
+
+
 def test_max_busy_outside_its_range_is_refused(tmp_dir: Path) -> None:
     with pytest.raises(ValueError, match="max_busy"):
         Projector(tmp_dir / "x.duckdb", "nats://127.0.0.1:1", max_busy=0)

@@ -304,9 +304,10 @@ async def test_a_file_of_another_ddl_version_is_rebuilt_from_the_stream(
 
 def test_the_projection_section_of_the_config_sets_the_live_projection(tmp_dir: Path) -> None:
     path = tmp_dir / "c.toml"
-    path.write_text("[projection]\nbatch_age_s = 0.3\nmax_busy = 0.2\nmax_lag_s = 7\n")
+    path.write_text("[projection]\nbatch_age_s = 0.3\nmax_busy = 0.2\nrest_lag_s = 0.4\n"
+                    "max_lag_s = 7\n")  # fmt: skip
     s = ProjectionPart(load_config(path)).settings
-    assert (s.batch_age_s, s.max_busy, s.max_lag_s) == (0.3, 0.2, 7.0)
+    assert (s.batch_age_s, s.max_busy, s.rest_lag_s, s.max_lag_s) == (0.3, 0.2, 0.4, 7.0)
     path.write_text("[projection]\nmax_busy = 1.5\n")
     with pytest.raises(ConfigError, match=r"projection\.max_busy"):
         load_config(path)
