@@ -264,6 +264,23 @@ def _owner(o: Row | None, ev: list[Event]) -> Row:
     return {c: src[c] for c in ("task_id", "attempt", "node_id", "instance_id")}
 
 
+def _removal(oo: Row, ev: list[Event], rm: Event | None) -> Row:
+    """The columns a container and a workspace share: their removal (`rm`, the first
+    `cleanup.succeeded`), failed cleanups, and the span of their events."""
+    old_rm = oo.get("removed_seq") is not None
+    return {
+        "removed_at": oo["removed_at"] if old_rm else _get(rm, "occurred_at"),
+        "removed_seq": oo["removed_seq"] if old_rm else _get(rm, "seq"),
+        "already_gone": oo["already_gone"] if old_rm else _get(rm, "already_gone"),
+        "cleanup_failures": (oo.get("cleanup_failures") or 0) + sum(map(_failed, ev)),
+        "last_cleanup_error": _coalesce(
+            _last_value(ev, _failed, "reason"), oo.get("last_cleanup_error")
+        ),
+        "first_seq": _coalesce(oo.get("first_seq"), ev[0]["seq"]),
+        "last_seq": ev[-1]["seq"],
+    }
+
+
 def fold_container(container_id: str, o: Row | None, ev: list[Event]) -> Row:
     """`projections.apply.MERGE_CONTAINERS` for one container."""
     oo: Row = o or {}
@@ -272,13 +289,12 @@ def fold_container(container_id: str, o: Row | None, ev: list[Event]) -> Row:
     rm = _first(ev, lambda e: _removed(e) and e["step"] == "remove_container")
     old_cr = oo.get("created_seq") is not None
     old_ex = oo.get("exited_at") is not None
-    old_rm = oo.get("removed_seq") is not None
     created_seq = oo["created_seq"] if old_cr else _get(cr, "seq")
     started = _coalesce(oo.get("started_at"),
                         _first_value(ev, _is("container.started"), "occurred_at"))  # fmt: skip
     exited_at = oo["exited_at"] if old_ex else _get(ex, "occurred_at")
-    removed_seq = oo["removed_seq"] if old_rm else _get(rm, "seq")
-    if removed_seq is not None:
+    removal = _removal(oo, ev, rm)
+    if removal["removed_seq"] is not None:
         state: str | None = "removed"
     elif exited_at is not None:
         state = "exited"
@@ -303,15 +319,7 @@ def fold_container(container_id: str, o: Row | None, ev: list[Event]) -> Row:
         "kill_reason": _coalesce(
             oo.get("kill_reason"), _first_value(ev, _is("container.kill_issued"), "kill_reason")
         ),
-        "removed_at": oo["removed_at"] if old_rm else _get(rm, "occurred_at"),
-        "removed_seq": removed_seq,
-        "already_gone": oo["already_gone"] if old_rm else _get(rm, "already_gone"),
-        "cleanup_failures": (oo.get("cleanup_failures") or 0) + sum(map(_failed, ev)),
-        "last_cleanup_error": _coalesce(
-            _last_value(ev, _failed, "reason"), oo.get("last_cleanup_error")
-        ),
-        "first_seq": _coalesce(oo.get("first_seq"), ev[0]["seq"]),
-        "last_seq": ev[-1]["seq"],
+        **removal,
     }
 
 
@@ -321,10 +329,9 @@ def fold_workspace(path: str, o: Row | None, ev: list[Event]) -> Row:
     cr = _first(ev, _is("workspace.created"))
     rm = _first(ev, _removed)
     old_cr = oo.get("created_seq") is not None
-    old_rm = oo.get("removed_seq") is not None
     created_seq = oo["created_seq"] if old_cr else _get(cr, "seq")
-    removed_seq = oo["removed_seq"] if old_rm else _get(rm, "seq")
-    if removed_seq is not None:
+    removal = _removal(oo, ev, rm)
+    if removal["removed_seq"] is not None:
         state: str | None = "removed"
     elif created_seq is not None:
         state = "present"
@@ -338,15 +345,7 @@ def fold_workspace(path: str, o: Row | None, ev: list[Event]) -> Row:
         "bytes": oo["bytes"] if old_cr else _get(cr, "bytes"),
         "created_at": oo["created_at"] if old_cr else _get(cr, "occurred_at"),
         "created_seq": created_seq,
-        "removed_at": oo["removed_at"] if old_rm else _get(rm, "occurred_at"),
-        "removed_seq": removed_seq,
-        "already_gone": oo["already_gone"] if old_rm else _get(rm, "already_gone"),
-        "cleanup_failures": (oo.get("cleanup_failures") or 0) + sum(map(_failed, ev)),
-        "last_cleanup_error": _coalesce(
-            _last_value(ev, _failed, "reason"), oo.get("last_cleanup_error")
-        ),
-        "first_seq": _coalesce(oo.get("first_seq"), ev[0]["seq"]),
-        "last_seq": ev[-1]["seq"],
+        **removal,
     }
 
 

@@ -276,7 +276,7 @@ class Projector:
             stopping = stop is not None and stop.is_set()
             # Live, an aged batch waits for the writer to be free, and grows meanwhile: cut
             # early, it would queue behind the batch being applied and its events would wait
-            # for two applications instead of one (each costs a fixed ~0.2 s of planning).
+            # for two applications instead of one (each has a fixed cost).
             now = time.monotonic()
             aged = (bool(buf) and not self.bulk and not self._inflight
                     and now - born >= self.batch_age_s and now >= self._rested(born))  # fmt: skip
