@@ -264,6 +264,12 @@ def _owner(o: Row | None, ev: list[Event]) -> Row:
     return {c: src[c] for c in ("task_id", "attempt", "node_id", "instance_id")}
 
 
+def _state(*steps: tuple[Any, str]) -> str | None:
+    """The `CASE WHEN x IS NOT NULL THEN 'name' ...` of a state column: the first step
+    reached, latest first."""
+    return next((name for value, name in steps if value is not None), None)
+
+
 def _removal(oo: Row, ev: list[Event], rm: Event | None) -> Row:
     """The columns a container and a workspace share: their removal (`rm`, the first
     `cleanup.succeeded`), failed cleanups, and the span of their events."""
@@ -294,16 +300,8 @@ def fold_container(container_id: str, o: Row | None, ev: list[Event]) -> Row:
                         _first_value(ev, _is("container.started"), "occurred_at"))  # fmt: skip
     exited_at = oo["exited_at"] if old_ex else _get(ex, "occurred_at")
     removal = _removal(oo, ev, rm)
-    if removal["removed_seq"] is not None:
-        state: str | None = "removed"
-    elif exited_at is not None:
-        state = "exited"
-    elif started is not None:
-        state = "running"
-    elif created_seq is not None:
-        state = "created"
-    else:
-        state = None
+    state = _state((removal["removed_seq"], "removed"), (exited_at, "exited"),
+                   (started, "running"), (created_seq, "created"))  # fmt: skip
     return {
         "container_id": container_id,
         "state": state,
@@ -331,12 +329,7 @@ def fold_workspace(path: str, o: Row | None, ev: list[Event]) -> Row:
     old_cr = oo.get("created_seq") is not None
     created_seq = oo["created_seq"] if old_cr else _get(cr, "seq")
     removal = _removal(oo, ev, rm)
-    if removal["removed_seq"] is not None:
-        state: str | None = "removed"
-    elif created_seq is not None:
-        state = "present"
-    else:
-        state = None
+    state = _state((removal["removed_seq"], "removed"), (created_seq, "present"))
     return {
         "path": path,
         "state": state,
