@@ -1,7 +1,8 @@
 """The set-based SQL that applies one batch of events to the projection. Pure: text only.
 
 The store loads the staging tables of `projections.decode.STAGING` into temp tables of the
-same names: `_batch` (every valid event's envelope and payload), `_submitted`, `_terminal`,
+same names: `_batch` (every valid event's envelope, without its subject and payload, which
+`INSERT_EVENTS` reads from the Arrow batch, `_rows_batch`), `_submitted`, `_terminal`,
 `_attempt`, `_container`, `_workspace`, `_error`, `_cleanup`, `_alert`, `_instance`,
 `_inventory`, `_decision` and `_outcome` (what the projection reads of each kind's body,
 keyed by `seq`). Then, in one transaction with the watermark, it fills `_new`
@@ -75,10 +76,14 @@ SELECT * REPLACE (make_timestamp(stored_ns // 1000) AS stored_ns) FROM _batch LI
 
 INSERT_EVENTS = """
 INSERT INTO events
-SELECT seq, subject, stored_ns, type, event_id, occurred_at, node_id, instance_id, task_id,
-       attempt, correlation_id, schema_version, payload
-FROM _new
+SELECT seq, subject, make_timestamp(stored_ns // 1000), type, event_id, occurred_at, node_id,
+       instance_id, task_id, attempt, correlation_id, schema_version, payload
+FROM _rows_batch
+WHERE seq IN (SELECT seq FROM _new)
 """
+"""`events` reads the whole envelopes from `_rows_batch`, the batch's Arrow table itself: the
+subjects and payloads, most of a batch's bytes, are copied once, into `events`, and never
+into a temp table."""
 
 _ENV = "n.seq, n.event_id, n.occurred_at, n.node_id, n.task_id, n.attempt, n.correlation_id"
 

@@ -152,14 +152,18 @@ class ProjectionStore:
     def _create_staging(self) -> None:
         """The temp tables a batch is loaded into, this connection's own and emptied before
         each commit: `_<kind>` for each staging kind of `STAGING`, with the columns DuckDB
-        reads from its Arrow schema, and `_new`."""
+        reads from its Arrow schema (`_batch` without the subjects and payloads), and `_new`;
+        and a registered Arrow source per table an Arrow insert reads (`_rows_<table>`), and
+        `_rows_batch` for the batch itself."""
         for kind, schema in STAGING.items():
-            with _registered(self.con, "_empty", schema.empty_table()):
+            empty = _staged_rows(kind, schema.empty_table())
+            with _registered(self.con, "_empty", empty):
                 self.con.execute(f"CREATE TEMP TABLE _{kind} AS FROM _empty LIMIT 0")
         self.con.execute(CREATE_NEW)
         for table in (*FACT_KINDS, *(f.table for f in FOLDS)):
             self._schemas[table] = self.con.sql(f"FROM {table} LIMIT 0").arrow().schema
         self._schemas["events"] = _EVENT_ROWS
+        self._schemas["batch"] = STAGING["batch"]
         for table, schema in self._schemas.items():
             source = self._sources[table] = _ArrowSource(schema.empty_table())
             self.con.register(f"_rows_{table}", source)
@@ -224,13 +228,14 @@ class ProjectionStore:
         filled = [kind for kind, table in staged.tables.items()
                   if table.num_rows and not (folded and kind in _FOLD_ONLY)]  # fmt: skip
         for kind in filled:
-            con.from_arrow(staged.tables[kind]).insert_into(f"_{kind}")
+            con.from_arrow(_staged_rows(kind, staged.tables[kind])).insert_into(f"_{kind}")
         applied = int(self._run(FILL_NEW).fetchall()[0][0])
         if applied:
             if not folded:
                 self._forget()
-            for statement in steps_for(_inputs(staged), folded=folded):
-                self._run(statement)
+            with self._source("batch", staged.tables["batch"]):
+                for statement in steps_for(_inputs(staged), folded=folded):
+                    self._run(statement)
             if folded:
                 new = None if applied == staged.events else self._new_seqs()
                 events = _events(staged, new)
@@ -272,10 +277,16 @@ class ProjectionStore:
     def _insert(self, table: str, rows: pa.Table) -> None:
         """Insert `rows` (of `self._schemas[table]`) through the table's registered source:
         half the cost of binding a new Arrow relation for each insert."""
+        with self._source(table, rows):
+            self._run(f"INSERT INTO {table} SELECT * FROM _rows_{table}")
+
+    @contextlib.contextmanager
+    def _source(self, table: str, rows: pa.Table) -> Iterator[None]:
+        """`rows` readable as `_rows_<table>` for the duration."""
         source = self._sources[table]
         source.table = rows
         try:
-            self._run(f"INSERT INTO {table} SELECT * FROM _rows_{table}")
+            yield
         finally:
             source.table = source.empty
 
@@ -366,6 +377,15 @@ class ProjectionStore:
 
 _EVENT_ROWS: Final = STAGING["batch"].set(2, pa.field("stored_at", pa.timestamp("us")))
 """The rows a folded batch inserts into `events`: the batch, its stream time a timestamp."""
+
+
+_UNSTAGED: Final = ("subject", "payload")
+"""The columns of the batch that `_batch` leaves out (see `projections.apply.INSERT_EVENTS`)."""
+
+
+def _staged_rows(kind: str, table: pa.Table) -> pa.Table:
+    """What the temp table of `kind` holds of its Arrow table."""
+    return table.drop_columns(list(_UNSTAGED)) if kind == "batch" else table
 
 
 class _ArrowSource:
