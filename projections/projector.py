@@ -6,10 +6,12 @@ alone and no durable consumer is needed for correctness. Messages are gathered i
 batches bounded by size and by age, then go through a pipeline: while a worker thread
 applies batch n to DuckDB (which releases the GIL), batch n+1 is decoded into Arrow tables
 by a second worker and batch n+2 is read. Live, the decoding runs in a thread (small
-batches, no start-up cost); in bulk mode (replay) in a process of its own
-(`projections.worker`), because decoding and reading are both Python and would otherwise
-share one core through the GIL. At most two batches are in flight, and a batch is applied only after the one before
-it succeeded, so the watermark never passes a batch that was not applied.
+batches, no start-up cost) and at most two batches are in flight. In bulk mode (replay) it
+runs in two processes of their own (`projections.worker`), because decoding and reading
+are both Python and would otherwise share one core through the GIL: batches n+1 and n+2
+are decoded side by side while n is applied and n+3 is read, so that neither the reader
+nor the writer waits for one decoder. A batch is applied only after the one before it
+succeeded, so the watermark never passes a batch that was not applied.
 
 Why the subscription has no callback and is read from its queue in chunks: with a
 callback, nats-py answers JetStream's flow-control requests as soon as messages are
@@ -45,7 +47,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from projections.decode import Staged, parse_reply, stage_raw
 from projections.errors import ProjectionError, StreamUnavailable
 from projections.store import ApplyResult, ProjectionStore
-from projections.worker import DecodeProcess
+from projections.worker import DecodePool
 from supervisor.streams import EVENTS_STREAM, EVENTS_SUBJECTS, events_stream_config
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,9 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.1
 _BUSY_POLL_S = 0.01
 _IN_FLIGHT = 2
+_BULK_DECODERS = 2
+"""Decode processes of a bulk run: two batches are decoded side by side while a third is
+applied, so neither the reader nor the writer waits for a single decoder."""
 _BULK_CHECKPOINT = 2_000_000
 
 
@@ -113,8 +118,8 @@ class Projector:
     applied, and, with `max_busy` below 1, once the writer has rested long enough to have
     been busy at most that fraction of the time (each live batch costs a few tens of ms of
     CPU, taken from the tasks on a busy host) or the batch's first message has waited
-    `rest_lag_s`. `bulk=True` (replay) makes
-    batches by size only, defers checkpoints to `close`, and pauses Python's cyclic garbage
+    `rest_lag_s`. `bulk=True` (replay) makes batches by size only (the first one a fifth
+    of `batch_size`), defers checkpoints to `close`, and pauses Python's cyclic garbage
     collector for the run: a batch's objects (messages, decoded events, rows) hold no
     cycles and are freed by reference counting, while collecting a heap of a hundred
     thousand buffered messages again and again cost a third of the replay time.
@@ -147,8 +152,10 @@ class Projector:
         self.rest_lag_s = rest_lag_s
         self._rest_until = 0.0
         self.store = ProjectionStore(db_path, stream=stream, bulk=bulk, threads=threads)
-        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="projector-decode")
-        self._worker: DecodeProcess | None = DecodeProcess() if bulk else None
+        self._workers: DecodePool | None = DecodePool(_BULK_DECODERS) if bulk else None
+        decoders = len(self._workers) if self._workers is not None else 1
+        self._decoder = ThreadPoolExecutor(decoders, thread_name_prefix="projector-decode")
+        self._in_flight = decoders + 1 if bulk else _IN_FLIGHT
         self._unflushed = 0
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="projector-apply")
         self._inflight: deque[asyncio.Task[ApplyResult]] = deque()
@@ -156,8 +163,8 @@ class Projector:
     def close(self) -> None:
         """Release the workers and close the file (checkpointed)."""
         self._decoder.shutdown()
-        if self._worker is not None:
-            self._worker.close()
+        if self._workers is not None:
+            self._workers.close()
         self._writer.shutdown()
         self.store.close()
 
@@ -257,6 +264,9 @@ class Projector:
         born = 0.0
         finished = False
         seen = state.seq
+        # A bulk run's first batch is a fifth of the others: the decoders and the writer
+        # start while the second is read, instead of the cores idling while it is read.
+        limit = max(1, self.batch_size // 5) if self.bulk else self.batch_size
         while not finished:
             while self._inflight and self._inflight[0].done():
                 await self._settle_oldest(state, progress)
@@ -280,9 +290,14 @@ class Projector:
             now = time.monotonic()
             aged = (bool(buf) and not self.bulk and not self._inflight
                     and now - born >= self.batch_age_s and now >= self._rested(born))  # fmt: skip
-            if buf and (len(buf) >= self.batch_size or aged or finished or stopping):
-                await self._submit(buf, state, progress)
-                buf = []
+            if buf and (len(buf) >= limit or aged or finished or stopping):
+                # A chunk may overshoot the bound: the batch is cut there and the rest
+                # starts the next one (or goes too, in batches, when the run ends).
+                while buf:
+                    await self._submit(buf[:limit], state, progress)
+                    buf, limit = buf[limit:], self.batch_size
+                    if len(buf) < limit and not (finished or stopping):
+                        break  # the rest keeps its `born`: it has waited as long
             finished = finished or stopping
 
     async def _next(
@@ -316,7 +331,7 @@ class Projector:
         self, msgs: list[Msg], state: Progress, progress: ProgressCallback | None
     ) -> None:
         """Start `msgs` down the pipeline, after waiting for room in it."""
-        while len(self._inflight) >= _IN_FLIGHT:
+        while len(self._inflight) >= self._in_flight:
             await self._settle_oldest(state, progress)
         previous = self._inflight[-1] if self._inflight else None
         self._inflight.append(asyncio.ensure_future(self._process(msgs, previous)))
@@ -325,7 +340,7 @@ class Projector:
         self, msgs: list[Msg], previous: asyncio.Task[ApplyResult] | None
     ) -> ApplyResult:
         loop = asyncio.get_running_loop()
-        decode = self._worker.stage if self._worker is not None else stage_raw
+        decode = self._workers.stage if self._workers is not None else stage_raw
         staged = await loop.run_in_executor(self._decoder, decode, *_unpack(msgs))
         if previous is not None:
             await asyncio.wait([previous])

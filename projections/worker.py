@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import pickle
+import queue
 import struct
 import subprocess
 import sys
@@ -83,6 +84,38 @@ class DecodeProcess:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+class DecodePool:
+    """`size` decode processes; `stage` runs on whichever is free (call it from up to
+    `size` threads at once). Batches decoded side by side keep their order: the projector
+    applies them in the order it submitted them."""
+
+    def __init__(self, size: int) -> None:
+        self._free: queue.SimpleQueue[DecodeProcess] = queue.SimpleQueue()
+        self._all: list[DecodeProcess] = []
+        try:
+            for _ in range(size):
+                self._all.append(DecodeProcess())
+        except BaseException:
+            self.close()
+            raise
+        for worker in self._all:
+            self._free.put(worker)
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def stage(self, replies: list[str], subjects: list[str], datas: list[bytes]) -> Staged:
+        worker = self._free.get()
+        try:
+            return worker.stage(replies, subjects, datas)
+        finally:
+            self._free.put(worker)
+
+    def close(self) -> None:
+        for worker in self._all:
+            worker.close()
 
 
 def main() -> None:

@@ -113,6 +113,14 @@ async def test_live_projection_equals_replay_and_replay_until_equals_live_then(
         assert live_rows[table] == full_rows[table], table
     assert len(full_rows["events"]) == len(history)
 
+    batched = tmp_dir / "batched.duckdb"  # many bulk batches, decoded side by side
+    result = await replay(batched, nats_url, batch_size=97)
+    assert (result.applied, result.duplicates, result.dead) == (len(history), 10, 2)
+    assert result.batches >= len(history) // 97
+    batched_rows = tables(batched)
+    for table in TABLES:
+        assert batched_rows[table] == full_rows[table], table
+
     middle = tmp_dir / "middle.duckdb"  # through the command line this time
     argv = ["replay", "--db", str(middle), "--until-seq", str(s1), "--nats", nats_url]
     assert await asyncio.to_thread(cli_main, argv) == 0
