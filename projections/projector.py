@@ -279,6 +279,7 @@ class Projector:
                     chunk.append(queue.get_nowait())
                 for _ in chunk:
                     queue.task_done()
+                await _answer_flow_control(sub)
                 chunk, finished, seen = _bound(chunk, seen, until_seq, until_ns, stop is None)
                 if chunk and not buf:
                     born = time.monotonic()
@@ -428,6 +429,18 @@ class Projector:
             )
         except (OSError, TimeoutError, nats.errors.Error) as e:
             raise StreamUnavailable(self.nats_url, repr(e)) from e
+
+
+async def _answer_flow_control(sub: Any) -> None:
+    """Send the flow-control reply nats-py scheduled, now that the queue is drained up to
+    it. Without a callback, nats-py sends it from a task that looks every 250 ms, and the
+    server stops delivering while it waits."""
+    jsi = getattr(sub, "_sub", sub)._jsi  # the JetStream push subscription's inner one
+    if jsi is None or jsi._fcr is None:
+        return
+    if jsi._fciseq - sub._pending_queue.qsize() >= jsi._fcd:
+        reply, jsi._fcr, jsi._fcd = jsi._fcr, None, 0
+        await sub._conn.publish(reply)
 
 
 def _bound(
