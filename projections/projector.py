@@ -155,7 +155,7 @@ class Projector:
         self._workers: DecodePool | None = DecodePool(_BULK_DECODERS) if bulk else None
         decoders = len(self._workers) if self._workers is not None else 1
         self._decoder = ThreadPoolExecutor(decoders, thread_name_prefix="projector-decode")
-        self._in_flight = decoders + 1 if bulk else _IN_FLIGHT
+        self._max_in_flight = decoders + 1 if bulk else _IN_FLIGHT
         self._unflushed = 0
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="projector-apply")
         self._inflight: deque[asyncio.Task[ApplyResult]] = deque()
@@ -332,7 +332,7 @@ class Projector:
         self, msgs: list[Msg], state: Progress, progress: ProgressCallback | None
     ) -> None:
         """Start `msgs` down the pipeline, after waiting for room in it."""
-        while len(self._inflight) >= self._in_flight:
+        while len(self._inflight) >= self._max_in_flight:
             await self._settle_oldest(state, progress)
         previous = self._inflight[-1] if self._inflight else None
         self._inflight.append(asyncio.ensure_future(self._process(msgs, previous)))

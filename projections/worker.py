@@ -8,6 +8,8 @@ talks over its stdin/stdout: each request is a pickled `(replies, subjects, payl
 each answer a pickled `Staged` batch (Arrow tables travel as buffers) or the exception
 the decoder raised. Frames are an 8-byte big-endian length then the pickle.
 
+`DecodePool` runs several children, so that a bulk run decodes batches side by side.
+
 A plain child process rather than `multiprocessing`: nothing of the caller's `__main__`
 is re-imported in it, and it never forks a parent that runs DuckDB or Arrow threads. It
 exits when its stdin closes, so it dies with its parent.
@@ -15,6 +17,7 @@ exits when its stdin closes, so it dies with its parent.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import pickle
 import queue
@@ -76,7 +79,8 @@ class DecodeProcess:
     def close(self, timeout: float = 5.0) -> None:
         proc = self._proc
         if proc.stdin is not None:
-            proc.stdin.close()
+            with contextlib.suppress(OSError):  # a dead child: what was unsent is moot
+                proc.stdin.close()
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:

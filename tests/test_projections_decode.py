@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import msgspec
+import pytest
 
-from projections.decode import STAGING, decode_batch, stage
+from projections.decode import STAGING, decode_batch, stage, stage_raw
+from projections.errors import ProjectionError
 from projections.machine import TASK_TARGET_STATE, TERMINAL_TASK_TYPES, sql_task_state_case
 from projections.progress import render_bar
 from projections.projector import Progress, parse_reply, to_ns
 from projections.synthetic import AttemptPlan, HistoryBuilder, mixed_history
+from projections.worker import DecodePool
 from schemas import encode_event
 
 
@@ -110,3 +114,38 @@ def test_the_progress_bar_text() -> None:
     text = render_bar(p)
     assert text.startswith("replay [###############...............]  50.0%  seq 150/200")
     assert text.endswith("dead 1")
+
+
+def _parts(n: int, size: int) -> list[tuple[list[str], list[str], list[bytes]]]:
+    events = mixed_history(n, seed=5)
+    replies = [f"$JS.ACK.SUP_EVENTS.c.1.{i}.{i}.{1000 + i}.{n - i}" for i in range(1, n + 1)]
+    subjects = [e.subject() for e in events]
+    datas = [encode_event(e) for e in events]
+    return [(replies[i : i + size], subjects[i : i + size], datas[i : i + size])
+            for i in range(0, n, size)]  # fmt: skip
+
+
+def test_a_decode_pool_stages_batches_side_by_side_as_the_decoder_does() -> None:
+    parts = _parts(400, 100)
+    pool = DecodePool(2)
+    try:
+        with ThreadPoolExecutor(2) as threads:
+            staged = list(threads.map(lambda part: pool.stage(*part), parts))
+    finally:
+        pool.close()
+    for got, part in zip(staged, parts, strict=True):
+        want = stage_raw(*part)
+        assert (got.events, got.last_seq) == (want.events, want.last_seq) == (100, want.last_seq)
+        for kind, table in want.tables.items():
+            assert got.tables[kind].equals(table), kind
+
+
+def test_a_dead_decode_process_is_a_projection_error() -> None:
+    pool = DecodePool(1)
+    try:
+        pool._all[0]._proc.kill()
+        pool._all[0]._proc.wait()
+        with pytest.raises(ProjectionError, match="decode worker died"):
+            pool.stage(*_parts(10, 10)[0])
+    finally:
+        pool.close()
