@@ -342,7 +342,10 @@ class Projector:
     ) -> ApplyResult:
         loop = asyncio.get_running_loop()
         decode = self._workers.stage if self._workers is not None else stage_raw
-        staged = await loop.run_in_executor(self._decoder, decode, *_unpack(msgs))
+        unpacked = _unpack(msgs)
+        msgs.clear()  # the messages are not kept while the batch waits for its turn
+        staged = await loop.run_in_executor(self._decoder, decode, *unpacked)
+        del unpacked
         if previous is not None:
             await asyncio.wait([previous])
             if previous.cancelled() or previous.exception() is not None:
