@@ -74,16 +74,18 @@ SELECT * REPLACE (make_timestamp(stored_ns // 1000) AS stored_ns) FROM _batch LI
 """
 """`_new`, made once per connection after the staging table `_batch`."""
 
-INSERT_EVENTS = """
+INSERT_BATCH_EVENTS = """
 INSERT INTO events
 SELECT seq, subject, make_timestamp(stored_ns // 1000), type, event_id, occurred_at, node_id,
        instance_id, task_id, attempt, correlation_id, schema_version, payload
 FROM _rows_batch
-WHERE seq IN (SELECT seq FROM _new)
 """
-"""`events` reads the whole envelopes from `_rows_batch`, the batch's Arrow table itself: the
-subjects and payloads, most of a batch's bytes, are copied once, into `events`, and never
-into a temp table."""
+"""Every event of `_rows_batch`, the batch's Arrow table itself, into `events`: the subjects
+and payloads, most of a batch's bytes, are copied once, into `events`, and never into a
+temp table. As is, for a batch whose duplicates were already filtered out."""
+
+INSERT_EVENTS = INSERT_BATCH_EVENTS + "WHERE seq IN (SELECT seq FROM _new)\n"
+"""The new events of the batch (those in `_new`) into `events`."""
 
 _ENV = "n.seq, n.event_id, n.occurred_at, n.node_id, n.task_id, n.attempt, n.correlation_id"
 

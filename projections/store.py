@@ -42,6 +42,7 @@ from projections.apply import (
     ATTEMPT_SCOPE,
     CREATE_NEW,
     FILL_NEW,
+    INSERT_BATCH_EVENTS,
     INSERT_DEAD_LETTERS,
     SET_WATERMARK,
     TASK_SCOPE,
@@ -162,7 +163,6 @@ class ProjectionStore:
         self.con.execute(CREATE_NEW)
         for table in (*FACT_KINDS, *(f.table for f in FOLDS)):
             self._schemas[table] = self.con.sql(f"FROM {table} LIMIT 0").arrow().schema
-        self._schemas["events"] = _EVENT_ROWS
         self._schemas["batch"] = STAGING["batch"]
         for table, schema in self._schemas.items():
             source = self._sources[table] = _ArrowSource(schema.empty_table())
@@ -264,8 +264,8 @@ class ProjectionStore:
             new = set(batch.column("seq").to_pylist())
         if not batch.num_rows:
             return 0
-        stored_at = pc.divide(batch.column("stored_ns"), 1000).cast(pa.timestamp("us"))
-        self._insert("events", batch.set_column(2, _EVENT_ROWS.field(2), stored_at))
+        with self._source("batch", batch):
+            self._run(INSERT_BATCH_EVENTS)
         events = _events(staged, new)
         for table in FACT_KINDS:
             columns = self._schemas[table].names
@@ -373,10 +373,6 @@ class ProjectionStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-_EVENT_ROWS: Final = STAGING["batch"].set(2, pa.field("stored_at", pa.timestamp("us")))
-"""The rows a folded batch inserts into `events`: the batch, its stream time a timestamp."""
 
 
 _UNSTAGED: Final = ("subject", "payload")

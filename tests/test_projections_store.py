@@ -15,6 +15,7 @@ from projections.apply import (
     APPLY_STATEMENTS,
     ATTEMPT_SCOPE,
     FILL_NEW,
+    INSERT_BATCH_EVENTS,
     INSERT_EVENTS,
     MERGE_ATTEMPTS,
     MERGE_CONTAINERS,
@@ -154,7 +155,7 @@ _MERGED = (
 # Folded in Python, with no staging table: the duplicate check, the event's Arrow row, then
 # the instance's row, known from the batches before, replaced.
 _FOLDED = (
-    [FIND_DUPLICATES, "INSERT INTO events SELECT * FROM _rows_events",
+    [FIND_DUPLICATES, INSERT_BATCH_EVENTS,
      f"DELETE FROM instances WHERE {_KEYED}",
      "INSERT INTO instances SELECT * FROM _rows_instances", SET_WATERMARK],
     [FIND_DUPLICATES, SET_WATERMARK],
