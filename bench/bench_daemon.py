@@ -167,6 +167,33 @@ def _rss(proc: psutil.Process) -> tuple[int, int]:
     return proc.memory_info().rss, children
 
 
+def _cpu_seconds(procs: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each named group of processes."""
+    out: dict[str, float] = {}
+    for name, group in procs.items():
+        total = 0.0
+        for p in group:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+        out[name] = total
+    return out
+
+
+def _cpu_groups(daemon_pid: int, nats_pid: int) -> dict[str, list[psutil.Process]]:
+    """The processes whose CPU a throughput run is split into: the daemon, its projection
+    child, the NATS server and the Docker engine (dockerd, containerd; the per-container
+    shims come and go and are not counted)."""
+    daemon = psutil.Process(daemon_pid)
+    engine = [p for p in psutil.process_iter(["name"]) if p.info["name"] in ("dockerd", "containerd")]
+    return {
+        "daemon": [daemon],
+        "projection": daemon.children(recursive=True),
+        "nats-server": [psutil.Process(nats_pid)],
+        "docker engine": engine,
+    }
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -218,14 +245,32 @@ def main() -> None:
         # The raw baseline runs half before and half after the daemon's run, so that the
         # machine's drift over the few minutes weighs on both sides alike.
         half = args.tasks // 2
+        groups = _cpu_groups(daemon.proc.pid, server.proc.pid)  # type: ignore[union-attr]
+        raw_groups = {"raw client": [psutil.Process()], "docker engine": groups["docker engine"]}
+        raw0 = _cpu_seconds(raw_groups)
         _, raw_before = raw_run(half, args.concurrency, str(mount))
+        raw1 = _cpu_seconds(raw_groups)
+        cpu0 = _cpu_seconds(groups)
         sup_s = asyncio.run(submit_all(url, tmp / "client", specs, wait=True))
+        cpu1 = _cpu_seconds(groups)
+        raw2 = _cpu_seconds(raw_groups)
         _, raw_after = raw_run(args.tasks - half, args.concurrency, str(mount))
+        raw3 = _cpu_seconds(raw_groups)
         raw_s = raw_before + raw_after
         sup_tp, raw_tp = args.tasks / sup_s, args.tasks / raw_s
         print(
             f"throughput, {args.tasks} tasks at concurrency {args.concurrency}: raw {raw_tp:.2f}/s, "
             f"daemon {sup_tp:.2f}/s, ratio {sup_tp / raw_tp:.3f} (target >= 0.8)"
+        )
+
+        print(
+            "  CPU per task, daemon's run: "
+            + ", ".join(f"{k} {(cpu1[k] - cpu0[k]) / args.tasks * 1e3:.1f} ms" for k in cpu0)
+            + "; raw run: "
+            + ", ".join(
+                f"{k} {(raw1[k] - raw0[k] + raw3[k] - raw2[k]) / args.tasks * 1e3:.1f} ms"
+                for k in raw0
+            )
         )
 
         lag = _lag_quantiles(daemon)

@@ -22,6 +22,7 @@ import docker
 import docker.errors
 import requests.exceptions
 import urllib3.exceptions
+from docker.transport.unixconn import UnixHTTPAdapter, UnixHTTPConnectionPool
 from docker.utils.socket import STDERR, STDOUT, frames_iter_no_tty
 
 from supervisor.errors import (
@@ -129,6 +130,7 @@ class DockerRuntime:
         except docker.errors.DockerException as e:
             raise DockerUnavailable("connect", type(e).__name__) from e
         self.api = self.client.api
+        _share_unix_pool(self.api)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
         self._images: dict[str, float] = {}
 
@@ -250,6 +252,40 @@ class DockerRuntime:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
+
+
+class _SharedPoolAdapter(UnixHTTPAdapter):
+    """docker-py's Unix-socket adapter keeps one connection pool per request URL, and a
+    container's URLs are its own (`/containers/<id>/start`, ...): nearly every call made a
+    new pool and a new connection to dockerd, and evicted (closed) an older pool. Every URL
+    reaches the same socket, so one pool serves them all and connections are kept alive."""
+
+    def get_connection(self, url: str, proxies: Any = None) -> UnixHTTPConnectionPool:
+        with self.pools.lock:
+            pool = self.pools.get(self.socket_path)
+            if pool is None:
+                pool = UnixHTTPConnectionPool(
+                    "http+docker://localhost", self.socket_path, self.timeout,
+                    maxsize=self.max_pool_size,
+                )  # fmt: skip
+                self.pools[self.socket_path] = pool
+        return pool
+
+
+def _share_unix_pool(api: docker.APIClient) -> None:
+    """On a Unix socket: one keep-alive pool for all calls (`_SharedPoolAdapter`), and no
+    proxy lookup (requests scans the whole environment for proxy settings on every call;
+    a Unix socket takes no proxy). Other transports are left as docker-py made them."""
+    adapter = getattr(api, "_custom_adapter", None)
+    if type(adapter) is not UnixHTTPAdapter:
+        return
+    shared = _SharedPoolAdapter(
+        "http+unix://" + adapter.socket_path, adapter.timeout, max_pool_size=adapter.max_pool_size
+    )
+    adapter.close()
+    api._custom_adapter = shared
+    api.mount("http+docker://", shared)
+    api.trust_env = False
 
 
 def _binds(req: ContainerRequest) -> dict[str, dict[str, str]]:
