@@ -212,6 +212,8 @@ def main() -> None:
     )
     ap.add_argument("--max-busy", type=float, metavar="F",
                     help="the projection's max_busy (default: the configured default)")  # fmt: skip
+    ap.add_argument("--batch-age", type=float, metavar="S",
+                    help="the projection's batch_age_s (default: the configured default)")  # fmt: skip
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
     server = NatsServer(tmp / "nats")
@@ -235,8 +237,13 @@ def main() -> None:
         }
         config: dict[str, object] = {"scheduling": sched}
         extra: tuple[str, ...] = ()
+        projection: dict[str, float] = {}
         if args.max_busy is not None:
-            config["projection"] = {"max_busy": args.max_busy}
+            projection["max_busy"] = args.max_busy
+        if args.batch_age is not None:
+            projection["batch_age_s"] = args.batch_age
+        if projection:
+            config["projection"] = projection
         if args.core_only:
             config["reconcile"] = {"enabled": False}
             extra = ("--no-projection",)
