@@ -94,6 +94,33 @@ async def test_success_with_output_publishes_every_step(
     assert _workspaces(node) == []
 
 
+async def test_a_tasks_docker_calls_reuse_kept_alive_connections(node: Node) -> None:
+    """docker-py's Unix-socket adapter makes a pool, hence a connection, per request URL,
+    and a container's URLs are its own; the runtime keeps one pool for every call."""
+    api = node.runtime.api
+    adapter = api._custom_adapter
+    opened = 0
+    pool = adapter.get_connection("http+docker://localhost/v1.41/containers/x/start")
+    new_conn = pool._new_conn
+
+    def counting_new_conn():  # type: ignore[no-untyped-def]
+        nonlocal opened
+        opened += 1
+        return new_conn()
+
+    pool._new_conn = counting_new_conn
+    for _ in range(3):
+        result = await _run(node, _spec("echo hello"))
+        assert (result.status, result.stdout) == ("succeeded", "hello\n")
+
+    # Each task makes seven calls (create, attach, start, wait, inspect, kill, remove):
+    # with a pool per URL, about six of them connected anew. The attach socket is taken
+    # over for the output, so a task opens at most one connection once the pool is warm.
+    assert list(adapter.pools.keys()) == [adapter.socket_path]
+    assert opened <= 3 + 2, opened
+    assert api.trust_env is False
+
+
 async def test_the_container_is_hardened(node: Node) -> None:
     script = (
         "id -u; cat /proc/self/status | grep CapEff; touch /root-write 2>/dev/null && echo rw || echo ro;"
