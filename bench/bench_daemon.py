@@ -185,7 +185,9 @@ def _cpu_groups(daemon_pid: int, nats_pid: int) -> dict[str, list[psutil.Process
     child, the NATS server and the Docker engine (dockerd, containerd; the per-container
     shims come and go and are not counted)."""
     daemon = psutil.Process(daemon_pid)
-    engine = [p for p in psutil.process_iter(["name"]) if p.info["name"] in ("dockerd", "containerd")]
+    engine = [
+        p for p in psutil.process_iter(["name"]) if p.info["name"] in ("dockerd", "containerd")
+    ]
     return {
         "daemon": [daemon],
         "projection": daemon.children(recursive=True),
