@@ -6,7 +6,10 @@ core. `DecodeProcess` moves the decoding to a child
 (`python -c 'from projections.worker import main; main()'`) that
 talks over its stdin/stdout: each request is a pickled `(replies, subjects, payloads)`,
 each answer a pickled `Staged` batch (Arrow tables travel as buffers) or the exception
-the decoder raised. Frames are an 8-byte big-endian length then the pickle.
+the decoder raised. The pickles are written to and read from the pipes as streams: a
+batch of 250k events is about 125 MB in and 155 MB out, and building each as one bytes
+object first (then reading it whole) cost a fresh copy of it on each side, most of the
+replaying process's page faults.
 
 `DecodePool` runs several children, so that a bulk run decodes batches side by side.
 
@@ -18,10 +21,10 @@ exits when its stdin closes, so it dies with its parent.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import pickle
 import queue
-import struct
 import subprocess
 import sys
 import threading
@@ -30,25 +33,28 @@ from typing import IO, Any
 from projections.decode import Staged, stage_raw
 from projections.errors import ProjectionError
 
-_LEN = struct.Struct(">Q")
+_PIPE_BYTES = 1 << 20  # Linux's default pipe-max-size; the default pipe holds 64 KiB
 
 
 def _write(stream: IO[bytes], obj: Any) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_LEN.pack(len(data)))
-    stream.write(data)
+    pickle.dump(obj, stream, protocol=pickle.HIGHEST_PROTOCOL)
     stream.flush()
 
 
 def _read(stream: IO[bytes]) -> Any:
-    head = stream.read(_LEN.size)
-    if len(head) < _LEN.size:
-        raise EOFError
-    (size,) = _LEN.unpack(head)
-    data = stream.read(size)
-    if len(data) < size:
-        raise EOFError
-    return pickle.loads(data)
+    """One pickle from `stream`. EOFError at the end of the stream or in a pickle cut
+    short (the other side died)."""
+    try:
+        return pickle.load(stream)
+    except pickle.UnpicklingError as e:
+        raise EOFError(str(e)) from e
+
+
+def _widen(stream: IO[bytes] | None) -> None:
+    """Make a pipe hold `_PIPE_BYTES`: fewer switches between the two sides of a batch."""
+    if stream is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
 
 
 class DecodeProcess:
@@ -61,6 +67,8 @@ class DecodeProcess:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
+        _widen(self._proc.stdin)
+        _widen(self._proc.stdout)
 
     def stage(self, replies: list[str], subjects: list[str], datas: list[bytes]) -> Staged:
         """`projections.decode.stage_raw`, in the child. ProjectionError if it died."""
