@@ -451,9 +451,13 @@ class EventLog:
 
     async def _step(self, outbox: Outbox, in_flight: deque[_Batch], failures: int) -> int:
         """One turn of the relay; returns the updated count of consecutive failures."""
-        if self._pub is None or self._pub_lost.is_set():
+        if self._pub is None or self._pub_lost.is_set() or self._pub.is_closed:
             # Acks of the old connection will never come: keep those that did, and drop the
-            # rest before anything is sent on a new connection.
+            # rest before anything is sent on a new connection. `is_closed` too: when the
+            # server resets the connection, nats-py's close can fail flushing the dead
+            # socket and end without calling `disconnected_cb` (nats.py#806; one run in
+            # ten of a SIGKILLed server), and the relay then retried on a closed client
+            # forever.
             self._settle(outbox, in_flight)
             _abandon(in_flight)
             if not await self._reconnect_relay(failures):

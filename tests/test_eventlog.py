@@ -100,6 +100,34 @@ async def test_events_arrive_once_in_order_with_id_and_subject(
     await assert_stream_holds_exactly(nats_url, events)
 
 
+async def test_relay_reconnects_when_nats_py_never_reports_the_disconnection(
+    tmp_dir: Path, nats_server: NatsServer
+) -> None:
+    """nats.py#806: a connection that does not reconnect by itself can end closed without
+    calling `disconnected_cb` (its close fails flushing the reset socket; one run in ten
+    of the test above). The relay must see the closed connection all the same."""
+    log = EventLog(tmp_dir / "data", nats_server.url, instance_id="i1", batch=50, ack_timeout=2.0)
+    await log.start()
+    try:
+        await wait_until(lambda: log.connected)
+        assert log._pub is not None
+        log._pub._disconnected_cb = None  # what nats-py skips when its close fails
+        assert nats_server.proc is not None
+        os.kill(nats_server.proc.pid, signal.SIGKILL)
+        await asyncio.to_thread(nats_server.proc.wait)
+        nats_server.stop()
+        events = make_events(100)
+        for e in events:
+            log.emit(e)
+        await wait_until(lambda: not log.connected)
+
+        await asyncio.to_thread(nats_server.start)
+        assert await log.flush(20) is True
+    finally:
+        await log.close()
+    await assert_stream_holds_exactly(nats_server.url, events)
+
+
 @pytest.mark.parametrize("how", ["terminate", "kill"])
 async def test_nats_stopped_mid_emission_and_restarted(
     tmp_dir: Path, nats_server: NatsServer, how: str
