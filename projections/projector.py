@@ -19,7 +19,10 @@ callback, nats-py answers JetStream's flow-control requests as soon as messages 
 (or, with pending limits, silently drop messages the ordered consumer never notices).
 Without a callback, nats-py answers only once the queue has been consumed up to the
 request, which stalls the server while the pipeline is full. Reading the queue in chunks
-(one await per chunk, not per message) keeps the rate of a callback.
+(one await per chunk, not per message) keeps the rate of a callback. A bounded bulk run
+(a replay, a catch-up) reads through `projections.bulkread` instead, which takes the
+messages without nats-py's per-message `Msg` and queue, at about twice its rate, and holds
+flow control the same way.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from projections.bulkread import BulkClient, Sink, lean_supported
 from projections.decode import Staged, parse_reply, stage_raw
 from projections.errors import ProjectionError, StreamUnavailable
 from projections.store import ApplyResult, ProjectionStore
@@ -104,7 +108,11 @@ def to_ns(moment: datetime) -> int:
     return int(moment.timestamp() * 1_000_000) * 1000
 
 
-def _unpack(msgs: list[Msg]) -> tuple[list[str], list[str], list[bytes]]:
+_Raw = tuple[list[str], list[str], list[bytes]]
+"""A batch as the decoders take it: reply subjects, subjects, payloads."""
+
+
+def _unpack(msgs: list[Msg]) -> _Raw:
     return [m.reply for m in msgs], [m.subject for m in msgs], [m.data for m in msgs]
 
 
@@ -228,7 +236,7 @@ class Projector:
         follow = stop is not None
         start = self.store.last_seq() + 1
         state = Progress(seq=start - 1, target=0, from_seq=start - 1)
-        nc = await self._connect(follow)
+        nc = await self._connect(follow, lean=self.bulk and not follow and lean_supported())
         try:
             last = await self._stream_last_seq(nc, create=follow)
             if not follow:
@@ -238,7 +246,12 @@ class Projector:
                 until_seq = state.target  # what the stream holds now, not what comes later
             sub = await self._subscribe(nc, start)
             try:
-                await self._read(sub, state, until_seq, until_ns, stop, progress)
+                if isinstance(nc, BulkClient):
+                    sink = Sink(state.seq, until_seq, until_ns, high_water=self.batch_size)
+                    nc.attach(sink, sub)
+                    await self._read_bulk(nc, sink, state, progress)
+                else:
+                    await self._read(sub, state, until_seq, until_ns, stop, progress)
                 while self._inflight:
                     await self._settle_oldest(state, progress)
             finally:
@@ -295,11 +308,35 @@ class Projector:
                 # A chunk may overshoot the bound: the batch is cut there and the rest
                 # starts the next one (or goes too, in batches, when the run ends).
                 while buf:
-                    await self._submit(buf[:limit], state, progress)
+                    await self._submit(_unpack(buf[:limit]), state, progress)
                     buf, limit = buf[limit:], self.batch_size
                     if len(buf) < limit and not (finished or stopping):
                         break  # the rest keeps its `born`: it has waited as long
             finished = finished or stopping
+
+    async def _read_bulk(
+        self, nc: BulkClient, sink: Sink, state: Progress, progress: ProgressCallback | None
+    ) -> None:
+        """`_read` for a bounded bulk run: the messages come through `sink` (see
+        `projections.bulkread`), in batches of `batch_size` (the first a fifth of it)."""
+        limit = max(1, self.batch_size // 5)
+        while True:
+            while self._inflight and self._inflight[0].done():
+                await self._settle_oldest(state, progress)
+            if len(sink) >= limit or (sink.finished and len(sink)):
+                batch = sink.take(limit)
+                nc.release()
+                await self._submit(batch, state, progress)
+                limit = self.batch_size
+                continue
+            if sink.finished:
+                return
+            if nc.is_closed:
+                raise StreamUnavailable(self.nats_url, "the connection closed during the run")
+            sink.want = limit
+            sink.ready.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sink.ready.wait(), _POLL_S)
 
     async def _next(
         self, queue: asyncio.Queue[Msg], born: float | None, *, busy: bool = False
@@ -329,23 +366,21 @@ class Projector:
         return min(self._rest_until, born + self.rest_lag_s)
 
     async def _submit(
-        self, msgs: list[Msg], state: Progress, progress: ProgressCallback | None
+        self, batch: _Raw, state: Progress, progress: ProgressCallback | None
     ) -> None:
-        """Start `msgs` down the pipeline, after waiting for room in it."""
+        """Start `batch` down the pipeline, after waiting for room in it."""
         while len(self._inflight) >= self._max_in_flight:
             await self._settle_oldest(state, progress)
         previous = self._inflight[-1] if self._inflight else None
-        self._inflight.append(asyncio.ensure_future(self._process(msgs, previous)))
+        self._inflight.append(asyncio.ensure_future(self._process(batch, previous)))
 
     async def _process(
-        self, msgs: list[Msg], previous: asyncio.Task[ApplyResult] | None
+        self, batch: _Raw, previous: asyncio.Task[ApplyResult] | None
     ) -> ApplyResult:
         loop = asyncio.get_running_loop()
         decode = self._workers.stage if self._workers is not None else stage_raw
-        unpacked = _unpack(msgs)
-        msgs.clear()  # the messages are not kept while the batch waits for its turn
-        staged = await loop.run_in_executor(self._decoder, decode, *unpacked)
-        del unpacked
+        staged = await loop.run_in_executor(self._decoder, decode, *batch)
+        del batch  # the messages are not kept while the batch waits for its turn
         if previous is not None:
             await asyncio.wait([previous])
             if previous.cancelled() or previous.exception() is not None:
@@ -389,12 +424,15 @@ class Projector:
 
     # --- NATS -----------------------------------------------------------------------------
 
-    async def _connect(self, follow: bool) -> Any:
+    async def _connect(self, follow: bool, *, lean: bool = False) -> Any:
+        """A connection; with `lean`, a `BulkClient` (a bounded bulk run)."""
+
         async def _quiet(e: Exception) -> None:
             log.debug("projector nats: %r", e)
 
+        nc = BulkClient() if lean else nats.NATS()
         try:
-            return await nats.connect(
+            await nc.connect(
                 self.nats_url,
                 connect_timeout=self.connect_timeout,
                 allow_reconnect=follow,
@@ -404,6 +442,7 @@ class Projector:
             )
         except (OSError, TimeoutError, nats.errors.Error) as e:
             raise StreamUnavailable(self.nats_url, repr(e)) from e
+        return nc
 
     async def _stream_last_seq(self, nc: Any, *, create: bool) -> int:
         js = nc.jetstream()
