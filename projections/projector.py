@@ -286,6 +286,8 @@ class Projector:
             first = await self._next(
                 queue, born if buf and not self.bulk else None, busy=bool(self._inflight)
             )
+            if first is None and stop is None and sub._conn.is_closed:
+                raise StreamUnavailable(self.nats_url, "the connection closed during the run")
             if first is not None:
                 chunk = [first]
                 while not queue.empty():

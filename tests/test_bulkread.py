@@ -1,6 +1,7 @@
 """The lean bulk read (`projections.bulkread`): the sink's bounds as pure logic, then,
 against a real nats-server, flow control held while the pipeline is full, the fallback
-to nats-py's own path, and a server that dies mid-run."""
+to nats-py's own path, and a server that dies mid-run (which ends any bounded catch-up,
+bulk or not, with StreamUnavailable rather than a wait for ever)."""
 
 from __future__ import annotations
 
@@ -143,7 +144,10 @@ def _refuse(self: Any) -> None:
 
 
 @pytest.mark.nats
-async def test_a_server_that_dies_mid_run_is_stream_unavailable(tmp_dir: Path) -> None:
+@pytest.mark.parametrize("bulk", [True, False], ids=["bulk", "live-sized"])
+async def test_a_server_that_dies_mid_catch_up_is_stream_unavailable(
+    tmp_dir: Path, bulk: bool
+) -> None:
     server = NatsServer(tmp_dir / "dying")
     url = server.start()
     try:
@@ -155,7 +159,7 @@ async def test_a_server_that_dies_mid_run_is_stream_unavailable(tmp_dir: Path) -
                 server.proc.kill()
                 killed.set()
 
-        with Projector(tmp_dir / "p.duckdb", url, batch_size=1000, bulk=True) as p:
+        with Projector(tmp_dir / "p.duckdb", url, batch_size=1000, bulk=bulk) as p:
             with pytest.raises(StreamUnavailable):
                 await asyncio.wait_for(p.catch_up(progress=kill_on_first_batch), 30)
             assert killed.is_set()
