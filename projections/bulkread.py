@@ -28,13 +28,16 @@ projector falls back to nats-py's queue when it differs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client
 
 _SIGNATURE = ["self", "sid", "subject", "reply", "data", "headers"]
 _FLOW_CONTROL = b"NATS/1.0 100 FlowControl"
+_ACK = b"$JS.ACK."
 
 
 def lean_supported() -> bool:
@@ -129,20 +132,22 @@ class BulkClient(Client):
         sink.sub, sink.jsi = sub, sub._jsi
         self.sink = sink
 
-    def release(self) -> asyncio.Future[None] | None:
-        """Answer the held flow-control request once the sink is below its high water."""
+    async def release(self) -> None:
+        """Answer the held flow-control request once the sink is below its high water. A
+        connection lost meanwhile is the reader's to notice (`is_closed`)."""
         sink = self.sink
         if sink is None or sink.held_reply is None or len(sink) >= sink.high_water:
-            return None
+            return
         reply, sink.held_reply = sink.held_reply, None
-        return asyncio.ensure_future(self.publish(reply))
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await self.publish(reply)
 
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
     ) -> None:
         sink = self.sink
         if sink is not None and reply and self._subs.get(sid) is sink.sub:
-            if data:
+            if reply.startswith(_ACK):  # a stored message, even an empty one (a poison)
                 text = reply.decode()
                 tokens = text.split(".")
                 base = 5 if len(tokens) == 9 else 7

@@ -327,7 +327,7 @@ class Projector:
                 await self._settle_oldest(state, progress)
             if len(sink) >= limit or (sink.finished and len(sink)):
                 batch = sink.take(limit)
-                nc.release()
+                await nc.release()
                 await self._submit(batch, state, progress)
                 limit = self.batch_size
                 continue

@@ -139,6 +139,20 @@ async def test_without_the_lean_read_a_replay_is_the_same(
     assert _tables(plain) == _tables(lean)
 
 
+@pytest.mark.nats
+async def test_an_empty_message_is_a_dead_letter_even_the_last_one(
+    nats_url: str, tmp_dir: Path
+) -> None:
+    # Control messages are empty too: a stored message is told apart by its reply subject.
+    history = mixed_history(500, id_prefix="em")
+    empty = ("sup.task.submitted.n1.t-empty", b"")
+    last = await publish(nats_url, [*history[:200], empty, *history[200:], empty])
+    result = await asyncio.wait_for(replay(tmp_dir / "p.duckdb", nats_url), 30)
+    assert (result.seq, result.applied, result.dead) == (last, 500, 2)
+    dead = _tables(tmp_dir / "p.duckdb")["dead_letters"]
+    assert [(row[0], row[4]) for row in dead] == [(201, "undecodable"), (last, "undecodable")]
+
+
 def _refuse(self: Any) -> None:
     raise AssertionError("BulkClient used although the lean read is not supported")
 
