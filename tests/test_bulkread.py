@@ -10,16 +10,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pytest
 
 import projections.bulkread as bulkread
 import projections.projector as projector_module
-from projections import Projector, StreamUnavailable, replay, snapshot
+from projections import Projector, StreamUnavailable, replay
 from projections.bulkread import BulkClient, Sink, lean_supported
 from projections.loadgen import publish
 from projections.synthetic import mixed_history
 from supervisor.natsserver import NatsServer
+from tests.projutil import tables
 
 
 def _reply(seq: int, ns: int, pending: int) -> str:
@@ -71,14 +71,6 @@ def test_this_nats_py_dispatches_as_the_lean_read_expects() -> None:
     assert lean_supported()
 
 
-def _tables(path: Path) -> dict[str, list[tuple[Any, ...]]]:
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        return snapshot(con)
-    finally:
-        con.close()
-
-
 @pytest.mark.nats
 async def test_a_full_pipeline_holds_flow_control_and_loses_nothing(
     nats_url: str, tmp_dir: Path, monkeypatch: pytest.MonkeyPatch
@@ -120,7 +112,7 @@ async def test_a_full_pipeline_holds_flow_control_and_loses_nothing(
     # The server's flow-control window is a few thousand of these messages; without the
     # held answers, the sink takes in the whole stream while the writer works.
     assert peak < 12_000, f"the sink held {peak} messages: flow control did not bound it"
-    assert _tables(slow) == _tables(fast)
+    assert tables(slow) == tables(fast)
 
 
 @pytest.mark.nats
@@ -136,7 +128,7 @@ async def test_without_the_lean_read_a_replay_is_the_same(
     plain = tmp_dir / "plain.duckdb"
     result = await replay(plain, nats_url, batch_size=700)
     assert result.applied == len(history)
-    assert _tables(plain) == _tables(lean)
+    assert tables(plain) == tables(lean)
 
 
 @pytest.mark.nats
@@ -149,7 +141,7 @@ async def test_an_empty_message_is_a_dead_letter_even_the_last_one(
     last = await publish(nats_url, [*history[:200], empty, *history[200:], empty])
     result = await asyncio.wait_for(replay(tmp_dir / "p.duckdb", nats_url), 30)
     assert (result.seq, result.applied, result.dead) == (last, 500, 2)
-    dead = _tables(tmp_dir / "p.duckdb")["dead_letters"]
+    dead = tables(tmp_dir / "p.duckdb")["dead_letters"]
     assert [(row[0], row[4]) for row in dead] == [(201, "undecodable"), (last, "undecodable")]
 
 

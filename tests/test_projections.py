@@ -19,24 +19,17 @@ import duckdb
 import msgspec
 import pytest
 
-from projections import ProjectionStore, ProjectionStoreError, Projector, replay, snapshot
+from projections import ProjectionStore, ProjectionStoreError, Projector, replay
 from projections.ddl import DDL_VERSION, TABLES
 from projections.loadgen import publish
 from projections.synthetic import AttemptPlan, HistoryBuilder, mixed_history
 from schemas import TaskSubmitted, encode_event
 from supervisor.cli import main as cli_main
+from tests.projutil import tables
 
 pytestmark = pytest.mark.nats
 
 TIMEOUT = AttemptPlan(error="EXECUTION_TIMEOUT", exit_code=137, kill_reason="timeout")
-
-
-def tables(path: Path) -> dict[str, list[tuple[Any, ...]]]:
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        return snapshot(con)
-    finally:
-        con.close()
 
 
 def query(path: Path, sql: str) -> list[tuple[Any, ...]]:

@@ -17,7 +17,7 @@ import duckdb
 import nats
 import pytest
 
-from projections import ProjectionStore, replay, snapshot
+from projections import ProjectionStore, replay
 from projections.ddl import DDL_VERSION, TABLES
 from projections.errors import QueryFailed, QueryRefused, QueryTimeout
 from projections.live import LiveSettings, ProjectionPart
@@ -31,6 +31,7 @@ from supervisor.extension import DaemonContext
 from supervisor.http import ApiError
 from supervisor.metrics import Metrics
 from supervisor.natsserver import NatsServer
+from tests.projutil import tables
 from tests.test_projections import TIMEOUT, scenario_history
 
 pytestmark = pytest.mark.nats
@@ -68,14 +69,6 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> float:
         assert time.monotonic() - started < timeout, "timed out"
         await asyncio.sleep(0.01)
     return time.monotonic() - started
-
-
-def tables(path: Path) -> dict[str, list[tuple[Any, ...]]]:
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        return snapshot(con)
-    finally:
-        con.close()
 
 
 def live_history() -> list[Event]:
