@@ -21,8 +21,9 @@ nats-py's path, except a flow-control request that arrives while the sink alread
 server stops sending while the pipeline is full (memory stays bounded by the pipeline, the
 sink and the server's flow-control window).
 
-`_process_msg` is nats-py's private method; `lean_supported` checks its signature and the
-projector falls back to nats-py's queue when it differs.
+`_process_msg` is nats-py's private method, and the ordered consumer's bookkeeping private
+state: `lean_supported` checks the method's signature and `BulkClient.attach` the state's
+fields, and the projector falls back to nats-py's queue when either differs.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from nats.aio.client import Client
 _SIGNATURE = ["self", "sid", "subject", "reply", "data", "headers"]
 _FLOW_CONTROL = b"NATS/1.0 100 FlowControl"
 _ACK = b"$JS.ACK."
+_JSI_FIELDS = ("_dseq", "_sseq", "_fciseq", "_cmeta", "_active")
 
 
 def lean_supported() -> bool:
@@ -118,19 +120,25 @@ class BulkClient(Client):
         super().__init__()
         self.sink: Sink | None = None
 
-    def attach(self, sink: Sink, psub: Any) -> None:
+    def attach(self, sink: Sink, psub: Any) -> bool:
         """Route the data messages of `psub` (a JetStream ordered push subscription
-        without a callback) to `sink`, after those nats-py already queued for it."""
-        sub = psub._sub
-        queue = sub._pending_queue
+        without a callback) to `sink`, after those nats-py already queued for it. False,
+        and nothing routed, if the subscription lacks the internals this relies on (a
+        nats-py that changed them): the caller then reads nats-py's queue."""
+        sub = getattr(psub, "_sub", None)
+        jsi = getattr(sub, "_jsi", None)
+        queue = getattr(sub, "_pending_queue", None)
+        if queue is None or not all(hasattr(jsi, name) for name in _JSI_FIELDS):
+            return False
         while not queue.empty():  # no await in between: nothing arrives meanwhile
             m = queue.get_nowait()
             queue.task_done()
             sub._pending_size -= len(m.data)
             tokens = m.reply.split(".")
             sink.add(m.reply, m.subject, m.data, tokens, 5 if len(tokens) == 9 else 7)
-        sink.sub, sink.jsi = sub, sub._jsi
+        sink.sub, sink.jsi = sub, jsi
         self.sink = sink
+        return True
 
     async def release(self) -> None:
         """Answer the held flow-control request once the sink is below its high water. A

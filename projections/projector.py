@@ -246,9 +246,8 @@ class Projector:
                 until_seq = state.target  # what the stream holds now, not what comes later
             sub = await self._subscribe(nc, start)
             try:
-                if isinstance(nc, BulkClient):
-                    sink = Sink(state.seq, until_seq, until_ns, high_water=self.batch_size)
-                    nc.attach(sink, sub)
+                sink = Sink(state.seq, until_seq, until_ns, high_water=self.batch_size)
+                if isinstance(nc, BulkClient) and nc.attach(sink, sub):
                     await self._read_bulk(nc, sink, state, progress)
                 else:
                     await self._read(sub, state, until_seq, until_ns, stop, progress)

@@ -123,6 +123,18 @@ async def test_without_the_lean_read_a_replay_is_the_same(
     await publish(nats_url, history)
     lean = tmp_dir / "lean.duckdb"
     await replay(lean, nats_url, batch_size=700)
+
+    # The ordered consumer's private state lacks a field the lean read writes: the
+    # BulkClient connects, routes nothing, and the projector reads nats-py's queue.
+    with monkeypatch.context() as m:
+        m.setattr(bulkread, "_JSI_FIELDS", (*bulkread._JSI_FIELDS, "_not_in_this_nats_py"))
+        m.setattr(projector_module.Projector, "_read_bulk", _refuse)
+        unrouted = tmp_dir / "unrouted.duckdb"
+        result = await replay(unrouted, nats_url, batch_size=700)
+    assert result.applied == len(history)
+    assert tables(unrouted) == tables(lean)
+
+    # The private method's signature differs: no BulkClient at all.
     monkeypatch.setattr(projector_module, "lean_supported", lambda: False)
     monkeypatch.setattr(bulkread.BulkClient, "__init__", _refuse)
     plain = tmp_dir / "plain.duckdb"
@@ -145,8 +157,8 @@ async def test_an_empty_message_is_a_dead_letter_even_the_last_one(
     assert [(row[0], row[4]) for row in dead] == [(201, "undecodable"), (last, "undecodable")]
 
 
-def _refuse(self: Any) -> None:
-    raise AssertionError("BulkClient used although the lean read is not supported")
+def _refuse(self: Any, *args: Any) -> None:
+    raise AssertionError("the lean read used although this nats-py does not support it")
 
 
 @pytest.mark.nats
