@@ -80,12 +80,14 @@ class Sink:
     def __len__(self) -> int:
         return len(self.datas)
 
-    def add(self, reply: str, subject: str, data: bytes, tokens: list[str], base: int) -> None:
-        """One data message of the consumer, its reply's `tokens` split, the stream
-        sequence at `base`."""
+    def add(
+        self, reply: str, subject: str, data: bytes, seq: int, tokens: list[str], base: int
+    ) -> None:
+        """One data message of the consumer: its stream sequence `seq`, its reply's
+        `tokens` split (the sequence at `base`, then the stored time and the pending
+        count two and three further)."""
         if self.finished:
             return
-        seq = int(tokens[base])
         if seq <= self.seen:
             return
         if (self.until_seq is not None and seq > self.until_seq) or (
@@ -135,7 +137,8 @@ class BulkClient(Client):
             queue.task_done()
             sub._pending_size -= len(m.data)
             tokens = m.reply.split(".")
-            sink.add(m.reply, m.subject, m.data, tokens, 5 if len(tokens) == 9 else 7)
+            base = 5 if len(tokens) == 9 else 7
+            sink.add(m.reply, m.subject, m.data, int(tokens[base]), tokens, base)
         sink.sub, sink.jsi = sub, jsi
         self.sink = sink
         return True
@@ -162,11 +165,11 @@ class BulkClient(Client):
                 jsi = sink.jsi
                 if len(tokens) >= 9 and int(tokens[base + 1]) == jsi._dseq:
                     jsi._dseq += 1
-                    jsi._sseq = int(tokens[base])
+                    jsi._sseq = seq = int(tokens[base])
                     jsi._fciseq += 1
                     jsi._cmeta = text
                     jsi._active = True
-                    sink.add(text, subject.decode(), data, tokens, base)
+                    sink.add(text, subject.decode(), data, seq, tokens, base)
                     return
             elif len(sink) >= sink.high_water and (headers or b"").startswith(_FLOW_CONTROL):
                 sink.jsi._active = True

@@ -29,7 +29,7 @@ def _reply(seq: int, ns: int, pending: int) -> str:
 def _feed(sink: Sink, *msgs: tuple[int, int, int]) -> None:
     for seq, ns, pending in msgs:
         reply = _reply(seq, ns, pending)
-        sink.add(reply, "sup.x", str(seq).encode(), reply.split("."), 5)
+        sink.add(reply, "sup.x", str(seq).encode(), seq, reply.split("."), 5)
 
 
 def test_the_sink_keeps_what_follows_the_watermark_up_to_the_bounds() -> None:
