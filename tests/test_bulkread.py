@@ -123,6 +123,13 @@ async def test_without_the_lean_read_a_replay_is_the_same(
     await publish(nats_url, history)
     lean = tmp_dir / "lean.duckdb"
     await replay(lean, nats_url, batch_size=700)
+    # Replays up to a point, each read its own way, must cut at the same message.
+    lean_seq, lean_time = tmp_dir / "lean-seq.duckdb", tmp_dir / "lean-time.duckdb"
+    await replay(lean_seq, nats_url, until_seq=1_234, batch_size=700)
+    (stored_at,) = [r[2] for r in tables(lean)["events"] if r[0] == 2_001]
+    await replay(lean_time, nats_url, until_time=stored_at, batch_size=700)
+    assert len(tables(lean_seq)["events"]) == 1_234
+    assert max(r[0] for r in tables(lean_time)["events"]) >= 2_001
 
     # The ordered consumer's private state lacks a field the lean read writes: the
     # BulkClient connects, routes nothing, and the projector reads nats-py's queue.
@@ -141,6 +148,11 @@ async def test_without_the_lean_read_a_replay_is_the_same(
     result = await replay(plain, nats_url, batch_size=700)
     assert result.applied == len(history)
     assert tables(plain) == tables(lean)
+    plain_seq, plain_time = tmp_dir / "plain-seq.duckdb", tmp_dir / "plain-time.duckdb"
+    await replay(plain_seq, nats_url, until_seq=1_234, batch_size=700)
+    await replay(plain_time, nats_url, until_time=stored_at, batch_size=700)
+    assert tables(plain_seq) == tables(lean_seq)
+    assert tables(plain_time) == tables(lean_time)
 
 
 @pytest.mark.nats
