@@ -26,6 +26,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import zlib
 from collections import deque
 from collections.abc import Iterator
@@ -41,6 +42,8 @@ _HEADER = struct.Struct("<II")  # body length, crc32 of the body
 _MAX_BODY = 64 * 1024 * 1024  # above any NATS max_payload: a bigger length is a torn header
 _READ_CHUNK = 4 * 1024 * 1024
 _RECORD_OVERHEAD = 200  # rough RAM cost of a record beyond its payload, for the memory bound
+
+_STALE_NEW_LOG_S = 3600.0
 
 DEFAULT_TRUNCATE_THRESHOLD = 64 * 1024 * 1024
 DEFAULT_MEMORY_LIMIT = 32 * 1024 * 1024
@@ -124,11 +127,19 @@ class _Log:
         cls, directory: Path, name: str, memory_limit: int, *, create: bool
     ) -> _Log | None:
         """Open and lock `<name>.log`; None if another live process holds it (or it was
-        deleted between listing and locking)."""
+        deleted between listing and locking). With `create`, a new log is locked before
+        its name appears (`_create_locked`), so no adopter can take it in between."""
         path = directory / f"{name}.log"
-        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+        fd = _create_locked(directory, name, flags) if create else None
+        if fd is not None:
+            try:
+                return cls(directory, name, fd, memory_limit)
+            except BaseException:
+                os.close(fd)
+                raise
         try:
-            fd = os.open(path, flags, 0o644)
+            fd = os.open(path, flags)
         except FileNotFoundError:
             return None
         try:
@@ -353,6 +364,32 @@ class _Log:
             self.fd = -1
 
 
+def _create_locked(directory: Path, name: str, flags: int) -> int | None:
+    """Create `<name>.log` already locked: the file is made and flocked under a hidden name
+    that no adopter lists (`.<name>.log.new`), then linked to its real name. Returns the
+    locked fd, or None when `<name>.log` exists already (then it is opened as usual)."""
+    path = directory / f"{name}.log"
+    if path.exists():
+        return None
+    tmp = directory / f".{name}.log.new"
+    tmp.unlink(missing_ok=True)  # left by a process that died right here
+    fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            os.close(fd)
+            return None
+        finally:
+            tmp.unlink(missing_ok=True)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+    return fd
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -503,10 +540,17 @@ class Outbox:
         return adopted
 
     def _remove_stray_cursors(self) -> None:
-        """A cursor without its log is what a crash between an orphan's two unlinks leaves."""
+        """A cursor without its log is what a crash between an orphan's two unlinks leaves;
+        an old `.<name>.log.new`, a crash while a log was being created (a young one may be
+        in the making: only its creator ever locks or links it)."""
         for cursor in self.directory.glob("*.cursor"):
             if not cursor.with_suffix(".log").exists():
                 cursor.unlink(missing_ok=True)
+        stale = time.time() - _STALE_NEW_LOG_S
+        for new in self.directory.glob(".*.log.new"):
+            with contextlib.suppress(OSError):
+                if new.stat().st_mtime < stale:
+                    new.unlink()
 
     def close(self) -> None:
         """Release the lock and every adopted orphan (still unacked ones stay for later)."""

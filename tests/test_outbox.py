@@ -316,3 +316,51 @@ def test_sync_is_safe_after_close(tmp_dir: Path) -> None:
     with pytest.raises(OutboxError, match="closed"):
         outbox.append("sup.a.b.c.d", "x", b"")
     assert os.listdir(tmp_dir) == ["a.log"]
+
+
+_PARALLEL_CLIENT = textwrap.dedent(
+    """
+    import sys, uuid
+    from pathlib import Path
+    from supervisor.errors import OutboxError
+    from supervisor.outbox import Outbox
+
+    directory, rounds = Path(sys.argv[1]), int(sys.argv[2])
+    failures = 0
+    for _ in range(rounds):
+        try:
+            box = Outbox(directory, uuid.uuid4().hex[:16])
+        except OutboxError as e:
+            failures += 1
+            print(e, file=sys.stderr)
+            continue
+        box.adopt_orphans()
+        box.append("sup.task.submitted.n1.t", uuid.uuid4().hex, b"x")
+        box.sync()
+        box.ack(1)
+        box.close()
+    print(failures)
+    """
+)
+
+
+def test_parallel_processes_never_take_each_others_new_log(tmp_dir: Path) -> None:
+    """Every process creates its own log while the others adopt whatever is unlocked: a
+    log must be locked before its name is visible, or an adopter takes and deletes it."""
+    directory = tmp_dir / "outbox"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PARALLEL_CLIENT, str(directory), "150"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(12)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    failures = [int(out.strip() or b"-1") for out, _ in outputs]
+    errors = b"".join(err for _, err in outputs).decode()
+    assert failures == [0] * 12, errors
+    # Every record was acked: a last process adopts what the others left and owns the rest.
+    with Outbox(directory, "last") as last:
+        assert last.adopt_orphans() == 0
+        assert sorted(p.name for p in directory.iterdir()) == ["last.log"]
