@@ -112,13 +112,22 @@ SELECT task_id, state, last_seq, last_event_at, finished_seq, finished_at, corre
 FROM tasks WHERE task_id IN (SELECT task_id FROM _reconcile_refs)
 """
 
+# An instance superseded (its successor took the data dir's lock it held) is as dead as
+# one that stopped: the first of the two proves it.
 _INSTANCES = """
-SELECT instance_id, node_id, role, started_seq, stopped_seq, stopped_at,
-       last_heartbeat_seq AS heartbeat_seq, last_heartbeat_at AS heartbeat_at,
-       heartbeat_timeout_s
-FROM instances
-WHERE node_id = $node
-   OR instance_id IN (SELECT instance_id FROM observed_containers WHERE node_id = $node)
+WITH superseded AS (
+    SELECT json_extract_string(payload, '$.superseded_instance') AS instance_id,
+           min(seq) AS seq, arg_min(occurred_at, seq) AS at
+    FROM events WHERE type = 'supervisor.superseded' GROUP BY 1
+)
+SELECT i.instance_id, i.node_id, i.role, i.started_seq,
+       coalesce(i.stopped_seq, s.seq) AS stopped_seq,
+       CASE WHEN i.stopped_seq IS NOT NULL THEN i.stopped_at ELSE s.at END AS stopped_at,
+       i.last_heartbeat_seq AS heartbeat_seq, i.last_heartbeat_at AS heartbeat_at,
+       i.heartbeat_timeout_s
+FROM instances i LEFT JOIN superseded s ON s.instance_id = i.instance_id
+WHERE i.node_id = $node
+   OR i.instance_id IN (SELECT instance_id FROM observed_containers WHERE node_id = $node)
 """
 
 _OPEN_COMMANDS = """

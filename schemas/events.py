@@ -83,6 +83,17 @@ class SupervisorStopped(Event, frozen=True, tag="supervisor.stopped"):
     reason: str = ""
 
 
+class SupervisorSuperseded(Event, frozen=True, tag="supervisor.superseded"):
+    """This instance took the data dir's lock that `superseded_instance` held: that
+    instance is dead for certain (the lock dies with its process), so what it left running
+    is orphaned now, without waiting for its heartbeats to time out."""
+
+    category = "supervisor"
+    name = "superseded"
+    superseded_instance: str
+    superseded_pid: int = 0
+
+
 # --- task ------------------------------------------------------------------------------
 
 
@@ -394,6 +405,7 @@ class ReconcileOutcome(Event, frozen=True, tag="reconcile.outcome"):
 AnyEvent = (
     SupervisorStarted
     | SupervisorStopped
+    | SupervisorSuperseded
     | TaskSubmitted
     | TaskRejected
     | TaskSucceeded

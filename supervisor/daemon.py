@@ -27,11 +27,13 @@ from typing import Any
 
 from nats.js import JetStreamContext
 
-from schemas import PRIORITIES, TaskSpec
+from schemas import PRIORITIES, SupervisorSuperseded, TaskSpec
 from supervisor.breaker import DockerBreaker, counts
 from supervisor.capacity import can_pull_any, fits_budget
 from supervisor.classify import Classification
 from supervisor.config import Config
+from supervisor.datadir import DataDirLock
+from supervisor.emitter import new_id
 from supervisor.errors import NatsUnavailable
 from supervisor.eventlog import ensure_streams
 from supervisor.extension import DaemonContext, Part, ReadSide
@@ -123,12 +125,32 @@ class Daemon:
 
     async def run(self, stop: asyncio.Event, force: asyncio.Event) -> int:
         cfg = self.config
+        instance_id = new_id()[:16]
+        # Before anything is touched: a second daemon on this data dir stops here.
+        lock = DataDirLock.acquire(
+            Path(cfg.data_dir).resolve(), instance_id=instance_id, node_id=cfg.node_id
+        )
+        try:
+            return await self._run(stop, force, lock)
+        finally:
+            lock.release()
+
+    async def _run(self, stop: asyncio.Event, force: asyncio.Event, lock: DataDirLock) -> int:
+        cfg = self.config
         sc = cfg.scheduling
         async with (
-            open_node(cfg, nats_url=self.nats_url, role="serve") as node,
+            open_node(
+                cfg, nats_url=self.nats_url, role="serve", instance_id=lock.holder.instance_id
+            ) as node,
             contextlib.AsyncExitStack() as stack,
         ):
             self.node = node
+            if lock.previous is not None:
+                prev = lock.previous
+                log.info("instance %s (pid %d) died holding the data dir; superseding it",
+                         prev.instance_id, prev.pid)  # fmt: skip
+                node.emitter.emit(SupervisorSuperseded, superseded_instance=prev.instance_id,
+                                  superseded_pid=prev.pid)  # fmt: skip
             if not await node.events.wait_connected(timeout=30):
                 raise NatsUnavailable(node.nats_url, "the daemon needs NATS to pull work")
             js = node.events.js

@@ -138,3 +138,15 @@ class CommandBusError(ReconcileError):
 
 class ConfigError(SupervisorError):
     tag = "config_error"
+
+
+class DataDirInUse(ConfigError):
+    """Another live daemon holds the data dir (`supervisor.datadir`): a usage error."""
+
+    tag = "data_dir_in_use"
+
+    def __init__(self, data_dir: object, pid: int | None) -> None:
+        self.data_dir = data_dir
+        self.pid = pid
+        holder = f"pid {pid}" if pid else "another process"
+        super().__init__(f"data dir {data_dir} is in use by {holder}")

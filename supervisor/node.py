@@ -54,11 +54,16 @@ async def nats_for(cli_url: str | None, data_dir: Path) -> AsyncIterator[str]:
 
 @contextlib.asynccontextmanager
 async def open_node(
-    config: Config, *, nats_url: str | None, role: str = "run", flush_timeout: float = 10.0
+    config: Config,
+    *,
+    nats_url: str | None,
+    role: str = "run",
+    flush_timeout: float = 10.0,
+    instance_id: str | None = None,
 ) -> AsyncIterator[Node]:
     data_dir = Path(config.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    instance_id = new_id()[:16]
+    instance_id = instance_id or new_id()[:16]
     metrics = Metrics()
     async with contextlib.AsyncExitStack() as stack:
         url = await stack.enter_async_context(nats_for(nats_url or config.nats_url, data_dir))

@@ -1,18 +1,25 @@
 """The reconciler in a real daemon process: killed with SIGKILL while 5 long tasks run, then
-started again, the daemon removes every container and workspace the dead one left, within
-the heartbeat timeout plus one interval, each removal explained by a decision event. The
-daemon is `supervisor serve`, as users start it."""
+started again on the same data dir, the daemon removes every container and workspace the
+dead one left at once (it took the data dir's lock, so the dead instance is superseded:
+no waiting for its heartbeat timeout), each removal explained by a decision event whose
+evidence is the `supervisor.superseded` event. The daemon is `supervisor serve`, as users
+start it, on the default reconcile settings."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import nats
 import pytest
 
-from schemas import ReconcileDecision
+from schemas import ReconcileDecision, SupervisorSuperseded
+from supervisor.config import Config
+from supervisor.streams import TASKS_STREAM
 from tests.daemonutil import DaemonProc, submit, task
 from tests.reconcileutil import new_node_id
 from tests.streamutil import stream_events
@@ -46,13 +53,12 @@ def test_a_daemon_killed_mid_task_leaves_nothing_once_it_is_back(
     tmp_dir: Path, nats_url: str, daemons, docker_client
 ) -> None:  # type: ignore[no-untyped-def]
     node_id = new_node_id()
-    interval, timeout = 1.0, 3.0
     config = {
         "node_id": node_id,
-        "reconcile": {"interval_s": interval, "heartbeat_s": 0.5, "heartbeat_timeout_s": timeout},
         # No redelivery within the test: only the reconciler can clean up.
         "scheduling": {"ack_wait_s": 300, "ack_progress_s": 1, "concurrency": 8},
     }
+    heartbeat_timeout = Config().reconcile.heartbeat_timeout_s
     data = tmp_dir / "data"
     try:
         first = DaemonProc(data, nats_url, config).start()
@@ -70,21 +76,58 @@ def test_a_daemon_killed_mid_task_leaves_nothing_once_it_is_back(
         daemons.append(second)
         t0 = time.monotonic()
         second.start()
-        assert len(_containers(docker_client, node_id)) == 5  # nothing cleaned them meanwhile
         _wait(lambda: not _containers(docker_client, node_id)
               and not any((data / "workspaces").iterdir()), 60, "the leftovers to go")  # fmt: skip
         took = time.monotonic() - t0
 
-        events = asyncio.run(stream_events(nats_url, f"sup.reconcile.decision.{node_id}._"))
-        decided = {(e.rule, e.resource) for e in events if isinstance(e, ReconcileDecision)}
+        events = asyncio.run(stream_events(nats_url, f"sup.*.*.{node_id}._"))
+        superseded = [e for e in events if isinstance(e, SupervisorSuperseded)]
+        assert len(superseded) == 1
+        assert superseded[0].instance_id != superseded[0].superseded_instance
+        decisions = [e for e in events if isinstance(e, ReconcileDecision)]
+        decided = {(e.rule, e.resource) for e in decisions}
         assert decided == {("orphan_container", c) for c in left} | {
             ("leaked_workspace", w) for w in workspaces
         }
-        # start-up + heartbeat timeout + one interval, and room for a busy host to do 10
-        # removals: it took `took` s from the restart (start-up included).
-        assert took < timeout + interval + 15, took
+        # Without the superseded instance as evidence, nothing could go before the dead
+        # instance's heartbeat timeout.
+        assert took < heartbeat_timeout, took
         second.stop()
         assert second.wait() == 0
     finally:
         for cid in _containers(docker_client, node_id):
             docker_client.api.remove_container(cid, force=True)
+
+
+def test_a_second_daemon_on_a_data_dir_in_use_exits_2_and_touches_nothing(
+    tmp_dir: Path, nats_url: str, daemons
+) -> None:  # type: ignore[no-untyped-def]
+    data = tmp_dir / "data"
+    first = DaemonProc(data, nats_url, {"scheduling": {"queue_bound_per_priority": 3}}).start()
+    daemons.append(first)
+    url_before = (data / "nats.url").read_text()
+
+    second = subprocess.run(
+        [sys.executable, "-m", "supervisor", "serve", "--nats", nats_url, "--data-dir",
+         str(data), "--http", "not-an-address"],
+        capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+
+    assert second.returncode == 2
+    assert second.stderr.decode().strip() == (
+        f"supervisor: data dir {data.resolve()} is in use by pid {first.proc.pid}"  # type: ignore[union-attr]
+    )
+    assert (data / "nats.url").read_text() == url_before
+    bound = asyncio.run(_tasks_bound(nats_url))
+    assert bound == 3
+    status, _ = first.get("/readyz")
+    assert status == 200
+
+
+async def _tasks_bound(url: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().stream_info(TASKS_STREAM)
+        return int(info.config.max_msgs_per_subject or 0)
+    finally:
+        await nc.close()
