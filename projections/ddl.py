@@ -47,6 +47,7 @@ VIEWS: Final[tuple[str, ...]] = (
     "task_latency",
     "open_tasks",
     "reconcile_commands",
+    "terminal_conflicts",
 )
 
 KEYS: Final[dict[str, tuple[str, ...]]] = {
@@ -403,6 +404,19 @@ SELECT d.*, CASE WHEN o.final THEN o.last_outcome WHEN o.command_id IS NULL THEN
        coalesce(epoch(o.finished_at), epoch(now())) - epoch(d.decided_at) AS age_s
 FROM d LEFT JOIN o USING (command_id)
 ORDER BY d.decision_seq
+""",
+    # A task has one outcome: its first terminal event. Any later one (a bug, a forgery, a
+    # node that went on after it was presumed dead) is kept here with both sequences; the
+    # `tasks` row never takes it, and `supervisor audit` reports it (one_terminal_state).
+    "terminal_conflicts": """
+CREATE OR REPLACE VIEW terminal_conflicts AS
+SELECT e.task_id, t.finished_seq AS first_seq, t.outcome AS first_outcome,
+       e.seq AS conflict_seq, split_part(e.type, '.', 2) AS conflict_outcome,
+       e.node_id, e.instance_id, e.occurred_at
+FROM events e JOIN tasks t ON t.task_id = e.task_id
+WHERE t.terminal_events > 1 AND e.type IN ('task.succeeded', 'task.failed', 'task.rejected')
+  AND e.seq <> t.finished_seq
+ORDER BY e.seq
 """,
 }
 

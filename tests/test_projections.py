@@ -478,3 +478,24 @@ def test_max_busy_outside_its_range_is_refused(tmp_dir: Path) -> None:
     with pytest.raises(ValueError, match="max_busy"):
         Projector(tmp_dir / "x.duckdb", "nats://127.0.0.1:1", max_busy=0)
     assert not (tmp_dir / "x.duckdb").exists()
+
+
+@pytest.mark.parametrize("batch_size", [1, 200])
+async def test_a_second_terminal_event_is_a_conflict_never_the_outcome(
+    nats_url: str, tmp_dir: Path, batch_size: int
+) -> None:
+    """The first terminal event of a task is its outcome, whether the second arrives in the
+    same batch or a later one; the second is kept, with both sequences."""
+    b = HistoryBuilder(id_prefix="cf")
+    b.run_task("t-twice")
+    b.fail("t-twice", 1, "SUPERVISOR_LOST")
+    last = await publish(nats_url, b.events)
+    db = tmp_dir / "p.duckdb"
+    await follow_until(db, nats_url, last, batch_size=batch_size)
+
+    assert query(db, "SELECT state, outcome, terminal_events, finished_seq FROM tasks "
+                     "WHERE task_id = 't-twice'") == [("succeeded", "succeeded", 2, last - 1)]  # fmt: skip
+    assert query(db, "SELECT task_id, first_seq, first_outcome, conflict_seq, conflict_outcome "
+                     "FROM terminal_conflicts") == [
+        ("t-twice", last - 1, "succeeded", last, "failed")
+    ]  # fmt: skip
