@@ -7,7 +7,6 @@ Pure: takes bytes or a spec plus the configuration, returns the spec or raises
 from __future__ import annotations
 
 import re
-from pathlib import PurePosixPath
 
 import msgspec
 
@@ -37,9 +36,41 @@ def decode_spec(data: bytes | str) -> TaskSpec:
         raise InvalidSpec("spec", f"not valid JSON: {e}") from e
 
 
-def check_bounds(spec: TaskSpec, bounds: Bounds) -> None:
-    if not spec.image.strip():
+# The image reference grammar of the Docker engine (distribution's `reference` package):
+# [domain[:port]/]path-component[/path-component...][:tag][@digest], path components in
+# lower case. Anything else would reach the engine as a bad request.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_IMAGE_RE = re.compile(
+    rf"(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*(?::[0-9]+)?/)?"
+    rf"{_COMPONENT}(?:/{_COMPONENT})*"
+    r"(?::[\w][\w.-]{0,127})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
+)
+_MAX_IMAGE_NAME = 255
+RESERVED_ENV_PREFIX = "SUPERVISOR_"
+# Characters no file name of a spec may hold: controls (C0, DEL, C1) and the bidirectional
+# formatting marks that make a name read as another one.
+_BAD_NAME_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def check_image(image: str) -> None:
+    """Raise `InvalidSpec("image", ...)` unless `image` is a valid image reference."""
+    if not image.strip():
         raise InvalidSpec("image", "must not be empty")
+    ref = image.split("@", 1)[0]
+    head, _, tail = ref.rpartition(":")
+    name = head if head and "/" not in tail else ref
+    if len(name) > _MAX_IMAGE_NAME or _IMAGE_RE.fullmatch(image) is None:
+        raise InvalidSpec(
+            "image",
+            f"{image!r} is not an image reference ([registry/]name[:tag][@digest], "
+            "name in lower case)",
+        )
+
+
+def check_bounds(spec: TaskSpec, bounds: Bounds) -> None:
+    check_image(spec.image)
     if not spec.command:
         raise InvalidSpec("command", "must hold at least one argument")
     if len(spec.command) > bounds.max_command_args:
@@ -61,6 +92,9 @@ def check_bounds(spec: TaskSpec, bounds: Bounds) -> None:
     for key, env_value in spec.env.items():
         if not _ENV_KEY.match(key):
             raise InvalidSpec(f"env.{key}", "not a valid variable name")
+        if key.startswith(RESERVED_ENV_PREFIX):
+            raise InvalidSpec(f"env.{key}", f"names starting with {RESERVED_ENV_PREFIX} are "
+                              "the supervisor's own")  # fmt: skip
         if "\x00" in env_value:
             raise InvalidSpec(f"env.{key}", "value contains a NUL byte")
     if len(spec.files) > bounds.max_files:
@@ -71,12 +105,30 @@ def check_bounds(spec: TaskSpec, bounds: Bounds) -> None:
         total += len(content.encode())
     if total > bounds.max_files_bytes:
         raise InvalidSpec("files", f"{total} bytes is above the bound {bounds.max_files_bytes}")
+    _check_no_file_is_a_dir(list(spec.files))
 
 
 def _check_file_name(name: str) -> None:
-    p = PurePosixPath(name)
-    if not name or p.is_absolute() or ".." in p.parts or "\x00" in name or name.endswith("/"):
-        raise InvalidSpec(f"files.{name}", "must be a relative path inside the workspace")
+    """A plain relative path: no empty, `.` or `..` part (so no `a//b`, `./x`, `x/`), no
+    control or bidirectional formatting character."""
+    parts = name.split("/")
+    if _BAD_NAME_CHARS.search(name):
+        raise InvalidSpec(f"files.{name!r}", "holds a control or bidirectional character")
+    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise InvalidSpec(
+            f"files.{name}",
+            "must be a relative path inside the workspace, without empty, '.' or '..' parts",
+        )
+
+
+def _check_no_file_is_a_dir(names: list[str]) -> None:
+    files = set(names)
+    for name in names:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent in files:
+                raise InvalidSpec(f"files.{name}", f"{parent!r} is a file, not a directory")
 
 
 def check_policy(spec: TaskSpec, policy: Policy) -> None:

@@ -22,6 +22,7 @@ from schemas import CATALOGUE, ErrorType, Evidence
 _ADAPTER_CODES = {
     "docker_unavailable": "DOCKER_UNAVAILABLE",
     "docker_api_error": "DOCKER_API_ERROR",
+    "docker_request_refused": "INVALID_SPEC",
     "docker_error": "DOCKER_API_ERROR",
     "image_not_found": "IMAGE_NOT_FOUND",
     "container_vanished": "CONTAINER_VANISHED",
@@ -96,6 +97,12 @@ def classify(ev: Evidence) -> Classification | None:
     if "timeout" in ev.kills_issued:
         return _make(
             "EXECUTION_TIMEOUT", "the wall-clock deadline passed; the container was killed"
+        )
+    if "reconcile" in ev.kills_issued:
+        return _make(
+            "KILLED_EXTERNALLY",
+            "the container was killed by a cleanup command of the reconciler",
+            by="reconcile",
         )
     if ev.cancelled or "cancelled" in ev.kills_issued:
         return _make("CANCELLED", "the run was cancelled by its supervisor")

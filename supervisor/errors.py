@@ -69,6 +69,14 @@ class DockerApiError(DockerError):
     tag = "docker_api_error"
 
 
+class DockerRequestRefused(DockerApiError):
+    """The daemon refused the request itself (an HTTP 4xx other than not-found): the
+    spec's fault, never the engine's, so it is neither retried nor counted by the
+    breaker."""
+
+    tag = "docker_request_refused"
+
+
 class ImageNotFound(DockerError):
     tag = "image_not_found"
 

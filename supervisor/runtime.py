@@ -29,6 +29,7 @@ from supervisor.errors import (
     ContainerVanished,
     DockerApiError,
     DockerError,
+    DockerRequestRefused,
     DockerUnavailable,
     ImageNotFound,
 )
@@ -45,6 +46,10 @@ def translate(operation: str, e: BaseException) -> DockerError:
         return ImageNotFound(operation, str(e.explanation or e))
     if isinstance(e, docker.errors.NotFound):
         return ContainerVanished(operation, str(e.explanation or e))
+    if isinstance(e, docker.errors.APIError) and e.is_client_error():
+        return DockerRequestRefused(
+            operation, f"HTTP {e.status_code}: {e.explanation}", status=e.status_code
+        )
     if isinstance(e, docker.errors.APIError):
         return DockerApiError(
             operation, f"HTTP {e.status_code}: {e.explanation}", status=e.status_code

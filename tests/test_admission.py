@@ -97,3 +97,54 @@ def test_policy_can_allow_what_it_forbids_by_default() -> None:
         admit(_spec(cap_add=["net_bind_service"], network="bridge"), Bounds(), policy).network
         == "bridge"
     )
+
+
+@pytest.mark.parametrize(
+    "image",
+    ["UPPER/Case:bad", "-v /:/host", "busybox:", "a//b", "busybox:-x", "repo/", ":tag",
+     "busybox@sha256:short", "x" * 256],
+)  # fmt: skip
+def test_an_image_that_is_no_reference_is_an_invalid_spec_naming_the_image(image: str) -> None:
+    with pytest.raises(InvalidSpec) as e:
+        admit(TaskSpec(image=image, command=["true"]), Bounds(), Policy())
+
+    assert e.value.field == "image"
+
+
+@pytest.mark.parametrize(
+    "image",
+    ["supervisor-sandbox:busybox", "busybox", "library/busybox:1.36", "localhost:5000/a/b:c",
+     "Registry.Example.com/team/app:v1.2-rc_3", "a__b/c-d.e", "busybox@sha256:" + "a" * 64],
+)  # fmt: skip
+def test_image_references_of_every_form_are_admitted(image: str) -> None:
+    assert admit(TaskSpec(image=image, command=["true"]), Bounds(), Policy()).image == image
+
+
+@pytest.mark.parametrize(
+    ("files", "field"),
+    [
+        ({".": "x"}, "files.."),
+        ({"a//b": "x"}, "files.a//b"),
+        ({"./x": "x"}, "files../x"),
+        ({"x/": "x"}, "files.x/"),
+        ({"": "x"}, "files."),
+        ({"main.sh": "x", "main.sh/inner": "y"}, "files.main.sh/inner"),
+        ({"a\nb": "x"}, "files.'a\\nb'"),
+        ({"evil\u202egnp.sh": "x"}, "files.'evil\\u202egnp.sh'"),
+        ({"bell\x07": "x"}, "files.'bell\\x07'"),
+    ],
+)
+def test_file_names_that_are_no_plain_relative_path_are_refused(
+    files: dict[str, str], field: str
+) -> None:
+    with pytest.raises(InvalidSpec) as e:
+        admit(_spec(files=files), Bounds(), Policy())
+
+    assert e.value.field == field
+
+
+def test_env_names_of_the_supervisors_own_are_refused() -> None:
+    with pytest.raises(InvalidSpec) as e:
+        admit(_spec(env={"SUPERVISOR_TASK_ID": "forged"}), Bounds(), Policy())
+
+    assert e.value.field == "env.SUPERVISOR_TASK_ID"
