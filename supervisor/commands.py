@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +50,7 @@ from supervisor.config import ReconcileConfig
 from supervisor.emitter import Emitter
 from supervisor.errors import CommandBusError, ContainerVanished, SupervisorError
 from supervisor.eventlog import MSG_ID_HEADER
+from supervisor.executor import KillClaim
 from supervisor.history import read_task_events, summarize
 from supervisor.metrics import Metrics
 from supervisor.reconciler import ReconcileMetrics
@@ -115,8 +116,10 @@ class CommandExecutor:
         config: ReconcileConfig,
         metrics: Metrics,
         reconcile_metrics: ReconcileMetrics | None = None,
+        claim_kill: Callable[[str, str], KillClaim] | None = None,
     ) -> None:
         self.js = js
+        self.claim_kill = claim_kill
         self.runtime = runtime
         self.cleaner = cleaner
         self.emitter = emitter
@@ -296,7 +299,13 @@ class CommandExecutor:
             except ContainerVanished:
                 labels = None
         if running:
-            em.emit(KillIssued, container_id=cid, reason="reconcile")
+            # The executor's own knowledge first: a live attempt of this instance is never
+            # killed before its deadline, and one past it records the kill as its own.
+            claim = self.claim_kill(cid, "reconcile") if self.claim_kill else None
+            if claim is not None and claim.status == "refused":
+                return "refused", claim.reason
+            if claim is None or claim.status == "not_ours":
+                em.emit(KillIssued, container_id=cid, reason="reconcile")
         # Also when it is gone: the removal step then records it as already gone.
         report = await self.cleaner.clean(em, cid, None, running=running)
         if not report.ok:

@@ -56,6 +56,7 @@ from supervisor.workspace import create_workspace
 T = TypeVar("T")
 
 _IO_DRAIN_S = 5.0
+_FINISHED_KEPT = 100_000
 _DIED_EVENT_WAIT_S = 1.0
 _DESTROY_EVENT_WAIT_S = 0.5
 
@@ -80,6 +81,24 @@ class _Attempt:
     pids_events: int = 0
     oom_events: int = 0
     external_kills: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class KillClaim:
+    """What `Executor.claim_kill` answered: `refused` (with `reason`), `recorded` or
+    `not_ours`."""
+
+    status: str
+    reason: str = ""
+
+
+@dataclass
+class _Live:
+    """A running attempt's container: its emitter, its state and its deadline (epoch s)."""
+
+    em: Emitter
+    st: _Attempt
+    deadline: float
 
 
 @dataclass
@@ -125,6 +144,37 @@ class Executor:
         # the task goes back to the queue instead of burning its attempts.
         self.on_attempt: Callable[[Classification | None], None] | None = None
         self.gate: Callable[[], None] | None = None
+        # The tasks this instance ended (newest last, bounded): a redelivered message of one
+        # of them is only acked, even before its terminal event reached the stream.
+        self.finished: dict[str, None] = {}
+        # The containers of the attempts this instance runs now, by container id.
+        self.live: dict[str, _Live] = {}
+
+    def claim_kill(self, container_id: str, reason: str) -> KillClaim:
+        """Asked before a kill from outside the attempt (a cleanup command). `refused` (with
+        the reason): the container runs an attempt of this instance before its deadline, and
+        only that attempt's own supervision may end it then. `recorded`: an attempt of this
+        instance past its deadline; the kill is recorded as that attempt's own
+        (`kill_issued{reason}`), so it is classified as such, not as the script's signal.
+        `not_ours`: no live attempt here runs it."""
+        live = self.live.get(container_id)
+        if live is None:
+            return KillClaim("not_ours")
+        if time.time() < live.deadline:
+            return KillClaim("refused", f"container {container_id[:12]} runs attempt "
+                             f"{live.em.attempt} of {live.em.task_id} on this instance, "
+                             "before its deadline")  # fmt: skip
+        if reason not in live.st.kills:
+            live.st.kills.append(reason)
+            live.em.emit(KillIssued, container_id=container_id, reason=reason)  # type: ignore[arg-type]
+        if self.watcher is not None:
+            self.watcher.expect_kill(container_id)
+        return KillClaim("recorded")
+
+    def _ended(self, task_id: str) -> None:
+        self.finished[task_id] = None
+        if len(self.finished) > _FINISHED_KEPT:
+            del self.finished[next(iter(self.finished))]
 
     # --- task -----------------------------------------------------------------------------
 
@@ -207,6 +257,7 @@ class Executor:
             self.metrics.errors.labels(c.type, c.code).inc()
         result = Result(task_id=spec.task_id, status="failed", attempts=attempts, error=error)
         em.emit(TaskFailed, result=result)
+        self._ended(spec.task_id)
         self.metrics.tasks.labels("failed").inc()
         return result
 
@@ -238,6 +289,7 @@ class Executor:
             duration_s=time.monotonic() - started,
         )
         em.emit(TaskRejected, error=error, result=result)
+        self._ended(task_id)
         self.metrics.tasks.labels("rejected").inc()
         self.metrics.errors.labels(c.type, c.code).inc()
         return result
@@ -296,6 +348,7 @@ class Executor:
                 }
             )
         em.emit(TaskFailed if c else TaskSucceeded, result=in_event, output_capped=capped)
+        self._ended(task_id)
         outcome = "failed" if c else "succeeded"
         log.info("task %s %s after %d attempt(s)%s", task_id, outcome, attempts,
                  f": {c.type}/{c.code}" if c else "",
@@ -401,6 +454,7 @@ class Executor:
         )
         cid, cancelled = await _settled(rt.create(req))
         st.container_id = cid
+        self.live[cid] = _Live(em, st, deadline)
         em.emit(
             ContainerCreated, container_id=cid, image=spec.image, labels=labels, deadline=deadline
         )
@@ -483,6 +537,7 @@ class Executor:
         """Evidence that must be read before removal, then cleanup."""
         cid = st.container_id
         if cid is not None:
+            self.live.pop(cid, None)
             counters = self.sampler.untrack(cid)
             st.pids_events = counters.pids_limit_events
             st.oom_events = counters.memory_oom_events

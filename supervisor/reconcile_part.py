@@ -64,7 +64,7 @@ class ReconcilerPart:
         self.executor = CommandExecutor(
             js=ctx.js, runtime=node.runtime, cleaner=node.executor.cleaner,
             emitter=node.emitter, data_dir=node.data_dir, config=cfg, metrics=node.metrics,
-            reconcile_metrics=self.metrics,
+            reconcile_metrics=self.metrics, claim_kill=node.executor.claim_kill,
         )  # fmt: skip
         await self.executor.start()
         stack.push_async_callback(self.executor.stop)

@@ -7,14 +7,17 @@ import asyncio
 import gc
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from schemas import (
+    CleanupCommand,
     ContainerCreated,
     ErrorRaised,
+    Evidence,
     KillIssued,
     Limits,
     Result,
@@ -24,8 +27,14 @@ from schemas import (
     event_type,
 )
 from supervisor import executor as executor_module
+from supervisor.breaker import counts
+from supervisor.classify import classify
+from supervisor.commands import CommandExecutor
 from supervisor.config import Config
+from supervisor.emitter import utcnow
+from supervisor.errors import DockerRequestRefused
 from supervisor.node import Node, open_node
+from supervisor.runtime import ContainerRequest
 from tests.conftest import SANDBOX_IMAGE
 from tests.streamutil import stream_events, stream_messages
 
@@ -418,3 +427,89 @@ async def test_an_error_event_is_published_for_every_failed_attempt(
     assert [(e.code, e.task_id) for e in errors if isinstance(e, ErrorRaised)] == [
         ("NONZERO_EXIT", result.task_id)
     ]
+
+
+async def test_a_request_the_engine_refuses_is_the_specs_fault_not_the_engines(
+    node: Node,
+) -> None:
+    """The engine answers HTTP 400 to a request it refuses (here a memory limit under its
+    6 MB minimum, which admission would have caught): that is the spec's fault, an
+    `INVALID_SPEC` that is not retried, never an engine failure the breaker counts."""
+    request = ContainerRequest(
+        image=SANDBOX_IMAGE, command=["true"], labels={"supervisor.managed": "false"},
+        env={}, workspace=str(node.data_dir), workspace_mount="/workspace", user="65534:65534",
+        memory_mb=1, cpus=1.0, pids=16, tmpfs_size="1m", network="none", privileged=False,
+        cap_add=[], mounts=[],
+    )  # fmt: skip
+    with pytest.raises(DockerRequestRefused) as refused:
+        await node.runtime.create(request)
+    assert refused.value.status == 400
+
+    c = classify(Evidence(adapter_error=refused.value.tag))
+    assert c is not None
+    assert (c.type, c.code, c.retryable) == ("validation", "INVALID_SPEC", False)
+    assert not counts(c)
+
+
+def _remove_command(node: Node, cid: str, task_id: str) -> CleanupCommand:
+    return CleanupCommand(
+        command_id=f"cmd-{cid[:8]}", node_id=node.config.node_id, action="remove_container",
+        resource_kind="container", resource=cid, rule="orphan_container",
+        decision_id="d-1", issued_at=utcnow(), task_id=task_id, attempt=1,
+    )  # fmt: skip
+
+
+async def _live_container(node: Node, task: asyncio.Task[Result]) -> str:
+    for _ in range(300):
+        if node.executor.live:
+            return next(iter(node.executor.live))
+        assert not task.done(), task
+        await asyncio.sleep(0.05)
+    raise AssertionError("no container came up")
+
+
+def _commands(node: Node) -> CommandExecutor:
+    return CommandExecutor(
+        js=node.events.js, runtime=node.runtime, cleaner=node.executor.cleaner,
+        emitter=node.emitter, data_dir=node.data_dir, config=node.config.reconcile,
+        metrics=node.metrics, claim_kill=node.executor.claim_kill,
+    )  # fmt: skip
+
+
+async def test_a_cleanup_command_never_kills_a_live_attempt_before_its_deadline(
+    node: Node, docker_client
+) -> None:  # type: ignore[no-untyped-def]
+    assert await node.events.wait_connected(10)
+    run = asyncio.ensure_future(node.executor.run(_spec("sleep 3; echo survived", timeout_s=60)))
+    cid = await _live_container(node, run)
+
+    outcome, detail = await _commands(node).execute(_remove_command(node, cid, "t"))
+
+    assert outcome == "refused"
+    assert detail.endswith("on this instance, before its deadline")
+    assert docker_client.containers.get(cid).status == "running"
+    result = await run
+    assert (result.status, result.stdout) == ("succeeded", "survived\n")
+
+
+async def test_a_cleanup_command_that_kills_a_live_attempt_is_recorded_as_its_kill(
+    node: Node, nats_url: str
+) -> None:
+    """Past its deadline (the attempt's own timeout did not act yet), a reconciler's kill is
+    the attempt's `kill_issued{reconcile}`: infrastructure, not the script's SIGKILL."""
+    assert await node.events.wait_connected(10)
+    run = asyncio.ensure_future(node.executor.run(_spec("sleep 60", timeout_s=60)))
+    cid = await _live_container(node, run)
+    node.executor.live[cid].deadline = time.time() - 1  # as if its deadline had passed
+
+    outcome, _ = await _commands(node).execute(_remove_command(node, cid, "t"))
+
+    assert outcome == "succeeded"
+    result = await run
+    assert result.error is not None
+    assert (result.error.type, result.error.code) == ("infrastructure", "KILLED_EXTERNALLY")
+    assert result.error.details == {"by": "reconcile"}
+    assert await node.events.flush(10)
+    kills = [e for e in await stream_events(nats_url, f"sup.container.kill_issued.*.{result.task_id}")
+             if isinstance(e, KillIssued)]  # fmt: skip
+    assert [(k.reason, k.attempt) for k in kills] == [("reconcile", 1)]
