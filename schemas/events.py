@@ -94,6 +94,18 @@ class SupervisorSuperseded(Event, frozen=True, tag="supervisor.superseded"):
     superseded_pid: int = 0
 
 
+class EmbeddedNatsRestarted(Event, frozen=True, tag="supervisor.nats_restarted"):
+    """The daemon's embedded nats-server died (`exit_code`, negative for a signal) and was
+    started again on the same port and store, `down_s` after it was found dead; `restarts`
+    counts them in this instance's life."""
+
+    category = "supervisor"
+    name = "nats_restarted"
+    exit_code: int | None = None
+    restarts: int = 0
+    down_s: float = 0.0
+
+
 # --- task ------------------------------------------------------------------------------
 
 
@@ -406,6 +418,7 @@ AnyEvent = (
     SupervisorStarted
     | SupervisorStopped
     | SupervisorSuperseded
+    | EmbeddedNatsRestarted
     | TaskSubmitted
     | TaskRejected
     | TaskSucceeded

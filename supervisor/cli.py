@@ -9,14 +9,16 @@ import contextlib
 import os
 import signal
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from schemas import ErrorRaised, Result
+from schemas import ErrorRaised, ExecutionError, Result, TaskRejected, TaskSpec
 from supervisor.admission import decode_spec
 from supervisor.config import Config, load_config
+from supervisor.emitter import new_id
 from supervisor.errors import ConfigError, InvalidSpec, NatsUnavailable, SupervisorError
 
 EXIT_OK, EXIT_FAILED, EXIT_REJECTED, EXIT_INFRA = 0, 1, 2, 3
@@ -175,6 +177,17 @@ def _read_spec_bytes(arg: str) -> bytes:
         raise InvalidSpec("spec", f"cannot read {arg}: {e.strerror}") from e
 
 
+def _invalid_spec_result(e: InvalidSpec) -> Result:
+    """The Result of a spec that did not decode (under a new task id)."""
+    task_id = f"t-{new_id()[:16]}"
+    error = ExecutionError(
+        type="validation", code="INVALID_SPEC", message=str(e), retryable=False,
+        details={"field": e.field}, task_id=task_id,
+        timestamp=datetime.now(UTC).isoformat(),
+    )  # fmt: skip
+    return Result(task_id=task_id, status="rejected", attempts=0, error=error)
+
+
 def _print_result(result: Result, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
@@ -197,20 +210,22 @@ def _print_result(result: Result, as_json: bool) -> None:
 async def _run_async(args: argparse.Namespace, cfg: Config) -> int:
     from supervisor.node import open_node
 
-    raw = _read_spec_bytes(args.spec)
+    try:
+        spec: TaskSpec | None = decode_spec(_read_spec_bytes(args.spec))
+    except InvalidSpec as e:
+        spec, refusal = None, e
     async with open_node(cfg, nats_url=args.nats_url, role="run") as node:
-        try:
-            spec = decode_spec(raw)
-        except InvalidSpec as e:
-            node.emitter.emit(
-                ErrorRaised,
-                error_type="validation",
-                code="INVALID_SPEC",
-                message=str(e),
-                retryable=False,
-                details={"field": e.field},
-            )
-            sys.stderr.write(f"rejected: validation/INVALID_SPEC: {e}\n")
+        if spec is None:
+            # A new id: the one the spec may name could be another task's.
+            rejected = _invalid_spec_result(refusal)
+            em = node.emitter.for_task(rejected.task_id, new_id())
+            assert rejected.error is not None
+            em.emit(ErrorRaised, error_type="validation", code="INVALID_SPEC",
+                    message=rejected.error.message, retryable=False,
+                    details=rejected.error.details)  # fmt: skip
+            em.emit(TaskRejected, error=rejected.error, result=rejected)
+            _print_result(rejected, args.json)
+            await node.events.flush(5.0)
             return EXIT_REJECTED
         task = asyncio.ensure_future(node.executor.run(spec))
         loop = asyncio.get_running_loop()
@@ -357,14 +372,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
-    from supervisor.emitter import Emitter, new_id
+    from supervisor.emitter import Emitter
     from supervisor.eventlog import EventLog
     from supervisor.intake import Intake, prepare
     from supervisor.node import nats_for
     from supervisor.wait import wait_for_result
 
-    raw = _read_spec_bytes(args.spec)
-    spec = decode_spec(raw)
+    try:
+        spec = decode_spec(_read_spec_bytes(args.spec))
+    except InvalidSpec as e:
+        if not args.json:
+            raise
+        _print_result(_invalid_spec_result(e), True)  # nothing was submitted: no event
+        return EXIT_REJECTED
     overrides = {"priority": args.priority, "correlation_id": args.correlation_id}
     spec = prepare(msgspec.structs.replace(spec, **{k: v for k, v in overrides.items() if v}))
     data_dir = Path(cfg.data_dir).resolve()

@@ -188,6 +188,9 @@ class Daemon:
                 ack_progress_s=sc.ack_progress_s,
                 may_pull=self.may_pull,
                 fits=self.fits,
+                superseded=frozenset([lock.previous.instance_id] if lock.previous else []),
+                heartbeat_timeout_s=cfg.reconcile.heartbeat_timeout_s,
+                terminal_wait_s=sc.ack_wait_s,
             )
             await monitor.tick()
             _background(stack, "monitor", lambda: _after(cfg.monitor.interval_s, monitor.run))
@@ -201,6 +204,7 @@ class Daemon:
                 breaker=breaker,
                 monitor=monitor,
                 max_backlog=cfg.http.max_outbox_backlog,
+                nats_down=lambda: node.nats_watch.down if node.nats_watch else None,
             )
             checks["started"] = self._started_check
             node.metrics.outbox_backlog.set_function(lambda: node.events.backlog)

@@ -32,6 +32,7 @@ class TaskHistory:
     # The attempt that started but never finished (its supervisor died), if any.
     open_attempt: int | None = None
     open_instance: str | None = None
+    open_node: str | None = None
     open_container: str | None = None
     open_workspace: str | None = None
     terminal: str | None = None
@@ -44,6 +45,7 @@ def summarize(events: list[Event]) -> TaskHistory:
     """Pure: fold a task's events (in stream order) into what a redelivery must know."""
     last = 0
     started: dict[int, str] = {}
+    nodes: dict[int, str] = {}
     finished: set[int] = set()
     containers: dict[int, str] = {}
     workspaces: dict[int, str] = {}
@@ -55,6 +57,7 @@ def summarize(events: list[Event]) -> TaskHistory:
                 pending = e.next_attempt
             case AttemptStarted():
                 started[e.attempt] = e.instance_id
+                nodes[e.attempt] = e.node_id
                 last = max(last, e.attempt)
             case AttemptFinished():
                 finished.add(e.attempt)
@@ -78,6 +81,7 @@ def summarize(events: list[Event]) -> TaskHistory:
         last_attempt=last,
         open_attempt=a,
         open_instance=started[a],
+        open_node=nodes[a],
         open_container=containers.get(a),
         open_workspace=workspaces.get(a),
         terminal=terminal,

@@ -140,11 +140,13 @@ def docker_check(runtime: Pingable) -> CheckFn:
     return check
 
 
-def nats_check(connected: Callable[[], bool]) -> CheckFn:
+def nats_check(connected: Callable[[], bool], cause: Callable[[], str | None]) -> CheckFn:
+    """Connected to NATS; when not, `cause` may say why (the embedded server died)."""
+
     async def check() -> Check:
         if connected():
             return Check(ok=True, reason="connected to NATS")
-        return Check(ok=False, reason="not connected to NATS")
+        return Check(ok=False, reason=cause() or "not connected to NATS")
 
     return check
 
@@ -192,11 +194,12 @@ def daemon_checks(
     breaker: DockerBreaker,
     monitor: ResourceMonitor,
     max_backlog: int,
+    nats_down: Callable[[], str | None] = lambda: None,
 ) -> dict[str, CheckFn]:
     """The daemon's five checks, in the order `/readyz` reports them."""
     return {
         "docker": docker_check(runtime),
-        "nats": nats_check(connected),
+        "nats": nats_check(connected, nats_down),
         "breaker": breaker_check(breaker),
         "outbox": outbox_check(backlog, max_backlog),
         "pressure": pressure_check(monitor),

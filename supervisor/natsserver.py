@@ -142,6 +142,73 @@ class NatsServer:
         self.stop()
 
 
+class NatsWatch:
+    """Keeps the embedded server of a daemon alive: polls its process, and when it has died
+    starts it again on the same port and store, backing off while starts fail. `down`
+    names the cause meanwhile (for `/readyz`); `on_restart(exit_code, restarts, down_s)`
+    is called after each restart (the daemon records it as an event).
+
+    The restart runs on the event loop's thread on purpose: the server dies with the
+    thread that started it (`PR_SET_PDEATHSIG`), and a worker thread may end before the
+    daemon does."""
+
+    def __init__(
+        self,
+        server: NatsServer,
+        on_restart: Callable[[int | None, int, float], None],
+        *,
+        poll_s: float = 0.25,
+        max_backoff_s: float = 10.0,
+    ) -> None:
+        self.server = server
+        self.on_restart = on_restart
+        self.poll_s = poll_s
+        self.max_backoff_s = max_backoff_s
+        self.down: str | None = None
+        self.restarts = 0
+
+    async def run(self) -> None:
+        import asyncio
+        import logging
+
+        log = logging.getLogger("supervisor.nats")
+        while True:
+            await asyncio.sleep(self.poll_s)
+            proc = self.server.proc
+            if proc is None or proc.poll() is None:
+                continue
+            code = proc.returncode
+            found = time.monotonic()
+            self.down = f"the embedded nats-server exited ({_exit_text(code)}); restarting it"
+            log.error("%s on port %d", self.down, self.server.port)
+            delay = 0.25
+            while True:
+                try:
+                    self.server.restart()
+                    break
+                except EmbeddedNatsError as e:
+                    self.down = (f"the embedded nats-server exited ({_exit_text(code)}) and "
+                                 f"could not be started again; retrying in {delay:g}s")  # fmt: skip
+                    log.error("%s: %s", self.down, e)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.max_backoff_s)
+            self.restarts += 1
+            self.down = None
+            down_s = time.monotonic() - found
+            log.warning("embedded nats-server restarted on port %d after %.2fs (restart %d)",
+                        self.server.port, down_s, self.restarts)  # fmt: skip
+            self.on_restart(code, self.restarts, down_s)
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
 def url_file(data_dir: Path) -> Path:
     return Path(data_dir) / "nats.url"
 
@@ -191,9 +258,3 @@ def resolve_nats_url(cli_url: str | None, data_dir: Path) -> str | None:
         if url and _reachable(url):
             return url
     return None
-
-
-def wait_port_closed(port: int, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _reachable(f"nats://127.0.0.1:{port}", 0.1):
-        time.sleep(0.05)

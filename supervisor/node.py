@@ -4,19 +4,20 @@ Docker runtime -> event watcher -> cgroup sampler -> executor."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from schemas import SupervisorStarted, SupervisorStopped
+from schemas import EmbeddedNatsRestarted, SupervisorStarted, SupervisorStopped
 from supervisor.config import Config
 from supervisor.emitter import Emitter, new_id
 from supervisor.eventlog import EventLog
 from supervisor.executor import Executor
 from supervisor.metrics import Metrics
-from supervisor.natsserver import NatsServer, resolve_nats_url
+from supervisor.natsserver import NatsServer, NatsWatch, resolve_nats_url
 from supervisor.observe import CgroupSampler, DockerEventWatcher
 from supervisor.runtime import DockerRuntime
 
@@ -35,19 +36,28 @@ class Node:
     watcher: DockerEventWatcher
     executor: Executor
     metrics: Metrics
+    nats_watch: NatsWatch | None = None
 
 
 @contextlib.asynccontextmanager
 async def nats_for(cli_url: str | None, data_dir: Path) -> AsyncIterator[str]:
     """The NATS URL to use; starts (and finally stops) the embedded server if none is known."""
+    async with _nats(cli_url, data_dir) as (url, _):
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def _nats(
+    cli_url: str | None, data_dir: Path
+) -> AsyncIterator[tuple[str, NatsServer | None]]:
     url = resolve_nats_url(cli_url, data_dir)
     if url is not None:
-        yield url
+        yield url, None
         return
     server = NatsServer(data_dir / "nats")
     url = server.start()
     try:
-        yield url
+        yield url, server
     finally:
         server.stop()
 
@@ -66,12 +76,22 @@ async def open_node(
     instance_id = instance_id or new_id()[:16]
     metrics = Metrics()
     async with contextlib.AsyncExitStack() as stack:
-        url = await stack.enter_async_context(nats_for(nats_url or config.nats_url, data_dir))
+        url, server = await stack.enter_async_context(_nats(nats_url or config.nats_url, data_dir))
         events = EventLog(data_dir, url, instance_id=instance_id)
         await events.start()
         stack.push_async_callback(events.close, flush_timeout)
         emitter = Emitter(events, config.node_id, instance_id)
         emitter.emit(SupervisorStarted, version=VERSION, pid=os.getpid(), role=role)
+        watch = None
+        if server is not None and role == "serve":
+            # A daemon keeps the server it started alive (a foreground command just ends).
+            def restarted(code: int | None, restarts: int, down_s: float) -> None:
+                emitter.emit(EmbeddedNatsRestarted, exit_code=code, restarts=restarts,
+                             down_s=down_s)  # fmt: skip
+
+            watch = NatsWatch(server, restarted)
+            watching = asyncio.ensure_future(watch.run())
+            stack.push_async_callback(_cancel, watching)
         runtime = DockerRuntime(config.docker_url)
         stack.callback(runtime.close)
         watcher = DockerEventWatcher(runtime.client, config.node_id)
@@ -84,9 +104,16 @@ async def open_node(
             runtime, emitter, config, metrics, watcher=watcher, sampler=sampler, data_dir=data_dir
         )
         node = Node(
-            config, data_dir, instance_id, url, events, emitter, runtime, watcher, executor, metrics
-        )
+            config, data_dir, instance_id, url, events, emitter, runtime, watcher, executor,
+            metrics, watch,
+        )  # fmt: skip
         try:
             yield node
         finally:
             emitter.emit(SupervisorStopped, reason="exit")
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -5,14 +5,31 @@ policy says; and end a poison task as `infrastructure/REDELIVERY_LIMIT`."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
-from schemas import CATALOGUE, AttemptFinished, ErrorRaised, TaskSpec
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js.client import JetStreamContext
+
+from schemas import (
+    CATALOGUE,
+    NO_TASK,
+    AttemptFinished,
+    ErrorRaised,
+    Event,
+    NodeHeartbeat,
+    SupervisorSuperseded,
+    TaskSpec,
+    decode_event,
+)
 from supervisor.classify import Classification
 from supervisor.emitter import Emitter
-from supervisor.errors import SupervisorError
+from supervisor.errors import NatsUnavailable, SupervisorError
 from supervisor.executor import Executor
 from supervisor.history import TaskHistory
+from supervisor.streams import EVENTS_STREAM
 
 
 def catalogue_entry(code: str, message: str, **details: object) -> Classification:
@@ -31,9 +48,10 @@ def closing_event_id(task_id: str, attempt: int, what: str) -> str:
 
 
 async def close_lost_attempt(
-    executor: Executor, spec: TaskSpec, history: TaskHistory
+    executor: Executor, spec: TaskSpec, history: TaskHistory, death: str
 ) -> Classification:
-    """Record the open attempt of `history` as lost and clean what it left on this node."""
+    """Record the open attempt of `history` as lost (`death` says how its owner is known
+    to be dead) and clean what it left on this node."""
     assert spec.task_id is not None and history.open_attempt is not None
     em = executor.emitter.for_task(spec.task_id, spec.correlation_id or "").for_attempt(
         history.open_attempt
@@ -42,6 +60,7 @@ async def close_lost_attempt(
         "SUPERVISOR_LOST",
         "the supervisor that owned this attempt died during it",
         lost_instance=history.open_instance,
+        evidence=death,
     )
     container = await _ours(executor, em, history.open_container)
     workspace = Path(history.open_workspace) if history.open_workspace else None
@@ -84,3 +103,51 @@ def redelivery_limit(deliveries: int, max_deliver: int) -> Classification:
         deliveries=deliveries,
         max_deliver=max_deliver,
     )
+
+
+async def owner_death(
+    js: JetStreamContext,
+    *,
+    node_id: str,
+    instance_id: str,
+    self_instance: str,
+    superseded: frozenset[str],
+    heartbeat_timeout_s: float,
+    now: datetime,
+) -> str | None:
+    """Why the instance that owns an open attempt is dead, or None when nothing proves it
+    (it may be alive, only slow to ack: its attempt must not be closed then).
+
+    Evidence, each read from the stream's last message on a subject (two direct gets):
+    this instance superseded it (it held this data dir's lock); a `supervisor.superseded`
+    names it; its node's latest heartbeat comes from another instance (one daemon per
+    node), or from it but older than its timeout. Raises `NatsUnavailable`."""
+    if instance_id == self_instance:
+        raise ValueError("the own instance's attempts are known without evidence")
+    if instance_id in superseded:
+        return f"instance {instance_id} was superseded by this one (it held the data dir)"
+    last = await _last_event(js, f"sup.supervisor.superseded.{node_id}.{NO_TASK}")
+    if isinstance(last, SupervisorSuperseded) and last.superseded_instance == instance_id:
+        return f"instance {instance_id} was superseded by {last.instance_id}"
+    beat = await _last_event(js, f"sup.node.heartbeat.{node_id}.{NO_TASK}")
+    if isinstance(beat, NodeHeartbeat):
+        if beat.instance_id != instance_id:
+            return f"node {node_id} is now run by instance {beat.instance_id}"
+        timeout = beat.timeout_s or heartbeat_timeout_s
+        silent = (now - beat.occurred_at).total_seconds()
+        if silent > timeout:
+            return f"instance {instance_id} sent no heartbeat for {silent:.0f}s"
+    return None
+
+
+async def _last_event(js: JetStreamContext, subject: str) -> Event | None:
+    try:
+        msg = await js.get_last_msg(EVENTS_STREAM, subject)
+    except nats.js.errors.NotFoundError:
+        return None
+    except (nats.errors.Error, OSError) as e:
+        raise NatsUnavailable("jetstream", f"last message on {subject}: {e!r}") from e
+    try:
+        return decode_event(msg.data or b"")
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None

@@ -20,11 +20,17 @@ import msgspec
 from nats.aio.msg import Msg
 
 from schemas import PRIORITIES, ErrorRaised, Result, TaskSpec
+from supervisor.emitter import utcnow
 from supervisor.errors import NatsUnavailable, SupervisorError
 from supervisor.executor import Executor
-from supervisor.history import read_task_events, summarize
+from supervisor.history import TaskHistory, read_task_events, summarize
 from supervisor.logs import bind
-from supervisor.recovery import catalogue_entry, close_lost_attempt, redelivery_limit
+from supervisor.recovery import (
+    catalogue_entry,
+    close_lost_attempt,
+    owner_death,
+    redelivery_limit,
+)
 from supervisor.retry import should_retry
 from supervisor.workqueue import WorkQueue
 
@@ -35,9 +41,20 @@ _TERMINAL_DURABLE_S = 30.0
 
 @dataclass
 class Running:
+    """A task this instance runs. `msg` is its latest delivery (a redelivery that arrives
+    while it runs replaces it, with its own keep-alive), the one acked at the end."""
+
     spec: TaskSpec
     msg: Msg
     task: asyncio.Task[None]
+    keepalive: asyncio.Task[None]
+
+
+class _Defer(SupervisorError):
+    """A redelivered task cannot be decided now (its history may be incomplete, or the
+    owner of its open attempt may be alive): leave it for a later delivery."""
+
+    tag = "deferred"
 
 
 class Scheduler:
@@ -51,6 +68,10 @@ class Scheduler:
         may_pull: Callable[[], bool],
         fits: Callable[[int, list[int]], bool],
         on_result: Callable[[Result], None] = lambda r: None,
+        superseded: frozenset[str] = frozenset(),
+        heartbeat_timeout_s: float = 20.0,
+        defer_s: float = 5.0,
+        terminal_wait_s: float = _TERMINAL_DURABLE_S,
     ) -> None:
         self.wq = wq
         self.executor = executor
@@ -59,7 +80,14 @@ class Scheduler:
         self.may_pull = may_pull
         self.fits = fits
         self.on_result = on_result
+        self.superseded = superseded
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.defer_s = defer_s
+        # No use waiting longer than the ack wait: the message comes back then anyway, and
+        # its redelivery is acked here once the terminal event is durable (`_known_here`).
+        self.terminal_wait_s = terminal_wait_s
         self.running: dict[str, Running] = {}
+        self._acks: set[asyncio.Task[None]] = set()
         self.held: dict[str, tuple[Msg, TaskSpec, asyncio.Task[None]]] = {}
         self._changed = asyncio.Event()
         self._stopping = False
@@ -104,6 +132,8 @@ class Scheduler:
                 if pulled is None:
                     continue
                 msg, spec = pulled
+                if self._known_here(msg, spec):
+                    return True
                 keepalive = asyncio.ensure_future(self._keepalive(msg))
             else:
                 msg, spec, keepalive = head
@@ -113,6 +143,41 @@ class Scheduler:
             self._start(msg, spec, keepalive)
             return True
         return False
+
+    def _known_here(self, msg: Msg, spec: TaskSpec) -> bool:
+        """A redelivery of a task this instance runs, holds or has ended (its acks were late:
+        NATS was down, or the ack itself was lost) is never run or closed again: a running
+        or held one follows the new delivery, an ended one is acked once its terminal event
+        is durable."""
+        task_id = spec.task_id
+        assert task_id is not None
+        run = self.running.get(task_id)
+        if run is not None:
+            log.info("task %s: redelivered while it runs here; following the new delivery",
+                     task_id)  # fmt: skip
+            run.keepalive.cancel()
+            run.msg, run.keepalive = msg, asyncio.ensure_future(self._keepalive(msg))
+            return True
+        for prio, (_, held, keepalive) in list(self.held.items()):
+            if held.task_id == task_id:
+                keepalive.cancel()
+                self.held[prio] = (msg, held, asyncio.ensure_future(self._keepalive(msg)))
+                return True
+        if task_id in self.executor.finished:
+            log.info("task %s: redelivered after it ended here; acking it", task_id)
+            ack = asyncio.ensure_future(self._ack_when_durable(msg))
+            self._acks.add(ack)
+            ack.add_done_callback(self._acks.discard)
+            return True
+        return False
+
+    async def _ack_when_durable(self, msg: Msg) -> None:
+        if await self.events.flush(self.terminal_wait_s):
+            with contextlib.suppress(Exception):
+                await msg.ack_sync()
+        else:
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=self.defer_s)
 
     async def _pull(self, prio: str) -> tuple[Msg, TaskSpec] | None:
         while True:
@@ -141,8 +206,8 @@ class Scheduler:
 
     def _start(self, msg: Msg, spec: TaskSpec, keepalive: asyncio.Task[None]) -> None:
         assert spec.task_id is not None
-        task = asyncio.ensure_future(self._handle(msg, spec, keepalive))
-        self.running[spec.task_id] = Running(spec, msg, task)
+        task = asyncio.ensure_future(self._handle(msg, spec))
+        self.running[spec.task_id] = Running(spec, msg, task, keepalive)
 
         def _done(_: asyncio.Task[None]) -> None:
             self.running.pop(spec.task_id or "", None)
@@ -156,28 +221,38 @@ class Scheduler:
             with contextlib.suppress(Exception):
                 await msg.in_progress()
 
-    async def _handle(self, msg: Msg, spec: TaskSpec, keepalive: asyncio.Task[None]) -> None:
+    async def _handle(self, msg: Msg, spec: TaskSpec) -> None:
         with bind(task_id=spec.task_id, correlation_id=spec.correlation_id):
-            await self._handle_bound(msg, spec, keepalive)
+            await self._handle_bound(msg, spec)
 
-    async def _handle_bound(self, msg: Msg, spec: TaskSpec, keepalive: asyncio.Task[None]) -> None:
+    def _delivery(self, spec: TaskSpec, first: Msg) -> Msg:
+        run = self.running.get(spec.task_id or "")
+        return run.msg if run is not None else first
+
+    async def _handle_bound(self, msg: Msg, spec: TaskSpec) -> None:
         try:
             result = await self._execute(msg, spec)
             if result is not None:
                 self.on_result(result)
             # Ack only once the terminal event is durable; otherwise the redelivery finds it.
-            if await self.events.flush(_TERMINAL_DURABLE_S):
-                await msg.ack_sync()
+            if await self.events.flush(self.terminal_wait_s):
+                await self._delivery(spec, msg).ack_sync()
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                await asyncio.shield(msg.nak())
+                await asyncio.shield(self._delivery(spec, msg).nak())
             raise
+        except _Defer as e:
+            log.info("task %s: %s; leaving it for a later delivery", spec.task_id, e)
+            with contextlib.suppress(Exception):
+                await self._delivery(spec, msg).nak(delay=self.defer_s)
         except SupervisorError as e:
             log.error("task %s: %s; leaving it for redelivery", spec.task_id, e)
             with contextlib.suppress(Exception):
-                await msg.nak(delay=1)
+                await self._delivery(spec, msg).nak(delay=1)
         finally:
-            keepalive.cancel()
+            run = self.running.get(spec.task_id or "")
+            if run is not None:
+                run.keepalive.cancel()
 
     async def _execute(self, msg: Msg, spec: TaskSpec) -> Result | None:
         deliveries = msg.metadata.num_delivered
@@ -185,13 +260,17 @@ class Scheduler:
         if deliveries <= 1:
             return await ex.run(spec, announce=False, terminal_on_cancel=False)
         assert spec.task_id is not None
+        # The history must hold everything this process has to say first: its own events
+        # and those of the outboxes it adopted (a superseded instance's terminal events).
+        if not await self.events.flush(self.terminal_wait_s):
+            raise _Defer("the event log cannot reach NATS to read the task's history")
         history = summarize(await read_task_events(self.wq.js, spec.task_id))
         if history.terminal is not None:
             return None  # done before, only the ack was lost
         last = history.last_attempt
         closed = None
         if history.open_attempt is not None:
-            closed = await close_lost_attempt(ex, spec, history)
+            closed = await close_lost_attempt(ex, spec, history, await self._death(history))
         if deliveries > self.max_deliver:
             return ex.fail(spec, redelivery_limit(deliveries, self.max_deliver), attempts=last)
         if last == 0:
@@ -210,6 +289,22 @@ class Scheduler:
         em = ex.emitter.for_task(spec.task_id, spec.correlation_id or "").for_attempt(last)
         await ex.sleep(ex.schedule_retry(em, spec, last, previous))
         return await ex.run(spec, announce=False, first_attempt=last + 1, terminal_on_cancel=False)
+
+    async def _death(self, history: TaskHistory) -> str:
+        """The proof that the open attempt's owner is dead; `_Defer` when there is none."""
+        owner = history.open_instance or ""
+        if owner == self.executor.emitter.instance_id:
+            # Not running here (`_known_here`) and never ended: its run was cut short.
+            return f"this instance ({owner}) no longer runs it"
+        death = await owner_death(
+            self.wq.js, node_id=history.open_node or "", instance_id=owner,
+            self_instance=self.executor.emitter.instance_id, superseded=self.superseded,
+            heartbeat_timeout_s=self.heartbeat_timeout_s, now=utcnow(),
+        )  # fmt: skip
+        if death is None:
+            raise _Defer(f"the owner of attempt {history.open_attempt}, instance {owner}, "
+                         "may be alive")  # fmt: skip
+        return death
 
     async def stop_pulling(self) -> None:
         self._stopping = True

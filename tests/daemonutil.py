@@ -29,7 +29,7 @@ class DaemonProc:
     def __init__(
         self,
         data_dir: Path,
-        nats_url: str,
+        nats_url: str | None,
         config: dict[str, Any] | None = None,
         args: tuple[str, ...] = (),
     ) -> None:
@@ -49,8 +49,9 @@ class DaemonProc:
     def start(self, timeout: float = 30.0) -> DaemonProc:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
+        nats = ["--nats", self.nats_url] if self.nats_url else []  # None: the embedded server
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "serve", "--nats", self.nats_url,
+            [sys.executable, "-m", "supervisor", "serve", *nats,
              "--data-dir", str(self.data_dir), "--config", str(self.config_path), *self.args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip

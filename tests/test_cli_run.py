@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from schemas import ErrorRaised, Limits, RetryPolicy, TaskSpec, event_type
+from schemas import ErrorRaised, Limits, Result, RetryPolicy, TaskSpec, event_type
 from supervisor.config import Config
 from supervisor.natsserver import NatsServer
 from supervisor.node import open_node
@@ -116,6 +117,27 @@ def test_a_malformed_spec_exits_2_and_names_the_field(tmp_dir: Path, nats_url: s
     assert [(e.code, e.details) for e in errors if isinstance(e, ErrorRaised)] == [
         ("INVALID_SPEC", {"field": "limits.memory_mb"})
     ]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b'{"image": 3}', b"[]"])
+def test_run_and_submit_json_print_one_result_for_a_spec_that_does_not_decode(
+    tmp_dir: Path, nats_url: str, raw: bytes
+) -> None:
+    run = _supervisor("run", "-", "--json", "--nats", nats_url, "--data-dir", str(tmp_dir / "d"),
+                      stdin=raw)  # fmt: skip
+    submit = _supervisor("submit", "-", "--wait", "--json", "--nats", nats_url, "--data-dir",
+                         str(tmp_dir / "d"), stdin=raw)  # fmt: skip
+
+    for proc in (run, submit):
+        assert proc.returncode == 2, proc.stderr
+        result = msgspec.json.decode(proc.stdout, type=Result)
+        assert (result.status, result.attempts) == ("rejected", 0)
+        assert result.error is not None
+        assert (result.error.type, result.error.code) == ("validation", "INVALID_SPEC")
+        assert result.error.task_id == result.task_id
+    # The run recorded its rejection: one terminal event, under the id it printed.
+    rejected = asyncio.run(stream_events(nats_url, "sup.task.rejected.>"))
+    assert [e.task_id for e in rejected] == [msgspec.json.decode(run.stdout)["task_id"]]
 
 
 def test_run_without_a_url_starts_and_stops_the_embedded_server(tmp_dir: Path) -> None:

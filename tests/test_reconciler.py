@@ -109,7 +109,7 @@ async def test_a_redelivery_racing_the_reconciler_closes_a_lost_attempt_once(
         assert sorted(rules) == ["leaked_workspace", "lost_attempt"]
         # ...and then the daemon closes it too, from what it read before.
         spec = TaskSpec(image="supervisor-sandbox:busybox", command=["true"], task_id="t-race")
-        await close_lost_attempt(r.node.executor, spec, history)
+        await close_lost_attempt(r.node.executor, spec, history, "its heartbeats stopped")
         await r.node.events.flush(10)
 
         errors = await stream_events(nats_url, f"sup.error.infrastructure.{r.node_id}.t-race")

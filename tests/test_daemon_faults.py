@@ -1,0 +1,180 @@
+"""One outcome per task whatever fails under a running daemon (`supervisor serve`, as users
+start it): its embedded nats-server killed with SIGKILL mid-task, and an outage of an
+external NATS longer than the task queue's ack wait, so that every running task's message
+is redelivered. Afterwards each task has exactly one terminal event in the stream, no
+attempt is closed as lost, and the audit of the stream's history is clean."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from projections.audit import audit_records, records_of
+from schemas import EmbeddedNatsRestarted, ErrorRaised, Event, TaskFailed, TaskSucceeded
+from schemas.events import TERMINAL_TASK_EVENTS
+from supervisor.natsserver import NatsServer
+from tests.daemonutil import DaemonProc, submit, task
+from tests.streamutil import stream_events
+
+pytestmark = [pytest.mark.docker, pytest.mark.nats]
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProc]]:
+    started: list[DaemonProc] = []
+    yield started
+    for d in started:
+        d.stop()
+
+
+def wait_until(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def terminal_counts(events: list[Event]) -> Counter[str]:
+    return Counter(e.task_id for e in events if isinstance(e, TERMINAL_TASK_EVENTS))
+
+
+def assert_one_outcome_each(events: list[Event], task_ids: list[str]) -> None:
+    assert terminal_counts(events) == Counter({t: 1 for t in task_ids})
+    failed = {e.task_id: e.result.error for e in events if isinstance(e, TaskFailed)}
+    assert failed == {}
+    assert sorted(e.task_id for e in events if isinstance(e, TaskSucceeded)) == sorted(task_ids)
+    lost = [e for e in events if isinstance(e, ErrorRaised) and e.code == "SUPERVISOR_LOST"]
+    assert lost == []
+    assert audit_records(records_of(events)) == []
+
+
+def _nats_child(daemon: DaemonProc) -> psutil.Process:
+    assert daemon.proc is not None
+    children = psutil.Process(daemon.proc.pid).children()
+    servers = [c for c in children if c.name() == "nats-server"]
+    assert len(servers) == 1, children
+    return servers[0]
+
+
+def test_the_embedded_nats_killed_mid_task_is_restarted_and_each_task_ends_once(
+    tmp_dir: Path, daemons: list[DaemonProc]
+) -> None:
+    data = tmp_dir / "data"
+    daemon = DaemonProc(data, None, {"scheduling": {"concurrency": 4}}).start()
+    daemons.append(daemon)
+    url = (data / "nats.url").read_text().strip()
+    ids = [f"embedded-{i}" for i in range(4)]
+    for t in ids:
+        assert (
+            submit(url, tmp_dir / "client", task("sleep 6; echo done", task_id=t)).returncode == 0
+        )
+    wait_until(lambda: len(list((data / "workspaces").iterdir())) == 4, 60, "4 running tasks")
+    server = _nats_child(daemon)
+
+    server.send_signal(signal.SIGKILL)
+    server.wait(10)
+
+    wait_until(lambda: _nats_child_or_none(daemon) is not None, 30, "the server to be back")
+    events: list[Event] = []
+
+    def all_ended() -> bool:
+        nonlocal events
+        events = asyncio.run(stream_events(url))
+        return len(terminal_counts(events)) == 4
+
+    wait_until(all_ended, 90, "the 4 tasks to end")
+    time.sleep(1.0)  # any second terminal event would land now
+    events = asyncio.run(stream_events(url))
+    assert_one_outcome_each(events, ids)
+    assert [e.task_id for e in events if isinstance(e, TaskFailed)] == []
+    restarts = [e for e in events if isinstance(e, EmbeddedNatsRestarted)]
+    assert [(r.exit_code, r.restarts) for r in restarts] == [(-signal.SIGKILL, 1)]
+    assert "embedded nats-server exited (killed by SIGKILL); restarting it" in daemon.log()
+    assert (
+        data / "nats.url"
+    ).read_text().strip() == url  # same port: the events above came from it
+    try:
+        wait_until(lambda: daemon.get("/readyz")[0] == 200, 30, "the daemon to be ready again")
+    except AssertionError:
+        checks = json.loads(daemon.get("/readyz")[1])["checks"]
+        raise AssertionError({k: v for k, v in checks.items() if not v["ok"]}) from None
+    daemon.stop()
+    assert daemon.wait() == 0
+
+
+def _nats_child_or_none(daemon: DaemonProc) -> psutil.Process | None:
+    assert daemon.proc is not None
+    for c in psutil.Process(daemon.proc.pid).children():
+        if c.name() == "nats-server" and c.status() != psutil.STATUS_ZOMBIE:
+            return c
+    return None
+
+
+def test_an_outage_longer_than_the_ack_wait_redelivers_but_never_reruns_or_recloses(
+    tmp_dir: Path, daemons: list[DaemonProc]
+) -> None:
+    server = NatsServer(tmp_dir / "nats-store")
+    url = server.start()
+    try:
+        data = tmp_dir / "data"
+        config = {"scheduling": {"concurrency": 4, "ack_wait_s": 2, "ack_progress_s": 1}}
+        daemon = DaemonProc(data, url, config).start()
+        daemons.append(daemon)
+        # Two end while NATS is away, two still run when it is back: all four messages are
+        # redelivered (their acks and in-progress acks could not reach it).
+        ids = [f"outage-{i}" for i in range(4)]
+        for i, t in enumerate(ids):
+            script = "sleep 2; echo done" if i < 2 else "sleep 12; echo done"
+            spec = task(script, task_id=t, limits={"timeout_s": 60})
+            assert submit(url, tmp_dir / "client", spec).returncode == 0
+        wait_until(lambda: len(list((data / "workspaces").iterdir())) == 4, 60, "4 running tasks")
+
+        server.stop()
+        wait_until(lambda: len(list((data / "workspaces").iterdir())) == 2, 60, "2 tasks to end")
+        time.sleep(3)  # past the ack wait
+        server.start()  # same port, same store
+
+        events: list[Event] = []
+
+        def all_ended() -> bool:
+            nonlocal events
+            events = asyncio.run(stream_events(url))
+            return len(terminal_counts(events)) == 4
+
+        wait_until(all_ended, 90, "the 4 tasks' outcomes to land")
+        wait_until(lambda: _queue_empty(url), 60, "every message to be acked")
+        time.sleep(3)  # another ack wait: a message left unacked would be redelivered now
+        events = asyncio.run(stream_events(url))
+        assert_one_outcome_each(events, ids)
+        assert _queue_empty(url)
+        log = daemon.log()
+        assert log.count("redelivered after it ended here; acking it") >= 2, log
+        assert "redelivered while it runs here; following the new delivery" in log, log
+        daemon.stop()
+        assert daemon.wait() == 0
+    finally:
+        server.stop()
+
+
+def _queue_empty(url: str) -> bool:
+    async def depth() -> int:
+        import nats
+
+        nc = await nats.connect(url)
+        try:
+            info = await nc.jetstream().stream_info("SUP_TASKS")
+            return int(info.state.messages)
+        finally:
+            await nc.close()
+
+    return asyncio.run(depth()) == 0
