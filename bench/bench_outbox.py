@@ -1,6 +1,6 @@
 """Side by side: raw nats-py `publish_async` against the same events through the outbox.
 
-    .venv/bin/python bench/bench_outbox.py [--events N] [--rounds R]
+    .venv/bin/python bench/bench_outbox.py [--events N] [--rounds R] [--sync-cost]
 
 Starts its own nats-server (in a temp dir, removed afterwards) and, in one run, measures
 for each round:
@@ -34,7 +34,7 @@ from typing import Any
 
 from schemas import AttemptFinished, Event, Evidence, encode_event
 from supervisor.eventlog import MSG_ID_HEADER, EventLog, connect_nats, ensure_streams
-from supervisor.natsserver import NatsServer
+from supervisor.natsserver import REPO_CONF, NatsServer
 from supervisor.streams import EVENTS_STREAM
 
 
@@ -113,6 +113,54 @@ async def stream_messages(url: str, *, purge: bool = False) -> int:
         await nc.close()
 
 
+async def sync_cost(n: int, rounds: int) -> int:
+    """The outbox's throughput against a server with `sync_interval: always` (the repo's
+    nats.conf) and one with NATS's default (fsync every 2 minutes), alternated in one run."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench-outbox-sync-"))
+    default_conf = workdir / "nats-default-sync.conf"
+    default_conf.write_text(
+        "\n".join(
+            line
+            for line in REPO_CONF.read_text().splitlines()
+            if not line.strip().startswith("sync_interval")
+        )
+    )
+    servers = {"always": NatsServer(workdir / "always"),
+               "default": NatsServer(workdir / "default", conf=default_conf)}  # fmt: skip
+    try:
+        urls = {k: s.start() for k, s in servers.items()}
+        for url in urls.values():
+            nc = await connect_nats(url, reconnect=False)
+            await ensure_streams(nc.jetstream(), url=url)
+            await nc.close()
+        rates: dict[str, list[float]] = {"always": [], "default": []}
+        for r in range(rounds):
+            order = ["always", "default"] if r % 2 == 0 else ["default", "always"]
+            for kind in order:
+                seconds = await _measured(
+                    urls[kind],
+                    run_outbox(
+                        urls[kind], workdir / f"data-{kind}", make_events(n), f"sync-{kind}-{r}"
+                    ),
+                    n,
+                )
+                rates[kind].append(n / seconds)
+            print(f"round {r + 1}: always {rates['always'][-1]:>9,.0f} msgs/s   "
+                  f"default {rates['default'][-1]:>9,.0f} msgs/s   "
+                  f"ratio {rates['always'][-1] / rates['default'][-1]:.2f}")  # fmt: skip
+        paired = statistics.median(a / d for a, d in zip(rates["always"], rates["default"],
+                                                          strict=True))  # fmt: skip
+        print(f"events: {n}, rounds: {rounds}")
+        print(f"outbox, sync_interval always  : {max(rates['always']):>9,.0f} msgs/s (best)")
+        print(f"outbox, sync_interval default : {max(rates['default']):>9,.0f} msgs/s (best)")
+        print(f"ratio always/default          : {paired:.2f} median per round")
+        return 0
+    finally:
+        for s in servers.values():
+            s.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 async def main(n: int, rounds: int) -> int:
     # A SIGTERM (e.g. `timeout`) still stops the server and removes the temp dir.
     me = asyncio.current_task()
@@ -163,5 +211,9 @@ if __name__ == "__main__":
     )
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--sync-cost", action="store_true",
+        help="measure what sync_interval: always costs the outbox instead",
+    )  # fmt: skip
     args = parser.parse_args()
-    sys.exit(asyncio.run(main(args.events, args.rounds)))
+    sys.exit(asyncio.run((sync_cost if args.sync_cost else main)(args.events, args.rounds)))
