@@ -30,6 +30,14 @@ CATALOGUE: Final[dict[str, tuple[ErrorType, bool]]] = {
     # Extension: the run was cancelled by its own supervisor (Ctrl-C on `supervisor run`,
     # a forced shutdown); nobody else is to blame and it is not retried.
     "CANCELLED": ("infrastructure", False),
+    # A different spec under a task id already known (submission is idempotent by id).
+    "DUPLICATE_TASK_ID": ("validation", False),
+    # The data dir (outbox, NATS store, projection) has no space left; nothing was started.
+    "DISK_FULL": ("resource", True),
+    "QUERY_MEMORY": ("resource", False),
+    # Intake could not make a submission durable: NATS (JetStream) did not answer.
+    "NATS_UNAVAILABLE": ("infrastructure", True),
+    "CPU_TIME_EXCEEDED": ("timeout", False),
 }
 
 

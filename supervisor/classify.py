@@ -40,11 +40,16 @@ class Classification(Struct, frozen=True, kw_only=True):
     details: dict[str, Any] = {}
 
 
-def _make(code: str, message: str, **details: Any) -> Classification:
+def catalogue_entry(code: str, message: str, **details: Any) -> Classification:
+    """The catalogue's entry for `code` (its type and default retryability), with this
+    occurrence's message and details."""
     etype, retryable = CATALOGUE[code]
     return Classification(
         type=etype, code=code, retryable=retryable, message=message, details=details
     )
+
+
+_make = catalogue_entry
 
 
 def signal_name(number: int) -> str:

@@ -372,6 +372,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
+    from supervisor.diskguard import DiskGuard
     from supervisor.emitter import Emitter
     from supervisor.eventlog import EventLog
     from supervisor.intake import Intake, prepare
@@ -397,8 +398,14 @@ async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
             waiter = None
             if args.wait:
                 waiter = await wait_for_result(events.js, spec.task_id or "")
+            disk = DiskGuard(data_dir, held=lambda: events.disk_full,
+                             min_free_bytes=int(cfg.thresholds.disk_min_free_mb * 1024 * 1024))  # fmt: skip
             submission = await Intake(
-                events.js, Emitter(events, cfg.node_id, events.instance_id), events, cfg
+                events.js,
+                Emitter(events, cfg.node_id, events.instance_id),
+                events,
+                cfg,
+                disk_full=disk.reason,
             ).submit(spec)
             if not submission.accepted:
                 result = submission.result()
@@ -413,7 +420,7 @@ async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
                         msgspec.json.encode(
                             {
                                 "task_id": submission.task_id,
-                                "status": "queued",
+                                "status": "known" if submission.existing else "queued",
                                 "correlation_id": submission.correlation_id,
                             }
                         ).decode()

@@ -45,6 +45,7 @@ from schemas import (
     decode_command,
     encode_command,
 )
+from supervisor.classify import catalogue_entry
 from supervisor.cleanup import Cleaner
 from supervisor.config import ReconcileConfig
 from supervisor.emitter import Emitter
@@ -54,7 +55,7 @@ from supervisor.executor import KillClaim
 from supervisor.history import read_task_events, summarize
 from supervisor.metrics import Metrics
 from supervisor.reconciler import ReconcileMetrics
-from supervisor.recovery import catalogue_entry, record_closing
+from supervisor.recovery import record_closing
 from supervisor.retry import backoff_delay, should_retry
 from supervisor.runtime import MANAGED_LABEL, DockerRuntime
 from supervisor.streams import COMMANDS_STREAM

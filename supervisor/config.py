@@ -77,6 +77,9 @@ class Thresholds(Struct, forbid_unknown_fields=True, kw_only=True):
     cpu_pct: float = 80.0
     memory_pct: float = 85.0
     disk_pct: float = 90.0
+    # Under this much free space on the data dir's disk the node is DISK_FULL: it refuses
+    # submissions and stops pulling until space is back.
+    disk_min_free_mb: float = 64.0
     containers: int = 1000
     hysteresis: float = 0.05
 

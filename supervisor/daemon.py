@@ -27,7 +27,13 @@ from typing import Any
 
 from nats.js import JetStreamContext
 
-from schemas import PRIORITIES, SupervisorSuperseded, TaskSpec
+from schemas import (
+    PRIORITIES,
+    ResourceAlert,
+    ResourceRecovered,
+    SupervisorSuperseded,
+    TaskSpec,
+)
 from supervisor.breaker import DockerBreaker, counts
 from supervisor.capacity import can_pull_any, fits_budget
 from supervisor.classify import Classification
@@ -52,6 +58,7 @@ from supervisor.workqueue import WorkQueue, ensure_consumers
 log = logging.getLogger("supervisor.daemon")
 
 QUEUE_DEPTH_REFRESH_S = 1.0
+DISK_CHECK_S = 0.5
 
 
 def http_url_file(data_dir: Path) -> Path:
@@ -93,6 +100,8 @@ class Daemon:
         some capacity is left."""
         assert self.scheduler is not None and self.breaker is not None and self.monitor
         sc = self.config.scheduling
+        if self.node is not None and self.node.disk is not None and self.node.disk.reason():
+            return False  # what it would run could not be recorded
         return can_pull_any(
             self.scheduler.running_memory(),
             concurrency=sc.concurrency,
@@ -180,7 +189,8 @@ class Daemon:
             )
             node.executor.on_attempt = self._on_attempt
             node.executor.gate = self._gate
-            self.intake = Intake(js, node.emitter, node.events, cfg)
+            self.intake = Intake(js, node.emitter, node.events, cfg, metrics=node.metrics,
+                                 disk_full=self._disk_reason)  # fmt: skip
             self.scheduler = scheduler = Scheduler(
                 wq,
                 node.executor,
@@ -206,7 +216,10 @@ class Daemon:
                 max_backlog=cfg.http.max_outbox_backlog,
                 nats_down=lambda: node.nats_watch.down if node.nats_watch else None,
             )
+            checks["disk"] = self._disk_check
             checks["started"] = self._started_check
+            node.metrics.disk_full.set_function(lambda: float(self._disk_reason() is not None))
+            _background(stack, "disk", self._watch_disk)
             node.metrics.outbox_backlog.set_function(lambda: node.events.backlog)
             scrape_hooks: list[Callable[[], Awaitable[None]]] = []
 
@@ -250,6 +263,39 @@ class Daemon:
             await scheduler.drain(sc.shutdown_grace_s, force)
             await node.events.flush(10)
         return 0
+
+    def _disk_reason(self) -> str | None:
+        node = self.node
+        if node is None or node.disk is None:
+            return None
+        down = node.nats_watch.down if node.nats_watch is not None else None
+        if down is not None and down.startswith("DISK_FULL"):
+            return down
+        return node.disk.reason()
+
+    async def _disk_check(self) -> Check:
+        reason = self._disk_reason()
+        return Check(ok=reason is None, reason=reason or "the data dir has room")
+
+    async def _watch_disk(self) -> None:
+        """Record each change of the data dir's room (a `resource.alert` when it is full, a
+        `resource.recovered` when it is back), and look at the queues again on recovery."""
+        assert self.node is not None and self.node.disk is not None
+        node, disk = self.node, self.node.disk
+        full = False
+        while True:
+            reason = self._disk_reason()
+            if (reason is not None) != full:
+                full = reason is not None
+                cls = ResourceAlert if full else ResourceRecovered
+                if full:
+                    log.error("%s; refusing submissions and pulling nothing", reason)
+                else:
+                    log.warning("the data dir has room again; pulling work")
+                node.emitter.emit(cls, metric="disk_free_bytes", value=float(disk.free_bytes()),
+                                  threshold=float(disk.min_free_bytes))  # fmt: skip
+                self._poke()
+            await asyncio.sleep(DISK_CHECK_S)
 
     async def _started_check(self) -> Check:
         if self.ready.is_set():

@@ -106,6 +106,12 @@ class OutboxError(EventLogError):
     tag = "outbox_error"
 
 
+class DiskFull(OutboxError):
+    """The data dir has no space left (ENOSPC, EDQUOT): nothing more can be recorded."""
+
+    tag = "disk_full"
+
+
 class EmbeddedNatsError(EventLogError):
     """The embedded nats-server could not be started."""
 

@@ -36,7 +36,7 @@ from nats.js.api import PubAck, StreamConfig
 from nats.js.client import JetStreamContext
 
 from schemas import Event, encode_event
-from supervisor.errors import EventLogError, NatsUnavailable
+from supervisor.errors import DiskFull, EventLogError, NatsUnavailable
 from supervisor.outbox import Outbox, Record
 from supervisor.streams import commands_stream_config, events_stream_config, tasks_stream_config
 
@@ -47,6 +47,7 @@ _STREAM_NAME_IN_USE = 10058  # JSStreamNameExistErr: same name, different config
 _SUBJECT_RE = re.compile(r"^sup(\.[^.\s*>]+){4}$")
 _valid_subjects: set[str] = set()  # subjects repeat (a task's dozen events); checked once
 _MAX_BACKOFF_S = 2.0
+_OVERFLOW_RETRY_S = 0.5
 
 # What nats-py raises when the server is unreachable or the connection went away.
 _CONNECTION_ERRORS = (
@@ -206,6 +207,7 @@ class EventLog:
         reconnect_wait: float = 0.25,
         adopt_interval: float = 60.0,
         max_payload: int = 8 * 1024 * 1024,
+        max_overflow_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         if batch < 1 or window < 1:
             raise ValueError("batch and window must be at least 1")
@@ -232,6 +234,9 @@ class EventLog:
         self._shared_js: JetStreamContext | None = None
         self._shared_ready = asyncio.Event()
         self._closed = False
+        self.max_overflow_bytes = max_overflow_bytes
+        self._overflow: deque[tuple[str, str, bytes]] = deque()
+        self._overflow_bytes = 0
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -290,6 +295,10 @@ class EventLog:
                     log.exception("event log: %s had failed", task.get_name())
         await close_quietly(self._pub)
         await close_quietly(self._shared, drain=True)
+        self._write_overflow(self._outbox)
+        if self._overflow:
+            log.error("event log: the disk is still full; %d events held in memory are lost",
+                      len(self._overflow))  # fmt: skip
         self._outbox.close()
 
     async def __aenter__(self) -> EventLog:
@@ -325,9 +334,44 @@ class EventLog:
             raise ValueError(
                 f"event {event.event_id} is {len(payload)} bytes, over {self.max_payload}"
             )
-        outbox.append(subject, event.event_id, payload)
+        if not self._overflow:
+            try:
+                outbox.append(subject, event.event_id, payload)
+            except DiskFull as e:
+                log.error("event log: %s; events wait in memory until there is space", e)
+                self._hold(subject, event.event_id, payload)
+        else:
+            self._hold(subject, event.event_id, payload)  # behind the others, in order
         self._drained.clear()
         self._wakeup.set()
+
+    def _hold(self, subject: str, msg_id: str, payload: bytes) -> None:
+        """Keep an event the full disk refused, in order, until `_write_overflow` can put it
+        in the outbox. Bounded: past `max_overflow_bytes` the disk-full error is raised."""
+        if self._overflow_bytes + len(payload) > self.max_overflow_bytes:
+            raise DiskFull(
+                f"the data dir has no space left and {len(self._overflow)} events "
+                f"({self._overflow_bytes} bytes) already wait in memory"
+            )
+        self._overflow.append((subject, msg_id, payload))
+        self._overflow_bytes += len(payload)
+
+    def _write_overflow(self, outbox: Outbox) -> None:
+        """Move the events held in memory to the outbox, in order, as far as space allows."""
+        while self._overflow:
+            subject, msg_id, payload = self._overflow[0]
+            try:
+                outbox.append(subject, msg_id, payload)
+            except DiskFull:
+                return
+            self._overflow.popleft()
+            self._overflow_bytes -= len(payload)
+        log.info("event log: the data dir has space again; every held event is in the outbox")
+
+    @property
+    def disk_full(self) -> bool:
+        """Whether events wait in memory because the outbox's disk refused them."""
+        return bool(self._overflow)
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until JetStream acknowledged every event emitted so far; False if `timeout`
@@ -343,8 +387,9 @@ class EventLog:
 
     @property
     def backlog(self) -> int:
-        """Events on disk not yet acknowledged by JetStream (including adopted ones)."""
-        return 0 if self._outbox is None else self._outbox.backlog
+        """Events not yet acknowledged by JetStream: on disk (adopted ones included), and
+        held in memory while the disk is full."""
+        return len(self._overflow) + (0 if self._outbox is None else self._outbox.backlog)
 
     @property
     def connected(self) -> bool:
@@ -451,6 +496,8 @@ class EventLog:
 
     async def _step(self, outbox: Outbox, in_flight: deque[_Batch], failures: int) -> int:
         """One turn of the relay; returns the updated count of consecutive failures."""
+        if self._overflow:
+            self._write_overflow(outbox)
         if self._pub is None or self._pub_lost.is_set() or self._pub.is_closed:
             # Acks of the old connection will never come: keep those that did, and drop the
             # rest before anything is sent on a new connection. `is_closed` too: when the
@@ -469,6 +516,9 @@ class EventLog:
             if stalled:  # records wait but not one could be sent
                 await self._backoff(failures + 1)
                 return failures + 1
+            if self._overflow:  # the disk is still full: try again soon
+                await asyncio.sleep(_OVERFLOW_RETRY_S)
+                return failures
             if outbox.backlog == 0:
                 self._drained.set()
             await self._idle()
@@ -496,7 +546,7 @@ class EventLog:
             in_flight.popleft()
         if upto is not None:
             outbox.ack(upto)
-            if outbox.backlog == 0:
+            if outbox.backlog == 0 and not self._overflow:
                 self._drained.set()
 
     async def _reconnect_relay(self, failures: int) -> bool:

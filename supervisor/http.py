@@ -13,7 +13,8 @@ Routes:
 
 Every error is JSON in the catalogue's shape, `{"error": {"type", "code", "message", ...}}`:
 400 INVALID_SPEC (and other validation errors), 401 UNAUTHORIZED, 403 POLICY_VIOLATION,
-404 NOT_FOUND / TASK_NOT_FOUND, 405 METHOD_NOT_ALLOWED, 413 BODY_TOO_LARGE, 429 QUEUE_FULL,
+404 NOT_FOUND / TASK_NOT_FOUND, 405 METHOD_NOT_ALLOWED, 409 DUPLICATE_TASK_ID,
+413 BODY_TOO_LARGE, 429 QUEUE_FULL, 507 DISK_FULL,
 503 for what is retryable later (NATS_UNAVAILABLE, DOCKER_UNAVAILABLE, CIRCUIT_OPEN,
 HOST_PRESSURE, ...), 504 QUERY_TIMEOUT, 500 INTERNAL. Handlers raise the project's
 exceptions (or `ApiError` for a precise answer); the read side's classes are recognised by
@@ -257,8 +258,9 @@ def _add_api(app: web.Application, handlers: Handlers) -> None:
         spec = decode_spec(await request.read())
         sub = await handlers.submit(spec)
         if sub.accepted:
-            doc = {"task_id": sub.task_id, "correlation_id": sub.correlation_id, "status": "queued"}
-            return json_response(doc, status=202)
+            doc = {"task_id": sub.task_id, "correlation_id": sub.correlation_id,
+                   "status": "known" if sub.existing else "queued"}  # fmt: skip
+            return json_response(doc, status=200 if sub.existing else 202)
         err = sub.error
         if err is None:
             raise ApiError(500, "infrastructure", "INTERNAL", "the intake refused without a reason")
@@ -359,6 +361,10 @@ def _status_for_code(code: str, retryable: bool) -> int:
         return 429
     if code == "POLICY_VIOLATION":
         return 403
+    if code == "DUPLICATE_TASK_ID":
+        return 409
+    if code == "DISK_FULL":
+        return 507
     return 503 if retryable else 400
 
 

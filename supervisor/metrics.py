@@ -92,6 +92,11 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("supervisor_ready", "1 when the last readiness check passed", registry=r)
+        self.disk_full = Gauge(
+            "supervisor_disk_full",
+            "1 while the data dir has no space to record (resource/DISK_FULL)",
+            registry=r,
+        )
         self.ready_check = Gauge(
             "supervisor_ready_check",
             "1 when this readiness check passed last time",

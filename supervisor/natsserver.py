@@ -26,7 +26,7 @@ REPO_CONF = Path(__file__).resolve().parent.parent / "nats.conf"
 _LISTEN_RE = re.compile(rb"Listening for client connections on ([0-9.]+):(\d+)")
 _DEFAULT_CONF = """\
 listen: 127.0.0.1:4222
-jetstream {}
+jetstream { sync_interval: always }
 max_payload: 8MB
 """
 
@@ -68,6 +68,7 @@ class NatsServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: list[bytes] = []
         self._reader: threading.Thread | None = None
+        self.store_failed = False
 
     @property
     def url(self) -> str:
@@ -75,6 +76,7 @@ class NatsServer:
 
     def start(self, timeout: float = 15.0) -> str:
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        self.store_failed = False
         cmd = [
             nats_server_binary(),
             "-c", str(self.conf),
@@ -98,6 +100,10 @@ class NatsServer:
                     port_box.append(int(m.group(2)))
                 if b"Server is ready" in line:
                     ready.set()
+                if b"no space left on device" in line or b"critical write error" in line:
+                    # JetStream stops storing for good (until a restart) after a failed
+                    # write; the daemon's watch restarts the server once space is back.
+                    self.store_failed = True
             ready.set()
 
         assert self.proc.stderr is not None
@@ -157,11 +163,13 @@ class NatsWatch:
         server: NatsServer,
         on_restart: Callable[[int | None, int, float], None],
         *,
+        space_ok: Callable[[], bool] = lambda: True,
         poll_s: float = 0.25,
         max_backoff_s: float = 10.0,
     ) -> None:
         self.server = server
         self.on_restart = on_restart
+        self.space_ok = space_ok
         self.poll_s = poll_s
         self.max_backoff_s = max_backoff_s
         self.down: str | None = None
@@ -175,12 +183,23 @@ class NatsWatch:
         while True:
             await asyncio.sleep(self.poll_s)
             proc = self.server.proc
-            if proc is None or proc.poll() is None:
+            if proc is not None and proc.poll() is None and self.server.store_failed:
+                # Alive, but JetStream refuses to store since a write failed (disk full):
+                # only a restart brings it back, once there is space again.
+                self.down = ("DISK_FULL: the embedded nats-server could not write its store "
+                             "(no space left on device)")  # fmt: skip
+                if not self.space_ok():
+                    continue
+                code = None
+                log.warning("disk space is back; restarting the embedded nats-server")
+            elif proc is None or proc.poll() is None:
                 continue
-            code = proc.returncode
+            else:
+                code = proc.returncode
+                self.down = (f"the embedded nats-server exited ({_exit_text(code)}); "
+                             "restarting it")  # fmt: skip
+                log.error("%s on port %d", self.down, self.server.port)
             found = time.monotonic()
-            self.down = f"the embedded nats-server exited ({_exit_text(code)}); restarting it"
-            log.error("%s on port %d", self.down, self.server.port)
             delay = 0.25
             while True:
                 try:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from schemas import EmbeddedNatsRestarted, SupervisorStarted, SupervisorStopped
 from supervisor.config import Config
+from supervisor.diskguard import DiskGuard
 from supervisor.emitter import Emitter, new_id
 from supervisor.eventlog import EventLog
 from supervisor.executor import Executor
@@ -37,6 +38,7 @@ class Node:
     executor: Executor
     metrics: Metrics
     nats_watch: NatsWatch | None = None
+    disk: DiskGuard | None = None
 
 
 @contextlib.asynccontextmanager
@@ -82,6 +84,11 @@ async def open_node(
         stack.push_async_callback(events.close, flush_timeout)
         emitter = Emitter(events, config.node_id, instance_id)
         emitter.emit(SupervisorStarted, version=VERSION, pid=os.getpid(), role=role)
+        disk = DiskGuard(
+            data_dir,
+            min_free_bytes=int(config.thresholds.disk_min_free_mb * 1024 * 1024),
+            held=lambda: events.disk_full,
+        )
         watch = None
         if server is not None and role == "serve":
             # A daemon keeps the server it started alive (a foreground command just ends).
@@ -89,7 +96,7 @@ async def open_node(
                 emitter.emit(EmbeddedNatsRestarted, exit_code=code, restarts=restarts,
                              down_s=down_s)  # fmt: skip
 
-            watch = NatsWatch(server, restarted)
+            watch = NatsWatch(server, restarted, space_ok=disk.space_ok)
             watching = asyncio.ensure_future(watch.run())
             stack.push_async_callback(_cancel, watching)
         runtime = DockerRuntime(config.docker_url)
@@ -105,7 +112,7 @@ async def open_node(
         )
         node = Node(
             config, data_dir, instance_id, url, events, emitter, runtime, watcher, executor,
-            metrics, watch,
+            metrics, watch, disk,
         )  # fmt: skip
         try:
             yield node

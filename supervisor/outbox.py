@@ -34,7 +34,7 @@ from pathlib import Path
 
 import msgspec
 
-from supervisor.errors import OutboxError
+from supervisor.errors import DiskFull, OutboxError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ _READ_CHUNK = 4 * 1024 * 1024
 _RECORD_OVERHEAD = 200  # rough RAM cost of a record beyond its payload, for the memory bound
 
 _STALE_NEW_LOG_S = 3600.0
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 DEFAULT_TRUNCATE_THRESHOLD = 64 * 1024 * 1024
 DEFAULT_MEMORY_LIMIT = 32 * 1024 * 1024
@@ -250,6 +251,8 @@ class _Log:
             # Leave no partial record behind for the next append to follow.
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, self.size)
+            if e.errno in _NO_SPACE:
+                raise DiskFull(f"outbox {self.path}: no space left: {e.strerror}") from e
             raise OutboxError(f"outbox {self.path}: append failed: {e}") from e
         offset = self.size
         self.size = offset + len(data)
@@ -470,6 +473,8 @@ class Outbox:
             try:
                 self._own.sync()
             except OSError as e:
+                if e.errno in _NO_SPACE:
+                    raise DiskFull(f"outbox {self.path}: no space left: {e.strerror}") from e
                 raise OutboxError(f"outbox {self.path}: fsync failed: {e}") from e
 
     @property

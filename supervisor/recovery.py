@@ -14,7 +14,6 @@ import nats.js.errors
 from nats.js.client import JetStreamContext
 
 from schemas import (
-    CATALOGUE,
     NO_TASK,
     AttemptFinished,
     ErrorRaised,
@@ -24,19 +23,12 @@ from schemas import (
     TaskSpec,
     decode_event,
 )
-from supervisor.classify import Classification
+from supervisor.classify import Classification, catalogue_entry
 from supervisor.emitter import Emitter
 from supervisor.errors import NatsUnavailable, SupervisorError
 from supervisor.executor import Executor
 from supervisor.history import TaskHistory
 from supervisor.streams import EVENTS_STREAM
-
-
-def catalogue_entry(code: str, message: str, **details: object) -> Classification:
-    etype, retryable = CATALOGUE[code]
-    return Classification(
-        type=etype, code=code, retryable=retryable, message=message, details=details
-    )
 
 
 def closing_event_id(task_id: str, attempt: int, what: str) -> str:

@@ -20,17 +20,13 @@ import msgspec
 from nats.aio.msg import Msg
 
 from schemas import PRIORITIES, ErrorRaised, Result, TaskSpec
+from supervisor.classify import catalogue_entry
 from supervisor.emitter import utcnow
 from supervisor.errors import NatsUnavailable, SupervisorError
 from supervisor.executor import Executor
 from supervisor.history import TaskHistory, read_task_events, summarize
 from supervisor.logs import bind
-from supervisor.recovery import (
-    catalogue_entry,
-    close_lost_attempt,
-    owner_death,
-    redelivery_limit,
-)
+from supervisor.recovery import close_lost_attempt, owner_death, redelivery_limit
 from supervisor.retry import should_retry
 from supervisor.workqueue import WorkQueue
 

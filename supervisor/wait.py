@@ -47,13 +47,15 @@ class ResultWaiter:
 
 
 async def wait_for_result(js: JetStreamContext, task_id: str) -> ResultWaiter:
-    """Start following the task's terminal events (from now on) and return the waiter."""
+    """Follow the task's terminal event and return the waiter. From the start of the
+    task's history: a task submitted again (the same spec under a known id) may have ended
+    already; its first terminal event is its outcome."""
     waiter = ResultWaiter()
 
     async def cb(msg) -> None:  # type: ignore[no-untyped-def]
         waiter._offer(msg.data)
 
     waiter._sub = await js.subscribe(
-        f"sup.task.*.*.{task_id}", cb=cb, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW
+        f"sup.task.*.*.{task_id}", cb=cb, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
     )
     return waiter

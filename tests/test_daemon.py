@@ -347,3 +347,52 @@ def test_a_poison_message_on_the_queue_is_recorded_and_work_goes_on(
     assert [
         (e.code, e.task_id, e.details["priority"]) for e in errors if isinstance(e, ErrorRaised)
     ] == [("INVALID_SPEC", "_", "normal")]
+
+
+def test_a_task_id_submitted_twice_is_one_task_and_another_spec_under_it_is_refused(
+    tmp_dir: Path, nats_url: str, daemons
+) -> None:  # type: ignore[no-untyped-def]
+    d = _daemon(daemons, tmp_dir, nats_url)
+    spec = task("echo once", task_id="t-dup")
+
+    first = submit(nats_url, tmp_dir / "client", spec, "--wait", "--json")
+    again = submit(nats_url, tmp_dir / "client", spec, "--wait", "--json")
+    status, body = d.request("POST", "/v1/tasks", json.dumps(spec).encode())
+    other = submit(nats_url, tmp_dir / "client", task("echo other", task_id="t-dup"), "--json")
+    http_status, http_body = d.request(
+        "POST", "/v1/tasks", json.dumps(task("echo other", task_id="t-dup")).encode()
+    )
+
+    assert (first.returncode, again.returncode) == (0, 0), again.stderr
+    assert json.loads(first.stdout) == json.loads(again.stdout)  # the same Result
+    assert (status, json.loads(body)["status"]) == (200, "known")
+    assert other.returncode == 2
+    refused = json.loads(other.stdout)
+    assert (refused["status"], refused["error"]["code"]) == ("rejected", "DUPLICATE_TASK_ID")
+    assert (http_status, json.loads(http_body)["error"]["code"]) == (409, "DUPLICATE_TASK_ID")
+    events = asyncio.run(stream_events(nats_url, "sup.*.*.*.t-dup"))
+    kinds = [type(e).__name__ for e in events]
+    assert kinds.count("TaskSubmitted") == 1
+    assert kinds.count("AttemptStarted") == 1
+    assert kinds.count("TaskSucceeded") == 1 and kinds.count("TaskRejected") == 0
+    dups = [e for e in events if isinstance(e, ErrorRaised) and e.code == "DUPLICATE_TASK_ID"]
+    assert len(dups) == 2
+    # The daemon's own intake counted its refusal.
+    _, metrics = d.get("/metrics")
+    assert (
+        'supervisor_errors_total{code="DUPLICATE_TASK_ID",type="validation"} 1.0'
+        in metrics.decode()
+    )
+
+
+def test_intake_refusals_are_counted_in_the_metrics(tmp_dir: Path, nats_url: str, daemons) -> None:  # type: ignore[no-untyped-def]
+    d = _daemon(daemons, tmp_dir, nats_url)
+    for doc in (task("true", privileged=True), task("true", env={"SUPERVISOR_X": "1"})):
+        status, _ = d.request("POST", "/v1/tasks", json.dumps(doc).encode())
+        assert status in (400, 403)
+
+    _, body = d.get("/metrics")
+    text = body.decode()
+    assert 'supervisor_errors_total{code="POLICY_VIOLATION",type="security"} 1.0' in text
+    assert 'supervisor_errors_total{code="INVALID_SPEC",type="validation"} 1.0' in text
+    assert 'supervisor_tasks_total{outcome="rejected"} 2.0' in text

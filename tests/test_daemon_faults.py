@@ -8,17 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 from projections.audit import audit_records, records_of
-from schemas import EmbeddedNatsRestarted, ErrorRaised, Event, TaskFailed, TaskSucceeded
+from schemas import (
+    EmbeddedNatsRestarted,
+    ErrorRaised,
+    Event,
+    TaskFailed,
+    TaskSubmitted,
+    TaskSucceeded,
+)
 from schemas.events import TERMINAL_TASK_EVENTS
 from supervisor.natsserver import NatsServer
 from tests.daemonutil import DaemonProc, submit, task
@@ -178,3 +188,83 @@ def _queue_empty(url: str) -> bool:
             await nc.close()
 
     return asyncio.run(depth()) == 0
+
+
+@pytest.fixture
+def small_disk(tmp_dir: Path) -> Iterator[Path]:
+    """A 48 MiB tmpfs of the test's own, to fill up (needs root, as CI runs)."""
+    mount = tmp_dir / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)],
+                          capture_output=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True,
+                   check=False)  # fmt: skip
+    assert os.statvfs(disk).f_bavail == 0
+    return filler
+
+
+def _checks(daemon: DaemonProc) -> dict[str, Any]:
+    return dict(json.loads(daemon.get("/readyz")[1])["checks"])
+
+
+def test_a_full_disk_is_named_refuses_work_and_recovers_by_itself(
+    tmp_dir: Path, small_disk: Path, daemons: list[DaemonProc]
+) -> None:
+    data = small_disk / "data"
+    config = {"thresholds": {"disk_min_free_mb": 4, "cpu_pct": 1000.0, "memory_pct": 1000.0,
+                             "disk_pct": 101.0}}  # fmt: skip
+    daemon = DaemonProc(data, None, config).start()
+    daemons.append(daemon)
+    url = (data / "nats.url").read_text().strip()
+    running = task("sleep 3; echo survived", task_id="disk-running", limits={"timeout_s": 60})
+    assert submit(url, tmp_dir / "client", running).returncode == 0
+    wait_until(lambda: any((data / "workspaces").glob("disk-running.*")), 60, "the task to run")
+
+    filler = _fill(small_disk)
+
+    wait_until(lambda: not _checks(daemon)["disk"]["ok"], 30, "the disk check to fail")
+    assert _checks(daemon)["disk"]["reason"].startswith("DISK_FULL: ")
+    assert "supervisor_disk_full 1.0" in daemon.get("/metrics")[1].decode()
+    status, body = daemon.request("POST", "/v1/tasks",
+                                  json.dumps(task("true", task_id="disk-http")).encode())  # fmt: skip
+    assert (status, json.loads(body)["error"]["code"]) == (507, "DISK_FULL")
+    cli = submit(url, data, task("true", task_id="disk-cli"), "--json")
+    assert cli.returncode == 2, cli.stderr
+    assert json.loads(cli.stdout)["error"]["code"] == "DISK_FULL"
+    time.sleep(4)  # the running task ends meanwhile; its events wait
+
+    filler.unlink()
+
+    wait_until(lambda: daemon.get("/readyz")[0] == 200, 60, "the daemon to recover")
+    after = submit(url, tmp_dir / "client", task("echo after", task_id="disk-after"),
+                   "--wait", "--json")  # fmt: skip
+    assert after.returncode == 0, after.stderr
+    assert json.loads(after.stdout)["stdout"] == "after\n"
+    expected = {"disk-running": "TaskSucceeded", "disk-after": "TaskSucceeded",
+                "disk-http": "TaskRejected"}  # fmt: skip
+    wait_until(lambda: len(terminal_counts(asyncio.run(stream_events(url)))) >= 3, 60,
+               "every outcome to land")  # fmt: skip
+    events = asyncio.run(stream_events(url))
+    assert terminal_counts(events) == Counter(dict.fromkeys(expected, 1))
+    outcome = {e.task_id: type(e).__name__ for e in events if isinstance(e, TERMINAL_TASK_EVENTS)}
+    # The daemon held its refusal in memory and recorded it once there was room; the CLI,
+    # refused on the same full disk, could record nothing, and no task exists under its id.
+    assert outcome == expected
+    assert [e for e in events if e.task_id == "disk-cli"] == []
+    submitted = {e.task_id for e in events if isinstance(e, TaskSubmitted)}
+    assert submitted == {"disk-running", "disk-after"}
+    assert audit_records(records_of(events)) == []
+    log = daemon.log()
+    assert "DISK_FULL: the data dir has" in log
+    daemon.stop()
+    assert daemon.wait() == 0
