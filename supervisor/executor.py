@@ -81,6 +81,9 @@ class _Attempt:
     pids_events: int = 0
     oom_events: int = 0
     external_kills: tuple[str, ...] = ()
+    # The attach socket and the reader draining it (which closes it at its end).
+    stream: Any = None
+    reader: asyncio.Future[Output] | None = None
 
 
 @dataclass(frozen=True)
@@ -497,6 +500,7 @@ class Executor:
         io = self.runtime.run_blocking(
             read_output, stream, spec.limits.output_bytes, st.output, on_overflow
         )
+        st.stream, st.reader = stream, io
         waiter = asyncio.ensure_future(self.runtime.wait(cid))
         try:
             done, _ = await asyncio.wait({waiter}, timeout=spec.limits.timeout_s)
@@ -565,8 +569,24 @@ class Executor:
         report = await self.cleaner.clean(em, cid, st.workspace, running=st.running)
         if report.container_already_gone and not st.adapter_error:
             st.removed_out_of_band = True
+        await self._close_reader(st)
         if cid is not None and self.watcher is not None:
             self.watcher.forget(cid)
+
+    async def _close_reader(self, st: _Attempt) -> None:
+        """An attempt cancelled while it ran leaves its output reader behind: the container
+        is gone now, so the reader ends (and closes the socket); if it does not within
+        `_IO_DRAIN_S`, the socket is closed here. Either way no socket outlives the
+        attempt."""
+        reader = st.reader
+        if reader is None or reader.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(reader), _IO_DRAIN_S)
+        except TimeoutError:
+            close_socket(st.stream)
+        except Exception:  # the reader's own failure: the socket is closed by its finally
+            return
 
     def _evidence(self, st: _Attempt) -> Evidence:
         return Evidence(
