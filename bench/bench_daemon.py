@@ -43,7 +43,7 @@ from supervisor.eventlog import EventLog, ensure_streams
 from supervisor.intake import Intake
 from supervisor.natsserver import NatsServer
 from supervisor.streams import TASKS_STREAM, tasks_stream_config
-from tests.daemonutil import DaemonProc
+from testing.daemon import DaemonProc
 
 IMAGE = "supervisor-sandbox:busybox"
 

@@ -40,7 +40,7 @@ from supervisor.emitter import Emitter, new_id
 from supervisor.eventlog import EventLog
 from supervisor.intake import Intake
 from supervisor.natsserver import NatsServer
-from tests.daemonutil import DaemonProc
+from testing.daemon import DaemonProc
 from tests.reconcileutil import labels, new_node_id, rig
 
 IMAGE = "supervisor-sandbox:busybox"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import docker
 
-from tests.daemonutil import SANDBOX_IMAGE
+from testing.daemon import SANDBOX_IMAGE
 
 
 class PrivateDockerd:

@@ -16,8 +16,8 @@ from schemas import ErrorRaised, Limits, Result, RetryPolicy, TaskSpec, event_ty
 from supervisor.config import Config
 from supervisor.natsserver import NatsServer
 from supervisor.node import open_node
+from testing.stream import stream_events
 from tests.conftest import SANDBOX_IMAGE
-from tests.streamutil import stream_events
 
 pytestmark = pytest.mark.usefixtures("docker_client")
 

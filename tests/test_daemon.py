@@ -25,8 +25,8 @@ from schemas import (
     TaskFailed,
     TaskSucceeded,
 )
-from tests.daemonutil import DaemonProc, submit, task
-from tests.streamutil import stream_events
+from testing.daemon import DaemonProc, submit, task
+from testing.stream import stream_events
 
 pytestmark = pytest.mark.usefixtures("docker_client")
 

@@ -31,8 +31,8 @@ from schemas import (
 )
 from schemas.events import TERMINAL_TASK_EVENTS
 from supervisor.natsserver import NatsServer
-from tests.daemonutil import DaemonProc, submit, task
-from tests.streamutil import stream_events
+from testing.daemon import DaemonProc, submit, task
+from testing.stream import stream_events
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
 

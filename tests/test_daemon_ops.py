@@ -26,9 +26,9 @@ from schemas import (
     TaskSucceeded,
 )
 from supervisor.natsserver import NatsServer
-from tests.daemonutil import DaemonProc, submit, task
+from testing.daemon import DaemonProc, submit, task
+from testing.stream import count_messages, stream_events
 from tests.dockerd import PrivateDockerd
-from tests.streamutil import count_messages, stream_events
 
 pytestmark = pytest.mark.usefixtures("docker_client")
 

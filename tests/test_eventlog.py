@@ -25,7 +25,7 @@ from supervisor.eventlog import MSG_ID_HEADER, EventLog, ensure_streams
 from supervisor.natsserver import NatsServer
 from supervisor.outbox import Outbox
 from supervisor.streams import COMMANDS_STREAM, EVENTS_STREAM, TASKS_STREAM
-from tests.streamutil import stream_messages
+from testing.stream import stream_messages
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -35,8 +35,8 @@ from supervisor.emitter import utcnow
 from supervisor.errors import DockerRequestRefused
 from supervisor.node import Node, open_node
 from supervisor.runtime import ContainerRequest
+from testing.stream import stream_events, stream_messages
 from tests.conftest import SANDBOX_IMAGE
-from tests.streamutil import stream_events, stream_messages
 
 pytestmark = pytest.mark.usefixtures("docker_client")
 

@@ -26,7 +26,7 @@ from supervisor.extension import DaemonContext
 from supervisor.http import ApiError
 from supervisor.metrics import Metrics
 from supervisor.projection_process import ProjectionProcess, ProjectionProcessError
-from tests.daemonutil import DaemonProc
+from testing.daemon import DaemonProc
 from tests.test_projections import scenario_history
 from tests.test_projections_live import until
 

@@ -20,9 +20,9 @@ import pytest
 from schemas import ReconcileDecision, SupervisorSuperseded
 from supervisor.config import Config
 from supervisor.streams import TASKS_STREAM
-from tests.daemonutil import DaemonProc, submit, task
+from testing.daemon import DaemonProc, submit, task
+from testing.stream import stream_events
 from tests.reconcileutil import new_node_id
-from tests.streamutil import stream_events
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
 

@@ -34,8 +34,8 @@ from supervisor.history import read_task_events, summarize
 from supervisor.reconciler import Reconciler
 from supervisor.recovery import close_lost_attempt
 from supervisor.streams import COMMANDS_STREAM
+from testing.stream import stream_events
 from tests.reconcileutil import labels, new_node_id, rig
-from tests.streamutil import stream_events
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
 

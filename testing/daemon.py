@@ -1,4 +1,4 @@
-"""Start `supervisor serve` as users do (a subprocess) and talk to it (tests only)."""
+"""Start `supervisor serve` as users do (a subprocess) and talk to it (tests and benchmarks)."""
 
 from __future__ import annotations
 

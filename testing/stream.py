@@ -1,4 +1,4 @@
-"""Read back what landed in SUP_EVENTS (tests only)."""
+"""Read back what landed in SUP_EVENTS (tests and benchmarks)."""
 
 from __future__ import annotations
 
