@@ -77,6 +77,12 @@ class QueryFailed(QueryError):
         super().__init__(f"query failed: {detail}")
 
 
+class QueryMemory(QueryFailed):
+    """The statement needed more than the projection's memory limit (and its spill)."""
+
+    tag = "query_memory"
+
+
 class QueryTimeout(QueryError):
     """The statement ran past its time limit and was interrupted."""
 

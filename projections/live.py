@@ -71,7 +71,8 @@ class LiveSettings:
     `batch_age_s` after its first message arrived, and the writer applies batches at most
     `max_busy` of the time, resting no longer than `rest_lag_s` after a batch's first
     message arrived (see `projections.projector.Projector`) with `threads` DuckDB
-    worker threads (None: one per core); at start-up, more
+    worker threads (None: one per core) within `memory_limit` (and `temp_limit` of spill);
+    at start-up, more
     than `bulk_backlog` messages behind are caught up in bulk mode first. Readiness fails while the oldest
     message not yet applied is older than `max_lag_s`; the lag gauges are sampled every
     `sample_every_s`. At most `query_workers` queries run at once, within `limits`. A
@@ -82,6 +83,8 @@ class LiveSettings:
     max_busy: float = _CONFIGURED.max_busy
     rest_lag_s: float = _CONFIGURED.rest_lag_s
     threads: int | None = _CONFIGURED.threads
+    memory_limit: str = _CONFIGURED.memory_limit
+    temp_limit: str = _CONFIGURED.temp_limit
     bulk_backlog: int = 200_000
     max_lag_s: float = _CONFIGURED.max_lag_s
     sample_every_s: float = 1.0
@@ -94,7 +97,8 @@ class LiveSettings:
     def configured(cls, c: ProjectionConfig) -> LiveSettings:
         """The settings with what the `[projection]` section sets."""
         return cls(batch_age_s=c.batch_age_s, max_busy=c.max_busy, rest_lag_s=c.rest_lag_s,
-                   max_lag_s=c.max_lag_s, threads=c.threads)  # fmt: skip
+                   max_lag_s=c.max_lag_s, threads=c.threads, memory_limit=c.memory_limit,
+                   temp_limit=c.temp_limit)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,8 @@ class ProjectionPart:
         live = partial(Projector, path, self._nats_url, batch_size=s.batch_size,
                        batch_age_s=s.batch_age_s, stream=self.stream,
                        max_busy=s.max_busy, rest_lag_s=s.rest_lag_s,
-                       threads=s.threads)  # fmt: skip
+                       threads=s.threads, memory_limit=s.memory_limit,
+                       temp_limit=s.temp_limit)  # fmt: skip
         try:
             projector = await asyncio.to_thread(live)
         except ProjectionVersionMismatch as e:

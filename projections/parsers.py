@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -58,8 +59,28 @@ def parse_time(text: str) -> datetime:
 
 def _nonnegative(text: str) -> float:
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite, non-negative number")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite, positive number of seconds")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not at least 1")
     return value
 
 
@@ -116,12 +137,12 @@ def add_read_side_parsers(
     )
     p.add_argument(
         "--max-rows",
-        type=int,
+        type=_positive_int,
         default=MAX_ROWS,
         metavar="N",
         help=f"row limit (default {MAX_ROWS})",
     )
-    p.add_argument("--timeout", type=_nonnegative, default=TIMEOUT_S, metavar="S",
+    p.add_argument("--timeout", type=_seconds, default=TIMEOUT_S, metavar="S",
                    help=f"time limit in seconds (default {TIMEOUT_S:g})")  # fmt: skip
     _shared(p, common)
     p.set_defaults(func=_lazy("projections.commands", "cmd_sql"))

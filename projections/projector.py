@@ -131,7 +131,8 @@ class Projector:
     collector for the run: a batch's objects (messages, decoded events, rows) hold no
     cycles and are freed by reference counting, while collecting a heap of a hundred
     thousand buffered messages again and again cost a third of the replay time.
-    `threads` sets DuckDB's worker threads for the file (`store_config`).
+    `threads` sets DuckDB's worker threads for the file, `memory_limit` and `temp_limit`
+    its memory and its spill to disk (`store_config`).
     """
 
     def __init__(
@@ -147,6 +148,8 @@ class Projector:
         max_busy: float = 1.0,
         rest_lag_s: float = math.inf,
         threads: int | None = None,
+        memory_limit: str | None = None,
+        temp_limit: str | None = None,
     ) -> None:
         if not 0 < max_busy <= 1:
             raise ValueError(f"max_busy must be in (0, 1], not {max_busy}")
@@ -159,7 +162,8 @@ class Projector:
         self.max_busy = max_busy
         self.rest_lag_s = rest_lag_s
         self._rest_until = 0.0
-        self.store = ProjectionStore(db_path, stream=stream, bulk=bulk, threads=threads)
+        self.store = ProjectionStore(db_path, stream=stream, bulk=bulk, threads=threads,
+                                     memory_limit=memory_limit, temp_limit=temp_limit)  # fmt: skip
         self._workers: DecodePool | None = DecodePool(_BULK_DECODERS) if bulk else None
         decoders = len(self._workers) if self._workers is not None else 1
         self._decoder = ThreadPoolExecutor(decoders, thread_name_prefix="projector-decode")

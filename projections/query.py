@@ -16,17 +16,18 @@ committed by a query). The daemon runs the same on a cursor of the projector's o
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import duckdb
 
 from projections.defaults import MAX_ROWS, TIMEOUT_S
-from projections.errors import QueryFailed, QueryRefused, QueryTimeout
+from projections.errors import QueryFailed, QueryMemory, QueryRefused, QueryTimeout
 
 MEMORY_LIMIT = "1GB"
 
@@ -56,7 +57,45 @@ def check_query(sql: str) -> str:
         raise QueryRefused(
             f"{statement.type.name} statements are not allowed: read-only SELECT only"
         )
-    return str(statement.query)
+    query = str(statement.query)
+    _check_tree(query)
+    return query
+
+
+# Query nodes that only read; any other (an UPDATE, INSERT or DELETE inside a CTE or a
+# subquery) is a write hidden in a SELECT.
+_READ_NODES: Final = frozenset(
+    {"SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE", "CTE_NODE"}
+)
+# Table functions with effects: they write (a checkpoint) or run a string as SQL, which
+# this guard never sees.
+_REFUSED_FUNCTIONS: Final = frozenset({"checkpoint", "force_checkpoint", "query", "query_table"})
+_parser = duckdb.connect(":memory:", config={"enable_external_access": False})
+_parser_lock = threading.Lock()
+
+
+def _check_tree(query: str) -> None:
+    """Refuse a SELECT whose parse tree (DuckDB's own parser, `json_serialize_sql`) holds
+    anything but reads, wherever it is nested."""
+    with _parser_lock:
+        (text,) = _parser.execute("SELECT json_serialize_sql(?)", [query]).fetchone() or ("",)
+    tree = json.loads(text)
+    if tree.get("error"):
+        raise QueryRefused(f"the statement does not parse: {tree.get('error_message')}")
+    stack: list[Any] = [tree["statements"]]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            kind = node.get("type")
+            if isinstance(kind, str) and kind.endswith("_NODE") and kind not in _READ_NODES:
+                what = kind.removesuffix("_NODE").removesuffix("_QUERY")
+                raise QueryRefused(f"{what} inside a query is not allowed: read-only SELECT only")
+            name = node.get("function_name")
+            if isinstance(name, str) and name.lower() in _REFUSED_FUNCTIONS:
+                raise QueryRefused(f"the function {name}() is not allowed in a query")
+            stack.extend(node.values())
 
 
 def readonly_config(
@@ -142,6 +181,8 @@ def read_transaction(cur: duckdb.DuckDBPyConnection, timeout_s: float) -> Iterat
         yield _watermark(cur)
     except duckdb.InterruptException as e:
         raise QueryTimeout(timeout_s) from e
+    except duckdb.OutOfMemoryException as e:
+        raise QueryMemory(str(e)) from e
     except duckdb.Error as e:
         raise QueryFailed(str(e)) from e
     finally:

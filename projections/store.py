@@ -79,13 +79,18 @@ class ApplyResult:
 
 
 def store_config(
-    *, bulk: bool = False, threads: int | None = None
+    *,
+    bulk: bool = False,
+    threads: int | None = None,
+    memory_limit: str | None = None,
+    temp_limit: str | None = None,
 ) -> dict[str, str | bool | int | float | list[str]]:
     """The database configuration of a projection file, locked once opened: no file access
     beyond the database itself and no extension loading (so a query cursor on the writer's
     database can read nothing else), and, in bulk mode, no checkpoint before `close` (a
     one-off build such as a replay writes its tables out once instead of every 16 MB of
-    WAL). `threads` sets DuckDB's worker threads (default: one per core)."""
+    WAL). `threads` sets DuckDB's worker threads (default: one per core); `memory_limit`
+    and `temp_limit` bound its memory and its spill to disk (default: DuckDB's own)."""
     config: dict[str, str | bool | int | float | list[str]] = {
         "enable_external_access": False,
         "autoload_known_extensions": False,
@@ -94,6 +99,10 @@ def store_config(
     }
     if threads is not None:
         config["threads"] = threads
+    if memory_limit is not None:  # the live projection; a replay uses what it needs
+        config["memory_limit"] = memory_limit
+    if temp_limit is not None:
+        config["max_temp_directory_size"] = temp_limit
     return config
 
 
@@ -109,6 +118,8 @@ class ProjectionStore:
         bulk: bool = False,
         threads: int | None = None,
         fold_max: int = FOLD_MAX_EVENTS,
+        memory_limit: str | None = None,
+        temp_limit: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.stream = stream
@@ -120,7 +131,10 @@ class ProjectionStore:
         self._parsed: dict[str, duckdb.Statement] = {}
         try:
             self.con = duckdb.connect(
-                str(self.path), config=store_config(bulk=bulk, threads=threads)
+                str(self.path),
+                config=store_config(
+                    bulk=bulk, threads=threads, memory_limit=memory_limit, temp_limit=temp_limit
+                ),
             )
         except duckdb.Error as e:
             raise ProjectionStoreError(str(self.path), f"cannot open: {e}") from e

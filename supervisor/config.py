@@ -59,12 +59,14 @@ class Scheduling(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
-    """The daemon's HTTP endpoint. `token`, when set, is required as a bearer token on
-    `/v1/*`. Readiness fails while more than `max_outbox_backlog` events wait on disk;
+    """The daemon's HTTP endpoint. `token` (or the first line of `token_file`), when set,
+    is required as a bearer token on `/v1/*`, compared in constant time. Readiness fails while more than `max_outbox_backlog` events wait on disk;
     each readiness check gets `check_timeout_s` to answer."""
 
     listen: str = "127.0.0.1:8787"
     token: str | None = None
+    # A file holding the token (its first line), read at start; instead of `token`.
+    token_file: str | None = None
     max_outbox_backlog: int = 10_000
     check_timeout_s: float = 2.0
 
@@ -138,7 +140,9 @@ class ProjectionConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     while the oldest event not yet applied is older than `max_lag_s`. `threads` is DuckDB's
     worker threads for the projection and its queries: with one, a live batch takes about
     a fifth less CPU (waking other threads for a few rows costs more than it saves), while
-    a large `/v1/query` runs on one core; none means one per core."""
+    a large `/v1/query` runs on one core; none means one per core. `memory_limit` bounds
+    DuckDB's memory in the projection process (the writer and the queries share it) and
+    `temp_limit` what it may spill to disk."""
 
     # 0.2 s rather than 0.1: under 500 tasks at concurrency 8, a third fewer batches (a
     # batch costs about the same CPU whatever its size), the projection's CPU per task
@@ -149,6 +153,10 @@ class ProjectionConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     rest_lag_s: Annotated[float, msgspec.Meta(gt=0)] = 0.3
     max_lag_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     threads: Annotated[int, msgspec.Meta(ge=1)] | None = 1
+    # DuckDB's memory for the live projection and every query over it (a query past it
+    # fails as resource/QUERY_MEMORY), and the most it may spill to disk.
+    memory_limit: Annotated[str, msgspec.Meta(pattern=r"^\d+(\.\d+)?\s*[KMGT]i?B$")] = "512MB"
+    temp_limit: Annotated[str, msgspec.Meta(pattern=r"^\d+(\.\d+)?\s*[KMGT]i?B$")] = "1GB"
 
 
 class Config(Struct, forbid_unknown_fields=True, kw_only=True):

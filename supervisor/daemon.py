@@ -37,10 +37,10 @@ from schemas import (
 from supervisor.breaker import DockerBreaker, counts
 from supervisor.capacity import can_pull_any, fits_budget
 from supervisor.classify import Classification
-from supervisor.config import Config
+from supervisor.config import Config, HttpConfig
 from supervisor.datadir import DataDirLock
 from supervisor.emitter import new_id
-from supervisor.errors import NatsUnavailable
+from supervisor.errors import ConfigError, NatsUnavailable
 from supervisor.eventlog import ensure_streams
 from supervisor.extension import DaemonContext, Part, ReadSide
 from supervisor.history import read_task_events, summarize
@@ -59,6 +59,23 @@ log = logging.getLogger("supervisor.daemon")
 
 QUEUE_DEPTH_REFRESH_S = 1.0
 DISK_CHECK_S = 0.5
+
+
+def http_token(cfg: HttpConfig) -> str | None:
+    """The bearer token: `token`, else the first line of `token_file`. Raises ConfigError
+    when both are set, or the file cannot be read or is empty."""
+    if cfg.token and cfg.token_file:
+        raise ConfigError("http: set token or token_file, not both")
+    if not cfg.token_file:
+        return cfg.token
+    try:
+        lines = Path(cfg.token_file).read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"http.token_file {cfg.token_file}: {e.strerror}") from e
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise ConfigError(f"http.token_file {cfg.token_file} is empty")
+    return token
 
 
 def http_url_file(data_dir: Path) -> Path:
@@ -230,7 +247,7 @@ class Daemon:
                 metrics=node.metrics,
                 readiness=checks,
                 handlers=_Api(self, js),
-                token=cfg.http.token,
+                token=http_token(cfg.http),
                 check_timeout_s=cfg.http.check_timeout_s,
                 on_scrape=before_scrape,
             )

@@ -27,6 +27,7 @@ import asyncio
 import hmac
 import inspect
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -322,8 +323,20 @@ async def _run_check(fn: CheckFn, timeout_s: float) -> Check:
         return Check(ok=False, reason=f"the check raised {type(e).__name__}: {e}")
 
 
+# An absolute path of two parts or more: what `/readyz`, which anyone may read, never shows
+# (the full reason goes to the log).
+_PATH_RE = re.compile(r"(?<![\w.])/(?:[^\s/:'\",;()\[\]]+/)+[^\s/:'\",;()\[\]]*")
+
+
+def without_paths(text: str) -> str:
+    return _PATH_RE.sub("<path>", text)
+
+
 def _check_doc(c: Check) -> dict[str, Any]:
-    return {"ok": c.ok, "reason": c.reason, **c.details}
+    if not c.ok and c.reason and _PATH_RE.search(c.reason):
+        log.debug("readiness: %s", c.reason)
+    details = {k: without_paths(v) if isinstance(v, str) else v for k, v in c.details.items()}
+    return {"ok": c.ok, "reason": without_paths(c.reason), **details}
 
 
 async def query_body(request: web.Request) -> dict[str, Any]:
@@ -372,6 +385,7 @@ def _status_for_code(code: str, retryable: bool) -> int:
 _TAGS: dict[str, tuple[int, str, str]] = {
     "query_refused": (400, "validation", "QUERY_REFUSED"),
     "query_failed": (400, "validation", "QUERY_FAILED"),
+    "query_memory": (507, "resource", "QUERY_MEMORY"),
     "query_timeout": (504, "timeout", "QUERY_TIMEOUT"),
     "stream_unavailable": (503, "infrastructure", "STREAM_UNAVAILABLE"),
 }

@@ -24,9 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from projections.errors import QueryRefused, QueryTimeout
 from schemas import ExecutionError, SupervisorStarted, TaskSpec
 from supervisor.breaker import DockerBreaker
-from supervisor.config import BreakerConfig
+from supervisor.config import BreakerConfig, HttpConfig
+from supervisor.daemon import http_token
 from supervisor.emitter import Emitter
-from supervisor.errors import DockerUnavailable, NatsUnavailable
+from supervisor.errors import ConfigError, DockerUnavailable, NatsUnavailable
 from supervisor.eventlog import EventLog
 from supervisor.http import (
     ApiError,
@@ -636,3 +637,31 @@ async def test_a_taken_port_is_a_clear_error() -> None:
             await second.start()
     finally:
         await first.stop()
+
+
+async def test_readyz_shows_no_file_path_in_its_reasons() -> None:
+    async def failing() -> Check:
+        return Check(ok=False, reason="cannot open /srv/supervisor/data/projection.duckdb: busy",
+                     details={"where": "/srv/supervisor/data/outbox/abc.log"})  # fmt: skip
+
+    app = create_app(metrics=Metrics(), readiness={"projection": failing})
+    async with serving(app) as client, client.get("/readyz") as r:
+        doc = await r.json()
+
+    assert (r.status, doc["checks"]["projection"]) == (503, {
+        "ok": False, "reason": "cannot open <path>: busy", "where": "<path>",
+    })  # fmt: skip
+
+
+def test_the_token_may_come_from_a_file(tmp_dir: Path) -> None:
+    path = tmp_dir / "token"
+    path.write_text("s3cret\n")
+    assert http_token(HttpConfig(token_file=str(path))) == "s3cret"
+    assert http_token(HttpConfig(token="inline")) == "inline"
+    path.write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        http_token(HttpConfig(token_file=str(path)))
+    with pytest.raises(ConfigError, match="not both"):
+        http_token(HttpConfig(token="a", token_file=str(path)))
+    with pytest.raises(ConfigError, match="No such file"):
+        http_token(HttpConfig(token_file=str(tmp_dir / "missing")))

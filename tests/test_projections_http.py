@@ -5,6 +5,7 @@ their exit codes, the token, an unreachable daemon."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 
 from projections.live import ProjectionPart
@@ -198,3 +200,57 @@ async def test_sql_without_a_daemon_exits_3(
     err = capsys.readouterr().err
     assert err.startswith(f"supervisor: no daemon answered at http://127.0.0.1:{port}: ")
     assert err.endswith("(is `supervisor serve` running? --url, or --db FILE for a file)\n")
+
+
+async def test_sql_cannot_write_through_a_cte_nor_exhaust_the_projections_memory(
+    daemon: tuple[str, DaemonContext],
+) -> None:
+    """The attacks tried on `/v1/query`: a write hidden in a CTE, a checkpoint, SQL run from
+    a string, and a GROUP BY far past the projection's memory limit (512 MB). Each is
+    refused or fails cleanly, nothing changes, and the projection keeps answering."""
+    url, _ = daemon
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    attacks = {
+        "WITH x AS (UPDATE tasks SET state = 'hacked' RETURNING task_id, state) SELECT * FROM x":
+            "UPDATE inside a query is not allowed: read-only SELECT only",
+        "SELECT * FROM (WITH y AS (DELETE FROM tasks RETURNING *) SELECT * FROM y)":
+            "DELETE inside a query is not allowed: read-only SELECT only",
+        "WITH z AS (INSERT INTO tasks (task_id) VALUES ('x') RETURNING *) SELECT 1":
+            "INSERT inside a query is not allowed: read-only SELECT only",
+        "SELECT * FROM checkpoint()": "the function checkpoint() is not allowed in a query",
+        "SELECT * FROM query('UPDATE tasks SET state = ''hacked''')":
+            "the function query() is not allowed in a query",
+    }  # fmt: skip
+    service = _projection_service()
+    peak = 0
+    async with aiohttp.ClientSession(headers=auth) as http:
+        for attack, reason in attacks.items():
+            async with http.post(f"{url}/v1/query", json={"sql": attack}) as r:
+                assert (r.status, (await r.json())["error"]) == (400, {
+                    "type": "validation", "code": "QUERY_REFUSED",
+                    "message": f"query refused: {reason}",
+                }), attack  # fmt: skip
+        big = {"sql": "SELECT count(*) FROM (SELECT i, count(*) FROM range(200000000) t(i) "
+                      "GROUP BY i)", "timeout_s": 120}  # fmt: skip
+        query = asyncio.ensure_future(http.post(f"{url}/v1/query", json=big))
+        while not query.done():
+            if service is not None:
+                peak = max(peak, service.memory_info().rss)
+            await asyncio.sleep(0.05)
+        async with await query as r:
+            error = (await r.json())["error"]
+            assert (r.status, error["type"], error["code"]) == (507, "resource", "QUERY_MEMORY")
+        check = "SELECT count(*) FILTER (WHERE state = 'hacked'), count(*) FROM tasks"
+        async with http.post(f"{url}/v1/query", json={"sql": check}) as r:
+            assert (r.status, (await r.json())["rows"]) == (200, [[0, 16]])
+    if service is not None:
+        assert peak < 1.5 * 2**30, peak
+
+
+def _projection_service() -> psutil.Process | None:
+    """The projection process of this test's daemon part, if it runs in one."""
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "projections.service" in " ".join(child.cmdline()):
+                return child
+    return None

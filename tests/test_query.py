@@ -19,6 +19,7 @@ from projections.render import render_csv, render_json, render_table
 from projections.store import ProjectionStore
 from projections.synthetic import AttemptPlan, HistoryBuilder
 from schemas import encode_event
+from supervisor.cli import main as cli_main
 
 
 @pytest.fixture
@@ -186,3 +187,17 @@ def test_the_sql_command(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _sql("COPY tasks TO 'x.csv'", "--db", str(db)) == 2
     assert _sql("SELECT * FROM nowhere", "--db", str(db)) == 1
     assert "nowhere" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags", [["--timeout", "nan"], ["--timeout", "inf"], ["--timeout", "0"],
+              ["--timeout", "-1"], ["--max-rows", "-1"], ["--max-rows", "0"]],
+)  # fmt: skip
+def test_sql_refuses_limits_that_are_not_finite_and_positive(
+    db: Path, flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        cli_main(["sql", "SELECT 1", "--db", str(db), *flags])
+
+    assert done.value.code == 2
+    assert f"argument {flags[0]}" in capsys.readouterr().err
