@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import docker
 
+from supervisor.natsserver import resolve_nats_url
 from testing.daemon import DaemonProc, submit, task
 
 
@@ -47,7 +48,8 @@ def one_run(workdir: Path, client: docker.DockerClient, n: int, i: int) -> float
     config = {"node_id": node_id}
     first = DaemonProc(data, None, config).start(timeout=60)
     try:
-        url = (data / "nats.url").read_text().strip()
+        url = resolve_nats_url(None, data)  # with the data dir's credentials
+        assert url is not None
         for k in range(n):
             spec = task("sleep 300", task_id=f"{node_id}-{k}", limits={"timeout_s": 600},
                         retry={"max_attempts": 1})  # fmt: skip

@@ -46,9 +46,11 @@ class StreamUnavailable(ProjectionError):
     tag = "stream_unavailable"
 
     def __init__(self, url: str, detail: str) -> None:
-        self.url = url
+        from supervisor.natsauth import redact
+
+        self.url = redact(url)
         self.detail = detail
-        super().__init__(f"cannot read SUP_EVENTS at {url}: {detail}")
+        super().__init__(f"cannot read SUP_EVENTS at {self.url}: {detail}")
 
 
 class QueryError(ProjectionError):

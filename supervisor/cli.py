@@ -146,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(tail)
     tail.set_defaults(func=_cmd_tail)
 
+    creds = sub.add_parser(
+        "credentials",
+        help="hand out the credentials of a NATS role of the embedded server",
+        description="Print the credentials of ROLE for the NATS server a daemon runs under "
+        "the data dir (embedded servers are never anonymous): a SUPERVISOR_NATS_URL for "
+        "supervisor's own commands and the flags for a nats CLI. The reader may follow sup.> "
+        "and read SUP_EVENTS, and publish nothing. Exit 2 when no daemon runs there.",
+    )
+    creds.add_argument("role", choices=["reader"], help="the role (only reader is handed out)")
+    creds.add_argument("--json", action="store_true", help="print JSON")
+    _common(creds)
+    creds.set_defaults(func=_cmd_credentials)
+
     try:
         from projections.parsers import add_parsers
     except ImportError:  # the read side is optional at import time
@@ -449,6 +462,31 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def _cmd_tail(args: argparse.Namespace) -> int:
     cfg = _config(args)
     return asyncio.run(_tail_async(args, cfg))
+
+
+def _cmd_credentials(args: argparse.Namespace) -> int:
+    from supervisor.natsauth import read_credentials, with_user
+    from supervisor.natsserver import url_file
+
+    data_dir = Path(_config(args).data_dir).resolve()
+    creds = read_credentials(data_dir)
+    url_path = url_file(data_dir)
+    if creds is None or not url_path.exists():
+        raise ConfigError(f"no daemon with an embedded NATS runs on {data_dir}")
+    server = url_path.read_text().strip()
+    url = with_user(server, args.role, creds.reader)
+    if args.json:
+        doc = {"role": args.role, "url": url, "server": server, "user": args.role,
+               "password": creds.reader}  # fmt: skip
+        sys.stdout.write(msgspec.json.encode(doc).decode() + "\n")
+        return EXIT_OK
+    sys.stdout.write(
+        f"# {args.role} of the NATS of {data_dir}: follows sup.> and reads SUP_EVENTS\n"
+        f"SUPERVISOR_NATS_URL={url}\n"
+        f"# nats CLI: nats --server {server} --user {args.role} --password {creds.reader} "
+        "sub 'sup.>'\n"
+    )
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,7 @@ from supervisor.http import ApiError, Check, HttpServer, create_app, daemon_chec
 from supervisor.intake import Intake, Submission
 from supervisor.metrics import Metrics
 from supervisor.monitor import HostSampler, PsutilSampler, ResourceMonitor
+from supervisor.natsauth import redact
 from supervisor.natsserver import url_file
 from supervisor.node import Node, open_node
 from supervisor.scheduler import Scheduler
@@ -186,7 +187,7 @@ class Daemon:
                 url=node.nats_url,
             )
             await ensure_consumers(js, ack_wait_s=sc.ack_wait_s, max_deliveries=sc.max_deliver + 1)
-            _publish_url(stack, url_file(node.data_dir), node.nats_url)
+            _publish_url(stack, url_file(node.data_dir), redact(node.nats_url))
             wq = WorkQueue(node.events.nc, js)
             await wq.start()
             stack.push_async_callback(wq.stop)
@@ -265,7 +266,8 @@ class Daemon:
 
             loop_task = asyncio.ensure_future(scheduler.loop())
             self.ready.set()
-            log.info("serving on node %s (NATS %s, HTTP %s)", cfg.node_id, node.nats_url, http.url)
+            log.info("serving on node %s (NATS %s, HTTP %s)", cfg.node_id, redact(node.nats_url),
+                     http.url)  # fmt: skip
             stop_wait = asyncio.ensure_future(stop.wait())
             await asyncio.wait([stop_wait, loop_task], return_when=asyncio.FIRST_COMPLETED)
             stop_wait.cancel()

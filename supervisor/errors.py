@@ -98,8 +98,10 @@ class NatsUnavailable(EventLogError):
     tag = "nats_unavailable"
 
     def __init__(self, url: str, detail: str = "") -> None:
-        self.url = url
-        super().__init__(f"NATS at {url} is unreachable" + (f": {detail}" if detail else ""))
+        from supervisor.natsauth import redact  # pure; keeps this module free of imports
+
+        self.url = redact(url)
+        super().__init__(f"NATS at {self.url} is unreachable" + (f": {detail}" if detail else ""))
 
 
 class OutboxError(EventLogError):

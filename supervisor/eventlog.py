@@ -37,6 +37,7 @@ from nats.js.client import JetStreamContext
 
 from schemas import Event, encode_event
 from supervisor.errors import DiskFull, EventLogError, NatsUnavailable
+from supervisor.natsauth import redact
 from supervisor.outbox import Outbox, Record
 from supervisor.streams import commands_stream_config, events_stream_config, tasks_stream_config
 
@@ -143,7 +144,7 @@ async def connect_nats(
     """
 
     async def _quiet_error(e: Exception) -> None:
-        log.debug("nats %s: %r", url, e)
+        log.debug("nats %s: %r", redact(url), e)
 
     nc = NATS()
     options: dict[str, object] = {
@@ -468,7 +469,7 @@ class EventLog:
             await close_quietly(nc)
             raise
         self._pub, self._pub_js, self._pub_lost = nc, js, lost
-        log.info("event log: relay connected to %s", self.nats_url)
+        log.info("event log: relay connected to %s", redact(self.nats_url))
 
     async def _relay(self) -> None:
         """Publish the outbox in order, forever: up to `window` batches in flight, and the

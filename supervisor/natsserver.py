@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from supervisor.errors import EmbeddedNatsError
+from supervisor.natsauth import read_credentials, with_user
 
 REPO_CONF = Path(__file__).resolve().parent.parent / "nats.conf"
 _LISTEN_RE = re.compile(rb"Listening for client connections on ([0-9.]+):(\d+)")
@@ -275,5 +276,6 @@ def resolve_nats_url(cli_url: str | None, data_dir: Path) -> str | None:
     if f.exists():
         url = f.read_text().strip()
         if url and _reachable(url):
-            return url
+            creds = read_credentials(data_dir)  # the daemon's embedded server is not anonymous
+            return with_user(url, "node", creds.node) if creds else url
     return None

@@ -18,7 +18,8 @@ from supervisor.emitter import Emitter, new_id
 from supervisor.eventlog import EventLog
 from supervisor.executor import Executor
 from supervisor.metrics import Metrics
-from supervisor.natsserver import NatsServer, NatsWatch, resolve_nats_url
+from supervisor.natsauth import ensure_credentials, with_user, write_server_config
+from supervisor.natsserver import NatsServer, NatsWatch, config_path, resolve_nats_url
 from supervisor.observe import CgroupSampler, DockerEventWatcher
 from supervisor.runtime import DockerRuntime
 
@@ -56,10 +57,13 @@ async def _nats(
     if url is not None:
         yield url, None
         return
-    server = NatsServer(data_dir / "nats")
+    # Never anonymous: the data dir's users, made on its first start (supervisor.natsauth).
+    creds = ensure_credentials(data_dir)
+    conf = write_server_config(data_dir, config_path(data_dir), creds)
+    server = NatsServer(data_dir / "nats", conf=conf)
     url = server.start()
     try:
-        yield url, server
+        yield with_user(url, "node", creds.node), server
     finally:
         server.stop()
 

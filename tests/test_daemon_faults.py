@@ -30,7 +30,8 @@ from schemas import (
     TaskSucceeded,
 )
 from schemas.events import TERMINAL_TASK_EVENTS
-from supervisor.natsserver import NatsServer
+from supervisor.natsauth import redact
+from supervisor.natsserver import NatsServer, resolve_nats_url
 from testing.daemon import DaemonProc, submit, task
 from testing.stream import stream_events
 
@@ -68,6 +69,14 @@ def assert_one_outcome_each(events: list[Event], task_ids: list[str]) -> None:
     assert audit_records(records_of(events)) == []
 
 
+def _client_url(data: Path) -> str:
+    """The embedded server's URL as the data dir's commands find it: with the node's
+    credentials (the server is never anonymous)."""
+    url = resolve_nats_url(None, data)
+    assert url is not None and "@" in url and "@" not in (data / "nats.url").read_text()
+    return url
+
+
 def _nats_child(daemon: DaemonProc) -> psutil.Process:
     assert daemon.proc is not None
     children = psutil.Process(daemon.proc.pid).children()
@@ -82,7 +91,7 @@ def test_the_embedded_nats_killed_mid_task_is_restarted_and_each_task_ends_once(
     data = tmp_dir / "data"
     daemon = DaemonProc(data, None, {"scheduling": {"concurrency": 4}}).start()
     daemons.append(daemon)
-    url = (data / "nats.url").read_text().strip()
+    url = _client_url(data)
     ids = [f"embedded-{i}" for i in range(4)]
     for t in ids:
         assert (
@@ -110,9 +119,8 @@ def test_the_embedded_nats_killed_mid_task_is_restarted_and_each_task_ends_once(
     restarts = [e for e in events if isinstance(e, EmbeddedNatsRestarted)]
     assert [(r.exit_code, r.restarts) for r in restarts] == [(-signal.SIGKILL, 1)]
     assert "embedded nats-server exited (killed by SIGKILL); restarting it" in daemon.log()
-    assert (
-        data / "nats.url"
-    ).read_text().strip() == url  # same port: the events above came from it
+    # The same port (the events above came from it), and no credentials in the file.
+    assert (data / "nats.url").read_text().strip() == redact(url)
     try:
         wait_until(lambda: daemon.get("/readyz")[0] == 200, 30, "the daemon to be ready again")
     except AssertionError:
@@ -225,7 +233,7 @@ def test_a_full_disk_is_named_refuses_work_and_recovers_by_itself(
                              "disk_pct": 101.0}}  # fmt: skip
     daemon = DaemonProc(data, None, config).start()
     daemons.append(daemon)
-    url = (data / "nats.url").read_text().strip()
+    url = _client_url(data)
     running = task("sleep 3; echo survived", task_id="disk-running", limits={"timeout_s": 60})
     assert submit(url, tmp_dir / "client", running).returncode == 0
     wait_until(lambda: any((data / "workspaces").glob("disk-running.*")), 60, "the task to run")
