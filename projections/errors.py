@@ -6,7 +6,7 @@ daemon) act on these classes only.
 
 from __future__ import annotations
 
-from supervisor.errors import SupervisorError
+from supervisor.errors import SupervisorError, redact_url
 
 
 class ProjectionError(SupervisorError):
@@ -46,9 +46,7 @@ class StreamUnavailable(ProjectionError):
     tag = "stream_unavailable"
 
     def __init__(self, url: str, detail: str) -> None:
-        from supervisor.natsauth import redact
-
-        self.url = redact(url)
+        self.url = redact_url(url)
         self.detail = detail
         super().__init__(f"cannot read SUP_EVENTS at {self.url}: {detail}")
 

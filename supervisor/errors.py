@@ -8,6 +8,16 @@ as `Evidence.adapter_error`.
 
 from __future__ import annotations
 
+import re
+
+_USERINFO = re.compile(r"^(nats|tls|ws|wss)://[^@/]*@")
+
+
+def redact_url(url: str) -> str:
+    """A NATS URL (or a comma-separated list) without its credentials: what any message,
+    log line or file shows of it."""
+    return ",".join(_USERINFO.sub(r"\1://", u) for u in url.split(","))
+
 
 class SupervisorError(Exception):
     """Root of every error the project raises on purpose."""
@@ -98,9 +108,7 @@ class NatsUnavailable(EventLogError):
     tag = "nats_unavailable"
 
     def __init__(self, url: str, detail: str = "") -> None:
-        from supervisor.natsauth import redact  # pure; keeps this module free of imports
-
-        self.url = redact(url)
+        self.url = redact_url(url)
         super().__init__(f"NATS at {self.url} is unreachable" + (f": {detail}" if detail else ""))
 
 

@@ -12,18 +12,19 @@ kept in `<data_dir>/nats-auth.json` (mode 0600, never printed, never in `nats.ur
 
 The server is started from a generated configuration, `<data_dir>/nats-server.conf` (0600):
 the repo's `nats.conf` and an `authorization` block. Clients carry the credentials in the
-URL they connect with (`nats://node:…@127.0.0.1:port`), in memory only; `redact` is what
-any message or file shows of it.
+URL they connect with (`nats://node:…@127.0.0.1:port`), in memory only; `redact`
+(`supervisor.errors.redact_url`) is what any message or file shows of it.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import secrets
 from pathlib import Path
 
 import msgspec
+
+from supervisor.errors import redact_url as redact
 
 AUTH_FILE = "nats-auth.json"
 SERVER_CONF = "nats-server.conf"
@@ -119,15 +120,7 @@ def write_server_config(data_dir: Path, base_conf: Path, creds: Credentials) -> 
     return path
 
 
-_USERINFO = re.compile(r"^(nats|tls|ws|wss)://[^@/]*@")
-
-
 def with_user(url: str, user: str, password: str) -> str:
     """`url` carrying `user:password` (replacing any it had)."""
     scheme, _, rest = redact(url).partition("://")
     return f"{scheme}://{user}:{password}@{rest}"
-
-
-def redact(url: str) -> str:
-    """`url` without its credentials, for messages, logs and `nats.url`."""
-    return ",".join(_USERINFO.sub(r"\1://", u) for u in url.split(","))
