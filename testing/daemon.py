@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +137,14 @@ def task(script: str, **extra: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {"image": SANDBOX_IMAGE, "command": ["sh", "-c", script]}
     doc.update(extra)
     return doc
+
+
+def wait_until(cond: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll `cond` every 0.1 s until it is true; AssertionError naming `what` after
+    `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.natsserver import NatsServer
+from testing.daemon import DaemonProc
 
 SANDBOX_IMAGE = "supervisor-sandbox:busybox"
 # Per test session, so that the leak check sees only this session's dirs.
@@ -35,6 +36,15 @@ def tmp_dir() -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProc]]:
+    """The `supervisor serve` processes a test starts; each is stopped afterwards."""
+    started: list[DaemonProc] = []
+    yield started
+    for d in started:
+        d.stop()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import itertools
 import json
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +24,10 @@ from schemas import (
     TaskFailed,
     TaskSucceeded,
 )
-from testing.daemon import DaemonProc, submit, task
+from testing.daemon import DaemonProc, submit, task, wait_until
 from testing.stream import stream_events
 
 pytestmark = pytest.mark.usefixtures("docker_client")
-
-
-@pytest.fixture
-def daemons(tmp_dir: Path) -> Iterator[list[DaemonProc]]:
-    started: list[DaemonProc] = []
-    yield started
-    for d in started:
-        d.stop()
 
 
 def _daemon(
@@ -55,15 +46,6 @@ def _managed(docker_client) -> list[str]:  # type: ignore[no-untyped-def]
             all=True, filters={"label": ["supervisor.managed=true", "supervisor.node=n1"]}
         )
     ]
-
-
-def _wait_until(cond, timeout: float = 60.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_submit_wait_runs_the_task_and_prints_its_result(
@@ -97,7 +79,7 @@ def test_a_full_queue_is_refused_with_queue_full(
     )
     client = tmp_dir / "client"
     assert submit(nats_url, client, task("sleep 30", limits={"timeout_s": 60})).returncode == 0
-    _wait_until(lambda: len(_managed(docker_client)) == 1, what="the blocker to run")
+    wait_until(lambda: len(_managed(docker_client)) == 1, what="the blocker to run")
     assert submit(nats_url, client, task("true")).returncode == 0
 
     proc = submit(nats_url, client, task("true"), "--json")
@@ -123,7 +105,7 @@ def test_priority_order_holds_under_a_backlog(
         "sleep 120", limits={"timeout_s": 300}, task_id="blocker", retry={"max_attempts": 1}
     )
     assert submit(nats_url, client, blocker).returncode == 0
-    _wait_until(lambda: len(_managed(docker_client)) == 1, what="the blocker to run")
+    wait_until(lambda: len(_managed(docker_client)) == 1, what="the blocker to run")
     for name, prio in [
         ("low-1", "low"),
         ("normal-1", "normal"),
@@ -135,7 +117,7 @@ def test_priority_order_holds_under_a_backlog(
         assert submit(nats_url, client, task("true", task_id=name, priority=prio)).returncode == 0
 
     docker_client.api.kill(_managed(docker_client)[0])  # the backlog is complete: unblock
-    _wait_until(
+    wait_until(
         lambda: len(asyncio.run(stream_events(nats_url, "sup.task.succeeded.>"))) == 6,
         what="all tasks",
     )
@@ -157,7 +139,7 @@ def test_a_memory_budget_smaller_than_two_tasks_runs_them_one_at_a_time(
         spec = task("sleep 1", task_id=f"mem-{i}", limits={"memory_mb": 128, "timeout_s": 30})
         assert submit(nats_url, client, spec).returncode == 0
 
-    _wait_until(
+    wait_until(
         lambda: len(asyncio.run(stream_events(nats_url, "sup.task.succeeded.>"))) == 3,
         what="all tasks",
     )
@@ -186,7 +168,7 @@ def test_sigterm_drains_and_exits_0_with_no_container_left(
         ).returncode
         == 0
     )
-    _wait_until(lambda: len(_managed(docker_client)) == 1, what="the task to run")
+    wait_until(lambda: len(_managed(docker_client)) == 1, what="the task to run")
 
     d.signal(signal.SIGTERM)
 
@@ -210,7 +192,7 @@ def test_a_second_signal_stops_at_once_and_still_cleans_up(
         ).returncode
         == 0
     )
-    _wait_until(lambda: len(_managed(docker_client)) == 1, what="the task to run")
+    wait_until(lambda: len(_managed(docker_client)) == 1, what="the task to run")
 
     d.signal(signal.SIGTERM)
     time.sleep(0.5)
@@ -234,11 +216,11 @@ def _kill_mid_task_and_replace(
     sched = {"ack_wait_s": 2, "ack_progress_s": 0.5}
     first = _daemon(daemons, tmp_dir, nats_url, scheduling=sched)
     assert submit(nats_url, tmp_dir / "client", spec).returncode == 0
-    _wait_until(lambda: len(_managed(docker_client)) == 1, what="the task to run")
+    wait_until(lambda: len(_managed(docker_client)) == 1, what="the task to run")
 
     first.kill()
     _daemon(daemons, tmp_dir, nats_url, scheduling=sched)
-    _wait_until(lambda: asyncio.run(stream_events(nats_url, terminal)), timeout=90,
+    wait_until(lambda: asyncio.run(stream_events(nats_url, terminal)), timeout=90,
                 what="the task's terminal event")  # fmt: skip
     return asyncio.run(stream_events(nats_url, terminal))
 
@@ -262,7 +244,7 @@ def test_a_daemon_killed_mid_task_is_replaced_and_the_lost_attempt_recorded(
     assert [(e.code, e.attempt) for e in lost if isinstance(e, ErrorRaised)] == [
         ("SUPERVISOR_LOST", 1)
     ]
-    _wait_until(
+    wait_until(
         lambda: _managed(docker_client) == [], timeout=30, what="the lost container to be removed"
     )
 
@@ -283,7 +265,7 @@ def test_a_lost_last_attempt_fails_the_task_with_one_error(
     assert [(e.code, e.attempt) for e in errors if isinstance(e, ErrorRaised)] == [
         ("SUPERVISOR_LOST", 1)
     ]
-    _wait_until(
+    wait_until(
         lambda: _managed(docker_client) == [], timeout=30, what="the lost container to be removed"
     )
 
@@ -301,14 +283,14 @@ def test_a_task_whose_daemon_dies_on_every_delivery_ends_as_redelivery_limit(
     d = _daemon(daemons, tmp_dir, nats_url, scheduling=sched)
     assert submit(nats_url, tmp_dir / "client", spec).returncode == 0
     for _ in range(2):
-        _wait_until(lambda: len(_managed(docker_client)) >= 1, timeout=60, what="the task to run")
+        wait_until(lambda: len(_managed(docker_client)) >= 1, timeout=60, what="the task to run")
         d.kill()
         for cid in _managed(docker_client):  # the new daemon's reconciler may be first
             with contextlib.suppress(docker.errors.NotFound):
                 docker_client.api.remove_container(cid, force=True)
         d = _daemon(daemons, tmp_dir, nats_url, scheduling=sched)
 
-    _wait_until(
+    wait_until(
         lambda: asyncio.run(stream_events(nats_url, "sup.task.failed.*.poison")),
         timeout=60,
         what="the poison verdict",

@@ -32,27 +32,10 @@ from schemas import (
 from schemas.events import TERMINAL_TASK_EVENTS
 from supervisor.natsauth import redact
 from supervisor.natsserver import NatsServer, resolve_nats_url
-from testing.daemon import DaemonProc, submit, task
+from testing.daemon import DaemonProc, submit, task, wait_until
 from testing.stream import stream_events
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProc]]:
-    started: list[DaemonProc] = []
-    yield started
-    for d in started:
-        d.stop()
-
-
-def wait_until(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def terminal_counts(events: list[Event]) -> Counter[str]:

@@ -34,14 +34,6 @@ pytestmark = pytest.mark.usefixtures("docker_client")
 
 
 @pytest.fixture
-def daemons() -> Iterator[list[DaemonProc]]:
-    started: list[DaemonProc] = []
-    yield started
-    for d in started:
-        d.stop()
-
-
-@pytest.fixture
 def dockerd(tmp_dir: Path) -> Iterator[PrivateDockerd]:
     engine = PrivateDockerd(tmp_dir / "dk").start()
     try:

@@ -11,7 +11,6 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import nats
@@ -25,14 +24,6 @@ from testing.stream import stream_events
 from tests.reconcileutil import new_node_id
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProc]]:
-    started: list[DaemonProc] = []
-    yield started
-    for d in started:
-        d.stop()
 
 
 def _containers(docker_client, node_id: str) -> list[str]:  # type: ignore[no-untyped-def]
