@@ -76,10 +76,9 @@ def test_the_embedded_nats_killed_mid_task_is_restarted_and_each_task_ends_once(
     daemons.append(daemon)
     url = _client_url(data)
     ids = [f"embedded-{i}" for i in range(4)]
-    for t in ids:
-        assert (
-            submit(url, tmp_dir / "client", task("sleep 6; echo done", task_id=t)).returncode == 0
-        )
+    for t in ids:  # long enough that all four run at once even when submissions are slow
+        spec = task("sleep 12; echo done", task_id=t, limits={"timeout_s": 60})
+        assert submit(url, tmp_dir / "client", spec).returncode == 0
     wait_until(lambda: len(list((data / "workspaces").iterdir())) == 4, 60, "4 running tasks")
     server = _nats_child(daemon)
 
@@ -132,10 +131,11 @@ def test_an_outage_longer_than_the_ack_wait_redelivers_but_never_reruns_or_reclo
         daemon = DaemonProc(data, url, config).start()
         daemons.append(daemon)
         # Two end while NATS is away, two still run when it is back: all four messages are
-        # redelivered (their acks and in-progress acks could not reach it).
+        # redelivered (their acks and in-progress acks could not reach it). Long enough
+        # that all four run at once even when the submissions are slow.
         ids = [f"outage-{i}" for i in range(4)]
         for i, t in enumerate(ids):
-            script = "sleep 2; echo done" if i < 2 else "sleep 12; echo done"
+            script = "sleep 6; echo done" if i < 2 else "sleep 20; echo done"
             spec = task(script, task_id=t, limits={"timeout_s": 60})
             assert submit(url, tmp_dir / "client", spec).returncode == 0
         wait_until(lambda: len(list((data / "workspaces").iterdir())) == 4, 60, "4 running tasks")
