@@ -29,7 +29,13 @@ from dataclasses import dataclass
 from typing import Final
 
 from projections import apply_reconcile as rec
-from projections.machine import TERMINAL_TASK_TYPES, sql_in, sql_task_state_case
+from projections.machine import (
+    TERMINAL_TASK_TYPES,
+    sql_attempt_finish_applies,
+    sql_in,
+    sql_task_state_case,
+    sql_terminal_applies,
+)
 from schemas import NO_TASK
 
 ATTEMPT_CATEGORIES: Final[tuple[str, ...]] = (
@@ -52,6 +58,12 @@ ATTEMPT_SCOPE: Final = "attempt_scope"
 
 _TERMINAL = sql_in(TERMINAL_TASK_TYPES)
 _STATE = sql_task_state_case("type")
+_FINISH_APPLIES = sql_attempt_finish_applies(
+    "n.instance_id", "coalesce(o.instance_id, a.first.instance_id)", "x.error_type"
+)
+_TERMINAL_APPLIES = sql_terminal_applies(
+    "n.attempt", "n.instance_id", "n.seq", "fa.instance_id", "fa.finished_seq"
+)
 
 # A duplicate is the same event published again (an outbox replayed after the stream's
 # duplicate window): same event_id, hence the same occurred_at. Joining on both lets DuckDB
@@ -118,7 +130,8 @@ MERGE INTO tasks USING (
                arg_min(correlation_id, seq) AS correlation_id,
                count(*) FILTER (WHERE type = 'attempt.started') AS attempts,
                count(*) FILTER (WHERE type IN {_TERMINAL}) AS terminal_events,
-               arg_max({_STATE}, seq) FILTER (WHERE {_STATE} IS NOT NULL) AS last_state
+               arg_max({_STATE}, seq) FILTER (WHERE {_STATE} IS NOT NULL
+                                               AND type NOT IN {_TERMINAL}) AS last_state
         FROM _new WHERE task_id <> '{NO_TASK}'
         GROUP BY task_id
     ), s AS (
@@ -133,6 +146,8 @@ MERGE INTO tasks USING (
                         'exit_code': x.exit_code, 'error_type': x.error_type,
                         'error_code': x.error_code, 'duration_s': x.duration_s}}, n.seq) AS fin
         FROM _terminal x JOIN _new n ON n.seq = x.seq
+        LEFT JOIN attempts fa ON fa.task_id = n.task_id AND fa.attempt = n.attempt
+        WHERE {_TERMINAL_APPLIES}
         GROUP BY n.task_id
     ), m AS (
         SELECT a.*, s.sub, f.fin,
@@ -191,12 +206,19 @@ MERGE INTO attempts USING (
     ), x AS (
         SELECT n.task_id, n.attempt,
                arg_min({{'seq': n.seq, 'at': n.occurred_at, 'max_attempts': x.max_attempts}},
-                       n.seq) FILTER (WHERE n.type = 'attempt.started') AS st,
+                       n.seq) FILTER (WHERE n.type = 'attempt.started') AS st
+        FROM _attempt x JOIN n ON n.seq = x.seq
+        GROUP BY n.task_id, n.attempt
+    ), f AS (
+        SELECT n.task_id, n.attempt,
                arg_min({{'seq': n.seq, 'at': n.occurred_at, 'outcome': x.outcome,
                         'exit_code': x.exit_code, 'error_type': x.error_type,
-                        'error_code': x.error_code, 'duration_s': x.duration_s}}, n.seq)
-                   FILTER (WHERE n.type = 'attempt.finished') AS fin
+                        'error_code': x.error_code, 'duration_s': x.duration_s}}, n.seq) AS fin
         FROM _attempt x JOIN n ON n.seq = x.seq
+        JOIN a ON a.task_id = n.task_id AND a.attempt = n.attempt
+        LEFT JOIN attempts o ON o.task_id = n.task_id AND o.attempt = n.attempt
+        WHERE n.type = 'attempt.finished'
+          AND {_FINISH_APPLIES}
         GROUP BY n.task_id, n.attempt
     ), c AS (
         SELECT n.task_id, n.attempt,
@@ -212,7 +234,7 @@ MERGE INTO attempts USING (
         FROM _workspace x JOIN n ON n.seq = x.seq
         GROUP BY n.task_id, n.attempt
     ), m AS (
-        SELECT a.*, x.st, x.fin, c.container_id, c.kill_reason, w.workspace,
+        SELECT a.*, x.st, f.fin, c.container_id, c.kill_reason, w.workspace,
                o.task_id IS NOT NULL AS known, o.started_seq IS NOT NULL AS old_st,
                o.finished_seq IS NOT NULL AS old_fin,
                o.outcome AS o_outcome, o.node_id AS o_node_id, o.instance_id AS o_instance_id,
@@ -225,6 +247,7 @@ MERGE INTO attempts USING (
                o.first_seq AS o_first_seq, o.events AS o_events
         FROM a
         LEFT JOIN x ON x.task_id = a.task_id AND x.attempt = a.attempt
+        LEFT JOIN f ON f.task_id = a.task_id AND f.attempt = a.attempt
         LEFT JOIN c ON c.task_id = a.task_id AND c.attempt = a.attempt
         LEFT JOIN w ON w.task_id = a.task_id AND w.attempt = a.attempt
         LEFT JOIN attempts o ON o.task_id = a.task_id AND o.attempt = a.attempt
@@ -446,8 +469,10 @@ APPLY_STATEMENTS: Final[tuple[Step, ...]] = (
     _step(INSERT_ERRORS, "error"),
     _step(INSERT_CLEANUPS, "cleanup"),
     _step(INSERT_ALERTS, "alert"),
-    _step(MERGE_TASKS, TASK_SCOPE),
+    # Attempts before tasks: whether a terminal event ends its task depends on its attempt
+    # (`projections.machine.terminal_applies`).
     _step(MERGE_ATTEMPTS, ATTEMPT_SCOPE),
+    _step(MERGE_TASKS, TASK_SCOPE),
     _step(MERGE_CONTAINERS, "container", "cleanup"),
     _step(MERGE_WORKSPACES, "workspace", "cleanup"),
     # A statement added there without its inputs here fails at import (KeyError).

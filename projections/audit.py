@@ -6,6 +6,11 @@ Rules, each reported with the task, and the stream sequences that prove it:
 - `task_lifecycle`: an event the task machine does not allow in the task's state (the
   machine then resynchronises on the state the event leads to, so one slip is one report);
 - `one_terminal_state`: a task reached a second terminal event;
+- `not_owner`: a terminal or `attempt.finished` event that the attempt's owner did not
+  send and the design does not let another instance send
+  (`projections.machine.terminal_applies`, `attempt_finish_applies`): a forgery, or a
+  node that went on after it was presumed dead. It is not applied, here as in the
+  projection;
 - `task_not_terminal`: a submitted task never reached a terminal state;
 - `attempt_order`: attempts not started as 1, 2, 3..., or an event of an attempt that was
   never started;
@@ -40,7 +45,12 @@ import duckdb
 import msgspec
 
 from projections.apply import ATTEMPT_CATEGORIES
-from projections.machine import TERMINAL_TASK_TYPES, task_state_after
+from projections.machine import (
+    TERMINAL_TASK_TYPES,
+    attempt_finish_applies,
+    task_state_after,
+    terminal_applies,
+)
 from schemas import NO_TASK, Event, event_type
 from supervisor.lifecycle import (
     TASK_EVENT_TYPES,
@@ -71,6 +81,8 @@ class Record(NamedTuple):
     command_id: str | None = None
     dry_run: bool | None = None
     final: bool | None = None
+    instance_id: str = ""
+    error_type: str | None = None
 
 
 class Violation(msgspec.Struct, frozen=True, kw_only=True):
@@ -85,7 +97,8 @@ class Violation(msgspec.Struct, frozen=True, kw_only=True):
 _LOAD = """
 SELECT seq, type, task_id, attempt, occurred_at,
        payload->>'container_id', payload->>'step', payload->>'resource', payload->>'path',
-       payload->>'command_id', (payload->>'dry_run')::BOOLEAN, (payload->>'final')::BOOLEAN
+       payload->>'command_id', (payload->>'dry_run')::BOOLEAN, (payload->>'final')::BOOLEAN,
+       instance_id, payload->>'error_type'
 FROM events ORDER BY seq
 """
 
@@ -100,10 +113,9 @@ def records_of(events: Iterable[Event], first_seq: int = 1) -> list[Record]:
     out = []
     for seq, e in enumerate(events, start=first_seq):
         names = ("container_id", "step", "resource", "path", "command_id", "dry_run", "final")
-        extra = (getattr(e, name, None) for name in names)
-        out.append(
-            Record(seq, event_type(e), e.task_id or NO_TASK, e.attempt, e.occurred_at, *extra)
-        )
+        extra = [getattr(e, name, None) for name in names]
+        head = (seq, event_type(e), e.task_id or NO_TASK, e.attempt, e.occurred_at)
+        out.append(Record._make((*head, *extra, e.instance_id, getattr(e, "error_type", None))))
     return out
 
 
@@ -121,7 +133,8 @@ class _Resource:
 
 
 class _Task:
-    __slots__ = ("finished", "last_at", "last_machine", "started", "state", "submitted", "terminal")
+    __slots__ = ("finished", "last_at", "last_machine", "owners", "started", "state", "submitted",
+                 "terminal")  # fmt: skip
 
     def __init__(self) -> None:
         self.state: str | None = None
@@ -130,6 +143,7 @@ class _Task:
         self.terminal: int | None = None
         self.started: list[tuple[int, int]] = []
         self.finished: dict[int, int] = {}
+        self.owners: dict[int, str] = {}  # attempt -> the instance of its first event
         self.last_at: datetime | None = None
 
 
@@ -148,6 +162,11 @@ def audit_records(
         end = r.occurred_at if end is None or r.occurred_at > end else end
         t = tasks[r.task_id]
         t.last_at = r.occurred_at
+        category = r.type.split(".", 1)[0]
+        if r.attempt > 0 and category in ATTEMPT_CATEGORIES:
+            t.owners.setdefault(r.attempt, r.instance_id)
+        if not _owned(r, t, out):
+            continue
         if r.type in TASK_EVENT_TYPES:
             _task_event(r, t, out)
         if r.type == "reconcile.decision" and r.resource:
@@ -156,7 +175,6 @@ def audit_records(
                 ordered.setdefault(r.command_id, r)
         if r.type == "reconcile.outcome" and r.final and r.command_id:
             concluded.add(r.command_id)
-        category = r.type.split(".", 1)[0]
         if r.attempt > 0 and category in ATTEMPT_CATEGORIES:
             _attempt_event(r, t, resources, decided, out)
         if category in ("container", "workspace", "cleanup"):
@@ -194,6 +212,25 @@ def audit_records(
                              detail=f"command {command_id} never reached a final outcome"))  # fmt: skip
     out.sort(key=lambda v: (v.seqs[0], v.rule))
     return out
+
+
+def _owned(r: Record, t: _Task, out: list[Violation]) -> bool:
+    """Whether `r` may be applied: False (and a `not_owner` violation) for an end of an
+    attempt that its owner did not send and no other instance may send."""
+    owner = t.owners.get(r.attempt)
+    if r.type == "attempt.finished":
+        ok = attempt_finish_applies(r.instance_id, owner, r.error_type)
+    elif r.type in TERMINAL_TASK_TYPES:
+        ok = terminal_applies(r.attempt, r.instance_id, r.seq, owner, t.finished.get(r.attempt))
+    else:
+        return True
+    if not ok:
+        why = "never started" if owner is None else f"owned by instance {owner}"
+        out.append(Violation(task_id=r.task_id, rule="not_owner", seqs=(r.seq,),
+                             attempt=r.attempt or None,
+                             detail=f"{r.type} from instance {r.instance_id}: attempt "
+                                    f"{r.attempt} is {why}; not applied"))  # fmt: skip
+    return ok
 
 
 def _task_event(r: Record, t: _Task, out: list[Violation]) -> None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from typing import Final
 
-DDL_VERSION: Final = 2
+from projections.machine import TERMINAL_TASK_TYPES, sql_in
+
+DDL_VERSION: Final = 3
 
 TABLES: Final[tuple[str, ...]] = (
     "events",
@@ -405,18 +407,31 @@ SELECT d.*, CASE WHEN o.final THEN o.last_outcome WHEN o.command_id IS NULL THEN
 FROM d LEFT JOIN o USING (command_id)
 ORDER BY d.decision_seq
 """,
-    # A task has one outcome: its first terminal event. Any later one (a bug, a forgery, a
-    # node that went on after it was presumed dead) is kept here with both sequences; the
-    # `tasks` row never takes it, and `supervisor audit` reports it (one_terminal_state).
-    "terminal_conflicts": """
+    # A task has one outcome: its first terminal event that its attempt's owner may send
+    # (`projections.machine.terminal_applies`); an attempt, likewise, one end. Every other
+    # terminal or `attempt.finished` event (a bug, a forgery, a node that went on after it
+    # was presumed dead) is kept here with both sequences and why it was not applied:
+    # `after_end` (the task or attempt had ended already) or `not_owner` (an instance
+    # other than the attempt's owner, or an attempt never started). The `tasks` and
+    # `attempts` rows never take it; `supervisor audit` reports it.
+    "terminal_conflicts": f"""
 CREATE OR REPLACE VIEW terminal_conflicts AS
-SELECT e.task_id, t.finished_seq AS first_seq, t.outcome AS first_outcome,
-       e.seq AS conflict_seq, split_part(e.type, '.', 2) AS conflict_outcome,
+SELECT e.task_id, e.attempt, 'task' AS scope, t.finished_seq AS first_seq,
+       t.outcome AS first_outcome, e.seq AS conflict_seq,
+       split_part(e.type, '.', 2) AS conflict_outcome,
+       CASE WHEN e.seq > t.finished_seq THEN 'after_end' ELSE 'not_owner' END AS reason,
        e.node_id, e.instance_id, e.occurred_at
 FROM events e JOIN tasks t ON t.task_id = e.task_id
-WHERE t.terminal_events > 1 AND e.type IN ('task.succeeded', 'task.failed', 'task.rejected')
-  AND e.seq <> t.finished_seq
-ORDER BY e.seq
+WHERE t.terminal_events > CAST(t.finished_seq IS NOT NULL AS INTEGER)
+  AND e.type IN {sql_in(TERMINAL_TASK_TYPES)} AND e.seq IS DISTINCT FROM t.finished_seq
+UNION ALL
+SELECT e.task_id, e.attempt, 'attempt', a.finished_seq, a.outcome, e.seq,
+       e.payload->>'$.outcome',
+       CASE WHEN e.seq > a.finished_seq THEN 'after_end' ELSE 'not_owner' END,
+       e.node_id, e.instance_id, e.occurred_at
+FROM events e JOIN attempts a ON a.task_id = e.task_id AND a.attempt = e.attempt
+WHERE e.type = 'attempt.finished' AND e.seq IS DISTINCT FROM a.finished_seq
+ORDER BY conflict_seq
 """,
 }
 

@@ -28,7 +28,12 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 from projections.apply import ATTEMPT_CATEGORIES, CONTAINER_STEPS
-from projections.machine import TASK_TARGET_STATE, TERMINAL_TASK_TYPES
+from projections.machine import (
+    TASK_TARGET_STATE,
+    TERMINAL_TASK_TYPES,
+    attempt_finish_applies,
+    terminal_applies,
+)
 from schemas import NO_TASK
 
 Event = dict[str, Any]
@@ -149,11 +154,28 @@ def instance_events(events: Iterable[Event]) -> dict[str, list[Event]]:
 # --- the rows ------------------------------------------------------------------------------
 
 
-def fold_task(task_id: str, o: Row | None, ev: list[Event]) -> Row:
-    """`projections.apply.MERGE_TASKS` for one task."""
-    states = [TASK_TARGET_STATE[e["type"]] for e in ev if e["type"] in TASK_TARGET_STATE]
+AttemptRows = Callable[[str, int], "Row | None"]
+"""The current row of an attempt (after the batch), by task id and attempt number."""
+
+
+def fold_task(task_id: str, o: Row | None, ev: list[Event], attempt_row: AttemptRows) -> Row:
+    """`projections.apply.MERGE_TASKS` for one task; `attempt_row` gives the attempts'
+    rows, already folded for this batch."""
+    states = [
+        TASK_TARGET_STATE[e["type"]]
+        for e in ev
+        if e["type"] in TASK_TARGET_STATE and e["type"] not in _TERMINAL
+    ]
     sub = _first(ev, lambda e: e["_kind"] == "submitted")
-    fin = _first(ev, lambda e: e["_kind"] == "terminal")
+
+    def applies(e: Event) -> bool:
+        if e["_kind"] != "terminal":
+            return False
+        at = attempt_row(task_id, e["attempt"]) if e["attempt"] > 0 else None
+        return terminal_applies(e["attempt"], e["instance_id"], e["seq"], _get(at, "instance_id"),
+                                _get(at, "finished_seq"))  # fmt: skip
+
+    fin = _first(ev, applies)
     known = o is not None
     old_sub = known and o["submitted_seq"] is not None  # type: ignore[index]
     old_fin = known and o["finished_seq"] is not None  # type: ignore[index]
@@ -198,9 +220,11 @@ def fold_task(task_id: str, o: Row | None, ev: list[Event]) -> Row:
 def fold_attempt(key: tuple[str, int], o: Row | None, ev: list[Event]) -> Row:
     """`projections.apply.MERGE_ATTEMPTS` for one attempt."""
     st = _first(ev, _is("attempt.started"))
-    fin = _first(ev, _is("attempt.finished"))
     known = o is not None
     oo: Row = o or {}
+    starter = oo["instance_id"] if known else ev[0]["instance_id"]
+    fin = _first(ev, lambda e: e["type"] == "attempt.finished" and attempt_finish_applies(
+        e["instance_id"], starter, e["error_type"]))  # fmt: skip
     old_st = known and oo["started_seq"] is not None
     old_fin = known and oo["finished_seq"] is not None
     started_seq = oo["started_seq"] if old_st else _get(st, "seq")
@@ -217,7 +241,7 @@ def fold_attempt(key: tuple[str, int], o: Row | None, ev: list[Event]) -> Row:
         "state": state,
         "outcome": fin_or_old("outcome", "outcome"),
         "node_id": oo["node_id"] if known else ev[0]["node_id"],
-        "instance_id": oo["instance_id"] if known else ev[0]["instance_id"],
+        "instance_id": starter,
         "max_attempts": oo["max_attempts"] if old_st else _get(st, "max_attempts"),
         "started_at": oo["started_at"] if old_st else _get(st, "occurred_at"),
         "started_seq": started_seq,
@@ -378,7 +402,7 @@ class Fold:
         table: str,
         keys: tuple[str, ...],
         select: Callable[[Iterable[Event]], dict[Any, list[Event]]],
-        fold: Callable[[Any, Row | None, list[Event]], Row],
+        fold: Callable[..., Row],
     ) -> None:
         self.table, self.keys, self.select, self.fold = table, keys, select, fold
 
@@ -387,8 +411,10 @@ class Fold:
 
 
 FOLDS: Final[tuple[Fold, ...]] = (
-    Fold("tasks", ("task_id",), task_events, fold_task),
+    # Attempts before tasks, as in `projections.apply.APPLY_STATEMENTS`: `fold_task` reads
+    # the attempts' new rows.
     Fold("attempts", ("task_id", "attempt"), attempt_events, fold_attempt),
+    Fold("tasks", ("task_id",), task_events, fold_task),
     Fold("containers", ("container_id",), container_events, fold_container),
     Fold("workspaces", ("path",), workspace_events, fold_workspace),
     Fold("instances", ("instance_id",), instance_events, fold_instance),

@@ -51,7 +51,7 @@ from projections.apply import (
 from projections.ddl import DDL_VERSION, KEYS, TABLES, schema_statements
 from projections.decode import STAGING, Staged
 from projections.errors import ProjectionStoreError, ProjectionVersionMismatch
-from projections.fold import FACT_KINDS, FOLDS, Event, Fold, Row, fact_rows
+from projections.fold import FACT_KINDS, FOLDS, AttemptRows, Event, Fold, Row, fact_rows
 from schemas import NO_TASK
 from supervisor.streams import EVENTS_STREAM
 
@@ -330,8 +330,23 @@ class ProjectionStore:
             for table in self._stored_among(unknown):
                 stored[table].update(self._read(_BY_TABLE[table], unknown[table]))
         for f in FOLDS:
-            if f.table in groups:
+            if f.table == "tasks" and "tasks" in groups:
+                self._replace(f, groups["tasks"], stored["tasks"],
+                              self._attempt_rows(groups["tasks"]))  # fmt: skip
+            elif f.table in groups:
                 self._replace(f, groups[f.table], stored[f.table])
+
+    def _attempt_rows(self, tasks: dict[Any, list[Event]]) -> AttemptRows:
+        """The rows (as of this batch, folded already) of the attempts the batch's terminal
+        events claim: `fold_task` asks whether they may end their task."""
+        cache = self._cached["attempts"]
+        wanted = {(e["task_id"], e["attempt"]) for evs in tasks.values() for e in evs
+                  if e["_kind"] == "terminal" and e["attempt"] > 0}  # fmt: skip
+        rows = {k: cache[k] for k in wanted if k in cache}
+        missing = [k for k in wanted if k not in rows]
+        if missing:
+            rows.update(self._read(_BY_TABLE["attempts"], missing))
+        return lambda task_id, attempt: rows.get((task_id, attempt))
 
     def _stored_among(self, unknown: dict[str, list[Any]]) -> set[str]:
         """The tables where some of their `unknown` keys are stored: one statement."""
@@ -347,8 +362,10 @@ class ProjectionStore:
         rows = (dict(zip(names, values, strict=True)) for values in cur.fetchall())
         return {f.key_of(row): row for row in rows}
 
-    def _replace(self, f: Fold, groups: dict[Any, list[Event]], stored: dict[Any, Row]) -> None:
-        rows = [f.fold(key, stored.get(key), evs) for key, evs in groups.items()]
+    def _replace(
+        self, f: Fold, groups: dict[Any, list[Event]], stored: dict[Any, Row], *context: Any
+    ) -> None:
+        rows = [f.fold(key, stored.get(key), evs, *context) for key, evs in groups.items()]
         if stored:
             where, params = _keyed(f, list(stored))
             self.con.execute(f"DELETE FROM {f.table} WHERE {where}", params)

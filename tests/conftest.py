@@ -38,6 +38,16 @@ def tmp_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def module_tmp_dir() -> Iterator[Path]:
+    """`tmp_dir` shared by a module's tests (one daemon for several attacks)."""
+    d = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
 def daemons() -> Iterator[list[DaemonProc]]:
     """The `supervisor serve` processes a test starts; each is stopped afterwards."""

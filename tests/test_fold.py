@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from projections import ProjectionStore, decode_batch, stage
 from projections.store import snapshot
 from projections.synthetic import AttemptPlan, HistoryBuilder
-from schemas import Event, ResourceAlert, ResourceRecovered, encode_event
+from schemas import AttemptFinished, Event, ResourceAlert, ResourceRecovered, encode_event
 from tests.test_reconcile_projection import history as node_history
 
 _PLANS = (
@@ -37,7 +37,34 @@ _TASK = st.one_of(
     st.lists(st.sampled_from(_PLANS), min_size=1, max_size=3),  # a whole task
     st.just("rejected"),
     st.just("in_flight"),  # an attempt that has not finished
+    st.just("forged"),  # another instance's end of a running attempt, then the real end
+    st.just("lost"),  # an attempt left open, closed by another instance, the task failed
 )
+
+
+def forged(b: HistoryBuilder, tid: str) -> None:
+    """A task whose running attempt gets a forged `attempt.finished` and `task.succeeded`
+    from an instance that never ran it; then the real, failed, end."""
+    b.submit(tid)
+    b.attempt(tid, 1, _PLANS[1], finish=False)
+    owner, b.instance_id = b.instance_id, "forger"
+    b.emit(AttemptFinished, tid, 1, outcome="succeeded", exit_code=0, duration_s=0.1)
+    b.succeed(tid, 1)
+    b.instance_id = owner
+    b.emit(AttemptFinished, tid, 1, outcome="failed", exit_code=1, error_type="user_code",
+           error_code="NONZERO_EXIT", duration_s=0.4)  # fmt: skip
+    b.fail(tid, 1, "NONZERO_EXIT", exit_code=1)
+
+
+def lost(b: HistoryBuilder, tid: str) -> None:
+    """A task whose attempt's owner died: another instance closes the attempt as lost and
+    fails the task (both applied: the design lets it)."""
+    b.submit(tid)
+    b.attempt(tid, 1, finish=False)
+    b.instance_id = "boot-2"
+    b.emit(AttemptFinished, tid, 1, outcome="failed", error_type="infrastructure",
+           error_code="SUPERVISOR_LOST")  # fmt: skip
+    b.fail(tid, 1, "SUPERVISOR_LOST")
 
 
 def build(tasks: list[Any], seed: int) -> list[Event]:
@@ -53,6 +80,10 @@ def build(tasks: list[Any], seed: int) -> list[Event]:
         elif plan == "in_flight":
             b.submit(tid)
             b.attempt(tid, 1, finish=False)
+        elif plan == "forged":
+            forged(b, tid)
+        elif plan == "lost":
+            lost(b, tid)
         else:
             b.run_task(tid, *plan)
         per_task.append(b.events)
@@ -123,6 +154,39 @@ def test_the_fold_of_small_batches_equals_the_merge_of_the_whole(
 
     assert all(merged[t] for t in ("tasks", "attempts", "instances", "alerts"))
     assert folded == merged
+
+
+def test_an_end_from_an_instance_that_does_not_own_the_attempt_is_not_applied(
+    tmp_dir: Path,
+) -> None:
+    """The forged ends arrive first and change nothing, in one batch and event by event;
+    the lost attempt's closing by another instance is applied."""
+    events = build(["forged", "lost"], seed=1)
+    for name, batches, fold_max in (
+        ("merge", [(0, len(events))], 0),
+        ("fold", [(i, i + 1) for i in range(len(events))], 10**6),
+    ):
+        project(tmp_dir / f"{name}.duckdb", events, batches, fold_max=fold_max)
+        con = duckdb.connect(str(tmp_dir / f"{name}.duckdb"), read_only=True)
+        try:
+            tasks = con.execute("SELECT task_id, state, error_code, terminal_events FROM tasks WHERE task_id LIKE 't-g%' "
+                                "ORDER BY task_id").fetchall()  # fmt: skip
+            attempts = con.execute("SELECT task_id, outcome, exit_code, error_code, instance_id "
+                                   "FROM attempts WHERE task_id LIKE 't-g%' ORDER BY task_id").fetchall()  # fmt: skip
+            conflicts = con.execute(
+                "SELECT task_id, scope, conflict_outcome, reason, instance_id, first_outcome "
+                "FROM terminal_conflicts"
+            ).fetchall()
+        finally:
+            con.close()
+        assert tasks == [("t-g0", "failed", "NONZERO_EXIT", 2),
+                         ("t-g1", "failed", "SUPERVISOR_LOST", 1)], name  # fmt: skip
+        assert attempts == [("t-g0", "failed", 1, "NONZERO_EXIT", "boot-1"),
+                            ("t-g1", "failed", None, "SUPERVISOR_LOST", "boot-1")], name  # fmt: skip
+        assert conflicts == [
+            ("t-g0", "attempt", "succeeded", "not_owner", "forger", "failed"),
+            ("t-g0", "task", "succeeded", "not_owner", "forger", "failed"),
+        ], name
 
 
 def test_a_batch_above_the_bound_is_merged_and_gives_the_same_rows(tmp_dir: Path) -> None:

@@ -102,6 +102,49 @@ async def test_the_embedded_server_refuses_anonymous_clients_and_readers_that_wr
         await node.close()
 
 
+async def test_a_node_may_not_erase_history_nor_reach_outside_its_subjects(
+    tmp_dir: Path,
+) -> None:
+    """The node's credential is least privilege too: it runs streams and publishes the
+    supervisor's subjects, but `SUP_EVENTS` is append-only for it as well, and a subject
+    outside `sup.>`/`suptask.>`/`supcmd.>` is refused by the server."""
+    data = tmp_dir / "data"
+    async with nats_for(None, data) as node_url:
+        violations: list[str] = []
+
+        async def on_error(e: Exception) -> None:
+            violations.append(str(e))
+
+        node = await nats.connect(node_url, error_cb=on_error)
+        try:
+            js = node.jetstream()
+            await ensure_streams(js, url=redact(node_url))
+            ack = await js.publish("sup.supervisor.started.n1.t0", _event(0),
+                                   headers={MSG_ID_HEADER: "e-0"})  # fmt: skip
+            for admin in (js.purge_stream, js.delete_stream):
+                with pytest.raises((TimeoutError, nats.errors.Error)):
+                    await asyncio.wait_for(admin(EVENTS_STREAM), 3)
+            with pytest.raises((TimeoutError, nats.errors.Error)):
+                await asyncio.wait_for(js.delete_msg(EVENTS_STREAM, ack.seq), 3)
+            await node.publish("elsewhere.subject", b"{}")
+            await node.subscribe("elsewhere.>")
+            await node.flush()
+            await asyncio.sleep(0.2)
+            assert (await js.stream_info(EVENTS_STREAM)).state.messages == 1
+        finally:
+            await node.close()
+        published = [v for v in violations if "permissions violation for publish" in v]
+        assert published == [
+            f'nats: permissions violation for publish to "{s.lower()}"'
+            for s in (f"$JS.API.STREAM.PURGE.{EVENTS_STREAM}",
+                      f"$JS.API.STREAM.DELETE.{EVENTS_STREAM}",
+                      f"$JS.API.STREAM.MSG.DELETE.{EVENTS_STREAM}", "elsewhere.subject")
+        ]  # fmt: skip
+        assert [v for v in violations if "permissions violation for subscription" in v] == [
+            'nats: permissions violation for subscription to "elsewhere.>"'
+        ]
+
+
 def test_credentials_reader_hands_out_a_url_that_tail_can_follow(tmp_dir: Path) -> None:
     """`supervisor credentials reader` on a data dir whose embedded server runs; its URL
     works with `supervisor tail`."""

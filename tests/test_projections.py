@@ -20,10 +20,11 @@ import msgspec
 import pytest
 
 from projections import ProjectionStore, ProjectionStoreError, Projector, replay
+from projections.audit import audit_records, load_records
 from projections.ddl import DDL_VERSION, TABLES
 from projections.loadgen import publish
 from projections.synthetic import AttemptPlan, HistoryBuilder, mixed_history
-from schemas import TaskSubmitted, encode_event
+from schemas import AttemptFinished, CleanupSucceeded, TaskSubmitted, encode_event
 from supervisor.cli import main as cli_main
 from tests.projutil import tables
 
@@ -499,3 +500,45 @@ async def test_a_second_terminal_event_is_a_conflict_never_the_outcome(
                      "FROM terminal_conflicts") == [
         ("t-twice", last - 1, "succeeded", last, "failed")
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("batch_size", [1, 200])
+async def test_a_forged_success_before_the_real_end_is_a_conflict_never_the_outcome(
+    nats_url: str, tmp_dir: Path, batch_size: int
+) -> None:
+    """A copied `task.succeeded` (new event id) from an instance that does not run the
+    attempt, published while the task runs: the live projection keeps the task running,
+    takes the real end when it comes, and shows the forgery in `terminal_conflicts`; the
+    audit reports it. The same whether they share a batch or not."""
+    b = HistoryBuilder(id_prefix="fg")
+    b.submit("t-run")
+    b.attempt("t-run", 1, AttemptPlan(error="NONZERO_EXIT", exit_code=3), finish=False)
+    b.instance_id = "intruder"
+    b.succeed("t-run", 1)
+    b.instance_id = "boot-1"
+    running = await publish(nats_url, b.events)
+    db = tmp_dir / "p.duckdb"
+    await follow_until(db, nats_url, running, batch_size=batch_size)
+    assert query(db, "SELECT state, outcome, finished_seq FROM tasks") == [("running", None, None)]
+
+    b.events.clear()
+    for step, resource in (("remove_container", b.container_id("t-run", 1)),
+                           ("remove_workspace", b.workspace_path("t-run", 1))):  # fmt: skip
+        b.emit(CleanupSucceeded, "t-run", 1, step=step, resource=resource, duration_s=0.02)
+    b.emit(AttemptFinished, "t-run", 1, outcome="failed", exit_code=3, error_type="user_code",
+           error_code="NONZERO_EXIT", duration_s=0.4)  # fmt: skip
+    b.fail("t-run", 1, "NONZERO_EXIT", exit_code=3)
+    last = await publish(nats_url, b.events)
+    await follow_until(db, nats_url, last, batch_size=batch_size)
+    assert query(db, "SELECT state, outcome, exit_code, finished_seq, terminal_events "
+                     "FROM tasks") == [("failed", "failed", 3, last, 2)]  # fmt: skip
+    assert query(db, "SELECT scope, conflict_seq, conflict_outcome, reason, instance_id, "
+                     "first_seq FROM terminal_conflicts") == [
+        ("task", running, "succeeded", "not_owner", "intruder", last)
+    ]  # fmt: skip
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        found = [(v.rule, v.seqs) for v in audit_records(load_records(con))]
+    finally:
+        con.close()
+    assert found == [("not_owner", (running,))]

@@ -106,7 +106,7 @@ def project(db: Path, payloads: list[bytes], cuts: tuple[int, ...] = ()) -> list
 def test_each_statement_runs_only_for_the_inputs_it_reads() -> None:
     assert steps_for({"batch"}) == (INSERT_EVENTS, MERGE_INSTANCES)
     assert steps_for({"batch", "container", TASK_SCOPE, ATTEMPT_SCOPE}) == (
-        INSERT_EVENTS, MERGE_TASKS, MERGE_ATTEMPTS, MERGE_CONTAINERS, MERGE_INSTANCES,
+        INSERT_EVENTS, MERGE_ATTEMPTS, MERGE_TASKS, MERGE_CONTAINERS, MERGE_INSTANCES,
     )  # fmt: skip
     assert len(steps_for({"batch", "inventory"})) == 2 + 6  # inventories, latest, observed x4
     everything = {"batch", *(r for s in APPLY_STATEMENTS for r in s.reads)}

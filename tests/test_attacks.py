@@ -1,0 +1,167 @@
+"""A hostile local user against a daemon on its default configuration (`supervisor serve`
+with its embedded NATS), each attack as it was tried: an anonymous NATS client, a forged
+cleanup command naming a running task's container, a forged `task.succeeded` for a running
+task, and SQL that writes through a CTE. Even the forgeries published with the node's own
+credential (a stolen one) change no outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from schemas import (
+    CleanupCommand,
+    ReconcileOutcome,
+    Result,
+    TaskFailed,
+    TaskSucceeded,
+    encode_event,
+)
+from schemas.events import TERMINAL_TASK_EVENTS
+from supervisor.commands import JetStreamCommands
+from supervisor.emitter import utcnow
+from supervisor.errors import NatsUnavailable
+from supervisor.eventlog import MSG_ID_HEADER, connect_nats
+from supervisor.natsauth import redact
+from supervisor.natsserver import resolve_nats_url
+from testing.daemon import DaemonProc, submit, task, wait_until
+from testing.stream import stream_events
+
+pytestmark = [pytest.mark.docker, pytest.mark.nats]
+
+
+class Target:
+    def __init__(self, daemon: DaemonProc, url: str, client_dir: Path) -> None:
+        self.daemon, self.url, self.client_dir = daemon, url, client_dir
+
+    def submit(self, script: str, task_id: str) -> None:
+        spec = task(script, task_id=task_id, limits={"timeout_s": 60})
+        done = submit(self.url, self.client_dir, spec)
+        assert done.returncode == 0, done.stderr
+
+    def ended(self, task_id: str) -> list[Any]:
+        events = asyncio.run(stream_events(self.url, f"sup.task.*.*.{task_id}"))
+        return [e for e in events if isinstance(e, TERMINAL_TASK_EVENTS)]
+
+    def query(self, sql: str) -> tuple[int, Any]:
+        status, body = self.daemon.request("POST", "/v1/query", json.dumps({"sql": sql}).encode())
+        return status, json.loads(body)
+
+
+@pytest.fixture(scope="module")
+def target(module_tmp_dir: Path) -> Iterator[Target]:
+    root = module_tmp_dir
+    data = root / "data"
+    daemon = DaemonProc(data, None, {"scheduling": {"concurrency": 4}}).start()
+    try:
+        url = resolve_nats_url(None, data)
+        assert url is not None
+        yield Target(daemon, url, root / "client")
+    finally:
+        daemon.stop()
+
+
+def _running_container(docker_client: Any, task_id: str) -> str:
+    found: list[str] = []
+
+    def up() -> bool:
+        found[:] = [c.id for c in docker_client.containers.list(
+            filters={"label": f"supervisor.task={task_id}", "status": "running"})]  # fmt: skip
+        return bool(found)
+
+    wait_until(up, 60, f"the container of {task_id} to run")
+    return found[0]
+
+
+def test_an_anonymous_client_is_refused(target: Target) -> None:
+    with pytest.raises(NatsUnavailable, match="Authorization Violation"):
+        asyncio.run(connect_nats(redact(target.url), reconnect=False, timeout=2))
+
+
+def test_a_forged_cleanup_command_does_not_kill_a_running_task(
+    target: Target, docker_client: Any
+) -> None:
+    target.submit("sleep 4; echo survived", "atk-cleanup")
+    cid = _running_container(docker_client, "atk-cleanup")
+    command = CleanupCommand(
+        command_id="forged-cmd-1", node_id="n1", action="remove_container",
+        resource_kind="container", resource=cid, rule="orphan_container",
+        decision_id="forged-decision", issued_at=utcnow(), task_id="atk-cleanup", attempt=1,
+    )  # fmt: skip
+
+    async def publish() -> None:
+        nc = await nats.connect(target.url)
+        try:
+            assert await JetStreamCommands(nc.jetstream()).publish(command)
+        finally:
+            await nc.close()
+
+    asyncio.run(publish())
+    wait_until(lambda: target.ended("atk-cleanup"), 60, "the task to end")
+    (end,) = target.ended("atk-cleanup")
+    assert isinstance(end, TaskSucceeded) and end.result.stdout == "survived\n"
+    outcomes = [e for e in asyncio.run(stream_events(target.url, "sup.reconcile.outcome.>"))
+                if isinstance(e, ReconcileOutcome) and e.command_id == "forged-cmd-1"]  # fmt: skip
+    assert [(o.outcome, o.final) for o in outcomes] == [("refused", True)]
+    assert "before its deadline" in outcomes[0].detail
+
+
+def test_a_forged_success_of_a_running_task_is_kept_apart_never_its_outcome(
+    target: Target, docker_client: Any
+) -> None:
+    target.submit("sleep 3; echo real; exit 3", "atk-success")
+    _running_container(docker_client, "atk-success")
+    forged = TaskSucceeded(
+        event_id="forged-success-1", occurred_at=utcnow(), node_id="n1",
+        instance_id="intruder", task_id="atk-success", attempt=1,
+        result=Result(task_id="atk-success", status="succeeded", attempts=1, exit_code=0,
+                      stdout="forged\n"),
+    )  # fmt: skip
+
+    async def publish() -> None:
+        nc = await nats.connect(target.url)
+        try:
+            await nc.jetstream().publish(forged.subject(), encode_event(forged),
+                                         headers={MSG_ID_HEADER: forged.event_id})  # fmt: skip
+        finally:
+            await nc.close()
+
+    asyncio.run(publish())
+    wait_until(lambda: any(isinstance(e, TaskFailed) for e in target.ended("atk-success")), 60,
+               "the real end")  # fmt: skip
+
+    def projected() -> bool:
+        status, body = target.daemon.get("/v1/tasks/atk-success")
+        return status == 200 and json.loads(body)["finished_seq"] is not None
+
+    wait_until(projected, 30, "the projection to take the end")
+    doc = json.loads(target.daemon.get("/v1/tasks/atk-success")[1])
+    assert (doc["state"], doc["outcome"], doc["exit_code"]) == ("failed", "failed", 3)
+    status, result = target.query(
+        "SELECT scope, reason, instance_id, conflict_outcome, first_outcome "
+        "FROM terminal_conflicts WHERE task_id = 'atk-success'"
+    )
+    assert status == 200, result
+    assert result["rows"] == [["task", "not_owner", "intruder", "succeeded", "failed"]]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "WITH x AS (UPDATE tasks SET state = 'hacked' RETURNING task_id, state) SELECT * FROM x",
+        "SELECT * FROM (DELETE FROM tasks RETURNING task_id)",
+        "SELECT * FROM tasks WHERE task_id IN (SELECT task_id FROM "
+        "(INSERT INTO tasks (task_id) VALUES ('x') RETURNING task_id))",
+    ],
+)
+def test_sql_that_writes_anywhere_in_its_tree_is_refused(target: Target, sql: str) -> None:
+    status, body = target.query(sql)
+    assert status == 400, body
+    status, rows = target.query("SELECT count(*) FROM tasks WHERE state = 'hacked'")
+    assert (status, rows["rows"]) == (200, [[0]])
