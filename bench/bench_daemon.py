@@ -37,12 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_executor import SCRIPT, raw_run
 from schemas import Limits, RetryPolicy, TaskSpec
-from supervisor.config import Config, Scheduling
-from supervisor.emitter import Emitter, new_id
-from supervisor.eventlog import EventLog, ensure_streams
-from supervisor.intake import Intake
-from supervisor.natsserver import NatsServer
-from supervisor.streams import TASKS_STREAM, tasks_stream_config
+from schemas.config import Config, Scheduling
+from schemas.streams import TASKS_STREAM, tasks_stream_config
+from supervisor.eventlog.emitter import Emitter, new_id
+from supervisor.eventlog.log import EventLog, ensure_streams
+from supervisor.eventlog.nats_server import NatsServer
+from supervisor.intake.submit import Intake
 from testing.daemon import DaemonProc
 
 IMAGE = "supervisor-sandbox:busybox"

@@ -32,7 +32,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from projections.store import ProjectionStore
+from projections.store.store import ProjectionStore
 from schemas import CATALOGUE
 
 CHUNK = 1_000_000

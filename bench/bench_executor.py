@@ -28,9 +28,9 @@ import docker
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from schemas import Limits, RetryPolicy, TaskSpec
-from supervisor.config import Config
-from supervisor.natsserver import NatsServer
-from supervisor.node import open_node
+from schemas.config import Config
+from supervisor.daemon.node import open_node
+from supervisor.eventlog.nats_server import NatsServer
 
 IMAGE = "supervisor-sandbox:busybox"
 SCRIPT = "echo hello"

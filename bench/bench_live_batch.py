@@ -4,14 +4,14 @@
 
 For each projection size N (default 5,000, 50,000 and 200,000 events), builds a DuckDB
 file (in a temp dir, removed afterwards) from a realistic mixed history
-(`projections.synthetic.mixed_history`), then applies K more batches of B events (60 by
+(`testing.synthetic.mixed_history`), then applies K more batches of B events (60 by
 default, about what the daemon's live projector applies at concurrency 8) in blocks of
 fifteen, alternating the store's two ways within one run:
 
-* merge: `ProjectionStore(fold_max=0)`, the set-based statements of `projections.apply`
+* merge: `ProjectionStore(fold_max=0)`, the set-based statements of `projections.store.apply`
   (what a replay runs), whose five current-state `MERGE`s are planned for every batch;
 * fold: the default store, which computes the current-state rows in Python
-  (`projections.fold`) and replaces them with one keyed delete and one Arrow insert per
+  (`projections.store.fold`) and replaces them with one keyed delete and one Arrow insert per
   table.
 
 Both write the same rows (`tests/test_fold.py`). Prints the median CPU and wall time of a
@@ -28,10 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from projections.decode import Staged, decode_batch, stage
-from projections.store import FOLD_MAX_EVENTS, ProjectionStore
-from projections.synthetic import mixed_history
+from projections.store.store import FOLD_MAX_EVENTS, ProjectionStore
+from projections.stream.decode import Staged, decode_batch, stage
 from schemas import encode_event
+from testing.synthetic import mixed_history
 
 BLOCK = 15
 

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from schemas import AttemptFinished, Event, Evidence, encode_event
-from supervisor.eventlog import MSG_ID_HEADER, EventLog, connect_nats, ensure_streams
-from supervisor.natsserver import REPO_CONF, NatsServer
-from supervisor.streams import EVENTS_STREAM
+from schemas.streams import EVENTS_STREAM
+from supervisor.eventlog.log import MSG_ID_HEADER, EventLog, connect_nats, ensure_streams
+from supervisor.eventlog.nats_server import REPO_CONF, NatsServer
 
 
 def make_events(n: int) -> list[Event]:

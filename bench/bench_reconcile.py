@@ -35,13 +35,13 @@ import msgspec
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from schemas import TaskSpec
-from supervisor.config import Config
-from supervisor.emitter import Emitter, new_id
-from supervisor.eventlog import EventLog
-from supervisor.intake import Intake
-from supervisor.natsserver import NatsServer
+from schemas.config import Config
+from supervisor.eventlog.emitter import Emitter, new_id
+from supervisor.eventlog.log import EventLog
+from supervisor.eventlog.nats_server import NatsServer
+from supervisor.intake.submit import Intake
 from testing.daemon import DaemonProc
-from tests.reconcileutil import labels, new_node_id, rig
+from testing.reconcile import labels, new_node_id, rig
 
 IMAGE = "supervisor-sandbox:busybox"
 

@@ -5,12 +5,12 @@ stream into a fresh DuckDB projection.
 
 Starts its own nats-server (in a temp dir, removed afterwards), publishes N realistic mixed
 events (whole task histories: successes, retried timeouts, user errors, OOM kills,
-rejections; `projections.synthetic.mixed_history`) with `publish_async` and their
+rejections; `testing.synthetic.mixed_history`) with `publish_async` and their
 `Nats-Msg-Id`, then, in each round:
 
 * raw: an ordered push consumer over the whole stream with a callback that only counts
   (nats-py's fastest read: no decoding, no writes);
-* replay: `projections.replay` into a new file: decode and validate every event, stage it
+* replay: `projections.stream.replay` into a new file: decode and validate every event, stage it
   as Arrow, apply it with set-based SQL, write the file and rename it into place.
 
 The two alternate which goes first. Prints msgs/s for each, and the ratio replay/raw as
@@ -34,10 +34,10 @@ from pathlib import Path
 import nats
 from nats.js.api import DeliverPolicy
 
-from projections.loadgen import publish
-from projections.replay import replay
-from projections.synthetic import EPOCH, mixed_history
-from supervisor.natsserver import NatsServer
+from projections.stream.replay import replay
+from supervisor.eventlog.nats_server import NatsServer
+from testing.loadgen import publish
+from testing.synthetic import EPOCH, mixed_history
 
 CHUNK = 100_000
 TARGET = 0.5

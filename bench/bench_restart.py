@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import docker
 
-from supervisor.natsserver import resolve_nats_url
+from supervisor.eventlog.nats_server import resolve_nats_url
 from testing.daemon import DaemonProc, submit, task
 
 

@@ -1,5 +1,5 @@
 """The audit: history (the `events` table) checked against the lifecycle state machine
-(`supervisor.lifecycle`) and the invariants of the design.
+(`schemas.lifecycle`) and the invariants of the design.
 
 Rules, each reported with the task, and the stream sequences that prove it:
 
@@ -8,7 +8,7 @@ Rules, each reported with the task, and the stream sequences that prove it:
 - `one_terminal_state`: a task reached a second terminal event;
 - `not_owner`: a terminal or `attempt.finished` event that the attempt's owner did not
   send and the design does not let another instance send
-  (`projections.machine.terminal_applies`, `attempt_finish_applies`): a forgery, or a
+  (`projections.store.machine.terminal_applies`, `attempt_finish_applies`): a forgery, or a
   node that went on after it was presumed dead. It is not applied, here as in the
   projection;
 - `task_not_terminal`: a submitted task never reached a terminal state;
@@ -44,15 +44,15 @@ from typing import Any, NamedTuple
 import duckdb
 import msgspec
 
-from projections.apply import ATTEMPT_CATEGORIES
-from projections.machine import (
+from projections.store.apply import ATTEMPT_CATEGORIES
+from projections.store.machine import (
     TERMINAL_TASK_TYPES,
     attempt_finish_applies,
     task_state_after,
     terminal_applies,
 )
 from schemas import NO_TASK, Event, event_type
-from supervisor.lifecycle import (
+from schemas.lifecycle import (
     TASK_EVENT_TYPES,
     InvalidTransition,
     is_terminal,

@@ -1,4 +1,4 @@
-"""The read side's branch of the project's exception tree (`supervisor.errors`).
+"""The read side's branch of the project's exception tree (`schemas.errors`).
 
 DuckDB and nats-py errors are wrapped here with `raise ... from e`; callers (the CLI, the
 daemon) act on these classes only.
@@ -6,7 +6,7 @@ daemon) act on these classes only.
 
 from __future__ import annotations
 
-from supervisor.errors import SupervisorError, redact_url
+from schemas.errors import SupervisorError, redact_url
 
 
 class ProjectionError(SupervisorError):

@@ -31,8 +31,8 @@ import docker
 
 from projections.audit import audit_records, records_of
 from schemas import TERMINAL_TASK_EVENTS, Event
-from supervisor.natsserver import NatsServer
-from supervisor.outbox import Outbox
+from supervisor.eventlog.nats_server import NatsServer
+from supervisor.eventlog.outbox import Outbox
 from testing.daemon import SANDBOX_IMAGE, DaemonProc
 
 # The mix: (script, limits, retry) - quick successes, user errors, slower tasks that faults

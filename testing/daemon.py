@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from supervisor.natsserver import url_file
+from supervisor.eventlog.nats_server import url_file
 
 SANDBOX_IMAGE = "supervisor-sandbox:busybox"
 

@@ -9,7 +9,7 @@ import nats
 from nats.js.api import DeliverPolicy
 
 from schemas import Event, decode_event
-from supervisor.streams import EVENTS_STREAM
+from schemas.streams import EVENTS_STREAM
 
 
 async def stream_messages(

@@ -7,7 +7,7 @@ from typing import Any
 
 import duckdb
 
-from projections import snapshot
+from projections.store.store import snapshot
 
 
 def tables(path: Path) -> dict[str, list[tuple[Any, ...]]]:

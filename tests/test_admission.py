@@ -7,9 +7,9 @@ import json
 import pytest
 
 from schemas import Limits, TaskSpec
-from supervisor.admission import admit, decode_spec
-from supervisor.config import Bounds, Policy
-from supervisor.errors import InvalidSpec, PolicyViolation
+from schemas.config import Bounds, Policy
+from schemas.errors import InvalidSpec, PolicyViolation
+from supervisor.intake.admission import admit, decode_spec
 
 IMG = "supervisor-sandbox:busybox"
 

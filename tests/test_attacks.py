@@ -23,13 +23,13 @@ from schemas import (
     TaskSucceeded,
     encode_event,
 )
+from schemas.errors import NatsUnavailable
 from schemas.events import TERMINAL_TASK_EVENTS
-from supervisor.commands import JetStreamCommands
-from supervisor.emitter import utcnow
-from supervisor.errors import NatsUnavailable
-from supervisor.eventlog import MSG_ID_HEADER, connect_nats
-from supervisor.natsauth import redact
-from supervisor.natsserver import resolve_nats_url
+from supervisor.eventlog.emitter import utcnow
+from supervisor.eventlog.log import MSG_ID_HEADER, connect_nats
+from supervisor.eventlog.nats_auth import redact
+from supervisor.eventlog.nats_server import resolve_nats_url
+from supervisor.reconcile.command_executor import JetStreamCommands
 from testing.daemon import DaemonProc, submit, task, wait_until
 from testing.stream import stream_events
 

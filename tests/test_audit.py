@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 
 from projections.audit import Record, Violation, audit_db, audit_records, records_of, render_text
-from projections.decode import decode_batch, stage
-from projections.parsers import add_parsers
-from projections.store import ProjectionStore
-from projections.synthetic import AttemptPlan, HistoryBuilder
+from projections.store.store import ProjectionStore
+from projections.stream.decode import decode_batch, stage
 from schemas import (
     AttemptFinished,
     CleanupFailed,
@@ -24,6 +22,8 @@ from schemas import (
     WorkspaceCreated,
     encode_event,
 )
+from supervisor.cli.read_parsers import add_parsers
+from testing.synthetic import AttemptPlan, HistoryBuilder
 
 TIMEOUT = AttemptPlan(error="EXECUTION_TIMEOUT", exit_code=137, kill_reason="timeout")
 

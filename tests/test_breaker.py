@@ -16,7 +16,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas import BreakerTransition, ExecutionError
-from supervisor.breaker import (
+from schemas.config import BreakerConfig
+from schemas.errors import (
+    ContainerVanished,
+    DockerApiError,
+    DockerUnavailable,
+    ImageNotFound,
+    InvalidSpec,
+    NatsUnavailable,
+)
+from supervisor.daemon.metrics import Metrics
+from supervisor.docker.breaker import (
     BreakerState,
     CircuitOpen,
     Decision,
@@ -29,19 +39,9 @@ from supervisor.breaker import (
     on_success,
     open_interval,
 )
-from supervisor.classify import Classification
-from supervisor.config import BreakerConfig
-from supervisor.emitter import Emitter
-from supervisor.errors import (
-    ContainerVanished,
-    DockerApiError,
-    DockerUnavailable,
-    ImageNotFound,
-    InvalidSpec,
-    NatsUnavailable,
-)
-from supervisor.metrics import Metrics
-from supervisor.runtime import DockerRuntime
+from supervisor.docker.runtime import DockerRuntime
+from supervisor.eventlog.emitter import Emitter
+from supervisor.execution.classify import Classification
 from tests.fakes import ListSink
 
 CFG = BreakerConfig(failure_threshold=3, open_interval_s=10.0)

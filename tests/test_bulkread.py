@@ -1,4 +1,4 @@
-"""The lean bulk read (`projections.bulkread`): the sink's bounds as pure logic, then,
+"""The lean bulk read (`projections.stream.bulkread`): the sink's bounds as pure logic, then,
 against a real nats-server, flow control held while the pipeline is full, the fallback
 to nats-py's own path, and a server that dies mid-run (which ends any bounded catch-up,
 bulk or not, with StreamUnavailable rather than a wait for ever)."""
@@ -12,13 +12,15 @@ from typing import Any
 
 import pytest
 
-import projections.bulkread as bulkread
-import projections.projector as projector_module
-from projections import Projector, StreamUnavailable, replay
-from projections.bulkread import BulkClient, Sink, lean_supported
-from projections.loadgen import publish
-from projections.synthetic import mixed_history
-from supervisor.natsserver import NatsServer
+import projections.stream.bulkread as bulkread
+import projections.stream.projector as projector_module
+from projections.errors import StreamUnavailable
+from projections.stream.bulkread import BulkClient, Sink, lean_supported
+from projections.stream.projector import Projector
+from projections.stream.replay import replay
+from supervisor.eventlog.nats_server import NatsServer
+from testing.loadgen import publish
+from testing.synthetic import mixed_history
 from tests.projutil import tables
 
 

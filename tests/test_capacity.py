@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.capacity import Verdict, can_pull_any, fits, fits_budget
+from supervisor.execution.capacity import Verdict, can_pull_any, fits, fits_budget
 
 BOUNDS = {"concurrency": 3, "memory_budget_mb": 512}
 

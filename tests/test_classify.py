@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas import CATALOGUE, Evidence
-from supervisor.classify import classify
+from supervisor.execution.classify import classify
 
 
 @pytest.mark.parametrize(

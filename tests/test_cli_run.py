@@ -13,9 +13,9 @@ import msgspec
 import pytest
 
 from schemas import ErrorRaised, Limits, Result, RetryPolicy, TaskSpec, event_type
-from supervisor.config import Config
-from supervisor.natsserver import NatsServer
-from supervisor.node import open_node
+from schemas.config import Config
+from supervisor.daemon.node import open_node
+from supervisor.eventlog.nats_server import NatsServer
 from testing.stream import stream_events
 from tests.conftest import SANDBOX_IMAGE
 

@@ -11,7 +11,7 @@ import msgspec
 
 from schemas import EVENT_TYPES, ErrorRaised, TaskSucceeded, decode_event, encode_event
 from schemas.jsonschema import JSON_DIR, render
-from supervisor.lifecycle import InvalidTransition, next_container_state, next_task_state
+from schemas.lifecycle import InvalidTransition, next_container_state, next_task_state
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,13 +93,13 @@ def test_lifecycle_accepts_the_executor_order_and_refuses_skips() -> None:
 _LAYERS = {
     "schemas": {"schemas"},
     # pure decision modules: schemas and each other, nothing with I/O
-    "supervisor.classify": {"schemas"},
-    "supervisor.retry": {"schemas"},
-    "supervisor.admission": {"schemas", "supervisor.config", "supervisor.errors"},
-    "supervisor.lifecycle": set(),
-    "supervisor.errors": set(),
-    "supervisor.projected": set(),
-    "supervisor.divergence": {"schemas", "supervisor.projected"},
+    "supervisor.execution.classify": {"schemas"},
+    "supervisor.execution.retry": {"schemas"},
+    "supervisor.intake.admission": {"schemas", "schemas.config", "schemas.errors"},
+    "schemas.lifecycle": set(),
+    "schemas.errors": set(),
+    "schemas.projected": set(),
+    "supervisor.reconcile.divergence": {"schemas", "schemas.projected"},
 }
 _PURE_FORBIDDEN = {
     "docker",
@@ -147,7 +147,7 @@ def test_imports_flow_one_way() -> None:
 
 
 def test_the_tracker_follows_a_whole_task_and_flags_a_second_terminal_state() -> None:
-    from supervisor.lifecycle import LifecycleTracker
+    from schemas.lifecycle import LifecycleTracker
 
     t = LifecycleTracker()
     steps = ["task.submitted", "attempt.started", "attempt.finished", "task.retry_scheduled",

@@ -30,8 +30,8 @@ from schemas import (
     TaskSucceeded,
 )
 from schemas.events import TERMINAL_TASK_EVENTS
-from supervisor.natsauth import redact
-from supervisor.natsserver import NatsServer, resolve_nats_url
+from supervisor.eventlog.nats_auth import redact
+from supervisor.eventlog.nats_server import NatsServer, resolve_nats_url
 from testing.daemon import DaemonProc, submit, task, wait_until
 from testing.stream import stream_events
 

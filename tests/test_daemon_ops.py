@@ -25,7 +25,7 @@ from schemas import (
     TaskFailed,
     TaskSucceeded,
 )
-from supervisor.natsserver import NatsServer
+from supervisor.eventlog.nats_server import NatsServer
 from testing.daemon import DaemonProc, submit, task
 from testing.stream import count_messages, stream_events
 from tests.dockerd import PrivateDockerd

@@ -13,17 +13,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.divergence import (
-    RULES,
-    Divergence,
-    RuleConfig,
-    command_id,
-    decide,
-    liveness,
-    oldest_leak_s,
-    plan,
-)
-from supervisor.projected import (
+from schemas.projected import (
     AttemptRecord,
     ContainerRecord,
     InstanceRecord,
@@ -35,6 +25,16 @@ from supervisor.projected import (
     WorkspaceRecord,
     seen_container,
     workspace_owner,
+)
+from supervisor.reconcile.divergence import (
+    RULES,
+    Divergence,
+    RuleConfig,
+    command_id,
+    decide,
+    liveness,
+    oldest_leak_s,
+    plan,
 )
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)

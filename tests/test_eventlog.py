@@ -20,11 +20,11 @@ import pytest
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
 from schemas import AttemptStarted, ErrorRaised, Event, SupervisorStarted
-from supervisor.errors import EventLogError, NatsUnavailable
-from supervisor.eventlog import MSG_ID_HEADER, EventLog, ensure_streams
-from supervisor.natsserver import NatsServer
-from supervisor.outbox import Outbox
-from supervisor.streams import COMMANDS_STREAM, EVENTS_STREAM, TASKS_STREAM
+from schemas.errors import EventLogError, NatsUnavailable
+from schemas.streams import COMMANDS_STREAM, EVENTS_STREAM, TASKS_STREAM
+from supervisor.eventlog.log import MSG_ID_HEADER, EventLog, ensure_streams
+from supervisor.eventlog.nats_server import NatsServer
+from supervisor.eventlog.outbox import Outbox
 from testing.stream import stream_messages
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,7 +199,7 @@ async def test_a_crashed_process_loses_nothing(tmp_dir: Path, nats_url: str) -> 
         import asyncio, os, signal
         from pathlib import Path
         from tests.test_eventlog import make_events
-        from supervisor.eventlog import EventLog
+        from supervisor.eventlog.log import EventLog
 
         async def main():
             log = EventLog(Path({str(data)!r}), {nats_url!r}, instance_id="doomed", batch=100)

@@ -26,15 +26,15 @@ from schemas import (
     TaskSpec,
     event_type,
 )
-from supervisor import executor as executor_module
-from supervisor.breaker import counts
-from supervisor.classify import classify
-from supervisor.commands import CommandExecutor
-from supervisor.config import Config
-from supervisor.emitter import utcnow
-from supervisor.errors import DockerRequestRefused
-from supervisor.node import Node, open_node
-from supervisor.runtime import ContainerRequest
+from schemas.config import Config
+from schemas.errors import DockerRequestRefused
+from supervisor.daemon.node import Node, open_node
+from supervisor.docker.breaker import counts
+from supervisor.docker.runtime import ContainerRequest
+from supervisor.eventlog.emitter import utcnow
+from supervisor.execution import executor as executor_module
+from supervisor.execution.classify import classify
+from supervisor.reconcile.command_executor import CommandExecutor
 from testing.stream import stream_events, stream_messages
 from tests.conftest import SANDBOX_IMAGE
 

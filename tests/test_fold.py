@@ -1,4 +1,4 @@
-"""The Python fold of small batches (`projections.fold`) against the set-based `MERGE`s.
+"""The Python fold of small batches (`projections.store.fold`) against the set-based `MERGE`s.
 
 The same history is projected twice into real DuckDB files: once in a single batch
 through the `MERGE`s, once cut into small batches (some of them re-sent, so they hold
@@ -16,10 +16,10 @@ import duckdb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from projections import ProjectionStore, decode_batch, stage
-from projections.store import snapshot
-from projections.synthetic import AttemptPlan, HistoryBuilder
+from projections.store.store import ProjectionStore, snapshot
+from projections.stream.decode import decode_batch, stage
 from schemas import AttemptFinished, Event, ResourceAlert, ResourceRecovered, encode_event
+from testing.synthetic import AttemptPlan, HistoryBuilder
 from tests.test_reconcile_projection import history as node_history
 
 _PLANS = (

@@ -23,26 +23,25 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from projections.errors import QueryRefused, QueryTimeout
 from schemas import ExecutionError, SupervisorStarted, TaskSpec
-from supervisor.breaker import DockerBreaker
-from supervisor.config import BreakerConfig, HttpConfig
-from supervisor.daemon import http_token
-from supervisor.emitter import Emitter
-from supervisor.errors import ConfigError, DockerUnavailable, NatsUnavailable
-from supervisor.eventlog import EventLog
-from supervisor.http import (
-    ApiError,
-    Check,
+from schemas.config import BreakerConfig, HttpConfig
+from schemas.errors import ApiError, ConfigError, DockerUnavailable, NatsUnavailable
+from schemas.health import Check
+from supervisor.daemon.daemon import http_token
+from supervisor.daemon.http import (
     HttpServer,
     HttpServerError,
     create_app,
     daemon_checks,
     parse_listen,
 )
-from supervisor.intake import Submission
-from supervisor.metrics import Metrics
-from supervisor.monitor import HostSample, ResourceMonitor
-from supervisor.natsserver import NatsServer
-from supervisor.runtime import DockerRuntime
+from supervisor.daemon.metrics import Metrics
+from supervisor.daemon.monitor import HostSample, ResourceMonitor
+from supervisor.docker.breaker import DockerBreaker
+from supervisor.docker.runtime import DockerRuntime
+from supervisor.eventlog.emitter import Emitter
+from supervisor.eventlog.log import EventLog
+from supervisor.eventlog.nats_server import NatsServer
+from supervisor.intake.submit import Submission
 from tests.fakes import ListSink
 from tests.test_breaker import hangup_engine
 

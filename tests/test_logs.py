@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from supervisor.logs import JsonFormatter, bind, bound, configure
+from supervisor.daemon.logs import JsonFormatter, bind, bound, configure
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def _lines(out: io.StringIO) -> list[dict[str, object]]:
 
 def test_the_exact_line_of_a_record() -> None:
     record = logging.makeLogRecord(
-        {"name": "supervisor.daemon", "levelno": logging.INFO, "levelname": "INFO",
+        {"name": "supervisor.daemon.daemon", "levelno": logging.INFO, "levelname": "INFO",
          "msg": "pulled %s", "args": ("t-1",), "created": 1767225600.25, "queue": "high"}
     )  # fmt: skip
 
@@ -45,7 +45,7 @@ def test_the_exact_line_of_a_record() -> None:
         line = JsonFormatter("n1").format(record)
 
     assert line == (
-        '{"timestamp":"2026-01-01T00:00:00.250Z","level":"info","logger":"supervisor.daemon",'
+        '{"timestamp":"2026-01-01T00:00:00.250Z","level":"info","logger":"supervisor.daemon.daemon",'
         '"event":"pulled t-1","node":"n1","task_id":"t-1","attempt":2,"correlation_id":"c-9",'
         '"queue":"high"}'
     )

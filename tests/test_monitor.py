@@ -13,12 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas import BreakerTransition, ResourceAlert, ResourceRecovered, ResourceSample
-from supervisor.breaker import DockerBreaker
-from supervisor.config import BreakerConfig, MonitorConfig, Thresholds
-from supervisor.emitter import Emitter
-from supervisor.errors import DockerError
-from supervisor.metrics import Metrics
-from supervisor.monitor import (
+from schemas.config import BreakerConfig, MonitorConfig, Thresholds
+from schemas.errors import DockerError
+from supervisor.daemon.metrics import Metrics
+from supervisor.daemon.monitor import (
     METRICS,
     Alert,
     HostSample,
@@ -27,7 +25,9 @@ from supervisor.monitor import (
     ResourceMonitor,
     assess,
 )
-from supervisor.runtime import DockerRuntime
+from supervisor.docker.breaker import DockerBreaker
+from supervisor.docker.runtime import DockerRuntime
+from supervisor.eventlog.emitter import Emitter
 from tests.conftest import SANDBOX_IMAGE
 from tests.fakes import ListSink
 from tests.test_breaker import hangup_engine

@@ -1,5 +1,5 @@
 """The embedded NATS server is never anonymous, and its roles are NATS's to enforce: a real
-server started the way every command starts it (`supervisor.node.nats_for` on a data dir),
+server started the way every command starts it (`supervisor.daemon.node.nats_for` on a data dir),
 an anonymous client refused, the node's credentials found by the data dir's commands, and
 a reader that can follow and read `SUP_EVENTS` but publish nothing and change no stream."""
 
@@ -19,12 +19,18 @@ import pytest
 from nats.js.api import DeliverPolicy
 
 from schemas import SupervisorStarted, encode_event
-from supervisor.emitter import utcnow
-from supervisor.errors import NatsUnavailable
-from supervisor.eventlog import MSG_ID_HEADER, connect_nats, ensure_streams
-from supervisor.natsauth import AUTH_FILE, SERVER_CONF, read_credentials, redact, with_user
-from supervisor.node import nats_for
-from supervisor.streams import EVENTS_STREAM
+from schemas.errors import NatsUnavailable
+from schemas.streams import EVENTS_STREAM
+from supervisor.daemon.node import nats_for
+from supervisor.eventlog.emitter import utcnow
+from supervisor.eventlog.log import MSG_ID_HEADER, connect_nats, ensure_streams
+from supervisor.eventlog.nats_auth import (
+    AUTH_FILE,
+    SERVER_CONF,
+    read_credentials,
+    redact,
+    with_user,
+)
 
 pytestmark = pytest.mark.nats
 

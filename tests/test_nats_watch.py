@@ -1,4 +1,4 @@
-"""The daemon's watch over its embedded nats-server (`supervisor.natsserver.NatsWatch`),
+"""The daemon's watch over its embedded nats-server (`supervisor.eventlog.nats_server.NatsWatch`),
 against a real server: killed with SIGKILL, it is started again on the same port and store;
 while it cannot be started, `down` says why (what `/readyz` shows); each restart is
 reported with the exit code."""
@@ -12,7 +12,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from supervisor.natsserver import NatsServer, NatsWatch
+from supervisor.eventlog.nats_server import NatsServer, NatsWatch
 
 pytestmark = pytest.mark.nats
 

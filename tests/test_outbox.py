@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.errors import OutboxError
-from supervisor.outbox import Outbox, Record
+from schemas.errors import OutboxError
+from supervisor.eventlog.outbox import Outbox, Record
 
 
 def _fill(outbox: Outbox, n: int, *, prefix: str = "e") -> list[int]:
@@ -245,7 +245,7 @@ def test_a_killed_process_loses_nothing(tmp_dir: Path) -> None:
         f"""
         import os, signal
         from pathlib import Path
-        from supervisor.outbox import Outbox
+        from supervisor.eventlog.outbox import Outbox
         outbox = Outbox(Path({str(tmp_dir)!r}), "child")
         for i in range(500):
             outbox.append("sup.task.x.n1.t", f"c-{{i}}", b"x" * 100)
@@ -322,8 +322,8 @@ _PARALLEL_CLIENT = textwrap.dedent(
     """
     import sys, uuid
     from pathlib import Path
-    from supervisor.errors import OutboxError
-    from supervisor.outbox import Outbox
+    from schemas.errors import OutboxError
+    from supervisor.eventlog.outbox import Outbox
 
     directory, rounds = Path(sys.argv[1]), int(sys.argv[2])
     failures = 0

@@ -1,5 +1,5 @@
-"""The daemon's projection in a process of its own (`supervisor.projection_process` and
-`projections.service`), on a real nats-server and DuckDB file: it is restarted when it
+"""The daemon's projection in a process of its own (`supervisor.daemon.projection_process` and
+`supervisor.cli.projection_service`), on a real nats-server and DuckDB file: it is restarted when it
 dies, it never outlives its daemon (even one killed with SIGKILL), a daemon started right
 after finds the file free, a service that cannot open its file fails the start with the
 reason, and the daemon's own process never loads DuckDB. Its read API (queries, task
@@ -21,14 +21,14 @@ import nats
 import psutil
 import pytest
 
-from projections.loadgen import publish
-from projections.synthetic import HistoryBuilder
-from supervisor.config import Config, ProjectionConfig
-from supervisor.extension import DaemonContext
-from supervisor.http import ApiError
-from supervisor.metrics import Metrics
-from supervisor.projection_process import ProjectionProcess, ProjectionProcessError
+from schemas.config import Config, ProjectionConfig
+from schemas.errors import ApiError
+from supervisor.daemon.extension import DaemonContext
+from supervisor.daemon.metrics import Metrics
+from supervisor.daemon.projection_process import ProjectionProcess, ProjectionProcessError
 from testing.daemon import DaemonProc
+from testing.loadgen import publish
+from testing.synthetic import HistoryBuilder
 from tests.test_projections import scenario_history
 from tests.test_projections_live import until
 
@@ -56,7 +56,7 @@ async def running_process(
 
 def _service_pids() -> set[int]:
     return {p.pid for p in psutil.process_iter(["cmdline"])
-            if "projections.service" in (p.info["cmdline"] or [])}  # fmt: skip
+            if "supervisor.cli.projection_service" in (p.info["cmdline"] or [])}  # fmt: skip
 
 
 async def test_a_killed_service_is_restarted_and_reads_resume(nats_url: str, tmp_dir: Path) -> None:
@@ -104,7 +104,7 @@ def test_the_service_dies_with_its_daemon_and_frees_the_file(nats_url: str, tmp_
     try:
         assert daemon.proc is not None
         (service,) = psutil.Process(daemon.proc.pid).children()
-        assert "projections.service" in service.cmdline()
+        assert "supervisor.cli.projection_service" in service.cmdline()
         # DuckDB is loaded in the service only: that is what keeps the daemon small.
         assert "duckdb" in _maps(service.pid)
         assert "duckdb" not in _maps(daemon.proc.pid)

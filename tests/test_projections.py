@@ -19,13 +19,16 @@ import duckdb
 import msgspec
 import pytest
 
-from projections import ProjectionStore, ProjectionStoreError, Projector, replay
 from projections.audit import audit_records, load_records
-from projections.ddl import DDL_VERSION, TABLES
-from projections.loadgen import publish
-from projections.synthetic import AttemptPlan, HistoryBuilder, mixed_history
+from projections.errors import ProjectionStoreError
+from projections.store.ddl import DDL_VERSION, TABLES
+from projections.store.store import ProjectionStore
+from projections.stream.projector import Projector
+from projections.stream.replay import replay
 from schemas import AttemptFinished, CleanupSucceeded, TaskSubmitted, encode_event
-from supervisor.cli import main as cli_main
+from supervisor.cli.main import main as cli_main
+from testing.loadgen import publish
+from testing.synthetic import AttemptPlan, HistoryBuilder, mixed_history
 from tests.projutil import tables
 
 pytestmark = pytest.mark.nats
@@ -191,7 +194,7 @@ async def test_poison_messages_are_dead_lettered_and_later_events_applied(
 
 _KILLABLE = """
 import asyncio, sys, time
-from projections import Projector
+from projections.stream.projector import Projector
 
 
 class StallingConnection:
@@ -389,7 +392,7 @@ def test_a_file_of_another_ddl_version_is_refused(tmp_dir: Path) -> None:
 
 
 def test_replay_target_used_by_another_process_is_refused(tmp_dir: Path) -> None:
-    from projections.replay import ensure_not_in_use
+    from projections.stream.replay import ensure_not_in_use
 
     db = tmp_dir / "held.duckdb"
     holder = subprocess.Popen(
@@ -411,7 +414,7 @@ def test_replay_target_used_by_another_process_is_refused(tmp_dir: Path) -> None
 
 def test_submitted_event_fields_land_in_tasks(tmp_dir: Path) -> None:
     """The store alone (no NATS): one batch straight from the decoder."""
-    from projections.decode import decode_batch, stage
+    from projections.stream.decode import decode_batch, stage
 
     b = HistoryBuilder(id_prefix="st")
     b.submit("t-1", priority="high", max_attempts=5)

@@ -8,14 +8,14 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
-from projections.decode import STAGING, decode_batch, stage, stage_raw
 from projections.errors import ProjectionError
-from projections.machine import TASK_TARGET_STATE, TERMINAL_TASK_TYPES, sql_task_state_case
-from projections.progress import render_bar
-from projections.projector import Progress, parse_reply, to_ns
-from projections.synthetic import AttemptPlan, HistoryBuilder, mixed_history
-from projections.worker import DecodePool
+from projections.store.machine import TASK_TARGET_STATE, TERMINAL_TASK_TYPES, sql_task_state_case
+from projections.stream.decode import STAGING, decode_batch, stage, stage_raw
+from projections.stream.progress import render_bar
+from projections.stream.projector import Progress, parse_reply, to_ns
+from projections.stream.worker import DecodePool
 from schemas import encode_event
+from testing.synthetic import AttemptPlan, HistoryBuilder, mixed_history
 
 
 def _batch(payloads: list[bytes]):  # type: ignore[no-untyped-def]

@@ -1,4 +1,4 @@
-"""The projection part behind the real HTTP app (`supervisor.http.create_app`, as the daemon
+"""The projection part behind the real HTTP app (`supervisor.daemon.http.create_app`, as the daemon
 serves it), and `supervisor sql` without `--db` against it: rows, formats, refusals and
 their exit codes, the token, an unreachable daemon."""
 
@@ -16,13 +16,13 @@ import aiohttp
 import psutil
 import pytest
 
-from projections.live import ProjectionPart
-from projections.loadgen import publish
+from projections.serve.live import ProjectionPart
 from schemas import TaskSpec
-from supervisor.cli import main
-from supervisor.extension import DaemonContext
-from supervisor.http import HttpServer, create_app
-from supervisor.projection_process import ProjectionProcess
+from supervisor.cli.main import main
+from supervisor.daemon.extension import DaemonContext
+from supervisor.daemon.http import HttpServer, create_app
+from supervisor.daemon.projection_process import ProjectionProcess
+from testing.loadgen import publish
 from tests.test_projection_process import running_process
 from tests.test_projections import scenario_history
 from tests.test_projections_live import running_part
@@ -251,6 +251,6 @@ def _projection_service() -> psutil.Process | None:
     """The projection process of this test's daemon part, if it runs in one."""
     for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            if "projections.service" in " ".join(child.cmdline()):
+            if "supervisor.cli.projection_service" in " ".join(child.cmdline()):
                 return child
     return None

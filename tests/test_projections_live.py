@@ -17,20 +17,20 @@ import duckdb
 import nats
 import pytest
 
-from projections import ProjectionStore, replay
-from projections.ddl import DDL_VERSION, TABLES
 from projections.errors import QueryFailed, QueryRefused, QueryTimeout
-from projections.live import LiveSettings, ProjectionPart
-from projections.loadgen import publish
-from projections.synthetic import AttemptPlan, HistoryBuilder, mixed_history
+from projections.serve.live import LiveSettings, ProjectionPart
+from projections.store.ddl import DDL_VERSION, TABLES
+from projections.store.store import ProjectionStore
+from projections.stream.replay import replay
 from schemas import Event
-from supervisor.config import Config, load_config
-from supervisor.errors import ConfigError
-from supervisor.eventlog import EventLog
-from supervisor.extension import DaemonContext
-from supervisor.http import ApiError
-from supervisor.metrics import Metrics
-from supervisor.natsserver import NatsServer
+from schemas.config import Config, load_config
+from schemas.errors import ApiError, ConfigError
+from supervisor.daemon.extension import DaemonContext
+from supervisor.daemon.metrics import Metrics
+from supervisor.eventlog.log import EventLog
+from supervisor.eventlog.nats_server import NatsServer
+from testing.loadgen import publish
+from testing.synthetic import AttemptPlan, HistoryBuilder, mixed_history
 from tests.projutil import tables
 from tests.test_projections import TIMEOUT, scenario_history
 
@@ -252,7 +252,7 @@ async def test_a_start_far_behind_catches_up_in_bulk_then_follows(
     nats_url: str, tmp_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     first = await publish(nats_url, mixed_history(3000, id_prefix="bk"))
-    caplog.set_level(logging.INFO, logger="projections.live")
+    caplog.set_level(logging.INFO, logger="projections.serve.live")
     async with running_part(tmp_dir, nats_url, bulk_backlog=1000) as (part, _):
         assert part.last_seq == first
         assert f"projection: {first} messages behind, catching up in bulk mode" in caplog.messages

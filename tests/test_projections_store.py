@@ -10,8 +10,7 @@ from typing import Any
 import duckdb
 import pytest
 
-from projections import ProjectionStore, decode_batch, stage
-from projections.apply import (
+from projections.store.apply import (
     APPLY_STATEMENTS,
     ATTEMPT_SCOPE,
     FILL_NEW,
@@ -24,9 +23,9 @@ from projections.apply import (
     TASK_SCOPE,
     steps_for,
 )
-from projections.apply_reconcile import MERGE_INSTANCES
-from projections.store import FIND_DUPLICATES, FOLD_MAX_EVENTS
-from projections.synthetic import AttemptPlan, HistoryBuilder
+from projections.store.apply_reconcile import MERGE_INSTANCES
+from projections.store.store import FIND_DUPLICATES, FOLD_MAX_EVENTS, ProjectionStore
+from projections.stream.decode import decode_batch, stage
 from schemas import (
     BreakerTransition,
     Event,
@@ -43,6 +42,7 @@ from schemas import (
     SupervisorStopped,
     encode_event,
 )
+from testing.synthetic import AttemptPlan, HistoryBuilder
 from tests.test_projections import tables
 
 POISON = b'{"type": "task.submitted"}'

@@ -11,15 +11,15 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from projections.decode import decode_batch, stage
 from projections.errors import QueryFailed, QueryRefused, QueryTimeout
-from projections.parsers import add_parsers
-from projections.query import QueryResult, check_query, open_readonly, run_query
-from projections.render import render_csv, render_json, render_table
-from projections.store import ProjectionStore
-from projections.synthetic import AttemptPlan, HistoryBuilder
+from projections.query.query import QueryResult, check_query, open_readonly, run_query
+from projections.query.render import render_csv, render_json, render_table
+from projections.store.store import ProjectionStore
+from projections.stream.decode import decode_batch, stage
 from schemas import encode_event
-from supervisor.cli import main as cli_main
+from supervisor.cli.main import main as cli_main
+from supervisor.cli.read_parsers import add_parsers
+from testing.synthetic import AttemptPlan, HistoryBuilder
 
 
 @pytest.fixture

@@ -17,11 +17,11 @@ import nats
 import pytest
 
 from schemas import ReconcileDecision, SupervisorSuperseded
-from supervisor.config import Config
-from supervisor.streams import TASKS_STREAM
+from schemas.config import Config
+from schemas.streams import TASKS_STREAM
 from testing.daemon import DaemonProc, submit, task
+from testing.reconcile import new_node_id
 from testing.stream import stream_events
-from tests.reconcileutil import new_node_id
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
 

@@ -15,17 +15,17 @@ import msgspec
 import pytest
 from prometheus_client import generate_latest
 
-from projections.projector import Projector
-from projections.reconcile_state import DuckDBState, cursor_runner
-from supervisor.config import Config, ReconcileConfig
-from supervisor.errors import ProjectionLagging
-from supervisor.eventlog import ensure_streams
-from supervisor.extension import DaemonContext
-from supervisor.node import Node, open_node
-from supervisor.projected import ProjectedState
-from supervisor.reconcile_part import ReconcilerPart
-from supervisor.streams import commands_stream_config
-from tests.reconcileutil import FAST, SANDBOX_IMAGE, labels, new_node_id
+from projections.serve.reconcile_state import DuckDBState, cursor_runner
+from projections.stream.projector import Projector
+from schemas.config import Config, ReconcileConfig
+from schemas.errors import ProjectionLagging
+from schemas.projected import ProjectedState
+from schemas.streams import commands_stream_config
+from supervisor.daemon.extension import DaemonContext
+from supervisor.daemon.node import Node, open_node
+from supervisor.eventlog.log import ensure_streams
+from supervisor.reconcile.part import ReconcilerPart
+from testing.reconcile import FAST, SANDBOX_IMAGE, labels, new_node_id
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
 

@@ -12,11 +12,10 @@ from typing import Any
 
 import duckdb
 
-from projections import ProjectionStore, decode_batch, stage
 from projections.audit import Record, audit_db, audit_records, records_of
-from projections.reconcile_state import DuckDBState, cursor_runner, read_state
-from projections.store import table_rows
-from projections.synthetic import AttemptPlan, HistoryBuilder
+from projections.serve.reconcile_state import DuckDBState, cursor_runner, read_state
+from projections.store.store import ProjectionStore, table_rows
+from projections.stream.decode import decode_batch, stage
 from schemas import (
     Event,
     NodeHeartbeat,
@@ -29,7 +28,8 @@ from schemas import (
     SupervisorStopped,
     encode_event,
 )
-from supervisor.divergence import RuleConfig, decide
+from supervisor.reconcile.divergence import RuleConfig, decide
+from testing.synthetic import AttemptPlan, HistoryBuilder
 
 LABELS = {"supervisor.managed": "true", "supervisor.node": "n1", "supervisor.task": "t-1",
           "supervisor.attempt": "1", "supervisor.instance": "boot-1",

@@ -28,14 +28,14 @@ from schemas import (
     ReconcileOutcome,
     TaskSpec,
 )
-from supervisor.commands import JetStreamCommands
-from supervisor.emitter import Emitter, utcnow
-from supervisor.history import read_task_events, summarize
-from supervisor.reconciler import Reconciler
-from supervisor.recovery import close_lost_attempt
-from supervisor.streams import COMMANDS_STREAM
+from schemas.streams import COMMANDS_STREAM
+from supervisor.eventlog.emitter import Emitter, utcnow
+from supervisor.execution.history import read_task_events, summarize
+from supervisor.execution.recovery import close_lost_attempt
+from supervisor.reconcile.command_executor import JetStreamCommands
+from supervisor.reconcile.reconciler import Reconciler
+from testing.reconcile import labels, new_node_id, rig
 from testing.stream import stream_events
-from tests.reconcileutil import labels, new_node_id, rig
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
 
@@ -216,7 +216,7 @@ async def test_a_leaked_workspace_of_a_finished_task_is_removed(
     nats_url: str, tmp_dir: Path, docker_client
 ) -> None:  # type: ignore[no-untyped-def]
     async with rig(nats_url, tmp_dir, docker_client) as r:
-        from tests.reconcileutil import SANDBOX_IMAGE
+        from testing.reconcile import SANDBOX_IMAGE
 
         spec = msgspec.convert({"image": SANDBOX_IMAGE, "command": ["true"], "task_id": "t-ws"},
                                type=__import__("schemas").TaskSpec)  # fmt: skip
@@ -340,7 +340,7 @@ def test_the_reconcile_command_runs_one_pass_and_carries_it_out(
 ) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from supervisor.cli import main
+    from supervisor.cli.main import main
 
     node_id = new_node_id()
     config = tmp_dir / "config.json"

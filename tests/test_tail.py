@@ -14,10 +14,10 @@ import nats
 import pytest
 
 from schemas import AttemptStarted, ErrorRaised, Event, SupervisorStarted, encode_event
-from supervisor.errors import NatsUnavailable
-from supervisor.eventlog import EventLog
-from supervisor.streams import EVENTS_STREAM
-from supervisor.tail import parse_since, subject_filter, tail
+from schemas.errors import NatsUnavailable
+from schemas.streams import EVENTS_STREAM
+from supervisor.eventlog.log import EventLog
+from supervisor.eventlog.tail import parse_since, subject_filter, tail
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 

@@ -1,0 +1,112 @@
+"""What the read side derives from the lifecycle state machine (`schemas.lifecycle`).
+
+The machine is defined once, there; this module only reads it through its public API. In
+the task machine every event type leads to one state whatever the state it leaves (that is
+what lets the projector derive a task's state set-wise, from its latest event); the
+derivation below checks that property and fails loudly at import if the machine ever
+loses it. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Final, get_args
+
+from schemas.lifecycle import (
+    TASK_EVENT_TYPES,
+    InvalidTransition,
+    TaskState,
+    is_terminal,
+    next_task_state,
+)
+
+
+def _targets() -> dict[str, str]:
+    targets: dict[str, str] = {}
+    for event_type in sorted(TASK_EVENT_TYPES):
+        found: set[str] = set()
+        for state in (None, *get_args(TaskState)):
+            try:
+                found.add(next_task_state(state, event_type))
+            except InvalidTransition:
+                continue
+        if len(found) != 1:
+            raise RuntimeError(f"lifecycle: {event_type} leads to {sorted(found)}, not one state")
+        targets[event_type] = found.pop()
+    return targets
+
+
+TASK_TARGET_STATE: Final[dict[str, str]] = _targets()
+"""Task event type -> the state the task is in right after it."""
+
+TERMINAL_TASK_TYPES: Final[tuple[str, ...]] = tuple(
+    sorted(t for t, s in TASK_TARGET_STATE.items() if is_terminal(s))
+)
+"""The task event types that end a task (task.succeeded, task.failed, task.rejected)."""
+
+
+def task_state_after(event_type: str) -> str:
+    """The state a task is in right after `event_type`; KeyError for a non-task event."""
+    return TASK_TARGET_STATE[event_type]
+
+
+def sql_in(values: tuple[str, ...] | list[str]) -> str:
+    """`('a', 'b')` for a SQL IN list of known, quote-free literals."""
+    assert all("'" not in v for v in values)
+    return "(" + ", ".join(f"'{v}'" for v in values) + ")"
+
+
+def sql_task_state_case(column: str) -> str:
+    """A SQL CASE mapping the event type in `column` to the task state after it (NULL for
+    events that do not move the task machine)."""
+    arms = " ".join(f"WHEN '{t}' THEN '{s}'" for t, s in sorted(TASK_TARGET_STATE.items()))
+    return f"CASE {column} {arms} END"
+
+
+# --- who may finish an attempt ------------------------------------------------------------
+#
+# The projection believes the lifecycle, not the last writer: an event that claims to end
+# an attempt counts only when it comes from the instance that started the attempt, with
+# two exceptions the design needs: another instance closes an attempt whose owner died,
+# always as an infrastructure failure (`SUPERVISOR_LOST`, or the reconciler's codes); and
+# once an attempt is finished, whichever instance handles the task's next delivery may end
+# the task. Anything else (a forgery, a node that went on after it was presumed dead) is
+# kept in `events` and shown by the `terminal_conflicts` view, and changes no row.
+# The rule is written once for Python (`projections.store.fold`, `projections.audit`) and once
+# as SQL (`projections.store.apply`) right here, side by side; `tests/test_fold.py` holds them
+# equal.
+
+CLOSING_ERROR_TYPE: Final = "infrastructure"
+"""The only error type with which an instance may close another instance's attempt."""
+
+
+def attempt_finish_applies(instance: str, starter: str | None, error_type: str | None) -> bool:
+    """Whether an `attempt.finished` from `instance` ends an attempt started by `starter`."""
+    return starter is None or instance == starter or error_type == CLOSING_ERROR_TYPE
+
+
+def sql_attempt_finish_applies(instance: str, starter: str, error_type: str) -> str:
+    return (
+        f"({starter} IS NULL OR {instance} = {starter} "
+        f"OR {error_type} IS NOT DISTINCT FROM '{CLOSING_ERROR_TYPE}')"
+    )
+
+
+def terminal_applies(
+    attempt: int, instance: str, seq: int, starter: str | None, finished_seq: int | None
+) -> bool:
+    """Whether a terminal task event of `attempt` (0: none ran) from `instance` at `seq`
+    ends the task, given the attempt's starting instance and the seq it finished at."""
+    if attempt == 0:
+        return True
+    if starter is None:
+        return False  # it claims an attempt that never started
+    return instance == starter or (finished_seq is not None and finished_seq < seq)
+
+
+def sql_terminal_applies(
+    attempt: str, instance: str, seq: str, starter: str, finished_seq: str
+) -> str:
+    return (
+        f"({attempt} = 0 OR ({starter} IS NOT NULL AND ({instance} = {starter} "
+        f"OR coalesce({finished_seq} < {seq}, false))))"
+    )

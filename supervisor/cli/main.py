@@ -1,0 +1,512 @@
+"""The `supervisor` command line. Exit codes follow the design:
+run/submit --wait: 0 succeeded, 1 failed, 2 rejected or bad usage, 3 infrastructure."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from schemas import ErrorRaised, ExecutionError, Result, TaskRejected, TaskSpec
+from schemas.config import Config, load_config
+from schemas.errors import ConfigError, InvalidSpec, NatsUnavailable, SupervisorError
+from supervisor.eventlog.emitter import new_id
+from supervisor.intake.admission import decode_spec
+
+EXIT_OK, EXIT_FAILED, EXIT_REJECTED, EXIT_INFRA = 0, 1, 2, 3
+
+
+def exit_code_for(result: Result) -> int:
+    if result.status == "succeeded":
+        return EXIT_OK
+    if result.status == "rejected":
+        return EXIT_REJECTED
+    if result.error is not None and result.error.type == "infrastructure":
+        return EXIT_INFRA
+    return EXIT_FAILED
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nats",
+        dest="nats_url",
+        metavar="URL",
+        help="NATS server URL (else $SUPERVISOR_NATS_URL, else a running daemon's, "
+        "else an embedded nats-server under the data dir)",
+    )
+    p.add_argument(
+        "--data-dir", metavar="DIR", help="data dir (else $SUPERVISOR_DATA_DIR, else ./.supervisor)"
+    )
+    p.add_argument("--node-id", metavar="ID", help="this node's id (default n1)")
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON configuration file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="supervisor",
+        description="Event-sourced supervisor for container executions: runs untrusted "
+        "scripts in hardened Docker containers and publishes every step to "
+        "NATS JetStream.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run one task in the foreground, with retries",
+        description="Run one task (a JSON spec file, or - for stdin) with "
+        "retries, publishing every event. Exit 0 succeeded, 1 "
+        "failed, 2 rejected or bad usage, 3 infrastructure.",
+    )
+    run.add_argument("spec", metavar="SPEC|-", help="task spec JSON file, or - for stdin")
+    run.add_argument("--json", action="store_true", help="print the Result as JSON")
+    _common(run)
+    run.set_defaults(func=_cmd_run)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the daemon (intake, executor, HTTP)",
+        description="Run the node's daemon until SIGTERM/SIGINT: pulls tasks from SUP_TASKS "
+        "while it has capacity, runs them, serves HTTP. A first signal drains (within the "
+        "grace), a second stops at once; containers are always cleaned up.",
+    )
+    serve.add_argument(
+        "--http", metavar="HOST:PORT", help="HTTP listen address (default 127.0.0.1:8787)"
+    )
+    serve.add_argument(
+        "--log-level", metavar="LEVEL", help="DEBUG, INFO (default), WARNING or ERROR"
+    )
+    serve.add_argument(
+        "--no-projection",
+        action="store_true",
+        help="do not run the DuckDB projection (by default a child process of the daemon); "
+        "/v1/query then answers 503",
+    )
+    _common(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    submit = sub.add_parser(
+        "submit",
+        help="enqueue a task to a running daemon",
+        description="Validate and enqueue a task (JSON spec file, or - for stdin). Prints the "
+        "task id, or with --wait the result. A full queue is refused at once "
+        "(resource/QUEUE_FULL, exit 2).",
+    )
+    submit.add_argument("spec", metavar="SPEC|-", help="task spec JSON file, or - for stdin")
+    submit.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    submit.add_argument("--json", action="store_true", help="print JSON")
+    submit.add_argument(
+        "--priority", choices=["high", "normal", "low"], help="override the spec's priority"
+    )
+    submit.add_argument(
+        "--correlation-id", metavar="ID",
+        help="correlation id repeated by every event of the task (default: the spec's, else new)",
+    )  # fmt: skip
+    submit.add_argument(
+        "--timeout", type=float, default=None, metavar="S",
+        help="with --wait: give up waiting after S seconds (exit 3)",
+    )  # fmt: skip
+    _common(submit)
+    submit.set_defaults(func=_cmd_submit)
+
+    tail = sub.add_parser(
+        "tail",
+        help="print live events, one JSON object a line",
+        description="Follow SUP_EVENTS and print matching events as JSON lines until interrupted.",
+    )
+    tail.add_argument("--errors", action="store_true", help="only error events (sup.error.>)")
+    tail.add_argument(
+        "--type",
+        dest="error_type",
+        metavar="T",
+        help="only errors of this type (timeout, resource, user_code, ...)",
+    )
+    tail.add_argument("--code", metavar="C", help="only errors with this code (e.g. OOM_KILLED)")
+    tail.add_argument("--task", metavar="ID", help="only this task's events")
+    tail.add_argument(
+        "--since",
+        metavar="D",
+        help="start from this point: an ISO-8601 time or a duration ago "
+        "(30s, 10m, 2h, 1d); default: only new events",
+    )
+    tail.add_argument("--limit", type=int, metavar="N", help="exit after N events")
+    tail.add_argument(
+        "--idle-exit",
+        type=float,
+        metavar="S",
+        help="exit once no event arrived for S seconds (for scripts)",
+    )
+    _common(tail)
+    tail.set_defaults(func=_cmd_tail)
+
+    creds = sub.add_parser(
+        "credentials",
+        help="hand out the credentials of a NATS role of the embedded server",
+        description="Print the credentials of ROLE for the NATS server a daemon runs under "
+        "the data dir (embedded servers are never anonymous): a SUPERVISOR_NATS_URL for "
+        "supervisor's own commands and the flags for a nats CLI. The reader may follow sup.> "
+        "and read SUP_EVENTS, and publish nothing. Exit 2 when no daemon runs there.",
+    )
+    creds.add_argument("role", choices=["reader"], help="the role (only reader is handed out)")
+    creds.add_argument("--json", action="store_true", help="print JSON")
+    _common(creds)
+    creds.set_defaults(func=_cmd_credentials)
+
+    try:
+        from supervisor.cli.read_parsers import add_parsers
+    except ImportError:  # the read side is optional at import time
+        add_parsers = None
+    if add_parsers is not None:
+        add_parsers(sub, _common)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config)
+    overrides: dict[str, Any] = {}
+    data_dir = args.data_dir or os.environ.get("SUPERVISOR_DATA_DIR")
+    if data_dir:
+        overrides["data_dir"] = data_dir
+    if args.node_id:
+        overrides["node_id"] = args.node_id
+    if overrides:
+        cfg = msgspec.structs.replace(cfg, **overrides)
+    return cfg
+
+
+def _read_spec_bytes(arg: str) -> bytes:
+    if arg == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(arg).read_bytes()
+    except OSError as e:
+        raise InvalidSpec("spec", f"cannot read {arg}: {e.strerror}") from e
+
+
+def _invalid_spec_result(e: InvalidSpec) -> Result:
+    """The Result of a spec that did not decode (under a new task id)."""
+    task_id = f"t-{new_id()[:16]}"
+    error = ExecutionError(
+        type="validation", code="INVALID_SPEC", message=str(e), retryable=False,
+        details={"field": e.field}, task_id=task_id,
+        timestamp=datetime.now(UTC).isoformat(),
+    )  # fmt: skip
+    return Result(task_id=task_id, status="rejected", attempts=0, error=error)
+
+
+def _print_result(result: Result, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
+        return
+    out = sys.stdout
+    if result.stdout:
+        out.write(result.stdout if result.stdout.endswith("\n") else result.stdout + "\n")
+    if result.stderr:
+        sys.stderr.write(result.stderr if result.stderr.endswith("\n") else result.stderr + "\n")
+    line = f"task {result.task_id}: {result.status} after {result.attempts} attempt(s) in {result.duration_s:.2f}s"
+    if result.exit_code is not None:
+        line += f", exit code {result.exit_code}"
+    if result.error is not None:
+        line += f"\n  error: {result.error.type}/{result.error.code}: {result.error.message}"
+    if result.stdout_truncated or result.stderr_truncated:
+        line += "\n  output truncated at the task's output cap"
+    sys.stderr.write(line + "\n")
+
+
+async def _run_async(args: argparse.Namespace, cfg: Config) -> int:
+    from supervisor.daemon.node import open_node
+
+    try:
+        spec: TaskSpec | None = decode_spec(_read_spec_bytes(args.spec))
+    except InvalidSpec as e:
+        spec, refusal = None, e
+    async with open_node(cfg, nats_url=args.nats_url, role="run") as node:
+        if spec is None:
+            # A new id: the one the spec may name could be another task's.
+            rejected = _invalid_spec_result(refusal)
+            em = node.emitter.for_task(rejected.task_id, new_id())
+            assert rejected.error is not None
+            em.emit(ErrorRaised, error_type="validation", code="INVALID_SPEC",
+                    message=rejected.error.message, retryable=False,
+                    details=rejected.error.details)  # fmt: skip
+            em.emit(TaskRejected, error=rejected.error, result=rejected)
+            _print_result(rejected, args.json)
+            await node.events.flush(5.0)
+            return EXIT_REJECTED
+        task = asyncio.ensure_future(node.executor.run(spec))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            result = await task
+        except asyncio.CancelledError:
+            sys.stderr.write(
+                "cancelled: the container was cleaned up and the task recorded as failed\n"
+            )
+            return EXIT_INFRA
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        _print_result(result, args.json)
+        if not await node.events.flush(5.0):
+            sys.stderr.write(
+                f"warning: NATS unreachable; {node.events.backlog} event(s) wait in the outbox "
+                f"under {node.data_dir} and will be published by the next supervisor run\n"
+            )
+        return exit_code_for(result)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    return asyncio.run(_run_async(args, cfg))
+
+
+class _StampedWriter:
+    """A text stream that remembers when it was last written to (for --idle-exit)."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.last = asyncio.get_running_loop().time()
+
+    def write(self, text: str) -> int:
+        self.last = asyncio.get_running_loop().time()
+        return int(self.out.write(text))
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+async def _idle_watch(writer: _StampedWriter, idle_s: float, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        await asyncio.sleep(min(idle_s, 0.2))
+        if loop.time() - writer.last >= idle_s:
+            stop.set()
+
+
+async def _tail_async(args: argparse.Namespace, cfg: Config) -> int:
+    from supervisor.daemon.node import nats_for
+    from supervisor.eventlog.tail import parse_since, tail
+
+    since = parse_since(args.since) if args.since else None
+    async with nats_for(args.nats_url or cfg.nats_url, Path(cfg.data_dir).resolve()) as url:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        out = _StampedWriter(sys.stdout)
+        watch = (
+            asyncio.ensure_future(_idle_watch(out, args.idle_exit, stop))
+            if args.idle_exit
+            else None
+        )
+        try:
+            await tail(
+                url,
+                errors=args.errors,
+                type_=args.error_type,
+                code=args.code,
+                task=args.task,
+                since=since,
+                out=out,
+                stop=stop,
+                limit=args.limit,
+            )  # type: ignore[arg-type]
+        finally:
+            if watch is not None:
+                watch.cancel()
+    return EXIT_OK
+
+
+def _signals(first: asyncio.Event, second: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def _on_signal() -> None:
+        if first.is_set():
+            second.set()
+        first.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _on_signal)
+
+
+async def _serve_async(args: argparse.Namespace, cfg: Config) -> int:
+    from supervisor.daemon.daemon import Daemon
+    from supervisor.daemon.logs import configure
+
+    configure(cfg.node_id, args.log_level or cfg.log_level)
+    stop, force = asyncio.Event(), asyncio.Event()
+    _signals(stop, force)
+    parts, read_side = _read_side_parts(cfg, with_projection=not args.no_projection)
+    daemon = Daemon(cfg, nats_url=args.nats_url, parts=parts, read_side=read_side)
+    return await daemon.run(stop, force)
+
+
+def _read_side_parts(cfg: Config, *, with_projection: bool) -> tuple[list[Any], Any]:
+    """The daemon's composition: the projection (a child process running
+    `supervisor.cli.projection_service`, which serves the queries), the reconciler reading it, and with
+    `--no-projection` the reconciler's own in-process projection. This is the one place
+    that joins them."""
+    parts: list[Any] = []
+    read_side: Any = None
+    if with_projection:
+        from supervisor.daemon.projection_process import ProjectionProcess
+
+        read_side = ProjectionProcess(cfg)
+        parts.append(read_side)
+    if cfg.reconcile.enabled:
+        from supervisor.reconcile.part import ReconcilerPart
+
+        if read_side is not None:  # the reconciler reads the projection process's state
+            state = read_side.state
+        else:  # --no-projection: a projection of its own, <data_dir>/reconcile.duckdb
+            from projections.serve.reconcile_state import OwnProjection
+
+            own = OwnProjection()
+            parts.append(own)
+            state = own.state
+        # After the projection: it starts first (its start-up pass reads it), stops last.
+        parts.append(ReconcilerPart(cfg, state=state))
+    return parts, read_side
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.http:
+        cfg = msgspec.structs.replace(cfg, http=msgspec.structs.replace(cfg.http, listen=args.http))
+    return asyncio.run(_serve_async(args, cfg))
+
+
+async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
+    from supervisor.daemon.node import nats_for
+    from supervisor.eventlog.diskguard import DiskGuard
+    from supervisor.eventlog.emitter import Emitter
+    from supervisor.eventlog.log import EventLog
+    from supervisor.intake.submit import Intake, prepare
+    from supervisor.intake.wait import wait_for_result
+
+    try:
+        spec = decode_spec(_read_spec_bytes(args.spec))
+    except InvalidSpec as e:
+        if not args.json:
+            raise
+        _print_result(_invalid_spec_result(e), True)  # nothing was submitted: no event
+        return EXIT_REJECTED
+    overrides = {"priority": args.priority, "correlation_id": args.correlation_id}
+    spec = prepare(msgspec.structs.replace(spec, **{k: v for k, v in overrides.items() if v}))
+    data_dir = Path(cfg.data_dir).resolve()
+    async with nats_for(args.nats_url or cfg.nats_url, data_dir) as url:
+        events = EventLog(data_dir, url, instance_id=new_id()[:16])
+        await events.start()
+        try:
+            if not await events.wait_connected(10):
+                raise NatsUnavailable(url, "cannot submit without NATS")
+            waiter = None
+            if args.wait:
+                waiter = await wait_for_result(events.js, spec.task_id or "")
+            disk = DiskGuard(data_dir, held=lambda: events.disk_full,
+                             min_free_bytes=int(cfg.thresholds.disk_min_free_mb * 1024 * 1024))  # fmt: skip
+            submission = await Intake(
+                events.js,
+                Emitter(events, cfg.node_id, events.instance_id),
+                events,
+                cfg,
+                disk_full=disk.reason,
+            ).submit(spec)
+            if not submission.accepted:
+                result = submission.result()
+                assert result is not None
+                if waiter is not None:
+                    await waiter.cancel()
+                _print_result(result, args.json)
+                return EXIT_REJECTED
+            if waiter is None:
+                if args.json:
+                    sys.stdout.write(
+                        msgspec.json.encode(
+                            {
+                                "task_id": submission.task_id,
+                                "status": "known" if submission.existing else "queued",
+                                "correlation_id": submission.correlation_id,
+                            }
+                        ).decode()
+                        + "\n"
+                    )
+                else:
+                    sys.stdout.write(submission.task_id + "\n")
+                return EXIT_OK
+            result = await waiter.result(args.timeout)
+            if result is None:
+                sys.stderr.write(
+                    f"task {submission.task_id}: no result within {args.timeout}s (it is still queued or running)\n"
+                )
+                return EXIT_INFRA
+            _print_result(result, args.json)
+            return exit_code_for(result)
+        finally:
+            await events.close(5.0)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    return asyncio.run(_submit_async(args, cfg))
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    return asyncio.run(_tail_async(args, cfg))
+
+
+def _cmd_credentials(args: argparse.Namespace) -> int:
+    from supervisor.eventlog.nats_auth import read_credentials, with_user
+    from supervisor.eventlog.nats_server import url_file
+
+    data_dir = Path(_config(args).data_dir).resolve()
+    creds = read_credentials(data_dir)
+    url_path = url_file(data_dir)
+    if creds is None or not url_path.exists():
+        raise ConfigError(f"no daemon with an embedded NATS runs on {data_dir}")
+    server = url_path.read_text().strip()
+    url = with_user(server, args.role, creds.reader)
+    if args.json:
+        doc = {"role": args.role, "url": url, "server": server, "user": args.role,
+               "password": creds.reader}  # fmt: skip
+        sys.stdout.write(msgspec.json.encode(doc).decode() + "\n")
+        return EXIT_OK
+    sys.stdout.write(
+        f"# {args.role} of the NATS of {data_dir}: follows sup.> and reads SUP_EVENTS\n"
+        f"SUPERVISOR_NATS_URL={url}\n"
+        f"# nats CLI: nats --server {server} --user {args.role} --password {creds.reader} "
+        "sub 'sup.>'\n"
+    )
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, InvalidSpec, ValueError) as e:
+        sys.stderr.write(f"supervisor: {e}\n")
+        return EXIT_REJECTED
+    except SupervisorError as e:
+        sys.stderr.write(f"supervisor: {e}\n")
+        return EXIT_INFRA
+    except KeyboardInterrupt:
+        return EXIT_INFRA
+    except BrokenPipeError:
+        with contextlib.suppress(Exception):
+            sys.stdout.close()
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

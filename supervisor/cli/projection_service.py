@@ -1,0 +1,207 @@
+"""The daemon's projection in a process of its own: `python -m supervisor.cli.projection_service`.
+
+`supervisor serve` starts it (`supervisor.daemon.projection_process.ProjectionProcess`) so that
+DuckDB, Arrow and the projector's batches neither sit in the daemon's memory nor take
+turns with its event loop on one GIL. It runs a `ProjectionPart` (follow `SUP_EVENTS`
+into `<data_dir>/projection.duckdb`, the lag metrics, the readiness check) and answers the
+daemon over HTTP on a loopback port, each request carrying a bearer token only the
+daemon knows:
+
+- `POST /query`: `/v1/query`'s body; the result, or the catalogue-shaped error;
+- `GET /tasks/{task_id}`: `/v1/tasks/{id}`'s document (404 when unknown);
+- `GET /state?node=N&inventory=I`: the reconciler's `ProjectedState`, msgpack (204: none);
+- `GET /check`: the `projection` readiness check, as JSON;
+- `GET /metrics`: the projection's Prometheus metrics, text format.
+
+The protocol on its standard streams: the daemon writes one JSON line (`Setup`) and keeps
+stdin open; the service answers one JSON line `{"port": P, "seq": N}` on stdout once it
+has caught up with the stream. It stops (the batch being gathered is applied, the file
+checkpointed) on SIGTERM or when stdin closes, so it never outlives its daemon, even one
+killed with SIGKILL. It ignores SIGINT: a Ctrl-C in the daemon's terminal reaches the
+daemon, which stops its projection last. A file still held by a previous service that is
+finishing (its daemon was killed a moment ago) is opened again until `open_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import msgspec
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+
+from projections.errors import ProjectionStoreError
+from projections.serve.live import ProjectionPart
+from projections.serve.reconcile_state import DuckDBState
+from schemas.config import Config
+from schemas.errors import SupervisorError
+from supervisor.daemon.http import error_response, json_response, query_body
+from supervisor.daemon.logs import configure
+from supervisor.eventlog.log import close_quietly, connect_nats
+
+log = logging.getLogger("supervisor.cli.projection_service")
+
+OPEN_RETRY_S = 0.2
+
+
+class Setup(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The daemon's first line on the service's stdin."""
+
+    config: Config
+    nats_url: str
+    token: str
+    open_timeout_s: float = 30.0
+
+
+class Ready(msgspec.Struct, kw_only=True):
+    """The service's line on stdout once it serves: its loopback port and the watermark."""
+
+    port: int
+    seq: int
+
+
+async def serve(setup: Setup, stop: asyncio.Event, announce: Callable[[Ready], None]) -> None:
+    """Run the service until `stop` is set. Raises what opening the projection raises
+    (ProjectionStoreError after `open_timeout_s`, StreamUnavailable, NatsUnavailable)."""
+    cfg = setup.config
+    data_dir = Path(cfg.data_dir)
+    nc = await connect_nats(setup.nats_url, reconnect=True, timeout=setup.open_timeout_s,
+                            name="supervisor-projection")  # fmt: skip
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(close_quietly, nc)
+        registry = CollectorRegistry()
+        part = ProjectionPart(cfg)
+        await _open(part, setup, data_dir, nc.jetstream(), registry, stack)
+        runner = web.AppRunner(_app(part, registry, setup.token), access_log=None,
+                               handle_signals=False, shutdown_timeout=5.0)  # fmt: skip
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        announce(Ready(port=int(runner.addresses[0][1]), seq=part.last_seq))
+        await stop.wait()
+        log.info("projection service stopping at seq %d", part.last_seq)
+
+
+async def _open(
+    part: ProjectionPart,
+    setup: Setup,
+    data_dir: Path,
+    js: Any,
+    registry: CollectorRegistry,
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    """`part.open`, again while the file is held (DuckDB's lock: an I/O error) by a
+    service that is still closing, until `open_timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + setup.open_timeout_s
+    while True:
+        try:
+            await part.open(data_dir=data_dir, nats_url=setup.nats_url, js=js,
+                            registry=registry, stack=stack)  # fmt: skip
+            return
+        except ProjectionStoreError as e:
+            if not isinstance(e.__cause__, duckdb.IOException) or loop.time() > deadline:
+                raise
+            log.info("projection file busy (%s); trying again", e.detail)
+            await asyncio.sleep(OPEN_RETRY_S)
+
+
+def _app(part: ProjectionPart, registry: CollectorRegistry, token: str) -> web.Application:
+    expected = f"Bearer {token}".encode()
+    state = DuckDBState(part.on_cursor)
+
+    @web.middleware
+    async def guard(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if not hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected):
+            return web.Response(status=401, text="unauthorized")
+        try:
+            return await handler(request)
+        except SupervisorError as e:
+            return error_response(e)
+
+    async def query(request: web.Request) -> web.Response:
+        return json_response(await part.query(await query_body(request)))
+
+    async def task(request: web.Request) -> web.Response:
+        doc = await part.task(request.match_info["task_id"])
+        return web.Response(status=404) if doc is None else json_response(doc)
+
+    async def projected(request: web.Request) -> web.Response:
+        found = await state.load(request.query["node"], request.query["inventory"])
+        if found is None:
+            return web.Response(status=204)
+        return web.Response(body=msgspec.msgpack.encode(found),
+                            content_type="application/msgpack")  # fmt: skip
+
+    async def check(_: web.Request) -> web.Response:
+        return json_response(await part.check())
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), content_type="text/plain")
+
+    app = web.Application(middlewares=[guard], client_max_size=1 << 20)
+    app.router.add_post("/query", query)
+    app.router.add_get("/tasks/{task_id}", task)
+    app.router.add_get("/state", projected)
+    app.router.add_get("/check", check)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def _main_async(setup: Setup) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # stdin closing (the daemon gone, however it went) stops the service.
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    async def watch_stdin() -> None:
+        while await reader.read(4096):
+            pass
+        stop.set()
+
+    def announce(ready: Ready) -> None:
+        sys.stdout.buffer.write(msgspec.json.encode(ready) + b"\n")
+        sys.stdout.flush()
+
+    watcher = asyncio.create_task(watch_stdin())
+    try:
+        await serve(setup, stop, announce)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    return 0
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    line = sys.stdin.buffer.readline()
+    try:
+        setup = msgspec.json.decode(line, type=Setup)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        print(f"projection service: bad setup line: {e}", file=sys.stderr)
+        return 2
+    configure(setup.config.node_id, setup.config.log_level)
+    try:
+        return asyncio.run(_main_async(setup))
+    except SupervisorError as e:
+        log.error("projection service failed: %s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The read side's subcommands for the `supervisor` CLI: `replay`, `audit`, `sql`.
+
+`supervisor.cli.read_parsers` registers them; each `cmd_*` takes the parsed args and returns the
+exit code (0 ok; `audit` 1 on violations; `sql` 2 on a
+refused statement or a refused token, 1 when a query fails or times out; 3 when NATS, the
+projection file or the daemon cannot be used).
+
+`sql` without `--db` asks the running daemon (`POST /v1/query`, `projections.query.client`).
+
+NATS is found as every command finds it (`--nats`, `SUPERVISOR_NATS_URL`, a running
+daemon's URL in the data dir, the configuration); only when none is known is an embedded
+`nats-server` started on the data dir's store, for the duration of the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from projections.audit import audit_db, render_json, render_text
+from projections.errors import (
+    DaemonRefused,
+    DaemonUnreachable,
+    ProjectionError,
+    QueryError,
+    QueryRefused,
+)
+from projections.query.client import daemon_token, daemon_url, query_daemon
+from projections.query.query import (
+    QueryResult,
+    check_query,
+    open_readonly,
+    run_query,
+)
+from projections.query.render import render
+from projections.stream.replay import replay
+from schemas.config import Config, load_config
+from schemas.errors import SupervisorError
+from supervisor.eventlog.nats_server import NatsServer, resolve_nats_url
+
+EXIT_OK, EXIT_VIOLATIONS, EXIT_REFUSED, EXIT_UNAVAILABLE = 0, 1, 2, 3
+EXIT_QUERY_FAILED = EXIT_VIOLATIONS
+
+# A daemon's error answer to `sql`, by its catalogue code -> the exit code (else 3).
+_EXIT_FOR_CODE = {
+    "QUERY_REFUSED": EXIT_REFUSED,
+    "INVALID_QUERY": EXIT_REFUSED,
+    "UNAUTHORIZED": EXIT_REFUSED,
+    "QUERY_FAILED": EXIT_QUERY_FAILED,
+    "QUERY_TIMEOUT": EXIT_QUERY_FAILED,
+}
+
+
+def _config(args: argparse.Namespace) -> Config:
+    """`--config FILE`, or the defaults."""
+    return load_config(getattr(args, "config", None))
+
+
+def _settings(args: argparse.Namespace) -> tuple[str | None, Path]:
+    """(NATS URL as configured, data dir) from the args, the environment, the config file."""
+    cfg = _config(args)
+    data_dir = getattr(args, "data_dir", None) or os.environ.get("SUPERVISOR_DATA_DIR")
+    return getattr(args, "nats_url", None) or cfg.nats_url, Path(data_dir or cfg.data_dir).resolve()
+
+
+@contextlib.asynccontextmanager
+async def nats_url_for(args: argparse.Namespace) -> AsyncIterator[str]:
+    """The NATS to use; an embedded server on the data dir if none is known."""
+    url, data_dir = _settings(args)
+    found = resolve_nats_url(url, data_dir)
+    if found is not None:
+        yield found
+        return
+    server = NatsServer(data_dir / "nats")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"supervisor: {message}\n")
+    return code
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with nats_url_for(args) as url:
+            result = await replay(args.db, url, until_time=args.until, until_seq=args.until_seq,
+                                  progress=True)  # fmt: skip
+        sys.stderr.write(
+            f"replay: {args.db} at seq {result.seq}: {result.applied} events applied, "
+            f"{result.dead} dead letters, {result.duplicates} duplicates, "
+            f"{result.elapsed_s:.1f}s\n"
+        )
+        return EXIT_OK
+
+    try:
+        return asyncio.run(go())
+    except SupervisorError as e:
+        return _fail(str(e), EXIT_UNAVAILABLE)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    try:
+        if args.db:
+            con = open_readonly(args.db)
+            violations = audit_db(con, grace_s=args.grace)
+            con.close()
+        else:
+            violations = asyncio.run(_audit_stream(args))
+    except (SupervisorError, duckdb.Error) as e:
+        return _fail(str(e), EXIT_UNAVAILABLE)
+    sys.stdout.write(render_json(violations) if args.json else render_text(violations))
+    return EXIT_VIOLATIONS if violations else EXIT_OK
+
+
+async def _audit_stream(args: argparse.Namespace) -> list[Any]:
+    with tempfile.TemporaryDirectory(prefix="supervisor-audit-") as tmp:
+        path = Path(tmp) / "audit.duckdb"
+        async with nats_url_for(args) as url:
+            await replay(path, url, progress=True)
+        con = open_readonly(path)
+        try:
+            return audit_db(con, grace_s=args.grace)
+        finally:
+            con.close()
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    try:
+        result = _sql_local(args) if args.db else _sql_remote(args)
+    except QueryRefused as e:
+        return _fail(str(e), EXIT_REFUSED)
+    except DaemonRefused as e:
+        return _fail(e.message, _EXIT_FOR_CODE.get(e.code, EXIT_UNAVAILABLE))
+    except DaemonUnreachable as e:
+        return _fail(f"{e} (is `supervisor serve` running? --url, or --db FILE for a file)",
+                     EXIT_UNAVAILABLE)  # fmt: skip
+    except (QueryError, ProjectionError) as e:
+        return _fail(str(e), EXIT_QUERY_FAILED)
+    except SupervisorError as e:  # a bad --config
+        return _fail(str(e), EXIT_REFUSED)
+    sys.stdout.write(render(result, args.format))
+    return EXIT_OK
+
+
+def _sql_local(args: argparse.Namespace) -> QueryResult:
+    check_query(args.query)
+    con = open_readonly(args.db)
+    try:
+        return run_query(con, args.query, max_rows=args.max_rows, timeout_s=args.timeout)
+    finally:
+        con.close()
+
+
+def _sql_remote(args: argparse.Namespace) -> QueryResult:
+    cfg = _config(args)
+    _, data_dir = _settings(args)
+    url = args.url.rstrip("/") if args.url else daemon_url(data_dir, cfg.http.listen)
+    return query_daemon(url, args.query, max_rows=args.max_rows, timeout_s=args.timeout,
+                        token=daemon_token(cfg.http.token))  # fmt: skip

@@ -1,0 +1,189 @@
+"""The read side's subcommands on the `supervisor` CLI's parser: `replay`, `audit`, `sql`
+(run by `supervisor.cli.read`) and `reconcile` (`supervisor.cli.reconcile`).
+
+Registering them imports neither DuckDB nor Arrow: each command's module is imported when
+the command runs, so `supervisor serve`, `submit` and `run` do not carry the read side's
+libraries in their memory (the daemon's projection runs in a process of its own).
+
+`add_parsers(subparsers, common)` registers all four; `common`, when given, adds the CLI's
+shared options (`--nats`, `--data-dir`, ...); without it the ones these commands need are
+added here. Each sets `func`: the parsed args -> the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from projections.query.defaults import FORMATS, MAX_ROWS, TIMEOUT_S
+
+
+def add_parsers(
+    subparsers: Any, common: Callable[[argparse.ArgumentParser], None] | None = None
+) -> None:
+    """Register `replay`, `audit`, `sql` and `reconcile`."""
+    add_read_side_parsers(subparsers, common)
+    add_reconcile_parser(subparsers, common)
+
+
+def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """`module.name`, imported on the first call."""
+
+    def run(args: argparse.Namespace) -> int:
+        command: Callable[[argparse.Namespace], int] = getattr(
+            importlib.import_module(module), name
+        )
+        return command(args)
+
+    run.__name__ = name
+    return run
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO-8601 time (`2026-05-01T12:00:00Z`; a naive one is UTC) for `--until`."""
+    candidate = text.strip()
+    if candidate[-1:] in ("Z", "z"):
+        candidate = candidate[:-1] + "+00:00"
+    try:
+        when = datetime.fromisoformat(candidate)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO-8601 time such as 2026-05-01T12:00:00Z"
+        ) from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
+
+
+def _nonnegative(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite, non-negative number")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite, positive number of seconds")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not at least 1")
+    return value
+
+
+def add_read_side_parsers(
+    subparsers: Any, common: Callable[[argparse.ArgumentParser], None] | None = None
+) -> None:
+    """Register `replay`, `audit` and `sql` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "replay",
+        help="rebuild the projection as of a point in history",
+        description="Rebuild the DuckDB projection from SUP_EVENTS into FILE (atomically "
+        "replaced), up to a stream sequence or the stream time TIME. A progress bar is "
+        "drawn on a terminal.",
+    )
+    p.add_argument("--db", required=True, metavar="FILE", help="the projection file to write")
+    until = p.add_mutually_exclusive_group()
+    until.add_argument("--until", type=parse_time, metavar="TIME",
+                       help="last stream time to include (ISO 8601, UTC if naive)")  # fmt: skip
+    until.add_argument("--until-seq", type=int, metavar="N", help="last stream sequence to include")
+    _shared(p, common)
+    p.set_defaults(func=_lazy("supervisor.cli.read", "cmd_replay"))
+
+    p = subparsers.add_parser(
+        "audit",
+        help="check lifecycle invariants over history",
+        description="Check the whole history against the lifecycle state machine and the "
+        "cleanup invariants. Exit 0 when clean, 1 with violations. Without --db the stream "
+        "is replayed into a temporary file first.",
+    )
+    p.add_argument("--db", metavar="FILE", help="a projection file (e.g. made by replay)")
+    p.add_argument("--json", action="store_true", help="print the violations as JSON")
+    p.add_argument("--grace", type=_nonnegative, metavar="SECONDS",
+                   help="treat tasks active within SECONDS of the end of history as in flight")  # fmt: skip
+    _shared(p, common)
+    p.set_defaults(func=_lazy("supervisor.cli.read", "cmd_audit"))
+
+    p = subparsers.add_parser(
+        "sql",
+        help="read-only SQL over the projection",
+        description="Run one read-only SELECT over the running daemon's live projection "
+        "(POST /v1/query; its address from <data-dir>/http.url, else the configured "
+        "http.listen; token from $SUPERVISOR_HTTP_TOKEN, else http.token), or over a "
+        "projection file with --db. A statement that is not a single SELECT is refused "
+        "(exit 2); a failed or timed-out query exits 1; no daemon, 3.",
+    )
+    p.add_argument(
+        "query", metavar="SQL", help='one SELECT statement, e.g. "SELECT * FROM error_rates"'
+    )
+    p.add_argument("--db", metavar="FILE", help="a projection file (e.g. made by replay)")
+    p.add_argument("--url", metavar="URL",
+                   help="the daemon's HTTP address (default: <data-dir>/http.url)")  # fmt: skip
+    p.add_argument(
+        "--format", choices=FORMATS, default="table", help="output format (default table)"
+    )
+    p.add_argument(
+        "--max-rows",
+        type=_positive_int,
+        default=MAX_ROWS,
+        metavar="N",
+        help=f"row limit (default {MAX_ROWS})",
+    )
+    p.add_argument("--timeout", type=_seconds, default=TIMEOUT_S, metavar="S",
+                   help=f"time limit in seconds (default {TIMEOUT_S:g})")  # fmt: skip
+    _shared(p, common)
+    p.set_defaults(func=_lazy("supervisor.cli.read", "cmd_sql"))
+
+
+def _shared(
+    p: argparse.ArgumentParser,
+    common: Callable[[argparse.ArgumentParser], None] | None,
+    *,
+    node: bool = False,
+) -> None:
+    """The CLI's shared options (`common`), or without it the ones these commands read:
+    `--nats`, `--data-dir`, and with `node` also `--node-id` and `--config`."""
+    if common is not None:
+        common(p)
+        return
+    p.add_argument("--nats", dest="nats_url", metavar="URL", help="NATS server URL")
+    p.add_argument("--data-dir", metavar="DIR", help="data dir (default ./.supervisor)")
+    if node:
+        p.add_argument("--node-id", metavar="ID", help="this node's id (default n1)")
+        p.add_argument("--config", metavar="FILE", help="TOML or JSON configuration file")
+
+
+def add_reconcile_parser(
+    subparsers: Any, common: Callable[[argparse.ArgumentParser], None] | None = None
+) -> None:
+    """Register `reconcile` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "reconcile",
+        help="one reconciliation pass now",
+        description="Observe this node, compare with the projection and order the cleanup "
+        "of every divergence (orphan, overdue or vanished containers, leaked workspaces, "
+        "lost attempts, unresolved cleanup failures). Exit 0 when the pass ran.",
+    )
+    p.add_argument("--dry-run", action="store_true",
+                   help="publish the decisions it would take; order and change nothing")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the pass as JSON")
+    p.add_argument("--db", metavar="FILE",
+                   help="a projection file to use and catch up (default: a temporary replay)")  # fmt: skip
+    p.add_argument("--wait", type=float, default=30.0, metavar="S",
+                   help="carry out the commands and wait up to S seconds for their outcomes "
+                   "(0: leave them to the daemon; default 30)")  # fmt: skip
+    _shared(p, common, node=True)
+    p.set_defaults(func=_lazy("supervisor.cli.reconcile", "cmd_reconcile"))

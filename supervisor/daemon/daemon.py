@@ -1,0 +1,455 @@
+"""`supervisor serve`: the long-running daemon of one node.
+
+Start-up order (teardown is the reverse, through one AsyncExitStack): NATS (embedded when
+no URL is known) -> event log -> Docker runtime and watchers -> streams and the shared
+work-queue consumers -> Docker breaker and resource monitor -> HTTP (health answers from
+here on; readiness waits for the rest) -> the injected parts (projection, reconciler) ->
+the scheduler's pull loop. The daemon writes its NATS URL and its HTTP URL into the data
+dir so that the other commands find them.
+
+Work is pulled only while the breaker is closed, the host is under its thresholds and the
+concurrency bound and memory budget leave room; otherwise tasks wait in SUP_TASKS.
+
+Shutdown (SIGTERM/SIGINT): stop pulling, let running tasks finish within the grace, then
+kill and clean up the rest and leave their messages for redelivery, flush the outbox,
+publish `supervisor.stopped`, exit 0. A second signal skips the grace; containers are still
+cleaned up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from nats.js import JetStreamContext
+
+from schemas import (
+    PRIORITIES,
+    ResourceAlert,
+    ResourceRecovered,
+    SupervisorSuperseded,
+    TaskSpec,
+)
+from schemas.config import Config, HttpConfig
+from schemas.errors import ApiError, ConfigError, NatsUnavailable
+from schemas.health import Check
+from schemas.streams import TASKS_STREAM, commands_stream_config, tasks_stream_config
+from supervisor.daemon.datadir import DataDirLock
+from supervisor.daemon.extension import DaemonContext, Part, ReadSide
+from supervisor.daemon.http import HttpServer, create_app, daemon_checks
+from supervisor.daemon.metrics import Metrics
+from supervisor.daemon.monitor import HostSampler, PsutilSampler, ResourceMonitor
+from supervisor.daemon.node import Node, open_node
+from supervisor.docker.breaker import DockerBreaker, counts
+from supervisor.eventlog.emitter import new_id
+from supervisor.eventlog.log import ensure_streams
+from supervisor.eventlog.nats_auth import redact
+from supervisor.eventlog.nats_server import url_file
+from supervisor.eventlog.tail import parse_since, subject_filter, tail
+from supervisor.execution.capacity import can_pull_any, fits_budget
+from supervisor.execution.classify import Classification
+from supervisor.execution.history import read_task_events, summarize
+from supervisor.execution.task_loop import Scheduler
+from supervisor.execution.workqueue import WorkQueue, ensure_consumers
+from supervisor.intake.submit import Intake, Submission
+
+log = logging.getLogger("supervisor.daemon.daemon")
+
+QUEUE_DEPTH_REFRESH_S = 1.0
+DISK_CHECK_S = 0.5
+
+
+def http_token(cfg: HttpConfig) -> str | None:
+    """The bearer token: `token`, else the first line of `token_file`. Raises ConfigError
+    when both are set, or the file cannot be read or is empty."""
+    if cfg.token and cfg.token_file:
+        raise ConfigError("http: set token or token_file, not both")
+    if not cfg.token_file:
+        return cfg.token
+    try:
+        lines = Path(cfg.token_file).read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"http.token_file {cfg.token_file}: {e.strerror}") from e
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise ConfigError(f"http.token_file {cfg.token_file} is empty")
+    return token
+
+
+def http_url_file(data_dir: Path) -> Path:
+    """Where a running daemon writes the base URL of its HTTP endpoint."""
+    return data_dir / "http.url"
+
+
+class Daemon:
+    """One node's daemon. `parts` are started in order before work is pulled (see
+    `supervisor.daemon.extension`); `read_side` answers `GET /v1/tasks/{id}` and `/v1/query`
+    (without it a task's state is read back from its events and queries answer 503)."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        nats_url: str | None = None,
+        parts: Sequence[Part] = (),
+        read_side: ReadSide | None = None,
+        sampler: HostSampler | None = None,
+    ) -> None:
+        self.config = config
+        self.nats_url = nats_url
+        self.parts = list(parts)
+        self.read_side = read_side
+        self.sampler = sampler
+        self.node: Node | None = None
+        self.intake: Intake | None = None
+        self.scheduler: Scheduler | None = None
+        self.breaker: DockerBreaker | None = None
+        self.monitor: ResourceMonitor | None = None
+        self.http: HttpServer | None = None
+        self.ready = asyncio.Event()
+
+    # --- scheduling decisions -------------------------------------------------------------
+
+    def may_pull(self) -> bool:
+        """Pull only while Docker's breaker is closed, the host is under its thresholds and
+        some capacity is left."""
+        assert self.scheduler is not None and self.breaker is not None and self.monitor
+        sc = self.config.scheduling
+        if self.node is not None and self.node.disk is not None and self.node.disk.reason():
+            return False  # what it would run could not be recorded
+        return can_pull_any(
+            self.scheduler.running_memory(),
+            concurrency=sc.concurrency,
+            memory_budget_mb=sc.memory_budget_mb,
+            pressure=self.monitor.alerting,
+            breaker=self.breaker.state.status,
+        ).ok
+
+    def fits(self, memory_mb: int, running: list[int]) -> bool:
+        sc = self.config.scheduling
+        return fits_budget(
+            memory_mb, running, concurrency=sc.concurrency, memory_budget_mb=sc.memory_budget_mb
+        )
+
+    def _poke(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.poke()
+
+    def _on_attempt(self, c: Classification | None) -> None:
+        """Docker carried out an attempt (whatever the task did) unless its classification
+        is an engine failure: that is what the breaker counts."""
+        assert self.breaker is not None
+        self.breaker.record(c if c is not None and counts(c) else None)
+
+    def _gate(self) -> None:
+        assert self.breaker is not None
+        self.breaker.check()
+
+    # --- the run ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, force: asyncio.Event) -> int:
+        cfg = self.config
+        instance_id = new_id()[:16]
+        # Before anything is touched: a second daemon on this data dir stops here.
+        lock = DataDirLock.acquire(
+            Path(cfg.data_dir).resolve(), instance_id=instance_id, node_id=cfg.node_id
+        )
+        try:
+            return await self._run(stop, force, lock)
+        finally:
+            lock.release()
+
+    async def _run(self, stop: asyncio.Event, force: asyncio.Event, lock: DataDirLock) -> int:
+        cfg = self.config
+        sc = cfg.scheduling
+        async with (
+            open_node(
+                cfg, nats_url=self.nats_url, role="serve", instance_id=lock.holder.instance_id
+            ) as node,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            self.node = node
+            if lock.previous is not None:
+                prev = lock.previous
+                log.info("instance %s (pid %d) died holding the data dir; superseding it",
+                         prev.instance_id, prev.pid)  # fmt: skip
+                node.emitter.emit(SupervisorSuperseded, superseded_instance=prev.instance_id,
+                                  superseded_pid=prev.pid)  # fmt: skip
+            if not await node.events.wait_connected(timeout=30):
+                raise NatsUnavailable(node.nats_url, "the daemon needs NATS to pull work")
+            js = node.events.js
+            await ensure_streams(
+                js,
+                [tasks_stream_config(sc.queue_bound_per_priority), commands_stream_config()],
+                url=node.nats_url,
+            )
+            await ensure_consumers(js, ack_wait_s=sc.ack_wait_s, max_deliveries=sc.max_deliver + 1)
+            _publish_url(stack, url_file(node.data_dir), redact(node.nats_url))
+            wq = WorkQueue(node.events.nc, js)
+            await wq.start()
+            stack.push_async_callback(wq.stop)
+
+            self.breaker = breaker = DockerBreaker(
+                node.emitter, cfg.breaker, metrics=node.metrics, on_change=lambda _: self._poke()
+            )
+            self.monitor = monitor = ResourceMonitor(
+                node.emitter,
+                self.sampler or PsutilSampler(node.data_dir),
+                runtime=node.runtime,
+                thresholds=cfg.thresholds,
+                config=cfg.monitor,
+                metrics=node.metrics,
+                on_change=lambda _: self._poke(),
+                on_docker=breaker.record,
+            )
+            node.executor.on_attempt = self._on_attempt
+            node.executor.gate = self._gate
+            self.intake = Intake(js, node.emitter, node.events, cfg, metrics=node.metrics,
+                                 disk_full=self._disk_reason)  # fmt: skip
+            self.scheduler = scheduler = Scheduler(
+                wq,
+                node.executor,
+                max_deliver=sc.max_deliver,
+                ack_progress_s=sc.ack_progress_s,
+                may_pull=self.may_pull,
+                fits=self.fits,
+                superseded=frozenset([lock.previous.instance_id] if lock.previous else []),
+                heartbeat_timeout_s=cfg.reconcile.heartbeat_timeout_s,
+                terminal_wait_s=sc.ack_wait_s,
+            )
+            await monitor.tick()
+            _background(stack, "monitor", lambda: _after(cfg.monitor.interval_s, monitor.run))
+            _background(stack, "breaker", lambda: breaker.watch(node.runtime))
+            _background(stack, "queue depth", lambda: _refresh_queue_depth(js, node.metrics))
+
+            checks = daemon_checks(
+                runtime=node.runtime,
+                connected=lambda: node.events.connected,
+                backlog=lambda: node.events.backlog,
+                breaker=breaker,
+                monitor=monitor,
+                max_backlog=cfg.http.max_outbox_backlog,
+                nats_down=lambda: node.nats_watch.down if node.nats_watch else None,
+            )
+            checks["disk"] = self._disk_check
+            checks["started"] = self._started_check
+            node.metrics.disk_full.set_function(lambda: float(self._disk_reason() is not None))
+            _background(stack, "disk", self._watch_disk)
+            node.metrics.outbox_backlog.set_function(lambda: node.events.backlog)
+            scrape_hooks: list[Callable[[], Awaitable[None]]] = []
+
+            async def before_scrape() -> None:
+                await asyncio.gather(*(hook() for hook in scrape_hooks))
+
+            app = create_app(
+                metrics=node.metrics,
+                readiness=checks,
+                handlers=_Api(self, js),
+                token=http_token(cfg.http),
+                check_timeout_s=cfg.http.check_timeout_s,
+                on_scrape=before_scrape,
+            )
+            self.http = http = HttpServer(app, cfg.http.listen)
+            await http.start()
+            stack.push_async_callback(http.stop)
+            _publish_url(stack, http_url_file(node.data_dir), http.url)
+
+            ctx = DaemonContext(node=node, nc=node.events.nc, js=js, breaker=breaker,
+                                monitor=monitor, scheduler=scheduler, checks=checks,
+                                scrape_hooks=scrape_hooks)  # fmt: skip
+            for part in self.parts:
+                log.info("starting %s", part.name)
+                await part.start(ctx, stack)
+
+            loop_task = asyncio.ensure_future(scheduler.loop())
+            self.ready.set()
+            log.info("serving on node %s (NATS %s, HTTP %s)", cfg.node_id, redact(node.nats_url),
+                     http.url)  # fmt: skip
+            stop_wait = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([stop_wait, loop_task], return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            if loop_task.done() and not loop_task.cancelled() and loop_task.exception():
+                raise loop_task.exception()  # type: ignore[misc]
+            self.ready.clear()
+            log.info("stopping: no more pulls; %d task(s) running", len(scheduler.running))
+            await scheduler.stop_pulling()
+            loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop_task
+            await scheduler.drain(sc.shutdown_grace_s, force)
+            await node.events.flush(10)
+        return 0
+
+    def _disk_reason(self) -> str | None:
+        node = self.node
+        if node is None or node.disk is None:
+            return None
+        down = node.nats_watch.down if node.nats_watch is not None else None
+        if down is not None and down.startswith("DISK_FULL"):
+            return down
+        return node.disk.reason()
+
+    async def _disk_check(self) -> Check:
+        reason = self._disk_reason()
+        return Check(ok=reason is None, reason=reason or "the data dir has room")
+
+    async def _watch_disk(self) -> None:
+        """Record each change of the data dir's room (a `resource.alert` when it is full, a
+        `resource.recovered` when it is back), and look at the queues again on recovery."""
+        assert self.node is not None and self.node.disk is not None
+        node, disk = self.node, self.node.disk
+        full = False
+        while True:
+            reason = self._disk_reason()
+            if (reason is not None) != full:
+                full = reason is not None
+                cls = ResourceAlert if full else ResourceRecovered
+                if full:
+                    log.error("%s; refusing submissions and pulling nothing", reason)
+                else:
+                    log.warning("the data dir has room again; pulling work")
+                node.emitter.emit(cls, metric="disk_free_bytes", value=float(disk.free_bytes()),
+                                  threshold=float(disk.min_free_bytes))  # fmt: skip
+                self._poke()
+            await asyncio.sleep(DISK_CHECK_S)
+
+    async def _started_check(self) -> Check:
+        if self.ready.is_set():
+            return Check(ok=True, reason="pulling work")
+        return Check(ok=False, reason="starting up or shutting down")
+
+
+class _Api:
+    """The `/v1` handlers: intake for submissions; the read side (or the task's own events
+    when there is none) for state and queries."""
+
+    def __init__(self, daemon: Daemon, js: JetStreamContext) -> None:
+        self.daemon = daemon
+        self.js = js
+
+    async def submit(self, spec: TaskSpec) -> Submission:
+        assert self.daemon.intake is not None
+        return await self.daemon.intake.submit(spec)
+
+    async def task(self, task_id: str) -> Mapping[str, Any] | None:
+        if self.daemon.read_side is not None:
+            return await self.daemon.read_side.task(task_id)
+        events = await read_task_events(self.js, task_id)
+        if not events:
+            return None
+        h = summarize(events)
+        state = h.terminal or ("running" if h.open_attempt is not None else "queued")
+        return {"task_id": task_id, "state": state, "attempts": h.last_attempt,
+                "events": len(events)}  # fmt: skip
+
+    async def errors(self, params: Mapping[str, str]) -> AsyncIterator[bytes]:
+        """Follow the error stream with `supervisor tail`'s filters, for one HTTP client."""
+        unknown = set(params) - {"type", "code", "task", "since", "limit"}
+        if unknown:
+            raise ValueError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+        since = parse_since(params["since"]) if "since" in params else None
+        limit = int(params["limit"]) if "limit" in params else None
+        subject_filter(errors=True, type_=params.get("type"), task=params.get("task"))
+        assert self.daemon.node is not None
+        lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+        follow = asyncio.ensure_future(
+            tail(
+                self.daemon.node.nats_url,
+                errors=True,
+                type_=params.get("type"),
+                code=params.get("code"),
+                task=params.get("task"),
+                since=since,
+                limit=limit,
+                out=_QueueWriter(lines),
+            )
+        )
+        follow.add_done_callback(lambda _: lines.put_nowait(None))
+        try:
+            while (line := await lines.get()) is not None:
+                yield line
+            if not follow.cancelled() and follow.exception() is not None:
+                raise follow.exception()  # type: ignore[misc]
+        finally:
+            follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await follow
+
+    async def query(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
+        if self.daemon.read_side is None:
+            raise ApiError(503, "infrastructure", "QUERY_UNAVAILABLE",
+                           "this daemon runs without a projection")  # fmt: skip
+        return await self.daemon.read_side.query(request)
+
+
+class _QueueWriter:
+    """A text sink for `tail` that hands each line to a queue. A client too slow to read
+    `MAX_BUFFERED` lines loses the newest ones rather than growing the daemon's memory
+    (the stream keeps them all: `since` reads them again)."""
+
+    MAX_BUFFERED = 10_000
+
+    def __init__(self, queue: asyncio.Queue[bytes | None]) -> None:
+        self.queue = queue
+
+    def write(self, text: str) -> int:
+        line = text.rstrip("\n")
+        if line and self.queue.qsize() < self.MAX_BUFFERED:
+            self.queue.put_nowait(line.encode())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _background(
+    stack: contextlib.AsyncExitStack, name: str, run: Callable[[], Awaitable[None]]
+) -> None:
+    """Run `run()` until the stack closes; a crash is logged, never silent."""
+
+    async def guarded() -> None:
+        try:
+            await run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the %s loop crashed", name)
+
+    task = asyncio.ensure_future(guarded())
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(cancel)
+
+
+async def _after(delay_s: float, work: Callable[[], Awaitable[None]]) -> None:
+    await asyncio.sleep(delay_s)
+    await work()
+
+
+async def _refresh_queue_depth(js: JetStreamContext, metrics: Metrics) -> None:
+    """Keep `supervisor_queue_depth{priority}` current (tasks queued or in flight)."""
+    while True:
+        with contextlib.suppress(Exception):
+            info = await js.stream_info(TASKS_STREAM, subjects_filter="suptask.>")
+            subjects = info.state.subjects or {}
+            for prio in PRIORITIES:
+                metrics.queue_depth.labels(prio).set(subjects.get(f"suptask.{prio}", 0))
+        await asyncio.sleep(QUEUE_DEPTH_REFRESH_S)
+
+
+def _publish_url(stack: contextlib.AsyncExitStack, path: Path, url: str) -> None:
+    path.write_text(url + "\n")
+    stack.callback(_unlink, path)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

@@ -1,0 +1,91 @@
+"""The daemon's exclusive hold on its data dir: `<data_dir>/daemon.lock`.
+
+One `supervisor serve` per data dir. The lock is a `flock` taken before the daemon touches
+anything (NATS, the streams, the URL files), held for the life of the process and released
+by the kernel when it dies, however it dies. So a daemon that gets the lock knows for
+certain that the one that held it before is dead: the file names that predecessor (pid,
+instance id) unless it stopped cleanly, which empties the file. The new daemon records the
+predecessor as superseded, and its start-up pass treats what it left as orphans at once.
+
+Pure file I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from schemas.errors import DataDirInUse, SupervisorError
+
+LOCK_NAME = "daemon.lock"
+
+
+class Holder(msgspec.Struct, frozen=True):
+    """Who holds (or last held) the lock."""
+
+    pid: int
+    instance_id: str
+    node_id: str = ""
+
+
+@dataclass
+class DataDirLock:
+    """The held lock. `previous` is the holder that died without releasing it (None after
+    a clean stop or on a new data dir)."""
+
+    path: Path
+    fd: int
+    holder: Holder
+    previous: Holder | None
+
+    @classmethod
+    def acquire(cls, data_dir: Path, *, instance_id: str, node_id: str) -> DataDirLock:
+        """Take the lock or raise `DataDirInUse` naming the live holder's pid at once
+        (never waits). Raises `SupervisorError` when the file cannot be opened."""
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path = data_dir / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise SupervisorError(f"cannot open {path}: {e.strerror}") from e
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held = _read(fd)
+                raise DataDirInUse(data_dir, held.pid if held else None) from None
+            previous = _read(fd)
+            holder = Holder(pid=os.getpid(), instance_id=instance_id, node_id=node_id)
+            _write(fd, msgspec.json.encode(holder))
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, holder, previous)
+
+    def release(self) -> None:
+        """A clean stop: empty the file (nobody is superseded next time), then unlock."""
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            _write(self.fd, b"")
+        os.close(self.fd)
+        self.fd = -1
+
+
+def _read(fd: int) -> Holder | None:
+    try:
+        data = os.pread(fd, 4096, 0)
+        return msgspec.json.decode(data, type=Holder) if data.strip() else None
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def _write(fd: int, data: bytes) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+    os.fsync(fd)

@@ -1,0 +1,482 @@
+"""The daemon's HTTP endpoint (aiohttp, in the daemon's own event loop).
+
+Routes:
+- `GET /healthz`: 200 `{"status": "ok"}` whenever the loop answers.
+- `GET /readyz`: `{"ready": bool, "checks": {name: {"ok", "reason", ...}}}`; 503 unless
+  every check passes. Checks run concurrently, each bounded by `check_timeout_s` (a check
+  that hangs or raises fails with that as its reason).
+- `GET /metrics`: the Prometheus registry, encoded as the client's `Accept` asks
+  (`prometheus_client`'s negotiation: text format by default, OpenMetrics on request).
+- `POST /v1/tasks`, `GET /v1/tasks/{id}`, `POST /v1/query`: served by the injected
+  `Handlers` (the daemon's intake and the read side). When a token is configured, `/v1/*`
+  requires `Authorization: Bearer <token>`.
+
+Every error is JSON in the catalogue's shape, `{"error": {"type", "code", "message", ...}}`:
+400 INVALID_SPEC (and other validation errors), 401 UNAUTHORIZED, 403 POLICY_VIOLATION,
+404 NOT_FOUND / TASK_NOT_FOUND, 405 METHOD_NOT_ALLOWED, 409 DUPLICATE_TASK_ID,
+413 BODY_TOO_LARGE, 429 QUEUE_FULL, 507 DISK_FULL,
+503 for what is retryable later (NATS_UNAVAILABLE, DOCKER_UNAVAILABLE, CIRCUIT_OPEN,
+HOST_PRESSURE, ...), 504 QUERY_TIMEOUT, 500 INTERNAL. Handlers raise the project's
+exceptions (or `ApiError` for a precise answer); the read side's classes are recognised by
+their stable `tag`, since this package must not import `projections`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+import msgspec
+from aiohttp import web
+from prometheus_client.exposition import choose_encoder
+
+from schemas import ExecutionError, TaskSpec
+from schemas.errors import (
+    ApiError,
+    ConfigError,
+    DockerError,
+    DockerUnavailable,
+    InvalidSpec,
+    NatsUnavailable,
+    PolicyViolation,
+    SupervisorError,
+)
+from schemas.health import Check, CheckFn
+from supervisor.daemon.metrics import Metrics
+from supervisor.daemon.monitor import ResourceMonitor
+from supervisor.docker.breaker import CircuitOpen, DockerBreaker, Pingable
+from supervisor.intake.admission import decode_spec
+
+log = logging.getLogger("supervisor.daemon.http")
+
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+_encoder = msgspec.json.Encoder()
+
+
+class HttpServerError(SupervisorError):
+    """The HTTP endpoint could not be bound."""
+
+    tag = "http_server_error"
+
+
+class Submission(Protocol):
+    """What the intake answers (`supervisor.intake.submit.Submission` has this shape)."""
+
+    @property
+    def task_id(self) -> str: ...
+    @property
+    def correlation_id(self) -> str: ...
+    @property
+    def accepted(self) -> bool: ...
+    @property
+    def error(self) -> ExecutionError | None: ...
+
+
+class Handlers(Protocol):
+    """The `/v1` API, provided by the daemon. Each may raise the project's exceptions."""
+
+    async def submit(self, spec: TaskSpec) -> Submission:
+        """Queue a decoded spec (validation, policy and queue bound are the intake's)."""
+        ...
+
+    async def task(self, task_id: str) -> Mapping[str, Any] | None:
+        """The task's current state as JSON-able values; None if it is unknown."""
+        ...
+
+    async def query(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Run a read-only query described by the request body (a JSON object)."""
+        ...
+
+    def errors(self, params: Mapping[str, str]) -> AsyncIterator[bytes]:
+        """The error events matching `params` (type, code, task, since, limit), each the raw
+        JSON it was published as, as they arrive. Raises ValueError for a bad filter."""
+        ...
+
+
+# --- readiness checks ----------------------------------------------------------------------
+
+
+def docker_check(runtime: Pingable) -> CheckFn:
+    async def check() -> Check:
+        try:
+            await runtime.ping()
+        except DockerError as e:
+            return Check(ok=False, reason=str(e), details={"error": e.tag})
+        return Check(ok=True, reason="Docker answered ping")
+
+    return check
+
+
+def nats_check(connected: Callable[[], bool], cause: Callable[[], str | None]) -> CheckFn:
+    """Connected to NATS; when not, `cause` may say why (the embedded server died)."""
+
+    async def check() -> Check:
+        if connected():
+            return Check(ok=True, reason="connected to NATS")
+        return Check(ok=False, reason=cause() or "not connected to NATS")
+
+    return check
+
+
+def breaker_check(breaker: DockerBreaker) -> CheckFn:
+    async def check() -> Check:
+        st = breaker.state
+        details = {"state": st.status, "failures": st.failures}
+        if st.status == "closed":
+            return Check(ok=True, reason="the Docker breaker is closed", details=details)
+        return Check(ok=False, details=details,
+                     reason=f"the Docker breaker is {st.status} after {st.failures} engine failures")  # fmt: skip
+
+    return check
+
+
+def outbox_check(backlog: Callable[[], int], max_backlog: int) -> CheckFn:
+    async def check() -> Check:
+        n = backlog()
+        details = {"backlog": n, "max_backlog": max_backlog}
+        if n <= max_backlog:
+            return Check(ok=True, reason=f"{n} events waiting to be published", details=details)
+        return Check(ok=False, details=details,
+                     reason=f"{n} events waiting to be published, more than {max_backlog}")  # fmt: skip
+
+    return check
+
+
+def pressure_check(monitor: ResourceMonitor) -> CheckFn:
+    async def check() -> Check:
+        reasons = monitor.reasons
+        if not reasons:
+            return Check(ok=True, reason="the host is under every threshold")
+        return Check(ok=False, reason="host under pressure: " + "; ".join(reasons),
+                     details={"metrics": sorted(monitor.alerting)})  # fmt: skip
+
+    return check
+
+
+def daemon_checks(
+    *,
+    runtime: Pingable,
+    connected: Callable[[], bool],
+    backlog: Callable[[], int],
+    breaker: DockerBreaker,
+    monitor: ResourceMonitor,
+    max_backlog: int,
+    nats_down: Callable[[], str | None] = lambda: None,
+) -> dict[str, CheckFn]:
+    """The daemon's five checks, in the order `/readyz` reports them."""
+    return {
+        "docker": docker_check(runtime),
+        "nats": nats_check(connected, nats_down),
+        "breaker": breaker_check(breaker),
+        "outbox": outbox_check(backlog, max_backlog),
+        "pressure": pressure_check(monitor),
+    }
+
+
+# --- the app ---------------------------------------------------------------------------------
+
+
+def create_app(
+    *,
+    metrics: Metrics,
+    readiness: Mapping[str, CheckFn],
+    handlers: Handlers | None = None,
+    token: str | None = None,
+    check_timeout_s: float = 2.0,
+    on_scrape: Callable[[], Awaitable[None] | None] | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+) -> web.Application:
+    """Build the app. `readiness` maps a check name to its check; `handlers` None leaves
+    `/v1` unrouted (404); `on_scrape` runs (and is awaited when it is a coroutine function)
+    before each `/metrics`: refresh gauges there."""
+    app = web.Application(middlewares=[_errors, _auth(token)], client_max_size=max_body_bytes)
+
+    async def healthz(_: web.Request) -> web.Response:
+        return json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        names = list(readiness)
+        results = await asyncio.gather(*(_run_check(readiness[n], check_timeout_s) for n in names))
+        checks = dict(zip(names, results, strict=True))
+        ready = all(c.ok for c in results)
+        metrics.ready.set(1 if ready else 0)
+        for name, c in checks.items():
+            metrics.ready_check.labels(name).set(1 if c.ok else 0)
+        body = {"ready": ready, "checks": {n: _check_doc(c) for n, c in checks.items()}}
+        return json_response(body, status=200 if ready else 503)
+
+    async def metrics_text(request: web.Request) -> web.Response:
+        if on_scrape is not None and inspect.isawaitable(pending := on_scrape()):
+            await pending
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(metrics.registry), headers={"Content-Type": content_type})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_text)
+    if handlers is not None:
+        _add_api(app, handlers)
+    return app
+
+
+def _add_api(app: web.Application, handlers: Handlers) -> None:
+    async def submit(request: web.Request) -> web.Response:
+        spec = decode_spec(await request.read())
+        sub = await handlers.submit(spec)
+        if sub.accepted:
+            doc = {"task_id": sub.task_id, "correlation_id": sub.correlation_id,
+                   "status": "known" if sub.existing else "queued"}  # fmt: skip
+            return json_response(doc, status=200 if sub.existing else 202)
+        err = sub.error
+        if err is None:
+            raise ApiError(500, "infrastructure", "INTERNAL", "the intake refused without a reason")
+        headers = {"Retry-After": "1"} if err.code == "QUEUE_FULL" else None
+        return _error(_status_for_code(err.code, err.retryable), err.type, err.code, err.message,
+                      headers=headers, details=err.details, retryable=err.retryable,
+                      task_id=sub.task_id)  # fmt: skip
+
+    async def task(request: web.Request) -> web.Response:
+        task_id = request.match_info["task_id"]
+        doc = await handlers.task(task_id)
+        if doc is None:
+            raise ApiError(404, "validation", "TASK_NOT_FOUND", f"no task {task_id!r}")
+        return json_response(doc)
+
+    async def query(request: web.Request) -> web.Response:
+        return json_response(await handlers.query(await query_body(request)))
+
+    async def errors(request: web.Request) -> web.StreamResponse:
+        try:
+            events = handlers.errors(dict(request.query))
+            first = asyncio.ensure_future(anext(events))
+            await asyncio.wait([first], timeout=0.05)  # a bad filter fails before the 200
+            failed = first.exception() if first.done() else None
+            if isinstance(failed, ValueError):
+                raise ApiError(400, "validation", "INVALID_QUERY", str(failed))
+            if failed is not None:
+                raise failed
+        except ValueError as e:
+            raise ApiError(400, "validation", "INVALID_QUERY", str(e)) from e
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        try:
+            line = await first
+            while True:
+                await resp.write(line + b"\n")
+                line = await anext(events)
+        except (StopAsyncIteration, ConnectionResetError):
+            pass
+        finally:
+            first.cancel()
+            await events.aclose()  # type: ignore[attr-defined]
+        return resp
+
+    app.router.add_get("/v1/errors", errors)
+    app.router.add_post("/v1/tasks", submit)
+    app.router.add_get("/v1/tasks/{task_id}", task)
+    app.router.add_post("/v1/query", query)
+
+
+async def _run_check(fn: CheckFn, timeout_s: float) -> Check:
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await fn()
+    except TimeoutError:
+        return Check(ok=False, reason=f"no answer within {timeout_s:g}s")
+    except Exception as e:
+        log.exception("readiness check failed")
+        return Check(ok=False, reason=f"the check raised {type(e).__name__}: {e}")
+
+
+# An absolute path of two parts or more: what `/readyz`, which anyone may read, never shows
+# (the full reason goes to the log).
+_PATH_RE = re.compile(r"(?<![\w.])/(?:[^\s/:'\",;()\[\]]+/)+[^\s/:'\",;()\[\]]*")
+
+
+def without_paths(text: str) -> str:
+    return _PATH_RE.sub("<path>", text)
+
+
+def _check_doc(c: Check) -> dict[str, Any]:
+    if not c.ok and c.reason and _PATH_RE.search(c.reason):
+        log.debug("readiness: %s", c.reason)
+    details = {k: without_paths(v) if isinstance(v, str) else v for k, v in c.details.items()}
+    return {"ok": c.ok, "reason": without_paths(c.reason), **details}
+
+
+async def query_body(request: web.Request) -> dict[str, Any]:
+    """The JSON object of a `/v1/query` request. Raises ApiError 400 INVALID_QUERY."""
+    try:
+        body = msgspec.json.decode(await request.read())
+    except msgspec.DecodeError as e:
+        raise ApiError(400, "validation", "INVALID_QUERY", f"not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise ApiError(400, "validation", "INVALID_QUERY", "the body must be a JSON object")
+    return body
+
+
+# --- errors and auth --------------------------------------------------------------------------
+
+
+def json_response(
+    doc: Any, *, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """`doc` as a JSON answer."""
+    return web.Response(body=_encoder.encode(doc), status=status, headers=headers,
+                        content_type="application/json")  # fmt: skip
+
+
+def _error(
+    status: int, type: str, code: str, message: str, *,
+    headers: Mapping[str, str] | None = None, **extra: Any,
+) -> web.Response:  # fmt: skip
+    return json_response({"error": {"type": type, "code": code, "message": message, **extra}},
+                 status=status, headers=headers)  # fmt: skip
+
+
+def _status_for_code(code: str, retryable: bool) -> int:
+    if code == "QUEUE_FULL":
+        return 429
+    if code == "POLICY_VIOLATION":
+        return 403
+    if code == "DUPLICATE_TASK_ID":
+        return 409
+    if code == "DISK_FULL":
+        return 507
+    return 503 if retryable else 400
+
+
+# The read side's errors, by their stable tag: status, type, code.
+_TAGS: dict[str, tuple[int, str, str]] = {
+    "query_refused": (400, "validation", "QUERY_REFUSED"),
+    "query_failed": (400, "validation", "QUERY_FAILED"),
+    "query_memory": (507, "resource", "QUERY_MEMORY"),
+    "query_timeout": (504, "timeout", "QUERY_TIMEOUT"),
+    "stream_unavailable": (503, "infrastructure", "STREAM_UNAVAILABLE"),
+}
+_HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "BODY_TOO_LARGE"}
+
+
+def error_response(e: SupervisorError) -> web.Response:
+    """The catalogue-shaped answer for one of the project's exceptions."""
+    match e:
+        case ApiError():
+            return _error(e.status, e.type, e.code, e.message, **e.details)
+        case InvalidSpec():
+            return _error(400, "validation", "INVALID_SPEC", str(e), field=e.field)
+        case PolicyViolation():
+            return _error(403, "security", "POLICY_VIOLATION", str(e), field=e.request)
+        case NatsUnavailable():
+            return _error(503, "infrastructure", "NATS_UNAVAILABLE", str(e), retryable=True)
+        case CircuitOpen():
+            return _error(503, "infrastructure", "CIRCUIT_OPEN", str(e), retryable=True)
+        case DockerUnavailable():
+            return _error(503, "infrastructure", "DOCKER_UNAVAILABLE", str(e), retryable=True)
+    if e.tag in _TAGS:
+        status, type_, code = _TAGS[e.tag]
+        return _error(status, type_, code, str(e))
+    log.error("request failed: %s", e)
+    return _error(500, "infrastructure", "INTERNAL", str(e))
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except SupervisorError as e:
+        return error_response(e)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = _HTTP_CODES.get(e.status, f"HTTP_{e.status}")
+        return _error(e.status, "validation", code, e.reason, headers=_allow_header(e))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        return _error(500, "infrastructure", "INTERNAL", "internal error")
+
+
+def _allow_header(e: web.HTTPException) -> dict[str, str] | None:
+    allow = e.headers.get("Allow")
+    return {"Allow": allow} if allow else None
+
+
+def _auth(token: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def auth(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if expected is not None and request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return _error(401, "security", "UNAUTHORIZED",
+                              "a valid bearer token is required for /v1",
+                              headers={"WWW-Authenticate": 'Bearer realm="supervisor"'})  # fmt: skip
+        return await handler(request)
+
+    return auth
+
+
+# --- serving ---------------------------------------------------------------------------------
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """`host:port` (`[v6]:port` for IPv6) -> (host, port). Raises ConfigError."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"http listen address {listen!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class HttpServer:
+    """Runs an app on `listen` in the current loop. `start` binds (port 0 picks a free one,
+    see `port`); `stop` closes the listener and waits for in-flight requests (bounded)."""
+
+    def __init__(
+        self, app: web.Application, listen: str, *, shutdown_timeout_s: float = 5.0
+    ) -> None:
+        self.app = app
+        self.host, self._port = parse_listen(listen)
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self.shutdown_timeout_s,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self._port)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            raise HttpServerError(f"cannot listen on {self.host}:{self._port}: {e.strerror}") from e
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self._port}"
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()

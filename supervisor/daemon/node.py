@@ -1,0 +1,130 @@
+"""Wiring of one node's execution path, owned by an `AsyncExitStack` so teardown runs in
+the reverse order of start-up: NATS (embedded when no URL is known) -> event log ->
+Docker runtime -> event watcher -> cgroup sampler -> executor."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from schemas import EmbeddedNatsRestarted, SupervisorStarted, SupervisorStopped
+from schemas.config import Config
+from supervisor.daemon.metrics import Metrics
+from supervisor.docker.runtime import DockerRuntime
+from supervisor.eventlog.diskguard import DiskGuard
+from supervisor.eventlog.emitter import Emitter, new_id
+from supervisor.eventlog.log import EventLog
+from supervisor.eventlog.nats_auth import ensure_credentials, with_user, write_server_config
+from supervisor.eventlog.nats_server import NatsServer, NatsWatch, config_path, resolve_nats_url
+from supervisor.execution.executor import Executor
+from supervisor.execution.observe import CgroupSampler, DockerEventWatcher
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class Node:
+    config: Config
+    data_dir: Path
+    instance_id: str
+    nats_url: str
+    events: EventLog
+    emitter: Emitter
+    runtime: DockerRuntime
+    watcher: DockerEventWatcher
+    executor: Executor
+    metrics: Metrics
+    nats_watch: NatsWatch | None = None
+    disk: DiskGuard | None = None
+
+
+@contextlib.asynccontextmanager
+async def nats_for(cli_url: str | None, data_dir: Path) -> AsyncIterator[str]:
+    """The NATS URL to use; starts (and finally stops) the embedded server if none is known."""
+    async with _nats(cli_url, data_dir) as (url, _):
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def _nats(
+    cli_url: str | None, data_dir: Path
+) -> AsyncIterator[tuple[str, NatsServer | None]]:
+    url = resolve_nats_url(cli_url, data_dir)
+    if url is not None:
+        yield url, None
+        return
+    # Never anonymous: the data dir's users, made on its first start (supervisor.eventlog.nats_auth).
+    creds = ensure_credentials(data_dir)
+    conf = write_server_config(data_dir, config_path(data_dir), creds)
+    server = NatsServer(data_dir / "nats", conf=conf)
+    url = server.start()
+    try:
+        yield with_user(url, "node", creds.node), server
+    finally:
+        server.stop()
+
+
+@contextlib.asynccontextmanager
+async def open_node(
+    config: Config,
+    *,
+    nats_url: str | None,
+    role: str = "run",
+    flush_timeout: float = 10.0,
+    instance_id: str | None = None,
+) -> AsyncIterator[Node]:
+    data_dir = Path(config.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    instance_id = instance_id or new_id()[:16]
+    metrics = Metrics()
+    async with contextlib.AsyncExitStack() as stack:
+        url, server = await stack.enter_async_context(_nats(nats_url or config.nats_url, data_dir))
+        events = EventLog(data_dir, url, instance_id=instance_id)
+        await events.start()
+        stack.push_async_callback(events.close, flush_timeout)
+        emitter = Emitter(events, config.node_id, instance_id)
+        emitter.emit(SupervisorStarted, version=VERSION, pid=os.getpid(), role=role)
+        disk = DiskGuard(
+            data_dir,
+            min_free_bytes=int(config.thresholds.disk_min_free_mb * 1024 * 1024),
+            held=lambda: events.disk_full,
+        )
+        watch = None
+        if server is not None and role == "serve":
+            # A daemon keeps the server it started alive (a foreground command just ends).
+            def restarted(code: int | None, restarts: int, down_s: float) -> None:
+                emitter.emit(EmbeddedNatsRestarted, exit_code=code, restarts=restarts,
+                             down_s=down_s)  # fmt: skip
+
+            watch = NatsWatch(server, restarted, space_ok=disk.space_ok)
+            watching = asyncio.ensure_future(watch.run())
+            stack.push_async_callback(_cancel, watching)
+        runtime = DockerRuntime(config.docker_url)
+        stack.callback(runtime.close)
+        watcher = DockerEventWatcher(runtime.client, config.node_id)
+        watcher.start()
+        stack.callback(watcher.stop)
+        await watcher.wait_connected(timeout=2.0)
+        sampler = CgroupSampler(config.cgroup_sample_s)
+        stack.callback(sampler.stop)
+        executor = Executor(
+            runtime, emitter, config, metrics, watcher=watcher, sampler=sampler, data_dir=data_dir
+        )
+        node = Node(
+            config, data_dir, instance_id, url, events, emitter, runtime, watcher, executor,
+            metrics, watch, disk,
+        )  # fmt: skip
+        try:
+            yield node
+        finally:
+            emitter.emit(SupervisorStopped, reason="exit")
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

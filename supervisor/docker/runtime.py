@@ -1,0 +1,347 @@
+"""The Docker adapter: the only module that calls docker-py for task containers.
+
+Every blocking docker-py call runs in this adapter's own thread pool (the default executor
+is far too small for one streaming thread per running container), and every library error
+is translated into the project's exception tree:
+connection failures -> DockerUnavailable, 5xx -> DockerApiError, a missing image ->
+ImageNotFound, a missing container -> ContainerVanished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+import urllib3.exceptions
+from docker.transport.unixconn import UnixHTTPAdapter, UnixHTTPConnectionPool
+from docker.utils.socket import STDERR, STDOUT, frames_iter_no_tty
+
+from schemas.errors import (
+    ContainerVanished,
+    DockerApiError,
+    DockerError,
+    DockerRequestRefused,
+    DockerUnavailable,
+    ImageNotFound,
+)
+
+T = TypeVar("T")
+MANAGED_LABEL = "supervisor.managed"
+
+
+def translate(operation: str, e: BaseException) -> DockerError:
+    """Map a docker-py / transport exception to the project's class (by type, not text)."""
+    if isinstance(e, DockerError):
+        return e
+    if isinstance(e, docker.errors.ImageNotFound):
+        return ImageNotFound(operation, str(e.explanation or e))
+    if isinstance(e, docker.errors.NotFound):
+        return ContainerVanished(operation, str(e.explanation or e))
+    if isinstance(e, docker.errors.APIError) and e.is_client_error():
+        return DockerRequestRefused(
+            operation, f"HTTP {e.status_code}: {e.explanation}", status=e.status_code
+        )
+    if isinstance(e, docker.errors.APIError):
+        return DockerApiError(
+            operation, f"HTTP {e.status_code}: {e.explanation}", status=e.status_code
+        )
+    if isinstance(
+        e,
+        requests.exceptions.ConnectionError
+        | requests.exceptions.Timeout
+        | urllib3.exceptions.HTTPError
+        | ConnectionError
+        | FileNotFoundError
+        | docker.errors.DockerException,
+    ):
+        return DockerUnavailable(operation, type(e).__name__)
+    return DockerApiError(operation, type(e).__name__)
+
+
+@dataclass
+class ContainerState:
+    exit_code: int | None
+    oom_killed: bool
+    running: bool
+    status: str
+
+
+@dataclass
+class Output:
+    """What a container printed, each stream capped; `*_bytes` count everything seen."""
+
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+
+@dataclass
+class ContainerRequest:
+    """Everything `create` needs; built by the executor from a spec and the config."""
+
+    image: str
+    command: list[str]
+    labels: dict[str, str]
+    env: dict[str, str]
+    workspace: str
+    workspace_mount: str
+    user: str
+    memory_mb: int
+    cpus: float
+    pids: int
+    tmpfs_size: str
+    network: str = "none"
+    privileged: bool = False
+    cap_add: list[str] = field(default_factory=list)
+    mounts: list[dict[str, Any]] = field(default_factory=list)
+    name: str | None = None
+
+
+class DockerRuntime:
+    """Async façade over docker-py. Thread-safe; one per process."""
+
+    # A fixed API version keeps construction offline: a daemon that is down at start-up
+    # surfaces as DockerUnavailable on the first call, not as a crash. 1.41 = Docker 20.10.
+    API_VERSION = "1.41"
+    IMAGE_CACHE_S = 10.0
+
+    def __init__(
+        self, base_url: str | None = None, *, timeout: float = 60, workers: int = 64
+    ) -> None:
+        try:
+            if base_url:
+                self.client = docker.DockerClient(
+                    base_url=base_url,
+                    version=self.API_VERSION,
+                    timeout=timeout,
+                    max_pool_size=workers,
+                )
+            else:
+                self.client = docker.from_env(
+                    version=self.API_VERSION, timeout=timeout, max_pool_size=workers
+                )
+        except docker.errors.DockerException as e:
+            raise DockerUnavailable("connect", type(e).__name__) from e
+        self.api = self.client.api
+        _share_unix_pool(self.api)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
+        self._images: dict[str, float] = {}
+
+    async def _call(self, operation: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kw))
+        except DockerError:
+            raise
+        except Exception as e:
+            raise translate(operation, e) from e
+
+    def run_blocking(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run a blocking callable in the adapter's pool (for streaming readers)."""
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def ping(self) -> None:
+        await self._call("ping", self.api.ping)
+
+    async def image_exists(self, image: str) -> bool:
+        """Whether the image is present locally. A positive answer is cached for
+        `IMAGE_CACHE_S` (an image removed meanwhile shows up as ImageNotFound at create)."""
+        now = time.monotonic()
+        if self._images.get(image, 0.0) > now:
+            return True
+        try:
+            await self._call("inspect_image", self.api.inspect_image, image)
+        except (ImageNotFound, ContainerVanished):
+            self._images.pop(image, None)
+            return False
+        self._images[image] = now + self.IMAGE_CACHE_S
+        return True
+
+    async def create(self, req: ContainerRequest) -> str:
+        host_config = self.api.create_host_config(
+            init=True,
+            network_mode=req.network,
+            cap_drop=["ALL"],
+            cap_add=req.cap_add or None,
+            privileged=req.privileged,
+            security_opt=["no-new-privileges"],
+            read_only=True,
+            tmpfs={"/tmp": f"rw,nosuid,nodev,size={req.tmpfs_size},mode=1777"},
+            pids_limit=req.pids,
+            mem_limit=f"{req.memory_mb}m",
+            memswap_limit=f"{req.memory_mb}m",
+            nano_cpus=int(req.cpus * 1e9),
+            binds=_binds(req),
+        )
+        resp = await self._call(
+            "create",
+            self.api.create_container,
+            req.image,
+            req.command,
+            user=req.user,
+            environment=req.env,
+            labels=req.labels,
+            working_dir=req.workspace_mount,
+            host_config=host_config,
+            network_disabled=req.network == "none",
+            name=req.name,
+            stdin_open=False,
+            tty=False,
+        )
+        return str(resp["Id"])
+
+    async def attach(self, container_id: str) -> Any:
+        """Open the raw output socket (multiplexed frames). Call before `start` so no byte
+        is missed; `read_output` drains and closes it."""
+        params = {"stdout": 1, "stderr": 1, "stream": 1, "logs": 1}
+        return await self._call("attach", self.api.attach_socket, container_id, params=params)
+
+    async def start(self, container_id: str) -> None:
+        await self._call("start", self.api.start, container_id)
+
+    async def wait(self, container_id: str) -> int:
+        resp = await self._call("wait", self.api.wait, container_id, timeout=None)
+        return int(resp.get("StatusCode", -1))
+
+    async def inspect(self, container_id: str) -> ContainerState:
+        attrs = await self._call("inspect", self.api.inspect_container, container_id)
+        st = attrs.get("State") or {}
+        running = bool(st.get("Running"))
+        return ContainerState(
+            exit_code=None if running else st.get("ExitCode"),
+            oom_killed=bool(st.get("OOMKilled")),
+            running=running,
+            status=str(st.get("Status", "")),
+        )
+
+    async def labels(self, container_id: str) -> dict[str, str]:
+        attrs = await self._call("inspect", self.api.inspect_container, container_id)
+        return dict((attrs.get("Config") or {}).get("Labels") or {})
+
+    async def kill(self, container_id: str, signal: str = "SIGKILL") -> bool:
+        """False when there was nothing to kill (already exited or gone)."""
+        try:
+            await self._call("kill", self.api.kill, container_id, signal=signal)
+        except ContainerVanished:
+            return False
+        except DockerApiError as e:
+            if e.status == 409:  # not running: nothing to kill
+                return False
+            raise
+        return True
+
+    async def remove(self, container_id: str) -> bool:
+        """Force-remove with volumes. True if it was already gone."""
+        try:
+            await self._call("remove", self.api.remove_container, container_id, force=True, v=True)
+        except ContainerVanished:
+            return True
+        return False
+
+    async def list_managed(self, node_id: str) -> list[dict[str, Any]]:
+        filters = {"label": [f"{MANAGED_LABEL}=true", f"supervisor.node={node_id}"]}
+        return await self._call("list", self.api.containers, all=True, filters=filters)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
+
+class _SharedPoolAdapter(UnixHTTPAdapter):
+    """docker-py's Unix-socket adapter keeps one connection pool per request URL, and a
+    container's URLs are its own (`/containers/<id>/start`, ...): nearly every call made a
+    new pool and a new connection to dockerd, and evicted (closed) an older pool. Every URL
+    reaches the same socket, so one pool serves them all and connections are kept alive."""
+
+    def get_connection(self, url: str, proxies: Any = None) -> UnixHTTPConnectionPool:
+        with self.pools.lock:
+            pool = self.pools.get(self.socket_path)
+            if pool is None:
+                pool = UnixHTTPConnectionPool(
+                    "http+docker://localhost", self.socket_path, self.timeout,
+                    maxsize=self.max_pool_size,
+                )  # fmt: skip
+                self.pools[self.socket_path] = pool
+        return pool
+
+
+def _share_unix_pool(api: docker.APIClient) -> None:
+    """On a Unix socket: one keep-alive pool for all calls (`_SharedPoolAdapter`), and no
+    proxy lookup (requests scans the whole environment for proxy settings on every call;
+    a Unix socket takes no proxy). Other transports are left as docker-py made them."""
+    adapter = getattr(api, "_custom_adapter", None)
+    if type(adapter) is not UnixHTTPAdapter:
+        return
+    shared = _SharedPoolAdapter(
+        "http+unix://" + adapter.socket_path, adapter.timeout, max_pool_size=adapter.max_pool_size
+    )
+    adapter.close()
+    api._custom_adapter = shared
+    api.mount("http+docker://", shared)
+    api.trust_env = False
+
+
+def _binds(req: ContainerRequest) -> dict[str, dict[str, str]]:
+    binds = {req.workspace: {"bind": req.workspace_mount, "mode": "ro"}}
+    for m in req.mounts:
+        binds[str(m["source"])] = {
+            "bind": str(m["target"]),
+            "mode": "ro" if m.get("read_only", True) else "rw",
+        }
+    return binds
+
+
+def close_socket(sock: Any) -> None:
+    """Close an attach socket and the HTTP response that owns it (docker-py leaves both)."""
+    for obj in (sock, getattr(sock, "_sock", None), getattr(sock, "_response", None)):
+        close = getattr(obj, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
+
+
+def read_output(sock: Any, cap: int, out: Output, on_overflow: Callable[[], None]) -> Output:
+    """Drain an attach socket into `out`, keeping at most `cap` bytes per stream.
+
+    Blocking: runs in the adapter's pool. Past the cap the rest is counted and dropped, and
+    `on_overflow` is called once, so memory stays bounded whatever the script prints.
+    """
+    overflowed = False
+    try:
+        for stream_id, chunk in frames_iter_no_tty(sock):
+            if not chunk or stream_id not in (STDOUT, STDERR):
+                continue
+            if stream_id == STDOUT:
+                buf, seen = out.stdout, out.stdout_bytes
+                out.stdout_bytes += len(chunk)
+            else:
+                buf, seen = out.stderr, out.stderr_bytes
+                out.stderr_bytes += len(chunk)
+            room = cap - seen
+            if room > 0:
+                buf += chunk[:room]
+            if len(chunk) > max(room, 0):
+                if stream_id == STDOUT:
+                    out.stdout_truncated = True
+                else:
+                    out.stderr_truncated = True
+                if not overflowed:
+                    overflowed = True
+                    on_overflow()
+    except (OSError, ValueError):
+        pass  # the stream ends with the container; a broken stream ends it early
+    finally:
+        close_socket(sock)
+    return out

@@ -1,0 +1,153 @@
+"""`supervisor tail`: live events from `SUP_EVENTS`, one raw JSON object a line.
+
+The filters map onto subject tokens (`sup.<category>.<name>.<node>.<task>`) so the server
+does the narrowing: `--errors` is `sup.error.>`, `--type T` is `sup.error.T.>`, `--task ID`
+fixes the last token. `--code` (error events only) needs the payload; it is read with a
+tolerant decoder (just the `code` field), so event types this version does not know yet
+pass through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any, TextIO
+
+import msgspec
+import nats.errors
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from schemas.errors import NatsUnavailable
+from schemas.streams import EVENTS_STREAM
+from supervisor.eventlog.log import close_quietly, connect_nats
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_TOKEN_RE = re.compile(r"^[^.\s*>]+$")
+
+
+class _Coded(msgspec.Struct):
+    code: str | None = None
+
+
+_code_decoder = msgspec.json.Decoder(_Coded)
+
+
+def parse_since(text: str) -> datetime | timedelta:
+    """`10m`, `2h`, `30s`, `1d` (also `1.5h`) as a duration back from now, or an ISO-8601
+    timestamp (a naive one is taken as UTC). Raises `ValueError` for anything else."""
+    m = _DURATION_RE.match(text)
+    if m:
+        return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+    candidate = text.strip()
+    if candidate.endswith(("Z", "z")):
+        candidate = candidate[:-1] + "+00:00"
+    try:
+        when = datetime.fromisoformat(candidate)
+    except ValueError:
+        raise ValueError(
+            f"--since {text!r}: expected a duration such as 30s, 10m, 2h, 1d "
+            "or an ISO-8601 time such as 2024-05-01T12:00:00Z"
+        ) from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
+
+
+def subject_filter(
+    *, errors: bool = False, type_: str | None = None, task: str | None = None
+) -> str:
+    """The `SUP_EVENTS` subject filter for the given options (see the module docstring)."""
+    for name, value in (("--type", type_), ("--task", task)):
+        if value is not None and not _TOKEN_RE.match(value):
+            raise ValueError(f"{name} {value!r} is not a single subject token")
+    category = "error" if errors or type_ else "*"
+    name = type_ or "*"
+    if task is not None:
+        return f"sup.{category}.{name}.*.{task}"
+    if type_:
+        return f"sup.error.{type_}.>"
+    return "sup.error.>" if errors else "sup.>"
+
+
+def _start_time(since: datetime | timedelta) -> datetime:
+    if isinstance(since, timedelta):
+        return datetime.now(UTC) - since
+    return since if since.tzinfo is not None else since.replace(tzinfo=UTC)
+
+
+async def tail(
+    nats_url: str,
+    *,
+    errors: bool = False,
+    type_: str | None = None,
+    code: str | None = None,
+    task: str | None = None,
+    since: datetime | timedelta | None = None,
+    out: TextIO,
+    stop: asyncio.Event | None = None,
+    limit: int | None = None,
+    connect_timeout: float = 5.0,
+) -> int:
+    """Write each matching event of `SUP_EVENTS` to `out` as it arrives, as the raw JSON
+    it was published as, one a line. From `since` (a time, or a duration back from now)
+    if given, else only events published from now on. Runs until `stop` is set, `limit`
+    events were written, or the task is cancelled; returns how many were written.
+
+    Raises `ValueError` for a filter that is not a subject token, `NatsUnavailable` when
+    NATS cannot be reached or the stream does not exist.
+    """
+    # Only error events carry a `code`, so --code also narrows to sup.error.>.
+    subject = subject_filter(errors=errors or code is not None, type_=type_, task=task)
+    if since is None:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
+    else:
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=_start_time(since)
+        )
+    if limit is not None and limit <= 0:
+        return 0
+    nc = await connect_nats(
+        nats_url, reconnect=True, timeout=connect_timeout, name="supervisor-tail"
+    )
+    written = 0
+    try:
+        js = nc.jetstream()
+        try:
+            sub = await js.subscribe(
+                subject, stream=EVENTS_STREAM, ordered_consumer=True, config=config
+            )
+        except nats.errors.Error as e:
+            raise NatsUnavailable(nats_url, f"cannot follow {EVENTS_STREAM}: {e!r}") from e
+
+        async def _pump() -> None:
+            nonlocal written
+            async for msg in sub.messages:
+                if code is not None:
+                    try:
+                        if _code_decoder.decode(msg.data).code != code:
+                            continue
+                    except msgspec.DecodeError:
+                        continue
+                out.write(msg.data.decode(errors="replace") + "\n")
+                out.flush()
+                written += 1
+                if limit is not None and written >= limit:
+                    return
+
+        pump = asyncio.create_task(_pump())
+        waiters: set[asyncio.Future[Any]] = {pump}
+        if stop is not None:
+            waiters.add(asyncio.ensure_future(stop.wait()))
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+    finally:
+        await close_quietly(nc)
+    return written

@@ -1,0 +1,117 @@
+"""A task's own history, read back from `SUP_EVENTS` when its message is redelivered, and
+the pure summary the daemon needs: which attempt ran last, whether it finished, whether
+the task already reached its terminal state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+from nats.js.api import DeliverPolicy
+from nats.js.client import JetStreamContext
+
+from schemas import (
+    AttemptFinished,
+    AttemptStarted,
+    ContainerCreated,
+    Event,
+    RetryScheduled,
+    TaskFailed,
+    TaskRejected,
+    TaskSucceeded,
+    WorkspaceCreated,
+    decode_event,
+)
+from schemas.streams import EVENTS_STREAM
+
+
+@dataclass(frozen=True)
+class TaskHistory:
+    last_attempt: int = 0
+    # The attempt that started but never finished (its supervisor died), if any.
+    open_attempt: int | None = None
+    open_instance: str | None = None
+    open_node: str | None = None
+    open_container: str | None = None
+    open_workspace: str | None = None
+    terminal: str | None = None
+    # The attempt a `retry.scheduled` announced after the last attempt (the delivery that
+    # scheduled it ended before running it: a shutdown, or the Docker breaker opening).
+    retry_pending: int | None = None
+
+
+def summarize(events: list[Event]) -> TaskHistory:
+    """Pure: fold a task's events (in stream order) into what a redelivery must know."""
+    last = 0
+    started: dict[int, str] = {}
+    nodes: dict[int, str] = {}
+    finished: set[int] = set()
+    containers: dict[int, str] = {}
+    workspaces: dict[int, str] = {}
+    terminal: str | None = None
+    pending: int | None = None
+    for e in events:
+        match e:
+            case RetryScheduled():
+                pending = e.next_attempt
+            case AttemptStarted():
+                started[e.attempt] = e.instance_id
+                nodes[e.attempt] = e.node_id
+                last = max(last, e.attempt)
+            case AttemptFinished():
+                finished.add(e.attempt)
+            case ContainerCreated():
+                containers[e.attempt] = e.container_id
+            case WorkspaceCreated():
+                workspaces[e.attempt] = e.path
+            case TaskSucceeded():
+                terminal = "succeeded"
+            case TaskFailed():
+                terminal = "failed"
+            case TaskRejected():
+                terminal = "rejected"
+    if pending is not None and pending <= last:
+        pending = None
+    open_attempts = sorted(set(started) - finished)
+    if not open_attempts:
+        return TaskHistory(last_attempt=last, terminal=terminal, retry_pending=pending)
+    a = open_attempts[-1]
+    return TaskHistory(
+        last_attempt=last,
+        open_attempt=a,
+        open_instance=started[a],
+        open_node=nodes[a],
+        open_container=containers.get(a),
+        open_workspace=workspaces.get(a),
+        terminal=terminal,
+    )
+
+
+async def read_task_events(
+    js: JetStreamContext, task_id: str, timeout: float = 10.0
+) -> list[Event]:
+    """Every event of `task_id` now in the stream, in order (an ordered consumer filtered on
+    `sup.*.*.*.<task>`; the stream's subject index keeps this cheap)."""
+    subject = f"sup.*.*.*.{task_id}"
+    info = await js.stream_info(EVENTS_STREAM, subjects_filter=subject)
+    count = sum((info.state.subjects or {}).values()) if info.state.subjects else 0
+    if count == 0:
+        return []
+    out: list[Event] = []
+    done = asyncio.Event()
+
+    async def on_msg(msg) -> None:  # type: ignore[no-untyped-def]
+        with contextlib.suppress(Exception):  # an undecodable event is the projector's business
+            out.append(decode_event(msg.data))
+        if msg.metadata.num_pending == 0:
+            done.set()
+
+    sub = await js.subscribe(
+        subject, cb=on_msg, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+    )
+    try:
+        await asyncio.wait_for(done.wait(), timeout)
+    finally:
+        await sub.unsubscribe()
+    return out

@@ -1,0 +1,330 @@
+"""Pulls tasks from the work queue while this node has capacity and runs them.
+
+High is always served before normal, normal before low, FIFO within a priority (the
+stream's order). A task that does not fit the memory budget yet is held at the head of its
+priority (kept alive with in-progress acks, not counted as a new delivery) and nothing of a
+lower priority passes it: no starvation of big tasks. A message is acknowledged only after
+the task's terminal event is durable in JetStream; a task interrupted by shutdown is
+nak'ed so another daemon (or this one, restarted) runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+from nats.aio.msg import Msg
+
+from schemas import PRIORITIES, ErrorRaised, Result, TaskSpec
+from schemas.errors import NatsUnavailable, SupervisorError
+from supervisor.daemon.logs import bind
+from supervisor.eventlog.emitter import utcnow
+from supervisor.execution.classify import catalogue_entry
+from supervisor.execution.executor import Executor
+from supervisor.execution.history import TaskHistory, read_task_events, summarize
+from supervisor.execution.recovery import close_lost_attempt, owner_death, redelivery_limit
+from supervisor.execution.retry import should_retry
+from supervisor.execution.workqueue import WorkQueue
+
+log = logging.getLogger("supervisor.execution.task_loop")
+_spec_decoder = msgspec.json.Decoder(TaskSpec)
+_TERMINAL_DURABLE_S = 30.0
+
+
+@dataclass
+class Running:
+    """A task this instance runs. `msg` is its latest delivery (a redelivery that arrives
+    while it runs replaces it, with its own keep-alive), the one acked at the end."""
+
+    spec: TaskSpec
+    msg: Msg
+    task: asyncio.Task[None]
+    keepalive: asyncio.Task[None]
+
+
+class _Defer(SupervisorError):
+    """A redelivered task cannot be decided now (its history may be incomplete, or the
+    owner of its open attempt may be alive): leave it for a later delivery."""
+
+    tag = "deferred"
+
+
+class Scheduler:
+    def __init__(
+        self,
+        wq: WorkQueue,
+        executor: Executor,
+        *,
+        max_deliver: int,
+        ack_progress_s: float,
+        may_pull: Callable[[], bool],
+        fits: Callable[[int, list[int]], bool],
+        on_result: Callable[[Result], None] = lambda r: None,
+        superseded: frozenset[str] = frozenset(),
+        heartbeat_timeout_s: float = 20.0,
+        defer_s: float = 5.0,
+        terminal_wait_s: float = _TERMINAL_DURABLE_S,
+    ) -> None:
+        self.wq = wq
+        self.executor = executor
+        self.max_deliver = max_deliver
+        self.ack_progress_s = ack_progress_s
+        self.may_pull = may_pull
+        self.fits = fits
+        self.on_result = on_result
+        self.superseded = superseded
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.defer_s = defer_s
+        # No use waiting longer than the ack wait: the message comes back then anyway, and
+        # its redelivery is acked here once the terminal event is durable (`_known_here`).
+        self.terminal_wait_s = terminal_wait_s
+        self.running: dict[str, Running] = {}
+        self._acks: set[asyncio.Task[None]] = set()
+        self.held: dict[str, tuple[Msg, TaskSpec, asyncio.Task[None]]] = {}
+        self._changed = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def events(self):  # type: ignore[no-untyped-def]
+        return self.executor.emitter.sink
+
+    def running_memory(self) -> list[int]:
+        return [r.spec.limits.memory_mb for r in self.running.values()]
+
+    async def loop(self) -> None:
+        while not self._stopping:
+            self.wq.wakeup.clear()
+            self._changed.clear()
+            try:
+                started = await self._schedule_once()
+            except NatsUnavailable as e:
+                log.warning("cannot pull work: %s", e)
+                started = False
+            if started:
+                continue
+            waits = [
+                asyncio.ensure_future(self.wq.wakeup.wait()),
+                asyncio.ensure_future(self._changed.wait()),
+            ]
+            await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+
+    def poke(self) -> None:
+        """Something changed (capacity, breaker, pressure): look at the queues again."""
+        self._changed.set()
+
+    async def _schedule_once(self) -> bool:
+        if self._stopping or not self.may_pull():
+            return False
+        for prio in PRIORITIES:
+            head = self.held.pop(prio, None)
+            if head is None:
+                pulled = await self._pull(prio)
+                if pulled is None:
+                    continue
+                msg, spec = pulled
+                if self._known_here(msg, spec):
+                    return True
+                keepalive = asyncio.ensure_future(self._keepalive(msg))
+            else:
+                msg, spec, keepalive = head
+            if not self.fits(spec.limits.memory_mb, self.running_memory()):
+                self.held[prio] = (msg, spec, keepalive)
+                return False
+            self._start(msg, spec, keepalive)
+            return True
+        return False
+
+    def _known_here(self, msg: Msg, spec: TaskSpec) -> bool:
+        """A redelivery of a task this instance runs, holds or has ended (its acks were late:
+        NATS was down, or the ack itself was lost) is never run or closed again: a running
+        or held one follows the new delivery, an ended one is acked once its terminal event
+        is durable."""
+        task_id = spec.task_id
+        assert task_id is not None
+        run = self.running.get(task_id)
+        if run is not None:
+            log.info("task %s: redelivered while it runs here; following the new delivery",
+                     task_id)  # fmt: skip
+            run.keepalive.cancel()
+            run.msg, run.keepalive = msg, asyncio.ensure_future(self._keepalive(msg))
+            return True
+        for prio, (_, held, keepalive) in list(self.held.items()):
+            if held.task_id == task_id:
+                keepalive.cancel()
+                self.held[prio] = (msg, held, asyncio.ensure_future(self._keepalive(msg)))
+                return True
+        if task_id in self.executor.finished:
+            log.info("task %s: redelivered after it ended here; acking it", task_id)
+            ack = asyncio.ensure_future(self._ack_when_durable(msg))
+            self._acks.add(ack)
+            ack.add_done_callback(self._acks.discard)
+            return True
+        return False
+
+    async def _ack_when_durable(self, msg: Msg) -> None:
+        if await self.events.flush(self.terminal_wait_s):
+            with contextlib.suppress(Exception):
+                await msg.ack_sync()
+        else:
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=self.defer_s)
+
+    async def _pull(self, prio: str) -> tuple[Msg, TaskSpec] | None:
+        while True:
+            msg = await self.wq.next(prio)
+            if msg is None:
+                return None
+            try:
+                spec = _spec_decoder.decode(msg.data)
+                if spec.task_id is None:
+                    raise msgspec.ValidationError("task_id is missing")
+            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                await self._poison(msg, prio, str(e))
+                continue
+            return msg, spec
+
+    async def _poison(self, msg: Msg, prio: str, reason: str) -> None:
+        """A message that is not a task spec: recorded as an error, then terminated."""
+        seq = msg.metadata.sequence.stream
+        self.executor.emitter.emit(
+            ErrorRaised, error_type="validation", code="INVALID_SPEC",
+            message=f"undecodable task message on suptask.{prio} (stream seq {seq}): {reason}",
+            retryable=False, details={"stream_seq": seq, "priority": prio},
+        )  # fmt: skip
+        with contextlib.suppress(Exception):
+            await msg.term()
+
+    def _start(self, msg: Msg, spec: TaskSpec, keepalive: asyncio.Task[None]) -> None:
+        assert spec.task_id is not None
+        task = asyncio.ensure_future(self._handle(msg, spec))
+        self.running[spec.task_id] = Running(spec, msg, task, keepalive)
+
+        def _done(_: asyncio.Task[None]) -> None:
+            self.running.pop(spec.task_id or "", None)
+            self.poke()
+
+        task.add_done_callback(_done)
+
+    async def _keepalive(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(self.ack_progress_s)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def _handle(self, msg: Msg, spec: TaskSpec) -> None:
+        with bind(task_id=spec.task_id, correlation_id=spec.correlation_id):
+            await self._handle_bound(msg, spec)
+
+    def _delivery(self, spec: TaskSpec, first: Msg) -> Msg:
+        run = self.running.get(spec.task_id or "")
+        return run.msg if run is not None else first
+
+    async def _handle_bound(self, msg: Msg, spec: TaskSpec) -> None:
+        try:
+            result = await self._execute(msg, spec)
+            if result is not None:
+                self.on_result(result)
+            # Ack only once the terminal event is durable; otherwise the redelivery finds it.
+            if await self.events.flush(self.terminal_wait_s):
+                await self._delivery(spec, msg).ack_sync()
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._delivery(spec, msg).nak())
+            raise
+        except _Defer as e:
+            log.info("task %s: %s; leaving it for a later delivery", spec.task_id, e)
+            with contextlib.suppress(Exception):
+                await self._delivery(spec, msg).nak(delay=self.defer_s)
+        except SupervisorError as e:
+            log.error("task %s: %s; leaving it for redelivery", spec.task_id, e)
+            with contextlib.suppress(Exception):
+                await self._delivery(spec, msg).nak(delay=1)
+        finally:
+            run = self.running.get(spec.task_id or "")
+            if run is not None:
+                run.keepalive.cancel()
+
+    async def _execute(self, msg: Msg, spec: TaskSpec) -> Result | None:
+        deliveries = msg.metadata.num_delivered
+        ex = self.executor
+        if deliveries <= 1:
+            return await ex.run(spec, announce=False, terminal_on_cancel=False)
+        assert spec.task_id is not None
+        # The history must hold everything this process has to say first: its own events
+        # and those of the outboxes it adopted (a superseded instance's terminal events).
+        if not await self.events.flush(self.terminal_wait_s):
+            raise _Defer("the event log cannot reach NATS to read the task's history")
+        history = summarize(await read_task_events(self.wq.js, spec.task_id))
+        if history.terminal is not None:
+            return None  # done before, only the ack was lost
+        last = history.last_attempt
+        closed = None
+        if history.open_attempt is not None:
+            closed = await close_lost_attempt(ex, spec, history, await self._death(history))
+        if deliveries > self.max_deliver:
+            return ex.fail(spec, redelivery_limit(deliveries, self.max_deliver), attempts=last)
+        if last == 0:
+            return await ex.run(spec, announce=False, terminal_on_cancel=False)
+        if closed is None and history.retry_pending == last + 1:
+            # The earlier delivery already decided to retry (and waited); run it now.
+            return await ex.run(
+                spec, announce=False, first_attempt=last + 1, terminal_on_cancel=False
+            )
+        previous = closed or catalogue_entry(
+            "SUPERVISOR_LOST", "the previous delivery ended without a result"
+        )
+        if not should_retry(spec.retry, last, previous.retryable):
+            # A lost attempt just closed has its error in the log: the failure repeats it.
+            return ex.fail(spec, previous, attempts=last, recorded=closed is not None)
+        em = ex.emitter.for_task(spec.task_id, spec.correlation_id or "").for_attempt(last)
+        await ex.sleep(ex.schedule_retry(em, spec, last, previous))
+        return await ex.run(spec, announce=False, first_attempt=last + 1, terminal_on_cancel=False)
+
+    async def _death(self, history: TaskHistory) -> str:
+        """The proof that the open attempt's owner is dead; `_Defer` when there is none."""
+        owner = history.open_instance or ""
+        if owner == self.executor.emitter.instance_id:
+            # Not running here (`_known_here`) and never ended: its run was cut short.
+            return f"this instance ({owner}) no longer runs it"
+        death = await owner_death(
+            self.wq.js, node_id=history.open_node or "", instance_id=owner,
+            self_instance=self.executor.emitter.instance_id, superseded=self.superseded,
+            heartbeat_timeout_s=self.heartbeat_timeout_s, now=utcnow(),
+        )  # fmt: skip
+        if death is None:
+            raise _Defer(f"the owner of attempt {history.open_attempt}, instance {owner}, "
+                         "may be alive")  # fmt: skip
+        return death
+
+    async def stop_pulling(self) -> None:
+        self._stopping = True
+        self.poke()
+        for msg, _, keepalive in self.held.values():
+            keepalive.cancel()
+            with contextlib.suppress(Exception):
+                await msg.nak()
+        self.held.clear()
+
+    async def drain(self, grace_s: float, force: asyncio.Event) -> None:
+        """Let running tasks finish within `grace_s` (or until `force`), then cancel the
+        rest: they are cleaned up and their messages nak'ed for redelivery."""
+        tasks = [r.task for r in self.running.values()]
+        if tasks and not force.is_set():
+            all_done = asyncio.ensure_future(asyncio.wait(tasks))
+            forced = asyncio.ensure_future(force.wait())
+            await asyncio.wait(
+                [all_done, forced], timeout=grace_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            all_done.cancel()
+            forced.cancel()
+        left = [r.task for r in self.running.values() if not r.task.done()]
+        for t in left:
+            t.cancel()
+        if left:
+            await asyncio.gather(*left, return_exceptions=True)

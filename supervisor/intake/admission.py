@@ -1,0 +1,154 @@
+"""Admission of a task spec: decoding, the configured bounds and the security policy.
+
+Pure: takes bytes or a spec plus the configuration, returns the spec or raises
+`InvalidSpec` / `PolicyViolation` with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from schemas import TaskSpec
+from schemas.config import Bounds, Policy
+from schemas.errors import InvalidSpec, PolicyViolation
+
+# msgspec names the location as "at `$.a.b`" and an extra key as "unknown field `k`".
+_PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
+_UNKNOWN_RE = re.compile(r"unknown field `([^`]*)`")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_decoder = msgspec.json.Decoder(TaskSpec)
+
+
+def decode_spec(data: bytes | str) -> TaskSpec:
+    """Decode a JSON spec strictly. The error names the offending field."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as e:
+        m = _PATH_RE.search(str(e))
+        path = m.group(1) if m else ""
+        unknown = _UNKNOWN_RE.search(str(e))
+        if unknown:
+            path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+        raise InvalidSpec(path or "spec", str(e)) from e
+    except msgspec.DecodeError as e:
+        raise InvalidSpec("spec", f"not valid JSON: {e}") from e
+
+
+# The image reference grammar of the Docker engine (distribution's `reference` package):
+# [domain[:port]/]path-component[/path-component...][:tag][@digest], path components in
+# lower case. Anything else would reach the engine as a bad request.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_IMAGE_RE = re.compile(
+    rf"(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*(?::[0-9]+)?/)?"
+    rf"{_COMPONENT}(?:/{_COMPONENT})*"
+    r"(?::[\w][\w.-]{0,127})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
+)
+_MAX_IMAGE_NAME = 255
+RESERVED_ENV_PREFIX = "SUPERVISOR_"
+# Characters no file name of a spec may hold: controls (C0, DEL, C1) and the bidirectional
+# formatting marks that make a name read as another one.
+_BAD_NAME_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def check_image(image: str) -> None:
+    """Raise `InvalidSpec("image", ...)` unless `image` is a valid image reference."""
+    if not image.strip():
+        raise InvalidSpec("image", "must not be empty")
+    ref = image.split("@", 1)[0]
+    head, _, tail = ref.rpartition(":")
+    name = head if head and "/" not in tail else ref
+    if len(name) > _MAX_IMAGE_NAME or _IMAGE_RE.fullmatch(image) is None:
+        raise InvalidSpec(
+            "image",
+            f"{image!r} is not an image reference ([registry/]name[:tag][@digest], "
+            "name in lower case)",
+        )
+
+
+def check_bounds(spec: TaskSpec, bounds: Bounds) -> None:
+    check_image(spec.image)
+    if not spec.command:
+        raise InvalidSpec("command", "must hold at least one argument")
+    if len(spec.command) > bounds.max_command_args:
+        raise InvalidSpec("command", f"more than {bounds.max_command_args} arguments")
+    if any("\x00" in a for a in spec.command):
+        raise InvalidSpec("command", "an argument contains a NUL byte")
+    lim = spec.limits
+    for field, value, top in (
+        ("limits.timeout_s", lim.timeout_s, bounds.max_timeout_s),
+        ("limits.memory_mb", lim.memory_mb, bounds.max_memory_mb),
+        ("limits.cpus", lim.cpus, bounds.max_cpus),
+        ("limits.pids", lim.pids, bounds.max_pids),
+        ("limits.output_bytes", lim.output_bytes, bounds.max_output_bytes),
+    ):
+        if value > top:
+            raise InvalidSpec(field, f"{value} is above the configured bound {top}")
+    if len(spec.env) > bounds.max_env:
+        raise InvalidSpec("env", f"more than {bounds.max_env} variables")
+    for key, env_value in spec.env.items():
+        if not _ENV_KEY.match(key):
+            raise InvalidSpec(f"env.{key}", "not a valid variable name")
+        if key.startswith(RESERVED_ENV_PREFIX):
+            raise InvalidSpec(f"env.{key}", f"names starting with {RESERVED_ENV_PREFIX} are "
+                              "the supervisor's own")  # fmt: skip
+        if "\x00" in env_value:
+            raise InvalidSpec(f"env.{key}", "value contains a NUL byte")
+    if len(spec.files) > bounds.max_files:
+        raise InvalidSpec("files", f"more than {bounds.max_files} files")
+    total = 0
+    for name, content in spec.files.items():
+        _check_file_name(name)
+        total += len(content.encode())
+    if total > bounds.max_files_bytes:
+        raise InvalidSpec("files", f"{total} bytes is above the bound {bounds.max_files_bytes}")
+    _check_no_file_is_a_dir(list(spec.files))
+
+
+def _check_file_name(name: str) -> None:
+    """A plain relative path: no empty, `.` or `..` part (so no `a//b`, `./x`, `x/`), no
+    control or bidirectional formatting character."""
+    parts = name.split("/")
+    if _BAD_NAME_CHARS.search(name):
+        raise InvalidSpec(f"files.{name!r}", "holds a control or bidirectional character")
+    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise InvalidSpec(
+            f"files.{name}",
+            "must be a relative path inside the workspace, without empty, '.' or '..' parts",
+        )
+
+
+def _check_no_file_is_a_dir(names: list[str]) -> None:
+    files = set(names)
+    for name in names:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent in files:
+                raise InvalidSpec(f"files.{name}", f"{parent!r} is a file, not a directory")
+
+
+def check_policy(spec: TaskSpec, policy: Policy) -> None:
+    if spec.privileged and not policy.allow_privileged:
+        raise PolicyViolation("privileged", "privileged containers are forbidden")
+    refused = [
+        c for c in spec.cap_add if c.upper() not in {a.upper() for a in policy.allowed_capabilities}
+    ]
+    if refused:
+        raise PolicyViolation("cap_add", f"capabilities {refused} are forbidden")
+    if spec.network not in policy.allowed_networks:
+        raise PolicyViolation(
+            "network", f"network {spec.network!r} is forbidden (allowed: {policy.allowed_networks})"
+        )
+    if spec.mounts and not policy.allow_mounts:
+        raise PolicyViolation("mounts", "host mounts are forbidden")
+
+
+def admit(spec: TaskSpec, bounds: Bounds, policy: Policy) -> TaskSpec:
+    """Bounds first (is the spec sane), then policy (is it allowed)."""
+    check_bounds(spec, bounds)
+    check_policy(spec, policy)
+    return spec

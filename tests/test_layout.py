@@ -1,0 +1,79 @@
+"""The layout's arrows, checked on the source: `schemas` (the contract) imports nothing of
+the project; `projections` (what reads) imports only `schemas`; `supervisor` (what acts)
+imports `projections` only in its composition root, `supervisor.cli`; nothing of the
+product imports the test support (`testing`, `tests`), and the benchmarks do not import
+`tests`. Every import counts, also one inside a function or under `TYPE_CHECKING`. No
+folder holds more than 15 modules."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = ("schemas", "supervisor", "projections", "testing", "tests", "bench")
+
+
+def imports(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, dotted module) of every import in `path`, relative ones resolved."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            yield node.lineno, base
+
+
+def modules(top: str) -> list[Path]:
+    return sorted((ROOT / top).rglob("*.py"))
+
+
+def violations(top: str, allowed: callable) -> list[str]:  # type: ignore[valid-type]
+    out = []
+    for path in modules(top):
+        rel = path.relative_to(ROOT).as_posix()
+        for line, name in imports(path):
+            first = name.split(".")[0]
+            if first in PROJECT and not allowed(rel, name):
+                out.append(f"{rel}:{line} imports {name}")
+    return out
+
+
+def test_schemas_imports_nothing_of_the_project() -> None:
+    assert violations("schemas", lambda rel, name: name.split(".")[0] == "schemas") == []
+
+
+def test_projections_imports_only_schemas() -> None:
+    ok = ("schemas", "projections")
+    assert violations("projections", lambda rel, name: name.split(".")[0] in ok) == []
+
+
+def test_supervisor_imports_projections_only_in_its_composition_root() -> None:
+    def allowed(rel: str, name: str) -> bool:
+        first = name.split(".")[0]
+        if first == "projections":
+            return rel.startswith("supervisor/cli/")
+        return first in ("schemas", "supervisor")
+
+    assert violations("supervisor", allowed) == []
+
+
+def test_the_benchmarks_and_the_test_support_do_not_import_the_tests() -> None:
+    for top in ("bench", "testing"):
+        assert violations(top, lambda rel, name: name.split(".")[0] != "tests") == []
+
+
+def test_no_folder_holds_more_than_15_modules() -> None:
+    crowded = {}
+    for top in ("schemas", "supervisor", "projections"):
+        for folder in [ROOT / top, *(p for p in (ROOT / top).rglob("*") if p.is_dir())]:
+            count = len([p for p in folder.glob("*.py") if p.name != "__init__.py"])
+            if count > 15 and "__pycache__" not in folder.parts:
+                crowded[folder.relative_to(ROOT).as_posix()] = count
+    assert crowded == {}
