@@ -130,7 +130,7 @@ class BulkClient(Client):
         sub = getattr(psub, "_sub", None)
         jsi = getattr(sub, "_jsi", None)
         queue = getattr(sub, "_pending_queue", None)
-        if queue is None or not all(hasattr(jsi, name) for name in _JSI_FIELDS):
+        if sub is None or queue is None or not all(hasattr(jsi, name) for name in _JSI_FIELDS):
             return False
         while not queue.empty():  # no await in between: nothing arrives meanwhile
             m = queue.get_nowait()
@@ -175,4 +175,4 @@ class BulkClient(Client):
                 sink.jsi._active = True
                 sink.held_reply = reply.decode()
                 return
-        await super()._process_msg(sid, subject, reply, data, headers)
+        await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]

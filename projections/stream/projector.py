@@ -439,7 +439,7 @@ class Projector:
         try:
             await nc.connect(
                 self.nats_url,
-                connect_timeout=self.connect_timeout,
+                connect_timeout=self.connect_timeout,  # type: ignore[arg-type]  # a float works
                 allow_reconnect=follow,
                 max_reconnect_attempts=-1 if follow else 0,
                 error_cb=_quiet,

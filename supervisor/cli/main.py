@@ -18,6 +18,7 @@ import msgspec
 from schemas import ErrorRaised, ExecutionError, Result, TaskRejected, TaskSpec
 from schemas.config import Config, load_config
 from schemas.errors import ConfigError, InvalidSpec, NatsUnavailable, SupervisorError
+from supervisor.cli.read_parsers import add_parsers as add_read_parsers
 from supervisor.eventlog.emitter import new_id
 from supervisor.intake.admission import decode_spec
 
@@ -159,12 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(creds)
     creds.set_defaults(func=_cmd_credentials)
 
-    try:
-        from supervisor.cli.read_parsers import add_parsers
-    except ImportError:  # the read side is optional at import time
-        add_parsers = None
-    if add_parsers is not None:
-        add_parsers(sub, _common)
+    add_read_parsers(sub, _common)
     return parser
 
 

@@ -282,7 +282,7 @@ def _share_unix_pool(api: docker.APIClient) -> None:
     proxy lookup (requests scans the whole environment for proxy settings on every call;
     a Unix socket takes no proxy). Other transports are left as docker-py made them."""
     adapter = getattr(api, "_custom_adapter", None)
-    if type(adapter) is not UnixHTTPAdapter:
+    if not isinstance(adapter, UnixHTTPAdapter) or type(adapter) is not UnixHTTPAdapter:
         return
     shared = _SharedPoolAdapter(
         "http+unix://" + adapter.socket_path, adapter.timeout, max_pool_size=adapter.max_pool_size

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Any, TextIO
+from typing import Any, Protocol
 
 import msgspec
 import nats.errors
@@ -26,6 +26,14 @@ from supervisor.eventlog.log import close_quietly, connect_nats
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _TOKEN_RE = re.compile(r"^[^.\s*>]+$")
+
+
+class Writer(Protocol):
+    """Where `tail` writes its lines (a text stream, or the daemon's queue)."""
+
+    def write(self, text: str, /) -> object: ...
+
+    def flush(self) -> object: ...
 
 
 class _Coded(msgspec.Struct):
@@ -84,7 +92,7 @@ async def tail(
     code: str | None = None,
     task: str | None = None,
     since: datetime | timedelta | None = None,
-    out: TextIO,
+    out: Writer,
     stop: asyncio.Event | None = None,
     limit: int | None = None,
     connect_timeout: float = 5.0,
