@@ -14,48 +14,85 @@ from msgspec import Struct
 from schemas.errors import ConfigError
 
 
+def _doc(text: str) -> msgspec.Meta:
+    """A key's meaning, for the configuration reference (`docs/configuration.md`)."""
+    return msgspec.Meta(description=text)
+
+
 class Bounds(Struct, forbid_unknown_fields=True, kw_only=True):
     """The largest limits a spec may ask for, and the size of what it may bring."""
 
-    max_timeout_s: float = 600.0
-    max_memory_mb: int = 4096
-    max_cpus: float = float(os.cpu_count() or 1)
-    max_pids: int = 4096
-    max_output_bytes: int = 64 * 1024 * 1024
-    max_files: int = 256
-    max_files_bytes: int = 16 * 1024 * 1024
-    max_command_args: int = 1024
-    max_env: int = 256
+    max_timeout_s: Annotated[
+        float, _doc("Largest `limits.timeout_s` a spec may ask for (seconds).")
+    ] = 600.0
+    max_memory_mb: Annotated[int, _doc("Largest `limits.memory_mb`.")] = 4096
+    max_cpus: Annotated[float, _doc("Largest `limits.cpus` (default: the host's CPU count).")] = (
+        float(os.cpu_count() or 1)
+    )
+    max_pids: Annotated[int, _doc("Largest `limits.pids`.")] = 4096
+    max_output_bytes: Annotated[int, _doc("Largest `limits.output_bytes` (per stream).")] = (
+        64 * 1024 * 1024
+    )
+    max_files: Annotated[int, _doc("Most files a spec may bring.")] = 256
+    max_files_bytes: Annotated[int, _doc("Most bytes the spec's files may hold in all.")] = (
+        16 * 1024 * 1024
+    )
+    max_command_args: Annotated[int, _doc("Most arguments in `command`.")] = 1024
+    max_env: Annotated[int, _doc("Most variables in `env`.")] = 256
 
 
 class Policy(Struct, forbid_unknown_fields=True, kw_only=True):
     """What the security requests of a spec may have. Everything is refused by default."""
 
-    allow_privileged: bool = False
-    allowed_capabilities: list[str] = []
-    allowed_networks: list[str] = msgspec.field(default_factory=lambda: ["none"])
-    allow_mounts: bool = False
+    allow_privileged: Annotated[
+        bool, _doc("Whether a spec may ask for a privileged container.")
+    ] = False
+    allowed_capabilities: Annotated[
+        list[str], _doc("Capabilities a spec may add with `cap_add`.")
+    ] = []
+    allowed_networks: Annotated[
+        list[str], _doc("Networks a spec may name (`none` is the sandbox's default).")
+    ] = msgspec.field(default_factory=lambda: ["none"])
+    allow_mounts: Annotated[bool, _doc("Whether a spec may bring `mounts`.")] = False
 
 
 class Sandbox(Struct, forbid_unknown_fields=True, kw_only=True):
     """How every task container is hardened."""
 
-    user: str = "65534:65534"
-    tmpfs_size: str = "16m"
-    workspace_mount: str = "/workspace"
-    stop_timeout_s: float = 5.0
+    user: Annotated[str, _doc("The user every task container runs as (`uid:gid`).")] = "65534:65534"
+    tmpfs_size: Annotated[str, _doc("Size of the container's `/tmp` tmpfs.")] = "16m"
+    workspace_mount: Annotated[str, _doc("Where the workspace is mounted, read-only.")] = (
+        "/workspace"
+    )
+    stop_timeout_s: Annotated[
+        float, _doc("Grace between SIGTERM and SIGKILL when a container is stopped.")
+    ] = 5.0
 
 
 class Scheduling(Struct, forbid_unknown_fields=True, kw_only=True):
     """How much work this node pulls and how it hands it back."""
 
-    concurrency: int = 8
-    memory_budget_mb: int = 4096
-    queue_bound_per_priority: int = 1000
-    max_deliver: int = 5
-    ack_wait_s: float = 30.0
-    ack_progress_s: float = 10.0
-    shutdown_grace_s: float = 30.0
+    concurrency: Annotated[int, _doc("Most tasks this node runs at once.")] = 8
+    memory_budget_mb: Annotated[
+        int,
+        _doc(
+            "The memory limits of running tasks plus the next one must fit this (a bigger task runs alone)."
+        ),
+    ] = 4096
+    queue_bound_per_priority: Annotated[
+        int,
+        _doc("Most tasks (queued or running) per priority; past it a submission is `QUEUE_FULL`."),
+    ] = 1000
+    max_deliver: Annotated[
+        int, _doc("Deliveries of a task message before it ends as `REDELIVERY_LIMIT`.")
+    ] = 5
+    ack_wait_s: Annotated[float, _doc("JetStream's ack wait for a task message.")] = 30.0
+    ack_progress_s: Annotated[
+        float, _doc("How often a running task's message is marked in progress.")
+    ] = 10.0
+    shutdown_grace_s: Annotated[
+        float, _doc("How long running tasks may finish after SIGTERM before they are killed.")
+    ] = 30.0
 
 
 class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -63,12 +100,18 @@ class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     is required as a bearer token on `/v1/*`, compared in constant time. Readiness fails while more than `max_outbox_backlog` events wait on disk;
     each readiness check gets `check_timeout_s` to answer."""
 
-    listen: str = "127.0.0.1:8787"
-    token: str | None = None
+    listen: Annotated[str, _doc("`host:port` of the HTTP endpoint (loopback by default).")] = (
+        "127.0.0.1:8787"
+    )
+    token: Annotated[str | None, _doc("Bearer token required on `/v1/*` (none: open).")] = None
     # A file holding the token (its first line), read at start; instead of `token`.
-    token_file: str | None = None
-    max_outbox_backlog: int = 10_000
-    check_timeout_s: float = 2.0
+    token_file: Annotated[
+        str | None, _doc("A file whose first line is the token, read at start; instead of `token`.")
+    ] = None
+    max_outbox_backlog: Annotated[
+        int, _doc("Readiness fails while more events than this wait in the outbox.")
+    ] = 10_000
+    check_timeout_s: Annotated[float, _doc("Time each readiness check gets to answer.")] = 2.0
 
 
 class Thresholds(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -76,14 +119,25 @@ class Thresholds(Struct, forbid_unknown_fields=True, kw_only=True):
     only once it is back under `threshold * (1 - hysteresis)`, so a value hovering at the
     line does not make an alert storm."""
 
-    cpu_pct: float = 80.0
-    memory_pct: float = 85.0
-    disk_pct: float = 90.0
+    cpu_pct: Annotated[
+        float, _doc("Host CPU use (%) at which pulling stops and an alert is raised.")
+    ] = 80.0
+    memory_pct: Annotated[float, _doc("Host memory use (%) at which pulling stops.")] = 85.0
+    disk_pct: Annotated[float, _doc("Data dir disk use (%) at which pulling stops.")] = 90.0
     # Under this much free space on the data dir's disk the node is DISK_FULL: it refuses
     # submissions and stops pulling until space is back.
-    disk_min_free_mb: float = 64.0
-    containers: int = 1000
-    hysteresis: float = 0.05
+    disk_min_free_mb: Annotated[
+        float,
+        _doc(
+            "Under this much free space on the data dir's disk the node is `DISK_FULL`: it refuses submissions and pulls nothing."
+        ),
+    ] = 64.0
+    containers: Annotated[int, _doc("Managed containers on this node at which pulling stops.")] = (
+        1000
+    )
+    hysteresis: Annotated[
+        float, _doc("An alert recovers once the value is under `threshold * (1 - hysteresis)`.")
+    ] = 0.05
 
 
 class BreakerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -91,17 +145,23 @@ class BreakerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     failures and lets one probe through once `open_interval_s` has passed; each failed
     probe doubles the interval, up to `max_open_interval_s`."""
 
-    failure_threshold: int = 5
-    open_interval_s: float = 10.0
-    max_open_interval_s: float = 60.0
+    failure_threshold: Annotated[
+        int, _doc("Consecutive engine failures that open the Docker breaker.")
+    ] = 5
+    open_interval_s: Annotated[float, _doc("How long it stays open before one probe.")] = 10.0
+    max_open_interval_s: Annotated[
+        float, _doc("Each failed probe doubles the interval, up to this.")
+    ] = 60.0
 
 
 class MonitorConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     """The resource monitor samples every `interval_s`; every `sample_event_every`-th sample
     is also published as a `resource.sample` event (the trend, once a minute by default)."""
 
-    interval_s: float = 5.0
-    sample_event_every: int = 12
+    interval_s: Annotated[float, _doc("How often host and container resources are sampled.")] = 5.0
+    sample_event_every: Annotated[
+        int, _doc("Every n-th sample is also a `resource.sample` event.")
+    ] = 12
 
 
 class ReconcileConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -114,21 +174,39 @@ class ReconcileConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     first when there is one). A failed cleanup command is tried `command_attempts` times in
     all, `command_backoff_s` apart at first, doubling up to `command_backoff_max_s`."""
 
-    enabled: bool = True
-    interval_s: float = 10.0
-    misfire_grace_s: float = 5.0
-    heartbeat_s: float = 5.0
-    heartbeat_timeout_s: float = 20.0
-    creation_grace_s: float = 30.0
-    deadline_grace_s: float = 10.0
-    lost_attempt_grace_s: float = 60.0
-    max_attempt_s: float = 1200.0
-    max_commands_per_pass: int = 500
-    projection_wait_s: float = 10.0
-    command_attempts: int = 5
-    command_backoff_s: float = 1.0
-    command_backoff_max_s: float = 30.0
-    command_concurrency: int = 8
+    enabled: Annotated[bool, _doc("Whether `serve` runs the reconciler.")] = True
+    interval_s: Annotated[
+        float, _doc("Time between reconcile passes (one also runs at start-up).")
+    ] = 10.0
+    misfire_grace_s: Annotated[
+        float, _doc("A pass that could not start on time still runs within this.")
+    ] = 5.0
+    heartbeat_s: Annotated[float, _doc("How often the node publishes `node.heartbeat`.")] = 5.0
+    heartbeat_timeout_s: Annotated[
+        float, _doc("An instance silent this long is dead; its leftovers are orphans.")
+    ] = 20.0
+    creation_grace_s: Annotated[
+        float, _doc("A resource younger than this is spared unless its instance is known dead.")
+    ] = 30.0
+    deadline_grace_s: Annotated[
+        float, _doc("A running container is overdue this long after its deadline.")
+    ] = 10.0
+    lost_attempt_grace_s: Annotated[
+        float, _doc("An attempt of a dead instance is closed once its task was quiet this long.")
+    ] = 60.0
+    max_attempt_s: Annotated[
+        float, _doc("An attempt with no deadline known is overdue after this.")
+    ] = 1200.0
+    max_commands_per_pass: Annotated[int, _doc("Most cleanup commands one pass orders.")] = 500
+    projection_wait_s: Annotated[
+        float, _doc("How long a pass waits for the projection to show its inventory.")
+    ] = 10.0
+    command_attempts: Annotated[int, _doc("Tries of a failing cleanup command, in all.")] = 5
+    command_backoff_s: Annotated[
+        float, _doc("First wait between tries of a cleanup command (doubling).")
+    ] = 1.0
+    command_backoff_max_s: Annotated[float, _doc("Longest wait between tries.")] = 30.0
+    command_concurrency: Annotated[int, _doc("Cleanup commands carried out at once.")] = 8
 
 
 class ProjectionConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -148,41 +226,101 @@ class ProjectionConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     # batch costs about the same CPU whatever its size), the projection's CPU per task
     # 13-14 -> 8-11 ms and daemon throughput against raw docker-py 0.805 -> 0.84, for a
     # lag p99 of 287-310 ms instead of 218-272 (bench/bench_daemon.py --batch-age).
-    batch_age_s: Annotated[float, msgspec.Meta(gt=0)] = 0.2
-    max_busy: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
-    rest_lag_s: Annotated[float, msgspec.Meta(gt=0)] = 0.3
-    max_lag_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
-    threads: Annotated[int, msgspec.Meta(ge=1)] | None = 1
+    batch_age_s: Annotated[
+        float,
+        msgspec.Meta(
+            description="A live batch is applied at the latest this long after its first event arrived.",
+            gt=0,
+        ),
+    ] = 0.2
+    max_busy: Annotated[
+        float,
+        msgspec.Meta(
+            description="Share of time the projection may spend applying batches (1: lowest lag).",
+            gt=0,
+            le=1,
+        ),
+    ] = 0.5
+    rest_lag_s: Annotated[
+        float,
+        msgspec.Meta(
+            description="Its rest never holds back a batch whose first event waited this long.",
+            gt=0,
+        ),
+    ] = 0.3
+    max_lag_s: Annotated[
+        float,
+        msgspec.Meta(
+            description="Readiness fails while the oldest event not yet applied is older than this.",
+            gt=0,
+        ),
+    ] = 5.0
+    threads: (
+        Annotated[
+            int,
+            msgspec.Meta(
+                description="DuckDB worker threads for the projection and its queries (none: one per core).",
+                ge=1,
+            ),
+        ]
+        | None
+    ) = 1
     # DuckDB's memory for the live projection and every query over it (a query past it
     # fails as resource/QUERY_MEMORY), and the most it may spill to disk.
-    memory_limit: Annotated[str, msgspec.Meta(pattern=r"^\d+(\.\d+)?\s*[KMGT]i?B$")] = "512MB"
-    temp_limit: Annotated[str, msgspec.Meta(pattern=r"^\d+(\.\d+)?\s*[KMGT]i?B$")] = "1GB"
+    memory_limit: Annotated[
+        str,
+        msgspec.Meta(
+            description="DuckDB's memory in the projection process; a query past it fails as `QUERY_MEMORY`.",
+            pattern=r"^\d+(\.\d+)?\s*[KMGT]i?B$",
+        ),
+    ] = "512MB"
+    temp_limit: Annotated[
+        str,
+        msgspec.Meta(
+            description="The most DuckDB may spill to disk.", pattern=r"^\d+(\.\d+)?\s*[KMGT]i?B$"
+        ),
+    ] = "1GB"
 
 
 class Config(Struct, forbid_unknown_fields=True, kw_only=True):
-    node_id: str = "n1"
-    data_dir: str = ".supervisor"
-    nats_url: str | None = None
-    docker_url: str | None = None
+    node_id: Annotated[str, _doc("This node's id, in every event and container label.")] = "n1"
+    data_dir: Annotated[
+        str, _doc("The data dir: outbox, workspaces, projection, embedded NATS store, credentials.")
+    ] = ".supervisor"
+    nats_url: Annotated[
+        str | None,
+        _doc(
+            "NATS to use (none: the URL a daemon wrote into the data dir, or the embedded server)."
+        ),
+    ] = None
+    docker_url: Annotated[
+        str | None, _doc("The Docker engine (none: `DOCKER_HOST` or the local socket).")
+    ] = None
     bounds: Bounds = msgspec.field(default_factory=Bounds)
     policy: Policy = msgspec.field(default_factory=Policy)
     sandbox: Sandbox = msgspec.field(default_factory=Sandbox)
     scheduling: Scheduling = msgspec.field(default_factory=Scheduling)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     # Output kept in a terminal event's Result (the full capped output is in the CLI result).
-    event_output_bytes: int = 64 * 1024
+    event_output_bytes: Annotated[
+        int, _doc("Output kept in a terminal event's Result, per stream.")
+    ] = 64 * 1024
     # How often the cgroup counters of running containers are sampled.
-    cgroup_sample_s: float = 0.01
+    cgroup_sample_s: Annotated[
+        float, _doc("How often the cgroup counters of running containers are sampled.")
+    ] = 0.01
     thresholds: Thresholds = msgspec.field(default_factory=Thresholds)
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
     monitor: MonitorConfig = msgspec.field(default_factory=MonitorConfig)
     reconcile: ReconcileConfig = msgspec.field(default_factory=ReconcileConfig)
     projection: ProjectionConfig = msgspec.field(default_factory=ProjectionConfig)
-    log_level: str = "INFO"
+    log_level: Annotated[str, _doc("Log level of `serve` (DEBUG, INFO, WARNING, ERROR).")] = "INFO"
 
 
 def load_config(path: str | Path | None) -> Config:
-    """Read a TOML (`.toml`) or JSON file; None gives the defaults. Raises ConfigError."""
+    """Read a configuration file; None gives the defaults. A `.toml` file is TOML and a
+    `.json` file JSON; any other is read by its content (JSON when it starts with `{`,
+    TOML otherwise). Raises ConfigError, naming the file and the format it was read as."""
     if path is None:
         return Config()
     p = Path(path)
@@ -190,9 +328,106 @@ def load_config(path: str | Path | None) -> Config:
         raw = p.read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read config {p}: {e.strerror}") from e
+    if p.suffix in (".toml", ".json"):
+        as_json = p.suffix == ".json"
+    else:
+        as_json = raw.lstrip().startswith(b"{")
     try:
-        if p.suffix == ".toml":
-            return msgspec.convert(tomllib.loads(raw.decode()), Config)
-        return msgspec.json.decode(raw, type=Config)
-    except (msgspec.ValidationError, msgspec.DecodeError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"invalid config {p}: {e}") from e
+        if as_json:
+            return msgspec.json.decode(raw, type=Config)
+        return msgspec.convert(tomllib.loads(raw.decode()), Config)
+    except (msgspec.ValidationError, msgspec.DecodeError, tomllib.TOMLDecodeError,
+            UnicodeDecodeError) as e:  # fmt: skip
+        kind = "JSON" if as_json else "TOML"
+        raise ConfigError(f"invalid config {p} (read as {kind}): {e}") from e
+
+
+def reference() -> str:
+    """The configuration reference (`docs/configuration.md`): every key of `Config`, its
+    type, its default and its meaning, generated from the Structs above."""
+    info = msgspec.inspect.type_info(Config)
+    assert isinstance(info, msgspec.inspect.StructType)
+    lines = [
+        "# Configuration reference",
+        "",
+        "`supervisor --config FILE` reads TOML (or JSON: a file that does not end in `.toml`",
+        "is read as JSON when it starts with `{`, as TOML otherwise). Every key is optional;",
+        "an unknown key is an error. Generated from `schemas/config.py`",
+        "(`.venv/bin/python -m schemas.config > docs/configuration.md`); a test fails when",
+        "the two differ.",
+        "",
+    ]
+    tables: list[tuple[str, msgspec.inspect.StructType, str]] = [("", info, "")]
+    top: list[msgspec.inspect.Field] = []
+    for f in info.fields:
+        if isinstance(f.type, msgspec.inspect.StructType):
+            tables.append((f.name, f.type, (f.type.cls.__doc__ or "").strip()))
+        else:
+            top.append(f)
+    for name, struct, doc in tables:
+        fields = top if not name else list(struct.fields)
+        lines += [f"## `[{name}]`" if name else "## Top level", ""]
+        if doc:
+            lines += [" ".join(doc.split()), ""]
+        lines += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for f in fields:
+            lines.append(
+                f"| `{f.name}` | {_type_name(f.type)} | {_default(f)} | {_description(f.type)} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _parts(t: msgspec.inspect.Type) -> tuple[msgspec.inspect.Type, bool, str]:
+    """The bare type, whether none is allowed, and the description of a field's type."""
+    optional, description = False, ""
+    while isinstance(t, msgspec.inspect.UnionType | msgspec.inspect.Metadata):
+        if isinstance(t, msgspec.inspect.Metadata):
+            description = description or str((t.extra_json_schema or {}).get("description", ""))
+            t = t.type
+            continue
+        rest = [x for x in t.types if not isinstance(x, msgspec.inspect.NoneType)]
+        optional = optional or len(rest) < len(t.types)
+        if len(rest) != 1:
+            break
+        t = rest[0]
+    return t, optional, description
+
+
+_NAMES: dict[type, str] = {
+    msgspec.inspect.StrType: "string",
+    msgspec.inspect.IntType: "integer",
+    msgspec.inspect.FloatType: "number",
+    msgspec.inspect.BoolType: "boolean",
+}
+
+
+def _type_name(t: msgspec.inspect.Type) -> str:
+    bare, optional, _ = _parts(t)
+    if isinstance(bare, msgspec.inspect.ListType):
+        name = f"list of {_type_name(bare.item_type)}s"
+    else:
+        name = _NAMES.get(type(bare), type(bare).__name__)
+    return f"{name} or none" if optional else name
+
+
+def _description(t: msgspec.inspect.Type) -> str:
+    return _parts(t)[2]
+
+
+def _default(f: msgspec.inspect.Field) -> str:
+    if f.default is not msgspec.NODEFAULT:
+        value = f.default
+    elif f.default_factory is not msgspec.NODEFAULT:
+        value = f.default_factory()
+    else:
+        return "(required)"
+    if value is None:
+        return "none"
+    if f.name == "max_cpus":
+        return "the host's CPU count"
+    return f"`{msgspec.json.encode(value).decode()}`"
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

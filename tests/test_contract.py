@@ -8,8 +8,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from schemas import EVENT_TYPES, ErrorRaised, TaskSucceeded, decode_event, encode_event
+from schemas.config import load_config
+from schemas.errors import ConfigError
 from schemas.jsonschema import JSON_DIR, render
 from schemas.lifecycle import InvalidTransition, next_container_state, next_task_state
 
@@ -167,3 +170,16 @@ def test_the_tracker_follows_a_whole_task_and_flags_a_second_terminal_state() ->
     # A redelivered task joins mid-life: its first event is accepted from a valid source.
     assert t.observe("attempt.started", "t-3") is None
     assert t.tasks["t-3"] == "running"
+
+
+def test_a_config_file_is_read_by_its_suffix_or_else_by_its_content(tmp_dir: Path) -> None:
+    as_json, as_toml = tmp_dir / "a.conf", tmp_dir / "b.cfg"
+    as_json.write_text('{"node_id": "j1"}')
+    as_toml.write_text('node_id = "t1"\n[scheduling]\nconcurrency = 2\n')
+    assert load_config(as_json).node_id == "j1"
+    cfg = load_config(as_toml)
+    assert (cfg.node_id, cfg.scheduling.concurrency) == ("t1", 2)
+    bad = tmp_dir / "c.toml"
+    bad.write_text('{"node_id": "x"}')
+    with pytest.raises(ConfigError, match=r"invalid config .*c\.toml \(read as TOML\)"):
+        load_config(bad)

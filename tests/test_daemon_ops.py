@@ -264,8 +264,8 @@ def test_logs_are_json_lines_with_the_task_context(
 
     lines = [json.loads(line) for line in d.log().splitlines() if line.startswith("{")]
     assert lines, d.log()
-    assert all({"timestamp", "level", "event", "node"} <= set(line) for line in lines)
-    assert {line["node"] for line in lines} == {"n1"}
+    assert all({"timestamp", "level", "event", "node_id"} <= set(line) for line in lines)
+    assert {line["node_id"] for line in lines} == {"n1"}
     mine = [line for line in lines if line.get("task_id") == "t-logged"]
     assert mine, "no log line carries the task id"
     assert all(line.get("correlation_id") for line in mine)

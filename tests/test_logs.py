@@ -46,7 +46,7 @@ def test_the_exact_line_of_a_record() -> None:
 
     assert line == (
         '{"timestamp":"2026-01-01T00:00:00.250Z","level":"info","logger":"supervisor.daemon.daemon",'
-        '"event":"pulled t-1","node":"n1","task_id":"t-1","attempt":2,"correlation_id":"c-9",'
+        '"event":"pulled t-1","node_id":"n1","task_id":"t-1","attempt":2,"correlation_id":"c-9",'
         '"queue":"high"}'
     )
 
@@ -58,7 +58,7 @@ def test_outside_a_task_the_context_fields_are_null(stream: io.StringIO) -> None
 
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", str(doc.pop("timestamp")))
     assert doc == {
-        "level": "warning", "logger": "supervisor.test", "event": "idle", "node": "n1",
+        "level": "warning", "logger": "supervisor.test", "event": "idle", "node_id": "n1",
         "task_id": None, "attempt": None, "correlation_id": None,
     }  # fmt: skip
 
@@ -136,4 +136,4 @@ def test_configure_replaces_its_own_handler_and_honours_the_level(stream: io.Str
 
     assert len(root.handlers) == before
     assert stream.getvalue() == ""
-    assert [(d["event"], d["node"]) for d in _lines(other)] == [("kept", "n2")]
+    assert [(d["event"], d["node_id"]) for d in _lines(other)] == [("kept", "n2")]

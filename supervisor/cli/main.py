@@ -6,18 +6,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import os
 import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 
 from schemas import ErrorRaised, ExecutionError, Result, TaskRejected, TaskSpec
+from schemas.catalogue import CATALOGUE
 from schemas.config import Config, load_config
 from schemas.errors import ConfigError, InvalidSpec, NatsUnavailable, SupervisorError
+from schemas.spec import ErrorType
 from supervisor.cli.read_parsers import add_parsers as add_read_parsers
 from supervisor.eventlog.emitter import new_id
 from supervisor.intake.admission import decode_spec
@@ -35,19 +38,24 @@ def exit_code_for(result: Result) -> int:
     return EXIT_FAILED
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--nats",
-        dest="nats_url",
-        metavar="URL",
-        help="NATS server URL (else $SUPERVISOR_NATS_URL, else a running daemon's, "
-        "else an embedded nats-server under the data dir)",
-    )
+def _common(p: argparse.ArgumentParser, *, node: bool = True, nats: bool = True) -> None:
+    """The options shared by the subcommands; each takes only those it uses."""
+    if nats:
+        p.add_argument(
+            "--nats",
+            dest="nats_url",
+            metavar="URL",
+            help="NATS server URL (else $SUPERVISOR_NATS_URL, else a running daemon's, "
+            "else an embedded nats-server under the data dir)",
+        )
     p.add_argument(
         "--data-dir", metavar="DIR", help="data dir (else $SUPERVISOR_DATA_DIR, else ./.supervisor)"
     )
-    p.add_argument("--node-id", metavar="ID", help="this node's id (default n1)")
-    p.add_argument("--config", metavar="FILE", help="TOML or JSON configuration file")
+    if node:
+        p.add_argument("--node-id", metavar="ID", help="this node's id (default n1)")
+    p.add_argument(
+        "--config", metavar="FILE", help="configuration file, TOML or JSON (docs/configuration.md)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,9 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Event-sourced supervisor for container executions: runs untrusted "
         "scripts in hardened Docker containers and publishes every step to "
         "NATS JetStream.",
+        epilog="Defaults: data dir ./.supervisor (--data-dir, $SUPERVISOR_DATA_DIR), HTTP on "
+        "127.0.0.1:8787 (serve --http, http.listen), NATS embedded under the data dir unless "
+        "--nats or $SUPERVISOR_NATS_URL names one. Configuration keys: docs/configuration.md.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_run, _add_serve, _add_submit, _add_tail, _add_credentials):
+        add(sub)
 
+    add_read_parsers(sub, _common)
+    return parser
+
+
+def _add_run(sub: Any) -> None:
     run = sub.add_parser(
         "run",
         help="run one task in the foreground, with retries",
@@ -71,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.set_defaults(func=_cmd_run)
 
+
+def _add_serve(sub: Any) -> None:
     serve = sub.add_parser(
         "serve",
         help="run the daemon (intake, executor, HTTP)",
@@ -82,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--http", metavar="HOST:PORT", help="HTTP listen address (default 127.0.0.1:8787)"
     )
     serve.add_argument(
-        "--log-level", metavar="LEVEL", help="DEBUG, INFO (default), WARNING or ERROR"
-    )
+        "--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        metavar="LEVEL", help="DEBUG, INFO (default), WARNING or ERROR",
+    )  # fmt: skip
     serve.add_argument(
         "--no-projection",
         action="store_true",
@@ -93,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(serve)
     serve.set_defaults(func=_cmd_serve)
 
+
+def _add_submit(sub: Any) -> None:
     submit = sub.add_parser(
         "submit",
         help="enqueue a task to a running daemon",
@@ -117,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(submit)
     submit.set_defaults(func=_cmd_submit)
 
+
+def _add_tail(sub: Any) -> None:
     tail = sub.add_parser(
         "tail",
         help="print live events, one JSON object a line",
@@ -126,10 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument(
         "--type",
         dest="error_type",
+        choices=ERROR_TYPES,
         metavar="T",
-        help="only errors of this type (timeout, resource, user_code, ...)",
+        help=f"only errors of this type ({', '.join(ERROR_TYPES)})",
     )
-    tail.add_argument("--code", metavar="C", help="only errors with this code (e.g. OOM_KILLED)")
+    tail.add_argument(
+        "--code", type=_error_code, metavar="C", help="only errors with this code (e.g. OOM_KILLED)"
+    )
     tail.add_argument("--task", metavar="ID", help="only this task's events")
     tail.add_argument(
         "--since",
@@ -144,9 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="exit once no event arrived for S seconds (for scripts)",
     )
-    _common(tail)
+    _common(tail, node=False)
     tail.set_defaults(func=_cmd_tail)
 
+
+def _add_credentials(sub: Any) -> None:
     creds = sub.add_parser(
         "credentials",
         help="hand out the credentials of a NATS role of the embedded server",
@@ -157,11 +188,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     creds.add_argument("role", choices=["reader"], help="the role (only reader is handed out)")
     creds.add_argument("--json", action="store_true", help="print JSON")
-    _common(creds)
+    _common(creds, node=False, nats=False)
     creds.set_defaults(func=_cmd_credentials)
 
-    add_read_parsers(sub, _common)
-    return parser
+
+ERROR_TYPES = sorted(get_args(ErrorType))
+
+
+def _error_code(text: str) -> str:
+    """A catalogue code (any case), or a usage error (exit 2) naming the known ones."""
+    code = text.upper()
+    if code not in CATALOGUE:
+        raise argparse.ArgumentTypeError(
+            f"unknown error code {text!r} (known: {', '.join(sorted(CATALOGUE))})"
+        )
+    return code
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("container-supervisor")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -170,7 +218,7 @@ def _config(args: argparse.Namespace) -> Config:
     data_dir = args.data_dir or os.environ.get("SUPERVISOR_DATA_DIR")
     if data_dir:
         overrides["data_dir"] = data_dir
-    if args.node_id:
+    if getattr(args, "node_id", None):
         overrides["node_id"] = args.node_id
     if overrides:
         cfg = msgspec.structs.replace(cfg, **overrides)

@@ -93,6 +93,10 @@ def _fail(message: str, code: int) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    parent = Path(args.db).resolve().parent
+    if not parent.is_dir():
+        return _fail(f"replay: the directory of --db {args.db} does not exist", EXIT_REFUSED)
+
     async def go() -> int:
         async with nats_url_for(args) as url:
             result = await replay(args.db, url, until_time=args.until, until_seq=args.until_seq,

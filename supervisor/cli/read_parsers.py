@@ -22,9 +22,7 @@ from typing import Any
 from projections.query.defaults import FORMATS, MAX_ROWS, TIMEOUT_S
 
 
-def add_parsers(
-    subparsers: Any, common: Callable[[argparse.ArgumentParser], None] | None = None
-) -> None:
+def add_parsers(subparsers: Any, common: Callable[..., None] | None = None) -> None:
     """Register `replay`, `audit`, `sql` and `reconcile`."""
     add_read_side_parsers(subparsers, common)
     add_reconcile_parser(subparsers, common)
@@ -84,9 +82,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_read_side_parsers(
-    subparsers: Any, common: Callable[[argparse.ArgumentParser], None] | None = None
-) -> None:
+def add_read_side_parsers(subparsers: Any, common: Callable[..., None] | None = None) -> None:
     """Register `replay`, `audit` and `sql` on the CLI's subparsers."""
     p = subparsers.add_parser(
         "replay",
@@ -150,14 +146,14 @@ def add_read_side_parsers(
 
 def _shared(
     p: argparse.ArgumentParser,
-    common: Callable[[argparse.ArgumentParser], None] | None,
+    common: Callable[..., None] | None,
     *,
     node: bool = False,
 ) -> None:
     """The CLI's shared options (`common`), or without it the ones these commands read:
     `--nats`, `--data-dir`, and with `node` also `--node-id` and `--config`."""
     if common is not None:
-        common(p)
+        common(p, node=node)
         return
     p.add_argument("--nats", dest="nats_url", metavar="URL", help="NATS server URL")
     p.add_argument("--data-dir", metavar="DIR", help="data dir (default ./.supervisor)")
@@ -166,9 +162,7 @@ def _shared(
         p.add_argument("--config", metavar="FILE", help="TOML or JSON configuration file")
 
 
-def add_reconcile_parser(
-    subparsers: Any, common: Callable[[argparse.ArgumentParser], None] | None = None
-) -> None:
+def add_reconcile_parser(subparsers: Any, common: Callable[..., None] | None = None) -> None:
     """Register `reconcile` on the CLI's subparsers."""
     p = subparsers.add_parser(
         "reconcile",

@@ -1,7 +1,7 @@
 """Structured logs: one JSON object a line, with the standard library.
 
 Every line has `timestamp` (UTC, ISO 8601, milliseconds, `Z`), `level`, `logger`, `event`
-(the formatted message), `node`, `task_id`, `attempt` and `correlation_id` (null outside a
+(the formatted message), `node_id`, `task_id`, `attempt` and `correlation_id` (null outside a
 task), then any `extra={...}` given to the call, then `exception` when there is one. The
 task fields come from a context variable that `bind` sets for the duration of a block;
 asyncio tasks inherit it when they are created, so binding once around a task's handling
@@ -60,7 +60,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": record.getMessage(),
-            "node": self.node_id,
+            "node_id": self.node_id,
         }
         for name in CONTEXT_FIELDS:
             doc[name] = ctx.get(name)
@@ -97,4 +97,7 @@ def configure(
     handler.setFormatter(JsonFormatter(node_id))
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    # APScheduler logs every run of every job at INFO ("Running job ...", "executed
+    # successfully"): a line each few seconds that says nothing. Its warnings stay.
+    logging.getLogger("apscheduler").setLevel(max(root.level, logging.WARNING))
     return handler

@@ -1,0 +1,46 @@
+"""The documentation stays true to the code: the configuration reference is the one the
+config Structs generate, every key has a meaning, the README stays short and every link
+in the docs resolves inside the repository."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import msgspec
+
+from schemas.config import Config, reference
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_the_configuration_reference_is_generated_from_the_structs() -> None:
+    assert (ROOT / "docs/configuration.md").read_text() == reference(), (
+        "docs/configuration.md is stale: .venv/bin/python -m schemas.config > docs/configuration.md"
+    )
+
+
+def test_every_configuration_key_has_a_meaning() -> None:
+    rows = [line for line in reference().splitlines() if line.startswith("| `")]
+    assert rows and all(not line.endswith("|  |") for line in rows), rows
+    info = msgspec.inspect.type_info(Config)
+    assert isinstance(info, msgspec.inspect.StructType)
+    count = sum(
+        len(f.type.fields) if isinstance(f.type, msgspec.inspect.StructType) else 1
+        for f in info.fields
+    )
+    assert len(rows) == count
+
+
+def test_the_readme_is_short_and_every_link_resolves_inside_the_repository() -> None:
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 300
+    broken = []
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", doc.read_text()):
+            if "://" in target:
+                continue
+            path = (doc.parent / target).resolve()
+            if not path.is_relative_to(ROOT) or not path.exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {target}")
+    assert broken == []
