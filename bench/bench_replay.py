@@ -1,7 +1,7 @@
 """Side by side: a raw ordered-consumer read of SUP_EVENTS against a replay of the same
 stream into a fresh DuckDB projection.
 
-    .venv/bin/python bench/bench_replay.py [--events N] [--rounds R]
+    .venv/bin/python bench/bench_replay.py [--events N] [--rounds R] [--public]
 
 Starts its own nats-server (in a temp dir, removed afterwards), publishes N realistic mixed
 events (whole task histories: successes, retried timeouts, user errors, OOM kills,
@@ -13,7 +13,9 @@ rejections; `testing.synthetic.mixed_history`) with `publish_async` and their
 * replay: `projections.stream.replay` into a new file: decode and validate every event, stage it
   as Arrow, apply it with set-based SQL, write the file and rename it into place.
 
-The two alternate which goes first. Prints msgs/s for each, and the ratio replay/raw as
+With `--public`, each round also replays through the public pull path alone (the
+quarantined lean reader of `projections.stream.bulkread` turned off), to show what that
+reader gains. The contenders alternate which goes first. Prints msgs/s for each, and the ratio replay/raw as
 best against best and as the median of the per-round ratios (robust when other work
 shares the machine); target >= 0.5.
 """
@@ -34,6 +36,7 @@ from pathlib import Path
 import nats
 from nats.js.api import DeliverPolicy
 
+import projections.stream.projector as projector_module
 from projections.stream.replay import replay
 from supervisor.eventlog.nats_server import NatsServer
 from testing.loadgen import publish
@@ -82,17 +85,23 @@ async def raw_read(url: str, n: int) -> float:
         await nc.close()
 
 
-async def replay_once(url: str, path: Path, n: int) -> float:
-    started = time.perf_counter()
-    result = await replay(path, url)
-    elapsed = time.perf_counter() - started
+async def replay_once(url: str, path: Path, n: int, *, public: bool = False) -> float:
+    lean = projector_module.lean_supported
+    if public:
+        projector_module.lean_supported = lambda: False  # type: ignore[assignment]
+    try:
+        started = time.perf_counter()
+        result = await replay(path, url)
+        elapsed = time.perf_counter() - started
+    finally:
+        projector_module.lean_supported = lean  # type: ignore[assignment]
     if result.applied != n:
         raise SystemExit(f"replay applied {result.applied} events, expected {n}")
     path.unlink()
     return elapsed
 
 
-async def main(n: int, rounds: int) -> int:
+async def main(n: int, rounds: int, public: bool) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-replay-"))
     server = NatsServer(tmp / "nats")
     try:
@@ -101,21 +110,37 @@ async def main(n: int, rounds: int) -> int:
         last = await load(url, n)
         print(f"published {last:,} events in {time.perf_counter() - t0:.1f}s", flush=True)
         await raw_read(url, n)  # warm the stream's pages
-        raws, replays = [], []
+        raws, replays, publics = [], [], []
+        contenders = ["raw", "replay", *(["public"] if public else [])]
         for r in range(rounds):
-            order = ("raw", "replay") if r % 2 == 0 else ("replay", "raw")
+            order = contenders if r % 2 == 0 else contenders[::-1]
             for what in order:
                 if what == "raw":
                     raws.append(n / await raw_read(url, n))
-                else:
+                elif what == "replay":
                     replays.append(n / await replay_once(url, tmp / "bench.duckdb", n))
+                else:
+                    publics.append(n / await replay_once(url, tmp / "bench.duckdb", n,
+                                                         public=True))  # fmt: skip
             ratio = replays[-1] / raws[-1]
+            extra = (
+                f"  public {publics[-1]:,.0f} msg/s ({publics[-1] / raws[-1]:.2f})"
+                if public
+                else ""
+            )
             print(f"round {r + 1}: raw {raws[-1]:,.0f} msg/s  replay {replays[-1]:,.0f} "
-                  f"msg/s  ratio {ratio:.2f}", flush=True)  # fmt: skip
+                  f"msg/s  ratio {ratio:.2f}{extra}", flush=True)  # fmt: skip
         best = max(replays) / max(raws)
         median = statistics.median(p / q for p, q in zip(replays, raws, strict=True))
         print(f"raw ordered-consumer read: {max(raws):,.0f} msg/s (best of {rounds})")
         print(f"replay into DuckDB:        {max(replays):,.0f} msg/s (best of {rounds})")
+        if public:
+            pub = statistics.median(p / q for p, q in zip(publics, raws, strict=True))
+            gain = statistics.median(p / q for p, q in zip(replays, publics, strict=True))
+            print(
+                f"public pull path only:     {max(publics):,.0f} msg/s (best of {rounds}); "
+                f"ratio public/raw median {pub:.2f}; the lean reader gains {gain:.2f}x"
+            )
         verdict = "meets" if median >= TARGET else "MISSES"
         print(f"ratio replay/raw: best {best:.2f}, median {median:.2f} ({verdict} target {TARGET})")
         return 0
@@ -128,5 +153,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=1_000_000, help="events to publish")
     parser.add_argument("--rounds", type=int, default=3, help="raw/replay rounds")
+    parser.add_argument("--public", action="store_true",
+                        help="also replay through the public pull path alone")  # fmt: skip
     args = parser.parse_args()
-    sys.exit(asyncio.run(main(args.events, args.rounds)))
+    sys.exit(asyncio.run(main(args.events, args.rounds, args.public)))

@@ -21,20 +21,27 @@ nats-py's path, except a flow-control request that arrives while the sink alread
 server stops sending while the pipeline is full (memory stays bounded by the pipeline, the
 sink and the server's flow-control window).
 
-`_process_msg` is nats-py's private method, and the ordered consumer's bookkeeping private
-state: `lean_supported` checks the method's signature and `BulkClient.attach` the state's
-fields, and the projector falls back to nats-py's queue when either differs.
+This is the only module of the project that touches nats-py's internals, and it is
+quarantined: `_process_msg` is nats-py's private method and the ordered consumer's
+bookkeeping private state, so `pyproject.toml` pins nats-py to the one version this was
+written against (`NATS_PY_VERSION`), `lean_supported` checks that version and the
+method's signature, `BulkClient.attach` the state's fields, and the projector reads
+through its public pull path (`projections.stream.projector._PullReader`) when any of
+them differs. `bench/bench_replay.py --public` measures what this module gains.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import inspect
 from typing import Any
 
 import nats.errors
 from nats.aio.client import Client
+
+from projections.stream.decode import reply_tokens
 
 _SIGNATURE = ["self", "sid", "subject", "reply", "data", "headers"]
 _FLOW_CONTROL = b"NATS/1.0 100 FlowControl"
@@ -42,8 +49,17 @@ _ACK = b"$JS.ACK."
 _JSI_FIELDS = ("_dseq", "_sseq", "_fciseq", "_cmeta", "_active")
 
 
+NATS_PY_VERSION = "2.16.0"
+"""The nats-py this module was written against (and `pyproject.toml` pins)."""
+
+
 def lean_supported() -> bool:
-    """Whether this nats-py dispatches messages as `BulkClient` expects."""
+    """Whether this nats-py is the pinned one and dispatches as `BulkClient` expects."""
+    try:
+        if importlib.metadata.version("nats-py") != NATS_PY_VERSION:
+            return False
+    except importlib.metadata.PackageNotFoundError:
+        return False
     try:
         return list(inspect.signature(Client._process_msg).parameters) == _SIGNATURE
     except (AttributeError, TypeError, ValueError):
@@ -136,8 +152,7 @@ class BulkClient(Client):
             m = queue.get_nowait()
             queue.task_done()
             sub._pending_size -= len(m.data)
-            tokens = m.reply.split(".")
-            base = 5 if len(tokens) == 9 else 7
+            tokens, base = reply_tokens(m.reply)
             sink.add(m.reply, m.subject, m.data, int(tokens[base]), tokens, base)
         sink.sub, sink.jsi = sub, jsi
         self.sink = sink
@@ -160,8 +175,7 @@ class BulkClient(Client):
         if sink is not None and reply and self._subs.get(sid) is sink.sub:
             if reply.startswith(_ACK):  # a stored message, even an empty one (a poison)
                 text = reply.decode()
-                tokens = text.split(".")
-                base = 5 if len(tokens) == 9 else 7
+                tokens, base = reply_tokens(text)
                 jsi = sink.jsi
                 if len(tokens) >= 9 and int(tokens[base + 1]) == jsi._dseq:
                     jsi._dseq += 1

@@ -323,11 +323,24 @@ def stage(batch: Batch) -> Staged:
     return Staged(tables, dead, batch.events, batch.repeats, batch.last_seq)
 
 
+def seq_position(token_count: int) -> int:
+    """Where the stream sequence is among the dot-separated tokens of a JetStream
+    delivery's reply subject: `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.
+    <pending>` (v1, 9 tokens), or with the domain and account hash before the stream (v2).
+    The consumer sequence, the stored-at time (ns) and the pending count follow it."""
+    return 5 if token_count == 9 else 7
+
+
+def reply_tokens(reply: str) -> tuple[list[str], int]:
+    """A reply subject's tokens and `seq_position` in them."""
+    tokens = reply.split(".")
+    return tokens, seq_position(len(tokens))
+
+
 def parse_reply(reply: str) -> tuple[int, int, int]:
     """(stream sequence, stored-at in ns since the epoch, messages pending) from a
     JetStream delivery's reply subject (both the v1 and the v2, domain-aware, layouts)."""
-    tokens = reply.split(".")
-    base = 5 if len(tokens) == 9 else 7
+    tokens, base = reply_tokens(reply)
     return int(tokens[base]), int(tokens[base + 2]), int(tokens[base + 3])
 
 
@@ -339,7 +352,7 @@ def parse_replies(replies: list[str]) -> tuple[list[int], list[int]]:
     if len(lengths) != 1 or lengths[0] < 9:
         parsed = [parse_reply(r) for r in replies]
         return [p[0] for p in parsed], [p[1] for p in parsed]
-    base = 5 if lengths[0] == 9 else 7
+    base = seq_position(lengths[0])
     seqs = pc.cast(pc.list_element(tokens, base), pa.int64()).to_pylist()
     stored = pc.cast(pc.list_element(tokens, base + 2), pa.int64()).to_pylist()
     return seqs, stored

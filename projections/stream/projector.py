@@ -13,16 +13,15 @@ are decoded side by side while n is applied and n+3 is read, so that neither the
 nor the writer waits for one decoder. A batch is applied only after the one before it
 succeeded, so the watermark never passes a batch that was not applied.
 
-Why the subscription has no callback and is read from its queue in chunks: with a
-callback, nats-py answers JetStream's flow-control requests as soon as messages are
-*received*, so a projector slower than the stream would buffer the whole backlog in memory
-(or, with pending limits, silently drop messages the ordered consumer never notices).
-Without a callback, nats-py answers only once the queue has been consumed up to the
-request, which stalls the server while the pipeline is full. Reading the queue in chunks
-(one await per chunk, not per message) keeps the rate of a callback. A bounded bulk run
-(a replay, a catch-up) reads through `projections.stream.bulkread` instead, which takes the
-messages without nats-py's per-message `Msg` and queue, at about twice its rate, and holds
-flow control the same way.
+How it reads: through nats-py's public API only, an ephemeral pull consumer from the
+watermark (`_PullReader`), fetched in batches of at most what the pipeline has room for.
+That is its flow control: the server sends no more than was asked, so a projector slower
+than the stream holds a batch or two, never the backlog. When the consumer is lost (a
+restarted server that forgot it, its inactivity threshold) it is made again after the last
+sequence read. A bounded bulk run (a replay, a catch-up) may read through
+`projections.stream.bulkread` instead, the one module that reaches into nats-py's
+internals (pinned to one nats-py version, checked at run time, and falling back to the
+public path), because it takes the messages at about twice the rate.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from projections.errors import ProjectionError, StreamUnavailable
 from projections.store.store import ApplyResult, ProjectionStore
@@ -58,6 +57,9 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.1
 _BUSY_POLL_S = 0.01
+_MIN_FETCH_S = 0.005
+_CHECK_IDLE_S = 5.0  # idle this long, the pull reader asks whether its consumer still exists
+_INACTIVE_S = 300.0  # the server deletes a pull consumer unused this long
 _IN_FLIGHT = 2
 _BULK_DECODERS = 2
 """Decode processes of a bulk run: two batches are decoded side by side while a third is
@@ -248,34 +250,56 @@ class Projector:
                 if state.target < start:
                     return state
                 until_seq = state.target  # what the stream holds now, not what comes later
-            sub = await self._subscribe(nc, start)
             try:
-                sink = Sink(state.seq, until_seq, until_ns, high_water=self.batch_size)
-                if isinstance(nc, BulkClient) and nc.attach(sink, sub):
-                    await self._read_bulk(nc, sink, state, progress)
-                else:
-                    await self._read(sub, state, until_seq, until_ns, stop, progress)
+                if not (
+                    isinstance(nc, BulkClient)
+                    and await self._bulk_read(nc, state, until_seq, until_ns, progress)
+                ):
+                    reader = _PullReader(nc, self.stream, start, self.nats_url)
+                    try:
+                        await self._read(reader, nc, state, until_seq, until_ns, stop, progress)
+                    finally:
+                        await reader.close()
                 while self._inflight:
                     await self._settle_oldest(state, progress)
             finally:
                 await self._abandon()
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
         finally:
             with contextlib.suppress(Exception):
                 await nc.close()
         return state
 
+    async def _bulk_read(
+        self,
+        nc: BulkClient,
+        state: Progress,
+        until_seq: int | None,
+        until_ns: int | None,
+        progress: ProgressCallback | None,
+    ) -> bool:
+        """Read a bounded run through `projections.stream.bulkread`; False (nothing read)
+        when this nats-py does not look as that module expects."""
+        sub = await self._subscribe(nc, state.seq + 1)
+        try:
+            sink = Sink(state.seq, until_seq, until_ns, high_water=self.batch_size)
+            if not nc.attach(sink, sub):
+                return False
+            await self._read_bulk(nc, sink, state, progress)
+            return True
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
     async def _read(
         self,
-        sub: Any,
+        reader: _PullReader,
+        nc: Any,
         state: Progress,
         until_seq: int | None,
         until_ns: int | None,
         stop: asyncio.Event | None,
         progress: ProgressCallback | None,
     ) -> None:
-        queue: asyncio.Queue[Msg] = sub._pending_queue  # see the module docstring
         buf: list[Msg] = []
         born = 0.0
         finished = False
@@ -286,21 +310,14 @@ class Projector:
         while not finished:
             while self._inflight and self._inflight[0].done():
                 await self._settle_oldest(state, progress)
-            first = await self._next(
-                queue, born if buf and not self.bulk else None, busy=bool(self._inflight)
-            )
-            if first is None and stop is None and sub._conn.is_closed:
+            fetched_at = time.monotonic()
+            chunk = await reader.fetch(limit - len(buf), self._wait(buf, born))
+            if not chunk and stop is None and nc.is_closed:
                 raise StreamUnavailable(self.nats_url, "the connection closed during the run")
-            if first is not None:
-                chunk = [first]
-                while not queue.empty():
-                    chunk.append(queue.get_nowait())
-                for _ in chunk:
-                    queue.task_done()
-                await _answer_flow_control(sub)
+            if chunk:
                 chunk, finished, seen = _bound(chunk, seen, until_seq, until_ns, stop is None)
                 if chunk and not buf:
-                    born = time.monotonic()
+                    born = fetched_at
                 buf.extend(chunk)
             stopping = stop is not None and stop.is_set()
             # Live, an aged batch waits for the writer to be free, and grows meanwhile: cut
@@ -343,26 +360,19 @@ class Projector:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(sink.ready.wait(), _POLL_S)
 
-    async def _next(
-        self, queue: asyncio.Queue[Msg], born: float | None, *, busy: bool = False
-    ) -> Msg | None:
-        """The next message, or None once the batch born at `born` is due (or after a short
-        poll when there is no batch: time to look at `stop`; or, when the writer is `busy`
-        with an earlier batch, after a shorter one: time to see whether it is done)."""
-        if not queue.empty():
-            return queue.get_nowait()
-        if born is None:
-            wait = _POLL_S
-        elif busy:
-            wait = _BUSY_POLL_S
-        else:
-            wait = max(born + self.batch_age_s, self._rested(born)) - time.monotonic()
-        if wait <= 0:
-            return None
-        try:
-            return await asyncio.wait_for(queue.get(), wait)
-        except TimeoutError:
-            return None
+    def _wait(self, buf: list[Msg], born: float) -> float:
+        """How long the next fetch may wait for messages: with no batch, `batch_age_s` (so a
+        batch is never older than that when its fetch returns; live, also the time to look
+        at `stop`) or `_POLL_S` in bulk; with a batch, until it is due (shorter while the
+        writer is busy with an earlier one: time to see whether it is done)."""
+        if not buf:
+            return _POLL_S if self.bulk else self.batch_age_s
+        if self.bulk:
+            return _POLL_S
+        due = max(born + self.batch_age_s, self._rested(born)) - time.monotonic()
+        if self._inflight:
+            due = min(due, _BUSY_POLL_S)
+        return max(due, _MIN_FETCH_S)
 
     def _rested(self, born: float) -> float:
         """When the writer's rest ends for a batch born at `born`: at `_rest_until`, but
@@ -463,6 +473,7 @@ class Projector:
             raise StreamUnavailable(self.nats_url, repr(e)) from e
 
     async def _subscribe(self, nc: Any, start: int) -> Any:
+        """The ordered push consumer `projections.stream.bulkread` reads."""
         js = nc.jetstream()
         try:
             return await js.subscribe(
@@ -476,18 +487,6 @@ class Projector:
             )
         except (OSError, TimeoutError, nats.errors.Error) as e:
             raise StreamUnavailable(self.nats_url, repr(e)) from e
-
-
-async def _answer_flow_control(sub: Any) -> None:
-    """Send the flow-control reply nats-py scheduled, now that the queue is drained up to
-    it. Without a callback, nats-py sends it from a task that looks every 250 ms, and the
-    server stops delivering while it waits."""
-    jsi = getattr(sub, "_sub", sub)._jsi  # the JetStream push subscription's inner one
-    if jsi is None or jsi._fcr is None:
-        return
-    if jsi._fciseq - sub._pending_queue.qsize() >= jsi._fcd:
-        reply, jsi._fcr, jsi._fcd = jsi._fcr, None, 0
-        await sub._conn.publish(reply)
 
 
 def _bound(
@@ -517,3 +516,86 @@ def _bound(
             finished = True
             break
     return kept, finished and bounded, seen
+
+
+class _PullReader:
+    """`SUP_EVENTS` from a sequence on, through an ephemeral pull consumer (nats-py's public
+    API): `fetch(n, timeout)` answers at most `n` messages, as soon as some are there, or
+    none once `timeout` passed. Acknowledging is off: where to resume is the projection's
+    watermark, not the consumer's. A consumer the server lost is made again from the
+    sequence after the last one fetched (checked when fetches have come back empty for
+    `_CHECK_IDLE_S`, and after any error)."""
+
+    def __init__(self, nc: Any, stream: str, start: int, url: str) -> None:
+        self.nc, self.stream, self.next_seq, self.url = nc, stream, start, url
+        self._sub: Any = None
+        self._name: str | None = None
+        self._idle_since = time.monotonic()
+
+    async def _open(self) -> None:
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.next_seq,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=_INACTIVE_S,
+            mem_storage=True,
+        )
+        js = self.nc.jetstream()
+        try:
+            self._sub = await js.pull_subscribe(EVENTS_SUBJECTS[0], stream=self.stream,
+                                                config=config)  # fmt: skip
+            self._name = (await self._sub.consumer_info()).name
+        except (OSError, TimeoutError, nats.errors.Error) as e:
+            await self._drop()
+            raise StreamUnavailable(self.url, repr(e)) from e
+        self._idle_since = time.monotonic()
+
+    async def fetch(self, n: int, timeout: float) -> list[Msg]:
+        if self._sub is None:
+            try:
+                await self._open()
+            except StreamUnavailable:
+                if not self.nc.is_connected:  # reconnecting: the consumer is made after
+                    await asyncio.sleep(min(timeout, _POLL_S))
+                    return []
+                raise
+        try:
+            msgs: list[Msg] = await self._sub.fetch(max(1, n), timeout=timeout)
+        except (TimeoutError, nats.errors.TimeoutError):
+            msgs = []
+        except nats.errors.Error as e:
+            log.debug("projector fetch: %r; making the consumer again", e)
+            await self._drop()
+            return []
+        if msgs:
+            self.next_seq = parse_reply(msgs[-1].reply)[0] + 1
+            self._idle_since = time.monotonic()
+        elif time.monotonic() - self._idle_since >= _CHECK_IDLE_S:
+            await self._check()
+        return msgs
+
+    async def _check(self) -> None:
+        """Make the consumer again if the server no longer has it."""
+        self._idle_since = time.monotonic()
+        try:
+            await self._sub.consumer_info()
+        except nats.js.errors.NotFoundError:
+            log.info("projector: the stream's consumer was lost; making it again at seq %d",
+                     self.next_seq)  # fmt: skip
+            await self._drop()
+        except (OSError, TimeoutError, nats.errors.Error) as e:
+            log.debug("projector consumer check: %r", e)
+
+    async def _drop(self) -> None:
+        """Unsubscribe, and delete the consumer rather than leave it to its threshold."""
+        sub, self._sub = self._sub, None
+        name, self._name = self._name, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if name is not None and self.nc.is_connected:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.jetstream().delete_consumer(self.stream, name), 2)
+
+    async def close(self) -> None:
+        await self._drop()
