@@ -95,6 +95,29 @@ def is_terminal(state: str | None) -> bool:
     return state in TERMINAL_TASK_STATES
 
 
+def _progression(machine: dict[tuple[str | None, str], str]) -> tuple[str, ...]:
+    """A machine's states from its first to its last: each after every state that leads
+    to it (a topological order of the transitions, which form no cycle)."""
+    order: list[str] = []
+    pending = {b for _, b in machine.items()}
+    while pending:
+        ready = sorted(b for b in pending
+                       if all(a is None or a in order or a == b
+                              for (a, _), t in machine.items() if t == b))  # fmt: skip
+        if not ready:
+            raise RuntimeError("lifecycle: the transitions form a cycle")
+        order.extend(ready)
+        pending -= set(ready)
+    return tuple(order)
+
+
+CONTAINER_PROGRESSION: Final[tuple[str, ...]] = _progression(_CONTAINER)  # type: ignore[arg-type]
+"""created, running, exited, removed: how far a container got, in order."""
+
+WORKSPACE_PROGRESSION: Final[tuple[str, ...]] = _progression(_WORKSPACE)  # type: ignore[arg-type]
+"""present, removed."""
+
+
 _CONTAINER_EVENTS: Final[frozenset[str]] = frozenset(
     {"container.created", "container.started", "container.exited"}
 )

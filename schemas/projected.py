@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Final
 
+from schemas import labels as L
+
 RUNNING_STATES: Final = frozenset({"running", "restarting", "paused"})
 
 
@@ -155,24 +157,24 @@ def seen_container(
     as absent."""
     attempt: int | None
     try:
-        attempt = int(labels["supervisor.attempt"])
+        attempt = int(labels[L.ATTEMPT])
     except (KeyError, ValueError):
         attempt = None
     deadline: datetime | None
     try:
-        deadline = datetime.fromtimestamp(float(labels["supervisor.deadline"]), UTC)
+        deadline = datetime.fromtimestamp(float(labels[L.DEADLINE]), UTC)
     except (KeyError, ValueError, OverflowError, OSError):
         deadline = None
     return SeenContainer(
         container_id=container_id,
         state=state,
         created_at=datetime.fromtimestamp(created, UTC),
-        task_id=labels.get("supervisor.task"),
+        task_id=labels.get(L.TASK),
         attempt=attempt,
-        instance_id=labels.get("supervisor.instance"),
+        instance_id=labels.get(L.INSTANCE),
         deadline=deadline,
-        managed=labels.get("supervisor.managed") == "true",
-        node_id=labels.get("supervisor.node"),
+        managed=labels.get(L.MANAGED) == "true",
+        node_id=labels.get(L.NODE),
     )
 
 

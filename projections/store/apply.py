@@ -33,6 +33,7 @@ from projections.store.machine import (
     TERMINAL_TASK_TYPES,
     sql_attempt_finish_applies,
     sql_in,
+    sql_progress_state,
     sql_task_state_case,
     sql_terminal_applies,
 )
@@ -340,10 +341,7 @@ MERGE INTO containers USING (
         FROM m
     )
     SELECT container_id,
-           CASE WHEN removed_seq IS NOT NULL THEN 'removed'
-                WHEN exited_at IS NOT NULL THEN 'exited'
-                WHEN started IS NOT NULL THEN 'running'
-                WHEN created_seq IS NOT NULL THEN 'created' END AS state,
+           {sql_progress_state("container")} AS state,
            CASE WHEN known THEN o_task_id ELSE first.task_id END AS task_id,
            CASE WHEN known THEN o_attempt ELSE first.attempt END AS attempt,
            CASE WHEN known THEN o_node_id ELSE first.node_id END AS node_id,
@@ -370,7 +368,7 @@ WHEN MATCHED THEN UPDATE
 WHEN NOT MATCHED THEN INSERT
 """
 
-MERGE_WORKSPACES = """
+MERGE_WORKSPACES = f"""
 MERGE INTO workspaces USING (
     WITH e AS (
         SELECT n.seq, n.type, n.occurred_at, n.task_id, n.attempt, n.node_id, n.instance_id,
@@ -384,11 +382,11 @@ MERGE INTO workspaces USING (
     ), d AS (
         SELECT path,
                min(seq) AS first_seq, max(seq) AS last_seq,
-               arg_min({'task_id': task_id, 'attempt': attempt, 'node_id': node_id,
-                        'instance_id': instance_id}, seq) AS first,
-               arg_min({'seq': seq, 'at': occurred_at, 'files': files, 'bytes': bytes}, seq)
+               arg_min({{'task_id': task_id, 'attempt': attempt, 'node_id': node_id,
+                        'instance_id': instance_id}}, seq) AS first,
+               arg_min({{'seq': seq, 'at': occurred_at, 'files': files, 'bytes': bytes}}, seq)
                    FILTER (WHERE type = 'workspace.created') AS cr,
-               arg_min({'seq': seq, 'at': occurred_at, 'already_gone': already_gone}, seq)
+               arg_min({{'seq': seq, 'at': occurred_at, 'already_gone': already_gone}}, seq)
                    FILTER (WHERE type = 'cleanup.succeeded') AS rm,
                count(*) FILTER (WHERE type = 'cleanup.failed') AS cleanup_failures,
                arg_max(reason, seq) FILTER (WHERE type = 'cleanup.failed') AS last_cleanup_error
@@ -411,8 +409,7 @@ MERGE INTO workspaces USING (
         FROM m
     )
     SELECT path,
-           CASE WHEN removed_seq IS NOT NULL THEN 'removed'
-                WHEN created_seq IS NOT NULL THEN 'present' END AS state,
+           {sql_progress_state("workspace")} AS state,
            CASE WHEN known THEN o_task_id ELSE first.task_id END AS task_id,
            CASE WHEN known THEN o_attempt ELSE first.attempt END AS attempt,
            CASE WHEN known THEN o_node_id ELSE first.node_id END AS node_id,

@@ -32,6 +32,7 @@ from projections.store.machine import (
     TASK_TARGET_STATE,
     TERMINAL_TASK_TYPES,
     attempt_finish_applies,
+    progress_state,
     terminal_applies,
 )
 from schemas import NO_TASK
@@ -288,12 +289,6 @@ def _owner(o: Row | None, ev: list[Event]) -> Row:
     return {c: src[c] for c in ("task_id", "attempt", "node_id", "instance_id")}
 
 
-def _state(*steps: tuple[Any, str]) -> str | None:
-    """The `CASE WHEN x IS NOT NULL THEN 'name' ...` of a state column: the first step
-    reached, latest first."""
-    return next((name for value, name in steps if value is not None), None)
-
-
 def _removal(oo: Row, ev: list[Event], rm: Event | None) -> Row:
     """The columns a container and a workspace share: their removal (`rm`, the first
     `cleanup.succeeded`), failed cleanups, and the span of their events."""
@@ -324,8 +319,8 @@ def fold_container(container_id: str, o: Row | None, ev: list[Event]) -> Row:
                         _first_value(ev, _is("container.started"), "occurred_at"))  # fmt: skip
     exited_at = oo["exited_at"] if old_ex else _get(ex, "occurred_at")
     removal = _removal(oo, ev, rm)
-    state = _state((removal["removed_seq"], "removed"), (exited_at, "exited"),
-                   (started, "running"), (created_seq, "created"))  # fmt: skip
+    state = progress_state("container", {"removed_seq": removal["removed_seq"],
+                           "exited_at": exited_at, "started": started, "created_seq": created_seq})  # fmt: skip
     return {
         "container_id": container_id,
         "state": state,
@@ -353,7 +348,8 @@ def fold_workspace(path: str, o: Row | None, ev: list[Event]) -> Row:
     old_cr = oo.get("created_seq") is not None
     created_seq = oo["created_seq"] if old_cr else _get(cr, "seq")
     removal = _removal(oo, ev, rm)
-    state = _state((removal["removed_seq"], "removed"), (created_seq, "present"))
+    state = progress_state("workspace", {"removed_seq": removal["removed_seq"],
+                                         "created_seq": created_seq})  # fmt: skip
     return {
         "path": path,
         "state": state,

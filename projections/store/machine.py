@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import Final, get_args
 
 from schemas.lifecycle import (
+    CONTAINER_PROGRESSION,
     TASK_EVENT_TYPES,
+    WORKSPACE_PROGRESSION,
     InvalidTransition,
     TaskState,
     is_terminal,
@@ -110,3 +112,47 @@ def sql_terminal_applies(
         f"({attempt} = 0 OR ({starter} IS NOT NULL AND ({instance} = {starter} "
         f"OR coalesce({finished_seq} < {seq}, false))))"
     )
+
+
+# --- how far a container or a workspace got -----------------------------------------------
+#
+# Their state is the furthest step of their machine (`schemas.lifecycle`) that the history
+# shows; each step is known from one column of the row (the seq or time it happened).
+
+CONTAINER_STEPS: Final[dict[str, str]] = {
+    "created": "created_seq", "running": "started", "exited": "exited_at",
+    "removed": "removed_seq",
+}  # fmt: skip
+"""Each container state, and the column (of `MERGE_CONTAINERS`' last CTE) that shows it."""
+
+WORKSPACE_STEPS: Final[dict[str, str]] = {"present": "created_seq", "removed": "removed_seq"}
+
+
+def _check(progression: tuple[str, ...], steps: dict[str, str]) -> tuple[str, ...]:
+    if set(progression) != set(steps):
+        raise RuntimeError(f"lifecycle: states {progression} but columns for {sorted(steps)}")
+    return progression
+
+
+_CONTAINER_ORDER: Final = _check(CONTAINER_PROGRESSION, CONTAINER_STEPS)
+_WORKSPACE_ORDER: Final = _check(WORKSPACE_PROGRESSION, WORKSPACE_STEPS)
+
+
+def progress_state(kind: str, values: dict[str, object]) -> str | None:
+    """The furthest state of a `kind` ("container", "workspace") whose column in `values`
+    is set."""
+    order, steps = (
+        (_CONTAINER_ORDER, CONTAINER_STEPS) if kind == "container"
+        else (_WORKSPACE_ORDER, WORKSPACE_STEPS)
+    )  # fmt: skip
+    return next((s for s in reversed(order) if values[steps[s]] is not None), None)
+
+
+def sql_progress_state(kind: str) -> str:
+    """`progress_state` as a SQL CASE over the columns."""
+    order, steps = (
+        (_CONTAINER_ORDER, CONTAINER_STEPS) if kind == "container"
+        else (_WORKSPACE_ORDER, WORKSPACE_STEPS)
+    )  # fmt: skip
+    arms = " ".join(f"WHEN {steps[s]} IS NOT NULL THEN '{s}'" for s in reversed(order))
+    return f"CASE {arms} END"

@@ -33,9 +33,9 @@ from schemas.errors import (
     DockerUnavailable,
     ImageNotFound,
 )
+from schemas.labels import node_filter
 
 T = TypeVar("T")
-MANAGED_LABEL = "supervisor.managed"
 
 
 def translate(operation: str, e: BaseException) -> DockerError:
@@ -251,7 +251,7 @@ class DockerRuntime:
         return False
 
     async def list_managed(self, node_id: str) -> list[dict[str, Any]]:
-        filters = {"label": [f"{MANAGED_LABEL}=true", f"supervisor.node={node_id}"]}
+        filters = {"label": node_filter(node_id)}
         return await self._call("list", self.api.containers, all=True, filters=filters)
 
     def close(self) -> None:

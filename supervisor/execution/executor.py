@@ -41,6 +41,7 @@ from schemas import (
 )
 from schemas.config import Config
 from schemas.errors import ContainerVanished, ImageNotFound, SpecError, SupervisorError
+from schemas.labels import container_labels
 from schemas.lifecycle import LifecycleTracker
 from supervisor.daemon.metrics import Metrics
 from supervisor.docker.runtime import (
@@ -133,6 +134,8 @@ class Executor:
         data_dir: Path,
         rand: Callable[[], float] = random.random,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        on_attempt: Callable[[Classification | None], None] | None = None,
+        gate: Callable[[], None] | None = None,
     ) -> None:
         self.runtime = runtime
         self.lifecycle = LifecycleTracker()
@@ -147,12 +150,12 @@ class Executor:
         self.cleaner = Cleaner(
             runtime, watcher, metrics, kill_timeout_s=config.sandbox.stop_timeout_s * 2
         )
-        # Set by the daemon: `on_attempt` sees each attempt's classification (None for an
+        # From the daemon: `on_attempt` sees each attempt's classification (None for an
         # attempt Docker carried out, whatever the task's fate) so the breaker learns from
         # real work; `gate` raises (CircuitOpen) before a retry that Docker cannot serve, so
         # the task goes back to the queue instead of burning its attempts.
-        self.on_attempt: Callable[[Classification | None], None] | None = None
-        self.gate: Callable[[], None] | None = None
+        self.on_attempt = on_attempt
+        self.gate = gate
         # The tasks this instance ended (newest last, bounded): a redelivered message of one
         # of them is only acked, even before its terminal event reached the stream.
         self.finished: dict[str, None] = {}
@@ -434,15 +437,10 @@ class Executor:
             raise asyncio.CancelledError
         em.emit(WorkspaceCreated, path=str(st.workspace), files=len(spec.files), bytes=nbytes)
         deadline = time.time() + spec.limits.timeout_s
-        labels = {
-            "supervisor.managed": "true",
-            "supervisor.node": em.node_id,
-            "supervisor.instance": em.instance_id,
-            "supervisor.task": task_id,
-            "supervisor.attempt": str(attempt),
-            "supervisor.deadline": f"{deadline:.3f}",
-            "supervisor.workspace": str(st.workspace),
-        }
+        labels = container_labels(
+            node_id=em.node_id, instance_id=em.instance_id, task_id=task_id, attempt=attempt,
+            deadline=deadline, workspace=str(st.workspace),
+        )  # fmt: skip
         sb = self.config.sandbox
         req = ContainerRequest(
             image=spec.image,

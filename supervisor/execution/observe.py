@@ -22,6 +22,8 @@ from typing import Any
 
 import docker
 
+from schemas.labels import node_filter
+
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -66,7 +68,7 @@ class DockerEventWatcher:
         since: float | None = None
         filters = {
             "type": "container",
-            "label": ["supervisor.managed=true", f"supervisor.node={self._node}"],
+            "label": node_filter(self._node),
         }
         while not self._stop.is_set():
             try:

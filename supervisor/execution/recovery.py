@@ -24,6 +24,7 @@ from schemas import (
     decode_event,
 )
 from schemas.errors import NatsUnavailable, SupervisorError
+from schemas.labels import is_ours
 from schemas.streams import EVENTS_STREAM
 from supervisor.eventlog.emitter import Emitter
 from supervisor.execution.classify import Classification, catalogue_entry
@@ -83,7 +84,7 @@ async def _ours(executor: Executor, em: Emitter, container_id: str | None) -> st
         labels = await executor.runtime.labels(container_id)
     except SupervisorError:
         return None  # gone already, or Docker is unreachable: the reconciler will see it
-    if labels.get("supervisor.managed") != "true" or labels.get("supervisor.node") != em.node_id:
+    if not is_ours(labels, em.node_id):
         return None
     return container_id
 

@@ -47,9 +47,12 @@ from schemas import (
 )
 from schemas.config import ReconcileConfig
 from schemas.errors import CommandBusError, ContainerVanished, SupervisorError
+from schemas.labels import MANAGED as MANAGED_LABEL
+from schemas.labels import NODE as NODE_LABEL
+from schemas.labels import is_ours
 from schemas.streams import COMMANDS_STREAM
 from supervisor.daemon.metrics import Metrics
-from supervisor.docker.runtime import MANAGED_LABEL, DockerRuntime
+from supervisor.docker.runtime import DockerRuntime
 from supervisor.eventlog.emitter import Emitter
 from supervisor.eventlog.log import MSG_ID_HEADER
 from supervisor.execution.classify import catalogue_entry
@@ -286,12 +289,10 @@ class CommandExecutor:
             labels: dict[str, str] | None = await self.runtime.labels(cid)
         except ContainerVanished:
             labels = None
-        if labels is not None and (
-            labels.get(MANAGED_LABEL) != "true" or labels.get("supervisor.node") != self.node_id
-        ):
+        if labels is not None and not is_ours(labels, self.node_id):
             return "refused", (
                 f"container {cid[:12]} is not a managed container of node {self.node_id} "
-                f"(managed={labels.get(MANAGED_LABEL)!r}, node={labels.get('supervisor.node')!r})"
+                f"(managed={labels.get(MANAGED_LABEL)!r}, node={labels.get(NODE_LABEL)!r})"
             )
         running = False
         if labels is not None:

@@ -1,0 +1,41 @@
+"""The labels every task container carries (the contract: extend, don't rename). They are
+how the reconciler and the command executor know a container is a task's, and whose."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+MANAGED: Final = "supervisor.managed"
+NODE: Final = "supervisor.node"
+INSTANCE: Final = "supervisor.instance"
+TASK: Final = "supervisor.task"
+ATTEMPT: Final = "supervisor.attempt"
+DEADLINE: Final = "supervisor.deadline"  # epoch seconds
+WORKSPACE: Final = "supervisor.workspace"
+
+
+def container_labels(
+    *, node_id: str, instance_id: str, task_id: str, attempt: int, deadline: float, workspace: str
+) -> dict[str, str]:
+    """The labels of one attempt's container."""
+    return {
+        MANAGED: "true",
+        NODE: node_id,
+        INSTANCE: instance_id,
+        TASK: task_id,
+        ATTEMPT: str(attempt),
+        DEADLINE: f"{deadline:.3f}",
+        WORKSPACE: workspace,
+    }
+
+
+def is_ours(labels: Mapping[str, str], node_id: str) -> bool:
+    """Whether a container with these labels is a managed container of `node_id`: the only
+    ones a node ever removes, whoever asks."""
+    return labels.get(MANAGED) == "true" and labels.get(NODE) == node_id
+
+
+def node_filter(node_id: str) -> list[str]:
+    """Docker's label filter for the managed containers of `node_id`."""
+    return [f"{MANAGED}=true", f"{NODE}={node_id}"]
