@@ -36,7 +36,7 @@ from schemas import (
 )
 from schemas.config import Config, HttpConfig
 from schemas.errors import ApiError, ConfigError, NatsUnavailable
-from schemas.health import Check
+from schemas.health import Check, CheckFn
 from schemas.streams import TASKS_STREAM, commands_stream_config, tasks_stream_config
 from supervisor.daemon.datadir import DataDirLock
 from supervisor.daemon.extension import DaemonContext, Part, ReadSide
@@ -164,12 +164,20 @@ class Daemon:
             lock.release()
 
     async def _run(self, stop: asyncio.Event, force: asyncio.Event, lock: DataDirLock) -> int:
+        """The daemon, built in the order of its data flow and torn down in reverse (the
+        stack): the node (NATS, event log, Docker, executor), the work queue, the breaker
+        and the monitor, the intake and the pull loop, HTTP, the parts; then it pulls work
+        until `stop`, and drains."""
         cfg = self.config
-        sc = cfg.scheduling
         async with (
             open_node(
-                cfg, nats_url=self.nats_url, role="serve", instance_id=lock.holder.instance_id
-            ) as node,
+                cfg,
+                nats_url=self.nats_url,
+                role="serve",
+                instance_id=lock.holder.instance_id,
+                on_attempt=self._on_attempt,
+                gate=self._gate,
+            ) as node,  # fmt: skip
             contextlib.AsyncExitStack() as stack,
         ):
             self.node = node
@@ -179,37 +187,12 @@ class Daemon:
                          prev.instance_id, prev.pid)  # fmt: skip
                 node.emitter.emit(SupervisorSuperseded, superseded_instance=prev.instance_id,
                                   superseded_pid=prev.pid)  # fmt: skip
-            if not await node.events.wait_connected(timeout=30):
-                raise NatsUnavailable(node.nats_url, "the daemon needs NATS to pull work")
+            wq = await self._open_queue(node, stack)
+            breaker, monitor = await self._open_control(node, stack)
             js = node.events.js
-            await ensure_streams(
-                js,
-                [tasks_stream_config(sc.queue_bound_per_priority), commands_stream_config()],
-                url=node.nats_url,
-            )
-            await ensure_consumers(js, ack_wait_s=sc.ack_wait_s, max_deliveries=sc.max_deliver + 1)
-            _publish_url(stack, url_file(node.data_dir), redact(node.nats_url))
-            wq = WorkQueue(node.events.nc, js)
-            await wq.start()
-            stack.push_async_callback(wq.stop)
-
-            self.breaker = breaker = DockerBreaker(
-                node.emitter, cfg.breaker, metrics=node.metrics, on_change=lambda _: self._poke()
-            )
-            self.monitor = monitor = ResourceMonitor(
-                node.emitter,
-                self.sampler or PsutilSampler(node.data_dir),
-                runtime=node.runtime,
-                thresholds=cfg.thresholds,
-                config=cfg.monitor,
-                metrics=node.metrics,
-                on_change=lambda _: self._poke(),
-                on_docker=breaker.record,
-            )
-            node.executor.on_attempt = self._on_attempt
-            node.executor.gate = self._gate
             self.intake = Intake(js, node.emitter, node.events, cfg, metrics=node.metrics,
                                  disk_full=self._disk_reason)  # fmt: skip
+            sc = cfg.scheduling
             self.scheduler = scheduler = Scheduler(
                 wq,
                 node.executor,
@@ -221,68 +204,129 @@ class Daemon:
                 heartbeat_timeout_s=cfg.reconcile.heartbeat_timeout_s,
                 terminal_wait_s=sc.ack_wait_s,
             )
-            await monitor.tick()
-            _background(stack, "monitor", lambda: _after(cfg.monitor.interval_s, monitor.run))
-            _background(stack, "breaker", lambda: breaker.watch(node.runtime))
-            _background(stack, "queue depth", lambda: _refresh_queue_depth(js, node.metrics))
-
-            checks = daemon_checks(
-                runtime=node.runtime,
-                connected=lambda: node.events.connected,
-                backlog=lambda: node.events.backlog,
-                breaker=breaker,
-                monitor=monitor,
-                max_backlog=cfg.http.max_outbox_backlog,
-                nats_down=lambda: node.nats_watch.down if node.nats_watch else None,
-            )
-            checks["disk"] = self._disk_check
-            checks["started"] = self._started_check
-            node.metrics.disk_full.set_function(lambda: float(self._disk_reason() is not None))
-            _background(stack, "disk", self._watch_disk)
-            node.metrics.outbox_backlog.set_function(lambda: node.events.backlog)
-            scrape_hooks: list[Callable[[], Awaitable[None]]] = []
-
-            async def before_scrape() -> None:
-                await asyncio.gather(*(hook() for hook in scrape_hooks))
-
-            app = create_app(
-                metrics=node.metrics,
-                readiness=checks,
-                handlers=_Api(self, js),
-                token=http_token(cfg.http),
-                check_timeout_s=cfg.http.check_timeout_s,
-                on_scrape=before_scrape,
-            )
-            self.http = http = HttpServer(app, cfg.http.listen)
-            await http.start()
-            stack.push_async_callback(http.stop)
-            _publish_url(stack, http_url_file(node.data_dir), http.url)
-
+            checks, scrape_hooks = await self._serve_http(node, breaker, monitor, stack)
             ctx = DaemonContext(node=node, nc=node.events.nc, js=js, breaker=breaker,
                                 monitor=monitor, scheduler=scheduler, checks=checks,
                                 scrape_hooks=scrape_hooks)  # fmt: skip
             for part in self.parts:
                 log.info("starting %s", part.name)
                 await part.start(ctx, stack)
-
-            loop_task = asyncio.ensure_future(scheduler.loop())
-            self.ready.set()
-            log.info("serving on node %s (NATS %s, HTTP %s)", cfg.node_id, redact(node.nats_url),
-                     http.url)  # fmt: skip
-            stop_wait = asyncio.ensure_future(stop.wait())
-            await asyncio.wait([stop_wait, loop_task], return_when=asyncio.FIRST_COMPLETED)
-            stop_wait.cancel()
-            if loop_task.done() and not loop_task.cancelled() and loop_task.exception():
-                raise loop_task.exception()  # type: ignore[misc]
-            self.ready.clear()
-            log.info("stopping: no more pulls; %d task(s) running", len(scheduler.running))
-            await scheduler.stop_pulling()
-            loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop_task
-            await scheduler.drain(sc.shutdown_grace_s, force)
+            await self._pull_until(stop, force, scheduler)
             await node.events.flush(10)
         return 0
+
+    async def _open_queue(self, node: Node, stack: contextlib.AsyncExitStack) -> WorkQueue:
+        """NATS reached, the streams and consumers there, the NATS URL published in the data
+        dir, and the work queue's wake-ups subscribed."""
+        sc = self.config.scheduling
+        if not await node.events.wait_connected(timeout=30):
+            raise NatsUnavailable(node.nats_url, "the daemon needs NATS to pull work")
+        js = node.events.js
+        await ensure_streams(
+            js,
+            [tasks_stream_config(sc.queue_bound_per_priority), commands_stream_config()],
+            url=node.nats_url,
+        )
+        await ensure_consumers(js, ack_wait_s=sc.ack_wait_s, max_deliveries=sc.max_deliver + 1)
+        _publish_url(stack, url_file(node.data_dir), redact(node.nats_url))
+        wq = WorkQueue(node.events.nc, js)
+        await wq.start()
+        stack.push_async_callback(wq.stop)
+        return wq
+
+    async def _open_control(
+        self, node: Node, stack: contextlib.AsyncExitStack
+    ) -> tuple[DockerBreaker, ResourceMonitor]:
+        """The Docker breaker and the resource monitor (sampled once before work is pulled),
+        with their background loops, and the queue depth gauge's."""
+        cfg = self.config
+        self.breaker = breaker = DockerBreaker(
+            node.emitter, cfg.breaker, metrics=node.metrics, on_change=lambda _: self._poke()
+        )
+        self.monitor = monitor = ResourceMonitor(
+            node.emitter,
+            self.sampler or PsutilSampler(node.data_dir),
+            runtime=node.runtime,
+            thresholds=cfg.thresholds,
+            config=cfg.monitor,
+            metrics=node.metrics,
+            on_change=lambda _: self._poke(),
+            on_docker=breaker.record,
+        )
+        await monitor.tick()
+        _background(stack, "monitor", lambda: _after(cfg.monitor.interval_s, monitor.run))
+        _background(stack, "breaker", lambda: breaker.watch(node.runtime))
+        js = node.events.js
+        _background(stack, "queue depth", lambda: _refresh_queue_depth(js, node.metrics))
+        return breaker, monitor
+
+    async def _serve_http(
+        self,
+        node: Node,
+        breaker: DockerBreaker,
+        monitor: ResourceMonitor,
+        stack: contextlib.AsyncExitStack,
+    ) -> tuple[dict[str, CheckFn], list[Callable[[], Awaitable[None]]]]:
+        """The readiness checks, the metrics' gauges and the HTTP endpoint, its URL
+        published in the data dir. Returns the checks and the scrape hooks, which the parts
+        add to."""
+        cfg = self.config
+        checks = daemon_checks(
+            runtime=node.runtime,
+            connected=lambda: node.events.connected,
+            backlog=lambda: node.events.backlog,
+            breaker=breaker,
+            monitor=monitor,
+            max_backlog=cfg.http.max_outbox_backlog,
+            nats_down=lambda: node.nats_watch.down if node.nats_watch else None,
+        )
+        checks["disk"] = self._disk_check
+        checks["started"] = self._started_check
+        node.metrics.disk_full.set_function(lambda: float(self._disk_reason() is not None))
+        _background(stack, "disk", self._watch_disk)
+        node.metrics.outbox_backlog.set_function(lambda: node.events.backlog)
+        scrape_hooks: list[Callable[[], Awaitable[None]]] = []
+
+        async def before_scrape() -> None:
+            await asyncio.gather(*(hook() for hook in scrape_hooks))
+
+        app = create_app(
+            metrics=node.metrics,
+            readiness=checks,
+            handlers=_Api(self, node.events.js),
+            token=http_token(cfg.http),
+            check_timeout_s=cfg.http.check_timeout_s,
+            on_scrape=before_scrape,
+        )
+        self.http = http = HttpServer(app, cfg.http.listen)
+        await http.start()
+        stack.push_async_callback(http.stop)
+        _publish_url(stack, http_url_file(node.data_dir), http.url)
+        return checks, scrape_hooks
+
+    async def _pull_until(
+        self, stop: asyncio.Event, force: asyncio.Event, scheduler: Scheduler
+    ) -> None:
+        """Pull and run work until `stop` (or the loop fails); then stop pulling and let
+        running tasks finish within the grace (or until `force`)."""
+        loop_task = asyncio.ensure_future(scheduler.loop())
+        self.ready.set()
+        node = self.node
+        assert node is not None and self.http is not None
+        log.info("serving on node %s (NATS %s, HTTP %s)", self.config.node_id,
+                 redact(node.nats_url), self.http.url)  # fmt: skip
+        stop_wait = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([stop_wait, loop_task], return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        if loop_task.done() and not loop_task.cancelled() and loop_task.exception():
+            raise loop_task.exception()  # type: ignore[misc]
+        self.ready.clear()
+        log.info("stopping: no more pulls; %d task(s) running", len(scheduler.running))
+        await scheduler.stop_pulling()
+        loop_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop_task
+        await scheduler.drain(self.config.scheduling.shutdown_grace_s, force)
 
     def _disk_reason(self) -> str | None:
         node = self.node

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from supervisor.eventlog.emitter import Emitter, new_id
 from supervisor.eventlog.log import EventLog
 from supervisor.eventlog.nats_auth import ensure_credentials, with_user, write_server_config
 from supervisor.eventlog.nats_server import NatsServer, NatsWatch, config_path, resolve_nats_url
+from supervisor.execution.classify import Classification
 from supervisor.execution.executor import Executor
 from supervisor.execution.observe import CgroupSampler, DockerEventWatcher
 
@@ -76,7 +77,13 @@ async def open_node(
     role: str = "run",
     flush_timeout: float = 10.0,
     instance_id: str | None = None,
+    on_attempt: Callable[[Classification | None], None] | None = None,
+    gate: Callable[[], None] | None = None,
 ) -> AsyncIterator[Node]:
+    """Everything a process that runs tasks needs, built in order and closed in reverse:
+    NATS (the embedded server if none is known), the event log, the Docker runtime and its
+    event watcher, the cgroup sampler and the executor (with the daemon's `on_attempt`
+    and `gate`, see `Executor`)."""
     data_dir = Path(config.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     instance_id = instance_id or new_id()[:16]
@@ -111,9 +118,8 @@ async def open_node(
         await watcher.wait_connected(timeout=2.0)
         sampler = CgroupSampler(config.cgroup_sample_s)
         stack.callback(sampler.stop)
-        executor = Executor(
-            runtime, emitter, config, metrics, watcher=watcher, sampler=sampler, data_dir=data_dir
-        )
+        executor = Executor(runtime, emitter, config, metrics, watcher=watcher, sampler=sampler,
+                            data_dir=data_dir, on_attempt=on_attempt, gate=gate)  # fmt: skip
         node = Node(
             config, data_dir, instance_id, url, events, emitter, runtime, watcher, executor,
             metrics, watch, disk,
