@@ -45,7 +45,7 @@ from projections.query.render import render
 from projections.stream.replay import replay
 from schemas.config import Config, load_config
 from schemas.errors import SupervisorError
-from supervisor.eventlog.nats_server import NatsServer, resolve_nats_url
+from supervisor.daemon.node import nats_for
 
 EXIT_OK, EXIT_VIOLATIONS, EXIT_REFUSED, EXIT_UNAVAILABLE = 0, 1, 2, 3
 EXIT_QUERY_FAILED = EXIT_VIOLATIONS
@@ -74,17 +74,10 @@ def _settings(args: argparse.Namespace) -> tuple[str | None, Path]:
 
 @contextlib.asynccontextmanager
 async def nats_url_for(args: argparse.Namespace) -> AsyncIterator[str]:
-    """The NATS to use; an embedded server on the data dir if none is known."""
+    """The NATS to use; the data dir's embedded server (with its users) if none is known."""
     url, data_dir = _settings(args)
-    found = resolve_nats_url(url, data_dir)
-    if found is not None:
+    async with nats_for(url, data_dir) as found:
         yield found
-        return
-    server = NatsServer(data_dir / "nats")
-    try:
-        yield server.start()
-    finally:
-        server.stop()
 
 
 def _fail(message: str, code: int) -> int:
