@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import nats
@@ -58,7 +58,3 @@ async def publish(url: str, items: Iterable[Item], *, max_pending: int = 20_000)
         return int(info.state.last_seq)
     finally:
         await nc.close()
-
-
-async def publish_events(url: str, events: Sequence[Event]) -> int:
-    return await publish(url, events)

@@ -20,8 +20,8 @@ from projections.stream.projector import Projector
 from projections.stream.replay import replay
 from supervisor.eventlog.nats_server import NatsServer
 from testing.loadgen import publish
+from testing.snapshot import tables
 from testing.synthetic import mixed_history
-from tests.projutil import tables
 
 
 def _reply(seq: int, ns: int, pending: int) -> str:

@@ -16,9 +16,10 @@ import duckdb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from projections.store.store import ProjectionStore, snapshot
+from projections.store.store import ProjectionStore
 from projections.stream.decode import decode_batch, stage
 from schemas import AttemptFinished, Event, ResourceAlert, ResourceRecovered, encode_event
+from testing.snapshot import snapshot
 from testing.synthetic import AttemptPlan, HistoryBuilder
 from tests.test_reconcile_projection import history as node_history
 

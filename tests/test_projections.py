@@ -28,8 +28,8 @@ from projections.stream.replay import replay
 from schemas import AttemptFinished, CleanupSucceeded, TaskSubmitted, encode_event
 from supervisor.cli.main import main as cli_main
 from testing.loadgen import publish
+from testing.snapshot import tables
 from testing.synthetic import AttemptPlan, HistoryBuilder, mixed_history
-from tests.projutil import tables
 
 pytestmark = pytest.mark.nats
 

@@ -244,6 +244,7 @@ async def test_sql_cannot_write_through_a_cte_nor_exhaust_the_projections_memory
         async with http.post(f"{url}/v1/query", json={"sql": check}) as r:
             assert (r.status, (await r.json())["rows"]) == (200, [[0, 16]])
     if service is not None:
+        print(f"projection process peak RSS under the memory test: {peak / 2**20:.0f} MiB")
         assert peak < 1.5 * 2**30, peak
 
 

@@ -30,8 +30,8 @@ from supervisor.daemon.metrics import Metrics
 from supervisor.eventlog.log import EventLog
 from supervisor.eventlog.nats_server import NatsServer
 from testing.loadgen import publish
+from testing.snapshot import tables
 from testing.synthetic import AttemptPlan, HistoryBuilder, mixed_history
-from tests.projutil import tables
 from tests.test_projections import TIMEOUT, scenario_history
 
 pytestmark = pytest.mark.nats

@@ -14,7 +14,7 @@ import duckdb
 
 from projections.audit import Record, audit_db, audit_records, records_of
 from projections.serve.reconcile_state import DuckDBState, cursor_runner, read_state
-from projections.store.store import ProjectionStore, table_rows
+from projections.store.store import ProjectionStore
 from projections.stream.decode import decode_batch, stage
 from schemas import (
     Event,
@@ -29,6 +29,7 @@ from schemas import (
     encode_event,
 )
 from supervisor.reconcile.divergence import RuleConfig, decide
+from testing.snapshot import table_rows
 from testing.synthetic import AttemptPlan, HistoryBuilder
 
 LABELS = {"supervisor.managed": "true", "supervisor.node": "n1", "supervisor.task": "t-1",

@@ -49,7 +49,7 @@ from projections.store.apply import (
     TASK_SCOPE,
     steps_for,
 )
-from projections.store.ddl import DDL_VERSION, KEYS, TABLES, schema_statements
+from projections.store.ddl import DDL_VERSION, schema_statements
 from projections.store.fold import FACT_KINDS, FOLDS, AttemptRows, Event, Fold, Row, fact_rows
 from projections.stream.decode import STAGING, Staged
 from schemas import NO_TASK
@@ -533,16 +533,3 @@ def _registered(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> I
 def _rollback_quietly(con: duckdb.DuckDBPyConnection) -> None:
     with contextlib.suppress(duckdb.Error):
         con.rollback()
-
-
-def table_rows(con: duckdb.DuckDBPyConnection, table: str) -> list[tuple[Any, ...]]:
-    """Every row of `table`, ordered by its key: the form two projections are compared in."""
-    if table not in KEYS:
-        raise ValueError(f"not a projection table: {table}")
-    order = ", ".join(KEYS[table])
-    return con.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()
-
-
-def snapshot(con: duckdb.DuckDBPyConnection) -> dict[str, list[tuple[Any, ...]]]:
-    """Every table's rows (see `table_rows`)."""
-    return {table: table_rows(con, table) for table in TABLES}
