@@ -184,3 +184,16 @@ def test_credentials_reader_hands_out_a_url_that_tail_can_follow(tmp_dir: Path) 
     assert url.startswith("nats://reader:") and creds.node not in url
     assert rc == 0
     assert json.loads(out)["event_id"] == "e-1"
+
+
+def test_the_read_commands_start_the_embedded_server_with_its_users(tmp_dir: Path) -> None:
+    """`replay` (like `audit` and `sql --db`) on a data dir where no daemon runs starts the
+    embedded server the way every command does: never anonymous."""
+    data = tmp_dir / "data"
+    done = subprocess.run(
+        [sys.executable, "-m", "supervisor", "replay", "--db", str(tmp_dir / "p.duckdb"),
+         "--data-dir", str(data)], capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert read_credentials(data) is not None
+    assert "authorization" in (data / SERVER_CONF).read_text()
