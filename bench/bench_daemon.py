@@ -212,10 +212,18 @@ def main() -> None:
         action="store_true",
         help="run the daemon without the DuckDB read side (no projection, no reconciler)",
     )
-    ap.add_argument("--max-busy", type=float, metavar="F",
-                    help="the projection's max_busy (default: the configured default)")  # fmt: skip
-    ap.add_argument("--batch-age", type=float, metavar="S",
-                    help="the projection's batch_age_s (default: the configured default)")  # fmt: skip
+    ap.add_argument(
+        "--max-busy",
+        type=float,
+        metavar="F",
+        help="the projection's max_busy (default: the configured default)",
+    )
+    ap.add_argument(
+        "--batch-age",
+        type=float,
+        metavar="S",
+        help="the projection's batch_age_s (default: the configured default)",
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
     server = NatsServer(tmp / "nats")

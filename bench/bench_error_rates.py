@@ -38,12 +38,27 @@ from schemas import CATALOGUE
 CHUNK = 1_000_000
 WEEK_US = 7 * 24 * 3600 * 1_000_000
 START_US = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
-WEIGHTS = {"NONZERO_EXIT": 40, "EXECUTION_TIMEOUT": 20, "OOM_KILLED": 8, "SIGNALED": 5,
-           "INVALID_SPEC": 5, "POLICY_VIOLATION": 3, "QUEUE_FULL": 6, "HOST_PRESSURE": 2,
-           "PIDS_LIMIT": 2, "OUTPUT_LIMIT": 2, "IMAGE_NOT_FOUND": 1, "DOCKER_UNAVAILABLE": 1,
-           "DOCKER_API_ERROR": 1, "CIRCUIT_OPEN": 1, "KILLED_EXTERNALLY": 1,
-           "CONTAINER_VANISHED": 1, "SUPERVISOR_LOST": 1, "REDELIVERY_LIMIT": 0.5,
-           "CLEANUP_FAILED": 0.5}  # fmt: skip
+WEIGHTS = {
+    "NONZERO_EXIT": 40,
+    "EXECUTION_TIMEOUT": 20,
+    "OOM_KILLED": 8,
+    "SIGNALED": 5,
+    "INVALID_SPEC": 5,
+    "POLICY_VIOLATION": 3,
+    "QUEUE_FULL": 6,
+    "HOST_PRESSURE": 2,
+    "PIDS_LIMIT": 2,
+    "OUTPUT_LIMIT": 2,
+    "IMAGE_NOT_FOUND": 1,
+    "DOCKER_UNAVAILABLE": 1,
+    "DOCKER_API_ERROR": 1,
+    "CIRCUIT_OPEN": 1,
+    "KILLED_EXTERNALLY": 1,
+    "CONTAINER_VANISHED": 1,
+    "SUPERVISOR_LOST": 1,
+    "REDELIVERY_LIMIT": 0.5,
+    "CLEANUP_FAILED": 0.5,
+}
 
 ERROR_RATES = "SELECT * FROM error_rates"
 BARE = "SELECT date_trunc('minute', occurred_at) AS minute, type, count(*) FROM events GROUP BY ALL"
@@ -85,17 +100,23 @@ def chunk(seed: int, first_seq: int, n: int, lo_us: int, hi_us: int) -> pa.Table
     seq = pa.array(range(first_seq, first_seq + n), pa.int64())
     offset = pc.divide(pc.multiply(pc.subtract(seq, first_seq), hi_us - lo_us), n)
     at = pc.cast(pc.add(offset, lo_us), pa.timestamp("us"))
-    return pa.table({
-        "seq": seq,
-        "event_id": pc.binary_join_element_wise("e-", pc.cast(seq, pa.string()), ""),
-        "occurred_at": at,
-        "task_id": pc.binary_join_element_wise("t-", pc.cast(pc.divide(seq, 3), pa.string()), ""),
-        "attempt": pc.cast(pc.add(pc.bit_wise_and(seq, 1), 1), pa.int32()),
-        "error_type": pa.array([CATALOGUE[c][0] for c in codes]).take(pick),
-        "code": pa.array(codes).take(pick),
-        "message": pa.array([f"{c.lower().replace('_', ' ')} in the attempt" for c in codes]).take(pick),
-        "retryable": pa.array([CATALOGUE[c][1] for c in codes]).take(pick),
-    })  # fmt: skip
+    return pa.table(
+        {
+            "seq": seq,
+            "event_id": pc.binary_join_element_wise("e-", pc.cast(seq, pa.string()), ""),
+            "occurred_at": at,
+            "task_id": pc.binary_join_element_wise(
+                "t-", pc.cast(pc.divide(seq, 3), pa.string()), ""
+            ),
+            "attempt": pc.cast(pc.add(pc.bit_wise_and(seq, 1), 1), pa.int32()),
+            "error_type": pa.array([CATALOGUE[c][0] for c in codes]).take(pick),
+            "code": pa.array(codes).take(pick),
+            "message": pa.array(
+                [f"{c.lower().replace('_', ' ')} in the attempt" for c in codes]
+            ).take(pick),
+            "retryable": pa.array([CATALOGUE[c][1] for c in codes]).take(pick),
+        }
+    )
 
 
 def _arrow(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
@@ -133,8 +154,10 @@ def main(n: int, runs: int) -> int:
             con.execute(_LOAD_ERRORS)
             con.unregister("chunk")
         con.execute("CHECKPOINT")
-        print(f"loaded {n:,} error events into events and errors in "
-              f"{time.perf_counter() - t0:.1f}s", flush=True)  # fmt: skip
+        print(
+            f"loaded {n:,} error events into events and errors in {time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
 
         median_s(con, ERROR_RATES, 1)  # warm
         median_s(con, BARE, 1)

@@ -65,20 +65,28 @@ def run(size: int, batch: int, batches: int, root: Path) -> dict[str, tuple[floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, nargs="+", default=[5_000, 50_000, 200_000],
-                        help="projection sizes to measure at (default: 5000 50000 200000)")  # fmt: skip
+    parser.add_argument(
+        "--events",
+        type=int,
+        nargs="+",
+        default=[5_000, 50_000, 200_000],
+        help="projection sizes to measure at (default: 5000 50000 200000)",
+    )
     parser.add_argument("--batch", type=int, default=60, help="events per batch (default 60)")
-    parser.add_argument("--batches", type=int, default=60,
-                        help="batches per size, half each way (default 60)")  # fmt: skip
+    parser.add_argument(
+        "--batches", type=int, default=60, help="batches per size, half each way (default 60)"
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-live-batch-"))
     try:
         for size in args.events:
             r = run(size, args.batch, args.batches, root)
             (mc, mw), (fc, fw) = r["merge"], r["fold"]
-            print(f"{size:>9,} events, batches of {args.batch}: merge {mc * 1e3:.1f} ms CPU "
-                  f"({mw * 1e3:.1f} wall), fold {fc * 1e3:.1f} ms CPU ({fw * 1e3:.1f} wall): "
-                  f"fold/merge {fc / mc:.2f} CPU, {fw / mw:.2f} wall")  # fmt: skip
+            print(
+                f"{size:>9,} events, batches of {args.batch}: merge {mc * 1e3:.1f} ms CPU "
+                f"({mw * 1e3:.1f} wall), fold {fc * 1e3:.1f} ms CPU ({fw * 1e3:.1f} wall): "
+                f"fold/merge {fc / mc:.2f} CPU, {fw / mw:.2f} wall"
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -125,8 +125,10 @@ async def sync_cost(n: int, rounds: int) -> int:
             if not line.strip().startswith("sync_interval")
         )
     )
-    servers = {"always": NatsServer(workdir / "always"),
-               "default": NatsServer(workdir / "default", conf=default_conf)}  # fmt: skip
+    servers = {
+        "always": NatsServer(workdir / "always"),
+        "default": NatsServer(workdir / "default", conf=default_conf),
+    }
     try:
         urls = {k: s.start() for k, s in servers.items()}
         for url in urls.values():
@@ -145,11 +147,14 @@ async def sync_cost(n: int, rounds: int) -> int:
                     n,
                 )
                 rates[kind].append(n / seconds)
-            print(f"round {r + 1}: always {rates['always'][-1]:>9,.0f} msgs/s   "
-                  f"default {rates['default'][-1]:>9,.0f} msgs/s   "
-                  f"ratio {rates['always'][-1] / rates['default'][-1]:.2f}")  # fmt: skip
-        paired = statistics.median(a / d for a, d in zip(rates["always"], rates["default"],
-                                                          strict=True))  # fmt: skip
+            print(
+                f"round {r + 1}: always {rates['always'][-1]:>9,.0f} msgs/s   "
+                f"default {rates['default'][-1]:>9,.0f} msgs/s   "
+                f"ratio {rates['always'][-1] / rates['default'][-1]:.2f}"
+            )
+        paired = statistics.median(
+            a / d for a, d in zip(rates["always"], rates["default"], strict=True)
+        )
         print(f"events: {n}, rounds: {rounds}")
         print(f"outbox, sync_interval always  : {max(rates['always']):>9,.0f} msgs/s (best)")
         print(f"outbox, sync_interval default : {max(rates['default']):>9,.0f} msgs/s (best)")
@@ -212,8 +217,9 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--sync-cost", action="store_true",
+        "--sync-cost",
+        action="store_true",
         help="measure what sync_interval: always costs the outbox instead",
-    )  # fmt: skip
+    )
     args = parser.parse_args()
     sys.exit(asyncio.run((sync_cost if args.sync_cost else main)(args.events, args.rounds)))

@@ -58,9 +58,16 @@ async def _submit(url: str, data_dir: Path, n: int) -> None:
     cfg = Config(scheduling={"queue_bound_per_priority": 100_000})  # type: ignore[arg-type]
     intake = Intake(events.js, Emitter(events, "client", events.instance_id), events, cfg)
     for i in range(n):
-        spec = msgspec.convert({"image": IMAGE, "command": ["sleep", "600"], "task_id": f"long-{i}",
-                                "limits": {"timeout_s": 600}, "retry": {"max_attempts": 1}},
-                               TaskSpec)  # fmt: skip
+        spec = msgspec.convert(
+            {
+                "image": IMAGE,
+                "command": ["sleep", "600"],
+                "task_id": f"long-{i}",
+                "limits": {"timeout_s": 600},
+                "retry": {"max_attempts": 1},
+            },
+            TaskSpec,
+        )
         assert (await intake.submit(spec)).accepted
     await events.close()
 
@@ -73,11 +80,18 @@ def leak_to_removal(n: int, interval: float, timeout: float) -> None:
     node_id = new_node_id()
     config = {
         "node_id": node_id,
-        "reconcile": {"interval_s": interval, "heartbeat_s": min(1.0, timeout / 3),
-                      "heartbeat_timeout_s": timeout},
-        "scheduling": {"ack_wait_s": 600, "ack_progress_s": 5, "concurrency": n,
-                       "memory_budget_mb": 1_000_000},
-    }  # fmt: skip
+        "reconcile": {
+            "interval_s": interval,
+            "heartbeat_s": min(1.0, timeout / 3),
+            "heartbeat_timeout_s": timeout,
+        },
+        "scheduling": {
+            "ack_wait_s": 600,
+            "ack_progress_s": 5,
+            "concurrency": n,
+            "memory_budget_mb": 1_000_000,
+        },
+    }
     daemons: list[DaemonProc] = []
     try:
         first = DaemonProc(tmp / "data", url, config).start()
@@ -99,11 +113,15 @@ def leak_to_removal(n: int, interval: float, timeout: float) -> None:
                 gone_at[cid] = now
             time.sleep(0.05)
         times = sorted(gone_at.values())
-        print(f"leak-to-removal, {n} orphans of a killed daemon (interval {interval:g}s, "
-              f"heartbeat timeout {timeout:g}s; restart to ready {ready:.2f}s):")  # fmt: skip
-        print(f"  median {statistics.median(times):.2f}s, max {times[-1]:.2f}s after the restart"
-              f" ({times[-1] / (interval + timeout):.2f} x (interval + timeout)); "
-              f"{len(times)}/{n} removed")  # fmt: skip
+        print(
+            f"leak-to-removal, {n} orphans of a killed daemon (interval {interval:g}s, "
+            f"heartbeat timeout {timeout:g}s; restart to ready {ready:.2f}s):"
+        )
+        print(
+            f"  median {statistics.median(times):.2f}s, max {times[-1]:.2f}s after the restart"
+            f" ({times[-1] / (interval + timeout):.2f} x (interval + timeout)); "
+            f"{len(times)}/{n} removed"
+        )
     finally:
         for d in reversed(daemons):
             d.stop()
@@ -115,15 +133,23 @@ def leak_to_removal(n: int, interval: float, timeout: float) -> None:
 
 
 async def _pass_cost(m: int, passes: int, tmp: Path, client: docker.DockerClient) -> None:
-    async with rig(await _nats(tmp), tmp, client, creation_grace_s=3600.0,
-                   projection_wait_s=60.0) as r:  # fmt: skip
+    async with rig(
+        await _nats(tmp), tmp, client, creation_grace_s=3600.0, projection_wait_s=60.0
+    ) as r:
         api = client.api
         with ThreadPoolExecutor(8) as pool:
             lbl = labels(r.node_id, "t-bench")
-            created = list(pool.map(
-                lambda _: api.create_container(IMAGE, ["true"], labels=lbl,
-                                               host_config=api.create_host_config(
-                                                   network_mode="none"))["Id"], range(m)))  # fmt: skip
+            created = list(
+                pool.map(
+                    lambda _: api.create_container(
+                        IMAGE,
+                        ["true"],
+                        labels=lbl,
+                        host_config=api.create_host_config(network_mode="none"),
+                    )["Id"],
+                    range(m),
+                )
+            )
         r.created.extend(created)
         await r.reconciler.run_pass()  # warm: the projection has the history
         walls, cpus, waits, raw_walls, raw_cpus = [], [], [], [], []
@@ -142,10 +168,12 @@ async def _pass_cost(m: int, passes: int, tmp: Path, client: docker.DockerClient
         pw, pc = statistics.median(walls), statistics.median(cpus)
         rw, rc = statistics.median(raw_walls), statistics.median(raw_cpus)
         print(f"one pass with {m} managed containers observed (median of {passes}):")
-        print(f"  pass: {pw * 1000:.0f} ms wall (of which {statistics.median(waits) * 1000:.0f} ms "
-              f"until the projection showed the inventory), {pc * 1000:.0f} ms CPU (the "
-              f"projector's included); docker ps: {rw * 1000:.0f} ms wall, {rc * 1000:.0f} ms "
-              f"CPU; ratio {pw / rw:.1f}x wall, {pc / max(rc, 1e-6):.1f}x CPU")  # fmt: skip
+        print(
+            f"  pass: {pw * 1000:.0f} ms wall (of which {statistics.median(waits) * 1000:.0f} ms "
+            f"until the projection showed the inventory), {pc * 1000:.0f} ms CPU (the "
+            f"projector's included); docker ps: {rw * 1000:.0f} ms wall, {rc * 1000:.0f} ms "
+            f"CPU; ratio {pw / rw:.1f}x wall, {pc / max(rc, 1e-6):.1f}x CPU"
+        )
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda cid: api.remove_container(cid, force=True), created))
 

@@ -120,16 +120,18 @@ async def main(n: int, rounds: int, public: bool) -> int:
                 elif what == "replay":
                     replays.append(n / await replay_once(url, tmp / "bench.duckdb", n))
                 else:
-                    publics.append(n / await replay_once(url, tmp / "bench.duckdb", n,
-                                                         public=True))  # fmt: skip
+                    publics.append(n / await replay_once(url, tmp / "bench.duckdb", n, public=True))
             ratio = replays[-1] / raws[-1]
             extra = (
                 f"  public {publics[-1]:,.0f} msg/s ({publics[-1] / raws[-1]:.2f})"
                 if public
                 else ""
             )
-            print(f"round {r + 1}: raw {raws[-1]:,.0f} msg/s  replay {replays[-1]:,.0f} "
-                  f"msg/s  ratio {ratio:.2f}{extra}", flush=True)  # fmt: skip
+            print(
+                f"round {r + 1}: raw {raws[-1]:,.0f} msg/s  replay {replays[-1]:,.0f} "
+                f"msg/s  ratio {ratio:.2f}{extra}",
+                flush=True,
+            )
         best = max(replays) / max(raws)
         median = statistics.median(p / q for p, q in zip(replays, raws, strict=True))
         print(f"raw ordered-consumer read: {max(raws):,.0f} msg/s (best of {rounds})")
@@ -153,7 +155,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=1_000_000, help="events to publish")
     parser.add_argument("--rounds", type=int, default=3, help="raw/replay rounds")
-    parser.add_argument("--public", action="store_true",
-                        help="also replay through the public pull path alone")  # fmt: skip
+    parser.add_argument(
+        "--public", action="store_true", help="also replay through the public pull path alone"
+    )
     args = parser.parse_args()
     sys.exit(asyncio.run(main(args.events, args.rounds, args.public)))

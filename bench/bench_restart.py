@@ -51,8 +51,12 @@ def one_run(workdir: Path, client: docker.DockerClient, n: int, i: int) -> float
         url = resolve_nats_url(None, data)  # with the data dir's credentials
         assert url is not None
         for k in range(n):
-            spec = task("sleep 300", task_id=f"{node_id}-{k}", limits={"timeout_s": 600},
-                        retry={"max_attempts": 1})  # fmt: skip
+            spec = task(
+                "sleep 300",
+                task_id=f"{node_id}-{k}",
+                limits={"timeout_s": 600},
+                retry={"max_attempts": 1},
+            )
             if submit(url, workdir / "client", spec).returncode != 0:
                 raise RuntimeError("submit failed")
         _wait(lambda: len(_managed(client, node_id)) == n, 60)
@@ -61,8 +65,10 @@ def one_run(workdir: Path, client: docker.DockerClient, n: int, i: int) -> float
         t0 = time.monotonic()
         second.start(timeout=60)
         try:
-            _wait(lambda: not _managed(client, node_id)
-                  and not any((data / "workspaces").iterdir()), 120)  # fmt: skip
+            _wait(
+                lambda: not _managed(client, node_id) and not any((data / "workspaces").iterdir()),
+                120,
+            )
             return time.monotonic() - t0
         finally:
             second.stop()
@@ -73,8 +79,9 @@ def one_run(workdir: Path, client: docker.DockerClient, n: int, i: int) -> float
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tasks", type=int, default=3)
     args = parser.parse_args()

@@ -23,8 +23,9 @@ from testing.chaos import run_chaos
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--tasks-per-minute", type=int, default=40)
@@ -34,8 +35,13 @@ def main() -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
     workdir = Path(tempfile.mkdtemp(prefix="soak-"))
     try:
-        report = run_chaos(workdir, seed=seed, tasks=int(args.minutes * args.tasks_per_minute),
-                           fault_s=args.minutes * 60, settle_s=180.0)  # fmt: skip
+        report = run_chaos(
+            workdir,
+            seed=seed,
+            tasks=int(args.minutes * args.tasks_per_minute),
+            fault_s=args.minutes * 60,
+            settle_s=180.0,
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(report.line())

@@ -62,8 +62,11 @@ from schemas.lifecycle import (
 )
 
 _CONTAINER_EVENTS = ("container.created", "container.started", "container.exited")
-_RESOLVES = {"kill": ("kill", "remove_container"), "remove_container": ("remove_container",),
-             "remove_workspace": ("remove_workspace",)}  # fmt: skip
+_RESOLVES = {
+    "kill": ("kill", "remove_container"),
+    "remove_container": ("remove_container",),
+    "remove_workspace": ("remove_workspace",),
+}
 
 
 class Record(NamedTuple):
@@ -133,8 +136,16 @@ class _Resource:
 
 
 class _Task:
-    __slots__ = ("finished", "last_at", "last_machine", "owners", "started", "state", "submitted",
-                 "terminal")  # fmt: skip
+    __slots__ = (
+        "finished",
+        "last_at",
+        "last_machine",
+        "owners",
+        "started",
+        "state",
+        "submitted",
+        "terminal",
+    )
 
     def __init__(self) -> None:
         self.state: str | None = None
@@ -185,31 +196,60 @@ def audit_records(
     def in_flight(task_id: str) -> bool:
         t = tasks.get(task_id)
         return (
-            t is not None and open_since is not None and t.terminal is None
-            and t.last_at is not None and t.last_at >= open_since
-        )  # fmt: skip
+            t is not None
+            and open_since is not None
+            and t.terminal is None
+            and t.last_at is not None
+            and t.last_at >= open_since
+        )
 
     for task_id, t in tasks.items():
         if t.submitted is not None and t.terminal is None and not in_flight(task_id):
-            out.append(Violation(task_id=task_id, rule="task_not_terminal", seqs=(t.submitted,),
-                                 detail=f"submitted, still {t.state} at the end of history"))  # fmt: skip
+            out.append(
+                Violation(
+                    task_id=task_id,
+                    rule="task_not_terminal",
+                    seqs=(t.submitted,),
+                    detail=f"submitted, still {t.state} at the end of history",
+                )
+            )
     for (kind, name), res in resources.items():
         if in_flight(res.task_id):
             continue
         if res.created is not None and res.removed is None:
-            out.append(Violation(task_id=res.task_id, rule=f"{kind}_not_removed",
-                                 seqs=(res.created,), attempt=res.attempt, resource=name,
-                                 detail=f"{kind} created, never removed (last {res.state})"))  # fmt: skip
+            out.append(
+                Violation(
+                    task_id=res.task_id,
+                    rule=f"{kind}_not_removed",
+                    seqs=(res.created,),
+                    attempt=res.attempt,
+                    resource=name,
+                    detail=f"{kind} created, never removed (last {res.state})",
+                )
+            )
         for seq, step in res.failed:
-            out.append(Violation(task_id=res.task_id, rule="cleanup_unresolved", seqs=(seq,),
-                                 attempt=res.attempt, resource=name,
-                                 detail=f"{step} failed and was never resolved"))  # fmt: skip
+            out.append(
+                Violation(
+                    task_id=res.task_id,
+                    rule="cleanup_unresolved",
+                    seqs=(seq,),
+                    attempt=res.attempt,
+                    resource=name,
+                    detail=f"{step} failed and was never resolved",
+                )
+            )
     for command_id, d in ordered.items():
         if command_id in concluded or (open_since is not None and d.occurred_at >= open_since):
             continue
-        out.append(Violation(task_id=d.task_id, rule="decision_without_outcome", seqs=(d.seq,),
-                             resource=d.resource,
-                             detail=f"command {command_id} never reached a final outcome"))  # fmt: skip
+        out.append(
+            Violation(
+                task_id=d.task_id,
+                rule="decision_without_outcome",
+                seqs=(d.seq,),
+                resource=d.resource,
+                detail=f"command {command_id} never reached a final outcome",
+            )
+        )
     out.sort(key=lambda v: (v.seqs[0], v.rule))
     return out
 
@@ -226,10 +266,16 @@ def _owned(r: Record, t: _Task, out: list[Violation]) -> bool:
         return True
     if not ok:
         why = "never started" if owner is None else f"owned by instance {owner}"
-        out.append(Violation(task_id=r.task_id, rule="not_owner", seqs=(r.seq,),
-                             attempt=r.attempt or None,
-                             detail=f"{r.type} from instance {r.instance_id}: attempt "
-                                    f"{r.attempt} is {why}; not applied"))  # fmt: skip
+        out.append(
+            Violation(
+                task_id=r.task_id,
+                rule="not_owner",
+                seqs=(r.seq,),
+                attempt=r.attempt or None,
+                detail=f"{r.type} from instance {r.instance_id}: attempt "
+                f"{r.attempt} is {why}; not applied",
+            )
+        )
     return ok
 
 
@@ -241,9 +287,15 @@ def _task_event(r: Record, t: _Task, out: list[Violation]) -> None:
         expected = t.started[-2][0] + 1 if len(t.started) > 1 else 1
         if r.attempt != expected:
             prev = t.started[-2][1] if len(t.started) > 1 else r.seq
-            out.append(Violation(task_id=r.task_id, rule="attempt_order", attempt=r.attempt,
-                                 seqs=tuple(sorted({prev, r.seq})),
-                                 detail=f"attempt {r.attempt} started where {expected} was due"))  # fmt: skip
+            out.append(
+                Violation(
+                    task_id=r.task_id,
+                    rule="attempt_order",
+                    attempt=r.attempt,
+                    seqs=tuple(sorted({prev, r.seq})),
+                    detail=f"attempt {r.attempt} started where {expected} was due",
+                )
+            )
     if r.type == "attempt.finished":
         t.finished.setdefault(r.attempt, r.seq)
     try:
@@ -251,13 +303,24 @@ def _task_event(r: Record, t: _Task, out: list[Violation]) -> None:
     except InvalidTransition:
         proof = (t.last_machine, r.seq) if t.last_machine is not None else (r.seq,)
         if is_terminal(t.state) and r.type in TERMINAL_TASK_TYPES:
-            out.append(Violation(task_id=r.task_id, rule="one_terminal_state",
-                                 seqs=(t.terminal or r.seq, r.seq),
-                                 detail=f"{r.type} after the task was already {t.state}"))  # fmt: skip
+            out.append(
+                Violation(
+                    task_id=r.task_id,
+                    rule="one_terminal_state",
+                    seqs=(t.terminal or r.seq, r.seq),
+                    detail=f"{r.type} after the task was already {t.state}",
+                )
+            )
         else:
-            out.append(Violation(task_id=r.task_id, rule="task_lifecycle", seqs=proof,
-                                 attempt=r.attempt or None,
-                                 detail=f"{r.type} not allowed in state {t.state or '(none)'}"))  # fmt: skip
+            out.append(
+                Violation(
+                    task_id=r.task_id,
+                    rule="task_lifecycle",
+                    seqs=proof,
+                    attempt=r.attempt or None,
+                    detail=f"{r.type} not allowed in state {t.state or '(none)'}",
+                )
+            )
         t.state = task_state_after(r.type) if not is_terminal(t.state) else t.state
     if r.type in TERMINAL_TASK_TYPES and t.terminal is None:
         t.terminal = r.seq
@@ -272,9 +335,15 @@ def _attempt_event(
     out: list[Violation],
 ) -> None:
     if r.type != "attempt.started" and all(a != r.attempt for a, _ in t.started):
-        out.append(Violation(task_id=r.task_id, rule="attempt_order", seqs=(r.seq,),
-                             attempt=r.attempt,
-                             detail=f"{r.type} of attempt {r.attempt}, which was never started"))  # fmt: skip
+        out.append(
+            Violation(
+                task_id=r.task_id,
+                rule="attempt_order",
+                seqs=(r.seq,),
+                attempt=r.attempt,
+                detail=f"{r.type} of attempt {r.attempt}, which was never started",
+            )
+        )
     finished = t.finished.get(r.attempt)
     if finished is None or r.type.startswith("attempt."):
         return
@@ -284,10 +353,16 @@ def _attempt_event(
             return
     if r.type == "container.kill_issued" and r.container_id in decided:
         return  # the reconciler kills a container left running
-    out.append(Violation(task_id=r.task_id, rule="event_after_attempt_finished",
-                         seqs=(finished, r.seq), attempt=r.attempt,
-                         resource=r.container_id or r.resource or r.path,
-                         detail=f"{r.type} after attempt {r.attempt} finished"))  # fmt: skip
+    out.append(
+        Violation(
+            task_id=r.task_id,
+            rule="event_after_attempt_finished",
+            seqs=(finished, r.seq),
+            attempt=r.attempt,
+            resource=r.container_id or r.resource or r.path,
+            detail=f"{r.type} after attempt {r.attempt} finished",
+        )
+    )
 
 
 def _kind_of(r: Record) -> str:
@@ -326,9 +401,16 @@ def _resource_event(
         res.state = step(res.state, event)
     except InvalidTransition:
         proof = (res.last_seq, r.seq) if res.last_seq else (r.seq,)
-        out.append(Violation(task_id=r.task_id, rule=f"{kind}_lifecycle", seqs=proof,
-                             attempt=r.attempt or None, resource=name,
-                             detail=f"{event} not allowed in state {res.state or '(none)'}"))  # fmt: skip
+        out.append(
+            Violation(
+                task_id=r.task_id,
+                rule=f"{kind}_lifecycle",
+                seqs=proof,
+                attempt=r.attempt or None,
+                resource=name,
+                detail=f"{event} not allowed in state {res.state or '(none)'}",
+            )
+        )
     if event.endswith("created") and res.created is None:
         res.created = r.seq
     if event == "removed" and res.removed is None:

@@ -336,8 +336,12 @@ def load_config(path: str | Path | None) -> Config:
         if as_json:
             return msgspec.json.decode(raw, type=Config)
         return msgspec.convert(tomllib.loads(raw.decode()), Config)
-    except (msgspec.ValidationError, msgspec.DecodeError, tomllib.TOMLDecodeError,
-            UnicodeDecodeError) as e:  # fmt: skip
+    except (
+        msgspec.ValidationError,
+        msgspec.DecodeError,
+        tomllib.TOMLDecodeError,
+        UnicodeDecodeError,
+    ) as e:
         kind = "JSON" if as_json else "TOML"
         raise ConfigError(f"invalid config {p} (read as {kind}): {e}") from e
 

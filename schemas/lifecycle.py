@@ -101,9 +101,11 @@ def _progression(machine: dict[tuple[str | None, str], str]) -> tuple[str, ...]:
     order: list[str] = []
     pending = {b for _, b in machine.items()}
     while pending:
-        ready = sorted(b for b in pending
-                       if all(a is None or a in order or a == b
-                              for (a, _), t in machine.items() if t == b))  # fmt: skip
+        ready = sorted(
+            b
+            for b in pending
+            if all(a is None or a in order or a == b for (a, _), t in machine.items() if t == b)
+        )
         if not ready:
             raise RuntimeError("lifecycle: the transitions form a cycle")
         order.extend(ready)
@@ -138,9 +140,14 @@ class LifecycleTracker:
         self.containers: dict[str, str] = {}
 
     def observe(
-        self, event_type: str, task_id: str, *, container_id: str | None = None,
-        step: str | None = None, ok: bool = True,
-    ) -> InvalidTransition | None:  # fmt: skip
+        self,
+        event_type: str,
+        task_id: str,
+        *,
+        container_id: str | None = None,
+        step: str | None = None,
+        ok: bool = True,
+    ) -> InvalidTransition | None:
         if event_type in TASK_EVENT_TYPES:
             return self._task(event_type, task_id)
         if container_id is None:

@@ -58,10 +58,12 @@ class ChaosReport:
     violations: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        return (f"seed {self.seed}: {self.tasks} tasks, {self.daemon_kills} daemon kills, "
-                f"{self.nats_restarts} NATS restarts, {self.containers_removed} containers "
-                f"removed, {self.events} events, outcomes {dict(self.outcomes)}, "
-                f"violations: {len(self.violations)}")  # fmt: skip
+        return (
+            f"seed {self.seed}: {self.tasks} tasks, {self.daemon_kills} daemon kills, "
+            f"{self.nats_restarts} NATS restarts, {self.containers_removed} containers "
+            f"removed, {self.events} events, outcomes {dict(self.outcomes)}, "
+            f"violations: {len(self.violations)}"
+        )
 
 
 class _Chaos:
@@ -73,12 +75,23 @@ class _Chaos:
         self.server = NatsServer(workdir / "nats-store")
         self.config = {
             "node_id": node_id,
-            "scheduling": {"concurrency": 4, "ack_wait_s": 3, "ack_progress_s": 1,
-                           "max_deliver": 8, "shutdown_grace_s": 20},
-            "reconcile": {"interval_s": 1, "heartbeat_s": 0.5, "heartbeat_timeout_s": 3,
-                          "creation_grace_s": 2, "lost_attempt_grace_s": 6,
-                          "command_backoff_s": 0.2, "command_backoff_max_s": 1},
-        }  # fmt: skip
+            "scheduling": {
+                "concurrency": 4,
+                "ack_wait_s": 3,
+                "ack_progress_s": 1,
+                "max_deliver": 8,
+                "shutdown_grace_s": 20,
+            },
+            "reconcile": {
+                "interval_s": 1,
+                "heartbeat_s": 0.5,
+                "heartbeat_timeout_s": 3,
+                "creation_grace_s": 2,
+                "lost_attempt_grace_s": 6,
+                "command_backoff_s": 0.2,
+                "command_backoff_max_s": 1,
+            },
+        }
         self.daemon: DaemonProc | None = None
         self.docker = docker.from_env(timeout=30)
         self.report = ChaosReport(seed)
@@ -137,8 +150,13 @@ class _Chaos:
             for i in range(n_tasks):
                 script, limits, retry = self.rng.choice(_KINDS)
                 task_id = f"chaos-{i:04d}-{uuid.uuid4().hex[:6]}"
-                self.specs[task_id] = {"image": SANDBOX_IMAGE, "command": ["sh", "-c", script],
-                                       "task_id": task_id, "limits": limits, "retry": retry}  # fmt: skip
+                self.specs[task_id] = {
+                    "image": SANDBOX_IMAGE,
+                    "command": ["sh", "-c", script],
+                    "task_id": task_id,
+                    "limits": limits,
+                    "retry": retry,
+                }
             ids = list(self.specs)
             self.report.tasks = len(ids)
             end = time.monotonic() + fault_s
@@ -198,8 +216,9 @@ class _Chaos:
         r.outcomes = Counter(
             type(e).__name__ for e in events if isinstance(e, TERMINAL_TASK_EVENTS)
         )
-        r.violations += [f"audit: {v.rule} {v.task_id} {v.seqs}"
-                         for v in audit_records(records_of(events))]  # fmt: skip
+        r.violations += [
+            f"audit: {v.rule} {v.task_id} {v.seqs}" for v in audit_records(records_of(events))
+        ]
         dup = [i for i, n in Counter(e.event_id for e in events).items() if n > 1]
         r.violations += [f"event id {i} stored twice" for i in dup]
         r.violations += [f"container {c[:12]} left" for c in self._managed()]

@@ -52,10 +52,22 @@ class DaemonProc:
         log = self.log_path.open("ab")
         nats = ["--nats", self.nats_url] if self.nats_url else []  # None: the embedded server
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "serve", *nats,
-             "--data-dir", str(self.data_dir), "--config", str(self.config_path), *self.args],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "supervisor",
+                "serve",
+                *nats,
+                "--data-dir",
+                str(self.data_dir),
+                "--config",
+                str(self.config_path),
+                *self.args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -88,8 +100,9 @@ class DaemonProc:
         headers = {"Content-Type": "application/json"}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        req = urllib.request.Request(self.base_url + path, data=body, method=method,
-                                     headers=headers)  # fmt: skip
+        req = urllib.request.Request(
+            self.base_url + path, data=body, method=method, headers=headers
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 return resp.status, resp.read()
@@ -128,9 +141,23 @@ def submit(
     nats_url: str, data_dir: Path, spec: dict[str, Any], *args: str
 ) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "supervisor", "submit", "-", "--nats", nats_url, "--data-dir", str(data_dir), *args],
-        input=json.dumps(spec).encode(), capture_output=True, timeout=180, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "supervisor",
+            "submit",
+            "-",
+            "--nats",
+            nats_url,
+            "--data-dir",
+            str(data_dir),
+            *args,
+        ],
+        input=json.dumps(spec).encode(),
+        capture_output=True,
+        timeout=180,
+        check=False,
+    )
 
 
 def task(script: str, **extra: Any) -> dict[str, Any]:

@@ -42,18 +42,33 @@ from supervisor.reconcile.command_executor import CommandExecutor, JetStreamComm
 from supervisor.reconcile.reconciler import ReconcileMetrics, Reconciler
 
 SANDBOX_IMAGE = "supervisor-sandbox:busybox"
-FAST = {"creation_grace_s": 0.0, "lost_attempt_grace_s": 0.0, "command_backoff_s": 0.2,
-        "command_backoff_max_s": 1.0, "heartbeat_timeout_s": 3.0}  # fmt: skip
+FAST = {
+    "creation_grace_s": 0.0,
+    "lost_attempt_grace_s": 0.0,
+    "command_backoff_s": 0.2,
+    "command_backoff_max_s": 1.0,
+    "heartbeat_timeout_s": 3.0,
+}
 
 
 def new_node_id() -> str:
     return f"rt{uuid.uuid4().hex[:10]}"
 
 
-def labels(node_id: str, task_id: str, attempt: int = 1, instance: str = "boot-x",
-           deadline: float | None = None, managed: bool = True) -> dict[str, str]:  # fmt: skip
-    out = {"supervisor.node": node_id, "supervisor.task": task_id,
-           "supervisor.attempt": str(attempt), "supervisor.instance": instance}  # fmt: skip
+def labels(
+    node_id: str,
+    task_id: str,
+    attempt: int = 1,
+    instance: str = "boot-x",
+    deadline: float | None = None,
+    managed: bool = True,
+) -> dict[str, str]:
+    out = {
+        "supervisor.node": node_id,
+        "supervisor.task": task_id,
+        "supervisor.attempt": str(attempt),
+        "supervisor.instance": instance,
+    }
     if managed:
         out["supervisor.managed"] = "true"
     if deadline is not None:
@@ -79,8 +94,9 @@ class Rig:
         return self.node.config.node_id
 
     def container(self, lbl: dict[str, str], *, running: bool = True) -> str:
-        c = self.docker.containers.create(SANDBOX_IMAGE, ["sleep", "300"], labels=lbl,
-                                          network_mode="none")  # fmt: skip
+        c = self.docker.containers.create(
+            SANDBOX_IMAGE, ["sleep", "300"], labels=lbl, network_mode="none"
+        )
         self.created.append(c.id)
         if running:
             c.start()
@@ -106,8 +122,9 @@ class Rig:
         em.emit(NodeHeartbeat, interval_s=1.0, timeout_s=3.0)
         return em
 
-    def running_attempt(self, em: Emitter, task_id: str, *, container: bool = True,
-                        deadline: float | None = None) -> tuple[str | None, Path]:  # fmt: skip
+    def running_attempt(
+        self, em: Emitter, task_id: str, *, container: bool = True, deadline: float | None = None
+    ) -> tuple[str | None, Path]:
         """History (and reality) of attempt 1 of `task_id` running under `em`'s instance:
         a workspace dir and, with `container`, a running container."""
         spec = TaskSpec(image=SANDBOX_IMAGE, command=["sleep", "300"], task_id=task_id)
@@ -119,8 +136,12 @@ class Rig:
         aem.emit(WorkspaceCreated, path=str(path), files=1)
         cid = None
         if container:
-            lbl = labels(self.node_id, task_id, instance=em.instance_id,
-                         deadline=deadline or time.time() + 300)  # fmt: skip
+            lbl = labels(
+                self.node_id,
+                task_id,
+                instance=em.instance_id,
+                deadline=deadline or time.time() + 300,
+            )
             cid = self.container(lbl)
             aem.emit(ContainerCreated, container_id=cid, image=SANDBOX_IMAGE, labels=lbl)
             aem.emit(ContainerStarted, container_id=cid)
@@ -138,7 +159,9 @@ class Rig:
         while True:
             rows = await self.query(
                 "SELECT command_id, outcome FROM reconcile_outcomes WHERE final "
-                "AND command_id IN (SELECT unnest($1::VARCHAR[]))", ids)  # fmt: skip
+                "AND command_id IN (SELECT unnest($1::VARCHAR[]))",
+                ids,
+            )
             found = dict(rows)
             if len(found) == len(set(ids)) or time.monotonic() > deadline:
                 return found
@@ -146,8 +169,9 @@ class Rig:
 
 
 @contextlib.asynccontextmanager
-async def rig(nats_url: str, tmp_dir: Path, docker_client: Any, *, background: bool = True,
-              **reconcile: Any) -> AsyncIterator[Rig]:  # fmt: skip
+async def rig(
+    nats_url: str, tmp_dir: Path, docker_client: Any, *, background: bool = True, **reconcile: Any
+) -> AsyncIterator[Rig]:
     rc = msgspec.structs.replace(ReconcileConfig(), **{**FAST, **reconcile})
     cfg = Config(node_id=new_node_id(), data_dir=str(tmp_dir / "data"), reconcile=rc)
     async with open_node(cfg, nats_url=nats_url, role="serve") as node:
@@ -160,16 +184,26 @@ async def rig(nats_url: str, tmp_dir: Path, docker_client: Any, *, background: b
         follow = asyncio.create_task(projector.run(stop))
         metrics = ReconcileMetrics(node.metrics.registry)
         executor = CommandExecutor(
-            js=js, runtime=node.runtime, cleaner=node.executor.cleaner, emitter=node.emitter,
-            data_dir=node.data_dir, config=rc, metrics=node.metrics, reconcile_metrics=metrics,
-        )  # fmt: skip
+            js=js,
+            runtime=node.runtime,
+            cleaner=node.executor.cleaner,
+            emitter=node.emitter,
+            data_dir=node.data_dir,
+            config=rc,
+            metrics=node.metrics,
+            reconcile_metrics=metrics,
+        )
         state = DuckDBState(on_cursor)
         reconciler = Reconciler(
-            emitter=node.emitter, observer=node.runtime, state=state,
-            bus=JetStreamCommands(js), data_dir=node.data_dir, config=rc, metrics=metrics,
-        )  # fmt: skip
-        r = Rig(node, js, projector, on_cursor, state, reconciler, executor, metrics,
-                docker_client)  # fmt: skip
+            emitter=node.emitter,
+            observer=node.runtime,
+            state=state,
+            bus=JetStreamCommands(js),
+            data_dir=node.data_dir,
+            config=rc,
+            metrics=metrics,
+        )
+        r = Rig(node, js, projector, on_cursor, state, reconciler, executor, metrics, docker_client)
         await executor.start(background=background)
         try:
             yield r

@@ -124,29 +124,56 @@ class HistoryBuilder:
 
     def reject(self, task_id: str, code: str = "INVALID_SPEC") -> None:
         error = self._error(task_id, code, None)
-        self.emit(ErrorRaised, task_id, error_type=error.type, code=code, message=error.message,
-                  retryable=error.retryable)  # fmt: skip
+        self.emit(
+            ErrorRaised,
+            task_id,
+            error_type=error.type,
+            code=code,
+            message=error.message,
+            retryable=error.retryable,
+        )
         result = Result(task_id=task_id, status="rejected", attempts=0, error=error)
         self.emit(TaskRejected, task_id, error=error, result=result)
 
-    def attempt(self, task_id: str, n: int, plan: AttemptPlan = AttemptPlan(), *,
-                max_attempts: int = 3, finish: bool = True) -> None:  # fmt: skip
+    def attempt(
+        self,
+        task_id: str,
+        n: int,
+        plan: AttemptPlan = AttemptPlan(),
+        *,
+        max_attempts: int = 3,
+        finish: bool = True,
+    ) -> None:
         """One attempt's events. `finish=False` stops before attempt.finished (in flight)."""
         cid, ws = self.container_id(task_id, n), self.workspace_path(task_id, n)
         self.emit(AttemptStarted, task_id, n, max_attempts=max_attempts)
         self.emit(WorkspaceCreated, task_id, n, path=ws, files=1, bytes=48)
-        self.emit(ContainerCreated, task_id, n, container_id=cid, image="supervisor-sandbox:busybox",
-                  labels={"supervisor.managed": "true", "supervisor.node": self.node_id},
-                  deadline=(self.now() + timedelta(seconds=10)).timestamp())  # fmt: skip
+        self.emit(
+            ContainerCreated,
+            task_id,
+            n,
+            container_id=cid,
+            image="supervisor-sandbox:busybox",
+            labels={"supervisor.managed": "true", "supervisor.node": self.node_id},
+            deadline=(self.now() + timedelta(seconds=10)).timestamp(),
+        )
         self.emit(ContainerStarted, task_id, n, container_id=cid)
         kills: tuple[str, ...] = ()
         if plan.kill_reason is not None:
             kills = (plan.kill_reason,)
             self.emit(KillIssued, task_id, n, container_id=cid, reason=plan.kill_reason)  # type: ignore[arg-type]
-        evidence = Evidence(exit_code=plan.exit_code, kills_issued=kills,
-                            oom_killed=plan.error == "OOM_KILLED")  # fmt: skip
-        self.emit(ContainerExited, task_id, n, container_id=cid, exit_code=plan.exit_code,
-                  evidence=evidence, stdout_bytes=24)  # fmt: skip
+        evidence = Evidence(
+            exit_code=plan.exit_code, kills_issued=kills, oom_killed=plan.error == "OOM_KILLED"
+        )
+        self.emit(
+            ContainerExited,
+            task_id,
+            n,
+            container_id=cid,
+            exit_code=plan.exit_code,
+            evidence=evidence,
+            stdout_bytes=24,
+        )
         if not finish:
             return
         for step, resource, leak in (
@@ -156,19 +183,43 @@ class HistoryBuilder:
             if leak:
                 continue
             if step in plan.fail_cleanup:
-                self.emit(CleanupFailed, task_id, n, step=step, resource=resource, duration_s=0.05,
-                          reason="device or resource busy", error_class="docker_api_error")  # fmt: skip
+                self.emit(
+                    CleanupFailed,
+                    task_id,
+                    n,
+                    step=step,
+                    resource=resource,
+                    duration_s=0.05,
+                    reason="device or resource busy",
+                    error_class="docker_api_error",
+                )
                 if not plan.resolve_failed_cleanup:
                     continue
             self.emit(CleanupSucceeded, task_id, n, step=step, resource=resource, duration_s=0.02)
         if plan.error is not None:
             etype, retryable = CATALOGUE[plan.error]
-            self.emit(ErrorRaised, task_id, n, error_type=etype, code=plan.error,
-                      message=f"{plan.error.lower()} in attempt {n}", retryable=retryable,
-                      container_id=cid, evidence=evidence)  # fmt: skip
-        self.emit(AttemptFinished, task_id, n, outcome="failed" if plan.error else "succeeded",
-                  exit_code=plan.exit_code, error_type=CATALOGUE[plan.error][0] if plan.error else None,
-                  error_code=plan.error, duration_s=0.4, evidence=evidence)  # fmt: skip
+            self.emit(
+                ErrorRaised,
+                task_id,
+                n,
+                error_type=etype,
+                code=plan.error,
+                message=f"{plan.error.lower()} in attempt {n}",
+                retryable=retryable,
+                container_id=cid,
+                evidence=evidence,
+            )
+        self.emit(
+            AttemptFinished,
+            task_id,
+            n,
+            outcome="failed" if plan.error else "succeeded",
+            exit_code=plan.exit_code,
+            error_type=CATALOGUE[plan.error][0] if plan.error else None,
+            error_code=plan.error,
+            duration_s=0.4,
+            evidence=evidence,
+        )
 
     def retry(self, task_id: str, n: int, error_code: str, delay_s: float = 1.0) -> None:
         self.emit(
@@ -176,13 +227,25 @@ class HistoryBuilder:
         )
 
     def succeed(self, task_id: str, attempts: int) -> None:
-        result = Result(task_id=task_id, status="succeeded", attempts=attempts, exit_code=0,
-                        stdout="hello from the sandbox\n", duration_s=0.5 * attempts)  # fmt: skip
+        result = Result(
+            task_id=task_id,
+            status="succeeded",
+            attempts=attempts,
+            exit_code=0,
+            stdout="hello from the sandbox\n",
+            duration_s=0.5 * attempts,
+        )
         self.emit(TaskSucceeded, task_id, attempts, result=result)
 
     def fail(self, task_id: str, attempts: int, code: str, exit_code: int | None = None) -> None:
-        result = Result(task_id=task_id, status="failed", attempts=attempts, exit_code=exit_code,
-                        duration_s=0.5 * attempts, error=self._error(task_id, code, None))  # fmt: skip
+        result = Result(
+            task_id=task_id,
+            status="failed",
+            attempts=attempts,
+            exit_code=exit_code,
+            duration_s=0.5 * attempts,
+            error=self._error(task_id, code, None),
+        )
         self.emit(TaskFailed, task_id, attempts, result=result)
 
     def run_task(self, task_id: str, *plans: AttemptPlan, max_attempts: int = 3) -> None:
@@ -202,9 +265,15 @@ class HistoryBuilder:
 
     def _error(self, task_id: str, code: str, container_id: str | None) -> ExecutionError:
         etype, retryable = CATALOGUE[code]
-        return ExecutionError(type=etype, code=code, message=f"{code.lower()}", retryable=retryable,
-                              task_id=task_id, container_id=container_id,
-                              timestamp=self.now().isoformat())  # fmt: skip
+        return ExecutionError(
+            type=etype,
+            code=code,
+            message=f"{code.lower()}",
+            retryable=retryable,
+            task_id=task_id,
+            container_id=container_id,
+            timestamp=self.now().isoformat(),
+        )
 
 
 _TIMEOUT = AttemptPlan(error="EXECUTION_TIMEOUT", exit_code=137, kill_reason="timeout")
@@ -218,8 +287,14 @@ _MIX: tuple[tuple[float, tuple[AttemptPlan, ...] | None], ...] = (
 )
 
 
-def mixed_history(n_events: int, *, seed: int = 7, node_id: str = "n1",
-                  start: datetime = EPOCH, id_prefix: str = "ev") -> list[Event]:  # fmt: skip
+def mixed_history(
+    n_events: int,
+    *,
+    seed: int = 7,
+    node_id: str = "n1",
+    start: datetime = EPOCH,
+    id_prefix: str = "ev",
+) -> list[Event]:
     """About `n_events` events (whole tasks, cut to exactly `n_events`) of a realistic mix:
     70 % first-attempt successes, user errors, timeouts retried to success or to failure,
     OOM kills and rejected specs. Deterministic for a given seed."""

@@ -34,11 +34,24 @@ class PrivateDockerd:
         self.root.mkdir(parents=True, exist_ok=True)
         log = (self.root / "dockerd.log").open("ab")
         self.proc = subprocess.Popen(
-            ["dockerd", "--iptables=false", "--ip6tables=false", "--bridge=none",
-             "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
-             "--pidfile", str(self.root / "docker.pid"), "-H", self.url],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                "dockerd",
+                "--iptables=false",
+                "--ip6tables=false",
+                "--bridge=none",
+                "--data-root",
+                str(self.root / "data"),
+                "--exec-root",
+                str(self.root / "exec"),
+                "--pidfile",
+                str(self.root / "docker.pid"),
+                "-H",
+                self.url,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -63,8 +76,13 @@ class PrivateDockerd:
 
     def load_sandbox_image(self) -> None:
         save = subprocess.Popen(["docker", "save", SANDBOX_IMAGE], stdout=subprocess.PIPE)
-        subprocess.run(["docker", "-H", self.url, "load", "-q"], stdin=save.stdout,
-                       check=True, capture_output=True, timeout=120)  # fmt: skip
+        subprocess.run(
+            ["docker", "-H", self.url, "load", "-q"],
+            stdin=save.stdout,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         assert save.stdout is not None
         save.stdout.close()
         assert save.wait(60) == 0

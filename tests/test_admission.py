@@ -101,9 +101,18 @@ def test_policy_can_allow_what_it_forbids_by_default() -> None:
 
 @pytest.mark.parametrize(
     "image",
-    ["UPPER/Case:bad", "-v /:/host", "busybox:", "a//b", "busybox:-x", "repo/", ":tag",
-     "busybox@sha256:short", "x" * 256],
-)  # fmt: skip
+    [
+        "UPPER/Case:bad",
+        "-v /:/host",
+        "busybox:",
+        "a//b",
+        "busybox:-x",
+        "repo/",
+        ":tag",
+        "busybox@sha256:short",
+        "x" * 256,
+    ],
+)
 def test_an_image_that_is_no_reference_is_an_invalid_spec_naming_the_image(image: str) -> None:
     with pytest.raises(InvalidSpec) as e:
         admit(TaskSpec(image=image, command=["true"]), Bounds(), Policy())
@@ -113,9 +122,16 @@ def test_an_image_that_is_no_reference_is_an_invalid_spec_naming_the_image(image
 
 @pytest.mark.parametrize(
     "image",
-    ["supervisor-sandbox:busybox", "busybox", "library/busybox:1.36", "localhost:5000/a/b:c",
-     "Registry.Example.com/team/app:v1.2-rc_3", "a__b/c-d.e", "busybox@sha256:" + "a" * 64],
-)  # fmt: skip
+    [
+        "supervisor-sandbox:busybox",
+        "busybox",
+        "library/busybox:1.36",
+        "localhost:5000/a/b:c",
+        "Registry.Example.com/team/app:v1.2-rc_3",
+        "a__b/c-d.e",
+        "busybox@sha256:" + "a" * 64,
+    ],
+)
 def test_image_references_of_every_form_are_admitted(image: str) -> None:
     assert admit(TaskSpec(image=image, command=["true"]), Bounds(), Policy()).image == image
 

@@ -71,8 +71,12 @@ def _running_container(docker_client: Any, task_id: str) -> str:
     found: list[str] = []
 
     def up() -> bool:
-        found[:] = [c.id for c in docker_client.containers.list(
-            filters={"label": f"supervisor.task={task_id}", "status": "running"})]  # fmt: skip
+        found[:] = [
+            c.id
+            for c in docker_client.containers.list(
+                filters={"label": f"supervisor.task={task_id}", "status": "running"}
+            )
+        ]
         return bool(found)
 
     wait_until(up, 60, f"the container of {task_id} to run")
@@ -90,10 +94,17 @@ def test_a_forged_cleanup_command_does_not_kill_a_running_task(
     target.submit("sleep 4; echo survived", "atk-cleanup")
     cid = _running_container(docker_client, "atk-cleanup")
     command = CleanupCommand(
-        command_id="forged-cmd-1", node_id="n1", action="remove_container",
-        resource_kind="container", resource=cid, rule="orphan_container",
-        decision_id="forged-decision", issued_at=utcnow(), task_id="atk-cleanup", attempt=1,
-    )  # fmt: skip
+        command_id="forged-cmd-1",
+        node_id="n1",
+        action="remove_container",
+        resource_kind="container",
+        resource=cid,
+        rule="orphan_container",
+        decision_id="forged-decision",
+        issued_at=utcnow(),
+        task_id="atk-cleanup",
+        attempt=1,
+    )
 
     async def publish() -> None:
         nc = await nats.connect(target.url)
@@ -106,8 +117,11 @@ def test_a_forged_cleanup_command_does_not_kill_a_running_task(
     wait_until(lambda: target.ended("atk-cleanup"), 60, "the task to end")
     (end,) = target.ended("atk-cleanup")
     assert isinstance(end, TaskSucceeded) and end.result.stdout == "survived\n"
-    outcomes = [e for e in asyncio.run(stream_events(target.url, "sup.reconcile.outcome.>"))
-                if isinstance(e, ReconcileOutcome) and e.command_id == "forged-cmd-1"]  # fmt: skip
+    outcomes = [
+        e
+        for e in asyncio.run(stream_events(target.url, "sup.reconcile.outcome.>"))
+        if isinstance(e, ReconcileOutcome) and e.command_id == "forged-cmd-1"
+    ]
     assert [(o.outcome, o.final) for o in outcomes] == [("refused", True)]
     assert "before its deadline" in outcomes[0].detail
 
@@ -118,23 +132,32 @@ def test_a_forged_success_of_a_running_task_is_kept_apart_never_its_outcome(
     target.submit("sleep 3; echo real; exit 3", "atk-success")
     _running_container(docker_client, "atk-success")
     forged = TaskSucceeded(
-        event_id="forged-success-1", occurred_at=utcnow(), node_id="n1",
-        instance_id="intruder", task_id="atk-success", attempt=1,
-        result=Result(task_id="atk-success", status="succeeded", attempts=1, exit_code=0,
-                      stdout="forged\n"),
-    )  # fmt: skip
+        event_id="forged-success-1",
+        occurred_at=utcnow(),
+        node_id="n1",
+        instance_id="intruder",
+        task_id="atk-success",
+        attempt=1,
+        result=Result(
+            task_id="atk-success", status="succeeded", attempts=1, exit_code=0, stdout="forged\n"
+        ),
+    )
 
     async def publish() -> None:
         nc = await nats.connect(target.url)
         try:
-            await nc.jetstream().publish(forged.subject(), encode_event(forged),
-                                         headers={MSG_ID_HEADER: forged.event_id})  # fmt: skip
+            await nc.jetstream().publish(
+                forged.subject(), encode_event(forged), headers={MSG_ID_HEADER: forged.event_id}
+            )
         finally:
             await nc.close()
 
     asyncio.run(publish())
-    wait_until(lambda: any(isinstance(e, TaskFailed) for e in target.ended("atk-success")), 60,
-               "the real end")  # fmt: skip
+    wait_until(
+        lambda: any(isinstance(e, TaskFailed) for e in target.ended("atk-success")),
+        60,
+        "the real end",
+    )
 
     def projected() -> bool:
         status, body = target.daemon.get("/v1/tasks/atk-success")

@@ -89,22 +89,42 @@ def test_attempt_order_a_skipped_attempt_number() -> None:
 
 def test_attempt_order_an_event_of_an_attempt_never_started() -> None:
     b = one_task()
-    b.emit(ErrorRaised, "t-1", 2, error_type="timeout", code="EXECUTION_TIMEOUT",
-           message="late", retryable=True)  # fmt: skip
+    b.emit(
+        ErrorRaised,
+        "t-1",
+        2,
+        error_type="timeout",
+        code="EXECUTION_TIMEOUT",
+        message="late",
+        retryable=True,
+    )
     assert rules(audit(b.events)) == [("t-1", "attempt_order", (11,))]
 
 
 def test_event_after_attempt_finished() -> None:
     b = one_task()
-    b.emit(ErrorRaised, "t-1", 1, error_type="infrastructure", code="DOCKER_API_ERROR",
-           message="late", retryable=True)  # fmt: skip
+    b.emit(
+        ErrorRaised,
+        "t-1",
+        1,
+        error_type="infrastructure",
+        code="DOCKER_API_ERROR",
+        message="late",
+        retryable=True,
+    )
     assert rules(audit(b.events)) == [("t-1", "event_after_attempt_finished", (9, 11))]
 
 
 def test_a_cleanup_after_the_attempt_that_resolves_a_failure_is_allowed() -> None:
     b = one_task(AttemptPlan(fail_cleanup=("remove_container",)))
-    b.emit(CleanupSucceeded, "t-1", 1, step="remove_container",
-           resource=b.container_id("t-1", 1), duration_s=0.1)  # fmt: skip
+    b.emit(
+        CleanupSucceeded,
+        "t-1",
+        1,
+        step="remove_container",
+        resource=b.container_id("t-1", 1),
+        duration_s=0.1,
+    )
     assert audit(b.events) == []
 
 
@@ -237,10 +257,13 @@ def test_the_cli_exits_1_on_violations_and_0_when_clean(
         doc = json.loads(out)
         assert doc["count"] == 3
         assert doc["violations"][0] == {
-            "task_id": "t-5", "rule": "container_not_removed", "seqs": [49],
-            "detail": "container created, never removed (last exited)", "attempt": 1,
+            "task_id": "t-5",
+            "rule": "container_not_removed",
+            "seqs": [49],
+            "detail": "container created, never removed (last exited)",
+            "attempt": 1,
             "resource": "c-t-5-1",
-        }  # fmt: skip
+        }
     else:
         assert out == render_text(audit(inconsistent_history()))
         assert out.splitlines()[0] == (

@@ -162,12 +162,14 @@ def test_open_rejects_until_the_interval_then_hands_out_one_probe() -> None:
         Decision(
             kind="probe",
             transition=Transition(
-                from_state="open", to_state="half_open",
-                reason="open for 10s: probing Docker", failures=3,
+                from_state="open",
+                to_state="half_open",
+                reason="open for 10s: probing Docker",
+                failures=3,
             ),
         ),
         BreakerState(status="half_open", failures=3, opened_at=100.0, probe_at=110.0),
-    )  # fmt: skip
+    )
 
 
 def test_open_counts_late_failures_without_moving_the_interval_and_ignores_late_successes() -> None:
@@ -198,9 +200,13 @@ def test_a_lost_probe_is_replaced_after_another_interval() -> None:
 def test_the_probe_succeeding_closes_it() -> None:
     assert on_success(HALF, 111.0, config=CFG) == Step(
         BreakerState(),
-        Transition(from_state="half_open", to_state="closed",
-                   reason="probe succeeded: Docker answered", failures=0),
-    )  # fmt: skip
+        Transition(
+            from_state="half_open",
+            to_state="closed",
+            reason="probe succeeded: Docker answered",
+            failures=0,
+        ),
+    )
 
 
 def test_the_probe_failing_reopens_it_and_restarts_the_interval() -> None:
@@ -209,11 +215,12 @@ def test_the_probe_failing_reopens_it_and_restarts_the_interval() -> None:
     assert step == Step(
         BreakerState(status="open", failures=4, opened_at=111.0, reopens=1),
         Transition(
-            from_state="half_open", to_state="open",
+            from_state="half_open",
+            to_state="open",
             reason="probe failed: docker_unavailable: docker create failed: ConnectionError",
             failures=4,
         ),
-    )  # fmt: skip
+    )
     assert allow(step.state, 130.0, config=CFG)[0].kind == "reject"  # 20 s now
     assert allow(step.state, 131.0, config=CFG)[0].kind == "probe"
 
@@ -414,8 +421,10 @@ async def test_a_probe_against_the_live_engine_closes_it(docker_client: object) 
     assert (too_early, closed) == (False, True)
     assert breaker.state == BreakerState()
     assert [(f, t) for f, t, _, _ in _transitions(sink)] == [
-        ("closed", "open"), ("open", "half_open"), ("half_open", "closed"),
-    ]  # fmt: skip
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+    ]
     assert metrics.registry.get_sample_value("supervisor_breaker_state") == 0.0
 
 
@@ -436,8 +445,11 @@ async def test_a_probe_against_an_unreachable_engine_reopens_it(tmp_dir: Path) -
     assert closed is False
     assert breaker.state == BreakerState(status="open", failures=4, opened_at=1010.0, reopens=1)
     assert _transitions(sink)[-1] == (
-        "half_open", "open", "probe failed: docker_unavailable: docker ping failed: ConnectionError", 4,
-    )  # fmt: skip
+        "half_open",
+        "open",
+        "probe failed: docker_unavailable: docker ping failed: ConnectionError",
+        4,
+    )
 
 
 async def test_watch_probes_when_due_and_closes_on_a_live_engine(docker_client: object) -> None:
@@ -467,5 +479,7 @@ async def test_watch_probes_when_due_and_closes_on_a_live_engine(docker_client: 
 
     assert slept == [10.0]
     assert [(f, t) for f, t, _, _ in _transitions(sink)] == [
-        ("closed", "open"), ("open", "half_open"), ("half_open", "closed"),
-    ]  # fmt: skip
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+    ]

@@ -13,8 +13,13 @@ from supervisor.cli.main import build_parser
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "supervisor", *args], capture_output=True,
-                          text=True, timeout=60, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_version_and_the_defaults_in_the_help() -> None:
@@ -56,8 +61,9 @@ def test_bad_values_are_usage_errors(args: tuple[str, ...], message: str) -> Non
 
 
 def test_replay_into_a_missing_directory_is_refused(tmp_dir: Path) -> None:
-    done = cli("replay", "--db", str(tmp_dir / "nowhere" / "p.duckdb"), "--data-dir",
-               str(tmp_dir / "data"))  # fmt: skip
+    done = cli(
+        "replay", "--db", str(tmp_dir / "nowhere" / "p.duckdb"), "--data-dir", str(tmp_dir / "data")
+    )
     assert done.returncode == 2
     assert "does not exist" in done.stderr
     assert not (tmp_dir / "data").exists()  # refused before any NATS was started

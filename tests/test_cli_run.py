@@ -123,10 +123,20 @@ def test_a_malformed_spec_exits_2_and_names_the_field(tmp_dir: Path, nats_url: s
 def test_run_and_submit_json_print_one_result_for_a_spec_that_does_not_decode(
     tmp_dir: Path, nats_url: str, raw: bytes
 ) -> None:
-    run = _supervisor("run", "-", "--json", "--nats", nats_url, "--data-dir", str(tmp_dir / "d"),
-                      stdin=raw)  # fmt: skip
-    submit = _supervisor("submit", "-", "--wait", "--json", "--nats", nats_url, "--data-dir",
-                         str(tmp_dir / "d"), stdin=raw)  # fmt: skip
+    run = _supervisor(
+        "run", "-", "--json", "--nats", nats_url, "--data-dir", str(tmp_dir / "d"), stdin=raw
+    )
+    submit = _supervisor(
+        "submit",
+        "-",
+        "--wait",
+        "--json",
+        "--nats",
+        nats_url,
+        "--data-dir",
+        str(tmp_dir / "d"),
+        stdin=raw,
+    )
 
     for proc in (run, submit):
         assert proc.returncode == 2, proc.stderr

@@ -141,15 +141,25 @@ def test_the_tracker_follows_a_whole_task_and_flags_a_second_terminal_state() ->
     from schemas.lifecycle import LifecycleTracker
 
     t = LifecycleTracker()
-    steps = ["task.submitted", "attempt.started", "attempt.finished", "task.retry_scheduled",
-             "attempt.started", "attempt.finished", "task.succeeded"]  # fmt: skip
+    steps = [
+        "task.submitted",
+        "attempt.started",
+        "attempt.finished",
+        "task.retry_scheduled",
+        "attempt.started",
+        "attempt.finished",
+        "task.succeeded",
+    ]
     assert [t.observe(s, "t-1") for s in steps] == [None] * len(steps)
     assert t.tasks == {}  # forgotten at its terminal state
     assert t.observe("container.created", "t-1", container_id="c") is None
     assert t.observe("container.started", "t-1", container_id="c") is None
     v = t.observe("container.created", "t-1", container_id="c")
     assert v is not None and (v.machine, v.state, v.event_type) == (
-        "container", "running", "container.created")  # fmt: skip
+        "container",
+        "running",
+        "container.created",
+    )
     assert t.observe("cleanup.succeeded", "t-1", container_id="c", step="remove_container") is None
     assert t.containers == {}
     t.observe("task.submitted", "t-2")

@@ -208,9 +208,13 @@ def test_a_second_signal_stops_at_once_and_still_cleans_up(
 
 
 def _kill_mid_task_and_replace(
-    daemons: list[DaemonProc], tmp_dir: Path, nats_url: str, docker_client,  # type: ignore[no-untyped-def]
-    spec: dict[str, Any], terminal: str,
-) -> list[Event]:  # fmt: skip
+    daemons: list[DaemonProc],
+    tmp_dir: Path,
+    nats_url: str,
+    docker_client,  # type: ignore[no-untyped-def]
+    spec: dict[str, Any],
+    terminal: str,
+) -> list[Event]:
     """Submit `spec` to a daemon, SIGKILL it once the task's container runs, start another,
     and return the events on the `terminal` subject once there are some."""
     sched = {"ack_wait_s": 2, "ack_progress_s": 0.5}
@@ -220,8 +224,11 @@ def _kill_mid_task_and_replace(
 
     first.kill()
     _daemon(daemons, tmp_dir, nats_url, scheduling=sched)
-    wait_until(lambda: asyncio.run(stream_events(nats_url, terminal)), timeout=90,
-                what="the task's terminal event")  # fmt: skip
+    wait_until(
+        lambda: asyncio.run(stream_events(nats_url, terminal)),
+        timeout=90,
+        what="the task's terminal event",
+    )
     return asyncio.run(stream_events(nats_url, terminal))
 
 
@@ -252,13 +259,15 @@ def test_a_daemon_killed_mid_task_is_replaced_and_the_lost_attempt_recorded(
 def test_a_lost_last_attempt_fails_the_task_with_one_error(
     tmp_dir: Path, nats_url: str, daemons, docker_client
 ) -> None:  # type: ignore[no-untyped-def]
-    spec = task("sleep 60", task_id="last", limits={"timeout_s": 120},
-                retry={"max_attempts": 1})  # fmt: skip
+    spec = task("sleep 60", task_id="last", limits={"timeout_s": 120}, retry={"max_attempts": 1})
     failed = _kill_mid_task_and_replace(
         daemons, tmp_dir, nats_url, docker_client, spec, "sup.task.failed.*.last"
     )
-    assert [(e.result.error.code, e.result.attempts) for e in failed
-            if isinstance(e, TaskFailed) and e.result.error] == [("SUPERVISOR_LOST", 1)]  # fmt: skip
+    assert [
+        (e.result.error.code, e.result.attempts)
+        for e in failed
+        if isinstance(e, TaskFailed) and e.result.error
+    ] == [("SUPERVISOR_LOST", 1)]
     # The closing of the attempt records the error; the task's failure repeats it in its
     # result only, so error counts see one lost attempt.
     errors = asyncio.run(stream_events(nats_url, "sup.error.*.*.last"))

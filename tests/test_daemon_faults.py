@@ -186,8 +186,11 @@ def small_disk(tmp_dir: Path) -> Iterator[Path]:
     """A 48 MiB tmpfs of the test's own, to fill up (needs root, as CI runs)."""
     mount = tmp_dir / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)],
-                          capture_output=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
     try:
@@ -198,8 +201,9 @@ def small_disk(tmp_dir: Path) -> Iterator[Path]:
 
 def _fill(disk: Path) -> Path:
     filler = disk / "filler"
-    subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True,
-                   check=False)  # fmt: skip
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True, check=False
+    )
     assert os.statvfs(disk).f_bavail == 0
     return filler
 
@@ -212,8 +216,14 @@ def test_a_full_disk_is_named_refuses_work_and_recovers_by_itself(
     tmp_dir: Path, small_disk: Path, daemons: list[DaemonProc]
 ) -> None:
     data = small_disk / "data"
-    config = {"thresholds": {"disk_min_free_mb": 4, "cpu_pct": 1000.0, "memory_pct": 1000.0,
-                             "disk_pct": 101.0}}  # fmt: skip
+    config = {
+        "thresholds": {
+            "disk_min_free_mb": 4,
+            "cpu_pct": 1000.0,
+            "memory_pct": 1000.0,
+            "disk_pct": 101.0,
+        }
+    }
     daemon = DaemonProc(data, None, config).start()
     daemons.append(daemon)
     url = _client_url(data)
@@ -226,8 +236,9 @@ def test_a_full_disk_is_named_refuses_work_and_recovers_by_itself(
     wait_until(lambda: not _checks(daemon)["disk"]["ok"], 30, "the disk check to fail")
     assert _checks(daemon)["disk"]["reason"].startswith("DISK_FULL: ")
     assert "supervisor_disk_full 1.0" in daemon.get("/metrics")[1].decode()
-    status, body = daemon.request("POST", "/v1/tasks",
-                                  json.dumps(task("true", task_id="disk-http")).encode())  # fmt: skip
+    status, body = daemon.request(
+        "POST", "/v1/tasks", json.dumps(task("true", task_id="disk-http")).encode()
+    )
     assert (status, json.loads(body)["error"]["code"]) == (507, "DISK_FULL")
     cli = submit(url, data, task("true", task_id="disk-cli"), "--json")
     assert cli.returncode == 2, cli.stderr
@@ -237,14 +248,21 @@ def test_a_full_disk_is_named_refuses_work_and_recovers_by_itself(
     filler.unlink()
 
     wait_until(lambda: daemon.get("/readyz")[0] == 200, 60, "the daemon to recover")
-    after = submit(url, tmp_dir / "client", task("echo after", task_id="disk-after"),
-                   "--wait", "--json")  # fmt: skip
+    after = submit(
+        url, tmp_dir / "client", task("echo after", task_id="disk-after"), "--wait", "--json"
+    )
     assert after.returncode == 0, after.stderr
     assert json.loads(after.stdout)["stdout"] == "after\n"
-    expected = {"disk-running": "TaskSucceeded", "disk-after": "TaskSucceeded",
-                "disk-http": "TaskRejected"}  # fmt: skip
-    wait_until(lambda: len(terminal_counts(asyncio.run(stream_events(url)))) >= 3, 60,
-               "every outcome to land")  # fmt: skip
+    expected = {
+        "disk-running": "TaskSucceeded",
+        "disk-after": "TaskSucceeded",
+        "disk-http": "TaskRejected",
+    }
+    wait_until(
+        lambda: len(terminal_counts(asyncio.run(stream_events(url)))) >= 3,
+        60,
+        "every outcome to land",
+    )
     events = asyncio.run(stream_events(url))
     assert terminal_counts(events) == Counter(dict.fromkeys(expected, 1))
     outcome = {e.task_id: type(e).__name__ for e in events if isinstance(e, TERMINAL_TASK_EVENTS)}

@@ -97,10 +97,13 @@ def _result(nats_url: str, client: Path, spec: dict[str, Any]) -> dict[str, Any]
 def _terminal(nats_url: str, task_id: str) -> Any:
     """The task's terminal event, once it is in the stream."""
     found = _wait_until(
-        lambda: [e for e in _events(nats_url, f"sup.task.*.*.{task_id}")
-                 if isinstance(e, TaskSucceeded | TaskFailed)],
+        lambda: [
+            e
+            for e in _events(nats_url, f"sup.task.*.*.{task_id}")
+            if isinstance(e, TaskSucceeded | TaskFailed)
+        ],
         what=f"{task_id} to finish",
-    )  # fmt: skip
+    )
     assert len(found) == 1
     return found[0]
 
@@ -108,10 +111,14 @@ def _terminal(nats_url: str, task_id: str) -> Any:
 def test_the_breaker_opens_when_dockerd_stops_tasks_wait_and_drain_after_it_returns(
     tmp_dir: Path, nats_url: str, daemons: list[DaemonProc], dockerd: PrivateDockerd
 ) -> None:
-    d = _start(daemons, tmp_dir, nats_url, docker_url=dockerd.url,
-               breaker={"failure_threshold": 2, "open_interval_s": 1.0,
-                        "max_open_interval_s": 2.0},
-               monitor={"interval_s": 0.2})  # fmt: skip
+    d = _start(
+        daemons,
+        tmp_dir,
+        nats_url,
+        docker_url=dockerd.url,
+        breaker={"failure_threshold": 2, "open_interval_s": 1.0, "max_open_interval_s": 2.0},
+        monitor={"interval_s": 0.2},
+    )
     client = tmp_dir / "client"
     assert _result(nats_url, client, task("echo before"))["status"] == "succeeded"
 
@@ -136,24 +143,37 @@ def test_the_breaker_opens_when_dockerd_stops_tasks_wait_and_drain_after_it_retu
     assert [type(r).__name__ for r in results] == ["TaskSucceeded"] * 3
     assert [r.result.attempts for r in results] == [1, 1, 1]
     _wait_until(lambda: "breaker" not in _failing(d), what="the breaker to close")
-    moves = [(e.from_state, e.to_state) for e in _events(nats_url, "sup.breaker.>")
-             if isinstance(e, BreakerTransition)]  # fmt: skip
+    moves = [
+        (e.from_state, e.to_state)
+        for e in _events(nats_url, "sup.breaker.>")
+        if isinstance(e, BreakerTransition)
+    ]
     assert moves[0] == ("closed", "open")
     assert moves[-1] == ("half_open", "closed")
-    assert set(moves) <= {("closed", "open"), ("open", "half_open"), ("half_open", "open"),
-                          ("half_open", "closed")}  # fmt: skip
+    assert set(moves) <= {
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "open"),
+        ("half_open", "closed"),
+    }
 
 
 def test_readiness_follows_nats_and_the_outbox(
     tmp_dir: Path, nats_server: NatsServer, daemons: list[DaemonProc]
 ) -> None:
-    d = _start(daemons, tmp_dir, nats_server.url, monitor={"interval_s": 0.2,
-               "sample_event_every": 1}, http={"max_outbox_backlog": 0})  # fmt: skip
+    d = _start(
+        daemons,
+        tmp_dir,
+        nats_server.url,
+        monitor={"interval_s": 0.2, "sample_event_every": 1},
+        http={"max_outbox_backlog": 0},
+    )
     _wait_until(lambda: d.get("/readyz")[0] == 200, what="ready")
 
     nats_server.stop()
-    failing = _wait_until(lambda: _failing(d) >= {"nats", "outbox"} and _failing(d),
-                          what="readiness to see NATS go")  # fmt: skip
+    failing = _wait_until(
+        lambda: _failing(d) >= {"nats", "outbox"} and _failing(d), what="readiness to see NATS go"
+    )
     # The projection follows the stream, so it is not ready either; nothing else fails.
     assert {"nats", "outbox"} <= failing <= {"nats", "outbox", "projection"}
     assert d.get("/healthz") == (200, b'{"status":"ok"}')
@@ -168,9 +188,15 @@ def test_pressure_holds_work_back_alerts_once_and_recovers(
 ) -> None:
     # One managed container is the threshold: a running task puts the host under pressure.
     # (A node id of its own: the count is of this node's containers only.)
-    d = _start(daemons, tmp_dir, nats_url, node_id="n-pressure", thresholds={"containers": 1, "cpu_pct": 1000.0,
-               "memory_pct": 1000.0}, monitor={"interval_s": 0.2},
-               scheduling={"shutdown_grace_s": 1})  # fmt: skip
+    d = _start(
+        daemons,
+        tmp_dir,
+        nats_url,
+        node_id="n-pressure",
+        thresholds={"containers": 1, "cpu_pct": 1000.0, "memory_pct": 1000.0},
+        monitor={"interval_s": 0.2},
+        scheduling={"shutdown_grace_s": 1},
+    )
     client = tmp_dir / "client"
     assert submit(nats_url, client, task("sleep 6", task_id="t-hog")).returncode == 0
     _wait_until(lambda: "pressure" in _failing(d), what="the container count alert")
@@ -185,8 +211,7 @@ def test_pressure_holds_work_back_alerts_once_and_recovers(
     later_start = min(e.occurred_at for e in _events(nats_url, "sup.attempt.started.*.t-later"))
     assert later_start > hog_end
     alerts = [e for e in _events(nats_url, "sup.resource.>") if isinstance(e, ResourceAlert)]
-    recovered = [e for e in _events(nats_url, "sup.resource.>")
-                 if isinstance(e, ResourceRecovered)]  # fmt: skip
+    recovered = [e for e in _events(nats_url, "sup.resource.>") if isinstance(e, ResourceRecovered)]
     assert [(a.metric, a.threshold) for a in alerts][:1] == [("containers", 1.0)]
     assert len(recovered) >= 1
     # Crossings alternate: never two alerts of one metric without a recovery between.
@@ -257,8 +282,11 @@ def test_logs_are_json_lines_with_the_task_context(
 ) -> None:
     d = _start(daemons, tmp_dir, nats_url)
     client = tmp_dir / "client"
-    result = _result(nats_url, client, task("exit 3", task_id="t-logged", retry={"max_attempts": 2,
-                     "base_delay_s": 0.1}))  # fmt: skip
+    result = _result(
+        nats_url,
+        client,
+        task("exit 3", task_id="t-logged", retry={"max_attempts": 2, "base_delay_s": 0.1}),
+    )
     assert result["status"] == "failed"
     d.stop()
 
@@ -269,8 +297,11 @@ def test_logs_are_json_lines_with_the_task_context(
     mine = [line for line in lines if line.get("task_id") == "t-logged"]
     assert mine, "no log line carries the task id"
     assert all(line.get("correlation_id") for line in mine)
-    started = [e for e in _events(nats_url, "sup.attempt.started.*.t-logged")
-               if isinstance(e, AttemptStarted)]  # fmt: skip
+    started = [
+        e
+        for e in _events(nats_url, "sup.attempt.started.*.t-logged")
+        if isinstance(e, AttemptStarted)
+    ]
     assert {line["correlation_id"] for line in mine} == {started[0].correlation_id}
 
 

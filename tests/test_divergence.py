@@ -38,8 +38,13 @@ from supervisor.reconcile.divergence import (
 )
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-CFG = RuleConfig(creation_grace_s=30, deadline_grace_s=10, heartbeat_timeout_s=20,
-                 lost_attempt_grace_s=60, max_attempt_s=1200)  # fmt: skip
+CFG = RuleConfig(
+    creation_grace_s=30,
+    deadline_grace_s=10,
+    heartbeat_timeout_s=20,
+    lost_attempt_grace_s=60,
+    max_attempt_s=1200,
+)
 ROOT = "/data/workspaces"
 INV_SEQ = 500
 
@@ -67,9 +72,14 @@ class World:
     def serve(self, iid: str, heartbeat_s_ago: float | None = 1.0, seq: int = 10) -> World:
         hb = None if heartbeat_s_ago is None else ago(heartbeat_s_ago)
         self.instances[iid] = InstanceRecord(
-            iid, self.node, "serve", started_seq=seq, heartbeat_seq=seq + 1 if hb else None,
-            heartbeat_at=hb, heartbeat_timeout_s=None,
-        )  # fmt: skip
+            iid,
+            self.node,
+            "serve",
+            started_seq=seq,
+            heartbeat_seq=seq + 1 if hb else None,
+            heartbeat_at=hb,
+            heartbeat_timeout_s=None,
+        )
         return self
 
     def run_instance(self, iid: str, seq: int = 10) -> World:
@@ -82,62 +92,129 @@ class World:
         return self
 
     def task(
-        self, tid: str, *, state: str = "running", finished_seq: int | None = None,
-        quiet_s: float = 0.0, seq: int = 20,
-    ) -> World:  # fmt: skip
+        self,
+        tid: str,
+        *,
+        state: str = "running",
+        finished_seq: int | None = None,
+        quiet_s: float = 0.0,
+        seq: int = 20,
+    ) -> World:
         fin = ago(quiet_s) if finished_seq is not None else None
-        self.tasks[tid] = TaskRecord(tid, state, finished_seq or seq, ago(quiet_s), finished_seq,
-                                     fin, correlation_id=f"corr-{tid}")  # fmt: skip
+        self.tasks[tid] = TaskRecord(
+            tid,
+            state,
+            finished_seq or seq,
+            ago(quiet_s),
+            finished_seq,
+            fin,
+            correlation_id=f"corr-{tid}",
+        )
         return self
 
     def attempt(
-        self, tid: str, n: int, iid: str, *, finished_seq: int | None = None,
-        started_s_ago: float = 100.0, seq: int = 21,
-    ) -> World:  # fmt: skip
+        self,
+        tid: str,
+        n: int,
+        iid: str,
+        *,
+        finished_seq: int | None = None,
+        started_s_ago: float = 100.0,
+        seq: int = 21,
+    ) -> World:
         fin = ago(50) if finished_seq is not None else None
-        self.attempts[(tid, n)] = AttemptRecord(tid, n, self.node, iid, seq, ago(started_s_ago),
-                                                finished_seq, fin)  # fmt: skip
+        self.attempts[(tid, n)] = AttemptRecord(
+            tid, n, self.node, iid, seq, ago(started_s_ago), finished_seq, fin
+        )
         return self
 
     def container(
-        self, cid: str, tid: str, n: int, iid: str, *, state: str = "running",
-        created_s_ago: float = 100.0, deadline_in_s: float | None = 300.0, observed: bool = True,
-        recorded: bool = True, node: str | None = None, managed: bool = True,
-        removed_seq: int | None = None, failed_seq: int | None = None, seq: int = 22,
-    ) -> World:  # fmt: skip
+        self,
+        cid: str,
+        tid: str,
+        n: int,
+        iid: str,
+        *,
+        state: str = "running",
+        created_s_ago: float = 100.0,
+        deadline_in_s: float | None = 300.0,
+        observed: bool = True,
+        recorded: bool = True,
+        node: str | None = None,
+        managed: bool = True,
+        removed_seq: int | None = None,
+        failed_seq: int | None = None,
+        seq: int = 22,
+    ) -> World:
         deadline = NOW + timedelta(seconds=deadline_in_s) if deadline_in_s is not None else None
         if observed:
-            self.seen[cid] = SeenContainer(cid, state, ago(created_s_ago), tid, n, iid, deadline,
-                                           managed, node or self.node)  # fmt: skip
+            self.seen[cid] = SeenContainer(
+                cid, state, ago(created_s_ago), tid, n, iid, deadline, managed, node or self.node
+            )
         if recorded:
             self.containers[cid] = ContainerRecord(
-                cid, tid, n, node or self.node, iid, seq, ago(created_s_ago), deadline,
-                removed_seq, failed_seq, ago(40) if failed_seq else None,
-            )  # fmt: skip
+                cid,
+                tid,
+                n,
+                node or self.node,
+                iid,
+                seq,
+                ago(created_s_ago),
+                deadline,
+                removed_seq,
+                failed_seq,
+                ago(40) if failed_seq else None,
+            )
         return self
 
     def workspace(
-        self, name: str, tid: str, n: int, iid: str, *, created_s_ago: float = 100.0,
-        observed: bool = True, recorded: bool = True, removed_seq: int | None = None,
-        failed_seq: int | None = None, root: str = ROOT, seq: int = 23,
-    ) -> World:  # fmt: skip
+        self,
+        name: str,
+        tid: str,
+        n: int,
+        iid: str,
+        *,
+        created_s_ago: float = 100.0,
+        observed: bool = True,
+        recorded: bool = True,
+        removed_seq: int | None = None,
+        failed_seq: int | None = None,
+        root: str = ROOT,
+        seq: int = 23,
+    ) -> World:
         path = f"{root}/{name}"
         if observed:
             self.seen_ws[path] = SeenWorkspace(path, ago(created_s_ago), *workspace_owner(path))
         if recorded:
             self.workspaces[path] = WorkspaceRecord(
-                path, tid, n, self.node, iid, seq, ago(created_s_ago), removed_seq, failed_seq,
+                path,
+                tid,
+                n,
+                self.node,
+                iid,
+                seq,
+                ago(created_s_ago),
+                removed_seq,
+                failed_seq,
                 ago(40) if failed_seq else None,
-            )  # fmt: skip
+            )
         return self
 
     def build(self) -> ProjectedState:
         inv = Inventory(INV_SEQ, ago(1), ROOT, dict(self.seen), dict(self.seen_ws))
         return ProjectedState(
-            self.node, inv, dict(self.containers), dict(self.workspaces), dict(self.attempts),
-            dict(self.tasks), dict(self.instances), frozenset(self.open_commands),
-            dict(self.finals), dict(self.finals_at), self_instance="me",
-        )  # fmt: skip
+            self.node,
+            inv,
+            dict(self.containers),
+            dict(self.workspaces),
+            dict(self.attempts),
+            dict(self.tasks),
+            dict(self.instances),
+            frozenset(self.open_commands),
+            dict(self.finals),
+            dict(self.finals_at),
+            self_instance="me",
+        )
 
 
 def found(world: World, now: datetime = NOW) -> list[tuple[str, str, str]]:
@@ -159,8 +236,9 @@ def running_task(w: World, tid: str = "t-1", iid: str = "boot-1") -> World:
 
 def test_orphan_a_container_of_a_task_that_ended() -> None:
     w = World().serve("boot-1").task("t-1", state="succeeded", finished_seq=30, quiet_s=50)
-    w.attempt("t-1", 1, "boot-1", finished_seq=29).container("c1", "t-1", 1, "boot-1",
-                                                             state="exited")  # fmt: skip
+    w.attempt("t-1", 1, "boot-1", finished_seq=29).container(
+        "c1", "t-1", 1, "boot-1", state="exited"
+    )
     d = only(w)
     assert (d.rule, d.resource, d.action) == ("orphan_container", "c1", "remove_container")
     assert d.evidence == (22, 30, INV_SEQ)
@@ -286,8 +364,9 @@ def test_an_unresolved_cleanup_failure_of_a_container_still_there() -> None:
 
 
 def test_an_unresolved_cleanup_failure_of_a_workspace_still_on_disk() -> None:
-    w = running_task(World().serve("boot-1")).workspace("t-1.1.ab", "t-1", 1, "boot-1",
-                                                        failed_seq=41)  # fmt: skip
+    w = running_task(World().serve("boot-1")).workspace(
+        "t-1.1.ab", "t-1", 1, "boot-1", failed_seq=41
+    )
     d = only(w)
     assert (d.rule, d.resource_kind, d.action, d.evidence) == (
         "unresolved_cleanup_failure",
@@ -349,8 +428,11 @@ def test_leaked_a_workspace_of_a_finished_attempt() -> None:
     w.attempt("t-1", 2, "boot-1").workspace("t-1.1.ab", "t-1", 1, "boot-1")
     d = only(w)
     assert (d.rule, d.resource, d.evidence, d.reason) == (
-        "leaked_workspace", f"{ROOT}/t-1.1.ab", (23, 29, INV_SEQ),
-        "on disk, and its attempt 1 finished")  # fmt: skip
+        "leaked_workspace",
+        f"{ROOT}/t-1.1.ab",
+        (23, 29, INV_SEQ),
+        "on disk, and its attempt 1 finished",
+    )
 
 
 def test_leaked_a_young_workspace_of_a_dead_instance() -> None:
@@ -383,8 +465,11 @@ def test_vanished_a_recorded_workspace_gone_from_disk_after_its_attempt() -> Non
     w.attempt("t-1", 1, "boot-1", finished_seq=29)
     w.workspace("t-1.1.ab", "t-1", 1, "boot-1", observed=False)
     d = only(w)
-    assert (d.rule, d.action, d.evidence) == ("vanished_workspace", "remove_workspace",
-                                              (23, 30, INV_SEQ))  # fmt: skip
+    assert (d.rule, d.action, d.evidence) == (
+        "vanished_workspace",
+        "remove_workspace",
+        (23, 30, INV_SEQ),
+    )
 
 
 def test_a_vanished_workspace_of_running_work_or_of_another_root_is_left_alone() -> None:
@@ -427,8 +512,16 @@ def test_a_lost_attempt_waits_for_the_grace_and_for_its_container() -> None:
 def test_lost_an_attempt_of_a_cli_run_past_its_deadline_ends_the_task_too() -> None:
     def world(deadline_in_s: float) -> World:
         w = World().run_instance("cli-1").task("t-1", quiet_s=500).attempt("t-1", 1, "cli-1")
-        return w.container("c1", "t-1", 1, "cli-1", observed=False, recorded=True,
-                           removed_seq=80, deadline_in_s=deadline_in_s)  # fmt: skip
+        return w.container(
+            "c1",
+            "t-1",
+            1,
+            "cli-1",
+            observed=False,
+            recorded=True,
+            removed_seq=80,
+            deadline_in_s=deadline_in_s,
+        )
 
     assert found(world(-9)) == []
     d = only(world(-11))
@@ -438,8 +531,10 @@ def test_lost_an_attempt_of_a_cli_run_past_its_deadline_ends_the_task_too() -> N
         True,
         ago(11),
     )
-    assert d.reason == ("the attempt runs on record but instance cli-1 (run) publishes no "
-                        "heartbeats and the attempt is past its deadline")  # fmt: skip
+    assert d.reason == (
+        "the attempt runs on record but instance cli-1 (run) publishes no "
+        "heartbeats and the attempt is past its deadline"
+    )
 
 
 def test_lost_an_attempt_without_any_deadline_after_the_longest_attempt() -> None:
@@ -470,19 +565,26 @@ def test_one_divergence_per_resource_oldest_first() -> None:
         ("unresolved_cleanup_failure", "container", "c1"),  # since 40 s ago
     ]
     assert [name for name, _ in RULES] == [
-        "unresolved_cleanup_failure", "overdue_container", "orphan_container",
-        "vanished_container", "leaked_workspace", "vanished_workspace", "lost_attempt",
-    ]  # fmt: skip
+        "unresolved_cleanup_failure",
+        "overdue_container",
+        "orphan_container",
+        "vanished_container",
+        "leaked_workspace",
+        "vanished_workspace",
+        "lost_attempt",
+    ]
 
 
 def test_command_ids_are_deterministic_and_change_with_each_final_outcome() -> None:
     first = command_id("n1", "remove_container", "c1", 0)
     assert first == command_id("n1", "remove_container", "c1", 0)
     assert first.startswith("cmd-") and len(first) == 36
-    others = {command_id("n2", "remove_container", "c1", 0),
-              command_id("n1", "remove_workspace", "c1", 0),
-              command_id("n1", "remove_container", "c2", 0),
-              command_id("n1", "remove_container", "c1", 1)}  # fmt: skip
+    others = {
+        command_id("n2", "remove_container", "c1", 0),
+        command_id("n1", "remove_workspace", "c1", 0),
+        command_id("n1", "remove_container", "c2", 0),
+        command_id("n1", "remove_container", "c1", 1),
+    }
     assert first not in others and len(others) == 4
 
 
@@ -523,15 +625,29 @@ def test_oldest_leak_age() -> None:
 
 
 def test_labels_are_parsed_and_a_malformed_number_reads_as_absent() -> None:
-    labels = {"supervisor.managed": "true", "supervisor.node": "n1", "supervisor.task": "t-1",
-              "supervisor.attempt": "2", "supervisor.instance": "boot-1",
-              "supervisor.deadline": "1767268800.5"}  # fmt: skip
+    labels = {
+        "supervisor.managed": "true",
+        "supervisor.node": "n1",
+        "supervisor.task": "t-1",
+        "supervisor.attempt": "2",
+        "supervisor.instance": "boot-1",
+        "supervisor.deadline": "1767268800.5",
+    }
     c = seen_container("c1", "running", 1767268700.0, labels)
-    assert c == SeenContainer("c1", "running", datetime(2026, 1, 1, 11, 58, 20, tzinfo=UTC),
-                              "t-1", 2, "boot-1",
-                              datetime(2026, 1, 1, 12, 0, 0, 500000, tzinfo=UTC), True, "n1")  # fmt: skip
-    bad = seen_container("c1", "exited", 0.0, {"supervisor.attempt": "x",
-                                                "supervisor.deadline": "soon"})  # fmt: skip
+    assert c == SeenContainer(
+        "c1",
+        "running",
+        datetime(2026, 1, 1, 11, 58, 20, tzinfo=UTC),
+        "t-1",
+        2,
+        "boot-1",
+        datetime(2026, 1, 1, 12, 0, 0, 500000, tzinfo=UTC),
+        True,
+        "n1",
+    )
+    bad = seen_container(
+        "c1", "exited", 0.0, {"supervisor.attempt": "x", "supervisor.deadline": "soon"}
+    )
     assert (bad.attempt, bad.deadline, bad.managed, bad.node_id, bad.running) == (
         None,
         None,
@@ -563,22 +679,45 @@ def worlds(draw: st.DrawFn) -> World:
         tid = f"t-{i}"
         iid = draw(st.sampled_from(_INSTANCES))
         ended = draw(st.booleans())
-        w.task(tid, state="succeeded" if ended else "running",
-               finished_seq=100 + i if ended else None, quiet_s=draw(st.floats(0, 500)))  # fmt: skip
+        w.task(
+            tid,
+            state="succeeded" if ended else "running",
+            finished_seq=100 + i if ended else None,
+            quiet_s=draw(st.floats(0, 500)),
+        )
         attempt_done = ended or draw(st.booleans())
-        w.attempt(tid, 1, iid, finished_seq=99 if attempt_done else None,
-                  started_s_ago=draw(st.floats(0, 2000)))  # fmt: skip
+        w.attempt(
+            tid,
+            1,
+            iid,
+            finished_seq=99 if attempt_done else None,
+            started_s_ago=draw(st.floats(0, 2000)),
+        )
         if draw(st.booleans()):
             w.container(
-                f"c{i}", tid, 1, iid, state=draw(st.sampled_from(["running", "exited", "created"])),
-                created_s_ago=draw(st.floats(0, 500)), deadline_in_s=draw(st.floats(-500, 500)),
-                observed=draw(st.booleans()), recorded=draw(st.booleans()),
-                node=draw(st.sampled_from(["n1", "n1", "n2"])), managed=draw(st.booleans()),
+                f"c{i}",
+                tid,
+                1,
+                iid,
+                state=draw(st.sampled_from(["running", "exited", "created"])),
+                created_s_ago=draw(st.floats(0, 500)),
+                deadline_in_s=draw(st.floats(-500, 500)),
+                observed=draw(st.booleans()),
+                recorded=draw(st.booleans()),
+                node=draw(st.sampled_from(["n1", "n1", "n2"])),
+                managed=draw(st.booleans()),
                 failed_seq=draw(st.sampled_from([None, 60])),
-            )  # fmt: skip
+            )
         if draw(st.booleans()):
-            w.workspace(f"{tid}.1.ab", tid, 1, iid, created_s_ago=draw(st.floats(0, 500)),
-                        observed=draw(st.booleans()), recorded=draw(st.booleans()))  # fmt: skip
+            w.workspace(
+                f"{tid}.1.ab",
+                tid,
+                1,
+                iid,
+                created_s_ago=draw(st.floats(0, 500)),
+                observed=draw(st.booleans()),
+                recorded=draw(st.booleans()),
+            )
     return w
 
 
@@ -622,11 +761,18 @@ def test_the_verdict_does_not_depend_on_the_order_of_the_rows(w: World, rnd: ran
         rnd.shuffle(items)
         return dict(items)
 
-    inv = dataclasses.replace(state.inventory, containers=shuffled(dict(state.inventory.containers)),
-                              workspaces=shuffled(dict(state.inventory.workspaces)))  # fmt: skip
-    other = dataclasses.replace(state, inventory=inv, containers=shuffled(dict(state.containers)),
-                                workspaces=shuffled(dict(state.workspaces)),
-                                attempts=shuffled(dict(state.attempts)))  # fmt: skip
+    inv = dataclasses.replace(
+        state.inventory,
+        containers=shuffled(dict(state.inventory.containers)),
+        workspaces=shuffled(dict(state.inventory.workspaces)),
+    )
+    other = dataclasses.replace(
+        state,
+        inventory=inv,
+        containers=shuffled(dict(state.containers)),
+        workspaces=shuffled(dict(state.workspaces)),
+        attempts=shuffled(dict(state.attempts)),
+    )
     assert decide(other, NOW, CFG) == decide(state, NOW, CFG)
 
 

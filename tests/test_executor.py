@@ -58,8 +58,10 @@ async def node(tmp_dir: Path, nats_url: str) -> AsyncIterator[Node]:
         yield n
     # Whatever the test did, every event the executor emitted followed the state machine.
     violations = n.metrics.registry.get_sample_value
-    assert [violations("supervisor_lifecycle_violations_total", {"machine": m}) or 0.0
-            for m in ("task", "container")] == [0.0, 0.0]  # fmt: skip
+    assert [
+        violations("supervisor_lifecycle_violations_total", {"machine": m}) or 0.0
+        for m in ("task", "container")
+    ] == [0.0, 0.0]
 
 
 async def _run(node: Node, spec: TaskSpec) -> Result:
@@ -379,8 +381,11 @@ async def test_a_cancellation_during_a_creating_step_leaks_nothing(
     assert _workspaces(node) == []
     history = await stream_events(nats_url, "sup.*.*.n1.>")
     created = [e.container_id for e in history if isinstance(e, ContainerCreated)]
-    removed = [e.resource for e in history
-               if event_type(e) == "cleanup.succeeded" and e.step == "remove_container"]  # type: ignore[attr-defined]  # fmt: skip
+    removed = [
+        e.resource
+        for e in history
+        if event_type(e) == "cleanup.succeeded" and e.step == "remove_container"
+    ]  # type: ignore[attr-defined]
     assert created == removed
     assert len(created) == (0 if step == "create_workspace" else 1)
     # A container that did start is recorded as started, then killed as cancelled.
@@ -436,11 +441,22 @@ async def test_a_request_the_engine_refuses_is_the_specs_fault_not_the_engines(
     6 MB minimum, which admission would have caught): that is the spec's fault, an
     `INVALID_SPEC` that is not retried, never an engine failure the breaker counts."""
     request = ContainerRequest(
-        image=SANDBOX_IMAGE, command=["true"], labels={"supervisor.managed": "false"},
-        env={}, workspace=str(node.data_dir), workspace_mount="/workspace", user="65534:65534",
-        memory_mb=1, cpus=1.0, pids=16, tmpfs_size="1m", network="none", privileged=False,
-        cap_add=[], mounts=[],
-    )  # fmt: skip
+        image=SANDBOX_IMAGE,
+        command=["true"],
+        labels={"supervisor.managed": "false"},
+        env={},
+        workspace=str(node.data_dir),
+        workspace_mount="/workspace",
+        user="65534:65534",
+        memory_mb=1,
+        cpus=1.0,
+        pids=16,
+        tmpfs_size="1m",
+        network="none",
+        privileged=False,
+        cap_add=[],
+        mounts=[],
+    )
     with pytest.raises(DockerRequestRefused) as refused:
         await node.runtime.create(request)
     assert refused.value.status == 400
@@ -453,10 +469,17 @@ async def test_a_request_the_engine_refuses_is_the_specs_fault_not_the_engines(
 
 def _remove_command(node: Node, cid: str, task_id: str) -> CleanupCommand:
     return CleanupCommand(
-        command_id=f"cmd-{cid[:8]}", node_id=node.config.node_id, action="remove_container",
-        resource_kind="container", resource=cid, rule="orphan_container",
-        decision_id="d-1", issued_at=utcnow(), task_id=task_id, attempt=1,
-    )  # fmt: skip
+        command_id=f"cmd-{cid[:8]}",
+        node_id=node.config.node_id,
+        action="remove_container",
+        resource_kind="container",
+        resource=cid,
+        rule="orphan_container",
+        decision_id="d-1",
+        issued_at=utcnow(),
+        task_id=task_id,
+        attempt=1,
+    )
 
 
 async def _live_container(node: Node, task: asyncio.Task[Result]) -> str:
@@ -470,10 +493,15 @@ async def _live_container(node: Node, task: asyncio.Task[Result]) -> str:
 
 def _commands(node: Node) -> CommandExecutor:
     return CommandExecutor(
-        js=node.events.js, runtime=node.runtime, cleaner=node.executor.cleaner,
-        emitter=node.emitter, data_dir=node.data_dir, config=node.config.reconcile,
-        metrics=node.metrics, claim_kill=node.executor.claim_kill,
-    )  # fmt: skip
+        js=node.events.js,
+        runtime=node.runtime,
+        cleaner=node.executor.cleaner,
+        emitter=node.emitter,
+        data_dir=node.data_dir,
+        config=node.config.reconcile,
+        metrics=node.metrics,
+        claim_kill=node.executor.claim_kill,
+    )
 
 
 async def test_a_cleanup_command_never_kills_a_live_attempt_before_its_deadline(
@@ -510,6 +538,9 @@ async def test_a_cleanup_command_that_kills_a_live_attempt_is_recorded_as_its_ki
     assert (result.error.type, result.error.code) == ("infrastructure", "KILLED_EXTERNALLY")
     assert result.error.details == {"by": "reconcile"}
     assert await node.events.flush(10)
-    kills = [e for e in await stream_events(nats_url, f"sup.container.kill_issued.*.{result.task_id}")
-             if isinstance(e, KillIssued)]  # fmt: skip
+    kills = [
+        e
+        for e in await stream_events(nats_url, f"sup.container.kill_issued.*.{result.task_id}")
+        if isinstance(e, KillIssued)
+    ]
     assert [(k.reason, k.attempt) for k in kills] == [("reconcile", 1)]

@@ -52,8 +52,16 @@ def forged(b: HistoryBuilder, tid: str) -> None:
     b.emit(AttemptFinished, tid, 1, outcome="succeeded", exit_code=0, duration_s=0.1)
     b.succeed(tid, 1)
     b.instance_id = owner
-    b.emit(AttemptFinished, tid, 1, outcome="failed", exit_code=1, error_type="user_code",
-           error_code="NONZERO_EXIT", duration_s=0.4)  # fmt: skip
+    b.emit(
+        AttemptFinished,
+        tid,
+        1,
+        outcome="failed",
+        exit_code=1,
+        error_type="user_code",
+        error_code="NONZERO_EXIT",
+        duration_s=0.4,
+    )
     b.fail(tid, 1, "NONZERO_EXIT", exit_code=1)
 
 
@@ -63,8 +71,14 @@ def lost(b: HistoryBuilder, tid: str) -> None:
     b.submit(tid)
     b.attempt(tid, 1, finish=False)
     b.instance_id = "boot-2"
-    b.emit(AttemptFinished, tid, 1, outcome="failed", error_type="infrastructure",
-           error_code="SUPERVISOR_LOST")  # fmt: skip
+    b.emit(
+        AttemptFinished,
+        tid,
+        1,
+        outcome="failed",
+        error_type="infrastructure",
+        error_code="SUPERVISOR_LOST",
+    )
     b.fail(tid, 1, "SUPERVISOR_LOST")
 
 
@@ -95,16 +109,28 @@ def build(tasks: list[Any], seed: int) -> list[Event]:
         out.append(events.pop(0))
     node = node_history()
     at = node[-1].occurred_at
-    alerts = [cls(event_id=f"a{i}", occurred_at=at, node_id="n1", instance_id="boot-2",
-                  metric="memory_pct", value=91.5 - 10 * i, threshold=85.0)
-              for i, cls in enumerate((ResourceAlert, ResourceRecovered))]  # fmt: skip
+    alerts = [
+        cls(
+            event_id=f"a{i}",
+            occurred_at=at,
+            node_id="n1",
+            instance_id="boot-2",
+            metric="memory_pct",
+            value=91.5 - 10 * i,
+            threshold=85.0,
+        )
+        for i, cls in enumerate((ResourceAlert, ResourceRecovered))
+    ]
     return out + node + alerts
 
 
 def project(
-    db: Path, events: list[Event], batches: list[tuple[int, int]], fold_max: int,
+    db: Path,
+    events: list[Event],
+    batches: list[tuple[int, int]],
+    fold_max: int,
     reopen_every: int = 0,
-) -> Any:  # fmt: skip
+) -> Any:
     """Apply the batches; `reopen_every` n batches, close and reopen the file (the writer
     then knows none of the stored rows and reads them)."""
     payloads = [encode_event(e) for e in events]
@@ -112,8 +138,16 @@ def project(
     try:
         for i, (lo, hi) in enumerate(batches, start=1):
             seqs = list(range(lo + 1, hi + 1))
-            store.apply(stage(decode_batch(seqs, [events[s - 1].subject() for s in seqs],
-                                           [0] * len(seqs), payloads[lo:hi])))  # fmt: skip
+            store.apply(
+                stage(
+                    decode_batch(
+                        seqs,
+                        [events[s - 1].subject() for s in seqs],
+                        [0] * len(seqs),
+                        payloads[lo:hi],
+                    )
+                )
+            )
             if reopen_every and i % reopen_every == 0:
                 store.close()
                 store = ProjectionStore(db, fold_max=fold_max)
@@ -150,8 +184,9 @@ def test_the_fold_of_small_batches_equals_the_merge_of_the_whole(
     for db in dbs:
         db.unlink(missing_ok=True)
     merged = project(dbs[0], events, [(0, len(events))], fold_max=0)
-    folded = project(dbs[1], events, small_batches(len(events), seed), fold_max=10**6,
-                     reopen_every=seed % 4)  # fmt: skip
+    folded = project(
+        dbs[1], events, small_batches(len(events), seed), fold_max=10**6, reopen_every=seed % 4
+    )
 
     assert all(merged[t] for t in ("tasks", "attempts", "instances", "alerts"))
     assert folded == merged
@@ -170,20 +205,28 @@ def test_an_end_from_an_instance_that_does_not_own_the_attempt_is_not_applied(
         project(tmp_dir / f"{name}.duckdb", events, batches, fold_max=fold_max)
         con = duckdb.connect(str(tmp_dir / f"{name}.duckdb"), read_only=True)
         try:
-            tasks = con.execute("SELECT task_id, state, error_code, terminal_events FROM tasks WHERE task_id LIKE 't-g%' "
-                                "ORDER BY task_id").fetchall()  # fmt: skip
-            attempts = con.execute("SELECT task_id, outcome, exit_code, error_code, instance_id "
-                                   "FROM attempts WHERE task_id LIKE 't-g%' ORDER BY task_id").fetchall()  # fmt: skip
+            tasks = con.execute(
+                "SELECT task_id, state, error_code, terminal_events FROM tasks WHERE task_id LIKE 't-g%' "
+                "ORDER BY task_id"
+            ).fetchall()
+            attempts = con.execute(
+                "SELECT task_id, outcome, exit_code, error_code, instance_id "
+                "FROM attempts WHERE task_id LIKE 't-g%' ORDER BY task_id"
+            ).fetchall()
             conflicts = con.execute(
                 "SELECT task_id, scope, conflict_outcome, reason, instance_id, first_outcome "
                 "FROM terminal_conflicts"
             ).fetchall()
         finally:
             con.close()
-        assert tasks == [("t-g0", "failed", "NONZERO_EXIT", 2),
-                         ("t-g1", "failed", "SUPERVISOR_LOST", 1)], name  # fmt: skip
-        assert attempts == [("t-g0", "failed", 1, "NONZERO_EXIT", "boot-1"),
-                            ("t-g1", "failed", None, "SUPERVISOR_LOST", "boot-1")], name  # fmt: skip
+        assert tasks == [
+            ("t-g0", "failed", "NONZERO_EXIT", 2),
+            ("t-g1", "failed", "SUPERVISOR_LOST", 1),
+        ], name
+        assert attempts == [
+            ("t-g0", "failed", 1, "NONZERO_EXIT", "boot-1"),
+            ("t-g1", "failed", None, "SUPERVISOR_LOST", "boot-1"),
+        ], name
         assert conflicts == [
             ("t-g0", "attempt", "succeeded", "not_owner", "forger", "failed"),
             ("t-g0", "task", "succeeded", "not_owner", "forger", "failed"),

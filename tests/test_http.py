@@ -99,9 +99,13 @@ async def serving(app: Any) -> AsyncIterator[aiohttp.ClientSession]:
 
 def _app(p: Parts, *, max_backlog: int = 10, **kw: Any) -> Any:
     checks = daemon_checks(
-        runtime=p.runtime, connected=lambda: p.events.connected, backlog=lambda: p.events.backlog,
-        breaker=p.breaker, monitor=p.monitor, max_backlog=max_backlog,
-    )  # fmt: skip
+        runtime=p.runtime,
+        connected=lambda: p.events.connected,
+        backlog=lambda: p.events.backlog,
+        breaker=p.breaker,
+        monitor=p.monitor,
+        max_backlog=max_backlog,
+    )
     return create_app(metrics=p.metrics, readiness=checks, **kw)
 
 
@@ -255,10 +259,20 @@ async def test_readyz_follows_nats_and_the_outbox(
 
     assert down == (
         503,
-        {"ready": False, "checks": {**READY,
-            "nats": {"ok": False, "reason": "not connected to NATS"},
-            "outbox": {"ok": False, "reason": "3 events waiting to be published, more than 2", "backlog": 3, "max_backlog": 2}}},
-    )  # fmt: skip
+        {
+            "ready": False,
+            "checks": {
+                **READY,
+                "nats": {"ok": False, "reason": "not connected to NATS"},
+                "outbox": {
+                    "ok": False,
+                    "reason": "3 events waiting to be published, more than 2",
+                    "backlog": 3,
+                    "max_backlog": 2,
+                },
+            },
+        },
+    )
     assert back == (
         200,
         {"ready": True, "checks": {**READY, "outbox": {**READY["outbox"], "max_backlog": 2}}},
@@ -286,12 +300,15 @@ async def test_a_check_that_hangs_or_raises_fails_with_that_reason() -> None:
 
     assert (status, body) == (
         503,
-        {"ready": False, "checks": {
-            "slow": {"ok": False, "reason": "no answer within 0.2s"},
-            "broken": {"ok": False, "reason": "the check raised RuntimeError: no luck"},
-            "fine": {"ok": True, "reason": "fine", "n": 1},
-        }},
-    )  # fmt: skip
+        {
+            "ready": False,
+            "checks": {
+                "slow": {"ok": False, "reason": "no answer within 0.2s"},
+                "broken": {"ok": False, "reason": "the check raised RuntimeError: no luck"},
+                "fine": {"ok": True, "reason": "fine", "n": 1},
+            },
+        },
+    )
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -454,9 +471,13 @@ async def test_an_invalid_spec_is_400_and_never_reaches_the_intake(body: bytes, 
 
 @pytest.mark.parametrize(
     ("code", "type_", "retryable", "status"),
-    [("QUEUE_FULL", "resource", True, 429), ("INVALID_SPEC", "validation", False, 400),
-     ("POLICY_VIOLATION", "security", False, 403), ("HOST_PRESSURE", "resource", True, 503)],
-)  # fmt: skip
+    [
+        ("QUEUE_FULL", "resource", True, 429),
+        ("INVALID_SPEC", "validation", False, 400),
+        ("POLICY_VIOLATION", "security", False, 403),
+        ("HOST_PRESSURE", "resource", True, 503),
+    ],
+)
 async def test_a_refused_task_answers_with_the_catalogue_error(
     code: str, type_: str, retryable: bool, status: int
 ) -> None:
@@ -486,10 +507,17 @@ async def test_nats_down_at_submit_is_503() -> None:
         handlers.reply = NatsUnavailable("jetstream", "task.submitted could not be made durable")
         reply = await _call(client, "POST", "/v1/tasks", json=SPEC)
 
-    assert reply == (503, {"error": {
-        "type": "infrastructure", "code": "NATS_UNAVAILABLE", "retryable": True,
-        "message": "NATS at jetstream is unreachable: task.submitted could not be made durable",
-    }})  # fmt: skip
+    assert reply == (
+        503,
+        {
+            "error": {
+                "type": "infrastructure",
+                "code": "NATS_UNAVAILABLE",
+                "retryable": True,
+                "message": "NATS at jetstream is unreachable: task.submitted could not be made durable",
+            }
+        },
+    )
 
 
 async def test_a_task_is_found_or_404() -> None:
@@ -640,16 +668,24 @@ async def test_a_taken_port_is_a_clear_error() -> None:
 
 async def test_readyz_shows_no_file_path_in_its_reasons() -> None:
     async def failing() -> Check:
-        return Check(ok=False, reason="cannot open /srv/supervisor/data/projection.duckdb: busy",
-                     details={"where": "/srv/supervisor/data/outbox/abc.log"})  # fmt: skip
+        return Check(
+            ok=False,
+            reason="cannot open /srv/supervisor/data/projection.duckdb: busy",
+            details={"where": "/srv/supervisor/data/outbox/abc.log"},
+        )
 
     app = create_app(metrics=Metrics(), readiness={"projection": failing})
     async with serving(app) as client, client.get("/readyz") as r:
         doc = await r.json()
 
-    assert (r.status, doc["checks"]["projection"]) == (503, {
-        "ok": False, "reason": "cannot open <path>: busy", "where": "<path>",
-    })  # fmt: skip
+    assert (r.status, doc["checks"]["projection"]) == (
+        503,
+        {
+            "ok": False,
+            "reason": "cannot open <path>: busy",
+            "where": "<path>",
+        },
+    )
 
 
 def test_the_token_may_come_from_a_file(tmp_dir: Path) -> None:

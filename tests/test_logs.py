@@ -37,9 +37,16 @@ def _lines(out: io.StringIO) -> list[dict[str, object]]:
 
 def test_the_exact_line_of_a_record() -> None:
     record = logging.makeLogRecord(
-        {"name": "supervisor.daemon.daemon", "levelno": logging.INFO, "levelname": "INFO",
-         "msg": "pulled %s", "args": ("t-1",), "created": 1767225600.25, "queue": "high"}
-    )  # fmt: skip
+        {
+            "name": "supervisor.daemon.daemon",
+            "levelno": logging.INFO,
+            "levelname": "INFO",
+            "msg": "pulled %s",
+            "args": ("t-1",),
+            "created": 1767225600.25,
+            "queue": "high",
+        }
+    )
 
     with bind(task_id="t-1", attempt=2, correlation_id="c-9"):
         line = JsonFormatter("n1").format(record)
@@ -58,9 +65,14 @@ def test_outside_a_task_the_context_fields_are_null(stream: io.StringIO) -> None
 
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", str(doc.pop("timestamp")))
     assert doc == {
-        "level": "warning", "logger": "supervisor.test", "event": "idle", "node_id": "n1",
-        "task_id": None, "attempt": None, "correlation_id": None,
-    }  # fmt: skip
+        "level": "warning",
+        "logger": "supervisor.test",
+        "event": "idle",
+        "node_id": "n1",
+        "task_id": None,
+        "attempt": None,
+        "correlation_id": None,
+    }
 
 
 def test_binds_nest_and_unwind(stream: io.StringIO) -> None:

@@ -165,10 +165,14 @@ async def test_ticks_publish_alerts_recoveries_and_periodic_samples(docker_clien
     host = ScriptedHost(_s(cpu=50), _s(cpu=95), _s(cpu=97), _s(cpu=78), _s(cpu=60))
     runtime = DockerRuntime()
     monitor = ResourceMonitor(
-        _emitter(sink, f"n-{uuid.uuid4().hex[:8]}"), host, runtime=runtime,
-        config=MonitorConfig(interval_s=5, sample_event_every=2), metrics=metrics,
-        on_change=flips.append, on_docker=docker_outcomes.append,
-    )  # fmt: skip
+        _emitter(sink, f"n-{uuid.uuid4().hex[:8]}"),
+        host,
+        runtime=runtime,
+        config=MonitorConfig(interval_s=5, sample_event_every=2),
+        metrics=metrics,
+        on_change=flips.append,
+        on_docker=docker_outcomes.append,
+    )
     try:
         pressure = []
         for _ in range(5):
@@ -194,8 +198,10 @@ async def test_ticks_publish_alerts_recoveries_and_periodic_samples(docker_clien
     assert flips == [True, False]
     assert docker_outcomes == [None] * 5
     assert {e.subject().rsplit(".", 2)[0] for e in sink.events} == {
-        "sup.resource.sample", "sup.resource.alert", "sup.resource.recovered",
-    }  # fmt: skip
+        "sup.resource.sample",
+        "sup.resource.alert",
+        "sup.resource.recovered",
+    }
     assert all(e.subject().endswith("._") for e in sink.events)
     r = metrics.registry
     assert r.get_sample_value("supervisor_host_resource", {"metric": "cpu_pct"}) == 60.0
@@ -217,9 +223,12 @@ async def test_the_container_count_is_this_nodes_managed_containers(docker_clien
     sink = ListSink()
     runtime = DockerRuntime()
     monitor = ResourceMonitor(
-        _emitter(sink, node), ScriptedHost(_s()), runtime=runtime,
-        thresholds=Thresholds(containers=2), config=MonitorConfig(sample_event_every=1),
-    )  # fmt: skip
+        _emitter(sink, node),
+        ScriptedHost(_s()),
+        runtime=runtime,
+        thresholds=Thresholds(containers=2),
+        config=MonitorConfig(sample_event_every=1),
+    )
     try:
         changes = await monitor.tick()
     finally:
@@ -243,9 +252,12 @@ async def test_an_unreachable_engine_leaves_the_count_unknown_and_opens_the_brea
     async with hangup_engine(tmp_dir) as url:
         runtime = DockerRuntime(url, timeout=2)
         monitor = ResourceMonitor(
-            _emitter(sink), ScriptedHost(_s(), _s()), runtime=runtime,
-            thresholds=Thresholds(containers=1), on_docker=breaker.record,
-        )  # fmt: skip
+            _emitter(sink),
+            ScriptedHost(_s(), _s()),
+            runtime=runtime,
+            thresholds=Thresholds(containers=1),
+            on_docker=breaker.record,
+        )
         monitor.alerting = frozenset({"containers"})
         try:
             await monitor.tick()

@@ -36,8 +36,9 @@ pytestmark = pytest.mark.nats
 
 
 def _event(i: int) -> bytes:
-    return encode_event(SupervisorStarted(event_id=f"e-{i}", occurred_at=utcnow(),
-                                          node_id="n1", instance_id="i-1"))  # fmt: skip
+    return encode_event(
+        SupervisorStarted(event_id=f"e-{i}", occurred_at=utcnow(), node_id="n1", instance_id="i-1")
+    )
 
 
 async def test_the_embedded_server_refuses_anonymous_clients_and_readers_that_write(
@@ -59,8 +60,9 @@ async def test_the_embedded_server_refuses_anonymous_clients_and_readers_that_wr
         js = node.jetstream()
         await ensure_streams(js, url=server)
         for i in range(3):
-            await js.publish(f"sup.supervisor.started.n1.t{i}", _event(i),
-                             headers={MSG_ID_HEADER: f"e-{i}"})  # fmt: skip
+            await js.publish(
+                f"sup.supervisor.started.n1.t{i}", _event(i), headers={MSG_ID_HEADER: f"e-{i}"}
+            )
 
         violations: list[str] = []
 
@@ -79,8 +81,9 @@ async def test_the_embedded_server_refuses_anonymous_clients_and_readers_that_wr
                 if msg.metadata.num_pending == 0:
                     done.set()
 
-            sub = await rjs.subscribe("sup.>", cb=on_msg, ordered_consumer=True,
-                                      deliver_policy=DeliverPolicy.ALL)  # fmt: skip
+            sub = await rjs.subscribe(
+                "sup.>", cb=on_msg, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+            )
             await asyncio.wait_for(done.wait(), 10)
             await sub.unsubscribe()
             assert seen == [f"sup.supervisor.started.n1.t{i}" for i in range(3)]
@@ -100,10 +103,14 @@ async def test_the_embedded_server_refuses_anonymous_clients_and_readers_that_wr
         # (nats-py lower-cases the subjects it reports)
         assert [v for v in violations if "permissions violation for publish" in v] == [
             f'nats: permissions violation for publish to "{s.lower()}"'
-            for s in ("sup.task.succeeded.n1.t0", "suptask.normal", "supcmd.n1.cleanup",
-                      f"$JS.API.STREAM.PURGE.{EVENTS_STREAM}",
-                      f"$JS.API.STREAM.DELETE.{EVENTS_STREAM}")
-        ]  # fmt: skip
+            for s in (
+                "sup.task.succeeded.n1.t0",
+                "suptask.normal",
+                "supcmd.n1.cleanup",
+                f"$JS.API.STREAM.PURGE.{EVENTS_STREAM}",
+                f"$JS.API.STREAM.DELETE.{EVENTS_STREAM}",
+            )
+        ]
         assert (await js.stream_info(EVENTS_STREAM)).state.messages == 3
         await node.close()
 
@@ -125,8 +132,9 @@ async def test_a_node_may_not_erase_history_nor_reach_outside_its_subjects(
         try:
             js = node.jetstream()
             await ensure_streams(js, url=redact(node_url))
-            ack = await js.publish("sup.supervisor.started.n1.t0", _event(0),
-                                   headers={MSG_ID_HEADER: "e-0"})  # fmt: skip
+            ack = await js.publish(
+                "sup.supervisor.started.n1.t0", _event(0), headers={MSG_ID_HEADER: "e-0"}
+            )
             for admin in (js.purge_stream, js.delete_stream):
                 with pytest.raises((TimeoutError, nats.errors.Error)):
                     await asyncio.wait_for(admin(EVENTS_STREAM), 3)
@@ -142,10 +150,13 @@ async def test_a_node_may_not_erase_history_nor_reach_outside_its_subjects(
         published = [v for v in violations if "permissions violation for publish" in v]
         assert published == [
             f'nats: permissions violation for publish to "{s.lower()}"'
-            for s in (f"$JS.API.STREAM.PURGE.{EVENTS_STREAM}",
-                      f"$JS.API.STREAM.DELETE.{EVENTS_STREAM}",
-                      f"$JS.API.STREAM.MSG.DELETE.{EVENTS_STREAM}", "elsewhere.subject")
-        ]  # fmt: skip
+            for s in (
+                f"$JS.API.STREAM.PURGE.{EVENTS_STREAM}",
+                f"$JS.API.STREAM.DELETE.{EVENTS_STREAM}",
+                f"$JS.API.STREAM.MSG.DELETE.{EVENTS_STREAM}",
+                "elsewhere.subject",
+            )
+        ]
         assert [v for v in violations if "permissions violation for subscription" in v] == [
             'nats: permissions violation for subscription to "elsewhere.>"'
         ]
@@ -160,22 +171,47 @@ def test_credentials_reader_hands_out_a_url_that_tail_can_follow(tmp_dir: Path) 
         async with nats_for(None, data) as node_url:
             nc = await nats.connect(node_url)
             await ensure_streams(nc.jetstream(), url=redact(node_url))
-            await nc.jetstream().publish("sup.supervisor.started.n1._", _event(1),
-                                         headers={MSG_ID_HEADER: "e-1"})  # fmt: skip
+            await nc.jetstream().publish(
+                "sup.supervisor.started.n1._", _event(1), headers={MSG_ID_HEADER: "e-1"}
+            )
             await nc.close()
             (data / "nats.url").write_text(redact(node_url) + "\n")  # as a daemon writes it
             creds = await asyncio.to_thread(
                 subprocess.run,
-                [sys.executable, "-m", "supervisor", "credentials", "reader", "--json",
-                 "--data-dir", str(data)], capture_output=True, check=False,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "supervisor",
+                    "credentials",
+                    "reader",
+                    "--json",
+                    "--data-dir",
+                    str(data),
+                ],
+                capture_output=True,
+                check=False,
+            )
             doc = json.loads(creds.stdout)
             tail = await asyncio.to_thread(
                 subprocess.run,
-                [sys.executable, "-m", "supervisor", "tail", "--nats", doc["url"], "--since",
-                 "1h", "--limit", "1", "--data-dir", str(tmp_dir / "other")],
-                capture_output=True, check=False, timeout=30,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "supervisor",
+                    "tail",
+                    "--nats",
+                    doc["url"],
+                    "--since",
+                    "1h",
+                    "--limit",
+                    "1",
+                    "--data-dir",
+                    str(tmp_dir / "other"),
+                ],
+                capture_output=True,
+                check=False,
+                timeout=30,
+            )
             return tail.returncode, tail.stdout.decode(), doc["url"]
 
     rc, out, url = asyncio.run(scenario())
@@ -191,9 +227,21 @@ def test_the_read_commands_start_the_embedded_server_with_its_users(tmp_dir: Pat
     embedded server the way every command does: never anonymous."""
     data = tmp_dir / "data"
     done = subprocess.run(
-        [sys.executable, "-m", "supervisor", "replay", "--db", str(tmp_dir / "p.duckdb"),
-         "--data-dir", str(data)], capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "supervisor",
+            "replay",
+            "--db",
+            str(tmp_dir / "p.duckdb"),
+            "--data-dir",
+            str(data),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert read_credentials(data) is not None
     assert "authorization" in (data / SERVER_CONF).read_text()

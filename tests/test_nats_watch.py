@@ -28,8 +28,9 @@ async def test_a_killed_server_is_restarted_and_the_cause_named_meanwhile(tmp_di
     url = server.start()
     good_conf = server.conf
     restarts: list[tuple[int | None, int]] = []
-    watch = NatsWatch(server, lambda code, n, _: restarts.append((code, n)), poll_s=0.05,
-                      max_backoff_s=0.2)  # fmt: skip
+    watch = NatsWatch(
+        server, lambda code, n, _: restarts.append((code, n)), poll_s=0.05, max_backoff_s=0.2
+    )
     watching = asyncio.ensure_future(watch.run())
     try:
         # While the server cannot start (its configuration is unreadable), the watch

@@ -45,8 +45,14 @@ async def running_process(
     URL and metrics), torn down by its exit stack as the daemon does."""
     nc = await nats.connect(url)
     node = SimpleNamespace(data_dir=data_dir, nats_url=url, metrics=Metrics())
-    ctx = DaemonContext(node=node, nc=nc, js=nc.jetstream(), breaker=None,  # type: ignore[arg-type]
-                        monitor=None, scheduler=None)  # type: ignore[arg-type]  # fmt: skip
+    ctx = DaemonContext(
+        node=node,
+        nc=nc,
+        js=nc.jetstream(),
+        breaker=None,  # type: ignore[arg-type]
+        monitor=None,
+        scheduler=None,
+    )  # type: ignore[arg-type]
     part = ProjectionProcess(Config(), **options)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(nc.close)
@@ -55,8 +61,11 @@ async def running_process(
 
 
 def _service_pids() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["cmdline"])
-            if "supervisor.cli.projection_service" in (p.info["cmdline"] or [])}  # fmt: skip
+    return {
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if "supervisor.cli.projection_service" in (p.info["cmdline"] or [])
+    }
 
 
 async def test_a_killed_service_is_restarted_and_reads_resume(nats_url: str, tmp_dir: Path) -> None:
@@ -70,7 +79,9 @@ async def test_a_killed_service_is_restarted_and_reads_resume(nats_url: str, tmp
 
         check = await part.check()
         assert (check.ok, check.reason) == (
-            False, "the projection process exited with status -9; restarting")  # fmt: skip
+            False,
+            "the projection process exited with status -9; restarting",
+        )
         with pytest.raises(ApiError) as refused:
             await part.query(COUNT_TASKS)
         assert (refused.value.status, refused.value.code) == (503, "PROJECTION_UNAVAILABLE")
@@ -148,8 +159,9 @@ async def test_a_long_query_never_stalls_the_writer(nats_url: str, tmp_dir: Path
             await query
         assert (timed_out.value.status, timed_out.value.code) == (504, "QUERY_TIMEOUT")
         took = asyncio.get_running_loop().time() - started
-        applied = (await part.query({"sql": "SELECT count(*) FROM tasks WHERE task_id "
-                                            "LIKE 't-lag-%'"}))["rows"]  # fmt: skip
+        applied = (
+            await part.query({"sql": "SELECT count(*) FROM tasks WHERE task_id LIKE 't-lag-%'"})
+        )["rows"]
     print(f"max lag during a {took:.1f} s query: {max(lags):.2f} s over {len(lags)} samples")
     assert took >= 19
     assert max(lags) < ProjectionConfig().max_lag_s

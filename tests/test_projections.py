@@ -260,7 +260,10 @@ async def test_killed_projector_resumes_with_no_gap_and_no_double_count(
         assert query_con(p.store.con, "SELECT max(seq) FROM events") == resumed_from
         result = await p.catch_up()
     assert (result.from_seq, result.applied, result.duplicates) == (
-        resumed_from, last - resumed_from, 0)  # fmt: skip
+        resumed_from,
+        last - resumed_from,
+        0,
+    )
     fresh = tmp_dir / "fresh.duckdb"
     await replay(fresh, nats_url)
     assert tables(db) == tables(fresh)
@@ -311,12 +314,30 @@ async def test_leak_view_lists_exactly_the_resources_leaked_on_purpose(
         "last_cleanup_error, age_s > 0 FROM leaked_resources ORDER BY kind, resource",
     )
     assert rows == [
-        ("container", "c-t-cfail-1", "exited", "t-cfail", 1, "succeeded", 1,
-         "device or resource busy", True),
+        (
+            "container",
+            "c-t-cfail-1",
+            "exited",
+            "t-cfail",
+            1,
+            "succeeded",
+            1,
+            "device or resource busy",
+            True,
+        ),
         ("container", "c-t-leak-c-1", "exited", "t-leak-c", 1, "succeeded", 0, None, True),
-        ("workspace", "/data/workspaces/t-leak-w.1.x", "present", "t-leak-w", 1, "succeeded",
-         0, None, True),
-    ]  # fmt: skip
+        (
+            "workspace",
+            "/data/workspaces/t-leak-w.1.x",
+            "present",
+            "t-leak-w",
+            1,
+            "succeeded",
+            0,
+            None,
+            True,
+        ),
+    ]
 
 
 async def test_state_tables_and_views_hold_exact_values(nats_url: str, tmp_dir: Path) -> None:
@@ -324,29 +345,39 @@ async def test_state_tables_and_views_hold_exact_values(nats_url: str, tmp_dir: 
     db = tmp_dir / "p.duckdb"
     await follow_until(db, nats_url, last, batch_size=7)
 
-    assert query(db, "SELECT task_id, state, outcome, attempts, max_attempts, error_code, "
-                     "exit_code, terminal_events, events FROM tasks "
-                     "WHERE task_id IN ('t-retried', 't-rejected', 't-running') ORDER BY task_id") == [
+    assert query(
+        db,
+        "SELECT task_id, state, outcome, attempts, max_attempts, error_code, "
+        "exit_code, terminal_events, events FROM tasks "
+        "WHERE task_id IN ('t-retried', 't-rejected', 't-running') ORDER BY task_id",
+    ) == [
         ("t-rejected", "rejected", "rejected", 0, 3, "POLICY_VIOLATION", None, 1, 3),
         ("t-retried", "succeeded", "succeeded", 2, 3, None, 0, 1, 21),
         ("t-running", "running", None, 1, 3, None, None, 0, 6),
-    ]  # fmt: skip
-    assert query(db, "SELECT attempt, state, outcome, error_code, exit_code, container_id, "
-                     "kill_reason, events FROM attempts WHERE task_id = 't-retried' "
-                     "ORDER BY attempt") == [
+    ]
+    assert query(
+        db,
+        "SELECT attempt, state, outcome, error_code, exit_code, container_id, "
+        "kill_reason, events FROM attempts WHERE task_id = 't-retried' "
+        "ORDER BY attempt",
+    ) == [
         (1, "finished", "failed", "EXECUTION_TIMEOUT", 137, "c-t-retried-1", "timeout", 10),
         (2, "finished", "succeeded", None, 0, "c-t-retried-2", None, 8),
-    ]  # fmt: skip
-    assert query(db, "SELECT container_id, state, exit_code, oom_killed, kill_reason, "
-                     "cleanup_failures FROM containers WHERE task_id IN ('t-oom', 't-running') "
-                     "ORDER BY container_id") == [
+    ]
+    assert query(
+        db,
+        "SELECT container_id, state, exit_code, oom_killed, kill_reason, "
+        "cleanup_failures FROM containers WHERE task_id IN ('t-oom', 't-running') "
+        "ORDER BY container_id",
+    ) == [
         ("c-t-oom-1", "removed", 137, True, None, 0),
         ("c-t-running-1", "exited", 0, False, None, 0),
-    ]  # fmt: skip
-    assert query(db, "SELECT path, state, cleanup_failures, last_cleanup_error FROM workspaces "
-                     "WHERE task_id = 't-cfixed'") == [
-        ("/data/workspaces/t-cfixed.1.x", "removed", 1, "device or resource busy")
-    ]  # fmt: skip
+    ]
+    assert query(
+        db,
+        "SELECT path, state, cleanup_failures, last_cleanup_error FROM workspaces "
+        "WHERE task_id = 't-cfixed'",
+    ) == [("/data/workspaces/t-cfixed.1.x", "removed", 1, "device or resource busy")]
 
     assert query(db, "SELECT error_type, code, errors FROM error_rates ORDER BY code") == [
         ("timeout", "EXECUTION_TIMEOUT", 4),
@@ -354,11 +385,12 @@ async def test_state_tables_and_views_hold_exact_values(nats_url: str, tmp_dir: 
         ("resource", "OOM_KILLED", 1),
         ("security", "POLICY_VIOLATION", 1),
     ]
-    assert query(db, "SELECT step, attempts, succeeded, failed, success_rate "
-                     "FROM cleanup_success_rate") == [
+    assert query(
+        db, "SELECT step, attempts, succeeded, failed, success_rate FROM cleanup_success_rate"
+    ) == [
         ("remove_container", 16, 15, 1, 0.9375),
         ("remove_workspace", 17, 16, 1, 0.941176),
-    ]  # fmt: skip
+    ]
     # One event every 10 ms: a clean one-attempt task spans 9 ticks, t-retried 20,
     # t-exhausted 33, a user error or OOM 10, a rejection 2.
     assert query(db, "SELECT outcome, tasks, p50_s, max_s FROM task_latency") == [
@@ -396,11 +428,15 @@ def test_replay_target_used_by_another_process_is_refused(tmp_dir: Path) -> None
 
     db = tmp_dir / "held.duckdb"
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('ok', flush=True); "
-         "time.sleep(30)", str(db)],
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('ok', flush=True); "
+            "time.sleep(30)",
+            str(db),
+        ],
         stdout=subprocess.PIPE,
-    )  # fmt: skip
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"ok\n"
         with pytest.raises(ProjectionStoreError, match="in use by another process"):
@@ -466,8 +502,7 @@ async def test_a_writer_capped_to_a_share_of_time_rests_between_batches_and_lose
 def test_the_rest_never_holds_a_batch_past_rest_lag_s(tmp_dir: Path) -> None:
     """After a long batch the rest would be as long; a batch whose first message has
     already waited `rest_lag_s` does not wait for it."""
-    with Projector(tmp_dir / "x.duckdb", "nats://127.0.0.1:1", max_busy=0.5,
-                   rest_lag_s=0.3) as p:  # fmt: skip
+    with Projector(tmp_dir / "x.duckdb", "nats://127.0.0.1:1", max_busy=0.5, rest_lag_s=0.3) as p:
         p._rest_until = 100.0  # a 2 s batch ended at 98.0
         assert p._rested(born=99.5) == 99.8  # born during the rest: waits 0.3 s at most
         assert p._rested(born=97.0) == 97.3  # born during the batch: goes once applied
@@ -497,12 +532,15 @@ async def test_a_second_terminal_event_is_a_conflict_never_the_outcome(
     db = tmp_dir / "p.duckdb"
     await follow_until(db, nats_url, last, batch_size=batch_size)
 
-    assert query(db, "SELECT state, outcome, terminal_events, finished_seq FROM tasks "
-                     "WHERE task_id = 't-twice'") == [("succeeded", "succeeded", 2, last - 1)]  # fmt: skip
-    assert query(db, "SELECT task_id, first_seq, first_outcome, conflict_seq, conflict_outcome "
-                     "FROM terminal_conflicts") == [
-        ("t-twice", last - 1, "succeeded", last, "failed")
-    ]  # fmt: skip
+    assert query(
+        db,
+        "SELECT state, outcome, terminal_events, finished_seq FROM tasks WHERE task_id = 't-twice'",
+    ) == [("succeeded", "succeeded", 2, last - 1)]
+    assert query(
+        db,
+        "SELECT task_id, first_seq, first_outcome, conflict_seq, conflict_outcome "
+        "FROM terminal_conflicts",
+    ) == [("t-twice", last - 1, "succeeded", last, "failed")]
 
 
 @pytest.mark.parametrize("batch_size", [1, 200])
@@ -525,20 +563,32 @@ async def test_a_forged_success_before_the_real_end_is_a_conflict_never_the_outc
     assert query(db, "SELECT state, outcome, finished_seq FROM tasks") == [("running", None, None)]
 
     b.events.clear()
-    for step, resource in (("remove_container", b.container_id("t-run", 1)),
-                           ("remove_workspace", b.workspace_path("t-run", 1))):  # fmt: skip
+    for step, resource in (
+        ("remove_container", b.container_id("t-run", 1)),
+        ("remove_workspace", b.workspace_path("t-run", 1)),
+    ):
         b.emit(CleanupSucceeded, "t-run", 1, step=step, resource=resource, duration_s=0.02)
-    b.emit(AttemptFinished, "t-run", 1, outcome="failed", exit_code=3, error_type="user_code",
-           error_code="NONZERO_EXIT", duration_s=0.4)  # fmt: skip
+    b.emit(
+        AttemptFinished,
+        "t-run",
+        1,
+        outcome="failed",
+        exit_code=3,
+        error_type="user_code",
+        error_code="NONZERO_EXIT",
+        duration_s=0.4,
+    )
     b.fail("t-run", 1, "NONZERO_EXIT", exit_code=3)
     last = await publish(nats_url, b.events)
     await follow_until(db, nats_url, last, batch_size=batch_size)
-    assert query(db, "SELECT state, outcome, exit_code, finished_seq, terminal_events "
-                     "FROM tasks") == [("failed", "failed", 3, last, 2)]  # fmt: skip
-    assert query(db, "SELECT scope, conflict_seq, conflict_outcome, reason, instance_id, "
-                     "first_seq FROM terminal_conflicts") == [
-        ("task", running, "succeeded", "not_owner", "intruder", last)
-    ]  # fmt: skip
+    assert query(
+        db, "SELECT state, outcome, exit_code, finished_seq, terminal_events FROM tasks"
+    ) == [("failed", "failed", 3, last, 2)]
+    assert query(
+        db,
+        "SELECT scope, conflict_seq, conflict_outcome, reason, instance_id, "
+        "first_seq FROM terminal_conflicts",
+    ) == [("task", running, "succeeded", "not_owner", "intruder", last)]
     con = duckdb.connect(str(db), read_only=True)
     try:
         found = [(v.rule, v.seqs) for v in audit_records(load_records(con))]

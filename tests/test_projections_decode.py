@@ -28,16 +28,18 @@ def test_each_refusal_has_its_reason() -> None:
     b.submit("t-1")
     good = encode_event(b.events[0])
     doc = msgspec.json.decode(good)
-    batch = _batch([
-        b"{nope",
-        b"\xff",
-        b"[]",
-        b'{"event_id": "x"}',
-        b'{"type": "resource.teleported", "event_id": "x"}',
-        good.replace(b'"schema_version":1', b'"schema_version":7'),
-        msgspec.json.encode({**doc, "attempt": "one", "event_id": "y"}),
-        good,
-    ])  # fmt: skip
+    batch = _batch(
+        [
+            b"{nope",
+            b"\xff",
+            b"[]",
+            b'{"event_id": "x"}',
+            b'{"type": "resource.teleported", "event_id": "x"}',
+            good.replace(b'"schema_version":1', b'"schema_version":7'),
+            msgspec.json.encode({**doc, "attempt": "one", "event_id": "y"}),
+            good,
+        ]
+    )
     assert [(d.seq, d.reason) for d in batch.dead] == [
         (1, "undecodable"),
         (2, "undecodable"),
@@ -63,13 +65,28 @@ def test_a_repeat_within_a_batch_is_dropped_and_counted() -> None:
 
 def test_each_event_lands_in_its_staging_kind() -> None:
     b = HistoryBuilder()
-    b.run_task("t-1", AttemptPlan(error="EXECUTION_TIMEOUT", exit_code=137, kill_reason="timeout"),
-               AttemptPlan())  # fmt: skip
+    b.run_task(
+        "t-1",
+        AttemptPlan(error="EXECUTION_TIMEOUT", exit_code=137, kill_reason="timeout"),
+        AttemptPlan(),
+    )
     batch = _batch([encode_event(e) for e in b.events])
     counts = {kind: len(rows) for kind, rows in batch.rows.items()}
-    assert counts == {"batch": 21, "submitted": 1, "terminal": 1, "attempt": 4, "container": 7,
-                      "workspace": 2, "error": 1, "cleanup": 4, "alert": 0, "instance": 0,
-                      "inventory": 0, "decision": 0, "outcome": 0}  # fmt: skip
+    assert counts == {
+        "batch": 21,
+        "submitted": 1,
+        "terminal": 1,
+        "attempt": 4,
+        "container": 7,
+        "workspace": 2,
+        "error": 1,
+        "cleanup": 4,
+        "alert": 0,
+        "instance": 0,
+        "inventory": 0,
+        "decision": 0,
+        "outcome": 0,
+    }
     assert batch.rows["container"][2] == (6, "c-t-1-1", None, None, None, None, "timeout")
     staged = stage(batch)
     for kind, table in staged.tables.items():
@@ -121,8 +138,10 @@ def _parts(n: int, size: int) -> list[tuple[list[str], list[str], list[bytes]]]:
     replies = [f"$JS.ACK.SUP_EVENTS.c.1.{i}.{i}.{1000 + i}.{n - i}" for i in range(1, n + 1)]
     subjects = [e.subject() for e in events]
     datas = [encode_event(e) for e in events]
-    return [(replies[i : i + size], subjects[i : i + size], datas[i : i + size])
-            for i in range(0, n, size)]  # fmt: skip
+    return [
+        (replies[i : i + size], subjects[i : i + size], datas[i : i + size])
+        for i in range(0, n, size)
+    ]
 
 
 def test_a_decode_pool_stages_batches_side_by_side_as_the_decoder_does() -> None:

@@ -62,9 +62,13 @@ async def daemon(
         async def before_scrape() -> None:
             await asyncio.gather(*(hook() for hook in ctx.scrape_hooks))
 
-        app = create_app(metrics=ctx.node.metrics, readiness=ctx.checks,
-                         handlers=ReadOnlyApi(part), token=TOKEN,
-                         on_scrape=before_scrape)  # fmt: skip
+        app = create_app(
+            metrics=ctx.node.metrics,
+            readiness=ctx.checks,
+            handlers=ReadOnlyApi(part),
+            token=TOKEN,
+            on_scrape=before_scrape,
+        )
         server = HttpServer(app, "127.0.0.1:0")
         await server.start()
         (tmp_dir / "http.url").write_text(server.url + "\n")
@@ -100,10 +104,16 @@ async def test_the_http_api_maps_the_part_and_its_errors(
             doc = await r.json()
             assert (doc["columns"], doc["rows"], doc["seq"]) == (["n"], [[16]], 185)
         async with http.post(f"{url}/v1/query", json={"sql": "COPY tasks TO 'x.csv'"}) as r:
-            assert (r.status, await r.json()) == (400, {"error": {
-                "type": "validation", "code": "QUERY_REFUSED",
-                "message": "query refused: COPY statements are not allowed: read-only SELECT only",
-            }})  # fmt: skip
+            assert (r.status, await r.json()) == (
+                400,
+                {
+                    "error": {
+                        "type": "validation",
+                        "code": "QUERY_REFUSED",
+                        "message": "query refused: COPY statements are not allowed: read-only SELECT only",
+                    }
+                },
+            )
         slow = {"sql": "SELECT count(*) FROM range(10000000000000)", "timeout_s": 0.3}
         async with http.post(f"{url}/v1/query", json=slow) as r:
             assert (r.status, (await r.json())["error"]["code"]) == (504, "QUERY_TIMEOUT")
@@ -117,9 +127,13 @@ async def test_the_http_api_maps_the_part_and_its_errors(
         async with http.get(f"{url}/readyz") as r:
             checks = (await r.json())["checks"]
             assert checks["projection"] == {
-                "ok": True, "reason": "applied up to seq 185, 0 behind (0.00s)",
-                "seq": 185, "stream_seq": 185, "behind": 0, "lag_s": 0.0,
-            }  # fmt: skip
+                "ok": True,
+                "reason": "applied up to seq 185, 0 behind (0.00s)",
+                "seq": 185,
+                "stream_seq": 185,
+                "behind": 0,
+                "lag_s": 0.0,
+            }
         async with http.get(f"{url}/metrics") as r:
             assert "supervisor_projection_seq 185.0" in await r.text()
 
@@ -140,8 +154,15 @@ async def test_sql_without_db_asks_the_running_daemon(
     assert capsys.readouterr().out == (
         "step,attempts,failed\nremove_container,16,1\nremove_workspace,17,1\n"
     )
-    assert await sql(tmp_dir, "SELECT task_id, submitted_at FROM tasks WHERE "
-                               "task_id = 't-ok'", "--format", "json") == 0  # fmt: skip
+    assert (
+        await sql(
+            tmp_dir,
+            "SELECT task_id, submitted_at FROM tasks WHERE task_id = 't-ok'",
+            "--format",
+            "json",
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out) == [
         {"task_id": "t-ok", "submitted_at": "2026-01-01T00:00:00"}
     ]
@@ -152,15 +173,24 @@ async def test_sql_without_db_asks_the_running_daemon(
 @pytest.mark.parametrize(
     ("statement", "code", "message"),
     [
-        ("SELECT 1; DROP TABLE tasks",
-         2, "supervisor: query refused: exactly one statement is allowed, got 2\n"),
-        ("DELETE FROM tasks",
-         2, "supervisor: query refused: DELETE statements are not allowed: read-only SELECT only\n"),
-        ("ATTACH 'x.duckdb' AS x",
-         2, "supervisor: query refused: ATTACH statements are not allowed: read-only SELECT only\n"),
+        (
+            "SELECT 1; DROP TABLE tasks",
+            2,
+            "supervisor: query refused: exactly one statement is allowed, got 2\n",
+        ),
+        (
+            "DELETE FROM tasks",
+            2,
+            "supervisor: query refused: DELETE statements are not allowed: read-only SELECT only\n",
+        ),
+        (
+            "ATTACH 'x.duckdb' AS x",
+            2,
+            "supervisor: query refused: ATTACH statements are not allowed: read-only SELECT only\n",
+        ),
         ("SELECT * FROM nowhere", 1, None),
     ],
-)  # fmt: skip
+)
 async def test_sql_without_db_exits_2_on_a_refusal_and_1_on_a_failure(
     daemon: tuple[str, DaemonContext],
     tmp_dir: Path,
@@ -211,27 +241,30 @@ async def test_sql_cannot_write_through_a_cte_nor_exhaust_the_projections_memory
     url, _ = daemon
     auth = {"Authorization": f"Bearer {TOKEN}"}
     attacks = {
-        "WITH x AS (UPDATE tasks SET state = 'hacked' RETURNING task_id, state) SELECT * FROM x":
-            "UPDATE inside a query is not allowed: read-only SELECT only",
-        "SELECT * FROM (WITH y AS (DELETE FROM tasks RETURNING *) SELECT * FROM y)":
-            "DELETE inside a query is not allowed: read-only SELECT only",
-        "WITH z AS (INSERT INTO tasks (task_id) VALUES ('x') RETURNING *) SELECT 1":
-            "INSERT inside a query is not allowed: read-only SELECT only",
+        "WITH x AS (UPDATE tasks SET state = 'hacked' RETURNING task_id, state) SELECT * FROM x": "UPDATE inside a query is not allowed: read-only SELECT only",
+        "SELECT * FROM (WITH y AS (DELETE FROM tasks RETURNING *) SELECT * FROM y)": "DELETE inside a query is not allowed: read-only SELECT only",
+        "WITH z AS (INSERT INTO tasks (task_id) VALUES ('x') RETURNING *) SELECT 1": "INSERT inside a query is not allowed: read-only SELECT only",
         "SELECT * FROM checkpoint()": "the function checkpoint() is not allowed in a query",
-        "SELECT * FROM query('UPDATE tasks SET state = ''hacked''')":
-            "the function query() is not allowed in a query",
-    }  # fmt: skip
+        "SELECT * FROM query('UPDATE tasks SET state = ''hacked''')": "the function query() is not allowed in a query",
+    }
     service = _projection_service()
     peak = 0
     async with aiohttp.ClientSession(headers=auth) as http:
         for attack, reason in attacks.items():
             async with http.post(f"{url}/v1/query", json={"sql": attack}) as r:
-                assert (r.status, (await r.json())["error"]) == (400, {
-                    "type": "validation", "code": "QUERY_REFUSED",
-                    "message": f"query refused: {reason}",
-                }), attack  # fmt: skip
-        big = {"sql": "SELECT count(*) FROM (SELECT i, count(*) FROM range(200000000) t(i) "
-                      "GROUP BY i)", "timeout_s": 120}  # fmt: skip
+                assert (r.status, (await r.json())["error"]) == (
+                    400,
+                    {
+                        "type": "validation",
+                        "code": "QUERY_REFUSED",
+                        "message": f"query refused: {reason}",
+                    },
+                ), attack
+        big = {
+            "sql": "SELECT count(*) FROM (SELECT i, count(*) FROM range(200000000) t(i) "
+            "GROUP BY i)",
+            "timeout_s": 120,
+        }
         query = asyncio.ensure_future(http.post(f"{url}/v1/query", json=big))
         while not query.done():
             if service is not None:

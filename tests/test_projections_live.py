@@ -45,8 +45,14 @@ async def running_part(
     metrics; a connection of its own), torn down by its exit stack as the daemon does."""
     nc = await nats.connect(url)
     node = SimpleNamespace(data_dir=data_dir, nats_url=url, metrics=Metrics())
-    ctx = DaemonContext(node=node, nc=nc, js=nc.jetstream(), breaker=None,  # type: ignore[arg-type]
-                        monitor=None, scheduler=None)  # type: ignore[arg-type]  # fmt: skip
+    ctx = DaemonContext(
+        node=node,
+        nc=nc,
+        js=nc.jetstream(),
+        breaker=None,  # type: ignore[arg-type]
+        monitor=None,
+        scheduler=None,
+    )  # type: ignore[arg-type]
     part = ProjectionPart(Config(), settings=LiveSettings(**settings))
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(nc.close)
@@ -94,9 +100,13 @@ async def test_start_catches_up_then_follows_the_event_log_and_equals_a_replay(
         took = await until(lambda: part.last_seq == last)
         assert (last, took < 2.0) == (217, True)  # ~0.4s here; the bench measures it
 
-        answer = await part.query({"sql": "SELECT task_id, state, attempts, error_code "
-                                          "FROM tasks WHERE task_id IN ('t-live', 't-live-oom') "
-                                          "ORDER BY task_id"})  # fmt: skip
+        answer = await part.query(
+            {
+                "sql": "SELECT task_id, state, attempts, error_code "
+                "FROM tasks WHERE task_id IN ('t-live', 't-live-oom') "
+                "ORDER BY task_id"
+            }
+        )
         assert answer == {
             "columns": ["task_id", "state", "attempts", "error_code"],
             "types": ["VARCHAR", "VARCHAR", "INTEGER", "VARCHAR"],
@@ -110,11 +120,15 @@ async def test_start_catches_up_then_follows_the_event_log_and_equals_a_replay(
         doc = await part.task("t-live")
         assert doc is not None
         assert (doc["task_id"], doc["state"], doc["outcome"], doc["attempts"]) == (
-            "t-live", "succeeded", "succeeded", 2)  # fmt: skip
-        assert [(a["attempt"], a["outcome"], a["error_code"], a["kill_reason"])
-                for a in doc["attempt_details"]] == [
-            (1, "failed", "EXECUTION_TIMEOUT", "timeout"), (2, "succeeded", None, None)
-        ]  # fmt: skip
+            "t-live",
+            "succeeded",
+            "succeeded",
+            2,
+        )
+        assert [
+            (a["attempt"], a["outcome"], a["error_code"], a["kill_reason"])
+            for a in doc["attempt_details"]
+        ] == [(1, "failed", "EXECUTION_TIMEOUT", "timeout"), (2, "succeeded", None, None)]
         assert [(e["attempt"], e["code"], e["retryable"]) for e in doc["errors"]] == [
             (1, "EXECUTION_TIMEOUT", True)
         ]
@@ -124,13 +138,16 @@ async def test_start_catches_up_then_follows_the_event_log_and_equals_a_replay(
 
         check = await ctx.checks["projection"]()
         assert (check.ok, check.details) == (
-            True, {"seq": 217, "stream_seq": 217, "behind": 0, "lag_s": 0.0})  # fmt: skip
+            True,
+            {"seq": 217, "stream_seq": 217, "behind": 0, "lag_s": 0.0},
+        )
 
         registry = ctx.node.metrics.registry
         assert registry.get_sample_value("supervisor_projection_seq") == 217
         assert registry.get_sample_value("supervisor_projection_lag_seconds_count") == 32
-        p99 = registry.get_sample_value("supervisor_projection_lag_recent_seconds",
-                                        {"quantile": "0.99"})  # fmt: skip
+        p99 = registry.get_sample_value(
+            "supervisor_projection_lag_recent_seconds", {"quantile": "0.99"}
+        )
         assert p99 is not None and 0 < p99 < 1.0
     assert (await part.check()).reason == "the projector is not running"
     with pytest.raises(ApiError) as closed:
@@ -166,8 +183,9 @@ async def test_the_query_endpoint_refuses_all_but_one_select(
         with pytest.raises(QueryRefused) as refused:
             await part.query({"sql": sql})
         assert (refused.value.tag, refused.value.reason) == ("query_refused", reason)
-        counts = await part.query({"sql": "SELECT (SELECT count(*) FROM tasks), "
-                                          "(SELECT count(*) FROM events)"})  # fmt: skip
+        counts = await part.query(
+            {"sql": "SELECT (SELECT count(*) FROM tasks), (SELECT count(*) FROM events)"}
+        )
         assert counts["rows"] == [[16, 185]]
 
 
@@ -177,8 +195,9 @@ async def test_query_limits_formats_and_bad_requests(nats_url: str, tmp_dir: Pat
         capped = await part.query({"sql": "SELECT * FROM range(1000000000)", "max_rows": 3})
         assert (capped["rows"], capped["truncated"]) == ([[0], [1], [2]], True)
         with pytest.raises(QueryTimeout) as slow:
-            await part.query({"sql": "SELECT count(*) FROM range(10000000000000)",
-                              "timeout_s": 0.3})  # fmt: skip
+            await part.query(
+                {"sql": "SELECT count(*) FROM range(10000000000000)", "timeout_s": 0.3}
+            )
         assert slow.value.tag == "query_timeout"
         with pytest.raises(QueryFailed, match="file system operations are disabled"):
             await part.query({"sql": "SELECT * FROM read_csv('/etc/passwd')"})
@@ -201,9 +220,11 @@ async def test_query_limits_formats_and_bad_requests(nats_url: str, tmp_dir: Pat
             ({"sql": "SELECT 1", "rows": 3}, "bad request: Object contains unknown field `rows`"),
             ({"sql": "SELECT 1", "max_rows": 0}, "max_rows must be between 1 and 100000"),
             ({"sql": "SELECT 1", "timeout_s": 0}, "timeout_s must be above 0 and at most 300"),
-            ({"sql": "SELECT 1", "format": "xml"},
-             "bad request: Invalid enum value 'xml' - at `$.format`"),
-        ]:  # fmt: skip
+            (
+                {"sql": "SELECT 1", "format": "xml"},
+                "bad request: Invalid enum value 'xml' - at `$.format`",
+            ),
+        ]:
             with pytest.raises(QueryRefused) as refused:
                 await part.query(bad)
             assert refused.value.reason == reason
@@ -288,8 +309,10 @@ async def test_a_file_of_another_ddl_version_is_rebuilt_from_the_stream(
         assert part.last_seq == last
         answer = await part.query({"sql": "SELECT count(*) FROM tasks"})
         assert answer["rows"] == [[16]]
-    assert any("built by DDL version 0" in m and m.endswith("rebuilding it from the stream")
-               for m in caplog.messages)  # fmt: skip
+    assert any(
+        "built by DDL version 0" in m and m.endswith("rebuilding it from the stream")
+        for m in caplog.messages
+    )
     assert tables(tmp_dir / "projection.duckdb")["projector_state"] == [
         ("SUP_EVENTS", last, DDL_VERSION)
     ]
@@ -297,8 +320,9 @@ async def test_a_file_of_another_ddl_version_is_rebuilt_from_the_stream(
 
 def test_the_projection_section_of_the_config_sets_the_live_projection(tmp_dir: Path) -> None:
     path = tmp_dir / "c.toml"
-    path.write_text("[projection]\nbatch_age_s = 0.3\nmax_busy = 0.2\nrest_lag_s = 0.4\n"
-                    "max_lag_s = 7\n")  # fmt: skip
+    path.write_text(
+        "[projection]\nbatch_age_s = 0.3\nmax_busy = 0.2\nrest_lag_s = 0.4\nmax_lag_s = 7\n"
+    )
     s = ProjectionPart(load_config(path)).settings
     assert (s.batch_age_s, s.max_busy, s.rest_lag_s, s.max_lag_s) == (0.3, 0.2, 0.4, 7.0)
     path.write_text("[projection]\nmax_busy = 1.5\n")

@@ -58,26 +58,42 @@ def history() -> list[Event]:
     b.run_task("t-ok", AttemptPlan())
     b.emit(ResourceAlert, metric="cpu_pct", value=95.0, threshold=90.0)
     b.emit(ResourceSample, cpu_pct=95.0, memory_pct=10.0, disk_pct=5.0)
-    b.run_task("t-retry", AttemptPlan(error="EXECUTION_TIMEOUT", exit_code=137, kill_reason="timeout"),
-               AttemptPlan())  # fmt: skip
+    b.run_task(
+        "t-retry",
+        AttemptPlan(error="EXECUTION_TIMEOUT", exit_code=137, kill_reason="timeout"),
+        AttemptPlan(),
+    )
     b.emit(BreakerTransition, from_state="closed", to_state="open", reason="failures")
     b.run_task("t-oom", AttemptPlan(error="OOM_KILLED", exit_code=137), max_attempts=1)
     b.submit("t-bad")
     b.reject("t-bad")
     b.emit(ResourceRecovered, metric="cpu_pct", value=20.0, threshold=90.0)
     b.run_task("t-leak", AttemptPlan(leak_container=True, leak_workspace=True))
-    b.run_task("t-cleanup", AttemptPlan(fail_cleanup=("kill", "remove_workspace"),
-                                        resolve_failed_cleanup=True))  # fmt: skip
+    b.run_task(
+        "t-cleanup",
+        AttemptPlan(fail_cleanup=("kill", "remove_workspace"), resolve_failed_cleanup=True),
+    )
     b.emit(NodeHeartbeat, interval_s=1.0, timeout_s=3.0)
     leaked = ObservedContainer(container_id="c-t-leak-1", state="exited", created=1767225600.0)
     ws = ObservedWorkspace(path=b.workspace_path("t-leak", 1), created=1767225600.0)
-    b.emit(NodeInventory, workspace_root="/data/workspaces", containers=(leaked,),
-           workspaces=(ws,))  # fmt: skip
-    b.emit(ReconcileDecision, rule="orphan_container", resource_kind="container",
-           resource="c-t-leak-1", action="remove_container", command_id="cmd-1",
-           resource_task_id="t-leak", resource_attempt=1)  # fmt: skip
-    b.emit(ReconcileOutcome, command_id="cmd-1", outcome="succeeded", action="remove_container",
-           resource="c-t-leak-1")  # fmt: skip
+    b.emit(NodeInventory, workspace_root="/data/workspaces", containers=(leaked,), workspaces=(ws,))
+    b.emit(
+        ReconcileDecision,
+        rule="orphan_container",
+        resource_kind="container",
+        resource="c-t-leak-1",
+        action="remove_container",
+        command_id="cmd-1",
+        resource_task_id="t-leak",
+        resource_attempt=1,
+    )
+    b.emit(
+        ReconcileOutcome,
+        command_id="cmd-1",
+        outcome="succeeded",
+        action="remove_container",
+        resource="c-t-leak-1",
+    )
     b.emit(NodeInventory, workspace_root="/data/workspaces", workspaces=(ws,))
     b.emit(SupervisorStopped, reason="exit")
     return b.events
@@ -97,8 +113,9 @@ def project(db: Path, payloads: list[bytes], cuts: tuple[int, ...] = ()) -> list
     with ProjectionStore(db) as store:
         for lo, hi in itertools.pairwise(bounds):
             seqs = list(range(lo + 1, hi + 1))
-            batch = decode_batch(seqs, [f"sup.x.{s}" for s in seqs], [s * 1000 for s in seqs],
-                                 payloads[lo:hi])  # fmt: skip
+            batch = decode_batch(
+                seqs, [f"sup.x.{s}" for s in seqs], [s * 1000 for s in seqs], payloads[lo:hi]
+            )
             results.append(store.apply(stage(batch)))
     return results
 
@@ -106,8 +123,12 @@ def project(db: Path, payloads: list[bytes], cuts: tuple[int, ...] = ()) -> list
 def test_each_statement_runs_only_for_the_inputs_it_reads() -> None:
     assert steps_for({"batch"}) == (INSERT_EVENTS, MERGE_INSTANCES)
     assert steps_for({"batch", "container", TASK_SCOPE, ATTEMPT_SCOPE}) == (
-        INSERT_EVENTS, MERGE_ATTEMPTS, MERGE_TASKS, MERGE_CONTAINERS, MERGE_INSTANCES,
-    )  # fmt: skip
+        INSERT_EVENTS,
+        MERGE_ATTEMPTS,
+        MERGE_TASKS,
+        MERGE_CONTAINERS,
+        MERGE_INSTANCES,
+    )
     assert len(steps_for({"batch", "inventory"})) == 2 + 6  # inventories, latest, observed x4
     everything = {"batch", *(r for s in APPLY_STATEMENTS for r in s.reads)}
     assert steps_for(everything) == tuple(s.sql for s in APPLY_STATEMENTS)
@@ -125,7 +146,10 @@ def test_batches_of_one_event_give_the_rows_of_one_batch(tmp_dir: Path) -> None:
     assert tables(pieces) == expected
     assert tables(singles) == expected
     assert [(r.applied, r.duplicates, r.dead) for r in per_event[19:22]] == [
-        (1, 0, 0), (0, 0, 1), (1, 0, 0)]  # fmt: skip
+        (1, 0, 0),
+        (0, 0, 1),
+        (1, 0, 0),
+    ]
     assert (per_event[-1].applied, per_event[-1].duplicates) == (0, 1)
     assert len(expected["events"]) == len(payloads) - 2
     assert expected["dead_letters"][0][:2] == (21, "sup.x.21")
@@ -148,10 +172,17 @@ class _Recording:
 
 _KEYED = "list_contains($k, instance_id)"
 _MERGED = (
-    [FILL_NEW, INSERT_EVENTS, MERGE_INSTANCES, "DELETE FROM _new", "DELETE FROM _batch",
-     "DELETE FROM _instance", SET_WATERMARK],
+    [
+        FILL_NEW,
+        INSERT_EVENTS,
+        MERGE_INSTANCES,
+        "DELETE FROM _new",
+        "DELETE FROM _batch",
+        "DELETE FROM _instance",
+        SET_WATERMARK,
+    ],
     [FILL_NEW, "DELETE FROM _batch", "DELETE FROM _instance", SET_WATERMARK],
-)  # fmt: skip
+)
 # Folded in Python, with no staging table: the duplicate check, the event's Arrow row, then
 # the instance's row, known from the batches before, replaced.
 _FOLDED = (
@@ -159,7 +190,7 @@ _FOLDED = (
      f"DELETE FROM instances WHERE {_KEYED}",
      "INSERT INTO instances SELECT * FROM _rows_instances", SET_WATERMARK],
     [FIND_DUPLICATES, SET_WATERMARK],
-)  # fmt: skip  # fmt: skip
+)  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -190,9 +190,16 @@ def test_the_sql_command(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "flags", [["--timeout", "nan"], ["--timeout", "inf"], ["--timeout", "0"],
-              ["--timeout", "-1"], ["--max-rows", "-1"], ["--max-rows", "0"]],
-)  # fmt: skip
+    "flags",
+    [
+        ["--timeout", "nan"],
+        ["--timeout", "inf"],
+        ["--timeout", "0"],
+        ["--timeout", "-1"],
+        ["--max-rows", "-1"],
+        ["--max-rows", "0"],
+    ],
+)
 def test_sql_refuses_limits_that_are_not_finite_and_positive(
     db: Path, flags: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -55,8 +55,12 @@ def test_a_daemon_killed_mid_task_leaves_nothing_once_it_is_back(
         first = DaemonProc(data, nats_url, config).start()
         daemons.append(first)
         for i in range(5):
-            spec = task("sleep 300", task_id=f"long-{i}", limits={"timeout_s": 600},
-                        retry={"max_attempts": 1})  # fmt: skip
+            spec = task(
+                "sleep 300",
+                task_id=f"long-{i}",
+                limits={"timeout_s": 600},
+                retry={"max_attempts": 1},
+            )
             assert submit(nats_url, tmp_dir / "client", spec).returncode == 0
         _wait(lambda: len(_containers(docker_client, node_id)) == 5, 90, "5 running tasks")
         left = _containers(docker_client, node_id)
@@ -67,8 +71,13 @@ def test_a_daemon_killed_mid_task_leaves_nothing_once_it_is_back(
         daemons.append(second)
         t0 = time.monotonic()
         second.start()
-        _wait(lambda: not _containers(docker_client, node_id)
-              and not any((data / "workspaces").iterdir()), 60, "the leftovers to go")  # fmt: skip
+        _wait(
+            lambda: (
+                not _containers(docker_client, node_id) and not any((data / "workspaces").iterdir())
+            ),
+            60,
+            "the leftovers to go",
+        )
         took = time.monotonic() - t0
 
         events = asyncio.run(stream_events(nats_url, f"sup.*.*.{node_id}._"))
@@ -99,10 +108,22 @@ def test_a_second_daemon_on_a_data_dir_in_use_exits_2_and_touches_nothing(
     url_before = (data / "nats.url").read_text()
 
     second = subprocess.run(
-        [sys.executable, "-m", "supervisor", "serve", "--nats", nats_url, "--data-dir",
-         str(data), "--http", "not-an-address"],
-        capture_output=True, timeout=30, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "supervisor",
+            "serve",
+            "--nats",
+            nats_url,
+            "--data-dir",
+            str(data),
+            "--http",
+            "not-an-address",
+        ],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
 
     assert second.returncode == 2
     assert second.stderr.decode().strip() == (

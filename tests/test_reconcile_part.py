@@ -43,8 +43,14 @@ async def daemon_context(
         on_cursor, close = cursor_runner(projector.store.con)
         stop = asyncio.Event()
         follow = asyncio.create_task(projector.run(stop))
-        ctx = DaemonContext(node=node, nc=node.events.nc, js=node.events.js, breaker=None,
-                            monitor=None, scheduler=None)  # type: ignore[arg-type]  # fmt: skip
+        ctx = DaemonContext(
+            node=node,
+            nc=node.events.nc,
+            js=node.events.js,
+            breaker=None,
+            monitor=None,
+            scheduler=None,
+        )  # type: ignore[arg-type]
         try:
             yield node, ctx, DuckDBState(on_cursor)
         finally:
@@ -69,8 +75,9 @@ async def test_the_part_reconciles_at_start_up_then_on_its_interval(
     created: list[str] = []
 
     def leak(task_id: str, node_id: str) -> str:
-        c = docker_client.containers.create(SANDBOX_IMAGE, ["sleep", "300"],
-                                            labels=labels(node_id, task_id), network_mode="none")  # fmt: skip
+        c = docker_client.containers.create(
+            SANDBOX_IMAGE, ["sleep", "300"], labels=labels(node_id, task_id), network_mode="none"
+        )
         created.append(c.id)
         c.start()
         return str(c.id)
@@ -81,8 +88,10 @@ async def test_the_part_reconciles_at_start_up_then_on_its_interval(
 
     try:
         async with daemon_context(nats_url, tmp_dir, interval_s=0.5, heartbeat_s=0.2) as (
-            node, ctx, state,
-        ):  # fmt: skip
+            node,
+            ctx,
+            state,
+        ):
             before = leak("t-before", node.config.node_id)
             part = ReconcilerPart(node.config, state=state)
             async with contextlib.AsyncExitStack() as stack:
@@ -97,9 +106,11 @@ async def test_the_part_reconciles_at_start_up_then_on_its_interval(
                 check = await ctx.checks["reconciler"]()
                 metrics = generate_latest(node.metrics.registry).decode()
                 await asyncio.sleep(0.5)
-            heartbeats = await state.on_cursor(lambda cur: cur.execute(
-                "SELECT heartbeats FROM instances WHERE instance_id = $1",
-                [node.instance_id]).fetchall())  # fmt: skip
+            heartbeats = await state.on_cursor(
+                lambda cur: cur.execute(
+                    "SELECT heartbeats FROM instances WHERE instance_id = $1", [node.instance_id]
+                ).fetchall()
+            )
             assert part._scheduler is None  # shut down with the stack
     finally:
         for cid in created:

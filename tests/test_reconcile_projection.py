@@ -32,12 +32,23 @@ from supervisor.reconcile.divergence import RuleConfig, decide
 from testing.snapshot import table_rows
 from testing.synthetic import AttemptPlan, HistoryBuilder
 
-LABELS = {"supervisor.managed": "true", "supervisor.node": "n1", "supervisor.task": "t-1",
-          "supervisor.attempt": "1", "supervisor.instance": "boot-1",
-          "supervisor.deadline": "1767225610.0"}  # fmt: skip
+LABELS = {
+    "supervisor.managed": "true",
+    "supervisor.node": "n1",
+    "supervisor.task": "t-1",
+    "supervisor.attempt": "1",
+    "supervisor.instance": "boot-1",
+    "supervisor.deadline": "1767225610.0",
+}
 ROOT = "/data/workspaces"  # where the history builder puts them
-MINE = ("instances", "inventories", "observed_containers", "observed_workspaces",
-        "reconcile_decisions", "reconcile_outcomes")  # fmt: skip
+MINE = (
+    "instances",
+    "inventories",
+    "observed_containers",
+    "observed_workspaces",
+    "reconcile_decisions",
+    "reconcile_outcomes",
+)
 
 
 def history() -> list[Event]:
@@ -48,31 +59,78 @@ def history() -> list[Event]:
     at = b.events[-1].occurred_at
 
     def add(cls: type[Event], instance: str = "boot-2", **kw: Any) -> None:
-        b.events.append(cls(event_id=f"r{len(b.events)}", occurred_at=at, node_id="n1",
-                            instance_id=instance, **kw))  # fmt: skip
+        b.events.append(
+            cls(
+                event_id=f"r{len(b.events)}",
+                occurred_at=at,
+                node_id="n1",
+                instance_id=instance,
+                **kw,
+            )
+        )
 
-    leaked = ObservedContainer(container_id="c-t-1-1", state="exited", created=1767225600.0,
-                               labels=LABELS)  # fmt: skip
-    stray = ObservedContainer(container_id="c-stray", state="running", created=1767225000.0,
-                              labels={"supervisor.managed": "true", "supervisor.node": "n1"})  # fmt: skip
+    leaked = ObservedContainer(
+        container_id="c-t-1-1", state="exited", created=1767225600.0, labels=LABELS
+    )
+    stray = ObservedContainer(
+        container_id="c-stray",
+        state="running",
+        created=1767225000.0,
+        labels={"supervisor.managed": "true", "supervisor.node": "n1"},
+    )
     ws = ObservedWorkspace(path=f"{ROOT}/t-1.1.x", created=1767225600.0)
     add(SupervisorStarted, role="serve", pid=42)
     add(NodeHeartbeat, interval_s=1.0, timeout_s=3.0)
-    add(NodeInventory, observed_at=at, workspace_root=ROOT, containers=(leaked, stray),
-        workspaces=(ws,))  # fmt: skip
+    add(
+        NodeInventory,
+        observed_at=at,
+        workspace_root=ROOT,
+        containers=(leaked, stray),
+        workspaces=(ws,),
+    )
     add(NodeHeartbeat, interval_s=1.0, timeout_s=3.0)
     add(NodeInventory, observed_at=at, workspace_root=ROOT, containers=(leaked,), workspaces=(ws,))
-    add(ReconcileDecision, rule="orphan_container", resource_kind="container",
-        resource="c-t-1-1", action="remove_container", evidence_seqs=(4, 8, 13), command_id="cmd-a",
-        reason="observed, and its task succeeded", resource_task_id="t-1", resource_attempt=1,
-        since=at)  # fmt: skip
-    add(ReconcileDecision, rule="leaked_workspace", resource_kind="workspace",
-        resource=f"{ROOT}/t-1.1.x", action="remove_workspace", evidence_seqs=(13,),
-        command_id="cmd-b", dry_run=True)  # fmt: skip
-    add(ReconcileOutcome, command_id="cmd-a", outcome="failed", final=False, delivery=1,
-        action="remove_container", resource="c-t-1-1", detail="docker down")  # fmt: skip
-    add(ReconcileOutcome, command_id="cmd-a", outcome="succeeded", delivery=2,
-        action="remove_container", resource="c-t-1-1")  # fmt: skip
+    add(
+        ReconcileDecision,
+        rule="orphan_container",
+        resource_kind="container",
+        resource="c-t-1-1",
+        action="remove_container",
+        evidence_seqs=(4, 8, 13),
+        command_id="cmd-a",
+        reason="observed, and its task succeeded",
+        resource_task_id="t-1",
+        resource_attempt=1,
+        since=at,
+    )
+    add(
+        ReconcileDecision,
+        rule="leaked_workspace",
+        resource_kind="workspace",
+        resource=f"{ROOT}/t-1.1.x",
+        action="remove_workspace",
+        evidence_seqs=(13,),
+        command_id="cmd-b",
+        dry_run=True,
+    )
+    add(
+        ReconcileOutcome,
+        command_id="cmd-a",
+        outcome="failed",
+        final=False,
+        delivery=1,
+        action="remove_container",
+        resource="c-t-1-1",
+        detail="docker down",
+    )
+    add(
+        ReconcileOutcome,
+        command_id="cmd-a",
+        outcome="succeeded",
+        delivery=2,
+        action="remove_container",
+        resource="c-t-1-1",
+    )
     add(SupervisorStopped, instance="boot-1", reason="exit")
     return b.events
 
@@ -83,8 +141,12 @@ def project(db: Path, events: list[Event], cuts: tuple[int, ...] = ()) -> None:
     with ProjectionStore(db) as store:
         for lo, hi in itertools.pairwise(bounds):
             part = events[lo:hi]
-            batch = decode_batch(list(range(lo + 1, hi + 1)), [e.subject() for e in part],
-                                 [0] * len(part), [encode_event(e) for e in part])  # fmt: skip
+            batch = decode_batch(
+                list(range(lo + 1, hi + 1)),
+                [e.subject() for e in part],
+                [0] * len(part),
+                [encode_event(e) for e in part],
+            )
             store.apply(stage(batch))
 
 
@@ -102,34 +164,76 @@ def test_the_node_and_reconciler_tables_hold_exact_rows(tmp_dir: Path) -> None:
     project(db, events)
     t = events[7].occurred_at.replace(tzinfo=None)  # when t-1 ended
 
-    assert rows(db, "SELECT instance_id, role, pid, started_seq, stopped_seq, heartbeats, "
-                    "last_heartbeat_seq, heartbeat_timeout_s, first_seq, last_seq, events "
-                    "FROM instances ORDER BY instance_id") == [
+    assert rows(
+        db,
+        "SELECT instance_id, role, pid, started_seq, stopped_seq, heartbeats, "
+        "last_heartbeat_seq, heartbeat_timeout_s, first_seq, last_seq, events "
+        "FROM instances ORDER BY instance_id",
+    ) == [
         ("boot-1", None, None, None, 18, 0, None, None, 1, 18, 9),
         ("boot-2", "serve", 42, 9, None, 2, 12, 3.0, 9, 17, 9),
-    ]  # fmt: skip
-    assert rows(db, "SELECT seq, instance_id, workspace_root, containers, workspaces "
-                    "FROM inventories ORDER BY seq") == [
-        (11, "boot-2", ROOT, 2, 1), (13, "boot-2", ROOT, 1, 1)]  # fmt: skip
+    ]
+    assert rows(
+        db,
+        "SELECT seq, instance_id, workspace_root, containers, workspaces "
+        "FROM inventories ORDER BY seq",
+    ) == [(11, "boot-2", ROOT, 2, 1), (13, "boot-2", ROOT, 1, 1)]
     assert rows(db, "SELECT * FROM observed_containers") == [
-        ("n1", 13, "c-t-1-1", "exited", datetime(2026, 1, 1), "t-1", 1, "boot-1",
-         datetime(2026, 1, 1, 0, 0, 10), True, "n1")]  # fmt: skip
+        (
+            "n1",
+            13,
+            "c-t-1-1",
+            "exited",
+            datetime(2026, 1, 1),
+            "t-1",
+            1,
+            "boot-1",
+            datetime(2026, 1, 1, 0, 0, 10),
+            True,
+            "n1",
+        )
+    ]
     assert rows(db, "SELECT * FROM observed_workspaces") == [
         ("n1", 13, f"{ROOT}/t-1.1.x", datetime(2026, 1, 1), "t-1", 1)
     ]
-    assert rows(db, "SELECT seq, rule, resource, evidence_seqs, command_id, dry_run, action, "
-                    "resource_task_id, resource_attempt, since FROM reconcile_decisions") == [
-        (14, "orphan_container", "c-t-1-1", [4, 8, 13], "cmd-a", False, "remove_container",
-         "t-1", 1, t),
-        (15, "leaked_workspace", f"{ROOT}/t-1.1.x", [13], "cmd-b", True, "remove_workspace",
-         "_", 0, None),
-    ]  # fmt: skip
-    assert rows(db, "SELECT seq, command_id, outcome, final, delivery, detail "
-                    "FROM reconcile_outcomes") == [
-        (16, "cmd-a", "failed", False, 1, "docker down"), (17, "cmd-a", "succeeded", True, 2, "")]  # fmt: skip
-    assert rows(db, "SELECT command_id, decision_seq, rule, action, resource, status, "
-                    "deliveries, outcome_seq FROM reconcile_commands") == [
-        ("cmd-a", 14, "orphan_container", "remove_container", "c-t-1-1", "succeeded", 2, 17)]  # fmt: skip
+    assert rows(
+        db,
+        "SELECT seq, rule, resource, evidence_seqs, command_id, dry_run, action, "
+        "resource_task_id, resource_attempt, since FROM reconcile_decisions",
+    ) == [
+        (
+            14,
+            "orphan_container",
+            "c-t-1-1",
+            [4, 8, 13],
+            "cmd-a",
+            False,
+            "remove_container",
+            "t-1",
+            1,
+            t,
+        ),
+        (
+            15,
+            "leaked_workspace",
+            f"{ROOT}/t-1.1.x",
+            [13],
+            "cmd-b",
+            True,
+            "remove_workspace",
+            "_",
+            0,
+            None,
+        ),
+    ]
+    assert rows(
+        db, "SELECT seq, command_id, outcome, final, delivery, detail FROM reconcile_outcomes"
+    ) == [(16, "cmd-a", "failed", False, 1, "docker down"), (17, "cmd-a", "succeeded", True, 2, "")]
+    assert rows(
+        db,
+        "SELECT command_id, decision_seq, rule, action, resource, status, "
+        "deliveries, outcome_seq FROM reconcile_commands",
+    ) == [("cmd-a", 14, "orphan_container", "remove_container", "c-t-1-1", "succeeded", 2, 17)]
 
 
 def test_the_rows_do_not_depend_on_where_batches_were_cut(tmp_dir: Path) -> None:
@@ -167,8 +271,10 @@ def test_the_state_is_read_once_the_inventory_is_projected(tmp_dir: Path) -> Non
     assert sorted(state.containers) == ["c-t-1-1"]
     assert sorted(state.workspaces) == [f"{ROOT}/t-1.1.x"]
     assert [(k, a.finished_seq) for k, a in state.attempts.items()] == [(("t-1", 1), 7)]
-    assert (state.tasks["t-1"].state, state.tasks["t-1"].correlation_id) == ("succeeded",
-                                                                              "corr-t-1")  # fmt: skip
+    assert (state.tasks["t-1"].state, state.tasks["t-1"].correlation_id) == (
+        "succeeded",
+        "corr-t-1",
+    )
     assert sorted(state.instances) == ["boot-1", "boot-2"]
     assert state.instances["boot-2"].heartbeat_timeout_s == 3.0
     assert state.open_commands == frozenset()
@@ -213,8 +319,9 @@ def test_the_audit_wants_an_outcome_for_every_ordered_command(tmp_dir: Path) -> 
 
 def test_a_decision_in_flight_is_spared_within_the_grace() -> None:
     at = datetime(2026, 1, 1, tzinfo=UTC)
-    decision = Record(1, "reconcile.decision", "_", 0, at, resource="c1", command_id="cmd-x",
-                      dry_run=False)  # fmt: skip
+    decision = Record(
+        1, "reconcile.decision", "_", 0, at, resource="c1", command_id="cmd-x", dry_run=False
+    )
     assert [v.rule for v in audit_records([decision], grace_s=10, now=at)] == []
     later = at + timedelta(seconds=11)
     assert [v.rule for v in audit_records([decision], grace_s=10, now=later)] == [

@@ -84,8 +84,9 @@ async def test_orphans_of_a_dead_daemon_are_removed_and_their_attempts_closed(
         # Nothing is left to do, and the projection says so.
         third = await r.reconciler.run_pass()
         assert third.planned == []
-        assert await r.query("SELECT count(*) FROM leaked_resources WHERE node_id = $1",
-                             r.node_id) == [(0,)]  # fmt: skip
+        assert await r.query(
+            "SELECT count(*) FROM leaked_resources WHERE node_id = $1", r.node_id
+        ) == [(0,)]
 
 
 async def test_a_redelivery_racing_the_reconciler_closes_a_lost_attempt_once(
@@ -123,8 +124,9 @@ async def test_a_redelivery_racing_the_reconciler_closes_a_lost_attempt_once(
 
 
 async def _last_heartbeat_seq(r, instance: str) -> int:  # type: ignore[no-untyped-def]
-    rows = await r.query("SELECT last_heartbeat_seq FROM instances WHERE instance_id = $1",
-                         instance)  # fmt: skip
+    rows = await r.query(
+        "SELECT last_heartbeat_seq FROM instances WHERE instance_id = $1", instance
+    )
     return int(rows[0][0])
 
 
@@ -138,11 +140,18 @@ async def test_another_nodes_container_and_an_unlabelled_one_are_never_touched(
         report = await r.reconciler.run_pass()
         # Whoever asks: a forged order naming them, addressed to this node, is refused.
         forged = [
-            CleanupCommand(command_id=f"forged-{i}", node_id=r.node_id, action="remove_container",
-                           resource_kind="container", resource=cid, rule="orphan_container",
-                           decision_id="none", issued_at=utcnow())
+            CleanupCommand(
+                command_id=f"forged-{i}",
+                node_id=r.node_id,
+                action="remove_container",
+                resource_kind="container",
+                resource=cid,
+                rule="orphan_container",
+                decision_id="none",
+                issued_at=utcnow(),
+            )
             for i, cid in enumerate((foreign, unlabelled))
-        ]  # fmt: skip
+        ]
         for cmd in forged:
             assert await JetStreamCommands(r.js).publish(cmd)
         outcomes = await r.outcomes([c.command_id for c in forged])
@@ -189,10 +198,13 @@ async def test_two_reconcilers_racing_on_the_same_leak_issue_one_command(
     async with rig(nats_url, tmp_dir, docker_client, background=False) as r:
         leaks = [r.container(labels(r.node_id, f"t-race-{i}")) for i in range(2)]
         other = Reconciler(  # another process of the node: its own instance id
-            emitter=Emitter(r.node.events, r.node_id, "other-process"), observer=r.node.runtime,
-            state=r.state, bus=JetStreamCommands(r.js), data_dir=r.node.data_dir,
+            emitter=Emitter(r.node.events, r.node_id, "other-process"),
+            observer=r.node.runtime,
+            state=r.state,
+            bus=JetStreamCommands(r.js),
+            data_dir=r.node.data_dir,
             config=r.reconciler.config,
-        )  # fmt: skip
+        )
         before = (await r.js.stream_info(COMMANDS_STREAM)).state.messages
 
         a, b = await asyncio.gather(r.reconciler.run_pass(), other.run_pass())
@@ -218,8 +230,10 @@ async def test_a_leaked_workspace_of_a_finished_task_is_removed(
     async with rig(nats_url, tmp_dir, docker_client) as r:
         from testing.reconcile import SANDBOX_IMAGE
 
-        spec = msgspec.convert({"image": SANDBOX_IMAGE, "command": ["true"], "task_id": "t-ws"},
-                               type=__import__("schemas").TaskSpec)  # fmt: skip
+        spec = msgspec.convert(
+            {"image": SANDBOX_IMAGE, "command": ["true"], "task_id": "t-ws"},
+            type=__import__("schemas").TaskSpec,
+        )
         result = await r.node.executor.run(spec)
         stray = r.node.data_dir / "workspaces" / "t-ws.1.left-behind"
         stray.mkdir()
@@ -228,9 +242,9 @@ async def test_a_leaked_workspace_of_a_finished_task_is_removed(
         outcomes = await r.outcomes(report.commands)
 
         assert result.status == "succeeded"
-        assert [(p.divergence.rule, p.divergence.resource, p.divergence.reason)
-                for p in report.planned] == [
-            ("leaked_workspace", str(stray), "on disk, and its task succeeded")]  # fmt: skip
+        assert [
+            (p.divergence.rule, p.divergence.resource, p.divergence.reason) for p in report.planned
+        ] == [("leaked_workspace", str(stray), "on disk, and its task succeeded")]
         assert list(outcomes.values()) == ["succeeded"]
         assert not stray.exists()
 
@@ -274,8 +288,11 @@ async def test_a_cleanup_that_fails_is_retried_with_backoff_and_resolved(
         await r.node.events.flush(10)
         outcomes = await stream_events(nats_url, f"sup.reconcile.outcome.{r.node_id}._")
         # The lost attempt's command runs alongside: its outcome may come first.
-        deliveries = [(e.outcome, e.final) for e in outcomes
-                      if isinstance(e, ReconcileOutcome) and e.command_id == cid]  # fmt: skip
+        deliveries = [
+            (e.outcome, e.final)
+            for e in outcomes
+            if isinstance(e, ReconcileOutcome) and e.command_id == cid
+        ]
         assert deliveries[0] == ("failed", False) and deliveries[-1] == ("succeeded", True)
         text = generate_latest(r.node.metrics.registry).decode()
         assert (
@@ -322,17 +339,19 @@ async def test_a_vanished_container_is_recorded_and_its_attempt_closed(
         await r.node.events.flush(10)
 
         assert sorted((p.divergence.rule, p.divergence.resource_kind) for p in report.planned) == [
-            ("vanished_container", "attempt"), ("vanished_container", "container"),
-            ("vanished_workspace", "workspace")]  # fmt: skip
+            ("vanished_container", "attempt"),
+            ("vanished_container", "container"),
+            ("vanished_workspace", "workspace"),
+        ]
         assert sorted(outcomes.values()) == ["already_gone", "already_gone", "succeeded"]
         errors = await stream_events(nats_url, f"sup.error.*.{r.node_id}.t-vanished")
         assert [e.code for e in errors if isinstance(e, ErrorRaised)] == ["CONTAINER_VANISHED"]
         assert await r.query("SELECT state FROM containers WHERE container_id = $1", cid) == [
             ("removed",)
         ]
-        assert await r.query("SELECT state, outcome, error_code FROM attempts "
-                             "WHERE task_id = 't-vanished'") == [
-            ("finished", "failed", "CONTAINER_VANISHED")]  # fmt: skip
+        assert await r.query(
+            "SELECT state, outcome, error_code FROM attempts WHERE task_id = 't-vanished'"
+        ) == [("finished", "failed", "CONTAINER_VANISHED")]
 
 
 def test_the_reconcile_command_runs_one_pass_and_carries_it_out(
@@ -346,11 +365,21 @@ def test_the_reconcile_command_runs_one_pass_and_carries_it_out(
     config = tmp_dir / "config.json"
     config.write_text(json.dumps({"node_id": node_id, "reconcile": {"creation_grace_s": 0}}))
     stray = docker_client.containers.create(
-        "supervisor-sandbox:busybox", ["sleep", "300"], labels=labels(node_id, "t-cli"),
+        "supervisor-sandbox:busybox",
+        ["sleep", "300"],
+        labels=labels(node_id, "t-cli"),
         network_mode="none",
-    )  # fmt: skip
-    argv = ["reconcile", "--json", "--nats", nats_url, "--data-dir", str(tmp_dir / "data"),
-            "--config", str(config)]  # fmt: skip
+    )
+    argv = [
+        "reconcile",
+        "--json",
+        "--nats",
+        nats_url,
+        "--data-dir",
+        str(tmp_dir / "data"),
+        "--config",
+        str(config),
+    ]
     try:
         assert main([*argv, "--dry-run"]) == 0
         dry = json.loads(capsys.readouterr().out)
@@ -367,7 +396,7 @@ def test_the_reconcile_command_runs_one_pass_and_carries_it_out(
         ("orphan_container", stray.id, "dry_run")
     ]
     assert [c.id for c in still_there] == [stray.id] and gone
-    assert [(d["rule"], d["resource"], d["status"], d["decided_now"])
-            for d in real["divergences"]] == [
-        ("orphan_container", stray.id, "succeeded", True)]  # fmt: skip
+    assert [
+        (d["rule"], d["resource"], d["status"], d["decided_now"]) for d in real["divergences"]
+    ] == [("orphan_container", stray.id, "succeeded", True)]
     assert real["issued"] == 1 and real["containers"] == 1

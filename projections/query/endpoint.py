@@ -109,13 +109,17 @@ class QueryEndpoint:
                 task = _rows(cur, "SELECT * FROM tasks WHERE task_id = $1", task_id)
                 if not task:
                     return None
-                attempts = _rows(cur, "SELECT * FROM attempts WHERE task_id = $1 "
-                                      "ORDER BY attempt", task_id)  # fmt: skip
-                errors = _rows(cur, "SELECT seq, occurred_at, attempt, error_type, code, "
-                                    "message, retryable, container_id FROM errors "
-                                    "WHERE task_id = $1 ORDER BY seq", task_id)  # fmt: skip
-            return {**task[0], "attempt_details": attempts, "errors": errors,
-                    "projection_seq": seq}  # fmt: skip
+                attempts = _rows(
+                    cur, "SELECT * FROM attempts WHERE task_id = $1 ORDER BY attempt", task_id
+                )
+                errors = _rows(
+                    cur,
+                    "SELECT seq, occurred_at, attempt, error_type, code, "
+                    "message, retryable, container_id FROM errors "
+                    "WHERE task_id = $1 ORDER BY seq",
+                    task_id,
+                )
+            return {**task[0], "attempt_details": attempts, "errors": errors, "projection_seq": seq}
 
         return await self._on_cursor(read)
 

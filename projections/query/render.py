@@ -65,9 +65,14 @@ def render_table(result: QueryResult) -> str:
     header = result.columns
     cells = [[_cell(v) for v in row] for row in result.rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
-    numeric = [all(isinstance(row[i], int | float | decimal.Decimal) or row[i] is None
-                   for row in result.rows) and bool(result.rows)
-               for i in range(len(header))]  # fmt: skip
+    numeric = [
+        all(
+            isinstance(row[i], int | float | decimal.Decimal) or row[i] is None
+            for row in result.rows
+        )
+        and bool(result.rows)
+        for i in range(len(header))
+    ]
 
     def line(values: list[str]) -> str:
         parts = [

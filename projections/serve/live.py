@@ -96,9 +96,15 @@ class LiveSettings:
     @classmethod
     def configured(cls, c: ProjectionConfig) -> LiveSettings:
         """The settings with what the `[projection]` section sets."""
-        return cls(batch_age_s=c.batch_age_s, max_busy=c.max_busy, rest_lag_s=c.rest_lag_s,
-                   max_lag_s=c.max_lag_s, threads=c.threads, memory_limit=c.memory_limit,
-                   temp_limit=c.temp_limit)  # fmt: skip
+        return cls(
+            batch_age_s=c.batch_age_s,
+            max_busy=c.max_busy,
+            rest_lag_s=c.rest_lag_s,
+            max_lag_s=c.max_lag_s,
+            threads=c.threads,
+            memory_limit=c.memory_limit,
+            temp_limit=c.temp_limit,
+        )
 
 
 @dataclass(frozen=True)
@@ -155,8 +161,13 @@ class ProjectionPart:
         then follow in the background; register the `projection` readiness check and the
         metrics. Raises ProjectionStoreError (the file cannot be opened: held by another
         process) and StreamUnavailable."""
-        await self.open(data_dir=Path(ctx.node.data_dir), nats_url=ctx.node.nats_url, js=ctx.js,
-                        registry=ctx.node.metrics.registry, stack=stack)  # fmt: skip
+        await self.open(
+            data_dir=Path(ctx.node.data_dir),
+            nats_url=ctx.node.nats_url,
+            js=ctx.js,
+            registry=ctx.node.metrics.registry,
+            stack=stack,
+        )
         ctx.add_check("projection", self.check)
 
     async def open(
@@ -177,8 +188,11 @@ class ProjectionPart:
         stack.push_async_callback(self.close)
         await self._open_caught_up()
         assert self._projector is not None
-        self._endpoint = QueryEndpoint(self._projector.store.con, workers=self.settings.query_workers,
-                                       limits=self.settings.limits)  # fmt: skip
+        self._endpoint = QueryEndpoint(
+            self._projector.store.con,
+            workers=self.settings.query_workers,
+            limits=self.settings.limits,
+        )
         self._register(registry)
         self._tasks = [
             asyncio.create_task(self._follow(), name="projection-follow"),
@@ -209,11 +223,19 @@ class ProjectionPart:
     async def _open_caught_up(self) -> None:
         s, path = self.settings, self.db_path
         assert path is not None
-        live = partial(Projector, path, self._nats_url, batch_size=s.batch_size,
-                       batch_age_s=s.batch_age_s, stream=self.stream,
-                       max_busy=s.max_busy, rest_lag_s=s.rest_lag_s,
-                       threads=s.threads, memory_limit=s.memory_limit,
-                       temp_limit=s.temp_limit)  # fmt: skip
+        live = partial(
+            Projector,
+            path,
+            self._nats_url,
+            batch_size=s.batch_size,
+            batch_age_s=s.batch_age_s,
+            stream=self.stream,
+            max_busy=s.max_busy,
+            rest_lag_s=s.rest_lag_s,
+            threads=s.threads,
+            memory_limit=s.memory_limit,
+            temp_limit=s.temp_limit,
+        )
         try:
             projector = await asyncio.to_thread(live)
         except ProjectionVersionMismatch as e:
@@ -226,9 +248,14 @@ class ProjectionPart:
             if behind > s.bulk_backlog:
                 log.info("projection: %d messages behind, catching up in bulk mode", behind)
                 await asyncio.to_thread(projector.close)
-                bulk = await asyncio.to_thread(Projector, path, self._nats_url,
-                                               batch_size=BULK_BATCH, stream=self.stream,
-                                               bulk=True)  # fmt: skip
+                bulk = await asyncio.to_thread(
+                    Projector,
+                    path,
+                    self._nats_url,
+                    batch_size=BULK_BATCH,
+                    stream=self.stream,
+                    bulk=True,
+                )
                 try:
                     await bulk.catch_up()
                 finally:
@@ -340,12 +367,17 @@ class ProjectionPart:
             lag = await self.lag()
         except ProjectionError as e:
             return Check(ok=False, reason=f"cannot measure the projection's lag: {e}")
-        details = {"seq": lag.seq, "stream_seq": lag.stream_seq, "behind": lag.behind,
-                   "lag_s": round(lag.seconds, 3)}  # fmt: skip
+        details = {
+            "seq": lag.seq,
+            "stream_seq": lag.stream_seq,
+            "behind": lag.behind,
+            "lag_s": round(lag.seconds, 3),
+        }
         where = f"applied up to seq {lag.seq}, {lag.behind} behind ({lag.seconds:.2f}s)"
         if lag.seconds > self.settings.max_lag_s:
-            return Check(ok=False, reason=f"{where}: more than {self.settings.max_lag_s:g}s",
-                         details=details)  # fmt: skip
+            return Check(
+                ok=False, reason=f"{where}: more than {self.settings.max_lag_s:g}s", details=details
+            )
         return Check(ok=True, reason=where, details=details)
 
     def _register(self, registry: CollectorRegistry) -> None:
@@ -370,14 +402,21 @@ class ProjectionPart:
         )
         for q in (0.5, 0.99, 1.0):
             recent.labels(str(q)).set_function(partial(self._recent_quantile, q))
-        Gauge("supervisor_projection_seq", "Last stream sequence applied to the projection",
-              registry=r).set_function(lambda: self._seq)  # fmt: skip
-        Gauge("supervisor_projection_behind_messages",
-              "Stream messages not yet applied (sampled)",
-              registry=r).set_function(lambda: self._lag.behind)  # fmt: skip
-        Gauge("supervisor_projection_behind_seconds",
-              "Age of the oldest stream message not yet applied, 0 when caught up (sampled)",
-              registry=r).set_function(lambda: self._lag.seconds)  # fmt: skip
+        Gauge(
+            "supervisor_projection_seq",
+            "Last stream sequence applied to the projection",
+            registry=r,
+        ).set_function(lambda: self._seq)
+        Gauge(
+            "supervisor_projection_behind_messages",
+            "Stream messages not yet applied (sampled)",
+            registry=r,
+        ).set_function(lambda: self._lag.behind)
+        Gauge(
+            "supervisor_projection_behind_seconds",
+            "Age of the oldest stream message not yet applied, 0 when caught up (sampled)",
+            registry=r,
+        ).set_function(lambda: self._lag.seconds)
 
     def _recent_quantile(self, q: float) -> float:
         values = sorted(self._recent)

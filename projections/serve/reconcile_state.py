@@ -150,10 +150,14 @@ def _records(
     cur.execute(sql, params)
     names = [d[0] for d in cur.description or []]
     return [
-        cls(**{n: v.replace(tzinfo=UTC) if isinstance(v, datetime) else v
-               for n, v in zip(names, row, strict=True)})
+        cls(
+            **{
+                n: v.replace(tzinfo=UTC) if isinstance(v, datetime) else v
+                for n, v in zip(names, row, strict=True)
+            }
+        )
         for row in cur.fetchall()
-    ]  # fmt: skip
+    ]
 
 
 def read_state(
@@ -165,8 +169,9 @@ def read_state(
     p = {"node": node_id}
     cur.execute("BEGIN TRANSACTION")
     try:
-        if not cur.execute("SELECT 1 FROM inventories WHERE event_id = $id",
-                           {"id": inventory_id}).fetchall():  # fmt: skip
+        if not cur.execute(
+            "SELECT 1 FROM inventories WHERE event_id = $id", {"id": inventory_id}
+        ).fetchall():
             return None
         seq, observed_at, root = cur.execute(_LATEST, p).fetchall()[0]
         seen = {c.container_id: c for c in _records(cur, _SEEN_CONTAINERS, p, SeenContainer)}
@@ -184,8 +189,18 @@ def read_state(
     inventory = Inventory(seq, observed_at.replace(tzinfo=UTC), root, seen, seen_ws)
     finals = {(r[0], r[1]): int(r[2]) for r in rows}
     finals_at = {(r[0], r[1]): r[3].replace(tzinfo=UTC) for r in rows}
-    return ProjectedState(node_id, inventory, containers, workspaces, attempts, tasks,
-                          instances, open_commands, finals, finals_at)  # fmt: skip
+    return ProjectedState(
+        node_id,
+        inventory,
+        containers,
+        workspaces,
+        attempts,
+        tasks,
+        instances,
+        open_commands,
+        finals,
+        finals_at,
+    )
 
 
 class DuckDBState:

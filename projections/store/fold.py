@@ -120,10 +120,13 @@ def task_events(events: Iterable[Event]) -> dict[str, list[Event]]:
 
 def attempt_events(events: Iterable[Event]) -> dict[tuple[str, int], list[Event]]:
     return group(
-        (e for e in events
-         if e["attempt"] > 0 and e["type"].split(".", 1)[0] in ATTEMPT_CATEGORIES),
+        (
+            e
+            for e in events
+            if e["attempt"] > 0 and e["type"].split(".", 1)[0] in ATTEMPT_CATEGORIES
+        ),
         lambda e: (e["task_id"], e["attempt"]),
-    )  # fmt: skip
+    )
 
 
 def container_events(events: Iterable[Event]) -> dict[str, list[Event]]:
@@ -173,8 +176,13 @@ def fold_task(task_id: str, o: Row | None, ev: list[Event], attempt_row: Attempt
         if e["_kind"] != "terminal":
             return False
         at = attempt_row(task_id, e["attempt"]) if e["attempt"] > 0 else None
-        return terminal_applies(e["attempt"], e["instance_id"], e["seq"], _get(at, "instance_id"),
-                                _get(at, "finished_seq"))  # fmt: skip
+        return terminal_applies(
+            e["attempt"],
+            e["instance_id"],
+            e["seq"],
+            _get(at, "instance_id"),
+            _get(at, "finished_seq"),
+        )
 
     fin = _first(ev, applies)
     known = o is not None
@@ -224,8 +232,13 @@ def fold_attempt(key: tuple[str, int], o: Row | None, ev: list[Event]) -> Row:
     known = o is not None
     oo: Row = o or {}
     starter = oo["instance_id"] if known else ev[0]["instance_id"]
-    fin = _first(ev, lambda e: e["type"] == "attempt.finished" and attempt_finish_applies(
-        e["instance_id"], starter, e["error_type"]))  # fmt: skip
+    fin = _first(
+        ev,
+        lambda e: (
+            e["type"] == "attempt.finished"
+            and attempt_finish_applies(e["instance_id"], starter, e["error_type"])
+        ),
+    )
     old_st = known and oo["started_seq"] is not None
     old_fin = known and oo["finished_seq"] is not None
     started_seq = oo["started_seq"] if old_st else _get(st, "seq")
@@ -234,8 +247,11 @@ def fold_attempt(key: tuple[str, int], o: Row | None, ev: list[Event]) -> Row:
     def fin_or_old(column: str, fin_column: str) -> Any:
         return oo[column] if old_fin else _get(fin, fin_column)
 
-    state = "finished" if finished_seq is not None else (
-        "running" if started_seq is not None else "unknown")  # fmt: skip
+    state = (
+        "finished"
+        if finished_seq is not None
+        else ("running" if started_seq is not None else "unknown")
+    )
     return {
         "task_id": key[0],
         "attempt": key[1],
@@ -315,12 +331,20 @@ def fold_container(container_id: str, o: Row | None, ev: list[Event]) -> Row:
     old_cr = oo.get("created_seq") is not None
     old_ex = oo.get("exited_at") is not None
     created_seq = oo["created_seq"] if old_cr else _get(cr, "seq")
-    started = _coalesce(oo.get("started_at"),
-                        _first_value(ev, _is("container.started"), "occurred_at"))  # fmt: skip
+    started = _coalesce(
+        oo.get("started_at"), _first_value(ev, _is("container.started"), "occurred_at")
+    )
     exited_at = oo["exited_at"] if old_ex else _get(ex, "occurred_at")
     removal = _removal(oo, ev, rm)
-    state = progress_state("container", {"removed_seq": removal["removed_seq"],
-                           "exited_at": exited_at, "started": started, "created_seq": created_seq})  # fmt: skip
+    state = progress_state(
+        "container",
+        {
+            "removed_seq": removal["removed_seq"],
+            "exited_at": exited_at,
+            "started": started,
+            "created_seq": created_seq,
+        },
+    )
     return {
         "container_id": container_id,
         "state": state,
@@ -348,8 +372,9 @@ def fold_workspace(path: str, o: Row | None, ev: list[Event]) -> Row:
     old_cr = oo.get("created_seq") is not None
     created_seq = oo["created_seq"] if old_cr else _get(cr, "seq")
     removal = _removal(oo, ev, rm)
-    state = progress_state("workspace", {"removed_seq": removal["removed_seq"],
-                                         "created_seq": created_seq})  # fmt: skip
+    state = progress_state(
+        "workspace", {"removed_seq": removal["removed_seq"], "created_seq": created_seq}
+    )
     return {
         "path": path,
         "state": state,

@@ -120,9 +120,11 @@ def sql_terminal_applies(
 # shows; each step is known from one column of the row (the seq or time it happened).
 
 CONTAINER_STEPS: Final[dict[str, str]] = {
-    "created": "created_seq", "running": "started", "exited": "exited_at",
+    "created": "created_seq",
+    "running": "started",
+    "exited": "exited_at",
     "removed": "removed_seq",
-}  # fmt: skip
+}
 """Each container state, and the column (of `MERGE_CONTAINERS`' last CTE) that shows it."""
 
 WORKSPACE_STEPS: Final[dict[str, str]] = {"present": "created_seq", "removed": "removed_seq"}
@@ -142,17 +144,19 @@ def progress_state(kind: str, values: dict[str, object]) -> str | None:
     """The furthest state of a `kind` ("container", "workspace") whose column in `values`
     is set."""
     order, steps = (
-        (_CONTAINER_ORDER, CONTAINER_STEPS) if kind == "container"
+        (_CONTAINER_ORDER, CONTAINER_STEPS)
+        if kind == "container"
         else (_WORKSPACE_ORDER, WORKSPACE_STEPS)
-    )  # fmt: skip
+    )
     return next((s for s in reversed(order) if values[steps[s]] is not None), None)
 
 
 def sql_progress_state(kind: str) -> str:
     """`progress_state` as a SQL CASE over the columns."""
     order, steps = (
-        (_CONTAINER_ORDER, CONTAINER_STEPS) if kind == "container"
+        (_CONTAINER_ORDER, CONTAINER_STEPS)
+        if kind == "container"
         else (_WORKSPACE_ORDER, WORKSPACE_STEPS)
-    )  # fmt: skip
+    )
     arms = " ".join(f"WHEN {steps[s]} IS NOT NULL THEN '{s}'" for s in reversed(order))
     return f"CASE {arms} END"

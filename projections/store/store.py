@@ -225,10 +225,14 @@ class ProjectionStore:
             raise
         duplicates = staged.events - applied + staged.repeats
         return ApplyResult(
-            applied, duplicates, staged.dead.num_rows, staged.last_seq,
-            committed_ns, staged.tables["batch"].column("stored_ns"),
+            applied,
+            duplicates,
+            staged.dead.num_rows,
+            staged.last_seq,
+            committed_ns,
+            staged.tables["batch"].column("stored_ns"),
             time.perf_counter() - started,
-        )  # fmt: skip
+        )
 
     def _apply_events(self, staged: Staged) -> int:
         """In the open transaction: load the staging kinds that have rows (a folded batch:
@@ -239,8 +243,11 @@ class ProjectionStore:
         folded = staged.events <= self.fold_max
         if folded and all(k in _DIRECT for k, t in staged.tables.items() if t.num_rows):
             return self._apply_direct(staged)
-        filled = [kind for kind, table in staged.tables.items()
-                  if table.num_rows and not (folded and kind in _FOLD_ONLY)]  # fmt: skip
+        filled = [
+            kind
+            for kind, table in staged.tables.items()
+            if table.num_rows and not (folded and kind in _FOLD_ONLY)
+        ]
         for kind in filled:
             con.from_arrow(_staged_rows(kind, staged.tables[kind])).insert_into(f"_{kind}")
         applied = int(self._run(FILL_NEW).fetchall()[0][0])
@@ -267,9 +274,16 @@ class ProjectionStore:
         batch = staged.tables["batch"]
         stamps = batch.column("occurred_at")
         span = pc.min_max(stamps)
-        stored = set(self._run(FIND_DUPLICATES, {"ids": batch.column("event_id").to_pylist(),
-                                             "lo": span["min"].as_py(),
-                                             "hi": span["max"].as_py()}).fetchall())  # fmt: skip
+        stored = set(
+            self._run(
+                FIND_DUPLICATES,
+                {
+                    "ids": batch.column("event_id").to_pylist(),
+                    "lo": span["min"].as_py(),
+                    "hi": span["max"].as_py(),
+                },
+            ).fetchall()
+        )
         new = None
         if stored:
             pairs = zip(batch.column("event_id").to_pylist(), stamps.to_pylist(), strict=True)
@@ -331,8 +345,9 @@ class ProjectionStore:
                 stored[table].update(self._read(_BY_TABLE[table], unknown[table]))
         for f in FOLDS:
             if f.table == "tasks" and "tasks" in groups:
-                self._replace(f, groups["tasks"], stored["tasks"],
-                              self._attempt_rows(groups["tasks"]))  # fmt: skip
+                self._replace(
+                    f, groups["tasks"], stored["tasks"], self._attempt_rows(groups["tasks"])
+                )
             elif f.table in groups:
                 self._replace(f, groups[f.table], stored[f.table])
 
@@ -340,8 +355,12 @@ class ProjectionStore:
         """The rows (as of this batch, folded already) of the attempts the batch's terminal
         events claim: `fold_task` asks whether they may end their task."""
         cache = self._cached["attempts"]
-        wanted = {(e["task_id"], e["attempt"]) for evs in tasks.values() for e in evs
-                  if e["_kind"] == "terminal" and e["attempt"] > 0}  # fmt: skip
+        wanted = {
+            (e["task_id"], e["attempt"])
+            for evs in tasks.values()
+            for e in evs
+            if e["_kind"] == "terminal" and e["attempt"] > 0
+        }
         rows = {k: cache[k] for k in wanted if k in cache}
         missing = [k for k in wanted if k not in rows]
         if missing:

@@ -67,85 +67,190 @@ KNOWN_TYPES: Final[frozenset[str]] = frozenset(TAGS.values())
 
 _TS = pa.timestamp("us")
 STAGING: Final[dict[str, pa.Schema]] = {
-    "batch": pa.schema([
-        ("seq", pa.int64()), ("subject", pa.string()), ("stored_ns", pa.int64()),
-        ("type", pa.string()), ("event_id", pa.string()), ("occurred_at", _TS),
-        ("node_id", pa.string()), ("instance_id", pa.string()), ("task_id", pa.string()),
-        ("attempt", pa.int32()), ("correlation_id", pa.string()),
-        ("schema_version", pa.int32()), ("payload", pa.string()),
-    ]),
-    "submitted": pa.schema([
-        ("seq", pa.int64()), ("priority", pa.string()), ("image", pa.string()),
-        ("max_attempts", pa.int32()),
-    ]),
-    "terminal": pa.schema([
-        ("seq", pa.int64()), ("exit_code", pa.int32()), ("error_type", pa.string()),
-        ("error_code", pa.string()), ("duration_s", pa.float64()),
-    ]),
-    "attempt": pa.schema([
-        ("seq", pa.int64()), ("max_attempts", pa.int32()), ("outcome", pa.string()),
-        ("exit_code", pa.int32()), ("error_type", pa.string()), ("error_code", pa.string()),
-        ("duration_s", pa.float64()),
-    ]),
-    "container": pa.schema([
-        ("seq", pa.int64()), ("container_id", pa.string()), ("image", pa.string()),
-        ("deadline", pa.float64()), ("exit_code", pa.int32()), ("oom_killed", pa.bool_()),
-        ("kill_reason", pa.string()),
-    ]),
-    "workspace": pa.schema([
-        ("seq", pa.int64()), ("path", pa.string()), ("files", pa.int32()), ("bytes", pa.int64()),
-    ]),
-    "error": pa.schema([
-        ("seq", pa.int64()), ("error_type", pa.string()), ("code", pa.string()),
-        ("message", pa.string()), ("retryable", pa.bool_()), ("container_id", pa.string()),
-    ]),
-    "cleanup": pa.schema([
-        ("seq", pa.int64()), ("step", pa.string()), ("resource", pa.string()),
-        ("duration_s", pa.float64()), ("already_gone", pa.bool_()), ("reason", pa.string()),
-        ("error_class", pa.string()),
-    ]),
-    "alert": pa.schema([
-        ("seq", pa.int64()), ("metric", pa.string()), ("value", pa.float64()),
-        ("threshold", pa.float64()),
-    ]),
-    "instance": pa.schema([
-        ("seq", pa.int64()), ("role", pa.string()), ("pid", pa.int32()),
-        ("timeout_s", pa.float64()),
-    ]),
-    "inventory": pa.schema([
-        ("seq", pa.int64()), ("observed_at", _TS), ("workspace_root", pa.string()),
-        ("containers", pa.list_(pa.struct([
-            ("container_id", pa.string()), ("state", pa.string()), ("created_at", _TS),
-            ("task_id", pa.string()), ("attempt", pa.int32()), ("instance_id", pa.string()),
-            ("deadline", _TS), ("managed", pa.bool_()), ("label_node", pa.string()),
-        ]))),
-        ("workspaces", pa.list_(pa.struct([
-            ("path", pa.string()), ("created_at", _TS), ("task_id", pa.string()),
+    "batch": pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("subject", pa.string()),
+            ("stored_ns", pa.int64()),
+            ("type", pa.string()),
+            ("event_id", pa.string()),
+            ("occurred_at", _TS),
+            ("node_id", pa.string()),
+            ("instance_id", pa.string()),
+            ("task_id", pa.string()),
             ("attempt", pa.int32()),
-        ]))),
-    ]),
-    "decision": pa.schema([
-        ("seq", pa.int64()), ("rule", pa.string()), ("resource_kind", pa.string()),
-        ("resource", pa.string()), ("evidence_seqs", pa.list_(pa.int64())),
-        ("command_id", pa.string()), ("dry_run", pa.bool_()), ("action", pa.string()),
-        ("reason", pa.string()), ("resource_task_id", pa.string()),
-        ("resource_attempt", pa.int32()), ("since", _TS),
-    ]),
-    "outcome": pa.schema([
-        ("seq", pa.int64()), ("command_id", pa.string()), ("outcome", pa.string()),
-        ("final", pa.bool_()), ("delivery", pa.int32()), ("rule", pa.string()),
-        ("action", pa.string()), ("resource_kind", pa.string()), ("resource", pa.string()),
-        ("detail", pa.string()),
-    ]),
-}  # fmt: skip
+            ("correlation_id", pa.string()),
+            ("schema_version", pa.int32()),
+            ("payload", pa.string()),
+        ]
+    ),
+    "submitted": pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("priority", pa.string()),
+            ("image", pa.string()),
+            ("max_attempts", pa.int32()),
+        ]
+    ),
+    "terminal": pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("exit_code", pa.int32()),
+            ("error_type", pa.string()),
+            ("error_code", pa.string()),
+            ("duration_s", pa.float64()),
+        ]
+    ),
+    "attempt": pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("max_attempts", pa.int32()),
+            ("outcome", pa.string()),
+            ("exit_code", pa.int32()),
+            ("error_type", pa.string()),
+            ("error_code", pa.string()),
+            ("duration_s", pa.float64()),
+        ]
+    ),
+    "container": pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("container_id", pa.string()),
+            ("image", pa.string()),
+            ("deadline", pa.float64()),
+            ("exit_code", pa.int32()),
+            ("oom_killed", pa.bool_()),
+            ("kill_reason", pa.string()),
+        ]
+    ),
+    "workspace": pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("path", pa.string()),
+            ("files", pa.int32()),
+            ("bytes", pa.int64()),
+        ]
+    ),
+    "error": pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("error_type", pa.string()),
+            ("code", pa.string()),
+            ("message", pa.string()),
+            ("retryable", pa.bool_()),
+            ("container_id", pa.string()),
+        ]
+    ),
+    "cleanup": pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("step", pa.string()),
+            ("resource", pa.string()),
+            ("duration_s", pa.float64()),
+            ("already_gone", pa.bool_()),
+            ("reason", pa.string()),
+            ("error_class", pa.string()),
+        ]
+    ),
+    "alert": pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("metric", pa.string()),
+            ("value", pa.float64()),
+            ("threshold", pa.float64()),
+        ]
+    ),
+    "instance": pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("role", pa.string()),
+            ("pid", pa.int32()),
+            ("timeout_s", pa.float64()),
+        ]
+    ),
+    "inventory": pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("observed_at", _TS),
+            ("workspace_root", pa.string()),
+            (
+                "containers",
+                pa.list_(
+                    pa.struct(
+                        [
+                            ("container_id", pa.string()),
+                            ("state", pa.string()),
+                            ("created_at", _TS),
+                            ("task_id", pa.string()),
+                            ("attempt", pa.int32()),
+                            ("instance_id", pa.string()),
+                            ("deadline", _TS),
+                            ("managed", pa.bool_()),
+                            ("label_node", pa.string()),
+                        ]
+                    )
+                ),
+            ),
+            (
+                "workspaces",
+                pa.list_(
+                    pa.struct(
+                        [
+                            ("path", pa.string()),
+                            ("created_at", _TS),
+                            ("task_id", pa.string()),
+                            ("attempt", pa.int32()),
+                        ]
+                    )
+                ),
+            ),
+        ]
+    ),
+    "decision": pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("rule", pa.string()),
+            ("resource_kind", pa.string()),
+            ("resource", pa.string()),
+            ("evidence_seqs", pa.list_(pa.int64())),
+            ("command_id", pa.string()),
+            ("dry_run", pa.bool_()),
+            ("action", pa.string()),
+            ("reason", pa.string()),
+            ("resource_task_id", pa.string()),
+            ("resource_attempt", pa.int32()),
+            ("since", _TS),
+        ]
+    ),
+    "outcome": pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("command_id", pa.string()),
+            ("outcome", pa.string()),
+            ("final", pa.bool_()),
+            ("delivery", pa.int32()),
+            ("rule", pa.string()),
+            ("action", pa.string()),
+            ("resource_kind", pa.string()),
+            ("resource", pa.string()),
+            ("detail", pa.string()),
+        ]
+    ),
+}
 """Each staging table (registered as `_<kind>` while a batch is applied) and its columns.
 `batch` holds every valid event's envelope and payload; the others what the projection
 reads of each kind's body."""
 
-DEAD_SCHEMA: Final = pa.schema([
-    ("seq", pa.int64()), ("subject", pa.string()), ("stored_ns", pa.int64()),
-    ("data", pa.binary()), ("reason", pa.string()), ("detail", pa.string()),
-])  # fmt: skip
+DEAD_SCHEMA: Final = pa.schema(
+    [
+        ("seq", pa.int64()),
+        ("subject", pa.string()),
+        ("stored_ns", pa.int64()),
+        ("data", pa.binary()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
 
 
 class _Probe(msgspec.Struct):
@@ -233,11 +338,23 @@ def decode_batch(
         extract = _EXTRACT.get(type(ev))
         if extract is not None:
             rows[extract[0]].append((seq, *extract[1](ev)))
-        envelopes.append((
-            seq, subject, ns, TAGS[type(ev)], ev.event_id, ev.occurred_at, ev.node_id,
-            ev.instance_id, ev.task_id or NO_TASK, ev.attempt, ev.correlation_id,
-            ev.schema_version, data,
-        ))  # fmt: skip
+        envelopes.append(
+            (
+                seq,
+                subject,
+                ns,
+                TAGS[type(ev)],
+                ev.event_id,
+                ev.occurred_at,
+                ev.node_id,
+                ev.instance_id,
+                ev.task_id or NO_TASK,
+                ev.attempt,
+                ev.correlation_id,
+                ev.schema_version,
+                data,
+            )
+        )
     return batch
 
 
@@ -258,16 +375,30 @@ def _inventory(ev: NodeInventory) -> tuple[Any, ...]:
     containers = []
     for c in ev.containers:
         s = seen_container(c.container_id, c.state, c.created, c.labels)
-        containers.append({
-            "container_id": s.container_id, "state": s.state, "created_at": s.created_at,
-            "task_id": s.task_id, "attempt": s.attempt, "instance_id": s.instance_id,
-            "deadline": s.deadline, "managed": s.managed, "label_node": s.node_id,
-        })  # fmt: skip
+        containers.append(
+            {
+                "container_id": s.container_id,
+                "state": s.state,
+                "created_at": s.created_at,
+                "task_id": s.task_id,
+                "attempt": s.attempt,
+                "instance_id": s.instance_id,
+                "deadline": s.deadline,
+                "managed": s.managed,
+                "label_node": s.node_id,
+            }
+        )
     workspaces = []
     for w in ev.workspaces:
         task_id, attempt = workspace_owner(w.path)
-        workspaces.append({"path": w.path, "created_at": datetime.fromtimestamp(w.created, UTC),
-                           "task_id": task_id, "attempt": attempt})  # fmt: skip
+        workspaces.append(
+            {
+                "path": w.path,
+                "created_at": datetime.fromtimestamp(w.created, UTC),
+                "task_id": task_id,
+                "attempt": attempt,
+            }
+        )
     return (ev.observed_at or ev.occurred_at, ev.workspace_root, containers, workspaces)
 
 
@@ -275,29 +406,75 @@ def _inventory(ev: NodeInventory) -> tuple[Any, ...]:
 # A dict rather than `match`: this runs once per event in the projector's hot loop, and a
 # match statement tries its cases in order (it cost three times as much).
 _EXTRACT: Final[dict[type[Event], tuple[str, Callable[[Any], tuple[Any, ...]]]]] = {
-    CleanupSucceeded: ("cleanup", lambda e: (e.step, e.resource, e.duration_s, e.already_gone, None, None)),
-    CleanupFailed: ("cleanup", lambda e: (e.step, e.resource, e.duration_s, False, e.reason, e.error_class)),
-    ContainerCreated: ("container", lambda e: (e.container_id, e.image, e.deadline, None, None, None)),
+    CleanupSucceeded: (
+        "cleanup",
+        lambda e: (e.step, e.resource, e.duration_s, e.already_gone, None, None),
+    ),
+    CleanupFailed: (
+        "cleanup",
+        lambda e: (e.step, e.resource, e.duration_s, False, e.reason, e.error_class),
+    ),
+    ContainerCreated: (
+        "container",
+        lambda e: (e.container_id, e.image, e.deadline, None, None, None),
+    ),
     ContainerStarted: ("container", lambda e: (e.container_id, None, None, None, None, None)),
-    ContainerExited: ("container", lambda e: (e.container_id, None, None, e.exit_code, e.evidence.oom_killed, None)),
+    ContainerExited: (
+        "container",
+        lambda e: (e.container_id, None, None, e.exit_code, e.evidence.oom_killed, None),
+    ),
     KillIssued: ("container", lambda e: (e.container_id, None, None, None, None, e.reason)),
     AttemptStarted: ("attempt", lambda e: (e.max_attempts, None, None, None, None, None)),
-    AttemptFinished: ("attempt", lambda e: (None, e.outcome, e.exit_code, e.error_type, e.error_code, e.duration_s)),
+    AttemptFinished: (
+        "attempt",
+        lambda e: (None, e.outcome, e.exit_code, e.error_type, e.error_code, e.duration_s),
+    ),
     WorkspaceCreated: ("workspace", lambda e: (e.path, e.files, e.bytes)),
     TaskSubmitted: ("submitted", lambda e: (e.priority, e.spec.image, e.spec.retry.max_attempts)),
     TaskSucceeded: ("terminal", _result),
     TaskFailed: ("terminal", _result),
     TaskRejected: ("terminal", _rejected),
-    ErrorRaised: ("error", lambda e: (e.error_type, e.code, e.message, e.retryable, e.container_id)),
+    ErrorRaised: (
+        "error",
+        lambda e: (e.error_type, e.code, e.message, e.retryable, e.container_id),
+    ),
     ResourceAlert: ("alert", lambda e: (e.metric, e.value, e.threshold)),
     ResourceRecovered: ("alert", lambda e: (e.metric, e.value, e.threshold)),
     SupervisorStarted: ("instance", lambda e: (e.role, e.pid, None)),
     SupervisorStopped: ("instance", lambda e: (None, None, None)),
     NodeHeartbeat: ("instance", lambda e: (e.role, None, e.timeout_s)),
     NodeInventory: ("inventory", _inventory),
-    ReconcileDecision: ("decision", lambda e: (e.rule, e.resource_kind, e.resource, list(e.evidence_seqs), e.command_id, e.dry_run, e.action, e.reason, e.resource_task_id, e.resource_attempt, e.since)),
-    ReconcileOutcome: ("outcome", lambda e: (e.command_id, e.outcome, e.final, e.delivery, e.rule, e.action, e.resource_kind, e.resource, e.detail)),
-}  # fmt: skip
+    ReconcileDecision: (
+        "decision",
+        lambda e: (
+            e.rule,
+            e.resource_kind,
+            e.resource,
+            list(e.evidence_seqs),
+            e.command_id,
+            e.dry_run,
+            e.action,
+            e.reason,
+            e.resource_task_id,
+            e.resource_attempt,
+            e.since,
+        ),
+    ),
+    ReconcileOutcome: (
+        "outcome",
+        lambda e: (
+            e.command_id,
+            e.outcome,
+            e.final,
+            e.delivery,
+            e.rule,
+            e.action,
+            e.resource_kind,
+            e.resource,
+            e.detail,
+        ),
+    ),
+}
 """Types absent here (task.retry_scheduled, breaker.*, resource.sample) are kept in
 `events` only."""
 
@@ -317,9 +494,9 @@ class Staged:
 def stage(batch: Batch) -> Staged:
     """Turn the rows of `batch` into Arrow tables (no database needed)."""
     tables = {kind: to_arrow(kind, rows) for kind, rows in batch.rows.items()}
-    dead = to_arrow("dead", [
-        (d.seq, d.subject, d.stored_ns, d.data, d.reason, d.detail) for d in batch.dead
-    ])  # fmt: skip
+    dead = to_arrow(
+        "dead", [(d.seq, d.subject, d.stored_ns, d.data, d.reason, d.detail) for d in batch.dead]
+    )
     return Staged(tables, dead, batch.events, batch.repeats, batch.last_seq)
 
 

@@ -164,8 +164,14 @@ class Projector:
         self.max_busy = max_busy
         self.rest_lag_s = rest_lag_s
         self._rest_until = 0.0
-        self.store = ProjectionStore(db_path, stream=stream, bulk=bulk, threads=threads,
-                                     memory_limit=memory_limit, temp_limit=temp_limit)  # fmt: skip
+        self.store = ProjectionStore(
+            db_path,
+            stream=stream,
+            bulk=bulk,
+            threads=threads,
+            memory_limit=memory_limit,
+            temp_limit=temp_limit,
+        )
         self._workers: DecodePool | None = DecodePool(_BULK_DECODERS) if bulk else None
         decoders = len(self._workers) if self._workers is not None else 1
         self._decoder = ThreadPoolExecutor(decoders, thread_name_prefix="projector-decode")
@@ -324,8 +330,13 @@ class Projector:
             # early, it would queue behind the batch being applied and its events would wait
             # for two applications instead of one (each has a fixed cost).
             now = time.monotonic()
-            aged = (bool(buf) and not self.bulk and not self._inflight
-                    and now - born >= self.batch_age_s and now >= self._rested(born))  # fmt: skip
+            aged = (
+                bool(buf)
+                and not self.bulk
+                and not self._inflight
+                and now - born >= self.batch_age_s
+                and now >= self._rested(born)
+            )
             if buf and (len(buf) >= limit or aged or finished or stopping):
                 # A chunk may overshoot the bound: the batch is cut there and the rest
                 # starts the next one (or goes too, in batches, when the run ends).
@@ -542,8 +553,9 @@ class _PullReader:
         )
         js = self.nc.jetstream()
         try:
-            self._sub = await js.pull_subscribe(EVENTS_SUBJECTS[0], stream=self.stream,
-                                                config=config)  # fmt: skip
+            self._sub = await js.pull_subscribe(
+                EVENTS_SUBJECTS[0], stream=self.stream, config=config
+            )
             self._name = (await self._sub.consumer_info()).name
         except (OSError, TimeoutError, nats.errors.Error) as e:
             await self._drop()
@@ -580,8 +592,10 @@ class _PullReader:
         try:
             await self._sub.consumer_info()
         except nats.js.errors.NotFoundError:
-            log.info("projector: the stream's consumer was lost; making it again at seq %d",
-                     self.next_seq)  # fmt: skip
+            log.info(
+                "projector: the stream's consumer was lost; making it again at seq %d",
+                self.next_seq,
+            )
             await self._drop()
         except (OSError, TimeoutError, nats.errors.Error) as e:
             log.debug("projector consumer check: %r", e)

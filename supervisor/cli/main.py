@@ -103,9 +103,12 @@ def _add_serve(sub: Any) -> None:
         "--http", metavar="HOST:PORT", help="HTTP listen address (default 127.0.0.1:8787)"
     )
     serve.add_argument(
-        "--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        metavar="LEVEL", help="DEBUG, INFO (default), WARNING or ERROR",
-    )  # fmt: skip
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        metavar="LEVEL",
+        help="DEBUG, INFO (default), WARNING or ERROR",
+    )
     serve.add_argument(
         "--no-projection",
         action="store_true",
@@ -131,13 +134,17 @@ def _add_submit(sub: Any) -> None:
         "--priority", choices=["high", "normal", "low"], help="override the spec's priority"
     )
     submit.add_argument(
-        "--correlation-id", metavar="ID",
+        "--correlation-id",
+        metavar="ID",
         help="correlation id repeated by every event of the task (default: the spec's, else new)",
-    )  # fmt: skip
+    )
     submit.add_argument(
-        "--timeout", type=float, default=None, metavar="S",
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
         help="with --wait: give up waiting after S seconds (exit 3)",
-    )  # fmt: skip
+    )
     _common(submit)
     submit.set_defaults(func=_cmd_submit)
 
@@ -238,10 +245,14 @@ def _invalid_spec_result(e: InvalidSpec) -> Result:
     """The Result of a spec that did not decode (under a new task id)."""
     task_id = f"t-{new_id()[:16]}"
     error = ExecutionError(
-        type="validation", code="INVALID_SPEC", message=str(e), retryable=False,
-        details={"field": e.field}, task_id=task_id,
+        type="validation",
+        code="INVALID_SPEC",
+        message=str(e),
+        retryable=False,
+        details={"field": e.field},
+        task_id=task_id,
         timestamp=datetime.now(UTC).isoformat(),
-    )  # fmt: skip
+    )
     return Result(task_id=task_id, status="rejected", attempts=0, error=error)
 
 
@@ -277,9 +288,14 @@ async def _run_async(args: argparse.Namespace, cfg: Config) -> int:
             rejected = _invalid_spec_result(refusal)
             em = node.emitter.for_task(rejected.task_id, new_id())
             assert rejected.error is not None
-            em.emit(ErrorRaised, error_type="validation", code="INVALID_SPEC",
-                    message=rejected.error.message, retryable=False,
-                    details=rejected.error.details)  # fmt: skip
+            em.emit(
+                ErrorRaised,
+                error_type="validation",
+                code="INVALID_SPEC",
+                message=rejected.error.message,
+                retryable=False,
+                details=rejected.error.details,
+            )
             em.emit(TaskRejected, error=rejected.error, result=rejected)
             _print_result(rejected, args.json)
             await node.events.flush(5.0)
@@ -455,8 +471,11 @@ async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
             waiter = None
             if args.wait:
                 waiter = await wait_for_result(events.js, spec.task_id or "")
-            disk = DiskGuard(data_dir, held=lambda: events.disk_full,
-                             min_free_bytes=int(cfg.thresholds.disk_min_free_mb * 1024 * 1024))  # fmt: skip
+            disk = DiskGuard(
+                data_dir,
+                held=lambda: events.disk_full,
+                min_free_bytes=int(cfg.thresholds.disk_min_free_mb * 1024 * 1024),
+            )
             submission = await Intake(
                 events.js,
                 Emitter(events, cfg.node_id, events.instance_id),
@@ -520,8 +539,13 @@ def _cmd_credentials(args: argparse.Namespace) -> int:
     server = url_path.read_text().strip()
     url = with_user(server, args.role, creds.reader)
     if args.json:
-        doc = {"role": args.role, "url": url, "server": server, "user": args.role,
-               "password": creds.reader}  # fmt: skip
+        doc = {
+            "role": args.role,
+            "url": url,
+            "server": server,
+            "user": args.role,
+            "password": creds.reader,
+        }
         sys.stdout.write(msgspec.json.encode(doc).decode() + "\n")
         return EXIT_OK
     sys.stdout.write(

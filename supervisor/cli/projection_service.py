@@ -74,15 +74,20 @@ async def serve(setup: Setup, stop: asyncio.Event, announce: Callable[[Ready], N
     (ProjectionStoreError after `open_timeout_s`, StreamUnavailable, NatsUnavailable)."""
     cfg = setup.config
     data_dir = Path(cfg.data_dir)
-    nc = await connect_nats(setup.nats_url, reconnect=True, timeout=setup.open_timeout_s,
-                            name="supervisor-projection")  # fmt: skip
+    nc = await connect_nats(
+        setup.nats_url, reconnect=True, timeout=setup.open_timeout_s, name="supervisor-projection"
+    )
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(close_quietly, nc)
         registry = CollectorRegistry()
         part = ProjectionPart(cfg)
         await _open(part, setup, data_dir, nc.jetstream(), registry, stack)
-        runner = web.AppRunner(_app(part, registry, setup.token), access_log=None,
-                               handle_signals=False, shutdown_timeout=5.0)  # fmt: skip
+        runner = web.AppRunner(
+            _app(part, registry, setup.token),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=5.0,
+        )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -106,8 +111,9 @@ async def _open(
     deadline = loop.time() + setup.open_timeout_s
     while True:
         try:
-            await part.open(data_dir=data_dir, nats_url=setup.nats_url, js=js,
-                            registry=registry, stack=stack)  # fmt: skip
+            await part.open(
+                data_dir=data_dir, nats_url=setup.nats_url, js=js, registry=registry, stack=stack
+            )
             return
         except ProjectionStoreError as e:
             if not isinstance(e.__cause__, duckdb.IOException) or loop.time() > deadline:
@@ -142,8 +148,7 @@ def _app(part: ProjectionPart, registry: CollectorRegistry, token: str) -> web.A
         found = await state.load(request.query["node"], request.query["inventory"])
         if found is None:
             return web.Response(status=204)
-        return web.Response(body=msgspec.msgpack.encode(found),
-                            content_type="application/msgpack")  # fmt: skip
+        return web.Response(body=msgspec.msgpack.encode(found), content_type="application/msgpack")
 
     async def check(_: web.Request) -> web.Response:
         return json_response(await part.check())

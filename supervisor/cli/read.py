@@ -92,8 +92,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         async with nats_url_for(args) as url:
-            result = await replay(args.db, url, until_time=args.until, until_seq=args.until_seq,
-                                  progress=True)  # fmt: skip
+            result = await replay(
+                args.db, url, until_time=args.until, until_seq=args.until_seq, progress=True
+            )
         sys.stderr.write(
             f"replay: {args.db} at seq {result.seq}: {result.applied} events applied, "
             f"{result.dead} dead letters, {result.duplicates} duplicates, "
@@ -141,8 +142,9 @@ def cmd_sql(args: argparse.Namespace) -> int:
     except DaemonRefused as e:
         return _fail(e.message, _EXIT_FOR_CODE.get(e.code, EXIT_UNAVAILABLE))
     except DaemonUnreachable as e:
-        return _fail(f"{e} (is `supervisor serve` running? --url, or --db FILE for a file)",
-                     EXIT_UNAVAILABLE)  # fmt: skip
+        return _fail(
+            f"{e} (is `supervisor serve` running? --url, or --db FILE for a file)", EXIT_UNAVAILABLE
+        )
     except (QueryError, ProjectionError) as e:
         return _fail(str(e), EXIT_QUERY_FAILED)
     except SupervisorError as e:  # a bad --config
@@ -164,5 +166,10 @@ def _sql_remote(args: argparse.Namespace) -> QueryResult:
     cfg = _config(args)
     _, data_dir = _settings(args)
     url = args.url.rstrip("/") if args.url else daemon_url(data_dir, cfg.http.listen)
-    return query_daemon(url, args.query, max_rows=args.max_rows, timeout_s=args.timeout,
-                        token=daemon_token(cfg.http.token))  # fmt: skip
+    return query_daemon(
+        url,
+        args.query,
+        max_rows=args.max_rows,
+        timeout_s=args.timeout,
+        token=daemon_token(cfg.http.token),
+    )

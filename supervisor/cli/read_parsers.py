@@ -93,8 +93,12 @@ def add_read_side_parsers(subparsers: Any, common: Callable[..., None] | None = 
     )
     p.add_argument("--db", required=True, metavar="FILE", help="the projection file to write")
     until = p.add_mutually_exclusive_group()
-    until.add_argument("--until", type=parse_time, metavar="TIME",
-                       help="last stream time to include (ISO 8601, UTC if naive)")  # fmt: skip
+    until.add_argument(
+        "--until",
+        type=parse_time,
+        metavar="TIME",
+        help="last stream time to include (ISO 8601, UTC if naive)",
+    )
     until.add_argument("--until-seq", type=int, metavar="N", help="last stream sequence to include")
     _shared(p, common)
     p.set_defaults(func=_lazy("supervisor.cli.read", "cmd_replay"))
@@ -108,8 +112,12 @@ def add_read_side_parsers(subparsers: Any, common: Callable[..., None] | None = 
     )
     p.add_argument("--db", metavar="FILE", help="a projection file (e.g. made by replay)")
     p.add_argument("--json", action="store_true", help="print the violations as JSON")
-    p.add_argument("--grace", type=_nonnegative, metavar="SECONDS",
-                   help="treat tasks active within SECONDS of the end of history as in flight")  # fmt: skip
+    p.add_argument(
+        "--grace",
+        type=_nonnegative,
+        metavar="SECONDS",
+        help="treat tasks active within SECONDS of the end of history as in flight",
+    )
     _shared(p, common)
     p.set_defaults(func=_lazy("supervisor.cli.read", "cmd_audit"))
 
@@ -126,8 +134,9 @@ def add_read_side_parsers(subparsers: Any, common: Callable[..., None] | None = 
         "query", metavar="SQL", help='one SELECT statement, e.g. "SELECT * FROM error_rates"'
     )
     p.add_argument("--db", metavar="FILE", help="a projection file (e.g. made by replay)")
-    p.add_argument("--url", metavar="URL",
-                   help="the daemon's HTTP address (default: <data-dir>/http.url)")  # fmt: skip
+    p.add_argument(
+        "--url", metavar="URL", help="the daemon's HTTP address (default: <data-dir>/http.url)"
+    )
     p.add_argument(
         "--format", choices=FORMATS, default="table", help="output format (default table)"
     )
@@ -138,8 +147,13 @@ def add_read_side_parsers(subparsers: Any, common: Callable[..., None] | None = 
         metavar="N",
         help=f"row limit (default {MAX_ROWS})",
     )
-    p.add_argument("--timeout", type=_seconds, default=TIMEOUT_S, metavar="S",
-                   help=f"time limit in seconds (default {TIMEOUT_S:g})")  # fmt: skip
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=TIMEOUT_S,
+        metavar="S",
+        help=f"time limit in seconds (default {TIMEOUT_S:g})",
+    )
     _shared(p, common)
     p.set_defaults(func=_lazy("supervisor.cli.read", "cmd_sql"))
 
@@ -171,13 +185,24 @@ def add_reconcile_parser(subparsers: Any, common: Callable[..., None] | None = N
         "of every divergence (orphan, overdue or vanished containers, leaked workspaces, "
         "lost attempts, unresolved cleanup failures). Exit 0 when the pass ran.",
     )
-    p.add_argument("--dry-run", action="store_true",
-                   help="publish the decisions it would take; order and change nothing")  # fmt: skip
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="publish the decisions it would take; order and change nothing",
+    )
     p.add_argument("--json", action="store_true", help="print the pass as JSON")
-    p.add_argument("--db", metavar="FILE",
-                   help="a projection file to use and catch up (default: a temporary replay)")  # fmt: skip
-    p.add_argument("--wait", type=float, default=30.0, metavar="S",
-                   help="carry out the commands and wait up to S seconds for their outcomes "
-                   "(0: leave them to the daemon; default 30)")  # fmt: skip
+    p.add_argument(
+        "--db",
+        metavar="FILE",
+        help="a projection file to use and catch up (default: a temporary replay)",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="carry out the commands and wait up to S seconds for their outcomes "
+        "(0: leave them to the daemon; default 30)",
+    )
     _shared(p, common, node=True)
     p.set_defaults(func=_lazy("supervisor.cli.reconcile", "cmd_reconcile"))

@@ -92,18 +92,25 @@ async def _reconcile(args: argparse.Namespace) -> dict[str, Any]:
         await ensure_streams(js, [commands_stream_config()], url=node.nats_url)
         async with _projection(args.db, node.nats_url) as (projector, state):
             reconciler = Reconciler(
-                emitter=node.emitter, observer=node.runtime, state=state,
-                bus=None if args.dry_run else JetStreamCommands(js), data_dir=node.data_dir,
+                emitter=node.emitter,
+                observer=node.runtime,
+                state=state,
+                bus=None if args.dry_run else JetStreamCommands(js),
+                data_dir=node.data_dir,
                 config=cfg.reconcile,
-            )  # fmt: skip
+            )
             report = await reconciler.run_pass(dry_run=args.dry_run)
             outcomes: dict[str, tuple[str, str]] = {}
             if report.commands and args.wait > 0:
                 executor = CommandExecutor(
-                    js=js, runtime=node.runtime, cleaner=node.executor.cleaner,
-                    emitter=node.emitter, data_dir=node.data_dir, config=cfg.reconcile,
+                    js=js,
+                    runtime=node.runtime,
+                    cleaner=node.executor.cleaner,
+                    emitter=node.emitter,
+                    data_dir=node.data_dir,
+                    config=cfg.reconcile,
                     metrics=node.metrics,
-                )  # fmt: skip
+                )
                 await executor.start(background=False)
                 try:
                     outcomes = await _carry_out(executor, projector, report.commands, args.wait)
@@ -139,26 +146,48 @@ def report_doc(node_id: str, report: Any, outcomes: dict[str, tuple[str, str]]) 
         d = p.divergence
         outcome = outcomes.get(p.command_id)
         status = (
-            "dry_run" if report.dry_run else outcome[0] if outcome
-            else "pending" if p.pending else "issued" if p.command_id in published
+            "dry_run"
+            if report.dry_run
+            else outcome[0]
+            if outcome
+            else "pending"
+            if p.pending
+            else "issued"
+            if p.command_id in published
             else "deferred"
-        )  # fmt: skip
-        divergences.append({
-            "rule": d.rule, "resource_kind": d.resource_kind, "resource": d.resource,
-            "action": d.action, "reason": d.reason, "evidence_seqs": list(d.evidence),
-            "task_id": d.task_id, "attempt": d.attempt, "since": d.since.isoformat(),
-            "command_id": p.command_id, "decided_now": p.command_id in decided,
-            "status": status, "detail": outcome[1] if outcome else "",
-        })  # fmt: skip
+        )
+        divergences.append(
+            {
+                "rule": d.rule,
+                "resource_kind": d.resource_kind,
+                "resource": d.resource,
+                "action": d.action,
+                "reason": d.reason,
+                "evidence_seqs": list(d.evidence),
+                "task_id": d.task_id,
+                "attempt": d.attempt,
+                "since": d.since.isoformat(),
+                "command_id": p.command_id,
+                "decided_now": p.command_id in decided,
+                "status": status,
+                "detail": outcome[1] if outcome else "",
+            }
+        )
     return {
-        "node_id": node_id, "pass_id": report.pass_id, "dry_run": report.dry_run,
-        "inventory_seq": report.inventory_seq, "containers": report.containers,
-        "workspaces": report.workspaces, "divergences": divergences,
-        "decided": len(report.decided), "issued": report.issued,
-        "duplicates": report.duplicates, "deferred": report.deferred,
+        "node_id": node_id,
+        "pass_id": report.pass_id,
+        "dry_run": report.dry_run,
+        "inventory_seq": report.inventory_seq,
+        "containers": report.containers,
+        "workspaces": report.workspaces,
+        "divergences": divergences,
+        "decided": len(report.decided),
+        "issued": report.issued,
+        "duplicates": report.duplicates,
+        "deferred": report.deferred,
         "oldest_leak_s": round(report.oldest_leak_s, 3),
         "duration_s": round(report.duration_s, 3),
-    }  # fmt: skip
+    }
 
 
 def render_text(doc: dict[str, Any]) -> str:
@@ -170,8 +199,10 @@ def render_text(doc: dict[str, Any]) -> str:
     for d in doc["divergences"]:
         resource = d["resource"][:12] if d["resource_kind"] == "container" else d["resource"]
         seqs = ",".join(str(s) for s in d["evidence_seqs"])
-        lines.append(f"  {d['rule']}  {d['resource_kind']} {resource}  {d['action']}  "
-                     f"seq {seqs}  {d['reason']}  [{d['status']}]")  # fmt: skip
+        lines.append(
+            f"  {d['rule']}  {d['resource_kind']} {resource}  {d['action']}  "
+            f"seq {seqs}  {d['reason']}  [{d['status']}]"
+        )
     lines.append(
         f"reconcile: {len(doc['divergences'])} divergence(s), {doc['decided']} decided"
         + ("" if doc["dry_run"] else f", {doc['issued']} command(s) issued")

@@ -177,21 +177,33 @@ class Daemon:
                 instance_id=lock.holder.instance_id,
                 on_attempt=self._on_attempt,
                 gate=self._gate,
-            ) as node,  # fmt: skip
+            ) as node,
             contextlib.AsyncExitStack() as stack,
         ):
             self.node = node
             if lock.previous is not None:
                 prev = lock.previous
-                log.info("instance %s (pid %d) died holding the data dir; superseding it",
-                         prev.instance_id, prev.pid)  # fmt: skip
-                node.emitter.emit(SupervisorSuperseded, superseded_instance=prev.instance_id,
-                                  superseded_pid=prev.pid)  # fmt: skip
+                log.info(
+                    "instance %s (pid %d) died holding the data dir; superseding it",
+                    prev.instance_id,
+                    prev.pid,
+                )
+                node.emitter.emit(
+                    SupervisorSuperseded,
+                    superseded_instance=prev.instance_id,
+                    superseded_pid=prev.pid,
+                )
             wq = await self._open_queue(node, stack)
             breaker, monitor = await self._open_control(node, stack)
             js = node.events.js
-            self.intake = Intake(js, node.emitter, node.events, cfg, metrics=node.metrics,
-                                 disk_full=self._disk_reason)  # fmt: skip
+            self.intake = Intake(
+                js,
+                node.emitter,
+                node.events,
+                cfg,
+                metrics=node.metrics,
+                disk_full=self._disk_reason,
+            )
             sc = cfg.scheduling
             self.scheduler = scheduler = Scheduler(
                 wq,
@@ -205,9 +217,16 @@ class Daemon:
                 terminal_wait_s=sc.ack_wait_s,
             )
             checks, scrape_hooks = await self._serve_http(node, breaker, monitor, stack)
-            ctx = DaemonContext(node=node, nc=node.events.nc, js=js, breaker=breaker,
-                                monitor=monitor, scheduler=scheduler, checks=checks,
-                                scrape_hooks=scrape_hooks)  # fmt: skip
+            ctx = DaemonContext(
+                node=node,
+                nc=node.events.nc,
+                js=js,
+                breaker=breaker,
+                monitor=monitor,
+                scheduler=scheduler,
+                checks=checks,
+                scrape_hooks=scrape_hooks,
+            )
             for part in self.parts:
                 log.info("starting %s", part.name)
                 await part.start(ctx, stack)
@@ -313,8 +332,12 @@ class Daemon:
         self.ready.set()
         node = self.node
         assert node is not None and self.http is not None
-        log.info("serving on node %s (NATS %s, HTTP %s)", self.config.node_id,
-                 redact(node.nats_url), self.http.url)  # fmt: skip
+        log.info(
+            "serving on node %s (NATS %s, HTTP %s)",
+            self.config.node_id,
+            redact(node.nats_url),
+            self.http.url,
+        )
         stop_wait = asyncio.ensure_future(stop.wait())
         await asyncio.wait([stop_wait, loop_task], return_when=asyncio.FIRST_COMPLETED)
         stop_wait.cancel()
@@ -356,8 +379,12 @@ class Daemon:
                     log.error("%s; refusing submissions and pulling nothing", reason)
                 else:
                     log.warning("the data dir has room again; pulling work")
-                node.emitter.emit(cls, metric="disk_free_bytes", value=float(disk.free_bytes()),
-                                  threshold=float(disk.min_free_bytes))  # fmt: skip
+                node.emitter.emit(
+                    cls,
+                    metric="disk_free_bytes",
+                    value=float(disk.free_bytes()),
+                    threshold=float(disk.min_free_bytes),
+                )
                 self._poke()
             await asyncio.sleep(DISK_CHECK_S)
 
@@ -387,8 +414,12 @@ class _Api:
             return None
         h = summarize(events)
         state = h.terminal or ("running" if h.open_attempt is not None else "queued")
-        return {"task_id": task_id, "state": state, "attempts": h.last_attempt,
-                "events": len(events)}  # fmt: skip
+        return {
+            "task_id": task_id,
+            "state": state,
+            "attempts": h.last_attempt,
+            "events": len(events),
+        }
 
     async def errors(self, params: Mapping[str, str]) -> AsyncIterator[bytes]:
         """Follow the error stream with `supervisor tail`'s filters, for one HTTP client."""
@@ -425,8 +456,9 @@ class _Api:
 
     async def query(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
         if self.daemon.read_side is None:
-            raise ApiError(503, "infrastructure", "QUERY_UNAVAILABLE",
-                           "this daemon runs without a projection")  # fmt: skip
+            raise ApiError(
+                503, "infrastructure", "QUERY_UNAVAILABLE", "this daemon runs without a projection"
+            )
         return await self.daemon.read_side.query(request)
 
 

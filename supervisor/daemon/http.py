@@ -131,8 +131,11 @@ def breaker_check(breaker: DockerBreaker) -> CheckFn:
         details = {"state": st.status, "failures": st.failures}
         if st.status == "closed":
             return Check(ok=True, reason="the Docker breaker is closed", details=details)
-        return Check(ok=False, details=details,
-                     reason=f"the Docker breaker is {st.status} after {st.failures} engine failures")  # fmt: skip
+        return Check(
+            ok=False,
+            details=details,
+            reason=f"the Docker breaker is {st.status} after {st.failures} engine failures",
+        )
 
     return check
 
@@ -143,8 +146,11 @@ def outbox_check(backlog: Callable[[], int], max_backlog: int) -> CheckFn:
         details = {"backlog": n, "max_backlog": max_backlog}
         if n <= max_backlog:
             return Check(ok=True, reason=f"{n} events waiting to be published", details=details)
-        return Check(ok=False, details=details,
-                     reason=f"{n} events waiting to be published, more than {max_backlog}")  # fmt: skip
+        return Check(
+            ok=False,
+            details=details,
+            reason=f"{n} events waiting to be published, more than {max_backlog}",
+        )
 
     return check
 
@@ -154,8 +160,11 @@ def pressure_check(monitor: ResourceMonitor) -> CheckFn:
         reasons = monitor.reasons
         if not reasons:
             return Check(ok=True, reason="the host is under every threshold")
-        return Check(ok=False, reason="host under pressure: " + "; ".join(reasons),
-                     details={"metrics": sorted(monitor.alerting)})  # fmt: skip
+        return Check(
+            ok=False,
+            reason="host under pressure: " + "; ".join(reasons),
+            details={"metrics": sorted(monitor.alerting)},
+        )
 
     return check
 
@@ -231,16 +240,26 @@ def _add_api(app: web.Application, handlers: Handlers) -> None:
         spec = decode_spec(await request.read())
         sub = await handlers.submit(spec)
         if sub.accepted:
-            doc = {"task_id": sub.task_id, "correlation_id": sub.correlation_id,
-                   "status": "known" if sub.existing else "queued"}  # fmt: skip
+            doc = {
+                "task_id": sub.task_id,
+                "correlation_id": sub.correlation_id,
+                "status": "known" if sub.existing else "queued",
+            }
             return json_response(doc, status=200 if sub.existing else 202)
         err = sub.error
         if err is None:
             raise ApiError(500, "infrastructure", "INTERNAL", "the intake refused without a reason")
         headers = {"Retry-After": "1"} if err.code == "QUEUE_FULL" else None
-        return _error(_status_for_code(err.code, err.retryable), err.type, err.code, err.message,
-                      headers=headers, details=err.details, retryable=err.retryable,
-                      task_id=sub.task_id)  # fmt: skip
+        return _error(
+            _status_for_code(err.code, err.retryable),
+            err.type,
+            err.code,
+            err.message,
+            headers=headers,
+            details=err.details,
+            retryable=err.retryable,
+            task_id=sub.task_id,
+        )
 
     async def task(request: web.Request) -> web.Response:
         task_id = request.match_info["task_id"]
@@ -329,16 +348,25 @@ def json_response(
     doc: Any, *, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> web.Response:
     """`doc` as a JSON answer."""
-    return web.Response(body=_encoder.encode(doc), status=status, headers=headers,
-                        content_type="application/json")  # fmt: skip
+    return web.Response(
+        body=_encoder.encode(doc), status=status, headers=headers, content_type="application/json"
+    )
 
 
 def _error(
-    status: int, type: str, code: str, message: str, *,
-    headers: Mapping[str, str] | None = None, **extra: Any,
-) -> web.Response:  # fmt: skip
-    return json_response({"error": {"type": type, "code": code, "message": message, **extra}},
-                 status=status, headers=headers)  # fmt: skip
+    status: int,
+    type: str,
+    code: str,
+    message: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> web.Response:
+    return json_response(
+        {"error": {"type": type, "code": code, "message": message, **extra}},
+        status=status,
+        headers=headers,
+    )
 
 
 def _status_for_code(code: str, retryable: bool) -> int:
@@ -421,9 +449,13 @@ def _auth(token: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
         if expected is not None and request.path.startswith("/v1/"):
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
-                return _error(401, "security", "UNAUTHORIZED",
-                              "a valid bearer token is required for /v1",
-                              headers={"WWW-Authenticate": 'Bearer realm="supervisor"'})  # fmt: skip
+                return _error(
+                    401,
+                    "security",
+                    "UNAUTHORIZED",
+                    "a valid bearer token is required for /v1",
+                    headers={"WWW-Authenticate": 'Bearer realm="supervisor"'},
+                )
         return await handler(request)
 
     return auth

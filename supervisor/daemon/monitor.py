@@ -91,8 +91,14 @@ def assess(
             changes.append(Alert(metric=metric, value=value, threshold=limit))
         elif metric in now and value < recover_below(metric, thresholds):
             now.discard(metric)
-            changes.append(Recovery(metric=metric, value=value, threshold=limit,
-                                    recover_below=recover_below(metric, thresholds)))  # fmt: skip
+            changes.append(
+                Recovery(
+                    metric=metric,
+                    value=value,
+                    threshold=limit,
+                    recover_below=recover_below(metric, thresholds),
+                )
+            )
     return frozenset(now), changes
 
 
@@ -186,8 +192,12 @@ class ResourceMonitor:
     async def tick(self) -> list[Change]:
         """Sample once, publish what changed, and return the changes."""
         host = await asyncio.to_thread(self.sampler.sample)
-        sample = HostSample(cpu_pct=host.cpu_pct, memory_pct=host.memory_pct,
-                            disk_pct=host.disk_pct, containers=await self._count())  # fmt: skip
+        sample = HostSample(
+            cpu_pct=host.cpu_pct,
+            memory_pct=host.memory_pct,
+            disk_pct=host.disk_pct,
+            containers=await self._count(),
+        )
         was = self.under_pressure
         self.alerting, changes = assess(self.alerting, sample, self.thresholds)
         self.last = sample
@@ -199,12 +209,22 @@ class ResourceMonitor:
                 )
             else:
                 log.info("resource recovered: %s %g < %g", c.metric, c.value, c.recover_below)
-                self.emitter.emit(ResourceRecovered, metric=c.metric, value=c.value,
-                                  threshold=c.threshold, recover_below=c.recover_below)  # fmt: skip
+                self.emitter.emit(
+                    ResourceRecovered,
+                    metric=c.metric,
+                    value=c.value,
+                    threshold=c.threshold,
+                    recover_below=c.recover_below,
+                )
         if self.ticks % max(self.config.sample_event_every, 1) == 0:
-            self.emitter.emit(ResourceSample, cpu_pct=sample.cpu_pct, memory_pct=sample.memory_pct,
-                              disk_pct=sample.disk_pct, containers=sample.containers,
-                              under_pressure=self.under_pressure)  # fmt: skip
+            self.emitter.emit(
+                ResourceSample,
+                cpu_pct=sample.cpu_pct,
+                memory_pct=sample.memory_pct,
+                disk_pct=sample.disk_pct,
+                containers=sample.containers,
+                under_pressure=self.under_pressure,
+            )
         self.ticks += 1
         self._gauges(sample, changes)
         if was != self.under_pressure and self.on_change is not None:

@@ -104,8 +104,9 @@ async def open_node(
         if server is not None and role == "serve":
             # A daemon keeps the server it started alive (a foreground command just ends).
             def restarted(code: int | None, restarts: int, down_s: float) -> None:
-                emitter.emit(EmbeddedNatsRestarted, exit_code=code, restarts=restarts,
-                             down_s=down_s)  # fmt: skip
+                emitter.emit(
+                    EmbeddedNatsRestarted, exit_code=code, restarts=restarts, down_s=down_s
+                )
 
             watch = NatsWatch(server, restarted, space_ok=disk.space_ok)
             watching = asyncio.ensure_future(watch.run())
@@ -118,12 +119,31 @@ async def open_node(
         await watcher.wait_connected(timeout=2.0)
         sampler = CgroupSampler(config.cgroup_sample_s)
         stack.callback(sampler.stop)
-        executor = Executor(runtime, emitter, config, metrics, watcher=watcher, sampler=sampler,
-                            data_dir=data_dir, on_attempt=on_attempt, gate=gate)  # fmt: skip
+        executor = Executor(
+            runtime,
+            emitter,
+            config,
+            metrics,
+            watcher=watcher,
+            sampler=sampler,
+            data_dir=data_dir,
+            on_attempt=on_attempt,
+            gate=gate,
+        )
         node = Node(
-            config, data_dir, instance_id, url, events, emitter, runtime, watcher, executor,
-            metrics, watch, disk,
-        )  # fmt: skip
+            config,
+            data_dir,
+            instance_id,
+            url,
+            events,
+            emitter,
+            runtime,
+            watcher,
+            executor,
+            metrics,
+            watch,
+            disk,
+        )
         try:
             yield node
         finally:

@@ -126,14 +126,21 @@ class ProjectionProcess:
     async def _spawn(self) -> _Child:
         token = secrets.token_urlsafe(32)
         proc = await asyncio.create_subprocess_exec(
-            self.python, "-m", SERVICE,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            self.python,
+            "-m",
+            SERVICE,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
             start_new_session=True,  # a terminal's Ctrl-C is the daemon's to handle
-        )  # fmt: skip
+        )
         assert proc.stdin is not None and proc.stdout is not None
         config = msgspec.structs.replace(self.config, data_dir=self._data_dir)
-        setup = {"config": config, "nats_url": self._nats_url, "token": token,
-                 "open_timeout_s": self.open_timeout_s}  # fmt: skip
+        setup = {
+            "config": config,
+            "nats_url": self._nats_url,
+            "token": token,
+            "open_timeout_s": self.open_timeout_s,
+        }
         try:
             proc.stdin.write(msgspec.json.encode(setup) + b"\n")
             await proc.stdin.drain()
@@ -200,9 +207,14 @@ class ProjectionProcess:
     # --- requests -------------------------------------------------------------------------
 
     async def _call(
-        self, method: str, path: str, *, body: bytes | None = None,
-        params: Mapping[str, str] | None = None, timeout_s: float | None = READ_TIMEOUT_S,
-    ) -> tuple[int, bytes]:  # fmt: skip
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        params: Mapping[str, str] | None = None,
+        timeout_s: float | None = READ_TIMEOUT_S,
+    ) -> tuple[int, bytes]:
         """One request to the service: (status, body). Raises ApiError 503
         PROJECTION_UNAVAILABLE while it is down, or when it does not answer in time."""
         child = self._child
@@ -210,8 +222,9 @@ class ProjectionProcess:
             raise projection_unavailable(self._down or "the projection process is not running")
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5)
         try:
-            async with child.session.request(method, path, data=body, params=params,
-                                             timeout=timeout) as resp:  # fmt: skip
+            async with child.session.request(
+                method, path, data=body, params=params, timeout=timeout
+            ) as resp:
                 return resp.status, await resp.read()
         except TimeoutError as e:
             raise projection_unavailable(
@@ -222,8 +235,9 @@ class ProjectionProcess:
 
     async def query(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
         # No deadline of ours: the service holds each query to its own time limit.
-        status, body = await self._call("POST", "/query", body=msgspec.json.encode(request),
-                                        timeout_s=None)  # fmt: skip
+        status, body = await self._call(
+            "POST", "/query", body=msgspec.json.encode(request), timeout_s=None
+        )
         if status != 200:
             raise _api_error(status, body)
         doc: dict[str, Any] = msgspec.json.decode(body)
@@ -239,8 +253,9 @@ class ProjectionProcess:
         return doc
 
     async def projected(self, node_id: str, inventory_id: str) -> ProjectedState | None:
-        status, body = await self._call("GET", "/state",
-                                        params={"node": node_id, "inventory": inventory_id})  # fmt: skip
+        status, body = await self._call(
+            "GET", "/state", params={"node": node_id, "inventory": inventory_id}
+        )
         if status == 204:
             return None
         if status != 200:

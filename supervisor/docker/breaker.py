@@ -141,8 +141,12 @@ def _describe(error: BaseException | ClassifiedError) -> str:
 def _move(state: BreakerState, new: BreakerState, reason: str) -> Step:
     if new.status == state.status:
         return Step(new)
-    return Step(new, Transition(from_state=state.status, to_state=new.status, reason=reason,
-                                failures=new.failures))  # fmt: skip
+    return Step(
+        new,
+        Transition(
+            from_state=state.status, to_state=new.status, reason=reason, failures=new.failures
+        ),
+    )
 
 
 def on_success(state: BreakerState, now: float, *, config: BreakerConfig = _DEFAULT) -> Step:
@@ -172,8 +176,14 @@ def on_failure(
     if state.status == "open":
         return Step(replace(state, failures=failures))
     if state.status == "half_open":
-        new = replace(state, status="open", failures=failures, opened_at=now, probe_at=None,
-                      reopens=state.reopens + 1)  # fmt: skip
+        new = replace(
+            state,
+            status="open",
+            failures=failures,
+            opened_at=now,
+            probe_at=None,
+            reopens=state.reopens + 1,
+        )
         return _move(state, new, f"probe failed: {_describe(error)}")
     if failures >= config.failure_threshold:
         new = BreakerState(status="open", failures=failures, opened_at=now)
@@ -310,10 +320,20 @@ class DockerBreaker:
         if t is None:
             return
         self._changed.set()
-        log.warning("docker breaker %s -> %s: %s", t.from_state, t.to_state, t.reason,
-                    extra={"failures": t.failures})  # fmt: skip
-        self.emitter.emit(BreakerTransition, from_state=t.from_state, to_state=t.to_state,
-                          reason=t.reason, failures=t.failures)  # fmt: skip
+        log.warning(
+            "docker breaker %s -> %s: %s",
+            t.from_state,
+            t.to_state,
+            t.reason,
+            extra={"failures": t.failures},
+        )
+        self.emitter.emit(
+            BreakerTransition,
+            from_state=t.from_state,
+            to_state=t.to_state,
+            reason=t.reason,
+            failures=t.failures,
+        )
         if self.metrics is not None:
             self.metrics.breaker_state.set(STATUS_VALUE[t.to_state])
             self.metrics.breaker_transitions.labels(t.to_state).inc()

@@ -270,9 +270,11 @@ class _SharedPoolAdapter(UnixHTTPAdapter):
             pool = self.pools.get(self.socket_path)
             if pool is None:
                 pool = UnixHTTPConnectionPool(
-                    "http+docker://localhost", self.socket_path, self.timeout,
+                    "http+docker://localhost",
+                    self.socket_path,
+                    self.timeout,
                     maxsize=self.max_pool_size,
-                )  # fmt: skip
+                )
                 self.pools[self.socket_path] = pool
         return pool
 

@@ -40,6 +40,8 @@ class DiskGuard:
             return "DISK_FULL: the data dir has no space left; events wait in memory"
         free = self.free_bytes()
         if free < self.min_free_bytes:
-            return (f"DISK_FULL: the data dir has {free // 1024} KiB free, under the floor of "
-                    f"{self.min_free_bytes // 1024} KiB")  # fmt: skip
+            return (
+                f"DISK_FULL: the data dir has {free // 1024} KiB free, under the floor of "
+                f"{self.min_free_bytes // 1024} KiB"
+            )
         return None

@@ -298,8 +298,10 @@ class EventLog:
         await close_quietly(self._shared, drain=True)
         self._write_overflow(self._outbox)
         if self._overflow:
-            log.error("event log: the disk is still full; %d events held in memory are lost",
-                      len(self._overflow))  # fmt: skip
+            log.error(
+                "event log: the disk is still full; %d events held in memory are lost",
+                len(self._overflow),
+            )
         self._outbox.close()
 
     async def __aenter__(self) -> EventLog:

@@ -80,15 +80,22 @@ class NatsServer:
         self.store_failed = False
         cmd = [
             nats_server_binary(),
-            "-c", str(self.conf),
-            "--addr", "127.0.0.1",
-            "--port", str(self.port),
-            "--store_dir", str(self.store_dir),
-        ]  # fmt: skip
+            "-c",
+            str(self.conf),
+            "--addr",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--store_dir",
+            str(self.store_dir),
+        ]
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
             preexec_fn=_die_with_parent,
-        )  # fmt: skip
+        )
         ready = threading.Event()
         port_box: list[int] = []
 
@@ -187,8 +194,10 @@ class NatsWatch:
             if proc is not None and proc.poll() is None and self.server.store_failed:
                 # Alive, but JetStream refuses to store since a write failed (disk full):
                 # only a restart brings it back, once there is space again.
-                self.down = ("DISK_FULL: the embedded nats-server could not write its store "
-                             "(no space left on device)")  # fmt: skip
+                self.down = (
+                    "DISK_FULL: the embedded nats-server could not write its store "
+                    "(no space left on device)"
+                )
                 if not self.space_ok():
                     continue
                 code = None
@@ -197,8 +206,7 @@ class NatsWatch:
                 continue
             else:
                 code = proc.returncode
-                self.down = (f"the embedded nats-server exited ({_exit_text(code)}); "
-                             "restarting it")  # fmt: skip
+                self.down = f"the embedded nats-server exited ({_exit_text(code)}); restarting it"
                 log.error("%s on port %d", self.down, self.server.port)
             found = time.monotonic()
             delay = 0.25
@@ -207,16 +215,22 @@ class NatsWatch:
                     self.server.restart()
                     break
                 except EmbeddedNatsError as e:
-                    self.down = (f"the embedded nats-server exited ({_exit_text(code)}) and "
-                                 f"could not be started again; retrying in {delay:g}s")  # fmt: skip
+                    self.down = (
+                        f"the embedded nats-server exited ({_exit_text(code)}) and "
+                        f"could not be started again; retrying in {delay:g}s"
+                    )
                     log.error("%s: %s", self.down, e)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.max_backoff_s)
             self.restarts += 1
             self.down = None
             down_s = time.monotonic() - found
-            log.warning("embedded nats-server restarted on port %d after %.2fs (restart %d)",
-                        self.server.port, down_s, self.restarts)  # fmt: skip
+            log.warning(
+                "embedded nats-server restarted on port %d after %.2fs (restart %d)",
+                self.server.port,
+                down_s,
+                self.restarts,
+            )
             self.on_restart(code, self.restarts, down_s)
 
 

@@ -64,8 +64,11 @@ def can_pull_any(
         return _concurrency(running, concurrency)
     used = sum(running)
     if running and used >= memory_budget_mb:
-        return Verdict(ok=False, reason="memory",
-                       message=f"memory budget used: {used} of {memory_budget_mb} MB")  # fmt: skip
+        return Verdict(
+            ok=False,
+            reason="memory",
+            message=f"memory budget used: {used} of {memory_budget_mb} MB",
+        )
     return _OK
 
 
@@ -90,14 +93,18 @@ def _environment(pressure: Collection[str], breaker: BreakerStatus) -> Verdict |
     if breaker != "closed":
         return Verdict(ok=False, reason="breaker", message=f"the Docker breaker is {breaker}")
     if pressure:
-        return Verdict(ok=False, reason="pressure",
-                       message="host under pressure: " + ", ".join(sorted(pressure)))  # fmt: skip
+        return Verdict(
+            ok=False,
+            reason="pressure",
+            message="host under pressure: " + ", ".join(sorted(pressure)),
+        )
     return None
 
 
 def _concurrency(running: Sequence[int], concurrency: int) -> Verdict:
-    return Verdict(ok=False, reason="concurrency",
-                   message=f"{len(running)} of {concurrency} slots in use")  # fmt: skip
+    return Verdict(
+        ok=False, reason="concurrency", message=f"{len(running)} of {concurrency} slots in use"
+    )
 
 
 def _bounds(memory_mb: int, running: Sequence[int], concurrency: int, budget: int) -> Verdict:
@@ -107,6 +114,9 @@ def _bounds(memory_mb: int, running: Sequence[int], concurrency: int, budget: in
         return _OK
     used = sum(running)
     if used + memory_mb > budget:
-        return Verdict(ok=False, reason="memory",
-                       message=f"{memory_mb} MB does not fit: {used} of {budget} MB in use")  # fmt: skip
+        return Verdict(
+            ok=False,
+            reason="memory",
+            message=f"{memory_mb} MB does not fit: {used} of {budget} MB in use",
+        )
     return _OK

@@ -173,9 +173,12 @@ class Executor:
         if live is None:
             return KillClaim("not_ours")
         if time.time() < live.deadline:
-            return KillClaim("refused", f"container {container_id[:12]} runs attempt "
-                             f"{live.em.attempt} of {live.em.task_id} on this instance, "
-                             "before its deadline")  # fmt: skip
+            return KillClaim(
+                "refused",
+                f"container {container_id[:12]} runs attempt "
+                f"{live.em.attempt} of {live.em.task_id} on this instance, "
+                "before its deadline",
+            )
         if reason not in live.st.kills:
             live.st.kills.append(reason)
             live.em.emit(KillIssued, container_id=container_id, reason=reason)  # type: ignore[arg-type]
@@ -264,8 +267,14 @@ class Executor:
         em = self.emitter.for_task(spec.task_id, spec.correlation_id or "").for_attempt(attempts)
         error = self._error(spec.task_id, c, None, message=message)
         if not recorded:
-            em.emit(ErrorRaised, error_type=c.type, code=c.code, message=error.message,
-                    retryable=c.retryable, details=c.details)  # fmt: skip
+            em.emit(
+                ErrorRaised,
+                error_type=c.type,
+                code=c.code,
+                message=error.message,
+                retryable=c.retryable,
+                details=c.details,
+            )
             self.metrics.errors.labels(c.type, c.code).inc()
         result = Result(task_id=spec.task_id, status="failed", attempts=attempts, error=error)
         em.emit(TaskFailed, result=result)
@@ -362,10 +371,18 @@ class Executor:
         em.emit(TaskFailed if c else TaskSucceeded, result=in_event, output_capped=capped)
         self._ended(task_id)
         outcome = "failed" if c else "succeeded"
-        log.info("task %s %s after %d attempt(s)%s", task_id, outcome, attempts,
-                 f": {c.type}/{c.code}" if c else "",
-                 extra={"task_id": task_id, "correlation_id": em.correlation_id,
-                        "duration_s": round(duration, 3)})  # fmt: skip
+        log.info(
+            "task %s %s after %d attempt(s)%s",
+            task_id,
+            outcome,
+            attempts,
+            f": {c.type}/{c.code}" if c else "",
+            extra={
+                "task_id": task_id,
+                "correlation_id": em.correlation_id,
+                "duration_s": round(duration, 3),
+            },
+        )
         self.metrics.tasks.labels(outcome).inc()
         self.metrics.task_duration.labels(outcome).observe(duration)
         return result
@@ -415,10 +432,19 @@ class Executor:
             evidence=evidence,
         )
         self.metrics.attempts.labels("failed" if c else "succeeded").inc()
-        log.info("attempt %d %s%s", attempt, "failed" if c else "succeeded",
-                 f": {c.type}/{c.code}" if c else "",
-                 extra={"task_id": task_id, "attempt": attempt, "correlation_id": em.correlation_id,
-                        "exit_code": st.exit_code, "duration_s": round(duration, 3)})  # fmt: skip
+        log.info(
+            "attempt %d %s%s",
+            attempt,
+            "failed" if c else "succeeded",
+            f": {c.type}/{c.code}" if c else "",
+            extra={
+                "task_id": task_id,
+                "attempt": attempt,
+                "correlation_id": em.correlation_id,
+                "exit_code": st.exit_code,
+                "duration_s": round(duration, 3),
+            },
+        )
         if st.cancelled:
             raise asyncio.CancelledError
         return AttemptOutcome(c, evidence, st.exit_code, st.output, st.container_id, duration)
@@ -438,9 +464,13 @@ class Executor:
         em.emit(WorkspaceCreated, path=str(st.workspace), files=len(spec.files), bytes=nbytes)
         deadline = time.time() + spec.limits.timeout_s
         labels = container_labels(
-            node_id=em.node_id, instance_id=em.instance_id, task_id=task_id, attempt=attempt,
-            deadline=deadline, workspace=str(st.workspace),
-        )  # fmt: skip
+            node_id=em.node_id,
+            instance_id=em.instance_id,
+            task_id=task_id,
+            attempt=attempt,
+            deadline=deadline,
+            workspace=str(st.workspace),
+        )
         sb = self.config.sandbox
         req = ContainerRequest(
             image=spec.image,
@@ -629,8 +659,11 @@ class _CheckedSink:
             event_type(event), event.task_id, container_id=container_id, step=step
         )
         if violation is not None:
-            log.error("lifecycle violation: %s", violation,
-                      extra={"task_id": event.task_id, "attempt": event.attempt})  # fmt: skip
+            log.error(
+                "lifecycle violation: %s",
+                violation,
+                extra={"task_id": event.task_id, "attempt": event.attempt},
+            )
             self.metrics.lifecycle_violations.labels(violation.machine).inc()
         self.sink.emit(event)
 

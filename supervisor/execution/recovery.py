@@ -69,11 +69,22 @@ def record_closing(em: Emitter, task_id: str, attempt: int, c: Classification) -
     """Emit the closing of a lost attempt: its error and its `attempt.finished` as failed,
     under the ids of `closing_event_id`, whoever closes it (a redelivery or the
     reconciler)."""
-    em.emit(ErrorRaised, event_id=closing_event_id(task_id, attempt, "error"),
-            error_type=c.type, code=c.code, message=c.message, retryable=c.retryable,
-            details=c.details)  # fmt: skip
-    em.emit(AttemptFinished, event_id=closing_event_id(task_id, attempt, "finished"),
-            outcome="failed", error_type=c.type, error_code=c.code)  # fmt: skip
+    em.emit(
+        ErrorRaised,
+        event_id=closing_event_id(task_id, attempt, "error"),
+        error_type=c.type,
+        code=c.code,
+        message=c.message,
+        retryable=c.retryable,
+        details=c.details,
+    )
+    em.emit(
+        AttemptFinished,
+        event_id=closing_event_id(task_id, attempt, "finished"),
+        outcome="failed",
+        error_type=c.type,
+        error_code=c.code,
+    )
 
 
 async def _ours(executor: Executor, em: Emitter, container_id: str | None) -> str | None:

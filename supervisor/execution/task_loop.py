@@ -149,8 +149,7 @@ class Scheduler:
         assert task_id is not None
         run = self.running.get(task_id)
         if run is not None:
-            log.info("task %s: redelivered while it runs here; following the new delivery",
-                     task_id)  # fmt: skip
+            log.info("task %s: redelivered while it runs here; following the new delivery", task_id)
             run.keepalive.cancel()
             run.msg, run.keepalive = msg, asyncio.ensure_future(self._keepalive(msg))
             return True
@@ -193,10 +192,13 @@ class Scheduler:
         """A message that is not a task spec: recorded as an error, then terminated."""
         seq = msg.metadata.sequence.stream
         self.executor.emitter.emit(
-            ErrorRaised, error_type="validation", code="INVALID_SPEC",
+            ErrorRaised,
+            error_type="validation",
+            code="INVALID_SPEC",
             message=f"undecodable task message on suptask.{prio} (stream seq {seq}): {reason}",
-            retryable=False, details={"stream_seq": seq, "priority": prio},
-        )  # fmt: skip
+            retryable=False,
+            details={"stream_seq": seq, "priority": prio},
+        )
         with contextlib.suppress(Exception):
             await msg.term()
 
@@ -293,13 +295,18 @@ class Scheduler:
             # Not running here (`_known_here`) and never ended: its run was cut short.
             return f"this instance ({owner}) no longer runs it"
         death = await owner_death(
-            self.wq.js, node_id=history.open_node or "", instance_id=owner,
-            self_instance=self.executor.emitter.instance_id, superseded=self.superseded,
-            heartbeat_timeout_s=self.heartbeat_timeout_s, now=utcnow(),
-        )  # fmt: skip
+            self.wq.js,
+            node_id=history.open_node or "",
+            instance_id=owner,
+            self_instance=self.executor.emitter.instance_id,
+            superseded=self.superseded,
+            heartbeat_timeout_s=self.heartbeat_timeout_s,
+            now=utcnow(),
+        )
         if death is None:
-            raise _Defer(f"the owner of attempt {history.open_attempt}, instance {owner}, "
-                         "may be alive")  # fmt: skip
+            raise _Defer(
+                f"the owner of attempt {history.open_attempt}, instance {owner}, may be alive"
+            )
         return death
 
     async def stop_pulling(self) -> None:

@@ -93,8 +93,9 @@ def check_bounds(spec: TaskSpec, bounds: Bounds) -> None:
         if not _ENV_KEY.match(key):
             raise InvalidSpec(f"env.{key}", "not a valid variable name")
         if key.startswith(RESERVED_ENV_PREFIX):
-            raise InvalidSpec(f"env.{key}", f"names starting with {RESERVED_ENV_PREFIX} are "
-                              "the supervisor's own")  # fmt: skip
+            raise InvalidSpec(
+                f"env.{key}", f"names starting with {RESERVED_ENV_PREFIX} are the supervisor's own"
+            )
         if "\x00" in env_value:
             raise InvalidSpec(f"env.{key}", "value contains a NUL byte")
     if len(spec.files) > bounds.max_files:

@@ -124,8 +124,12 @@ class Intake:
         # A deterministic id: two submissions of one id racing each other store one
         # `task.submitted` (JetStream drops the second by its Nats-Msg-Id); the loser sees
         # the winner's spec below.
-        em.emit(TaskSubmitted, event_id=submitted_event_id(spec.task_id), spec=spec,
-                priority=spec.priority)  # fmt: skip
+        em.emit(
+            TaskSubmitted,
+            event_id=submitted_event_id(spec.task_id),
+            spec=spec,
+            priority=spec.priority,
+        )
         if not await self.sink.flush(_SUBMITTED_DURABLE_S):
             # Refused to the client, so closed in the log too: the `task.submitted` waiting
             # in the outbox lands later with its `task.rejected` behind it, never as a task
@@ -149,10 +153,12 @@ class Intake:
             if e.err_code == JS_ERR_MAX_MSGS_PER_SUBJECT:
                 bound = await self._bound()
                 c = Classification(
-                    type="resource", code="QUEUE_FULL", retryable=True,
+                    type="resource",
+                    code="QUEUE_FULL",
+                    retryable=True,
                     message=f"the {spec.priority} queue is full ({bound} tasks queued or running); try again later",
                     details={"priority": spec.priority, "bound": bound},
-                )  # fmt: skip
+                )
                 return self._reject(em, spec, c, c.message)
             raise EventLogError(f"SUP_TASKS refused the task: {e}") from e
         except (nats.errors.Error, OSError) as e:
@@ -174,19 +180,38 @@ class Intake:
         if same_spec(stored.spec, spec):
             if after_own:
                 return None
-            return Submission(spec.task_id, stored.correlation_id, True, stream_seq=None,
-                              existing=True)  # fmt: skip
-        message = (f"task id {spec.task_id} is taken by another spec (submitted at stream "
-                   f"seq {seq}); submit again with another id, or the same spec")  # fmt: skip
-        c = Classification(type="validation", code="DUPLICATE_TASK_ID", retryable=False,
-                           message=message, details={"submitted_seq": seq})  # fmt: skip
+            return Submission(
+                spec.task_id, stored.correlation_id, True, stream_seq=None, existing=True
+            )
+        message = (
+            f"task id {spec.task_id} is taken by another spec (submitted at stream "
+            f"seq {seq}); submit again with another id, or the same spec"
+        )
+        c = Classification(
+            type="validation",
+            code="DUPLICATE_TASK_ID",
+            retryable=False,
+            message=message,
+            details={"submitted_seq": seq},
+        )
         em = self.emitter.for_task(spec.task_id, spec.correlation_id)
         error = ExecutionError(
-            type=c.type, code=c.code, message=message, retryable=False, details=c.details,
-            task_id=spec.task_id, timestamp=self.emitter.clock().isoformat(),
-        )  # fmt: skip
-        em.emit(ErrorRaised, error_type=c.type, code=c.code, message=message, retryable=False,
-                details=c.details)  # fmt: skip
+            type=c.type,
+            code=c.code,
+            message=message,
+            retryable=False,
+            details=c.details,
+            task_id=spec.task_id,
+            timestamp=self.emitter.clock().isoformat(),
+        )
+        em.emit(
+            ErrorRaised,
+            error_type=c.type,
+            code=c.code,
+            message=message,
+            retryable=False,
+            details=c.details,
+        )
         self._count(c)
         return Submission(spec.task_id, spec.correlation_id, False, error=error)
 
@@ -222,11 +247,22 @@ class Intake:
     def _reject(self, em: Emitter, spec: TaskSpec, c: Classification, message: str) -> Submission:
         assert spec.task_id is not None and spec.correlation_id is not None
         error = ExecutionError(
-            type=c.type, code=c.code, message=message, retryable=c.retryable, details=c.details,
-            task_id=spec.task_id, timestamp=self.emitter.clock().isoformat(),
-        )  # fmt: skip
-        em.emit(ErrorRaised, error_type=c.type, code=c.code, message=message,
-                retryable=c.retryable, details=c.details)  # fmt: skip
+            type=c.type,
+            code=c.code,
+            message=message,
+            retryable=c.retryable,
+            details=c.details,
+            task_id=spec.task_id,
+            timestamp=self.emitter.clock().isoformat(),
+        )
+        em.emit(
+            ErrorRaised,
+            error_type=c.type,
+            code=c.code,
+            message=message,
+            retryable=c.retryable,
+            details=c.details,
+        )
         result = Result(task_id=spec.task_id, status="rejected", attempts=0, error=error)
         em.emit(TaskRejected, error=error, result=result)
         self._count(c)

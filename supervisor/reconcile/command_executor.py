@@ -228,8 +228,13 @@ class CommandExecutor:
             cmd = decode_command(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             msg_id = (msg.headers or {}).get(MSG_ID_HEADER, "")
-            self.emitter.emit(ReconcileOutcome, command_id=msg_id, outcome="refused",
-                              delivery=delivery, detail=f"undecodable command: {e}")  # fmt: skip
+            self.emitter.emit(
+                ReconcileOutcome,
+                command_id=msg_id,
+                outcome="refused",
+                delivery=delivery,
+                detail=f"undecodable command: {e}",
+            )
             await _settle(msg.term())
             return
         try:
@@ -241,11 +246,20 @@ class CommandExecutor:
             outcome, detail = "failed", f"{type(e).__name__}: {e}"
         final = outcome != "failed" or not should_retry(self.retry, delivery, True)
         self.emitter.emit(
-            ReconcileOutcome, command_id=cmd.command_id, outcome=outcome, final=final,
-            delivery=delivery, rule=cmd.rule, action=cmd.action, resource_kind=cmd.resource_kind,
-            resource=cmd.resource, resource_task_id=cmd.task_id, resource_attempt=cmd.attempt,
-            decision_id=cmd.decision_id, detail=detail,
-        )  # fmt: skip
+            ReconcileOutcome,
+            command_id=cmd.command_id,
+            outcome=outcome,
+            final=final,
+            delivery=delivery,
+            rule=cmd.rule,
+            action=cmd.action,
+            resource_kind=cmd.resource_kind,
+            resource=cmd.resource,
+            resource_task_id=cmd.task_id,
+            resource_attempt=cmd.attempt,
+            decision_id=cmd.decision_id,
+            detail=detail,
+        )
         self._count(cmd, outcome, final)
         if final:
             self.failing.pop(cmd.command_id, None)
@@ -341,18 +355,26 @@ class CommandExecutor:
             return "already_gone", f"attempt {cmd.attempt} of {cmd.task_id} is already closed"
         code = cmd.error_code or "SUPERVISOR_LOST"
         c = catalogue_entry(
-            code, f"closed by the reconciler ({cmd.rule})", lost_instance=history.open_instance,
-            command_id=cmd.command_id, decision_id=cmd.decision_id,
-        )  # fmt: skip
+            code,
+            f"closed by the reconciler ({cmd.rule})",
+            lost_instance=history.open_instance,
+            command_id=cmd.command_id,
+            decision_id=cmd.decision_id,
+        )
         # Deterministic ids: a command carried out twice, or racing the redelivery of the
         # task, records the closing once.
         record_closing(em, cmd.task_id, cmd.attempt, c)
         self.metrics.errors.labels(c.type, c.code).inc()
         if cmd.fail_task:
             error = ExecutionError(
-                type=c.type, code=c.code, message=c.message, retryable=c.retryable,
-                details=c.details, task_id=cmd.task_id, timestamp=em.clock().isoformat(),
-            )  # fmt: skip
+                type=c.type,
+                code=c.code,
+                message=c.message,
+                retryable=c.retryable,
+                details=c.details,
+                task_id=cmd.task_id,
+                timestamp=em.clock().isoformat(),
+            )
             result = Result(task_id=cmd.task_id, status="failed", attempts=cmd.attempt, error=error)
             em.emit(TaskFailed, event_id=f"{cmd.command_id}.task", result=result)
             self.metrics.tasks.labels("failed").inc()

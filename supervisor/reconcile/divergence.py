@@ -107,17 +107,25 @@ def liveness(
     if inst is None:
         return Life("unknown", f"instance {instance_id or '(none)'} is not in the log")
     if inst.stopped_seq is not None:
-        return Life("dead", f"instance {inst.instance_id} stopped", (inst.stopped_seq,),
-                    inst.stopped_at)  # fmt: skip
+        return Life(
+            "dead", f"instance {inst.instance_id} stopped", (inst.stopped_seq,), inst.stopped_at
+        )
     if inst.heartbeat_seq is not None and inst.heartbeat_at is not None:
         timeout = inst.heartbeat_timeout_s or cfg.heartbeat_timeout_s
         silent = (now - inst.heartbeat_at).total_seconds()
         if silent > timeout:
-            return Life("dead", f"instance {inst.instance_id} sent no heartbeat for {silent:.0f}s "
-                        f"(timeout {timeout:g}s)", (inst.heartbeat_seq,), inst.heartbeat_at)  # fmt: skip
+            return Life(
+                "dead",
+                f"instance {inst.instance_id} sent no heartbeat for {silent:.0f}s "
+                f"(timeout {timeout:g}s)",
+                (inst.heartbeat_seq,),
+                inst.heartbeat_at,
+            )
         return Life("live", f"instance {inst.instance_id} heartbeats")
-    return Life("unknown", f"instance {inst.instance_id} ({inst.role or 'unknown role'}) "
-                "publishes no heartbeats")  # fmt: skip
+    return Life(
+        "unknown",
+        f"instance {inst.instance_id} ({inst.role or 'unknown role'}) publishes no heartbeats",
+    )
 
 
 def _seqs(*seqs: int | None) -> tuple[int, ...]:
@@ -172,18 +180,36 @@ def unresolved_cleanup_failure(
         rec = state.containers.get(c.container_id)
         if rec is None or rec.failed_seq is None or rec.removed_seq is not None:
             continue
-        out.append(Divergence("unresolved_cleanup_failure", "container", c.container_id,
-                              "remove_container", _seqs(inv.seq, rec.failed_seq),
-                              "a cleanup of it failed and it is still there",
-                              rec.failed_at or inv.observed_at, rec.task_id, rec.attempt))  # fmt: skip
+        out.append(
+            Divergence(
+                "unresolved_cleanup_failure",
+                "container",
+                c.container_id,
+                "remove_container",
+                _seqs(inv.seq, rec.failed_seq),
+                "a cleanup of it failed and it is still there",
+                rec.failed_at or inv.observed_at,
+                rec.task_id,
+                rec.attempt,
+            )
+        )
     for w in inv.workspaces.values():
         ws = state.workspaces.get(w.path)
         if ws is None or ws.failed_seq is None or ws.removed_seq is not None:
             continue
-        out.append(Divergence("unresolved_cleanup_failure", "workspace", w.path,
-                              "remove_workspace", _seqs(inv.seq, ws.failed_seq),
-                              "a cleanup of it failed and it is still on disk",
-                              ws.failed_at or inv.observed_at, ws.task_id, ws.attempt))  # fmt: skip
+        out.append(
+            Divergence(
+                "unresolved_cleanup_failure",
+                "workspace",
+                w.path,
+                "remove_workspace",
+                _seqs(inv.seq, ws.failed_seq),
+                "a cleanup of it failed and it is still on disk",
+                ws.failed_at or inv.observed_at,
+                ws.task_id,
+                ws.attempt,
+            )
+        )
     return out
 
 
@@ -198,10 +224,19 @@ def overdue_container(state: ProjectedState, now: datetime, cfg: RuleConfig) -> 
         if late <= cfg.deadline_grace_s:
             continue
         task_id, attempt = _owner(c, rec)
-        out.append(Divergence("overdue_container", "container", c.container_id, "remove_container",
-                              _seqs(state.inventory.seq, rec.created_seq if rec else None),
-                              f"running {late:.0f}s past its deadline "
-                              f"(grace {cfg.deadline_grace_s:g}s)", deadline, task_id, attempt))  # fmt: skip
+        out.append(
+            Divergence(
+                "overdue_container",
+                "container",
+                c.container_id,
+                "remove_container",
+                _seqs(state.inventory.seq, rec.created_seq if rec else None),
+                f"running {late:.0f}s past its deadline (grace {cfg.deadline_grace_s:g}s)",
+                deadline,
+                task_id,
+                attempt,
+            )
+        )
     return out
 
 
@@ -218,8 +253,19 @@ def orphan_container(state: ProjectedState, now: datetime, cfg: RuleConfig) -> l
             continue
         reason, proof, since = why
         evidence = _seqs(state.inventory.seq, rec.created_seq if rec else None, *proof)
-        out.append(Divergence("orphan_container", "container", c.container_id, "remove_container",
-                              evidence, f"observed, and {reason}", since, task_id, attempt))  # fmt: skip
+        out.append(
+            Divergence(
+                "orphan_container",
+                "container",
+                c.container_id,
+                "remove_container",
+                evidence,
+                f"observed, and {reason}",
+                since,
+                task_id,
+                attempt,
+            )
+        )
     return out
 
 
@@ -229,25 +275,45 @@ def vanished_container(state: ProjectedState, now: datetime, cfg: RuleConfig) ->
     out = []
     for rec in state.containers.values():
         if (
-            rec.node_id != state.node_id or rec.removed_seq is not None or rec.created_at is None
+            rec.node_id != state.node_id
+            or rec.removed_seq is not None
+            or rec.created_at is None
             or rec.container_id in inv.containers
             or _age_s(inv.observed_at, rec.created_at) < cfg.creation_grace_s
-        ):  # fmt: skip
+        ):
             continue
         evidence = _seqs(inv.seq, rec.created_seq)
-        out.append(Divergence("vanished_container", "container", rec.container_id,
-                              "remove_container", evidence,
-                              "recorded as created, absent from the inventory: its removal is "
-                              "recorded", inv.observed_at, rec.task_id, rec.attempt))  # fmt: skip
+        out.append(
+            Divergence(
+                "vanished_container",
+                "container",
+                rec.container_id,
+                "remove_container",
+                evidence,
+                "recorded as created, absent from the inventory: its removal is recorded",
+                inv.observed_at,
+                rec.task_id,
+                rec.attempt,
+            )
+        )
         closing = _closable(state, rec.task_id, rec.attempt, now, cfg, index)
         if closing is not None:
             life, fail_task = closing
-            out.append(Divergence("vanished_container", "attempt",
-                                  attempt_resource(rec.task_id, rec.attempt), "close_attempt",
-                                  _seqs(*evidence, *life.evidence),
-                                  f"its container vanished and {life.reason}",
-                                  life.since or inv.observed_at, rec.task_id, rec.attempt,
-                                  "CONTAINER_VANISHED", fail_task))  # fmt: skip
+            out.append(
+                Divergence(
+                    "vanished_container",
+                    "attempt",
+                    attempt_resource(rec.task_id, rec.attempt),
+                    "close_attempt",
+                    _seqs(*evidence, *life.evidence),
+                    f"its container vanished and {life.reason}",
+                    life.since or inv.observed_at,
+                    rec.task_id,
+                    rec.attempt,
+                    "CONTAINER_VANISHED",
+                    fail_task,
+                )
+            )
     return out
 
 
@@ -275,8 +341,19 @@ def leaked_workspace(state: ProjectedState, now: datetime, cfg: RuleConfig) -> l
             continue
         reason, proof, since = why
         evidence = _seqs(inv.seq, rec.created_seq if rec else None, *proof)
-        out.append(Divergence("leaked_workspace", "workspace", w.path, "remove_workspace",
-                              evidence, f"on disk, and {reason}", since, task_id, attempt))  # fmt: skip
+        out.append(
+            Divergence(
+                "leaked_workspace",
+                "workspace",
+                w.path,
+                "remove_workspace",
+                evidence,
+                f"on disk, and {reason}",
+                since,
+                task_id,
+                attempt,
+            )
+        )
     return out
 
 
@@ -286,20 +363,32 @@ def vanished_workspace(state: ProjectedState, now: datetime, cfg: RuleConfig) ->
     out = []
     for rec in state.workspaces.values():
         if (
-            rec.node_id != state.node_id or rec.removed_seq is not None or rec.created_at is None
-            or not rec.path.startswith(root) or rec.path in inv.workspaces
+            rec.node_id != state.node_id
+            or rec.removed_seq is not None
+            or rec.created_at is None
+            or not rec.path.startswith(root)
+            or rec.path in inv.workspaces
             or _age_s(inv.observed_at, rec.created_at) < cfg.creation_grace_s
-        ):  # fmt: skip
+        ):
             continue
         life = liveness(state, rec.instance_id, now, cfg)
         over = _over(state, rec.task_id, rec.attempt)
         if over is None and life.status != "dead":
             continue  # its attempt runs: its own cleanup will record it
         proof = over[1] if over else None
-        out.append(Divergence("vanished_workspace", "workspace", rec.path, "remove_workspace",
-                              _seqs(inv.seq, rec.created_seq, proof, *life.evidence),
-                              "recorded as present, gone from the disk: its removal is recorded",
-                              inv.observed_at, rec.task_id, rec.attempt))  # fmt: skip
+        out.append(
+            Divergence(
+                "vanished_workspace",
+                "workspace",
+                rec.path,
+                "remove_workspace",
+                _seqs(inv.seq, rec.created_seq, proof, *life.evidence),
+                "recorded as present, gone from the disk: its removal is recorded",
+                inv.observed_at,
+                rec.task_id,
+                rec.attempt,
+            )
+        )
     return out
 
 
@@ -313,11 +402,21 @@ def lost_attempt(state: ProjectedState, now: datetime, cfg: RuleConfig) -> list[
         if closing is None:
             continue
         life, fail_task = closing
-        out.append(Divergence("lost_attempt", "attempt", attempt_resource(att.task_id, att.attempt),
-                              "close_attempt", _seqs(att.started_seq, *life.evidence),
-                              f"the attempt runs on record but {life.reason}",
-                              life.since or att.started_at or now, att.task_id, att.attempt,
-                              "SUPERVISOR_LOST", fail_task))  # fmt: skip
+        out.append(
+            Divergence(
+                "lost_attempt",
+                "attempt",
+                attempt_resource(att.task_id, att.attempt),
+                "close_attempt",
+                _seqs(att.started_seq, *life.evidence),
+                f"the attempt runs on record but {life.reason}",
+                life.since or att.started_at or now,
+                att.task_id,
+                att.attempt,
+                "SUPERVISOR_LOST",
+                fail_task,
+            )
+        )
     return out
 
 
@@ -361,10 +460,13 @@ def _closable(
     att = state.attempts.get((task_id, attempt))
     task = state.tasks.get(task_id)
     if (
-        att is None or att.started_seq is None or att.finished_seq is not None
-        or task is None or task.finished_seq is not None
+        att is None
+        or att.started_seq is None
+        or att.finished_seq is not None
+        or task is None
+        or task.finished_seq is not None
         or _age_s(now, task.last_event_at) < cfg.lost_attempt_grace_s
-    ):  # fmt: skip
+    ):
         return None
     if (task_id, attempt) in index.running:
         return None  # its container goes first (orphan or overdue)
@@ -378,8 +480,12 @@ def _closable(
                 return None
         elif _age_s(now, deadline) <= cfg.deadline_grace_s:
             return None
-        life = Life("unknown", f"{life.reason} and the attempt is past its deadline",
-                    life.evidence, deadline or att.started_at)  # fmt: skip
+        life = Life(
+            "unknown",
+            f"{life.reason} and the attempt is past its deadline",
+            life.evidence,
+            deadline or att.started_at,
+        )
     inst = state.instances.get(att.instance_id)
     fail_task = inst is not None and inst.role is not None and inst.role != "serve"
     return life, fail_task

@@ -62,31 +62,54 @@ class ReconcilerPart:
         self.metrics = ReconcileMetrics(node.metrics.registry)
         self.heartbeat()
         self.executor = CommandExecutor(
-            js=ctx.js, runtime=node.runtime, cleaner=node.executor.cleaner,
-            emitter=node.emitter, data_dir=node.data_dir, config=cfg, metrics=node.metrics,
-            reconcile_metrics=self.metrics, claim_kill=node.executor.claim_kill,
-        )  # fmt: skip
+            js=ctx.js,
+            runtime=node.runtime,
+            cleaner=node.executor.cleaner,
+            emitter=node.emitter,
+            data_dir=node.data_dir,
+            config=cfg,
+            metrics=node.metrics,
+            reconcile_metrics=self.metrics,
+            claim_kill=node.executor.claim_kill,
+        )
         await self.executor.start()
         stack.push_async_callback(self.executor.stop)
         self.reconciler = Reconciler(
-            emitter=node.emitter, observer=node.runtime, state=self.state,
-            bus=JetStreamCommands(ctx.js), data_dir=node.data_dir, config=cfg,
+            emitter=node.emitter,
+            observer=node.runtime,
+            state=self.state,
+            bus=JetStreamCommands(ctx.js),
+            data_dir=node.data_dir,
+            config=cfg,
             metrics=self.metrics,
-        )  # fmt: skip
+        )
         await self.run_pass()
         scheduler = AsyncIOScheduler(timezone=UTC)
-        scheduler.add_job(self.run_pass, "interval", seconds=cfg.interval_s, id="reconcile",
-                          coalesce=True, max_instances=1,
-                          misfire_grace_time=max(int(cfg.misfire_grace_s), 1))  # fmt: skip
-        scheduler.add_job(self._heartbeat, "interval", seconds=cfg.heartbeat_s, id="heartbeat",
-                          coalesce=True, max_instances=1,
-                          misfire_grace_time=max(int(cfg.heartbeat_s), 1))  # fmt: skip
+        scheduler.add_job(
+            self.run_pass,
+            "interval",
+            seconds=cfg.interval_s,
+            id="reconcile",
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=max(int(cfg.misfire_grace_s), 1),
+        )
+        scheduler.add_job(
+            self._heartbeat,
+            "interval",
+            seconds=cfg.heartbeat_s,
+            id="heartbeat",
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=max(int(cfg.heartbeat_s), 1),
+        )
         scheduler.start()
         self._scheduler = scheduler
         stack.push_async_callback(self._stop_scheduling)
         ctx.add_check("reconciler", self.check)
-        log.info("reconciler: a pass every %gs, heartbeats every %gs", cfg.interval_s,
-                 cfg.heartbeat_s)  # fmt: skip
+        log.info(
+            "reconciler: a pass every %gs, heartbeats every %gs", cfg.interval_s, cfg.heartbeat_s
+        )
 
     async def _heartbeat(self) -> None:
         # A coroutine: APScheduler runs plain functions in a thread, and the event log's
@@ -96,8 +119,12 @@ class ReconcilerPart:
     def heartbeat(self) -> None:
         assert self._ctx is not None
         cfg = self.settings
-        self._ctx.node.emitter.emit(NodeHeartbeat, role=self.role, interval_s=cfg.heartbeat_s,
-                                    timeout_s=cfg.heartbeat_timeout_s)  # fmt: skip
+        self._ctx.node.emitter.emit(
+            NodeHeartbeat,
+            role=self.role,
+            interval_s=cfg.heartbeat_s,
+            timeout_s=cfg.heartbeat_timeout_s,
+        )
 
     async def run_pass(self, *, dry_run: bool = False) -> PassReport | None:
         """One pass now; None when it failed (logged, counted, in the readiness check)."""
@@ -115,8 +142,11 @@ class ReconcilerPart:
             self._current = None
         self._last_pass_at = time.time()
         if report.decided:
-            log.info("reconcile: %d divergence(s) decided, %d command(s) issued",
-                     len(report.decided), report.issued)  # fmt: skip
+            log.info(
+                "reconcile: %d divergence(s) decided, %d command(s) issued",
+                len(report.decided),
+                report.issued,
+            )
         return report
 
     async def _stop_scheduling(self) -> None:
@@ -134,10 +164,15 @@ class ReconcilerPart:
         r, ex = self.reconciler, self.executor
         assert r is not None and ex is not None
         failing = [
-            {"command_id": f.command_id, "action": f.action, "resource": f.resource,
-             "deliveries": f.deliveries, "detail": f.detail}
+            {
+                "command_id": f.command_id,
+                "action": f.action,
+                "resource": f.resource,
+                "deliveries": f.deliveries,
+                "detail": f.detail,
+            }
             for f in ex.failing.values()
-        ]  # fmt: skip
+        ]
         last = r.last
         details: dict[str, Any] = {
             "failed_passes_in_row": r.failures_in_row,
@@ -147,12 +182,16 @@ class ReconcilerPart:
             "failing_commands": failing,
         }
         if r.failures_in_row >= FAILED_PASSES_NOT_READY:
-            return Check(ok=False, reason=f"the last {r.failures_in_row} reconcile passes "
-                         f"failed: {r.last_error}", details=details)  # fmt: skip
+            return Check(
+                ok=False,
+                reason=f"the last {r.failures_in_row} reconcile passes failed: {r.last_error}",
+                details=details,
+            )
         reason = (
-            f"last pass found {len(last.planned)} divergence(s)" if last
+            f"last pass found {len(last.planned)} divergence(s)"
+            if last
             else f"no pass completed yet ({r.last_error or 'starting'})"
-        )  # fmt: skip
+        )
         if failing:
             reason += f"; {len(failing)} cleanup command(s) failing, retried with backoff"
         return Check(ok=True, reason=reason, details=details)

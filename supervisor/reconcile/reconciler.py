@@ -83,35 +83,66 @@ class ReconcileMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
-        self.passes = Counter("supervisor_reconcile_passes", "Reconcile passes by outcome",
-                              ["outcome"], registry=r)  # fmt: skip
+        self.passes = Counter(
+            "supervisor_reconcile_passes", "Reconcile passes by outcome", ["outcome"], registry=r
+        )
         self.pass_duration = Histogram(
-            "supervisor_reconcile_pass_duration_seconds", "Wall time of a reconcile pass",
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r,
-        )  # fmt: skip
-        self.divergences = Counter("supervisor_reconcile_divergences",
-                                   "Divergences decided (new decisions), by rule", ["rule"],
-                                   registry=r)  # fmt: skip
-        self.open = Gauge("supervisor_reconcile_open_divergences",
-                          "Divergences found by the last pass, by rule", ["rule"], registry=r)  # fmt: skip
-        self.oldest_leak = Gauge("supervisor_reconcile_oldest_leak_seconds",
-                                 "Age of the oldest divergence the last pass found", registry=r)  # fmt: skip
-        self.issued = Counter("supervisor_reconcile_commands_issued",
-                              "Cleanup commands stored in SUP_COMMANDS", ["action"], registry=r)  # fmt: skip
-        self.succeeded = Counter("supervisor_reconcile_commands_succeeded",
-                                 "Cleanup commands carried out (or found already done)",
-                                 ["action"], registry=r)  # fmt: skip
-        self.failed = Counter("supervisor_reconcile_commands_failed",
-                              "Failed deliveries of cleanup commands (retried until the last)",
-                              ["action", "final"], registry=r)  # fmt: skip
-        self.refused = Counter("supervisor_reconcile_commands_refused",
-                               "Cleanup commands refused: not this node's managed resource",
-                               ["action"], registry=r)  # fmt: skip
-        self.failing = Gauge("supervisor_reconcile_commands_failing",
-                             "Commands whose last delivery failed and that will be retried",
-                             registry=r)  # fmt: skip
-        self.last_pass = Gauge("supervisor_reconcile_last_pass_timestamp_seconds",
-                               "When the last successful pass ended (Unix time)", registry=r)  # fmt: skip
+            "supervisor_reconcile_pass_duration_seconds",
+            "Wall time of a reconcile pass",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.divergences = Counter(
+            "supervisor_reconcile_divergences",
+            "Divergences decided (new decisions), by rule",
+            ["rule"],
+            registry=r,
+        )
+        self.open = Gauge(
+            "supervisor_reconcile_open_divergences",
+            "Divergences found by the last pass, by rule",
+            ["rule"],
+            registry=r,
+        )
+        self.oldest_leak = Gauge(
+            "supervisor_reconcile_oldest_leak_seconds",
+            "Age of the oldest divergence the last pass found",
+            registry=r,
+        )
+        self.issued = Counter(
+            "supervisor_reconcile_commands_issued",
+            "Cleanup commands stored in SUP_COMMANDS",
+            ["action"],
+            registry=r,
+        )
+        self.succeeded = Counter(
+            "supervisor_reconcile_commands_succeeded",
+            "Cleanup commands carried out (or found already done)",
+            ["action"],
+            registry=r,
+        )
+        self.failed = Counter(
+            "supervisor_reconcile_commands_failed",
+            "Failed deliveries of cleanup commands (retried until the last)",
+            ["action", "final"],
+            registry=r,
+        )
+        self.refused = Counter(
+            "supervisor_reconcile_commands_refused",
+            "Cleanup commands refused: not this node's managed resource",
+            ["action"],
+            registry=r,
+        )
+        self.failing = Gauge(
+            "supervisor_reconcile_commands_failing",
+            "Commands whose last delivery failed and that will be retried",
+            registry=r,
+        )
+        self.last_pass = Gauge(
+            "supervisor_reconcile_last_pass_timestamp_seconds",
+            "When the last successful pass ended (Unix time)",
+            registry=r,
+        )
 
 
 @dataclass
@@ -241,10 +272,17 @@ class Reconciler:
         waited = time.monotonic() - waiting
         now = self.clock()
         planned = plan(state, now, self.rules)
-        report = PassReport(pass_id, dry_run, inventory.event_id, state.inventory.seq,
-                            len(containers), len(workspaces), planned,
-                            oldest_leak_s=oldest_leak_s((p.divergence for p in planned), now),
-                            projection_wait_s=waited)  # fmt: skip
+        report = PassReport(
+            pass_id,
+            dry_run,
+            inventory.event_id,
+            state.inventory.seq,
+            len(containers),
+            len(workspaces),
+            planned,
+            oldest_leak_s=oldest_leak_s((p.divergence for p in planned), now),
+            projection_wait_s=waited,
+        )
         due = [p for p in planned if dry_run or not p.pending]
         cap = self.config.max_commands_per_pass
         report.deferred = max(len(due) - cap, 0)
@@ -257,8 +295,10 @@ class Reconciler:
         # Decisions are in the stream before their commands: whoever carries a command
         # out, its cleanup events follow the decision that explains them.
         if decided and not await self.emitter.sink.flush(self.config.projection_wait_s):
-            raise CommandBusError("the decisions are not in SUP_EVENTS yet; no command is "
-                                  "ordered before the decision that explains it")  # fmt: skip
+            raise CommandBusError(
+                "the decisions are not in SUP_EVENTS yet; no command is "
+                "ordered before the decision that explains it"
+            )
         for p in planned:
             if p.pending or p.command_id in decided:
                 stored = await self.bus.publish(self._command(p, state, decided))
