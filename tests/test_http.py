@@ -674,9 +674,14 @@ async def test_readyz_shows_no_file_path_in_its_reasons() -> None:
             details={"where": "/srv/supervisor/data/outbox/abc.log"},
         )
 
-    app = create_app(metrics=Metrics(), readiness={"projection": failing})
-    async with serving(app) as client, client.get("/readyz") as r:
-        doc = await r.json()
+    app = create_app(metrics=Metrics(), readiness={"projection": failing}, token="t0k")
+    async with serving(app) as client:
+        async with client.get("/readyz") as r:
+            doc = await r.json()
+        async with client.get("/v1/readyz") as anonymous:
+            refused = anonymous.status
+        async with client.get("/v1/readyz", headers={"Authorization": "Bearer t0k"}) as full:
+            whole = await full.json()
 
     assert (r.status, doc["checks"]["projection"]) == (
         503,
@@ -684,6 +689,16 @@ async def test_readyz_shows_no_file_path_in_its_reasons() -> None:
             "ok": False,
             "reason": "cannot open <path>: busy",
             "where": "<path>",
+        },
+    )
+    # The reasons whole, for whoever holds the token.
+    assert refused == 401
+    assert (full.status, whole["checks"]["projection"]) == (
+        503,
+        {
+            "ok": False,
+            "reason": "cannot open /srv/supervisor/data/projection.duckdb: busy",
+            "where": "/srv/supervisor/data/outbox/abc.log",
         },
     )
 

@@ -210,7 +210,7 @@ def create_app(
     async def healthz(_: web.Request) -> web.Response:
         return json_response({"status": "ok"})
 
-    async def readyz(_: web.Request) -> web.Response:
+    async def readiness_doc(scrub: bool) -> web.Response:
         names = list(readiness)
         results = await asyncio.gather(*(_run_check(readiness[n], check_timeout_s) for n in names))
         checks = dict(zip(names, results, strict=True))
@@ -218,8 +218,16 @@ def create_app(
         metrics.ready.set(1 if ready else 0)
         for name, c in checks.items():
             metrics.ready_check.labels(name).set(1 if c.ok else 0)
-        body = {"ready": ready, "checks": {n: _check_doc(c) for n, c in checks.items()}}
+        doc = _check_doc if scrub else _full_check_doc
+        body = {"ready": ready, "checks": {n: doc(c) for n, c in checks.items()}}
         return json_response(body, status=200 if ready else 503)
+
+    async def readyz(_: web.Request) -> web.Response:
+        return await readiness_doc(scrub=True)
+
+    async def readyz_full(_: web.Request) -> web.Response:
+        """`/readyz` with the reasons whole (file paths included), behind the token."""
+        return await readiness_doc(scrub=False)
 
     async def metrics_text(request: web.Request) -> web.Response:
         if on_scrape is not None and inspect.isawaitable(pending := on_scrape()):
@@ -229,6 +237,7 @@ def create_app(
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/readyz", readyz_full)
     app.router.add_get("/metrics", metrics_text)
     if handlers is not None:
         _add_api(app, handlers)
@@ -321,6 +330,10 @@ _PATH_RE = re.compile(r"(?<![\w.])/(?:[^\s/:'\",;()\[\]]+/)+[^\s/:'\",;()\[\]]*"
 
 def without_paths(text: str) -> str:
     return _PATH_RE.sub("<path>", text)
+
+
+def _full_check_doc(c: Check) -> dict[str, Any]:
+    return {"ok": c.ok, "reason": c.reason, **c.details}
 
 
 def _check_doc(c: Check) -> dict[str, Any]:
