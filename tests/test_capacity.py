@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from supervisor.execution.capacity import Verdict, can_pull_any, fits, fits_budget
 
-BOUNDS = {"concurrency": 3, "memory_budget_mb": 512}
+BOUNDS: dict[str, Any] = {"concurrency": 3, "memory_budget_mb": 512}
 
 
 @pytest.mark.parametrize(
@@ -61,7 +63,7 @@ def test_memory_refuses_with_what_is_in_use() -> None:
 
 
 def test_a_budget_smaller_than_two_tasks_runs_them_one_at_a_time() -> None:
-    bounds = {"concurrency": 8, "memory_budget_mb": 200}
+    bounds: dict[str, Any] = {"concurrency": 8, "memory_budget_mb": 200}
 
     assert fits(128, [], **bounds).ok
     assert not fits(128, [128], **bounds).ok
