@@ -24,9 +24,12 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # testing/ is not installed
 
 from projections.store.store import FOLD_MAX_EVENTS, ProjectionStore
 from projections.stream.decode import Staged, decode_batch, stage

@@ -36,6 +36,8 @@ from pathlib import Path
 import nats
 from nats.js.api import DeliverPolicy
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # testing/ is not installed
+
 import projections.stream.projector as projector_module
 from projections.stream.replay import replay
 from supervisor.eventlog.nats_server import NatsServer
