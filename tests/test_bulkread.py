@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import nats.js.client
 import pytest
 
 import projections.stream.bulkread as bulkread
@@ -198,3 +199,26 @@ async def test_a_server_that_dies_mid_catch_up_is_stream_unavailable(
             assert 0 < p.last_seq < 20_000
     finally:
         server.stop()
+
+
+@pytest.mark.nats
+async def test_the_public_path_never_asks_for_more_than_a_fetch_can_carry(
+    nats_url: str, tmp_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bulk batch is 250,000 messages; a pull request that large is pushed at once and
+    outruns the client until the server drops it as a slow consumer (what a 1M-event
+    replay on the public path met). The reader asks in fetches of at most `_FETCH_MAX`."""
+    history = mixed_history(9_000, id_prefix="fx")
+    await publish(nats_url, history)
+    asked: list[int] = []
+    original = nats.js.client.JetStreamContext.PullSubscription.fetch
+
+    async def recording(self, batch: int = 1, *args, **kwargs):  # type: ignore[no-untyped-def]
+        asked.append(batch)
+        return await original(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(nats.js.client.JetStreamContext.PullSubscription, "fetch", recording)
+    monkeypatch.setattr(projector_module, "lean_supported", lambda: False)
+    result = await replay(tmp_dir / "public.duckdb", nats_url)
+    assert result.applied == len(history)
+    assert asked and max(asked) == projector_module._FETCH_MAX

@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.1
 _BUSY_POLL_S = 0.01
 _MIN_FETCH_S = 0.005
+# At most this many messages a fetch: the server pushes a whole fetch at once, and one of a
+# bulk batch's size (250,000) outruns the client's reading until the server drops it as a
+# slow consumer.
+_FETCH_MAX = 4096
 _CHECK_IDLE_S = 5.0  # idle this long, the pull reader asks whether its consumer still exists
 _INACTIVE_S = 300.0  # the server deletes a pull consumer unused this long
 _IN_FLIGHT = 2
@@ -572,7 +576,7 @@ class _PullReader:
                     return []
                 raise
         try:
-            msgs: list[Msg] = await self._sub.fetch(max(1, n), timeout=timeout)
+            msgs: list[Msg] = await self._sub.fetch(min(max(1, n), _FETCH_MAX), timeout=timeout)
         except (TimeoutError, nats.errors.TimeoutError):
             msgs = []
         except nats.errors.Error as e:
