@@ -56,7 +56,6 @@ from schemas.streams import EVENTS_STREAM, EVENTS_SUBJECTS, events_stream_config
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.1
-_BUSY_POLL_S = 0.01
 _MIN_FETCH_S = 0.005
 # At most this many messages a fetch: the server pushes a whole fetch at once, and one of a
 # bulk batch's size (250,000) outruns the client's reading until the server drops it as a
@@ -320,6 +319,16 @@ class Projector:
         while not finished:
             while self._inflight and self._inflight[0].done():
                 await self._settle_oldest(state, progress)
+            if (
+                buf
+                and self._inflight
+                and not self.bulk
+                and not (stop is not None and stop.is_set())
+            ):
+                # Live, a batch waits for the writer to be free, growing at the server
+                # meanwhile (a fetch now and again would cost both sides CPU for nothing).
+                await asyncio.wait([self._inflight[0]], timeout=_POLL_S)
+                continue
             fetched_at = time.monotonic()
             chunk = await reader.fetch(limit - len(buf), self._wait(buf, born))
             if not chunk and stop is None and nc.is_closed:
@@ -378,15 +387,12 @@ class Projector:
     def _wait(self, buf: list[Msg], born: float) -> float:
         """How long the next fetch may wait for messages: with no batch, `batch_age_s` (so a
         batch is never older than that when its fetch returns; live, also the time to look
-        at `stop`) or `_POLL_S` in bulk; with a batch, until it is due (shorter while the
-        writer is busy with an earlier one: time to see whether it is done)."""
+        at `stop`) or `_POLL_S` in bulk; with a batch, until it is due."""
         if not buf:
             return _POLL_S if self.bulk else self.batch_age_s
         if self.bulk:
             return _POLL_S
         due = max(born + self.batch_age_s, self._rested(born)) - time.monotonic()
-        if self._inflight:
-            due = min(due, _BUSY_POLL_S)
         return max(due, _MIN_FETCH_S)
 
     def _rested(self, born: float) -> float:
