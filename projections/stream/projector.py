@@ -588,6 +588,7 @@ class _PullReader:
         except nats.errors.Error as e:
             log.debug("projector fetch: %r; making the consumer again", e)
             await self._drop()
+            await asyncio.sleep(min(timeout, _POLL_S))  # never a busy loop of new consumers
             return []
         if msgs:
             self.next_seq = parse_reply(msgs[-1].reply)[0] + 1
