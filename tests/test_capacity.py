@@ -89,7 +89,7 @@ _bounds = st.fixed_dictionaries(
 
 @given(st.integers(6, 8192), _running, _bounds)
 def test_an_admitted_task_respects_every_bound(
-    memory: int, running: list[int], bounds: dict[str, int]
+    memory: int, running: list[int], bounds: dict[str, Any]
 ) -> None:
     v = fits(memory, running, **bounds)
 
@@ -102,7 +102,7 @@ def test_an_admitted_task_respects_every_bound(
 
 @given(st.integers(6, 4096), st.integers(6, 4096), _running, _bounds)
 def test_a_smaller_task_fits_wherever_a_bigger_one_does(
-    a: int, b: int, running: list[int], bounds: dict[str, int]
+    a: int, b: int, running: list[int], bounds: dict[str, Any]
 ) -> None:
     small, big = sorted((a, b))
 
@@ -111,6 +111,6 @@ def test_a_smaller_task_fits_wherever_a_bigger_one_does(
 
 
 @given(_running, _bounds)
-def test_nothing_is_admitted_when_no_pull_is(running: list[int], bounds: dict[str, int]) -> None:
+def test_nothing_is_admitted_when_no_pull_is(running: list[int], bounds: dict[str, Any]) -> None:
     if not can_pull_any(running, **bounds).ok:
         assert not fits(6, running, **bounds).ok

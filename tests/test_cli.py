@@ -32,7 +32,7 @@ def test_version_and_the_defaults_in_the_help() -> None:
 def _options(command: str) -> set[str]:
     parser = build_parser()
     sub = next(a for a in parser._subparsers._group_actions)  # type: ignore[union-attr]
-    return {o for a in sub.choices[command]._actions for o in a.option_strings}  # type: ignore[attr-defined]
+    return {o for a in sub.choices[command]._actions for o in a.option_strings}  # type: ignore[attr-defined,index]
 
 
 def test_each_subcommand_has_only_the_options_it_uses() -> None:

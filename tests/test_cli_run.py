@@ -36,7 +36,7 @@ def _supervisor(
 
 
 def _spec_file(tmp_dir: Path, script: str, **extra: object) -> Path:
-    doc = {
+    doc: dict[str, object] = {
         "image": SANDBOX_IMAGE,
         "command": ["sh", "/workspace/main.sh"],
         "files": {"main.sh": script},

@@ -144,7 +144,7 @@ def test_a_memory_budget_smaller_than_two_tasks_runs_them_one_at_a_time(
         what="all tasks",
     )
 
-    spans = {}
+    spans: dict[str, list[Any]] = {}
     for e in asyncio.run(stream_events(nats_url, "sup.container.>")):
         if isinstance(e, ContainerStarted):
             spans[e.task_id] = [e.occurred_at, None]

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,7 +172,7 @@ async def test_each_failure_is_classified_from_evidence(
     node: Node,
     nats_url: str,
     script: str,
-    limits: dict[str, object],
+    limits: dict[str, Any],
     code: str,
     etype: str,
     exit_code: int,
@@ -382,10 +383,10 @@ async def test_a_cancellation_during_a_creating_step_leaks_nothing(
     history = await stream_events(nats_url, "sup.*.*.n1.>")
     created = [e.container_id for e in history if isinstance(e, ContainerCreated)]
     removed = [
-        e.resource
+        e.resource  # type: ignore[attr-defined]
         for e in history
-        if event_type(e) == "cleanup.succeeded" and e.step == "remove_container"
-    ]  # type: ignore[attr-defined]
+        if event_type(e) == "cleanup.succeeded" and e.step == "remove_container"  # type: ignore[attr-defined]
+    ]
     assert created == removed
     assert len(created) == (0 if step == "create_workspace" else 1)
     # A container that did start is recorded as started, then killed as cancelled.

@@ -405,13 +405,13 @@ class Api:
 
 def _rejection(code: str, type_: str, retryable: bool) -> Submission:
     err = ExecutionError(
-        type=type_,
+        type=type_,  # type: ignore[arg-type]
         code=code,
         message=f"refused: {code}",
         retryable=retryable,
         details={"k": 1},
         task_id="t-1",
-    )  # type: ignore[arg-type]
+    )
     return Submission("t-1", "c-1", False, error=err)
 
 
@@ -421,7 +421,7 @@ async def api(
 ) -> AsyncIterator[tuple[Api, aiohttp.ClientSession]]:
     handlers = Api()
     async with serving(
-        create_app(metrics=Metrics(), readiness={}, handlers=handlers, token=token, **kw)
+        create_app(metrics=Metrics(), readiness={}, handlers=handlers, token=token, **kw)  # type: ignore[arg-type]
     ) as client:
         yield handlers, client
 

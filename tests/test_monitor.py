@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -58,7 +59,7 @@ def test_crossing_alerts_once_and_staying_above_is_silent() -> None:
 
 
 def test_recovery_needs_the_hysteresis_margin() -> None:
-    alerting = frozenset({"memory_pct"})
+    alerting: frozenset[Any] = frozenset({"memory_pct"})
 
     hovering = assess(alerting, _s(mem=81.0), T)  # under 85 but not under 80.75
     back = assess(alerting, _s(mem=80.0), T)

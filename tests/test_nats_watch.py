@@ -39,7 +39,9 @@ async def test_a_killed_server_is_restarted_and_the_cause_named_meanwhile(tmp_di
         assert server.proc is not None
         server.proc.send_signal(signal.SIGKILL)
         await _wait(lambda: watch.down is not None and "could not be started" in watch.down)
-        assert watch.down.startswith("the embedded nats-server exited (killed by SIGKILL)")
+        assert watch.down is not None and watch.down.startswith(
+            "the embedded nats-server exited (killed by SIGKILL)"
+        )
         assert restarts == []
 
         server.conf = good_conf

@@ -46,12 +46,12 @@ async def running_process(
     nc = await nats.connect(url)
     node = SimpleNamespace(data_dir=data_dir, nats_url=url, metrics=Metrics())
     ctx = DaemonContext(
-        node=node,
+        node=node,  # type: ignore[arg-type]
         nc=nc,
         js=nc.jetstream(),
         breaker=None,  # type: ignore[arg-type]
-        monitor=None,
-        scheduler=None,
+        monitor=None,  # type: ignore[arg-type]
+        scheduler=None,  # type: ignore[arg-type]
     )  # type: ignore[arg-type]
     part = ProjectionProcess(Config(), **options)
     async with contextlib.AsyncExitStack() as stack:

@@ -65,7 +65,7 @@ async def daemon(
         app = create_app(
             metrics=ctx.node.metrics,
             readiness=ctx.checks,
-            handlers=ReadOnlyApi(part),
+            handlers=ReadOnlyApi(part),  # type: ignore[arg-type]
             token=TOKEN,
             on_scrape=before_scrape,
         )

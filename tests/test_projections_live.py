@@ -46,13 +46,13 @@ async def running_part(
     nc = await nats.connect(url)
     node = SimpleNamespace(data_dir=data_dir, nats_url=url, metrics=Metrics())
     ctx = DaemonContext(
-        node=node,
+        node=node,  # type: ignore[arg-type]
         nc=nc,
         js=nc.jetstream(),
         breaker=None,  # type: ignore[arg-type]
-        monitor=None,
-        scheduler=None,
-    )  # type: ignore[arg-type]
+        monitor=None,  # type: ignore[arg-type]
+        scheduler=None,  # type: ignore[arg-type]
+    )
     part = ProjectionPart(Config(), settings=LiveSettings(**settings))
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(nc.close)
@@ -226,7 +226,7 @@ async def test_query_limits_formats_and_bad_requests(nats_url: str, tmp_dir: Pat
             ),
         ]:
             with pytest.raises(QueryRefused) as refused:
-                await part.query(bad)
+                await part.query(bad)  # type: ignore[arg-type]
             assert refused.value.reason == reason
 
 

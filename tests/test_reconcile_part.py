@@ -47,9 +47,9 @@ async def daemon_context(
             node=node,
             nc=node.events.nc,
             js=node.events.js,
-            breaker=None,
-            monitor=None,
-            scheduler=None,
+            breaker=None,  # type: ignore[arg-type]
+            monitor=None,  # type: ignore[arg-type]
+            scheduler=None,  # type: ignore[arg-type]
         )  # type: ignore[arg-type]
         try:
             yield node, ctx, DuckDBState(on_cursor)

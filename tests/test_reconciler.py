@@ -119,8 +119,8 @@ async def test_a_redelivery_racing_the_reconciler_closes_a_lost_attempt_once(
         assert [e.attempt for e in finished if isinstance(e, AttemptFinished)] == [1]
         # The late closer's cleanup (found gone) follows the reconciler's decision: allowed.
         history_events = await stream_events(nats_url, f"sup.*.*.{r.node_id}.>")
-        rules = {v.rule for v in audit_records(records_of(history_events))}
-        assert rules == {"task_not_terminal"}  # only the task itself is left to finish
+        audit_rules = {v.rule for v in audit_records(records_of(history_events))}
+        assert audit_rules == {"task_not_terminal"}  # only the task itself is left to finish
 
 
 async def _last_heartbeat_seq(r, instance: str) -> int:  # type: ignore[no-untyped-def]
