@@ -21,6 +21,7 @@ from schemas.catalogue import CATALOGUE
 from schemas.config import Config, load_config
 from schemas.errors import ConfigError, InvalidSpec, NatsUnavailable, SupervisorError
 from schemas.spec import ErrorType
+from supervisor.cli.options import common_options
 from supervisor.cli.read_parsers import add_parsers as add_read_parsers
 from supervisor.eventlog.emitter import new_id
 from supervisor.intake.admission import decode_spec
@@ -38,26 +39,6 @@ def exit_code_for(result: Result) -> int:
     return EXIT_FAILED
 
 
-def _common(p: argparse.ArgumentParser, *, node: bool = True, nats: bool = True) -> None:
-    """The options shared by the subcommands; each takes only those it uses."""
-    if nats:
-        p.add_argument(
-            "--nats",
-            dest="nats_url",
-            metavar="URL",
-            help="NATS server URL (else $SUPERVISOR_NATS_URL, else a running daemon's, "
-            "else an embedded nats-server under the data dir)",
-        )
-    p.add_argument(
-        "--data-dir", metavar="DIR", help="data dir (else $SUPERVISOR_DATA_DIR, else ./.supervisor)"
-    )
-    if node:
-        p.add_argument("--node-id", metavar="ID", help="this node's id (default n1)")
-    p.add_argument(
-        "--config", metavar="FILE", help="configuration file, TOML or JSON (docs/configuration.md)"
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="supervisor",
@@ -73,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_run, _add_serve, _add_submit, _add_tail, _add_credentials):
         add(sub)
 
-    add_read_parsers(sub, _common)
+    add_read_parsers(sub)
     return parser
 
 
@@ -87,7 +68,7 @@ def _add_run(sub: Any) -> None:
     )
     run.add_argument("spec", metavar="SPEC|-", help="task spec JSON file, or - for stdin")
     run.add_argument("--json", action="store_true", help="print the Result as JSON")
-    _common(run)
+    common_options(run)
     run.set_defaults(func=_cmd_run)
 
 
@@ -115,7 +96,7 @@ def _add_serve(sub: Any) -> None:
         help="do not run the DuckDB projection (by default a child process of the daemon); "
         "/v1/query then answers 503",
     )
-    _common(serve)
+    common_options(serve)
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -145,7 +126,7 @@ def _add_submit(sub: Any) -> None:
         metavar="S",
         help="with --wait: give up waiting after S seconds (exit 3)",
     )
-    _common(submit)
+    common_options(submit)
     submit.set_defaults(func=_cmd_submit)
 
 
@@ -180,7 +161,7 @@ def _add_tail(sub: Any) -> None:
         metavar="S",
         help="exit once no event arrived for S seconds (for scripts)",
     )
-    _common(tail, node=False)
+    common_options(tail, node=False)
     tail.set_defaults(func=_cmd_tail)
 
 
@@ -195,7 +176,7 @@ def _add_credentials(sub: Any) -> None:
     )
     creds.add_argument("role", choices=["reader"], help="the role (only reader is handed out)")
     creds.add_argument("--json", action="store_true", help="print JSON")
-    _common(creds, node=False, nats=False)
+    common_options(creds, node=False, nats=False)
     creds.set_defaults(func=_cmd_credentials)
 
 

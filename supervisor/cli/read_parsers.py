@@ -5,9 +5,8 @@ Registering them imports neither DuckDB nor Arrow: each command's module is impo
 the command runs, so `supervisor serve`, `submit` and `run` do not carry the read side's
 libraries in their memory (the daemon's projection runs in a process of its own).
 
-`add_parsers(subparsers, common)` registers all four; `common`, when given, adds the CLI's
-shared options (`--nats`, `--data-dir`, ...); without it the ones these commands need are
-added here. Each sets `func`: the parsed args -> the exit code.
+`add_parsers(subparsers)` registers all four, each with the CLI's shared options
+(`supervisor.cli.options`). Each sets `func`: the parsed args -> the exit code.
 """
 
 from __future__ import annotations
@@ -20,12 +19,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from projections.query.defaults import FORMATS, MAX_ROWS, TIMEOUT_S
+from supervisor.cli.options import common_options
 
 
-def add_parsers(subparsers: Any, common: Callable[..., None] | None = None) -> None:
+def add_parsers(subparsers: Any) -> None:
     """Register `replay`, `audit`, `sql` and `reconcile`."""
-    add_read_side_parsers(subparsers, common)
-    add_reconcile_parser(subparsers, common)
+    add_read_side_parsers(subparsers)
+    add_reconcile_parser(subparsers)
 
 
 def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
@@ -82,7 +82,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_read_side_parsers(subparsers: Any, common: Callable[..., None] | None = None) -> None:
+def add_read_side_parsers(subparsers: Any) -> None:
     """Register `replay`, `audit` and `sql` on the CLI's subparsers."""
     p = subparsers.add_parser(
         "replay",
@@ -100,7 +100,7 @@ def add_read_side_parsers(subparsers: Any, common: Callable[..., None] | None = 
         help="last stream time to include (ISO 8601, UTC if naive)",
     )
     until.add_argument("--until-seq", type=int, metavar="N", help="last stream sequence to include")
-    _shared(p, common)
+    common_options(p, node=False)
     p.set_defaults(func=_lazy("supervisor.cli.read", "cmd_replay"))
 
     p = subparsers.add_parser(
@@ -118,7 +118,7 @@ def add_read_side_parsers(subparsers: Any, common: Callable[..., None] | None = 
         metavar="SECONDS",
         help="treat tasks active within SECONDS of the end of history as in flight",
     )
-    _shared(p, common)
+    common_options(p, node=False)
     p.set_defaults(func=_lazy("supervisor.cli.read", "cmd_audit"))
 
     p = subparsers.add_parser(
@@ -154,29 +154,11 @@ def add_read_side_parsers(subparsers: Any, common: Callable[..., None] | None = 
         metavar="S",
         help=f"time limit in seconds (default {TIMEOUT_S:g})",
     )
-    _shared(p, common)
+    common_options(p, node=False)
     p.set_defaults(func=_lazy("supervisor.cli.read", "cmd_sql"))
 
 
-def _shared(
-    p: argparse.ArgumentParser,
-    common: Callable[..., None] | None,
-    *,
-    node: bool = False,
-) -> None:
-    """The CLI's shared options (`common`), or without it the ones these commands read:
-    `--nats`, `--data-dir`, and with `node` also `--node-id` and `--config`."""
-    if common is not None:
-        common(p, node=node)
-        return
-    p.add_argument("--nats", dest="nats_url", metavar="URL", help="NATS server URL")
-    p.add_argument("--data-dir", metavar="DIR", help="data dir (default ./.supervisor)")
-    if node:
-        p.add_argument("--node-id", metavar="ID", help="this node's id (default n1)")
-        p.add_argument("--config", metavar="FILE", help="TOML or JSON configuration file")
-
-
-def add_reconcile_parser(subparsers: Any, common: Callable[..., None] | None = None) -> None:
+def add_reconcile_parser(subparsers: Any) -> None:
     """Register `reconcile` on the CLI's subparsers."""
     p = subparsers.add_parser(
         "reconcile",
@@ -204,5 +186,5 @@ def add_reconcile_parser(subparsers: Any, common: Callable[..., None] | None = N
         help="carry out the commands and wait up to S seconds for their outcomes "
         "(0: leave them to the daemon; default 30)",
     )
-    _shared(p, common, node=True)
+    common_options(p)
     p.set_defaults(func=_lazy("supervisor.cli.reconcile", "cmd_reconcile"))
