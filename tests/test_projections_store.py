@@ -18,12 +18,12 @@ from projections.store.apply import (
     INSERT_EVENTS,
     MERGE_ATTEMPTS,
     MERGE_CONTAINERS,
+    MERGE_INSTANCES,
     MERGE_TASKS,
     SET_WATERMARK,
     TASK_SCOPE,
     steps_for,
 )
-from projections.store.apply_reconcile import MERGE_INSTANCES
 from projections.store.store import FIND_DUPLICATES, FOLD_MAX_EVENTS, ProjectionStore
 from projections.stream.decode import decode_batch, stage
 from schemas import (

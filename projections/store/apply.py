@@ -29,42 +29,16 @@ from dataclasses import dataclass
 from typing import Final
 
 from projections.store import apply_reconcile as rec
-from projections.store.machine import (
-    TERMINAL_TASK_TYPES,
-    sql_attempt_finish_applies,
-    sql_in,
-    sql_progress_state,
-    sql_task_state_case,
-    sql_terminal_applies,
+from projections.store.current import (
+    ATTEMPT_CATEGORIES,
+    ATTEMPT_SCOPE,
+    TABLES,
+    TASK_SCOPE,
 )
-from schemas import NO_TASK
+from projections.store.merge import merge_sql
+from projections.stream.decode import STAGING
 
-ATTEMPT_CATEGORIES: Final[tuple[str, ...]] = (
-    "attempt",
-    "workspace",
-    "container",
-    "cleanup",
-    "error",
-)
-"""Categories whose events (with attempt >= 1) belong to an attempt; task.* events of an
-attempt (retry_scheduled, the terminal event) are task-level."""
-
-CONTAINER_STEPS: Final[tuple[str, ...]] = ("kill", "remove_container")
-
-TASK_SCOPE: Final = "task_scope"
-"""An input of `steps_for` besides the staging kinds: some event of the batch names a task."""
-
-ATTEMPT_SCOPE: Final = "attempt_scope"
-"""Another: some event of the batch belongs to an attempt (`ATTEMPT_CATEGORIES`, attempt >= 1)."""
-
-_TERMINAL = sql_in(TERMINAL_TASK_TYPES)
-_STATE = sql_task_state_case("type")
-_FINISH_APPLIES = sql_attempt_finish_applies(
-    "n.instance_id", "coalesce(o.instance_id, a.first.instance_id)", "x.error_type"
-)
-_TERMINAL_APPLIES = sql_terminal_applies(
-    "n.attempt", "n.instance_id", "n.seq", "fa.instance_id", "fa.finished_seq"
-)
+__all__ = ["ATTEMPT_CATEGORIES", "ATTEMPT_SCOPE", "TASK_SCOPE"]
 
 # A duplicate is the same event published again (an outbox replayed after the stream's
 # duplicate window): same event_id, hence the same occurred_at. Joining on both lets DuckDB
@@ -121,315 +95,20 @@ SELECT {_ENV}, split_part(n.type, '.', 2), x.metric, x.value, x.threshold
 FROM _alert x JOIN _new n ON n.seq = x.seq
 """
 
-MERGE_TASKS = f"""
-MERGE INTO tasks USING (
-    WITH a AS (
-        SELECT task_id,
-               min(seq) AS first_seq, max(seq) AS last_seq, count(*) AS events,
-               arg_max(occurred_at, seq) AS last_event_at,
-               arg_min(node_id, seq) AS node_id,
-               arg_min(correlation_id, seq) AS correlation_id,
-               count(*) FILTER (WHERE type = 'attempt.started') AS attempts,
-               count(*) FILTER (WHERE type IN {_TERMINAL}) AS terminal_events,
-               arg_max({_STATE}, seq) FILTER (WHERE {_STATE} IS NOT NULL
-                                               AND type NOT IN {_TERMINAL}) AS last_state
-        FROM _new WHERE task_id <> '{NO_TASK}'
-        GROUP BY task_id
-    ), s AS (
-        SELECT n.task_id,
-               arg_min({{'seq': n.seq, 'at': n.occurred_at, 'priority': x.priority,
-                        'image': x.image, 'max_attempts': x.max_attempts}}, n.seq) AS sub
-        FROM _submitted x JOIN _new n ON n.seq = x.seq
-        GROUP BY n.task_id
-    ), f AS (
-        SELECT n.task_id,
-               arg_min({{'seq': n.seq, 'at': n.occurred_at, 'outcome': {sql_task_state_case("n.type")},
-                        'exit_code': x.exit_code, 'error_type': x.error_type,
-                        'error_code': x.error_code, 'duration_s': x.duration_s}}, n.seq) AS fin
-        FROM _terminal x JOIN _new n ON n.seq = x.seq
-        LEFT JOIN attempts fa ON fa.task_id = n.task_id AND fa.attempt = n.attempt
-        WHERE {_TERMINAL_APPLIES}
-        GROUP BY n.task_id
-    ), m AS (
-        SELECT a.*, s.sub, f.fin,
-               o.task_id IS NOT NULL AS known, o.submitted_seq IS NOT NULL AS old_sub,
-               o.finished_seq IS NOT NULL AS old_fin,
-               o.state AS o_state, o.outcome AS o_outcome, o.priority AS o_priority,
-               o.image AS o_image, o.node_id AS o_node_id, o.correlation_id AS o_corr,
-               o.max_attempts AS o_max_attempts, o.attempts AS o_attempts,
-               o.submitted_at AS o_submitted_at, o.submitted_seq AS o_submitted_seq,
-               o.finished_at AS o_finished_at, o.finished_seq AS o_finished_seq,
-               o.exit_code AS o_exit_code, o.error_type AS o_error_type,
-               o.error_code AS o_error_code, o.duration_s AS o_duration_s,
-               o.terminal_events AS o_terminal_events, o.first_seq AS o_first_seq,
-               o.events AS o_events
-        FROM a LEFT JOIN s ON s.task_id = a.task_id LEFT JOIN f ON f.task_id = a.task_id
-        LEFT JOIN tasks o ON o.task_id = a.task_id
-    )
-    SELECT task_id,
-           coalesce(o_outcome, fin.outcome, last_state, o_state) AS state,
-           coalesce(o_outcome, fin.outcome) AS outcome,
-           CASE WHEN old_sub THEN o_priority ELSE sub.priority END AS priority,
-           CASE WHEN old_sub THEN o_image ELSE sub.image END AS image,
-           CASE WHEN known THEN o_node_id ELSE node_id END AS node_id,
-           CASE WHEN known THEN o_corr ELSE correlation_id END AS correlation_id,
-           CASE WHEN old_sub THEN o_max_attempts ELSE sub.max_attempts END AS max_attempts,
-           coalesce(o_attempts, 0) + attempts AS attempts,
-           CASE WHEN old_sub THEN o_submitted_at ELSE sub.at END AS submitted_at,
-           CASE WHEN old_sub THEN o_submitted_seq ELSE sub.seq END AS submitted_seq,
-           CASE WHEN old_fin THEN o_finished_at ELSE fin.at END AS finished_at,
-           CASE WHEN old_fin THEN o_finished_seq ELSE fin.seq END AS finished_seq,
-           CASE WHEN old_fin THEN o_exit_code ELSE fin.exit_code END AS exit_code,
-           CASE WHEN old_fin THEN o_error_type ELSE fin.error_type END AS error_type,
-           CASE WHEN old_fin THEN o_error_code ELSE fin.error_code END AS error_code,
-           CASE WHEN old_fin THEN o_duration_s ELSE fin.duration_s END AS duration_s,
-           coalesce(o_terminal_events, 0) + terminal_events AS terminal_events,
-           coalesce(o_first_seq, first_seq) AS first_seq,
-           last_seq,
-           last_event_at,
-           coalesce(o_events, 0) + events AS events
-    FROM m
-) AS src ON src.task_id = tasks.task_id
-WHEN MATCHED THEN UPDATE
-WHEN NOT MATCHED THEN INSERT
-"""
+_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    kind: tuple(n for n in schema.names if n != "seq")
+    for kind, schema in STAGING.items()
+    if kind != "batch"
+}
+"""The fields of each staging kind (besides its `seq`), as the `MERGE`s read them."""
 
-MERGE_ATTEMPTS = f"""
-MERGE INTO attempts USING (
-    WITH n AS (
-        SELECT * FROM _new
-        WHERE attempt > 0 AND split_part(type, '.', 1) IN {sql_in(ATTEMPT_CATEGORIES)}
-    ), a AS (
-        SELECT task_id, attempt,
-               min(seq) AS first_seq, max(seq) AS last_seq, count(*) AS events,
-               arg_min({{'node_id': node_id, 'instance_id': instance_id}}, seq) AS first
-        FROM n GROUP BY task_id, attempt
-    ), x AS (
-        SELECT n.task_id, n.attempt,
-               arg_min({{'seq': n.seq, 'at': n.occurred_at, 'max_attempts': x.max_attempts}},
-                       n.seq) FILTER (WHERE n.type = 'attempt.started') AS st
-        FROM _attempt x JOIN n ON n.seq = x.seq
-        GROUP BY n.task_id, n.attempt
-    ), f AS (
-        SELECT n.task_id, n.attempt,
-               arg_min({{'seq': n.seq, 'at': n.occurred_at, 'outcome': x.outcome,
-                        'exit_code': x.exit_code, 'error_type': x.error_type,
-                        'error_code': x.error_code, 'duration_s': x.duration_s}}, n.seq) AS fin
-        FROM _attempt x JOIN n ON n.seq = x.seq
-        JOIN a ON a.task_id = n.task_id AND a.attempt = n.attempt
-        LEFT JOIN attempts o ON o.task_id = n.task_id AND o.attempt = n.attempt
-        WHERE n.type = 'attempt.finished'
-          AND {_FINISH_APPLIES}
-        GROUP BY n.task_id, n.attempt
-    ), c AS (
-        SELECT n.task_id, n.attempt,
-               arg_min(x.container_id, n.seq) FILTER (WHERE n.type = 'container.created')
-                   AS container_id,
-               arg_min(x.kill_reason, n.seq) FILTER (WHERE n.type = 'container.kill_issued')
-                   AS kill_reason
-        FROM _container x JOIN n ON n.seq = x.seq
-        WHERE n.type IN ('container.created', 'container.kill_issued')
-        GROUP BY n.task_id, n.attempt
-    ), w AS (
-        SELECT n.task_id, n.attempt, arg_min(x.path, n.seq) AS workspace
-        FROM _workspace x JOIN n ON n.seq = x.seq
-        GROUP BY n.task_id, n.attempt
-    ), m AS (
-        SELECT a.*, x.st, f.fin, c.container_id, c.kill_reason, w.workspace,
-               o.task_id IS NOT NULL AS known, o.started_seq IS NOT NULL AS old_st,
-               o.finished_seq IS NOT NULL AS old_fin,
-               o.outcome AS o_outcome, o.node_id AS o_node_id, o.instance_id AS o_instance_id,
-               o.max_attempts AS o_max_attempts, o.started_at AS o_started_at,
-               o.started_seq AS o_started_seq, o.finished_at AS o_finished_at,
-               o.finished_seq AS o_finished_seq, o.exit_code AS o_exit_code,
-               o.error_type AS o_error_type, o.error_code AS o_error_code,
-               o.duration_s AS o_duration_s, o.container_id AS o_container_id,
-               o.workspace AS o_workspace, o.kill_reason AS o_kill_reason,
-               o.first_seq AS o_first_seq, o.events AS o_events
-        FROM a
-        LEFT JOIN x ON x.task_id = a.task_id AND x.attempt = a.attempt
-        LEFT JOIN f ON f.task_id = a.task_id AND f.attempt = a.attempt
-        LEFT JOIN c ON c.task_id = a.task_id AND c.attempt = a.attempt
-        LEFT JOIN w ON w.task_id = a.task_id AND w.attempt = a.attempt
-        LEFT JOIN attempts o ON o.task_id = a.task_id AND o.attempt = a.attempt
-    ), s AS (
-        SELECT *,
-               CASE WHEN old_st THEN o_started_seq ELSE st.seq END AS started_seq,
-               CASE WHEN old_fin THEN o_finished_seq ELSE fin.seq END AS finished_seq
-        FROM m
-    )
-    SELECT task_id, attempt,
-           CASE WHEN finished_seq IS NOT NULL THEN 'finished'
-                WHEN started_seq IS NOT NULL THEN 'running' ELSE 'unknown' END AS state,
-           CASE WHEN old_fin THEN o_outcome ELSE fin.outcome END AS outcome,
-           CASE WHEN known THEN o_node_id ELSE first.node_id END AS node_id,
-           CASE WHEN known THEN o_instance_id ELSE first.instance_id END AS instance_id,
-           CASE WHEN old_st THEN o_max_attempts ELSE st.max_attempts END AS max_attempts,
-           CASE WHEN old_st THEN o_started_at ELSE st.at END AS started_at,
-           started_seq,
-           CASE WHEN old_fin THEN o_finished_at ELSE fin.at END AS finished_at,
-           finished_seq,
-           CASE WHEN old_fin THEN o_exit_code ELSE fin.exit_code END AS exit_code,
-           CASE WHEN old_fin THEN o_error_type ELSE fin.error_type END AS error_type,
-           CASE WHEN old_fin THEN o_error_code ELSE fin.error_code END AS error_code,
-           CASE WHEN old_fin THEN o_duration_s ELSE fin.duration_s END AS duration_s,
-           coalesce(o_container_id, container_id) AS container_id,
-           coalesce(o_workspace, workspace) AS workspace,
-           coalesce(o_kill_reason, kill_reason) AS kill_reason,
-           coalesce(o_first_seq, first_seq) AS first_seq,
-           last_seq,
-           coalesce(o_events, 0) + events AS events
-    FROM s
-) AS src ON src.task_id = attempts.task_id AND src.attempt = attempts.attempt
-WHEN MATCHED THEN UPDATE
-WHEN NOT MATCHED THEN INSERT
-"""
+_MERGES: Final[dict[str, str]] = {t.name: merge_sql(t, _FIELDS) for t in TABLES}
+"""Each current-state table's `MERGE`, made from its declaration (`projections.store.current`)."""
 
-MERGE_CONTAINERS = f"""
-MERGE INTO containers USING (
-    WITH e AS (
-        SELECT n.seq, n.type, n.occurred_at, n.task_id, n.attempt, n.node_id, n.instance_id,
-               x.container_id AS cid, x.image, x.deadline, x.exit_code, x.oom_killed,
-               x.kill_reason, NULL::VARCHAR AS step, NULL::BOOLEAN AS already_gone,
-               NULL::VARCHAR AS reason
-        FROM _container x JOIN _new n ON n.seq = x.seq
-        UNION ALL
-        SELECT n.seq, n.type, n.occurred_at, n.task_id, n.attempt, n.node_id, n.instance_id,
-               x.resource, NULL, NULL, NULL, NULL, NULL, x.step, x.already_gone, x.reason
-        FROM _cleanup x JOIN _new n ON n.seq = x.seq
-        WHERE x.step IN {sql_in(CONTAINER_STEPS)}
-    ), d AS (
-        SELECT cid AS container_id,
-               min(seq) AS first_seq, max(seq) AS last_seq,
-               arg_min({{'task_id': task_id, 'attempt': attempt, 'node_id': node_id,
-                        'instance_id': instance_id}}, seq) AS first,
-               arg_min({{'seq': seq, 'at': occurred_at, 'image': image,
-                        'deadline': CASE WHEN deadline > 0
-                                         THEN make_timestamp((deadline * 1e6)::BIGINT) END}},
-                       seq) FILTER (WHERE type = 'container.created') AS cr,
-               arg_min(occurred_at, seq) FILTER (WHERE type = 'container.started') AS started_at,
-               arg_min({{'at': occurred_at, 'exit_code': exit_code, 'oom_killed': oom_killed}},
-                       seq) FILTER (WHERE type = 'container.exited') AS ex,
-               arg_min(kill_reason, seq) FILTER (WHERE type = 'container.kill_issued')
-                   AS kill_reason,
-               arg_min({{'seq': seq, 'at': occurred_at, 'already_gone': already_gone}}, seq)
-                   FILTER (WHERE type = 'cleanup.succeeded' AND step = 'remove_container') AS rm,
-               count(*) FILTER (WHERE type = 'cleanup.failed') AS cleanup_failures,
-               arg_max(reason, seq) FILTER (WHERE type = 'cleanup.failed') AS last_cleanup_error
-        FROM e
-        GROUP BY cid
-    ), m AS (
-        SELECT d.*, o.container_id IS NOT NULL AS known,
-               o.created_seq IS NOT NULL AS old_cr, o.exited_at IS NOT NULL AS old_ex,
-               o.removed_seq IS NOT NULL AS old_rm,
-               o.task_id AS o_task_id, o.attempt AS o_attempt, o.node_id AS o_node_id,
-               o.instance_id AS o_instance_id, o.image AS o_image, o.deadline AS o_deadline,
-               o.created_at AS o_created_at, o.created_seq AS o_created_seq,
-               o.started_at AS o_started_at, o.exited_at AS o_exited_at,
-               o.exit_code AS o_exit_code, o.oom_killed AS o_oom_killed,
-               o.kill_reason AS o_kill_reason, o.removed_at AS o_removed_at,
-               o.removed_seq AS o_removed_seq, o.already_gone AS o_already_gone,
-               o.cleanup_failures AS o_cleanup_failures,
-               o.last_cleanup_error AS o_last_cleanup_error, o.first_seq AS o_first_seq
-        FROM d LEFT JOIN containers o ON o.container_id = d.container_id
-    ), c AS (
-        SELECT *,
-               CASE WHEN old_cr THEN o_created_seq ELSE cr.seq END AS created_seq,
-               coalesce(o_started_at, started_at) AS started,
-               CASE WHEN old_ex THEN o_exited_at ELSE ex.at END AS exited_at,
-               CASE WHEN old_rm THEN o_removed_seq ELSE rm.seq END AS removed_seq
-        FROM m
-    )
-    SELECT container_id,
-           {sql_progress_state("container")} AS state,
-           CASE WHEN known THEN o_task_id ELSE first.task_id END AS task_id,
-           CASE WHEN known THEN o_attempt ELSE first.attempt END AS attempt,
-           CASE WHEN known THEN o_node_id ELSE first.node_id END AS node_id,
-           CASE WHEN known THEN o_instance_id ELSE first.instance_id END AS instance_id,
-           CASE WHEN old_cr THEN o_image ELSE cr.image END AS image,
-           CASE WHEN old_cr THEN o_deadline ELSE cr.deadline END AS deadline,
-           CASE WHEN old_cr THEN o_created_at ELSE cr.at END AS created_at,
-           created_seq,
-           started AS started_at,
-           exited_at,
-           CASE WHEN old_ex THEN o_exit_code ELSE ex.exit_code END AS exit_code,
-           CASE WHEN old_ex THEN o_oom_killed ELSE ex.oom_killed END AS oom_killed,
-           coalesce(o_kill_reason, kill_reason) AS kill_reason,
-           CASE WHEN old_rm THEN o_removed_at ELSE rm.at END AS removed_at,
-           removed_seq,
-           CASE WHEN old_rm THEN o_already_gone ELSE rm.already_gone END AS already_gone,
-           coalesce(o_cleanup_failures, 0) + cleanup_failures AS cleanup_failures,
-           coalesce(last_cleanup_error, o_last_cleanup_error) AS last_cleanup_error,
-           coalesce(o_first_seq, first_seq) AS first_seq,
-           last_seq
-    FROM c
-) AS src ON src.container_id = containers.container_id
-WHEN MATCHED THEN UPDATE
-WHEN NOT MATCHED THEN INSERT
-"""
+MERGE_TASKS, MERGE_ATTEMPTS = _MERGES["tasks"], _MERGES["attempts"]
+MERGE_CONTAINERS, MERGE_WORKSPACES = _MERGES["containers"], _MERGES["workspaces"]
+MERGE_INSTANCES = _MERGES["instances"]
 
-MERGE_WORKSPACES = f"""
-MERGE INTO workspaces USING (
-    WITH e AS (
-        SELECT n.seq, n.type, n.occurred_at, n.task_id, n.attempt, n.node_id, n.instance_id,
-               x.path, x.files, x.bytes, NULL::BOOLEAN AS already_gone, NULL::VARCHAR AS reason
-        FROM _workspace x JOIN _new n ON n.seq = x.seq
-        UNION ALL
-        SELECT n.seq, n.type, n.occurred_at, n.task_id, n.attempt, n.node_id, n.instance_id,
-               x.resource, NULL, NULL, x.already_gone, x.reason
-        FROM _cleanup x JOIN _new n ON n.seq = x.seq
-        WHERE x.step = 'remove_workspace'
-    ), d AS (
-        SELECT path,
-               min(seq) AS first_seq, max(seq) AS last_seq,
-               arg_min({{'task_id': task_id, 'attempt': attempt, 'node_id': node_id,
-                        'instance_id': instance_id}}, seq) AS first,
-               arg_min({{'seq': seq, 'at': occurred_at, 'files': files, 'bytes': bytes}}, seq)
-                   FILTER (WHERE type = 'workspace.created') AS cr,
-               arg_min({{'seq': seq, 'at': occurred_at, 'already_gone': already_gone}}, seq)
-                   FILTER (WHERE type = 'cleanup.succeeded') AS rm,
-               count(*) FILTER (WHERE type = 'cleanup.failed') AS cleanup_failures,
-               arg_max(reason, seq) FILTER (WHERE type = 'cleanup.failed') AS last_cleanup_error
-        FROM e
-        GROUP BY path
-    ), m AS (
-        SELECT d.*, o.path IS NOT NULL AS known,
-               o.created_seq IS NOT NULL AS old_cr, o.removed_seq IS NOT NULL AS old_rm,
-               o.task_id AS o_task_id, o.attempt AS o_attempt, o.node_id AS o_node_id,
-               o.instance_id AS o_instance_id, o.files AS o_files, o.bytes AS o_bytes,
-               o.created_at AS o_created_at, o.created_seq AS o_created_seq,
-               o.removed_at AS o_removed_at, o.removed_seq AS o_removed_seq,
-               o.already_gone AS o_already_gone, o.cleanup_failures AS o_cleanup_failures,
-               o.last_cleanup_error AS o_last_cleanup_error, o.first_seq AS o_first_seq
-        FROM d LEFT JOIN workspaces o ON o.path = d.path
-    ), c AS (
-        SELECT *,
-               CASE WHEN old_cr THEN o_created_seq ELSE cr.seq END AS created_seq,
-               CASE WHEN old_rm THEN o_removed_seq ELSE rm.seq END AS removed_seq
-        FROM m
-    )
-    SELECT path,
-           {sql_progress_state("workspace")} AS state,
-           CASE WHEN known THEN o_task_id ELSE first.task_id END AS task_id,
-           CASE WHEN known THEN o_attempt ELSE first.attempt END AS attempt,
-           CASE WHEN known THEN o_node_id ELSE first.node_id END AS node_id,
-           CASE WHEN known THEN o_instance_id ELSE first.instance_id END AS instance_id,
-           CASE WHEN old_cr THEN o_files ELSE cr.files END AS files,
-           CASE WHEN old_cr THEN o_bytes ELSE cr.bytes END AS bytes,
-           CASE WHEN old_cr THEN o_created_at ELSE cr.at END AS created_at,
-           created_seq,
-           CASE WHEN old_rm THEN o_removed_at ELSE rm.at END AS removed_at,
-           removed_seq,
-           CASE WHEN old_rm THEN o_already_gone ELSE rm.already_gone END AS already_gone,
-           coalesce(o_cleanup_failures, 0) + cleanup_failures AS cleanup_failures,
-           coalesce(last_cleanup_error, o_last_cleanup_error) AS last_cleanup_error,
-           coalesce(o_first_seq, first_seq) AS first_seq,
-           last_seq
-    FROM c
-) AS src ON src.path = workspaces.path
-WHEN MATCHED THEN UPDATE
-WHEN NOT MATCHED THEN INSERT
-"""
 
 INSERT_DEAD_LETTERS = """
 INSERT INTO dead_letters
@@ -452,7 +131,6 @@ def _step(sql: str, *reads: str) -> Step:
 
 
 _RECONCILE_READS: Final[dict[str, tuple[str, ...]]] = {
-    rec.MERGE_INSTANCES: ("batch",),  # every event counts towards its instance
     rec.INSERT_INVENTORIES: ("inventory",),
     rec.LATEST_INVENTORY: ("inventory",),
     **dict.fromkeys(rec.REPLACE_OBSERVED_CONTAINERS, ("inventory",)),
@@ -468,10 +146,7 @@ APPLY_STATEMENTS: Final[tuple[Step, ...]] = (
     _step(INSERT_ALERTS, "alert"),
     # Attempts before tasks: whether a terminal event ends its task depends on its attempt
     # (`projections.store.machine.terminal_applies`).
-    _step(MERGE_ATTEMPTS, ATTEMPT_SCOPE),
-    _step(MERGE_TASKS, TASK_SCOPE),
-    _step(MERGE_CONTAINERS, "container", "cleanup"),
-    _step(MERGE_WORKSPACES, "workspace", "cleanup"),
+    *(_step(_MERGES[t.name], *t.reads) for t in TABLES),
     # A statement added there without its inputs here fails at import (KeyError).
     *(_step(sql, *_RECONCILE_READS[sql]) for sql in rec.RECONCILE_STATEMENTS),
 )
@@ -479,9 +154,7 @@ APPLY_STATEMENTS: Final[tuple[Step, ...]] = (
 (the node and reconciler tables last: `projections.store.apply_reconcile`)."""
 
 
-FOLDED_MERGES: Final[frozenset[str]] = frozenset(
-    (MERGE_TASKS, MERGE_ATTEMPTS, MERGE_CONTAINERS, MERGE_WORKSPACES, rec.MERGE_INSTANCES)
-)
+FOLDED_MERGES: Final[frozenset[str]] = frozenset(_MERGES.values())
 """The `MERGE`s that `projections.store.fold` computes in Python for a small batch."""
 
 

@@ -4,10 +4,8 @@ Run after the statements of `projections.store.apply` (same transaction, same st
 `_new`, and `_instance`, `_inventory`, `_decision`, `_outcome` from
 `projections.stream.decode.STAGING`):
 
-- `instances`: one row per supervisor process, merged like the other current-state tables
-  (firsts kept, lasts taken, counts added): its role and pid from `supervisor.started`, its
-  `supervisor.stopped`, its last `node.heartbeat` and the timeout it declared, and the span
-  of all its events.
+- (`instances`, one row per supervisor process, is a current-state table declared in
+  `projections.store.current` and merged with the others.)
 - `inventories` (one row per `node.inventory`), `reconcile_decisions` and
   `reconcile_outcomes` (one row per event) are facts.
 - `observed_containers` / `observed_workspaces` hold, per node, exactly the rows of the
@@ -21,51 +19,6 @@ from __future__ import annotations
 from typing import Final
 
 _ENV = "n.seq, n.event_id, n.occurred_at, n.node_id, n.task_id, n.attempt, n.correlation_id"
-
-MERGE_INSTANCES = """
-MERGE INTO instances USING (
-    WITH a AS (
-        SELECT instance_id, arg_min(node_id, seq) AS node_id,
-               min(seq) AS first_seq, max(seq) AS last_seq,
-               arg_max(occurred_at, seq) AS last_event_at, count(*) AS events
-        FROM _new GROUP BY instance_id
-    ), x AS (
-        SELECT n.instance_id,
-               arg_min({'seq': n.seq, 'at': n.occurred_at, 'role': x.role, 'pid': x.pid}, n.seq)
-                   FILTER (WHERE n.type = 'supervisor.started') AS st,
-               arg_min({'seq': n.seq, 'at': n.occurred_at}, n.seq)
-                   FILTER (WHERE n.type = 'supervisor.stopped') AS sp,
-               arg_max({'seq': n.seq, 'at': n.occurred_at, 'role': x.role,
-                        'timeout_s': x.timeout_s}, n.seq)
-                   FILTER (WHERE n.type = 'node.heartbeat') AS hb,
-               count(*) FILTER (WHERE n.type = 'node.heartbeat') AS heartbeats
-        FROM _instance x JOIN _new n ON n.seq = x.seq
-        GROUP BY n.instance_id
-    )
-    SELECT a.instance_id,
-           coalesce(o.node_id, a.node_id) AS node_id,
-           coalesce(o.role, x.st.role, x.hb.role) AS role,
-           coalesce(o.pid, x.st.pid) AS pid,
-           CASE WHEN o.started_seq IS NOT NULL THEN o.started_at ELSE x.st.at END AS started_at,
-           coalesce(o.started_seq, x.st.seq) AS started_seq,
-           CASE WHEN o.stopped_seq IS NOT NULL THEN o.stopped_at ELSE x.sp.at END AS stopped_at,
-           coalesce(o.stopped_seq, x.sp.seq) AS stopped_seq,
-           coalesce(o.heartbeats, 0) + coalesce(x.heartbeats, 0) AS heartbeats,
-           CASE WHEN x.hb.seq IS NOT NULL THEN x.hb.at ELSE o.last_heartbeat_at END
-               AS last_heartbeat_at,
-           coalesce(x.hb.seq, o.last_heartbeat_seq) AS last_heartbeat_seq,
-           CASE WHEN x.hb.seq IS NOT NULL THEN x.hb.timeout_s ELSE o.heartbeat_timeout_s END
-               AS heartbeat_timeout_s,
-           coalesce(o.first_seq, a.first_seq) AS first_seq,
-           a.last_seq,
-           a.last_event_at,
-           coalesce(o.events, 0) + a.events AS events
-    FROM a LEFT JOIN x ON x.instance_id = a.instance_id
-    LEFT JOIN instances o ON o.instance_id = a.instance_id
-) AS src ON src.instance_id = instances.instance_id
-WHEN MATCHED THEN UPDATE
-WHEN NOT MATCHED THEN INSERT
-"""
 
 INSERT_INVENTORIES = f"""
 INSERT INTO inventories
@@ -116,7 +69,6 @@ FROM _outcome x JOIN _new n ON n.seq = x.seq
 """
 
 RECONCILE_STATEMENTS: Final[tuple[str, ...]] = (
-    MERGE_INSTANCES,
     INSERT_INVENTORIES,
     LATEST_INVENTORY,
     *REPLACE_OBSERVED_CONTAINERS,

@@ -73,9 +73,9 @@ def sql_task_state_case(column: str) -> str:
 # once an attempt is finished, whichever instance handles the task's next delivery may end
 # the task. Anything else (a forgery, a node that went on after it was presumed dead) is
 # kept in `events` and shown by the `terminal_conflicts` view, and changes no row.
-# The rule is written once for Python (`projections.store.fold`, `projections.audit`) and once
-# as SQL (`projections.store.apply`) right here, side by side; `tests/test_fold.py` holds them
-# equal.
+# The rule is written here once, as Python and as SQL side by side; the declarations of the
+# current-state tables (`projections.store.current`) name the pair, so the fold and the
+# MERGE made from them use it, and `projections.audit` calls the Python form.
 
 CLOSING_ERROR_TYPE: Final = "infrastructure"
 """The only error type with which an instance may close another instance's attempt."""
@@ -114,49 +114,33 @@ def sql_terminal_applies(
     )
 
 
-# --- how far a container or a workspace got -----------------------------------------------
+# --- how far an attempt, a container or a workspace got ----------------------------------
 #
 # Their state is the furthest step of their machine (`schemas.lifecycle`) that the history
-# shows; each step is known from one column of the row (the seq or time it happened).
-
-CONTAINER_STEPS: Final[dict[str, str]] = {
-    "created": "created_seq",
-    "running": "started",
-    "exited": "exited_at",
-    "removed": "removed_seq",
-}
-"""Each container state, and the column (of `MERGE_CONTAINERS`' last CTE) that shows it."""
-
-WORKSPACE_STEPS: Final[dict[str, str]] = {"present": "created_seq", "removed": "removed_seq"}
+# shows; each step is known from one column of the row (the seq or time it happened). Each
+# table is (state, column) from the first step to the last, in the machine's order.
 
 
-def _check(progression: tuple[str, ...], steps: dict[str, str]) -> tuple[str, ...]:
-    if set(progression) != set(steps):
-        raise RuntimeError(f"lifecycle: states {progression} but columns for {sorted(steps)}")
-    return progression
+def _steps(progression: tuple[str, ...], columns: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    if set(progression) != set(columns):
+        raise RuntimeError(f"lifecycle: states {progression} but columns for {sorted(columns)}")
+    return tuple((state, columns[state]) for state in progression)
 
 
-_CONTAINER_ORDER: Final = _check(CONTAINER_PROGRESSION, CONTAINER_STEPS)
-_WORKSPACE_ORDER: Final = _check(WORKSPACE_PROGRESSION, WORKSPACE_STEPS)
-
-
-def progress_state(kind: str, values: dict[str, object]) -> str | None:
-    """The furthest state of a `kind` ("container", "workspace") whose column in `values`
-    is set."""
-    order, steps = (
-        (_CONTAINER_ORDER, CONTAINER_STEPS)
-        if kind == "container"
-        else (_WORKSPACE_ORDER, WORKSPACE_STEPS)
-    )
-    return next((s for s in reversed(order) if values[steps[s]] is not None), None)
-
-
-def sql_progress_state(kind: str) -> str:
-    """`progress_state` as a SQL CASE over the columns."""
-    order, steps = (
-        (_CONTAINER_ORDER, CONTAINER_STEPS)
-        if kind == "container"
-        else (_WORKSPACE_ORDER, WORKSPACE_STEPS)
-    )
-    arms = " ".join(f"WHEN {steps[s]} IS NOT NULL THEN '{s}'" for s in reversed(order))
-    return f"CASE {arms} END"
+CONTAINER_STEPS: Final = _steps(
+    CONTAINER_PROGRESSION,
+    {
+        "created": "created_seq",
+        "running": "started_at",
+        "exited": "exited_at",
+        "removed": "removed_seq",
+    },
+)
+WORKSPACE_STEPS: Final = _steps(
+    WORKSPACE_PROGRESSION, {"present": "created_seq", "removed": "removed_seq"}
+)
+ATTEMPT_STEPS: Final[tuple[tuple[str, str], ...]] = (
+    ("running", "started_seq"),
+    ("finished", "finished_seq"),
+)
+"""An attempt is `running` once started and `finished` once ended (`unknown` before)."""

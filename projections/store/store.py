@@ -50,7 +50,7 @@ from projections.store.apply import (
     steps_for,
 )
 from projections.store.ddl import DDL_VERSION, schema_statements
-from projections.store.fold import FACT_KINDS, FOLDS, AttemptRows, Event, Fold, Row, fact_rows
+from projections.store.fold import FACT_KINDS, FOLDS, Event, Fold, Look, Row, fact_rows
 from projections.stream.decode import STAGING, Staged
 from schemas import NO_TASK
 from schemas.streams import EVENTS_STREAM
@@ -126,7 +126,7 @@ class ProjectionStore:
         self.fold_max = fold_max
         self._schemas: dict[str, pa.Schema] = {}
         self._sources: dict[str, _ArrowSource] = {}
-        self._cached: dict[str, OrderedDict[Any, Row]] = {f.table: OrderedDict() for f in FOLDS}
+        self._cached: dict[str, OrderedDict[Any, Row]] = {f.name: OrderedDict() for f in FOLDS}
         """The last `CACHED_ROWS` rows this writer wrote to each folded table, by key."""
         self._parsed: dict[str, duckdb.Statement] = {}
         try:
@@ -175,7 +175,7 @@ class ProjectionStore:
             with _registered(self.con, "_empty", empty):
                 self.con.execute(f"CREATE TEMP TABLE _{kind} AS FROM _empty LIMIT 0")
         self.con.execute(CREATE_NEW)
-        for table in (*FACT_KINDS, *(f.table for f in FOLDS)):
+        for table in (*FACT_KINDS, *(f.name for f in FOLDS)):
             self._schemas[table] = self.con.sql(f"FROM {table} LIMIT 0").arrow().schema
         self._schemas["batch"] = STAGING["batch"]
         for table, schema in self._schemas.items():
@@ -327,7 +327,7 @@ class ProjectionStore:
         The stored rows come from `_cached` (this writer's own recent rows) or are read;
         one statement finds which of the other keys are stored at all, so a batch of new
         and recently written keys (the steady state) reads no row."""
-        groups = {f.table: g for f in FOLDS if (g := f.select(events))}
+        groups = {f.name: g for f in FOLDS if (g := f.select(events))}
         if not groups:
             return
         stored: dict[str, dict[Any, Row]] = {t: {} for t in groups}
@@ -344,28 +344,21 @@ class ProjectionStore:
             for table in self._stored_among(unknown):
                 stored[table].update(self._read(_BY_TABLE[table], unknown[table]))
         for f in FOLDS:
-            if f.table == "tasks" and "tasks" in groups:
-                self._replace(
-                    f, groups["tasks"], stored["tasks"], self._attempt_rows(groups["tasks"])
-                )
-            elif f.table in groups:
-                self._replace(f, groups[f.table], stored[f.table])
+            if f.name in groups:
+                self._replace(f, groups[f.name], stored[f.name], self._look(f, groups[f.name]))
 
-    def _attempt_rows(self, tasks: dict[Any, list[Event]]) -> AttemptRows:
-        """The rows (as of this batch, folded already) of the attempts the batch's terminal
-        events claim: `fold_task` asks whether they may end their task."""
-        cache = self._cached["attempts"]
-        wanted = {
-            (e["task_id"], e["attempt"])
-            for evs in tasks.values()
-            for e in evs
-            if e["_kind"] == "terminal" and e["attempt"] > 0
-        }
+    def _look(self, f: Fold, groups: dict[Any, list[Event]]) -> Look:
+        """The rows (as of this batch, folded already) of the table `f` looks up, that the
+        events of `groups` name (a task's terminal events: the attempts they claim)."""
+        if f.lookup is None:
+            return f.look({})
+        wanted = f.looked_up(groups)
+        cache = self._cached[f.lookup.table]
         rows = {k: cache[k] for k in wanted if k in cache}
         missing = [k for k in wanted if k not in rows]
         if missing:
-            rows.update(self._read(_BY_TABLE["attempts"], missing))
-        return lambda task_id, attempt: rows.get((task_id, attempt))
+            rows.update(self._read(_BY_TABLE[f.lookup.table], missing))
+        return f.look(rows)
 
     def _stored_among(self, unknown: dict[str, list[Any]]) -> set[str]:
         """The tables where some of their `unknown` keys are stored: one statement."""
@@ -376,20 +369,20 @@ class ProjectionStore:
 
     def _read(self, f: Fold, keys: list[Any]) -> dict[Any, Row]:
         where, params = _keyed(f, keys)
-        cur = self.con.execute(f"SELECT * FROM {f.table} WHERE {where}", params)
+        cur = self.con.execute(f"SELECT * FROM {f.name} WHERE {where}", params)
         names = [d[0] for d in cur.description or []]
         rows = (dict(zip(names, values, strict=True)) for values in cur.fetchall())
         return {f.key_of(row): row for row in rows}
 
     def _replace(
-        self, f: Fold, groups: dict[Any, list[Event]], stored: dict[Any, Row], *context: Any
+        self, f: Fold, groups: dict[Any, list[Event]], stored: dict[Any, Row], look: Look
     ) -> None:
-        rows = [f.fold(key, stored.get(key), evs, *context) for key, evs in groups.items()]
+        rows = [f.fold(key, stored.get(key), evs, look) for key, evs in groups.items()]
         if stored:
             where, params = _keyed(f, list(stored))
-            self.con.execute(f"DELETE FROM {f.table} WHERE {where}", params)
-        self._insert(f.table, pa.Table.from_pylist(rows, schema=self._schemas[f.table]))
-        cache = self._cached[f.table]
+            self.con.execute(f"DELETE FROM {f.name} WHERE {where}", params)
+        self._insert(f.name, pa.Table.from_pylist(rows, schema=self._schemas[f.name]))
+        cache = self._cached[f.name]
         for key, row in zip(groups, rows, strict=True):
             cache[key] = row
             cache.move_to_end(key)
@@ -451,11 +444,11 @@ CACHED_ROWS = 2_000
 """Rows of each folded table the writer keeps (see `ProjectionStore._fold_all`): a live
 key is touched over a task's few seconds, and a task's row is a few kB of Python objects."""
 
-_BY_TABLE: Final[dict[str, Fold]] = {f.table: f for f in FOLDS}
+_BY_TABLE: Final[dict[str, Fold]] = {f.name: f for f in FOLDS}
 
 
 def _keyed(f: Fold, keys: list[Any]) -> tuple[str, dict[str, Any]]:
-    """The WHERE clause selecting `keys` of `f.table`, and its parameters."""
+    """The WHERE clause selecting `keys` of `f.name`, and its parameters."""
     if len(f.keys) == 1:
         return f"list_contains($k, {f.keys[0]})", {"k": keys}
     # (task_id, attempt): the strings first, they are cheaper to compare.
