@@ -23,7 +23,9 @@ from pathlib import Path
 from schemas.errors import EmbeddedNatsError
 from supervisor.eventlog.nats_auth import read_credentials, with_user
 
-REPO_CONF = Path(__file__).resolve().parent.parent / "nats.conf"
+REPO = Path(__file__).resolve().parents[2]
+"""The checkout this module runs from (an installed wheel has no `nats.conf` there)."""
+REPO_CONF = REPO / "nats.conf"
 _LISTEN_RE = re.compile(rb"Listening for client connections on ([0-9.]+):(\d+)")
 _DEFAULT_CONF = """\
 listen: 127.0.0.1:4222
