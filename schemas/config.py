@@ -282,6 +282,69 @@ class ProjectionConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     ] = "1GB"
 
 
+_URL_UNSAFE = frozenset("@:/,?# ")
+
+
+class NatsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Where NATS is, and who this process is there. `servers` are tried in turn and the
+    client reconnects across them; `user`/`password` (or `token`) are sent to each. The
+    streams this process creates get `replicas` copies, and an existing stream with
+    another count is updated to it: 1 on one server, 3 on a three-server cluster."""
+
+    servers: Annotated[
+        list[str], _doc("NATS URLs of the cluster (`nats://host:port`); empty: see `nats_url`.")
+    ] = msgspec.field(default_factory=list)
+    user: Annotated[str | None, _doc("User name sent to the servers.")] = None
+    password: Annotated[str | None, _doc("Password of `user`.")] = None
+    token: Annotated[str | None, _doc("Token sent to the servers (instead of a user).")] = None
+    replicas: Annotated[
+        int,
+        _doc("Copies of each stream this process creates or updates (1, 3 or 5)."),
+        msgspec.Meta(ge=1, le=5),
+    ] = 1
+
+    def __post_init__(self) -> None:
+        for name in ("user", "password", "token"):
+            value = getattr(self, name)
+            if value is not None and (not value or _URL_UNSAFE & set(value)):
+                raise ValueError(
+                    f"nats.{name} must be non-empty, without any of @ : / , ? # or a space"
+                )
+        if self.password is not None and self.user is None:
+            raise ValueError("nats.password needs nats.user")
+        if self.token is not None and self.user is not None:
+            raise ValueError("nats.token and nats.user exclude each other")
+        for url in self.servers:
+            scheme, sep, rest = url.partition("://")
+            if not sep or scheme not in ("nats", "tls") or not rest or "@" in rest or "," in rest:
+                raise ValueError(
+                    f"nats.servers: {url!r} is not nats://host:port (without credentials)"
+                )
+
+    def url(self) -> str | None:
+        """The servers as one comma-separated URL list carrying the credentials (what every
+        client of the project connects with), or None when no server is set."""
+        if not self.servers:
+            return None
+        userinfo = (
+            f"{self.user}:{self.password}@"
+            if self.user and self.password
+            else f"{self.user}@"
+            if self.user
+            else f"{self.token}@"
+            if self.token
+            else ""
+        )
+        return ",".join(
+            f"{s.partition('://')[0]}://{userinfo}{s.partition('://')[2]}" for s in self.servers
+        )
+
+
+def server_list(url: str) -> list[str]:
+    """The URLs of a comma-separated list (`--nats`, `SUPERVISOR_NATS_URL`, `NatsConfig.url`)."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
 class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     node_id: Annotated[str, _doc("This node's id, in every event and container label.")] = "n1"
     data_dir: Annotated[
@@ -290,9 +353,11 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     nats_url: Annotated[
         str | None,
         _doc(
-            "NATS to use (none: the URL a daemon wrote into the data dir, or the embedded server)."
+            "NATS to use, one URL or a comma-separated list (none: `[nats] servers`, else the URL"
+            " a daemon wrote into the data dir, else the embedded server)."
         ),
     ] = None
+    nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     docker_url: Annotated[
         str | None, _doc("The Docker engine (none: `DOCKER_HOST` or the local socket).")
     ] = None
@@ -315,6 +380,12 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     reconcile: ReconcileConfig = msgspec.field(default_factory=ReconcileConfig)
     projection: ProjectionConfig = msgspec.field(default_factory=ProjectionConfig)
     log_level: Annotated[str, _doc("Log level of `serve` (DEBUG, INFO, WARNING, ERROR).")] = "INFO"
+
+    @property
+    def nats_target(self) -> str | None:
+        """The NATS this configuration names: `nats_url`, else `[nats] servers` with its
+        credentials; None when it names none."""
+        return self.nats_url or self.nats.url()
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -16,9 +16,10 @@ COMMANDS_SUBJECTS = ["supcmd.>"]
 DUPLICATE_WINDOW_S = 600.0
 
 
-def events_stream_config() -> StreamConfig:
+def events_stream_config(replicas: int = 1) -> StreamConfig:
     return StreamConfig(
         name=EVENTS_STREAM,
+        num_replicas=replicas,
         subjects=EVENTS_SUBJECTS,
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
@@ -26,9 +27,10 @@ def events_stream_config() -> StreamConfig:
     )
 
 
-def tasks_stream_config(per_priority_bound: int = 1000) -> StreamConfig:
+def tasks_stream_config(per_priority_bound: int = 1000, replicas: int = 1) -> StreamConfig:
     return StreamConfig(
         name=TASKS_STREAM,
+        num_replicas=replicas,
         subjects=TASKS_SUBJECTS,
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
@@ -39,9 +41,10 @@ def tasks_stream_config(per_priority_bound: int = 1000) -> StreamConfig:
     )
 
 
-def commands_stream_config() -> StreamConfig:
+def commands_stream_config(replicas: int = 1) -> StreamConfig:
     return StreamConfig(
         name=COMMANDS_STREAM,
+        num_replicas=replicas,
         subjects=COMMANDS_SUBJECTS,
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,

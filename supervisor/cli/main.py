@@ -337,7 +337,7 @@ async def _tail_async(args: argparse.Namespace, cfg: Config) -> int:
     from supervisor.eventlog.tail import parse_since, tail
 
     since = parse_since(args.since) if args.since else None
-    async with nats_for(args.nats_url or cfg.nats_url, Path(cfg.data_dir).resolve()) as url:
+    async with nats_for(args.nats_url or cfg.nats_target, Path(cfg.data_dir).resolve()) as url:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -443,8 +443,8 @@ async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
     overrides = {"priority": args.priority, "correlation_id": args.correlation_id}
     spec = prepare(msgspec.structs.replace(spec, **{k: v for k, v in overrides.items() if v}))
     data_dir = Path(cfg.data_dir).resolve()
-    async with nats_for(args.nats_url or cfg.nats_url, data_dir) as url:
-        events = EventLog(data_dir, url, instance_id=new_id()[:16])
+    async with nats_for(args.nats_url or cfg.nats_target, data_dir) as url:
+        events = EventLog(data_dir, url, instance_id=new_id()[:16], replicas=cfg.nats.replicas)
         await events.start()
         try:
             if not await events.wait_connected(10):

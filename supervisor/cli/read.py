@@ -69,7 +69,9 @@ def _settings(args: argparse.Namespace) -> tuple[str | None, Path]:
     """(NATS URL as configured, data dir) from the args, the environment, the config file."""
     cfg = _config(args)
     data_dir = getattr(args, "data_dir", None) or os.environ.get("SUPERVISOR_DATA_DIR")
-    return getattr(args, "nats_url", None) or cfg.nats_url, Path(data_dir or cfg.data_dir).resolve()
+    return getattr(args, "nats_url", None) or cfg.nats_target, Path(
+        data_dir or cfg.data_dir
+    ).resolve()
 
 
 @contextlib.asynccontextmanager

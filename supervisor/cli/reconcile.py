@@ -89,7 +89,9 @@ async def _reconcile(args: argparse.Namespace) -> dict[str, Any]:
         if not await node.events.wait_connected(10):
             raise NatsUnavailable(node.nats_url, "a reconcile pass needs NATS")
         js = node.events.js
-        await ensure_streams(js, [commands_stream_config()], url=node.nats_url)
+        await ensure_streams(
+            js, [commands_stream_config(node.config.nats.replicas)], url=node.nats_url
+        )
         async with _projection(args.db, node.nats_url) as (projector, state):
             reconciler = Reconciler(
                 emitter=node.emitter,

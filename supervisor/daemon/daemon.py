@@ -243,7 +243,10 @@ class Daemon:
         js = node.events.js
         await ensure_streams(
             js,
-            [tasks_stream_config(sc.queue_bound_per_priority), commands_stream_config()],
+            [
+                tasks_stream_config(sc.queue_bound_per_priority, self.config.nats.replicas),
+                commands_stream_config(self.config.nats.replicas),
+            ],
             url=node.nats_url,
         )
         await ensure_consumers(js, ack_wait_s=sc.ack_wait_s, max_deliveries=sc.max_deliver + 1)

@@ -89,8 +89,10 @@ async def open_node(
     instance_id = instance_id or new_id()[:16]
     metrics = Metrics()
     async with contextlib.AsyncExitStack() as stack:
-        url, server = await stack.enter_async_context(_nats(nats_url or config.nats_url, data_dir))
-        events = EventLog(data_dir, url, instance_id=instance_id)
+        url, server = await stack.enter_async_context(
+            _nats(nats_url or config.nats_target, data_dir)
+        )
+        events = EventLog(data_dir, url, instance_id=instance_id, replicas=config.nats.replicas)
         await events.start()
         stack.push_async_callback(events.close, flush_timeout)
         emitter = Emitter(events, config.node_id, instance_id)

@@ -36,6 +36,7 @@ from nats.js.api import PubAck, StreamConfig
 from nats.js.client import JetStreamContext
 
 from schemas import Event, encode_event
+from schemas.config import server_list
 from schemas.errors import DiskFull, EventLogError, NatsUnavailable
 from schemas.streams import commands_stream_config, events_stream_config, tasks_stream_config
 from supervisor.eventlog.nats_auth import redact
@@ -148,7 +149,7 @@ async def connect_nats(
 
     nc = NATS()
     options: dict[str, object] = {
-        "servers": [url],
+        "servers": server_list(url),
         "name": name,
         "allow_reconnect": reconnect,
         "max_reconnect_attempts": -1,
@@ -209,9 +210,12 @@ class EventLog:
         adopt_interval: float = 60.0,
         max_payload: int = 8 * 1024 * 1024,
         max_overflow_bytes: int = 64 * 1024 * 1024,
+        replicas: int = 1,
     ) -> None:
         if batch < 1 or window < 1:
             raise ValueError("batch and window must be at least 1")
+        self.replicas = replicas
+        """Copies of `SUP_EVENTS` when this log creates or updates it."""
         self.data_dir = Path(data_dir)
         self.nats_url = nats_url
         self.instance_id = instance_id
@@ -466,7 +470,7 @@ class EventLog:
             js = nc.jetstream(publish_async_max_pending=max(4000, (self.window + 1) * self.batch))
             # Only its own stream: SUP_TASKS and SUP_COMMANDS are configured by the daemon
             # (the task queue bound is its setting), never reset by a passing client.
-            await ensure_streams(js, [events_stream_config()], url=self.nats_url)
+            await ensure_streams(js, [events_stream_config(self.replicas)], url=self.nats_url)
         except BaseException:
             await close_quietly(nc)
             raise

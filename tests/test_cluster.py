@@ -1,0 +1,227 @@
+"""A fleet on a real three-server JetStream cluster on loopback, started as users start it
+(`scripts/cluster up DIR`): the streams are replicated three times, two nodes share the
+work, a server killed mid-run (the leader of `SUP_EVENTS`) loses and duplicates no event,
+and the reader credential reads the history but writes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import tomllib
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from schemas.config import NatsConfig, server_list
+from schemas.streams import COMMANDS_STREAM, EVENTS_STREAM, TASKS_STREAM
+from supervisor.eventlog.cluster import pids
+from testing.daemon import DaemonProc, task, wait_until
+from testing.stream import stream_events
+
+pytestmark = [pytest.mark.docker, pytest.mark.nats]
+
+ROOT = Path(__file__).resolve().parent.parent
+TERMINAL = {"task.succeeded", "task.failed", "task.rejected"}
+
+
+def _tag(e: object) -> str:
+    return str(type(e).__struct_config__.tag)  # type: ignore[attr-defined]
+
+
+def _cluster(action: str, where: Path) -> str:
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "cluster"), action, str(where)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.fixture
+def cluster(tmp_dir: Path) -> Iterator[Path]:
+    root = tmp_dir / "cluster"
+    out = _cluster("up", root)
+    assert out.startswith("cluster up: nats://127.0.0.1:")
+    try:
+        yield root
+    finally:
+        assert _cluster("down", root).startswith("cluster down:")
+
+
+def _nats(root: Path, role: str) -> NatsConfig:
+    with (root / f"{role}.toml").open("rb") as f:
+        return NatsConfig(**tomllib.load(f)["nats"])
+
+
+def _url(root: Path, role: str) -> str:
+    url = _nats(root, role).url()
+    assert url is not None
+    return url
+
+
+def _node(daemons: list[DaemonProc], root: Path, tmp: Path, node_id: str) -> DaemonProc:
+    cfg: dict[str, Any] = {
+        "nats": tomllib.loads((root / "node.toml").read_text())["nats"],
+        "node_id": node_id,
+        "scheduling": {"concurrency": 3},
+    }
+    d = DaemonProc(tmp / node_id, None, config=cfg)
+    daemons.append(d)
+    return d.start(timeout=60)
+
+
+def _submit(d: DaemonProc, n: int, script: str, prefix: str) -> list[str]:
+    ids = [f"{prefix}-{i}" for i in range(n)]
+    for tid in ids:
+        status, body = d.request(
+            "POST", "/v1/tasks", json.dumps(task(script, task_id=tid)).encode()
+        )
+        assert status in (200, 202), body
+    return ids
+
+
+def _ends(url: str, ids: list[str]) -> dict[str, list[str]]:
+    events = asyncio.run(stream_events(url))
+    ends: dict[str, list[str]] = {t: [] for t in ids}
+    for e in events:
+        if e.task_id in ends and _tag(e) in TERMINAL:
+            ends[e.task_id].append(_tag(e))
+    return ends
+
+
+def _all_ended(url: str, ids: list[str]) -> bool:
+    """Whether every task has ended; False while the stream answers no read (a leader is
+    being elected)."""
+    try:
+        return all(_ends(url, ids).values())
+    except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+        return False
+
+
+async def _stream_info(url: str) -> dict[str, Any]:
+    nc = await nats.connect(servers=server_list(url), connect_timeout=5)
+    try:
+        js = nc.jetstream()
+        out = {}
+        for name in (EVENTS_STREAM, TASKS_STREAM, COMMANDS_STREAM):
+            info = await js.stream_info(name)
+            assert info.cluster is not None
+            out[name] = (
+                info.config.num_replicas,
+                info.cluster.leader,
+                len(info.cluster.replicas or []),
+            )
+        return out
+    finally:
+        await nc.close()
+
+
+def test_the_streams_have_three_replicas_and_two_nodes_share_the_work(
+    cluster: Path, tmp_dir: Path, daemons: list[DaemonProc]
+) -> None:
+    url = _url(cluster, "node")
+    assert len(pids(cluster)) == 3
+    for role in ("node", "reader"):
+        assert os.stat(cluster / f"{role}.toml").st_mode & 0o777 == 0o600
+    n1 = _node(daemons, cluster, tmp_dir, "n1")
+    _node(daemons, cluster, tmp_dir, "n2")
+
+    info = asyncio.run(_stream_info(url))
+    assert {name: (r, peers) for name, (r, _, peers) in info.items()} == {
+        EVENTS_STREAM: (3, 2),
+        TASKS_STREAM: (3, 2),
+        COMMANDS_STREAM: (3, 2),
+    }
+    ids = _submit(n1, 24, "sleep 0.5", "share")
+    wait_until(lambda: all(_ends(url, ids).values()), timeout=180, what="every task to end")
+
+    assert _ends(url, ids) == {t: ["task.succeeded"] for t in ids}
+    started = Counter(
+        e.node_id
+        for e in asyncio.run(stream_events(url))
+        if _tag(e) == "attempt.started" and e.task_id in ids
+    )
+    assert set(started) == {"n1", "n2"}, started
+    assert sum(started.values()) == len(ids)
+
+
+def test_a_killed_stream_leader_loses_and_duplicates_no_event(
+    cluster: Path, tmp_dir: Path, daemons: list[DaemonProc]
+) -> None:
+    url = _url(cluster, "node")
+    n1 = _node(daemons, cluster, tmp_dir, "n1")
+    _node(daemons, cluster, tmp_dir, "n2")
+    ids = _submit(n1, 20, "sleep 0.4", "leader")
+    wait_until(lambda: any(_ends(url, ids).values()), timeout=60, what="a first task to end")
+
+    leader = asyncio.run(_stream_info(url))[EVENTS_STREAM][1]
+    index = int(leader.rsplit("-", 1)[1]) - 1
+    os.kill(pids(cluster)[index], signal.SIGKILL)
+    survivors = ",".join(u for i, u in enumerate(server_list(url)) if i != index)
+
+    wait_until(lambda: _all_ended(survivors, ids), timeout=180, what="every task to end")
+    assert _ends(survivors, ids) == {t: ["task.succeeded"] for t in ids}
+    events = asyncio.run(stream_events(survivors))
+    ids_seen = Counter(e.event_id for e in events)
+    assert [i for i, n in ids_seen.items() if n > 1] == []
+    new_leader = asyncio.run(_stream_info(survivors))[EVENTS_STREAM][1]
+    assert new_leader != leader
+    for d in daemons:
+        assert d.proc is not None and d.proc.poll() is None, d.log()
+
+
+async def _reader_attempts(url: str) -> tuple[int, list[str]]:
+    errors: list[str] = []
+
+    async def on_error(e: Exception) -> None:
+        errors.append(str(e))
+
+    nc = await nats.connect(servers=server_list(url), connect_timeout=5, error_cb=on_error)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(EVENTS_STREAM)
+        for subject in ("sup.task.succeeded.n1.forged", "suptask.normal", "supcmd.n1.kill"):
+            await nc.publish(subject, b"{}")
+        for call in (js.purge_stream, js.delete_stream):
+            with pytest.raises(nats.errors.Error):
+                await call(EVENTS_STREAM)
+        await nc.flush()
+        await asyncio.sleep(0.3)
+        return info.state.messages, errors
+    finally:
+        await nc.close()
+
+
+def test_the_reader_reads_the_history_but_writes_nothing(
+    cluster: Path, tmp_dir: Path, daemons: list[DaemonProc]
+) -> None:
+    n1 = _node(daemons, cluster, tmp_dir, "n1")
+    ids = _submit(n1, 2, "true", "reader")
+    reader = _url(cluster, "reader")
+    wait_until(lambda: all(_ends(reader, ids).values()), timeout=60, what="the tasks to end")
+
+    before, errors = asyncio.run(_reader_attempts(reader))
+    assert before > 0
+    refused = (
+        "sup.task.succeeded.n1.forged",
+        "suptask.normal",
+        "supcmd.n1.kill",
+        "$js.api.stream.purge.sup_events",
+        "$js.api.stream.delete.sup_events",
+    )
+    assert sorted(errors) == sorted(
+        f'nats: permissions violation for publish to "{s}"' for s in refused
+    )
+    after = asyncio.run(_stream_info(_url(cluster, "node")))
+    assert after[EVENTS_STREAM][0] == 3
+    assert len(asyncio.run(stream_events(reader))) >= before
