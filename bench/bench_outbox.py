@@ -78,8 +78,10 @@ async def run_raw(url: str, events: list[Event]) -> float:
         await nc.close()
 
 
-async def run_outbox(url: str, data_dir: Path, events: list[Event], instance: str) -> float:
-    log = EventLog(data_dir, url, instance_id=instance)
+async def run_outbox(
+    url: str, data_dir: Path, events: list[Event], instance: str, replicas: int = 1
+) -> float:
+    log = EventLog(data_dir, url, instance_id=instance, replicas=replicas)
     await log.start()
     try:
         started = time.perf_counter()

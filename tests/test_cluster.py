@@ -19,9 +19,12 @@ from typing import Any
 import nats
 import pytest
 
+from schemas import CleanupCommand, ReconcileOutcome
 from schemas.config import NatsConfig, server_list
 from schemas.streams import COMMANDS_STREAM, EVENTS_STREAM, TASKS_STREAM
 from supervisor.eventlog.cluster import pids
+from supervisor.eventlog.emitter import utcnow
+from supervisor.reconcile.command_executor import JetStreamCommands
 from testing.daemon import DaemonProc, task, wait_until
 from testing.stream import stream_events
 
@@ -69,11 +72,26 @@ def _url(root: Path, role: str) -> str:
     return url
 
 
-def _node(daemons: list[DaemonProc], root: Path, tmp: Path, node_id: str) -> DaemonProc:
+FAST_LOSS: dict[str, Any] = {
+    # A lost node shows within seconds: heartbeats every 0.5 s, silent for 2 s is dead,
+    # and a task message not acked for 3 s goes to another node.
+    "scheduling": {"concurrency": 3, "ack_wait_s": 3.0, "ack_progress_s": 1.0},
+    "reconcile": {"interval_s": 1.0, "heartbeat_s": 0.5, "heartbeat_timeout_s": 2.0},
+}
+
+
+def _node(
+    daemons: list[DaemonProc],
+    root: Path,
+    tmp: Path,
+    node_id: str,
+    extra: dict[str, Any] | None = None,
+) -> DaemonProc:
     cfg: dict[str, Any] = {
         "nats": tomllib.loads((root / "node.toml").read_text())["nats"],
         "node_id": node_id,
         "scheduling": {"concurrency": 3},
+        **(extra or {}),
     }
     d = DaemonProc(tmp / node_id, None, config=cfg)
     daemons.append(d)
@@ -225,3 +243,103 @@ def test_the_reader_reads_the_history_but_writes_nothing(
     after = asyncio.run(_stream_info(_url(cluster, "node")))
     assert after[EVENTS_STREAM][0] == 3
     assert len(asyncio.run(stream_events(reader))) >= before
+
+
+def _containers(docker_client: Any, node_id: str) -> list[str]:
+    found = docker_client.containers.list(
+        all=True, filters={"label": ["supervisor.managed=true", f"supervisor.node={node_id}"]}
+    )
+    return sorted(c.labels["supervisor.task"] for c in found)
+
+
+def test_a_killed_node_s_tasks_end_once_elsewhere_and_its_containers_wait_for_it(
+    cluster: Path, tmp_dir: Path, daemons: list[DaemonProc], docker_client: Any
+) -> None:
+    url = _url(cluster, "node")
+    n1 = _node(daemons, cluster, tmp_dir, "n1", FAST_LOSS)
+    n2 = _node(daemons, cluster, tmp_dir, "n2", FAST_LOSS)
+    ids = _submit(n1, 6, "sleep 5", "lost")
+    wait_until(lambda: len(_containers(docker_client, "n1")) == 3, 60, "n1 to run three tasks")
+    on_n1 = _containers(docker_client, "n1")
+    n1.kill()
+
+    wait_until(lambda: _all_ended(url, ids), timeout=120, what="every task to end")
+    assert _ends(url, ids) == {t: ["task.succeeded"] for t in ids}
+    events = asyncio.run(stream_events(url))
+    lost = sorted(
+        e.task_id
+        for e in events
+        if _tag(e) == "attempt.finished" and e.error_code == "SUPERVISOR_LOST"  # type: ignore[attr-defined]
+    )
+    assert lost == on_n1
+    reran = {
+        e.task_id: e.node_id
+        for e in events
+        if _tag(e) == "attempt.started" and e.task_id in on_n1 and e.attempt == 2
+    }
+    assert reran == dict.fromkeys(on_n1, "n2")
+    # n2 never touched n1's containers: they wait, exited, for their own node.
+    assert _containers(docker_client, "n1") == on_n1
+    status, body = n2.request(
+        "POST",
+        "/v1/query",
+        json.dumps(
+            {
+                "sql": "SELECT task_id, owner FROM leaked_resources WHERE node_id = 'n1' AND kind = 'container' ORDER BY 1"
+            }
+        ).encode(),
+    )
+    assert status == 200, body
+    assert [tuple(r) for r in json.loads(body)["rows"]] == [(t, "dead") for t in on_n1]
+
+    n1.start(timeout=60)
+    wait_until(lambda: _containers(docker_client, "n1") == [], 30, "n1 to remove its orphans")
+    assert _ends(url, ids) == {t: ["task.succeeded"] for t in ids}
+
+
+def test_a_node_never_removes_another_node_s_container_even_when_a_command_names_it(
+    cluster: Path, tmp_dir: Path, daemons: list[DaemonProc], docker_client: Any
+) -> None:
+    url = _url(cluster, "node")
+    n1 = _node(daemons, cluster, tmp_dir, "n1")
+    _node(daemons, cluster, tmp_dir, "n2")
+    _submit(n1, 1, "sleep 4; echo kept", "other")
+    # Whichever node runs it, the command goes to the other one.
+    wait_until(
+        lambda: any(_containers(docker_client, n) for n in ("n1", "n2")), 60, "the task to run"
+    )
+    owner = "n1" if _containers(docker_client, "n1") else "n2"
+    other = "n2" if owner == "n1" else "n1"
+    (container,) = docker_client.containers.list(
+        filters={"label": [f"supervisor.node={owner}", "supervisor.task=other-0"]}
+    )
+    command = CleanupCommand(
+        command_id="cross-node-1",
+        node_id=other,
+        action="remove_container",
+        resource_kind="container",
+        resource=container.id,
+        rule="orphan_container",
+        decision_id="cross-node-decision",
+        issued_at=utcnow(),
+        task_id="other-0",
+        attempt=1,
+    )
+
+    async def publish() -> None:
+        nc = await nats.connect(servers=server_list(url))
+        try:
+            assert await JetStreamCommands(nc.jetstream()).publish(command)
+        finally:
+            await nc.close()
+
+    asyncio.run(publish())
+    wait_until(lambda: _all_ended(url, ["other-0"]), 60, "the task to end")
+    assert _ends(url, ["other-0"]) == {"other-0": ["task.succeeded"]}
+    outcomes = [
+        e
+        for e in asyncio.run(stream_events(url, "sup.reconcile.outcome.>"))
+        if isinstance(e, ReconcileOutcome) and e.command_id == "cross-node-1"
+    ]
+    assert [(o.node_id, o.outcome, o.final) for o in outcomes] == [(other, "refused", True)]
+    assert f"not a managed container of node {other}" in outcomes[0].detail

@@ -321,20 +321,26 @@ VIEW_DDL: Final[dict[str, str]] = {
 CREATE OR REPLACE VIEW leaked_resources AS
 WITH r AS (
     SELECT 'container' AS kind, container_id AS resource, state, task_id, attempt, node_id,
-           created_at, cleanup_failures, last_cleanup_error
+           instance_id, created_at, cleanup_failures, last_cleanup_error
     FROM containers WHERE removed_seq IS NULL
     UNION ALL
     SELECT 'workspace', path, state, task_id, attempt, node_id,
-           created_at, cleanup_failures, last_cleanup_error
+           instance_id, created_at, cleanup_failures, last_cleanup_error
     FROM workspaces WHERE removed_seq IS NULL
 )
 SELECT r.kind, r.resource, r.state, r.task_id, r.attempt, r.node_id, t.state AS task_state,
        r.created_at, least(a.finished_at, t.finished_at) AS leaked_since,
        epoch(now()) - epoch(least(a.finished_at, t.finished_at)) AS age_s,
-       r.cleanup_failures, r.last_cleanup_error
+       r.cleanup_failures, r.last_cleanup_error,
+       -- The process that made the resource: only its node can reach its engine.
+       CASE WHEN i.stopped_seq IS NOT NULL THEN 'stopped'
+            WHEN i.last_heartbeat_at IS NULL THEN 'unknown'
+            WHEN epoch(now()) - epoch(i.last_heartbeat_at) > i.heartbeat_timeout_s THEN 'dead'
+            ELSE 'alive' END AS owner
 FROM r
 LEFT JOIN attempts a ON a.task_id = r.task_id AND a.attempt = r.attempt
 LEFT JOIN tasks t ON t.task_id = r.task_id
+LEFT JOIN instances i ON i.instance_id = r.instance_id
 WHERE a.finished_seq IS NOT NULL OR t.{_TERMINAL_TASK}
 """,
     "error_rates": """
