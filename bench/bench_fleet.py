@@ -83,7 +83,7 @@ async def _measured(url: str, run: Coroutine[Any, Any, float], n: int) -> float:
 async def replication(n: int, rounds: int) -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     try:
-        cluster.up(root)
+        await asyncio.to_thread(cluster.up, root)
         url = _node_url(root)
         best: dict[int, dict[str, float]] = {}
         for replicas in (3, 1):
@@ -139,7 +139,7 @@ async def _leader_index(url: str) -> int:
 async def _recovery_once() -> float:
     root = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     try:
-        cluster.up(root)
+        await asyncio.to_thread(cluster.up, root)
         url = _node_url(root)
         nc = await connect_nats(url, reconnect=True, reconnect_wait=0.05)
         try:

@@ -367,6 +367,18 @@ class NodeHeartbeat(Event, frozen=True, tag="node.heartbeat"):
     timeout_s: float = 0.0
 
 
+class NodeRetired(Event, frozen=True, tag="node.retired"):
+    """An operator recorded that node `node_id` is gone for good (`supervisor node retire`):
+    its open attempts are closed as lost, and what it left on its engine is abandoned
+    (only that node could reach it). `instance_id` is the process that recorded it;
+    `open_attempts` the attempts it closed."""
+
+    category = "node"
+    name = "retired"
+    reason: str = ""
+    open_attempts: int = 0
+
+
 class ReconcileDecision(Event, frozen=True, tag="reconcile.decision"):
     """A divergence the reconciler found and what it orders about it. `rule` names the rule,
     `resource` the container id, workspace path or `<task>/<attempt>`; `evidence_seqs` are
@@ -440,6 +452,7 @@ AnyEvent = (
     | ResourceSample
     | NodeInventory
     | NodeHeartbeat
+    | NodeRetired
     | ReconcileDecision
     | ReconcileOutcome
 )

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tomllib
 from collections import Counter
 from collections.abc import Iterator
@@ -343,3 +344,88 @@ def test_a_node_never_removes_another_node_s_container_even_when_a_command_names
     ]
     assert [(o.node_id, o.outcome, o.final) for o in outcomes] == [(other, "refused", True)]
     assert f"not a managed container of node {other}" in outcomes[0].detail
+
+
+def _retire(root: Path, tmp: Path, node_id: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "supervisor",
+            "node",
+            "retire",
+            node_id,
+            "--config",
+            str(root / "node.toml"),
+            "--data-dir",
+            str(tmp / "operator"),
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_a_retired_node_s_attempts_are_closed_and_its_resources_abandoned(
+    cluster: Path, tmp_dir: Path, daemons: list[DaemonProc], docker_client: Any
+) -> None:
+    url = _url(cluster, "node")
+    # Heartbeats time out only after a minute: the retirement alone lets n2 go on.
+    slow_death = {
+        "scheduling": {"concurrency": 3, "ack_wait_s": 3.0, "ack_progress_s": 1.0},
+        "reconcile": {"interval_s": 1.0, "heartbeat_s": 0.5, "heartbeat_timeout_s": 60.0},
+    }
+    n1 = _node(daemons, cluster, tmp_dir, "n1", slow_death)
+    n2 = _node(daemons, cluster, tmp_dir, "n2", slow_death)
+    try:
+        ids = _submit(n1, 6, "sleep 4", "retire")
+        wait_until(lambda: len(_containers(docker_client, "n1")) == 3, 60, "n1 to run three tasks")
+        on_n1 = _containers(docker_client, "n1")
+
+        alive = _retire(cluster, tmp_dir, "n2")
+        assert alive.returncode == 2
+        assert "node n2 sent a heartbeat" in alive.stderr and "it is alive" in alive.stderr
+
+        n1.kill()
+        done = _retire(cluster, tmp_dir, "n1", "--force", "--reason", "its disk died", "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {
+            "node_id": "n1",
+            "closed_attempts": [f"{t}/1" for t in on_n1],
+        }
+
+        wait_until(lambda: _all_ended(url, ids), timeout=120, what="every task to end")
+        assert _ends(url, ids) == {t: ["task.succeeded"] for t in ids}
+        events = asyncio.run(stream_events(url))
+        (retired,) = [e for e in events if _tag(e) == "node.retired"]
+        assert (retired.node_id, retired.reason, retired.open_attempts) == (  # type: ignore[attr-defined]
+            "n1",
+            "its disk died",
+            3,
+        )
+        closings = sorted(
+            (e.task_id, e.node_id)
+            for e in events
+            if _tag(e) == "attempt.finished" and e.error_code == "SUPERVISOR_LOST"  # type: ignore[attr-defined]
+        )
+        assert closings == [(t, "n1") for t in on_n1]
+
+        sql = (
+            "SELECT task_id, owner FROM leaked_resources "
+            "WHERE node_id = 'n1' AND kind = 'container' ORDER BY 1"
+        )
+
+        def abandoned() -> list[tuple[str, str]]:
+            status, body = n2.request("POST", "/v1/query", json.dumps({"sql": sql}).encode())
+            assert status == 200, body
+            return [tuple(r) for r in json.loads(body)["rows"]]
+
+        wait_until(lambda: abandoned() == [(t, "retired") for t in on_n1], 30, "the abandoned list")
+        assert _containers(docker_client, "n1") == on_n1
+    finally:
+        for c in docker_client.containers.list(
+            all=True, filters={"label": ["supervisor.managed=true", "supervisor.node=n1"]}
+        ):
+            c.remove(force=True)

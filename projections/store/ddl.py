@@ -333,7 +333,8 @@ SELECT r.kind, r.resource, r.state, r.task_id, r.attempt, r.node_id, t.state AS 
        epoch(now()) - epoch(least(a.finished_at, t.finished_at)) AS age_s,
        r.cleanup_failures, r.last_cleanup_error,
        -- The process that made the resource: only its node can reach its engine.
-       CASE WHEN i.stopped_seq IS NOT NULL THEN 'stopped'
+       CASE WHEN rn.node_id IS NOT NULL THEN 'retired'
+            WHEN i.stopped_seq IS NOT NULL THEN 'stopped'
             WHEN i.last_heartbeat_at IS NULL THEN 'unknown'
             WHEN epoch(now()) - epoch(i.last_heartbeat_at) > i.heartbeat_timeout_s THEN 'dead'
             ELSE 'alive' END AS owner
@@ -341,6 +342,8 @@ FROM r
 LEFT JOIN attempts a ON a.task_id = r.task_id AND a.attempt = r.attempt
 LEFT JOIN tasks t ON t.task_id = r.task_id
 LEFT JOIN instances i ON i.instance_id = r.instance_id
+LEFT JOIN (SELECT DISTINCT node_id FROM events WHERE type = 'node.retired') rn
+       ON rn.node_id = r.node_id
 WHERE a.finished_seq IS NOT NULL OR t.{_TERMINAL_TASK}
 """,
     "error_rates": """

@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import contextlib
 import importlib.metadata
-import os
 import signal
 import sys
 from datetime import UTC, datetime
@@ -18,10 +17,11 @@ import msgspec
 
 from schemas import ErrorRaised, ExecutionError, Result, TaskRejected, TaskSpec
 from schemas.catalogue import CATALOGUE
-from schemas.config import Config, load_config
+from schemas.config import Config
 from schemas.errors import ConfigError, InvalidSpec, NatsUnavailable, SupervisorError
 from schemas.spec import ErrorType
-from supervisor.cli.options import common_options
+from supervisor.cli.node import add_node_parser
+from supervisor.cli.options import common_options, config_of
 from supervisor.cli.read_parsers import add_parsers as add_read_parsers
 from supervisor.eventlog.emitter import new_id
 from supervisor.intake.admission import decode_spec
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
 
     add_read_parsers(sub)
+    add_node_parser(sub)
     return parser
 
 
@@ -200,19 +201,6 @@ def _version() -> str:
         return "unknown"
 
 
-def _config(args: argparse.Namespace) -> Config:
-    cfg = load_config(args.config)
-    overrides: dict[str, Any] = {}
-    data_dir = args.data_dir or os.environ.get("SUPERVISOR_DATA_DIR")
-    if data_dir:
-        overrides["data_dir"] = data_dir
-    if getattr(args, "node_id", None):
-        overrides["node_id"] = args.node_id
-    if overrides:
-        cfg = msgspec.structs.replace(cfg, **overrides)
-    return cfg
-
-
 def _read_spec_bytes(arg: str) -> bytes:
     if arg == "-":
         return sys.stdin.buffer.read()
@@ -305,7 +293,7 @@ async def _run_async(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    cfg = config_of(args)
     return asyncio.run(_run_async(args, cfg))
 
 
@@ -419,7 +407,7 @@ def _read_side_parts(cfg: Config, *, with_projection: bool) -> tuple[list[Any], 
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    cfg = config_of(args)
     if args.http:
         cfg = msgspec.structs.replace(cfg, http=msgspec.structs.replace(cfg.http, listen=args.http))
     return asyncio.run(_serve_async(args, cfg))
@@ -499,12 +487,12 @@ async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    cfg = config_of(args)
     return asyncio.run(_submit_async(args, cfg))
 
 
 def _cmd_tail(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    cfg = config_of(args)
     return asyncio.run(_tail_async(args, cfg))
 
 
@@ -512,7 +500,7 @@ def _cmd_credentials(args: argparse.Namespace) -> int:
     from supervisor.eventlog.nats_auth import read_credentials, with_user
     from supervisor.eventlog.nats_server import url_file
 
-    data_dir = Path(_config(args).data_dir).resolve()
+    data_dir = Path(config_of(args).data_dir).resolve()
     creds = read_credentials(data_dir)
     url_path = url_file(data_dir)
     if creds is None or not url_path.exists():

@@ -43,8 +43,8 @@ from projections.query.query import (
 )
 from projections.query.render import render
 from projections.stream.replay import replay
-from schemas.config import Config, load_config
 from schemas.errors import SupervisorError
+from supervisor.cli.options import config_of
 from supervisor.daemon.node import nats_for
 
 EXIT_OK, EXIT_VIOLATIONS, EXIT_REFUSED, EXIT_UNAVAILABLE = 0, 1, 2, 3
@@ -60,14 +60,9 @@ _EXIT_FOR_CODE = {
 }
 
 
-def _config(args: argparse.Namespace) -> Config:
-    """`--config FILE`, or the defaults."""
-    return load_config(getattr(args, "config", None))
-
-
 def _settings(args: argparse.Namespace) -> tuple[str | None, Path]:
     """(NATS URL as configured, data dir) from the args, the environment, the config file."""
-    cfg = _config(args)
+    cfg = config_of(args)
     data_dir = getattr(args, "data_dir", None) or os.environ.get("SUPERVISOR_DATA_DIR")
     return getattr(args, "nats_url", None) or cfg.nats_target, Path(
         data_dir or cfg.data_dir
@@ -165,7 +160,7 @@ def _sql_local(args: argparse.Namespace) -> QueryResult:
 
 
 def _sql_remote(args: argparse.Namespace) -> QueryResult:
-    cfg = _config(args)
+    cfg = config_of(args)
     _, data_dir = _settings(args)
     url = args.url.rstrip("/") if args.url else daemon_url(data_dir, cfg.http.listen)
     return query_daemon(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import sys
 import tempfile
 import time
@@ -31,8 +30,8 @@ import msgspec
 from projections.serve.reconcile_state import DuckDBState, cursor_runner
 from projections.stream.projector import Projector
 from projections.stream.replay import replay
-from schemas.config import Config, load_config
 from schemas.errors import NatsUnavailable, SupervisorError
+from supervisor.cli.options import config_of
 
 EXIT_OK, EXIT_UNAVAILABLE = 0, 3
 
@@ -40,16 +39,6 @@ _OUTCOMES = """
 SELECT command_id, arg_max(outcome, seq), arg_max(detail, seq) FROM reconcile_outcomes
 WHERE final AND command_id IN (SELECT unnest($ids)) GROUP BY command_id
 """
-
-
-def _config(args: argparse.Namespace) -> Config:
-    cfg = load_config(getattr(args, "config", None))
-    data_dir = getattr(args, "data_dir", None) or os.environ.get("SUPERVISOR_DATA_DIR")
-    if data_dir:
-        cfg = msgspec.structs.replace(cfg, data_dir=data_dir)
-    if getattr(args, "node_id", None):
-        cfg = msgspec.structs.replace(cfg, node_id=args.node_id)
-    return cfg
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
@@ -84,7 +73,7 @@ async def _reconcile(args: argparse.Namespace) -> dict[str, Any]:
     from supervisor.reconcile.command_executor import CommandExecutor, JetStreamCommands
     from supervisor.reconcile.reconciler import Reconciler
 
-    cfg = _config(args)
+    cfg = config_of(args)
     async with open_node(cfg, nats_url=args.nats_url, role="reconcile") as node:
         if not await node.events.wait_connected(10):
             raise NatsUnavailable(node.nats_url, "a reconcile pass needs NATS")

@@ -19,6 +19,7 @@ from schemas import (
     ErrorRaised,
     Event,
     NodeHeartbeat,
+    NodeRetired,
     SupervisorSuperseded,
     TaskSpec,
     decode_event,
@@ -124,16 +125,22 @@ async def owner_death(
 
     Evidence, each read from the stream's last message on a subject (two direct gets):
     this instance superseded it (it held this data dir's lock); a `supervisor.superseded`
-    names it; its node's latest heartbeat comes from another instance (one daemon per
-    node), or from it but older than its timeout. Raises `NatsUnavailable`."""
+    names it; its node was retired (`node.retired`) and has sent no heartbeat since; its
+    node's latest heartbeat comes from another instance (one daemon per node), or from it
+    but older than its timeout. Raises `NatsUnavailable`."""
     if instance_id == self_instance:
         raise ValueError("the own instance's attempts are known without evidence")
     if instance_id in superseded:
         return f"instance {instance_id} was superseded by this one (it held the data dir)"
-    last = await _last_event(js, f"sup.supervisor.superseded.{node_id}.{NO_TASK}")
+    last = await last_event(js, f"sup.supervisor.superseded.{node_id}.{NO_TASK}")
     if isinstance(last, SupervisorSuperseded) and last.superseded_instance == instance_id:
         return f"instance {instance_id} was superseded by {last.instance_id}"
-    beat = await _last_event(js, f"sup.node.heartbeat.{node_id}.{NO_TASK}")
+    beat = await last_event(js, f"sup.node.heartbeat.{node_id}.{NO_TASK}")
+    retired = await last_event(js, f"sup.node.retired.{node_id}.{NO_TASK}")
+    if isinstance(retired, NodeRetired) and (
+        not isinstance(beat, NodeHeartbeat) or beat.occurred_at <= retired.occurred_at
+    ):
+        return f"node {node_id} was retired at {retired.occurred_at.isoformat()}"
     if isinstance(beat, NodeHeartbeat):
         if beat.instance_id != instance_id:
             return f"node {node_id} is now run by instance {beat.instance_id}"
@@ -144,7 +151,7 @@ async def owner_death(
     return None
 
 
-async def _last_event(js: JetStreamContext, subject: str) -> Event | None:
+async def last_event(js: JetStreamContext, subject: str) -> Event | None:
     try:
         msg = await js.get_last_msg(EVENTS_STREAM, subject)
     except nats.js.errors.NotFoundError:
