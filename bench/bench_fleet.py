@@ -42,6 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not installed
 
+import docker
 import nats.errors
 
 from bench.bench_outbox import make_events, run_outbox, run_raw
@@ -200,6 +201,14 @@ def _ended(url: str, prefix: str) -> dict[str, tuple[str, float, str]]:
     return out
 
 
+def _managed(node_id: str) -> list[str]:
+    """The ids of the managed containers of `node_id` on this host's engine."""
+    found = docker.from_env().containers.list(
+        all=True, filters={"label": ["supervisor.managed=true", f"supervisor.node={node_id}"]}
+    )
+    return [str(c.id) for c in found]
+
+
 def _submit_all(node: DaemonProc, ids: list[str], script: str) -> None:
     for tid in ids:
         status, body = node.request(
@@ -275,6 +284,9 @@ def node_loss(runs: int) -> int:
             print(
                 f"run {r + 1}: the first of n1's tasks ended on n2 {gaps[-1]:.2f} s after n1's SIGKILL"
             )
+            # n1's containers wait for n1: started again, its start-up pass removes them.
+            started[0].start(timeout=60)
+            wait_until(lambda: not _managed("n1"), 60, "n1 to remove its orphans")
         finally:
             for d in started:
                 d.stop()

@@ -302,6 +302,11 @@ class NatsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         _doc("Copies of each stream this process creates or updates (1, 3 or 5)."),
         msgspec.Meta(ge=1, le=5),
     ] = 1
+    tls_ca: Annotated[
+        str | None, _doc("CA file (PEM) the servers' certificates are checked against.")
+    ] = None
+    tls_cert: Annotated[str | None, _doc("This client's certificate (PEM), for mutual TLS.")] = None
+    tls_key: Annotated[str | None, _doc("The key (PEM) of `tls_cert`.")] = None
 
     def __post_init__(self) -> None:
         for name in ("user", "password", "token"):
@@ -314,6 +319,12 @@ class NatsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("nats.password needs nats.user")
         if self.token is not None and self.user is not None:
             raise ValueError("nats.token and nats.user exclude each other")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("nats.tls_cert and nats.tls_key go together")
+        for name in TLS_OPTIONS:
+            value = getattr(self, name)
+            if value is not None and (not value or set(value) & set("?&=,#")):
+                raise ValueError(f"nats.{name} must be a file path without any of ? & = , #")
         for url in self.servers:
             scheme, sep, rest = url.partition("://")
             if not sep or scheme not in ("nats", "tls") or not rest or "@" in rest or "," in rest:
@@ -335,14 +346,37 @@ class NatsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
             if self.token
             else ""
         )
-        return ",".join(
+        servers = ",".join(
             f"{s.partition('://')[0]}://{userinfo}{s.partition('://')[2]}" for s in self.servers
         )
+        tls = "&".join(f"{n}={getattr(self, n)}" for n in TLS_OPTIONS if getattr(self, n))
+        return f"{servers}?{tls}" if tls else servers
+
+
+TLS_OPTIONS = ("tls_ca", "tls_cert", "tls_key")
+"""The `[nats]` keys that travel in a NATS URL's query (`...?tls_ca=/etc/ca.pem`)."""
 
 
 def server_list(url: str) -> list[str]:
-    """The URLs of a comma-separated list (`--nats`, `SUPERVISOR_NATS_URL`, `NatsConfig.url`)."""
-    return [u.strip() for u in url.split(",") if u.strip()]
+    """The URLs of a comma-separated list (`--nats`, `SUPERVISOR_NATS_URL`, `NatsConfig.url`),
+    without the query of client options (`url_options`)."""
+    servers, _, _ = url.partition("?")
+    return [u.strip() for u in servers.split(",") if u.strip()]
+
+
+def url_options(url: str) -> dict[str, str]:
+    """The client options in the query that ends a NATS URL list (`TLS_OPTIONS`); an unknown
+    one is an error (ConfigError), never silently dropped."""
+    _, _, query = url.partition("?")
+    options: dict[str, str] = {}
+    for pair in filter(None, query.split("&")):
+        key, _, value = pair.partition("=")
+        if key not in TLS_OPTIONS or not value:
+            raise ConfigError(
+                f"NATS URL option {pair!r}: known options are {', '.join(TLS_OPTIONS)}"
+            )
+        options[key] = value
+    return options
 
 
 class Config(Struct, forbid_unknown_fields=True, kw_only=True):

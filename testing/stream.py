@@ -9,7 +9,7 @@ import nats
 from nats.js.api import DeliverPolicy
 
 from schemas import Event, decode_event
-from schemas.config import server_list
+from schemas.connection import connect_options
 from schemas.streams import EVENTS_STREAM
 
 
@@ -17,7 +17,7 @@ async def stream_messages(
     url: str, subject: str = "sup.>", timeout: float = 10.0
 ) -> list[tuple[int, str, dict[str, str], Event]]:
     """Every message currently in SUP_EVENTS matching `subject`: (seq, subject, headers, event)."""
-    nc = await nats.connect(servers=server_list(url), connect_timeout=5)
+    nc = await nats.connect(**connect_options(url), connect_timeout=5)
     try:
         js = nc.jetstream()
         info = await js.stream_info(EVENTS_STREAM)
@@ -56,7 +56,7 @@ async def stream_events(url: str, subject: str = "sup.>") -> list[Event]:
 async def count_messages(url: str, subject: str) -> int:
     """How many messages of SUP_EVENTS match `subject` now (the stream's subject index: no
     waiting for messages that may never come)."""
-    nc = await nats.connect(servers=server_list(url), connect_timeout=5)
+    nc = await nats.connect(**connect_options(url), connect_timeout=5)
     try:
         info = await nc.jetstream().stream_info(EVENTS_STREAM, subjects_filter=subject)
         return sum((info.state.subjects or {}).values())

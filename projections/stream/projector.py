@@ -51,7 +51,7 @@ from projections.store.store import ApplyResult, ProjectionStore
 from projections.stream.bulkread import BulkClient, Sink, lean_supported
 from projections.stream.decode import Staged, parse_reply, stage_raw
 from projections.stream.worker import DecodePool
-from schemas.config import server_list
+from schemas.connection import connect_options
 from schemas.streams import EVENTS_STREAM, EVENTS_SUBJECTS, events_stream_config
 
 log = logging.getLogger(__name__)
@@ -470,7 +470,7 @@ class Projector:
         nc = BulkClient() if lean else nats.NATS()
         try:
             await nc.connect(
-                servers=server_list(self.nats_url),
+                **connect_options(self.nats_url),
                 connect_timeout=self.connect_timeout,  # type: ignore[arg-type]  # a float works
                 allow_reconnect=follow,
                 max_reconnect_attempts=-1 if follow else 0,

@@ -36,7 +36,7 @@ from nats.js.api import PubAck, StreamConfig
 from nats.js.client import JetStreamContext
 
 from schemas import Event, encode_event
-from schemas.config import server_list
+from schemas.connection import connect_options
 from schemas.errors import DiskFull, EventLogError, NatsUnavailable
 from schemas.streams import commands_stream_config, events_stream_config, tasks_stream_config
 from supervisor.eventlog.nats_auth import redact
@@ -149,7 +149,7 @@ async def connect_nats(
 
     nc = NATS()
     options: dict[str, object] = {
-        "servers": server_list(url),
+        **connect_options(url),
         "name": name,
         "allow_reconnect": reconnect,
         "max_reconnect_attempts": -1,

@@ -1,0 +1,30 @@
+"""How a NATS URL list becomes nats-py's connect options: the servers, and a TLS context
+from the options in its query (`schemas.config.TLS_OPTIONS`). Every client of the project
+(the event log, tail, the projector, the projection process) connects through it, so a
+`[nats]` table's TLS reaches all of them, in this process and in its children."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from schemas.config import server_list, url_options
+from schemas.errors import ConfigError
+
+
+def connect_options(url: str) -> dict[str, Any]:
+    """`servers` and, with a `tls_*` option (or a `tls://` server), `tls`: a context that
+    checks the servers against `tls_ca` (else the system's CAs) and presents
+    `tls_cert`/`tls_key`. Raises ConfigError when a file cannot be read or is not PEM."""
+    servers = server_list(url)
+    options = url_options(url)
+    out: dict[str, Any] = {"servers": servers}
+    if options or any(s.startswith("tls://") for s in servers):
+        try:
+            ctx = ssl.create_default_context(cafile=options.get("tls_ca"))
+            if "tls_cert" in options:
+                ctx.load_cert_chain(options["tls_cert"], options["tls_key"])
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"NATS TLS files {sorted(options.values())}: {e}") from e
+        out["tls"] = ctx
+    return out
