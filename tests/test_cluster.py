@@ -429,3 +429,69 @@ def test_a_retired_node_s_attempts_are_closed_and_its_resources_abandoned(
             all=True, filters={"label": ["supervisor.managed=true", "supervisor.node=n1"]}
         ):
             c.remove(force=True)
+
+
+def test_roles_a_projection_host_reads_the_fleet_with_the_reader_credential_and_no_docker(
+    cluster: Path, tmp_dir: Path, daemons: list[DaemonProc]
+) -> None:
+    url = _url(cluster, "node")
+    node_cfg: dict[str, Any] = {
+        "nats": tomllib.loads((cluster / "node.toml").read_text())["nats"],
+        "node_id": "n1",
+    }
+    worker = DaemonProc(
+        tmp_dir / "n1", None, config=node_cfg, args=("--roles", "executor,reconciler")
+    )
+    daemons.append(worker.start(timeout=60))
+    reader_cfg: dict[str, Any] = {
+        "nats": tomllib.loads((cluster / "reader.toml").read_text())["nats"],
+        "node_id": "analytics",
+        # It must never need an engine: this one does not exist.
+        "docker_url": f"unix://{tmp_dir}/no-docker.sock",
+    }
+    reader = DaemonProc(
+        tmp_dir / "analytics", None, config=reader_cfg, args=("--roles", "projection")
+    )
+    daemons.append(reader.start(timeout=60))
+
+    ids = _submit(worker, 3, "echo role", "roles")
+    wait_until(lambda: _all_ended(url, ids), 60, "the tasks to end")
+    sql = "SELECT task_id, state FROM tasks WHERE task_id LIKE 'roles-%' ORDER BY 1"
+
+    def rows() -> list[tuple[str, str]]:
+        status, body = reader.request("POST", "/v1/query", json.dumps({"sql": sql}).encode())
+        assert status == 200, body
+        return [tuple(r) for r in json.loads(body)["rows"]]
+
+    wait_until(lambda: rows() == [(t, "succeeded") for t in ids], 30, "the projection to see them")
+    status, body = reader.get("/v1/tasks/roles-0")
+    assert status == 200 and json.loads(body)["state"] == "succeeded", body
+
+    status, body = reader.request("POST", "/v1/tasks", json.dumps(task("true")).encode())
+    assert status == 503 and json.loads(body)["error"]["code"] == "ROLE_UNAVAILABLE", body
+    status, body = worker.request("POST", "/v1/query", json.dumps({"sql": "SELECT 1"}).encode())
+    assert status == 503 and json.loads(body)["error"]["code"] == "QUERY_UNAVAILABLE", body
+    status, body = reader.get("/readyz")
+    assert status == 200, body
+    assert "docker" not in json.loads(body)["checks"]
+
+
+def test_roles_that_do_not_exist_are_a_usage_error(tmp_dir: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "supervisor",
+            "serve",
+            "--roles",
+            "executor,scheduler",
+            "--data-dir",
+            str(tmp_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "give one or more of executor, projection, reconciler" in done.stderr

@@ -26,12 +26,12 @@ from schemas import ExecutionError, SupervisorStarted, TaskSpec
 from schemas.config import BreakerConfig, HttpConfig
 from schemas.errors import ApiError, ConfigError, DockerUnavailable, NatsUnavailable
 from schemas.health import Check
-from supervisor.daemon.daemon import http_token
 from supervisor.daemon.http import (
     HttpServer,
     HttpServerError,
     create_app,
     daemon_checks,
+    http_token,
     parse_listen,
 )
 from supervisor.daemon.metrics import Metrics

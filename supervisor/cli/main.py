@@ -97,8 +97,30 @@ def _add_serve(sub: Any) -> None:
         help="do not run the DuckDB projection (by default a child process of the daemon); "
         "/v1/query then answers 503",
     )
+    serve.add_argument(
+        "--roles",
+        type=_roles,
+        default=ROLES,
+        metavar="ROLE[,ROLE]",
+        help="what this host does, of executor (runs tasks), projection (the projection and "
+        "its SQL endpoint), reconciler (heartbeats, reconcile passes, cleanup commands); "
+        "default all. 'projection' alone needs no Docker and only the reader credential",
+    )
     common_options(serve)
     serve.set_defaults(func=_cmd_serve)
+
+
+ROLES: frozenset[str] = frozenset({"executor", "projection", "reconciler"})
+
+
+def _roles(text: str) -> frozenset[str]:
+    """A comma-separated set of `ROLES`, or a usage error (exit 2)."""
+    roles = frozenset(r.strip() for r in text.split(",") if r.strip())
+    if not roles or not roles <= ROLES:
+        raise argparse.ArgumentTypeError(
+            f"roles {text!r}: give one or more of {', '.join(sorted(ROLES))}, comma-separated"
+        )
+    return roles
 
 
 def _add_submit(sub: Any) -> None:
@@ -373,12 +395,27 @@ async def _serve_async(args: argparse.Namespace, cfg: Config) -> int:
     configure(cfg.node_id, args.log_level or cfg.log_level)
     stop, force = asyncio.Event(), asyncio.Event()
     _signals(stop, force)
-    parts, read_side = _read_side_parts(cfg, with_projection=not args.no_projection)
-    daemon = Daemon(cfg, nats_url=args.nats_url, parts=parts, read_side=read_side)
+    roles: frozenset[str] = args.roles
+    if roles == {"projection"}:
+        from supervisor.daemon.http import http_token
+        from supervisor.daemon.projection_host import ProjectionHost
+
+        host = ProjectionHost(cfg, nats_url=args.nats_url, token=http_token(cfg.http))
+        return await host.run(stop)
+    parts, read_side = _read_side_parts(
+        cfg,
+        with_projection="projection" in roles and not args.no_projection,
+        with_reconciler="reconciler" in roles and cfg.reconcile.enabled,
+    )
+    daemon = Daemon(
+        cfg, nats_url=args.nats_url, parts=parts, read_side=read_side, pull="executor" in roles
+    )
     return await daemon.run(stop, force)
 
 
-def _read_side_parts(cfg: Config, *, with_projection: bool) -> tuple[list[Any], Any]:
+def _read_side_parts(
+    cfg: Config, *, with_projection: bool, with_reconciler: bool
+) -> tuple[list[Any], Any]:
     """The daemon's composition: the projection (a child process running
     `supervisor.cli.projection_service`, which serves the queries), the reconciler reading it, and with
     `--no-projection` the reconciler's own in-process projection. This is the one place
@@ -390,7 +427,7 @@ def _read_side_parts(cfg: Config, *, with_projection: bool) -> tuple[list[Any], 
 
         read_side = ProjectionProcess(cfg)
         parts.append(read_side)
-    if cfg.reconcile.enabled:
+    if with_reconciler:
         from supervisor.reconcile.part import ReconcilerPart
 
         if read_side is not None:  # the reconciler reads the projection process's state

@@ -34,13 +34,13 @@ from schemas import (
     SupervisorSuperseded,
     TaskSpec,
 )
-from schemas.config import Config, HttpConfig
-from schemas.errors import ApiError, ConfigError, NatsUnavailable
+from schemas.config import Config
+from schemas.errors import ApiError, NatsUnavailable
 from schemas.health import Check, CheckFn
 from schemas.streams import TASKS_STREAM, commands_stream_config, tasks_stream_config
 from supervisor.daemon.datadir import DataDirLock
 from supervisor.daemon.extension import DaemonContext, Part, ReadSide
-from supervisor.daemon.http import HttpServer, create_app, daemon_checks
+from supervisor.daemon.http import HttpServer, create_app, daemon_checks, http_token, http_url_file
 from supervisor.daemon.metrics import Metrics
 from supervisor.daemon.monitor import HostSampler, PsutilSampler, ResourceMonitor
 from supervisor.daemon.node import Node, open_node
@@ -49,7 +49,7 @@ from supervisor.eventlog.emitter import new_id
 from supervisor.eventlog.log import ensure_streams
 from supervisor.eventlog.nats_auth import redact
 from supervisor.eventlog.nats_server import url_file
-from supervisor.eventlog.tail import parse_since, subject_filter, tail
+from supervisor.eventlog.tail import follow_errors
 from supervisor.execution.capacity import can_pull_any, fits_budget
 from supervisor.execution.classify import Classification
 from supervisor.execution.history import read_task_events, summarize
@@ -61,28 +61,6 @@ log = logging.getLogger("supervisor.daemon.daemon")
 
 QUEUE_DEPTH_REFRESH_S = 1.0
 DISK_CHECK_S = 0.5
-
-
-def http_token(cfg: HttpConfig) -> str | None:
-    """The bearer token: `token`, else the first line of `token_file`. Raises ConfigError
-    when both are set, or the file cannot be read or is empty."""
-    if cfg.token and cfg.token_file:
-        raise ConfigError("http: set token or token_file, not both")
-    if not cfg.token_file:
-        return cfg.token
-    try:
-        lines = Path(cfg.token_file).read_text().splitlines()
-    except OSError as e:
-        raise ConfigError(f"http.token_file {cfg.token_file}: {e.strerror}") from e
-    token = lines[0].strip() if lines else ""
-    if not token:
-        raise ConfigError(f"http.token_file {cfg.token_file} is empty")
-    return token
-
-
-def http_url_file(data_dir: Path) -> Path:
-    """Where a running daemon writes the base URL of its HTTP endpoint."""
-    return data_dir / "http.url"
 
 
 class Daemon:
@@ -98,8 +76,11 @@ class Daemon:
         parts: Sequence[Part] = (),
         read_side: ReadSide | None = None,
         sampler: HostSampler | None = None,
+        pull: bool = True,
     ) -> None:
         self.config = config
+        self.pull = pull
+        """Whether this daemon runs tasks (the executor role); without, it pulls none."""
         self.nats_url = nats_url
         self.parts = list(parts)
         self.read_side = read_side
@@ -331,16 +312,22 @@ class Daemon:
     ) -> None:
         """Pull and run work until `stop` (or the loop fails); then stop pulling and let
         running tasks finish within the grace (or until `force`)."""
-        loop_task = asyncio.ensure_future(scheduler.loop())
-        self.ready.set()
         node = self.node
         assert node is not None and self.http is not None
         log.info(
-            "serving on node %s (NATS %s, HTTP %s)",
+            "serving on node %s (NATS %s, HTTP %s)%s",
             self.config.node_id,
             redact(node.nats_url),
             self.http.url,
+            "" if self.pull else ", running no tasks (no executor role)",
         )
+        if not self.pull:
+            self.ready.set()
+            await stop.wait()
+            self.ready.clear()
+            return
+        loop_task = asyncio.ensure_future(scheduler.loop())
+        self.ready.set()
         stop_wait = asyncio.ensure_future(stop.wait())
         await asyncio.wait([stop_wait, loop_task], return_when=asyncio.FIRST_COMPLETED)
         stop_wait.cancel()
@@ -393,7 +380,9 @@ class Daemon:
 
     async def _started_check(self) -> Check:
         if self.ready.is_set():
-            return Check(ok=True, reason="pulling work")
+            return Check(
+                ok=True, reason="pulling work" if self.pull else "serving (no executor role)"
+            )
         return Check(ok=False, reason="starting up or shutting down")
 
 
@@ -424,38 +413,10 @@ class _Api:
             "events": len(events),
         }
 
-    async def errors(self, params: Mapping[str, str]) -> AsyncIterator[bytes]:
+    def errors(self, params: Mapping[str, str]) -> AsyncIterator[bytes]:
         """Follow the error stream with `supervisor tail`'s filters, for one HTTP client."""
-        unknown = set(params) - {"type", "code", "task", "since", "limit"}
-        if unknown:
-            raise ValueError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
-        since = parse_since(params["since"]) if "since" in params else None
-        limit = int(params["limit"]) if "limit" in params else None
-        subject_filter(errors=True, type_=params.get("type"), task=params.get("task"))
         assert self.daemon.node is not None
-        lines: asyncio.Queue[bytes | None] = asyncio.Queue()
-        follow = asyncio.ensure_future(
-            tail(
-                self.daemon.node.nats_url,
-                errors=True,
-                type_=params.get("type"),
-                code=params.get("code"),
-                task=params.get("task"),
-                since=since,
-                limit=limit,
-                out=_QueueWriter(lines),
-            )
-        )
-        follow.add_done_callback(lambda _: lines.put_nowait(None))
-        try:
-            while (line := await lines.get()) is not None:
-                yield line
-            if not follow.cancelled() and follow.exception() is not None:
-                raise follow.exception()  # type: ignore[misc]
-        finally:
-            follow.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await follow
+        return follow_errors(self.daemon.node.nats_url, params)
 
     async def query(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
         if self.daemon.read_side is None:
@@ -463,26 +424,6 @@ class _Api:
                 503, "infrastructure", "QUERY_UNAVAILABLE", "this daemon runs without a projection"
             )
         return await self.daemon.read_side.query(request)
-
-
-class _QueueWriter:
-    """A text sink for `tail` that hands each line to a queue. A client too slow to read
-    `MAX_BUFFERED` lines loses the newest ones rather than growing the daemon's memory
-    (the stream keeps them all: `since` reads them again)."""
-
-    MAX_BUFFERED = 10_000
-
-    def __init__(self, queue: asyncio.Queue[bytes | None]) -> None:
-        self.queue = queue
-
-    def write(self, text: str) -> int:
-        line = text.rstrip("\n")
-        if line and self.queue.qsize() < self.MAX_BUFFERED:
-            self.queue.put_nowait(line.encode())
-        return len(text)
-
-    def flush(self) -> None:
-        pass
 
 
 def _background(

@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from nats.aio.client import Client as NATS
     from nats.js import JetStreamContext
+    from prometheus_client import CollectorRegistry
 
     from schemas.health import CheckFn
     from supervisor.daemon.monitor import ResourceMonitor
@@ -44,12 +47,43 @@ class DaemonContext:
     checks: dict[str, CheckFn] = field(default_factory=dict)
     scrape_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
+    @property
+    def nats_url(self) -> str:
+        return self.node.nats_url
+
+    @property
+    def data_dir(self) -> Path:
+        return self.node.data_dir
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.node.metrics.registry
+
     def add_check(self, name: str, check: CheckFn) -> None:
         self.checks[name] = check
 
     def add_scrape_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Await `hook` before each `/metrics` answer (to fetch metrics kept elsewhere)."""
         self.scrape_hooks.append(hook)
+
+
+class PartHost(Protocol):
+    """What a part that needs neither the executor nor Docker uses of its host (the
+    projection: `DaemonContext` in a full daemon, `ProjectionHost`'s own context on a
+    host that serves only the projection)."""
+
+    @property
+    def nats_url(self) -> str: ...
+
+    @property
+    def data_dir(self) -> Path: ...
+
+    @property
+    def registry(self) -> CollectorRegistry: ...
+
+    def add_check(self, name: str, check: CheckFn) -> None: ...
+
+    def add_scrape_hook(self, hook: Callable[[], Awaitable[None]]) -> None: ...
 
 
 class Part(Protocol):

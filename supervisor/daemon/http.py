@@ -29,6 +29,7 @@ import inspect
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
@@ -36,6 +37,7 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from schemas import ExecutionError, TaskSpec
+from schemas.config import HttpConfig
 from schemas.errors import (
     ApiError,
     ConfigError,
@@ -527,3 +529,25 @@ class HttpServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+
+
+def http_token(cfg: HttpConfig) -> str | None:
+    """The bearer token: `token`, else the first line of `token_file`. Raises ConfigError
+    when both are set, or the file cannot be read or is empty."""
+    if cfg.token and cfg.token_file:
+        raise ConfigError("http: set token or token_file, not both")
+    if not cfg.token_file:
+        return cfg.token
+    try:
+        lines = Path(cfg.token_file).read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"http.token_file {cfg.token_file}: {e.strerror}") from e
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise ConfigError(f"http.token_file {cfg.token_file} is empty")
+    return token
+
+
+def http_url_file(data_dir: Path) -> Path:
+    """Where a running daemon writes the base URL of its HTTP endpoint."""
+    return data_dir / "http.url"

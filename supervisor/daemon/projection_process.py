@@ -39,7 +39,7 @@ from schemas.health import Check
 from schemas.projected import ProjectedState
 
 if TYPE_CHECKING:
-    from supervisor.daemon.extension import DaemonContext
+    from supervisor.daemon.extension import PartHost
 
 log = logging.getLogger("supervisor.projection")
 
@@ -106,16 +106,16 @@ class ProjectionProcess:
 
     # --- the part -----------------------------------------------------------------------
 
-    async def start(self, ctx: DaemonContext, stack: contextlib.AsyncExitStack) -> None:
+    async def start(self, ctx: PartHost, stack: contextlib.AsyncExitStack) -> None:
         """Spawn the service and wait until it serves. Raises ProjectionProcessError."""
-        self._nats_url = ctx.node.nats_url
-        self._data_dir = str(ctx.node.data_dir.resolve())
+        self._nats_url = ctx.nats_url
+        self._data_dir = str(ctx.data_dir.resolve())
         stack.push_async_callback(self.close)
         self._child = await self._spawn()
         self._down = None
         self._supervise = asyncio.create_task(self._watch(), name="projection-process")
         ctx.add_check("projection", self.check)
-        ctx.node.metrics.registry.register(_Forwarded(self))
+        ctx.registry.register(_Forwarded(self))
         ctx.add_scrape_hook(self.refresh_metrics)
 
     @property

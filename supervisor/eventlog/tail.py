@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -159,3 +160,58 @@ async def tail(
     finally:
         await close_quietly(nc)
     return written
+
+
+async def follow_errors(nats_url: str, params: Mapping[str, str]) -> AsyncIterator[bytes]:
+    """`GET /v1/errors`: the error stream with `supervisor tail`'s filters (`type`, `code`,
+    `task`, `since`, `limit`), one JSON line at a time, for one HTTP client. Raises
+    ValueError for an unknown parameter or value."""
+    unknown = set(params) - {"type", "code", "task", "since", "limit"}
+    if unknown:
+        raise ValueError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+    since = parse_since(params["since"]) if "since" in params else None
+    limit = int(params["limit"]) if "limit" in params else None
+    subject_filter(errors=True, type_=params.get("type"), task=params.get("task"))
+    lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+    follow = asyncio.ensure_future(
+        tail(
+            nats_url,
+            errors=True,
+            type_=params.get("type"),
+            code=params.get("code"),
+            task=params.get("task"),
+            since=since,
+            limit=limit,
+            out=_QueueWriter(lines),
+        )
+    )
+    follow.add_done_callback(lambda _: lines.put_nowait(None))
+    try:
+        while (line := await lines.get()) is not None:
+            yield line
+        if not follow.cancelled() and follow.exception() is not None:
+            raise follow.exception()  # type: ignore[misc]
+    finally:
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await follow
+
+
+class _QueueWriter:
+    """A text sink for `tail` that hands each line to a queue. A client too slow to read
+    `MAX_BUFFERED` lines loses the newest ones rather than growing the daemon's memory
+    (the stream keeps them all: `since` reads them again)."""
+
+    MAX_BUFFERED = 10_000
+
+    def __init__(self, queue: asyncio.Queue[bytes | None]) -> None:
+        self.queue = queue
+
+    def write(self, text: str) -> int:
+        line = text.rstrip("\n")
+        if line and self.queue.qsize() < self.MAX_BUFFERED:
+            self.queue.put_nowait(line.encode())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
