@@ -307,6 +307,10 @@ class NatsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     ] = None
     tls_cert: Annotated[str | None, _doc("This client's certificate (PEM), for mutual TLS.")] = None
     tls_key: Annotated[str | None, _doc("The key (PEM) of `tls_cert`.")] = None
+    nkey_seed: Annotated[
+        str | None,
+        _doc("A file holding this client's NKey seed (`SU...`), instead of a user or token."),
+    ] = None
 
     def __post_init__(self) -> None:
         for name in ("user", "password", "token"):
@@ -317,11 +321,11 @@ class NatsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
                 )
         if self.password is not None and self.user is None:
             raise ValueError("nats.password needs nats.user")
-        if self.token is not None and self.user is not None:
-            raise ValueError("nats.token and nats.user exclude each other")
+        if sum(x is not None for x in (self.token, self.user, self.nkey_seed)) > 1:
+            raise ValueError("nats.user, nats.token and nats.nkey_seed exclude each other")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("nats.tls_cert and nats.tls_key go together")
-        for name in TLS_OPTIONS:
+        for name in FILE_OPTIONS:
             value = getattr(self, name)
             if value is not None and (not value or set(value) & set("?&=,#")):
                 raise ValueError(f"nats.{name} must be a file path without any of ? & = , #")
@@ -349,12 +353,12 @@ class NatsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         servers = ",".join(
             f"{s.partition('://')[0]}://{userinfo}{s.partition('://')[2]}" for s in self.servers
         )
-        tls = "&".join(f"{n}={getattr(self, n)}" for n in TLS_OPTIONS if getattr(self, n))
-        return f"{servers}?{tls}" if tls else servers
+        files = "&".join(f"{n}={getattr(self, n)}" for n in FILE_OPTIONS if getattr(self, n))
+        return f"{servers}?{files}" if files else servers
 
 
-TLS_OPTIONS = ("tls_ca", "tls_cert", "tls_key")
-"""The `[nats]` keys that travel in a NATS URL's query (`...?tls_ca=/etc/ca.pem`)."""
+FILE_OPTIONS = ("tls_ca", "tls_cert", "tls_key", "nkey_seed")
+"""The `[nats]` keys (files) that travel in a NATS URL's query (`...?tls_ca=/etc/ca.pem`)."""
 
 
 def server_list(url: str) -> list[str]:
@@ -365,15 +369,15 @@ def server_list(url: str) -> list[str]:
 
 
 def url_options(url: str) -> dict[str, str]:
-    """The client options in the query that ends a NATS URL list (`TLS_OPTIONS`); an unknown
+    """The client options in the query that ends a NATS URL list (`FILE_OPTIONS`); an unknown
     one is an error (ConfigError), never silently dropped."""
     _, _, query = url.partition("?")
     options: dict[str, str] = {}
     for pair in filter(None, query.split("&")):
         key, _, value = pair.partition("=")
-        if key not in TLS_OPTIONS or not value:
+        if key not in FILE_OPTIONS or not value:
             raise ConfigError(
-                f"NATS URL option {pair!r}: known options are {', '.join(TLS_OPTIONS)}"
+                f"NATS URL option {pair!r}: known options are {', '.join(FILE_OPTIONS)}"
             )
         options[key] = value
     return options

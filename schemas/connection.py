@@ -1,11 +1,12 @@
-"""How a NATS URL list becomes nats-py's connect options: the servers, and a TLS context
-from the options in its query (`schemas.config.TLS_OPTIONS`). Every client of the project
+"""How a NATS URL list becomes nats-py's connect options: the servers, a TLS context and
+an NKey seed from the options in its query (`schemas.config.FILE_OPTIONS`). Every client of the project
 (the event log, tail, the projector, the projection process) connects through it, so a
 `[nats]` table's TLS reaches all of them, in this process and in its children."""
 
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 from typing import Any
 
 from schemas.config import server_list, url_options
@@ -19,6 +20,13 @@ def connect_options(url: str) -> dict[str, Any]:
     servers = server_list(url)
     options = url_options(url)
     out: dict[str, Any] = {"servers": servers}
+    seed = options.pop("nkey_seed", None)
+    if seed is not None:
+        try:
+            Path(seed).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"NATS nkey_seed {seed}: {e.strerror}") from e
+        out["nkeys_seed"] = seed
     if options or any(s.startswith("tls://") for s in servers):
         try:
             ctx = ssl.create_default_context(cafile=options.get("tls_ca"))

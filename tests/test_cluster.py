@@ -22,7 +22,8 @@ import pytest
 
 from schemas import CleanupCommand, ReconcileOutcome
 from schemas.config import NatsConfig, server_list
-from schemas.streams import COMMANDS_STREAM, EVENTS_STREAM, TASKS_STREAM
+from schemas.connection import connect_options
+from schemas.streams import COMMANDS_STREAM, EVENTS_STREAM, TASKS_STREAM, events_stream_config
 from supervisor.eventlog.cluster import pids
 from supervisor.eventlog.emitter import utcnow
 from supervisor.reconcile.command_executor import JetStreamCommands
@@ -127,6 +128,15 @@ def _all_ended(url: str, ids: list[str]) -> bool:
         return False
 
 
+async def _make_r1_events_stream(url: str) -> None:
+    nc = await nats.connect(**connect_options(url), connect_timeout=5)
+    try:
+        info = await nc.jetstream().add_stream(events_stream_config(1))
+        assert info.config.num_replicas == 1
+    finally:
+        await nc.close()
+
+
 async def _stream_info(url: str) -> dict[str, Any]:
     nc = await nats.connect(servers=server_list(url), connect_timeout=5)
     try:
@@ -150,6 +160,8 @@ def test_the_streams_have_three_replicas_and_two_nodes_share_the_work(
 ) -> None:
     url = _url(cluster, "node")
     assert len(pids(cluster)) == 3
+    # A stream made with one copy before (by an older node, say) is brought to three.
+    asyncio.run(_make_r1_events_stream(url))
     for role in ("node", "reader"):
         assert os.stat(cluster / f"{role}.toml").st_mode & 0o777 == 0o600
     n1 = _node(daemons, cluster, tmp_dir, "n1")
@@ -174,8 +186,9 @@ def test_the_streams_have_three_replicas_and_two_nodes_share_the_work(
     assert sum(started.values()) == len(ids)
 
 
-def test_a_killed_stream_leader_loses_and_duplicates_no_event(
-    cluster: Path, tmp_dir: Path, daemons: list[DaemonProc]
+@pytest.mark.parametrize("which", ["leader", "follower"])
+def test_a_killed_server_loses_and_duplicates_no_event(
+    cluster: Path, tmp_dir: Path, daemons: list[DaemonProc], which: str
 ) -> None:
     url = _url(cluster, "node")
     n1 = _node(daemons, cluster, tmp_dir, "n1")
@@ -185,6 +198,8 @@ def test_a_killed_stream_leader_loses_and_duplicates_no_event(
 
     leader = asyncio.run(_stream_info(url))[EVENTS_STREAM][1]
     index = int(leader.rsplit("-", 1)[1]) - 1
+    if which == "follower":
+        index = (index + 1) % 3
     os.kill(pids(cluster)[index], signal.SIGKILL)
     survivors = ",".join(u for i, u in enumerate(server_list(url)) if i != index)
 
@@ -194,7 +209,7 @@ def test_a_killed_stream_leader_loses_and_duplicates_no_event(
     ids_seen = Counter(e.event_id for e in events)
     assert [i for i, n in ids_seen.items() if n > 1] == []
     new_leader = asyncio.run(_stream_info(survivors))[EVENTS_STREAM][1]
-    assert new_leader != leader
+    assert (new_leader != leader) == (which == "leader")
     for d in daemons:
         assert d.proc is not None and d.proc.poll() is None, d.log()
 

@@ -1,11 +1,13 @@
-"""Client TLS from the `[nats]` table, against a real nats-server that accepts only mutual
-TLS (certificates made for the test with `openssl`): `run` publishes through it, `replay`
-reads through it, and a client without the right files is refused, by name."""
+"""How a client proves itself to NATS from the `[nats]` table, against real nats-servers:
+mutual TLS (certificates made for the test with `openssl`: `run` publishes through it,
+`replay` reads through it, a client without the right files is refused, by name), an NKey
+seed file, and a token."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import nkeys
 import pytest
 
 from schemas import TaskSucceeded
@@ -176,3 +179,62 @@ def test_tls_files_in_the_table_are_checked_by_name(tmp_dir: Path) -> None:
     path.write_text('[nats]\nservers = ["tls://127.0.0.1:4222"]\ntls_cert = "/etc/c.pem"\n')
     with pytest.raises(ConfigError, match=r"tls_cert and nats\.tls_key go together"):
         load_config(path)
+
+
+def _server_with(tmp: Path, authorization: str) -> NatsServer:
+    conf = tmp / "auth.conf"
+    conf.write_text(REPO_CONF.read_text() + "\n" + authorization + "\n")
+    server = NatsServer(tmp / "auth-store", conf=conf)
+    server.start()
+    return server
+
+
+def _seed_file(path: Path) -> str:
+    """A new user NKey: its seed written to `path` (0600); returns its public key."""
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    path.write_bytes(seed)
+    path.chmod(0o600)
+    return str(nkeys.from_seed(bytearray(seed)).public_key.decode())
+
+
+async def _connects(table: NatsConfig) -> None:
+    url = table.url()
+    assert url is not None
+    nc = await connect_nats(url, reconnect=False, timeout=3.0)
+    await close_quietly(nc)
+
+
+@pytest.mark.docker
+def test_an_nkey_seed_file_is_this_clients_identity(tmp_dir: Path) -> None:
+    public = _seed_file(tmp_dir / "node.nk")
+    _seed_file(tmp_dir / "stranger.nk")
+    server = _server_with(tmp_dir, f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}')
+    try:
+        servers = [f"nats://127.0.0.1:{server.port}"]
+        table = NatsConfig(servers=servers, nkey_seed=str(tmp_dir / "node.nk"))
+        done = _cli(tmp_dir, table, "run", "-", "--json", stdin=json.dumps(task("echo nkey")))
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["stdout"] == "nkey\n"
+        with pytest.raises(NatsUnavailable):
+            asyncio.run(
+                _connects(NatsConfig(servers=servers, nkey_seed=str(tmp_dir / "stranger.nk")))
+            )
+        with pytest.raises(NatsUnavailable):
+            asyncio.run(_connects(NatsConfig(servers=servers)))
+        with pytest.raises(ConfigError, match=r"missing\.nk"):
+            asyncio.run(
+                _connects(NatsConfig(servers=servers, nkey_seed=str(tmp_dir / "missing.nk")))
+            )
+    finally:
+        server.stop()
+
+
+def test_a_token_is_sent_to_the_server(tmp_dir: Path) -> None:
+    server = _server_with(tmp_dir, 'authorization { token: "t0ken" }')
+    try:
+        servers = [f"nats://127.0.0.1:{server.port}"]
+        asyncio.run(_connects(NatsConfig(servers=servers, token="t0ken")))
+        with pytest.raises(NatsUnavailable):
+            asyncio.run(_connects(NatsConfig(servers=servers, token="wrong")))
+    finally:
+        server.stop()
