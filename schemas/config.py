@@ -112,6 +112,9 @@ class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         int, _doc("Readiness fails while more events than this wait in the outbox.")
     ] = 10_000
     check_timeout_s: Annotated[float, _doc("Time each readiness check gets to answer.")] = 2.0
+    max_batch: Annotated[
+        int, _doc("Most specs one `POST /v1/tasks/batch` takes."), msgspec.Meta(ge=1, le=10_000)
+    ] = 100
 
 
 class Thresholds(Struct, forbid_unknown_fields=True, kw_only=True):

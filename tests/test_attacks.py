@@ -166,6 +166,8 @@ def test_a_forged_success_of_a_running_task_is_kept_apart_never_its_outcome(
     wait_until(projected, 30, "the projection to take the end")
     doc = json.loads(target.daemon.get("/v1/tasks/atk-success")[1])
     assert (doc["state"], doc["outcome"], doc["exit_code"]) == ("failed", "failed", 3)
+    # The Result served is the owner's, never the forgery's.
+    assert (doc["result"]["status"], doc["result"]["stdout"]) == ("failed", "real\n")
     status, result = target.query(
         "SELECT scope, reason, instance_id, conflict_outcome, first_outcome "
         "FROM terminal_conflicts WHERE task_id = 'atk-success'"

@@ -457,7 +457,8 @@ def test_roles_a_projection_host_reads_the_fleet_with_the_reader_credential_and_
     worker = DaemonProc(
         tmp_dir / "n1", None, config=node_cfg, args=("--roles", "executor,reconciler")
     )
-    daemons.append(worker.start(timeout=60))
+    daemons.append(worker)
+    worker.start(timeout=60)
     reader_cfg: dict[str, Any] = {
         "nats": tomllib.loads((cluster / "reader.toml").read_text())["nats"],
         "node_id": "analytics",
@@ -467,7 +468,8 @@ def test_roles_a_projection_host_reads_the_fleet_with_the_reader_credential_and_
     reader = DaemonProc(
         tmp_dir / "analytics", None, config=reader_cfg, args=("--roles", "projection")
     )
-    daemons.append(reader.start(timeout=60))
+    daemons.append(reader)
+    reader.start(timeout=60)
 
     ids = _submit(worker, 3, "echo role", "roles")
     wait_until(lambda: _all_ended(url, ids), 60, "the tasks to end")

@@ -589,7 +589,7 @@ async def test_query_passes_the_body_and_maps_the_read_sides_errors() -> None:
 async def test_routing_errors_are_json_too() -> None:
     async with api(max_body_bytes=1024) as (_, client):
         nowhere = await _call(client, "GET", "/v2/nothing")
-        async with client.get("/v1/tasks") as r:
+        async with client.get("/v1/query") as r:
             wrong_method = (r.status, await r.json(), r.headers.get("Allow"))
         too_big = await _call(client, "POST", "/v1/tasks", data=b"x" * 4096)
 

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 import duckdb
@@ -34,6 +35,8 @@ from projections.query.query import (
     run_on_cursor,
 )
 from projections.query.render import render, result_doc, row_doc
+from projections.query.tasks import listing_sql, parse_filter
+from schemas import decode_event
 from schemas.errors import ApiError, projection_unavailable
 
 T = TypeVar("T")
@@ -99,9 +102,11 @@ class QueryEndpoint:
         return await self._on_cursor(run)
 
     async def task(self, task_id: str) -> dict[str, Any] | None:
-        """The task's row of `tasks` (every column), with `attempt_details` (its rows of
-        `attempts`), `errors` (its rows of `errors`, in stream order) and `projection_seq`
-        (the watermark read); None when the projection does not know the task."""
+        """The task's row of `tasks` (every column), with `result` (the `Result` of the
+        terminal event the projection applied, the one the attempt's owner sent; None
+        until the task ends), `attempt_details` (its rows of `attempts`), `errors` (its
+        rows of `errors`, in stream order) and `projection_seq` (the watermark read); None
+        when the projection does not know the task."""
         timeout_s = self.limits.task_timeout_s
 
         def read(cur: duckdb.DuckDBPyConnection) -> dict[str, Any] | None:
@@ -119,7 +124,40 @@ class QueryEndpoint:
                     "WHERE task_id = $1 ORDER BY seq",
                     task_id,
                 )
-            return {**task[0], "attempt_details": attempts, "errors": errors, "projection_seq": seq}
+                finished = task[0].get("finished_seq")
+                end = (
+                    cur.execute("SELECT payload FROM events WHERE seq = $1", [finished]).fetchone()
+                    if finished is not None
+                    else None
+                )
+            return {
+                **task[0],
+                "result": _result(end[0]) if end else None,
+                "attempt_details": attempts,
+                "errors": errors,
+                "projection_seq": seq,
+            }
+
+        return await self._on_cursor(read)
+
+    async def tasks(self, params: Mapping[str, str]) -> dict[str, Any]:
+        """`GET /v1/tasks`: one page of tasks matching the filters of
+        `projections.query.tasks` (QueryRefused naming a bad one): `tasks`, `next_cursor`
+        (None on the last page) and `projection_seq`."""
+        f = parse_filter(dict(params), datetime.now(UTC))
+        sql, args = listing_sql(f)
+        timeout_s = self.limits.task_timeout_s
+
+        def read(cur: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+            with read_transaction(cur, timeout_s) as seq:
+                cur.execute(sql, args)
+                names = [d[0] for d in cur.description or []]
+                rows = [row_doc(names, r) for r in cur.fetchall()]
+            page = rows[: f.limit]
+            cursor = str(page[-1]["first_seq"]) if len(rows) > f.limit else None
+            for row in page:
+                del row["first_seq"]
+            return {"tasks": page, "next_cursor": cursor, "projection_seq": seq}
 
         return await self._on_cursor(read)
 
@@ -179,3 +217,10 @@ def _rows(cur: duckdb.DuckDBPyConnection, sql: str, *params: Any) -> list[dict[s
     cur.execute(sql, list(params))
     columns = [d[0] for d in cur.description or []]
     return [row_doc(columns, row) for row in cur.fetchall()]
+
+
+def _result(payload: str) -> dict[str, Any] | None:
+    """The `Result` of a stored terminal event, as JSON values (None if it has none)."""
+    end = decode_event(payload.encode())
+    result = getattr(end, "result", None)
+    return msgspec.to_builtins(result) if result is not None else None  # type: ignore[no-any-return]

@@ -439,6 +439,12 @@ class ProjectionPart:
             raise unavailable()
         return await self._endpoint._on_cursor(fn)
 
+    async def tasks(self, params: Mapping[str, str]) -> dict[str, Any]:
+        """`QueryEndpoint.tasks` on the live projection (ApiError 503 while it is closed)."""
+        if self._endpoint is None:
+            raise unavailable()
+        return await self._endpoint.tasks(params)
+
     async def task(self, task_id: str) -> dict[str, Any] | None:
         """`QueryEndpoint.task` on the live projection: None also while the task is not
         projected yet (it trails the stream by the lag)."""

@@ -9,6 +9,7 @@ daemon knows:
 
 - `POST /query`: `/v1/query`'s body; the result, or the catalogue-shaped error;
 - `GET /tasks/{task_id}`: `/v1/tasks/{id}`'s document (404 when unknown);
+- `GET /tasks`: `/v1/tasks`'s page (the filters as query parameters);
 - `GET /state?node=N&inventory=I`: the reconciler's `ProjectedState`, msgpack (204: none);
 - `GET /check`: the `projection` readiness check, as JSON;
 - `GET /metrics`: the projection's Prometheus metrics, text format.
@@ -144,6 +145,9 @@ def _app(part: ProjectionPart, registry: CollectorRegistry, token: str) -> web.A
         doc = await part.task(request.match_info["task_id"])
         return web.Response(status=404) if doc is None else json_response(doc)
 
+    async def tasks(request: web.Request) -> web.Response:
+        return json_response(await part.tasks(dict(request.query)))
+
     async def projected(request: web.Request) -> web.Response:
         found = await state.load(request.query["node"], request.query["inventory"])
         if found is None:
@@ -158,6 +162,7 @@ def _app(part: ProjectionPart, registry: CollectorRegistry, token: str) -> web.A
 
     app = web.Application(middlewares=[guard], client_max_size=1 << 20)
     app.router.add_post("/query", query)
+    app.router.add_get("/tasks", tasks)
     app.router.add_get("/tasks/{task_id}", task)
     app.router.add_get("/state", projected)
     app.router.add_get("/check", check)

@@ -35,7 +35,7 @@ from schemas import (
     TaskSpec,
 )
 from schemas.config import Config
-from schemas.errors import ApiError, NatsUnavailable
+from schemas.errors import ApiError, NatsUnavailable, projection_unavailable
 from schemas.health import Check, CheckFn
 from schemas.streams import TASKS_STREAM, commands_stream_config, tasks_stream_config
 from supervisor.daemon.datadir import DataDirLock
@@ -299,6 +299,7 @@ class Daemon:
             handlers=_Api(self, node.events.js),
             token=http_token(cfg.http),
             check_timeout_s=cfg.http.check_timeout_s,
+            max_batch=cfg.http.max_batch,
             on_scrape=before_scrape,
         )
         self.http = http = HttpServer(app, cfg.http.listen)
@@ -417,6 +418,11 @@ class _Api:
         """Follow the error stream with `supervisor tail`'s filters, for one HTTP client."""
         assert self.daemon.node is not None
         return follow_errors(self.daemon.node.nats_url, params)
+
+    async def tasks(self, params: Mapping[str, str]) -> Mapping[str, Any]:
+        if self.daemon.read_side is None:
+            raise projection_unavailable("this daemon runs without a projection")
+        return await self.daemon.read_side.tasks(params)
 
     async def query(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
         if self.daemon.read_side is None:

@@ -107,3 +107,7 @@ class ReadSide(Protocol):
     async def query(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
         """Run the read-only query described by the request body (`{"sql": ...}`)."""
         ...
+
+    async def tasks(self, params: Mapping[str, str]) -> Mapping[str, Any]:
+        """One page of tasks matching the filters in `params` (`GET /v1/tasks`)."""
+        ...

@@ -96,6 +96,11 @@ class Handlers(Protocol):
         """Run a read-only query described by the request body (a JSON object)."""
         ...
 
+    async def tasks(self, params: Mapping[str, str]) -> Mapping[str, Any]:
+        """One page of the tasks matching `params` (state, outcome, correlation_id, since,
+        limit, cursor)."""
+        ...
+
     def errors(self, params: Mapping[str, str]) -> AsyncIterator[bytes]:
         """The error events matching `params` (type, code, task, since, limit), each the raw
         JSON it was published as, as they arrive. Raises ValueError for a bad filter."""
@@ -203,6 +208,7 @@ def create_app(
     check_timeout_s: float = 2.0,
     on_scrape: Callable[[], Awaitable[None] | None] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
+    max_batch: int = 100,
 ) -> web.Application:
     """Build the app. `readiness` maps a check name to its check; `handlers` None leaves
     `/v1` unrouted (404); `on_scrape` runs (and is awaited when it is a coroutine function)
@@ -242,13 +248,46 @@ def create_app(
     app.router.add_get("/v1/readyz", readyz_full)
     app.router.add_get("/metrics", metrics_text)
     if handlers is not None:
-        _add_api(app, handlers)
+        _add_api(app, handlers, max_batch)
     return app
 
 
-def _add_api(app: web.Application, handlers: Handlers) -> None:
+def _add_api(app: web.Application, handlers: Handlers, max_batch: int) -> None:
     async def submit(request: web.Request) -> web.Response:
-        spec = decode_spec(await request.read())
+        return await submit_one(await request.read())
+
+    async def batch(request: web.Request) -> web.Response:
+        """`{"tasks": [spec, ...]}`, at most `max_batch`: each spec as `POST /v1/tasks`
+        would take it, in order; `{"results": [{"status": <its HTTP status>, "body": <its
+        answer>}, ...]}`, 200 whatever each item's outcome."""
+        try:
+            doc = msgspec.json.decode(await request.read())
+        except msgspec.DecodeError as e:
+            raise ApiError(400, "validation", "INVALID_SPEC", f"batch: not JSON: {e}") from e
+        specs = doc.get("tasks") if isinstance(doc, dict) else None
+        if not isinstance(specs, list) or not specs or set(doc) != {"tasks"}:
+            raise ApiError(
+                400, "validation", "INVALID_SPEC", 'batch: the body must be {"tasks": [spec, ...]}'
+            )
+        if len(specs) > max_batch:
+            raise ApiError(
+                413,
+                "validation",
+                "BATCH_TOO_LARGE",
+                f"batch: {len(specs)} tasks, at most {max_batch} (http.max_batch)",
+            )
+        results = []
+        for spec in specs:
+            try:
+                answer = await submit_one(msgspec.json.encode(spec))
+            except SupervisorError as e:
+                answer = error_response(e)
+            assert isinstance(answer.body, bytes)
+            results.append({"status": answer.status, "body": msgspec.json.decode(answer.body)})
+        return json_response({"results": results})
+
+    async def submit_one(body: bytes) -> web.Response:
+        spec = decode_spec(body)
         sub = await handlers.submit(spec)
         if sub.accepted:
             doc = {
@@ -272,9 +311,21 @@ def _add_api(app: web.Application, handlers: Handlers) -> None:
             task_id=sub.task_id,
         )
 
+    async def tasks(request: web.Request) -> web.Response:
+        return json_response(await handlers.tasks(request.query))
+
     async def task(request: web.Request) -> web.Response:
         task_id = request.match_info["task_id"]
-        doc = await handlers.task(task_id)
+        wait_s = _wait_param(request.query.get("wait"))
+        deadline = asyncio.get_running_loop().time() + wait_s
+        pause = WAIT_POLL_MIN_S
+        while True:
+            doc = await handlers.task(task_id)
+            left = deadline - asyncio.get_running_loop().time()
+            if (doc is not None and doc.get("outcome") is not None) or left <= 0:
+                break
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, WAIT_POLL_MAX_S)
         if doc is None:
             raise ApiError(404, "validation", "TASK_NOT_FOUND", f"no task {task_id!r}")
         return json_response(doc)
@@ -310,6 +361,8 @@ def _add_api(app: web.Application, handlers: Handlers) -> None:
 
     app.router.add_get("/v1/errors", errors)
     app.router.add_post("/v1/tasks", submit)
+    app.router.add_post("/v1/tasks/batch", batch)
+    app.router.add_get("/v1/tasks", tasks)
     app.router.add_get("/v1/tasks/{task_id}", task)
     app.router.add_post("/v1/query", query)
 
@@ -529,6 +582,29 @@ class HttpServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+
+
+MAX_WAIT_S = 300.0
+"""The longest `GET /v1/tasks/{id}?wait=S` holds a request."""
+
+WAIT_POLL_MIN_S, WAIT_POLL_MAX_S = 0.05, 0.5
+"""How often a waiting request reads the task again: from 50 ms, doubling up to 0.5 s (the
+projection applies a live batch within a few hundred ms)."""
+
+
+def _wait_param(text: str | None) -> float:
+    """`?wait=S`: seconds to hold the request until the task has ended (0 to `MAX_WAIT_S`)."""
+    if text is None:
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= MAX_WAIT_S:  # also refuses nan
+        raise ApiError(
+            400, "validation", "INVALID_QUERY", f"wait must be seconds from 0 to {MAX_WAIT_S:g}"
+        )
+    return value
 
 
 def http_token(cfg: HttpConfig) -> str | None:

@@ -77,6 +77,9 @@ class _ReadApi:
     async def query(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
         return await self.projection.query(request)
 
+    async def tasks(self, params: Mapping[str, str]) -> Mapping[str, Any]:
+        return await self.projection.tasks(params)
+
 
 class ProjectionHost:
     """`run(stop)` serves until `stop` is set; the data dir is locked as a daemon's is (it
@@ -119,6 +122,7 @@ class ProjectionHost:
                     handlers=_ReadApi(projection, url),
                     token=self.token,
                     check_timeout_s=cfg.http.check_timeout_s,
+                    max_batch=cfg.http.max_batch,
                     on_scrape=before_scrape,
                 )
                 self.http = http = HttpServer(app, cfg.http.listen)

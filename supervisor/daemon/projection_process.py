@@ -243,6 +243,13 @@ class ProjectionProcess:
         doc: dict[str, Any] = msgspec.json.decode(body)
         return doc
 
+    async def tasks(self, params: Mapping[str, str]) -> Mapping[str, Any]:
+        status, body = await self._call("GET", "/tasks", params=dict(params))
+        if status != 200:
+            raise _api_error(status, body)
+        doc: dict[str, Any] = msgspec.json.decode(body)
+        return doc
+
     async def task(self, task_id: str) -> Mapping[str, Any] | None:
         status, body = await self._call("GET", f"/tasks/{task_id}")
         if status == 404 and not body:

@@ -1,0 +1,170 @@
+"""A task's Result over HTTP, from a real daemon: `GET /v1/tasks/{id}` carries the Result
+of the terminal event the projection applied, and `?wait=S` holds the request until the
+task has ended or S seconds passed."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testing.daemon import DaemonProc, task
+
+pytestmark = [pytest.mark.docker, pytest.mark.nats]
+
+
+def _post(d: DaemonProc, spec: dict[str, object]) -> None:
+    status, body = d.request("POST", "/v1/tasks", json.dumps(spec).encode())
+    assert status in (200, 202), body
+
+
+def test_a_task_s_result_is_served_and_wait_holds_until_it_ends(
+    tmp_dir: Path, nats_url: str, daemons: list[DaemonProc]
+) -> None:
+    d = DaemonProc(tmp_dir / "data", nats_url)
+    daemons.append(d)
+    d.start()
+    _post(d, task("sleep 1; echo out; echo err >&2", task_id="res-ok"))
+    _post(d, task("echo no; exit 4", task_id="res-bad", retry={"max_attempts": 1}))
+
+    started = time.monotonic()
+    status, body = d.get("/v1/tasks/res-ok?wait=60")
+    assert status == 200, body
+    doc = json.loads(body)
+    assert time.monotonic() - started < 30
+    assert (doc["state"], doc["exit_code"]) == ("succeeded", 0)
+    result = doc["result"]
+    assert (result["task_id"], result["status"], result["attempts"]) == ("res-ok", "succeeded", 1)
+    assert (result["exit_code"], result["stdout"], result["stderr"]) == (0, "out\n", "err\n")
+    assert result["error"] is None
+
+    doc = json.loads(d.get("/v1/tasks/res-bad?wait=60")[1])
+    assert (doc["state"], doc["result"]["status"], doc["result"]["exit_code"]) == (
+        "failed",
+        "failed",
+        4,
+    )
+    assert (doc["result"]["error"]["type"], doc["result"]["error"]["code"]) == (
+        "user_code",
+        "NONZERO_EXIT",
+    )
+
+
+def test_wait_gives_up_after_its_seconds_and_refuses_nonsense(
+    tmp_dir: Path, nats_url: str, daemons: list[DaemonProc]
+) -> None:
+    d = DaemonProc(tmp_dir / "data", nats_url)
+    daemons.append(d)
+    d.start()
+    _post(d, task("sleep 20", task_id="res-long"))
+
+    started = time.monotonic()
+    status, body = d.get("/v1/tasks/res-long?wait=1.5")
+    waited = time.monotonic() - started
+    assert status in (200, 404), body  # known once the projection has its submission
+    assert 1.5 <= waited < 10
+    if status == 200:
+        doc = json.loads(body)
+        assert doc["outcome"] is None and doc["result"] is None
+    status, body = d.get("/v1/tasks/never-submitted?wait=0.3")
+    assert status == 404 and json.loads(body)["error"]["code"] == "TASK_NOT_FOUND"
+    for bad in ("-1", "nan", "abc", "301"):
+        status, body = d.get(f"/v1/tasks/res-long?wait={bad}")
+        assert status == 400, bad
+        assert json.loads(body)["error"]["code"] == "INVALID_QUERY"
+
+
+def test_a_batch_answers_each_spec_as_a_single_submission_would(
+    tmp_dir: Path, nats_url: str, daemons: list[DaemonProc]
+) -> None:
+    d = DaemonProc(tmp_dir / "data", nats_url, config={"http": {"max_batch": 3}})
+    daemons.append(d)
+    d.start()
+    specs = [
+        task("echo one", task_id="batch-1", correlation_id="judge-7"),
+        {"image": "supervisor-sandbox:busybox"},  # no command
+        task("echo two", task_id="batch-2", privileged=True),
+    ]
+    status, body = d.request("POST", "/v1/tasks/batch", json.dumps({"tasks": specs}).encode())
+    assert status == 200, body
+    results = json.loads(body)["results"]
+    assert [r["status"] for r in results] == [202, 400, 403]
+    assert results[0]["body"] == {
+        "task_id": "batch-1",
+        "correlation_id": "judge-7",
+        "status": "queued",
+    }
+    assert results[1]["body"]["error"]["code"] == "INVALID_SPEC"
+    assert results[2]["body"]["error"]["code"] == "POLICY_VIOLATION"
+
+    again = d.request("POST", "/v1/tasks/batch", json.dumps({"tasks": specs[:1]}).encode())
+    assert json.loads(again[1])["results"][0] == {
+        "status": 200,
+        "body": {"task_id": "batch-1", "correlation_id": "judge-7", "status": "known"},
+    }
+    status, body = d.request("POST", "/v1/tasks/batch", json.dumps({"tasks": specs * 2}).encode())
+    assert status == 413 and json.loads(body)["error"]["code"] == "BATCH_TOO_LARGE"
+    for bad in (b"[]", b'{"tasks": []}', b'{"tasks": {}}', b"not json", b'{"tasks": [{}], "x": 1}'):
+        status, body = d.request("POST", "/v1/tasks/batch", bad)
+        assert status == 400, bad
+        assert json.loads(body)["error"]["code"] == "INVALID_SPEC"
+    doc = json.loads(d.get("/v1/tasks/batch-1?wait=60")[1])
+    assert doc["result"]["stdout"] == "one\n"
+
+
+def test_tasks_are_listed_by_filter_a_page_at_a_time(
+    tmp_dir: Path, nats_url: str, daemons: list[DaemonProc]
+) -> None:
+    d = DaemonProc(tmp_dir / "data", nats_url)
+    daemons.append(d)
+    d.start()
+    for i in range(5):
+        _post(
+            d,
+            task(
+                "true" if i % 2 == 0 else "exit 1",
+                task_id=f"list-{i}",
+                correlation_id="run-9",
+                retry={"max_attempts": 1},
+            ),
+        )
+    _post(d, task("true", task_id="list-other", correlation_id="run-10"))
+    for t in (*(f"list-{i}" for i in range(5)), "list-other"):
+        assert json.loads(d.get(f"/v1/tasks/{t}?wait=60")[1])["outcome"] is not None
+
+    def page(query: str) -> dict[str, Any]:
+        status, body = d.get(f"/v1/tasks?{query}")
+        assert status == 200, body
+        return json.loads(body)  # type: ignore[no-any-return]
+
+    first = page("correlation_id=run-9&limit=2")
+    assert [t["task_id"] for t in first["tasks"]] == ["list-0", "list-1"]
+    second = page(f"correlation_id=run-9&limit=2&cursor={first['next_cursor']}")
+    third = page(f"correlation_id=run-9&limit=2&cursor={second['next_cursor']}")
+    assert [t["task_id"] for t in second["tasks"]] == ["list-2", "list-3"]
+    assert [t["task_id"] for t in third["tasks"]] == ["list-4"]
+    assert third["next_cursor"] is None
+    failed = page("correlation_id=run-9&outcome=failed")
+    assert [(t["task_id"], t["exit_code"]) for t in failed["tasks"]] == [
+        ("list-1", 1),
+        ("list-3", 1),
+    ]
+    assert [
+        t["task_id"] for t in page("since=1h&state=succeeded&correlation_id=run-10")["tasks"]
+    ] == ["list-other"]
+    assert page("since=2999-01-01T00:00:00Z")["tasks"] == []
+    for bad in (
+        "state=done",
+        "outcome=ok",
+        "limit=0",
+        "limit=1001",
+        "cursor=-3",
+        "since=soon",
+        "colour=red",
+    ):
+        status, body = d.get(f"/v1/tasks?{bad}")
+        assert status == 400, bad
+        assert json.loads(body)["error"]["code"] == "QUERY_REFUSED", (bad, body)
