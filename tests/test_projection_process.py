@@ -12,17 +12,23 @@ import contextlib
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import msgspec
 import nats
 import psutil
 import pytest
 
 from schemas.config import Config, ProjectionConfig
 from schemas.errors import ApiError
+from supervisor.cli.projection_service import Setup
 from supervisor.daemon.extension import DaemonContext
 from supervisor.daemon.metrics import Metrics
 from supervisor.daemon.projection_process import ProjectionProcess, ProjectionProcessError
@@ -166,3 +172,42 @@ async def test_a_long_query_never_stalls_the_writer(nats_url: str, tmp_dir: Path
     assert took >= 19
     assert max(lags) < ProjectionConfig().max_lag_s
     assert applied[0][0] >= i - 1  # all but perhaps the last batch, still in flight
+
+
+def test_the_service_stopped_while_it_opens_exits_at_once(tmp_dir: Path) -> None:
+    """Its daemon gone (stdin closed) while the service still opens, here waiting for a
+    NATS that is not there: it exits within seconds, never outliving its daemon nor
+    holding the projection's file."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    setup = Setup(
+        config=Config(data_dir=str(tmp_dir / "data")),
+        nats_url=f"nats://127.0.0.1:{port}",
+        token="t",
+        open_timeout_s=120.0,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor.cli.projection_service"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(msgspec.json.encode(setup) + b"\n")
+        proc.stdin.flush()
+        time.sleep(2.0)  # opening: it keeps trying to reach NATS
+        assert proc.poll() is None
+        closed = time.monotonic()
+        proc.stdin.close()
+        proc.wait(timeout=20)
+        assert time.monotonic() - closed < 10
+        assert b"stopping while it opens" in (proc.stderr.read() if proc.stderr else b"")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -170,6 +171,10 @@ def _app(part: ProjectionPart, registry: CollectorRegistry, token: str) -> web.A
     return app
 
 
+STOP_WHILE_OPENING_S = 5.0
+"""How long an opening interrupted by `stop` may take to wind down before the process exits."""
+
+
 async def _main_async(setup: Setup) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -183,17 +188,35 @@ async def _main_async(setup: Setup) -> int:
             pass
         stop.set()
 
+    serving = asyncio.Event()
+
     def announce(ready: Ready) -> None:
         sys.stdout.buffer.write(msgspec.json.encode(ready) + b"\n")
         sys.stdout.flush()
+        serving.set()
 
     watcher = asyncio.create_task(watch_stdin())
+    service = asyncio.create_task(serve(setup, stop, announce))
+    stopped = asyncio.create_task(stop.wait())
     try:
-        await serve(setup, stop, announce)
+        await asyncio.wait([service, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if not service.done() and not serving.is_set():
+            # Stopped while opening (the daemon gone mid-start, the stream perhaps away):
+            # opening may wait on NATS for a long time, and the service must never outlive
+            # its daemon nor keep holding the file. Committed batches are safe in the file.
+            log.info("projection service stopping while it opens")
+            service.cancel()
+            done, _ = await asyncio.wait([service], timeout=STOP_WHILE_OPENING_S)
+            if not done:
+                log.error("the projection did not close in %gs; exiting", STOP_WHILE_OPENING_S)
+                sys.stderr.flush()
+                os._exit(1)
+        await asyncio.gather(service, return_exceptions=service.cancelled())
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for task in (watcher, stopped):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     return 0
 
 
