@@ -184,3 +184,54 @@ class LifecycleTracker:
         else:
             self.containers[container_id] = new
         return None
+
+
+# --- who may finish an attempt ------------------------------------------------------------
+#
+# The projection believes the lifecycle, not the last writer: an event that claims to end
+# an attempt counts only when it comes from the instance that started the attempt, with
+# two exceptions the design needs: another instance closes an attempt whose owner died,
+# always as an infrastructure failure (`SUPERVISOR_LOST`, or the reconciler's codes); and
+# once an attempt is finished, whichever instance handles the task's next delivery may end
+# the task. Anything else (a forgery, a node that went on after it was presumed dead) is
+# kept in `events` and shown by the `terminal_conflicts` view, and changes no row.
+# The rule is written here once, as Python and as SQL side by side: the declarations of the
+# projection's tables (`projections.store.current`) name the pair, so the fold and the
+# MERGE made from them use it; `projections.audit` and a client waiting for a task's
+# result (`supervisor.intake.wait`) call the Python form.
+
+CLOSING_ERROR_TYPE: Final = "infrastructure"
+"""The only error type with which an instance may close another instance's attempt."""
+
+
+def attempt_finish_applies(instance: str, starter: str | None, error_type: str | None) -> bool:
+    """Whether an `attempt.finished` from `instance` ends an attempt started by `starter`."""
+    return starter is None or instance == starter or error_type == CLOSING_ERROR_TYPE
+
+
+def sql_attempt_finish_applies(instance: str, starter: str, error_type: str) -> str:
+    return (
+        f"({starter} IS NULL OR {instance} = {starter} "
+        f"OR {error_type} IS NOT DISTINCT FROM '{CLOSING_ERROR_TYPE}')"
+    )
+
+
+def terminal_applies(
+    attempt: int, instance: str, seq: int, starter: str | None, finished_seq: int | None
+) -> bool:
+    """Whether a terminal task event of `attempt` (0: none ran) from `instance` at `seq`
+    ends the task, given the attempt's starting instance and the seq it finished at."""
+    if attempt == 0:
+        return True
+    if starter is None:
+        return False  # it claims an attempt that never started
+    return instance == starter or (finished_seq is not None and finished_seq < seq)
+
+
+def sql_terminal_applies(
+    attempt: str, instance: str, seq: str, starter: str, finished_seq: str
+) -> str:
+    return (
+        f"({attempt} = 0 OR ({starter} IS NOT NULL AND ({instance} = {starter} "
+        f"OR coalesce({finished_seq} < {seq}, false))))"
+    )

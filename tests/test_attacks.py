@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,33 @@ def target(module_tmp_dir: Path) -> Iterator[Target]:
         yield Target(daemon, url, root / "client")
     finally:
         daemon.stop()
+
+
+def _forge_success(target: Target, task_id: str) -> None:
+    """Publish, with the node's credential, a `task.succeeded` of `task_id`'s first attempt
+    from an instance that never ran it."""
+    forged = TaskSucceeded(
+        event_id=f"forged-success-{task_id}",
+        occurred_at=utcnow(),
+        node_id="n1",
+        instance_id="intruder",
+        task_id=task_id,
+        attempt=1,
+        result=Result(
+            task_id=task_id, status="succeeded", attempts=1, exit_code=0, stdout="forged\n"
+        ),
+    )
+
+    async def publish() -> None:
+        nc = await nats.connect(target.url)
+        try:
+            await nc.jetstream().publish(
+                forged.subject(), encode_event(forged), headers={MSG_ID_HEADER: forged.event_id}
+            )
+        finally:
+            await nc.close()
+
+    asyncio.run(publish())
 
 
 def _running_container(docker_client: Any, task_id: str) -> str:
@@ -131,28 +160,7 @@ def test_a_forged_success_of_a_running_task_is_kept_apart_never_its_outcome(
 ) -> None:
     target.submit("sleep 3; echo real; exit 3", "atk-success")
     _running_container(docker_client, "atk-success")
-    forged = TaskSucceeded(
-        event_id="forged-success-1",
-        occurred_at=utcnow(),
-        node_id="n1",
-        instance_id="intruder",
-        task_id="atk-success",
-        attempt=1,
-        result=Result(
-            task_id="atk-success", status="succeeded", attempts=1, exit_code=0, stdout="forged\n"
-        ),
-    )
-
-    async def publish() -> None:
-        nc = await nats.connect(target.url)
-        try:
-            await nc.jetstream().publish(
-                forged.subject(), encode_event(forged), headers={MSG_ID_HEADER: forged.event_id}
-            )
-        finally:
-            await nc.close()
-
-    asyncio.run(publish())
+    _forge_success(target, "atk-success")
     wait_until(
         lambda: any(isinstance(e, TaskFailed) for e in target.ended("atk-success")),
         60,
@@ -190,3 +198,42 @@ def test_sql_that_writes_anywhere_in_its_tree_is_refused(target: Target, sql: st
     assert status == 400, body
     status, rows = target.query("SELECT count(*) FROM tasks WHERE state = 'hacked'")
     assert (status, rows["rows"]) == (200, [[0]])
+
+
+def test_submit_wait_prints_the_owners_result_never_a_forged_one(
+    target: Target, docker_client: Any
+) -> None:
+    target.client_dir.mkdir(parents=True, exist_ok=True)
+    spec = target.client_dir / "atk-wait.json"
+    spec.write_text(
+        json.dumps(task("sleep 3; echo real; exit 3", task_id="atk-wait", limits={"timeout_s": 60}))
+    )
+    waiting = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "supervisor",
+            "submit",
+            str(spec),
+            "--wait",
+            "--json",
+            "--nats",
+            target.url,
+            "--data-dir",
+            str(target.client_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _running_container(docker_client, "atk-wait")
+        _forge_success(target, "atk-wait")
+        out, err = waiting.communicate(timeout=90)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.communicate()
+    assert waiting.returncode == 1, err  # failed, as the task really did
+    result = json.loads(out)
+    assert (result["status"], result["exit_code"], result["stdout"]) == ("failed", 3, "real\n")
