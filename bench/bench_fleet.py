@@ -204,7 +204,9 @@ def _ended(url: str, prefix: str) -> dict[str, tuple[str, float, str]]:
 def _managed(node_id: str) -> list[str]:
     """The ids of the managed containers of `node_id` on this host's engine."""
     found = docker.from_env().containers.list(
-        all=True, filters={"label": ["supervisor.managed=true", f"supervisor.node={node_id}"]}
+        all=True,
+        sparse=True,
+        filters={"label": ["supervisor.managed=true", f"supervisor.node={node_id}"]},
     )
     return [str(c.id) for c in found]
 

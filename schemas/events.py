@@ -144,6 +144,17 @@ class TaskFailed(Event, frozen=True, tag="task.failed"):
     output_capped: bool = False
 
 
+class TaskCancelRequested(Event, frozen=True, tag="task.cancel_requested"):
+    """Someone asked to cancel the task (`DELETE /v1/tasks/{id}`); `node_id` is the node
+    that recorded the request. A node running an attempt of it kills that attempt
+    (`kill_issued{cancelled}`), and no node starts one after it: the task ends `failed`
+    with `infrastructure/CANCELLED`, once. Too late for a task that has ended."""
+
+    category = "task"
+    name = "cancel_requested"
+    reason: str = ""
+
+
 class RetryScheduled(Event, frozen=True, tag="task.retry_scheduled"):
     category = "task"
     name = "retry_scheduled"
@@ -436,6 +447,7 @@ AnyEvent = (
     | TaskSucceeded
     | TaskFailed
     | RetryScheduled
+    | TaskCancelRequested
     | AttemptStarted
     | AttemptFinished
     | WorkspaceCreated

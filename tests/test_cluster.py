@@ -6,6 +6,7 @@ and the reader credential reads the history but writes nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 import nats
 import pytest
 
@@ -262,55 +264,73 @@ def test_the_reader_reads_the_history_but_writes_nothing(
 
 
 def _containers(docker_client: Any, node_id: str) -> list[str]:
+    """The tasks of `node_id`'s managed containers. Sparse: the list call's own labels, no
+    inspection of each container (one may be removed in between)."""
     found = docker_client.containers.list(
-        all=True, filters={"label": ["supervisor.managed=true", f"supervisor.node={node_id}"]}
+        all=True,
+        sparse=True,
+        filters={"label": ["supervisor.managed=true", f"supervisor.node={node_id}"]},
     )
-    return sorted(c.labels["supervisor.task"] for c in found)
+    return sorted(c.attrs["Labels"]["supervisor.task"] for c in found)
+
+
+def _remove_all_of(docker_client: Any, node_id: str) -> None:
+    """Whatever a node killed for a test left, should the test stop before it came back."""
+    for c in docker_client.containers.list(
+        all=True,
+        sparse=True,
+        filters={"label": ["supervisor.managed=true", f"supervisor.node={node_id}"]},
+    ):
+        with contextlib.suppress(docker.errors.NotFound):
+            docker_client.api.remove_container(c.id, force=True)
 
 
 def test_a_killed_node_s_tasks_end_once_elsewhere_and_its_containers_wait_for_it(
     cluster: Path, tmp_dir: Path, daemons: list[DaemonProc], docker_client: Any
 ) -> None:
     url = _url(cluster, "node")
-    n1 = _node(daemons, cluster, tmp_dir, "n1", FAST_LOSS)
-    n2 = _node(daemons, cluster, tmp_dir, "n2", FAST_LOSS)
-    ids = _submit(n1, 6, "sleep 5", "lost")
-    wait_until(lambda: len(_containers(docker_client, "n1")) == 3, 60, "n1 to run three tasks")
-    on_n1 = _containers(docker_client, "n1")
-    n1.kill()
+    try:
+        n1 = _node(daemons, cluster, tmp_dir, "n1", FAST_LOSS)
+        n2 = _node(daemons, cluster, tmp_dir, "n2", FAST_LOSS)
+        ids = _submit(n1, 6, "sleep 5", "lost")
+        wait_until(lambda: len(_containers(docker_client, "n1")) == 3, 60, "n1 to run three tasks")
+        on_n1 = _containers(docker_client, "n1")
+        n1.kill()
 
-    wait_until(lambda: _all_ended(url, ids), timeout=120, what="every task to end")
-    assert _ends(url, ids) == {t: ["task.succeeded"] for t in ids}
-    events = asyncio.run(stream_events(url))
-    lost = sorted(
-        e.task_id
-        for e in events
-        if _tag(e) == "attempt.finished" and e.error_code == "SUPERVISOR_LOST"  # type: ignore[attr-defined]
-    )
-    assert lost == on_n1
-    reran = {
-        e.task_id: e.node_id
-        for e in events
-        if _tag(e) == "attempt.started" and e.task_id in on_n1 and e.attempt == 2
-    }
-    assert reran == dict.fromkeys(on_n1, "n2")
-    # n2 never touched n1's containers: they wait, exited, for their own node.
-    assert _containers(docker_client, "n1") == on_n1
-    status, body = n2.request(
-        "POST",
-        "/v1/query",
-        json.dumps(
-            {
-                "sql": "SELECT task_id, owner FROM leaked_resources WHERE node_id = 'n1' AND kind = 'container' ORDER BY 1"
-            }
-        ).encode(),
-    )
-    assert status == 200, body
-    assert [tuple(r) for r in json.loads(body)["rows"]] == [(t, "dead") for t in on_n1]
+        wait_until(lambda: _all_ended(url, ids), timeout=120, what="every task to end")
+        assert _ends(url, ids) == {t: ["task.succeeded"] for t in ids}
+        events = asyncio.run(stream_events(url))
+        lost = sorted(
+            e.task_id
+            for e in events
+            if _tag(e) == "attempt.finished" and e.error_code == "SUPERVISOR_LOST"  # type: ignore[attr-defined]
+        )
+        assert lost == on_n1
+        reran = {
+            e.task_id: e.node_id
+            for e in events
+            if _tag(e) == "attempt.started" and e.task_id in on_n1 and e.attempt == 2
+        }
+        assert reran == dict.fromkeys(on_n1, "n2")
+        # n2 never touched n1's containers: they wait, exited, for their own node.
+        assert _containers(docker_client, "n1") == on_n1
+        status, body = n2.request(
+            "POST",
+            "/v1/query",
+            json.dumps(
+                {
+                    "sql": "SELECT task_id, owner FROM leaked_resources WHERE node_id = 'n1' AND kind = 'container' ORDER BY 1"
+                }
+            ).encode(),
+        )
+        assert status == 200, body
+        assert [tuple(r) for r in json.loads(body)["rows"]] == [(t, "dead") for t in on_n1]
 
-    n1.start(timeout=60)
-    wait_until(lambda: _containers(docker_client, "n1") == [], 30, "n1 to remove its orphans")
-    assert _ends(url, ids) == {t: ["task.succeeded"] for t in ids}
+        n1.start(timeout=60)
+        wait_until(lambda: _containers(docker_client, "n1") == [], 30, "n1 to remove its orphans")
+        assert _ends(url, ids) == {t: ["task.succeeded"] for t in ids}
+    finally:
+        _remove_all_of(docker_client, "n1")
 
 
 def test_a_node_never_removes_another_node_s_container_even_when_a_command_names_it(
@@ -327,7 +347,9 @@ def test_a_node_never_removes_another_node_s_container_even_when_a_command_names
     owner = "n1" if _containers(docker_client, "n1") else "n2"
     other = "n2" if owner == "n1" else "n1"
     (container,) = docker_client.containers.list(
-        filters={"label": [f"supervisor.node={owner}", "supervisor.task=other-0"]}
+        all=True,
+        sparse=True,
+        filters={"label": [f"supervisor.node={owner}", "supervisor.task=other-0"]},
     )
     command = CleanupCommand(
         command_id="cross-node-1",
@@ -440,10 +462,7 @@ def test_a_retired_node_s_attempts_are_closed_and_its_resources_abandoned(
         wait_until(lambda: abandoned() == [(t, "retired") for t in on_n1], 30, "the abandoned list")
         assert _containers(docker_client, "n1") == on_n1
     finally:
-        for c in docker_client.containers.list(
-            all=True, filters={"label": ["supervisor.managed=true", "supervisor.node=n1"]}
-        ):
-            c.remove(force=True)
+        _remove_all_of(docker_client, "n1")
 
 
 def test_roles_a_projection_host_reads_the_fleet_with_the_reader_credential_and_no_docker(

@@ -4,6 +4,7 @@ task has ended or S seconds passed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -11,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from testing.daemon import DaemonProc, task
+from testing.daemon import DaemonProc, task, wait_until
+from testing.stream import stream_events
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
 
@@ -31,7 +33,7 @@ def test_a_task_s_result_is_served_and_wait_holds_until_it_ends(
     _post(d, task("echo no; exit 4", task_id="res-bad", retry={"max_attempts": 1}))
 
     started = time.monotonic()
-    status, body = d.get("/v1/tasks/res-ok?wait=60")
+    status, body = d.get("/v1/tasks/res-ok?wait=25")
     assert status == 200, body
     doc = json.loads(body)
     assert time.monotonic() - started < 30
@@ -41,7 +43,7 @@ def test_a_task_s_result_is_served_and_wait_holds_until_it_ends(
     assert (result["exit_code"], result["stdout"], result["stderr"]) == (0, "out\n", "err\n")
     assert result["error"] is None
 
-    doc = json.loads(d.get("/v1/tasks/res-bad?wait=60")[1])
+    doc = json.loads(d.get("/v1/tasks/res-bad?wait=25")[1])
     assert (doc["state"], doc["result"]["status"], doc["result"]["exit_code"]) == (
         "failed",
         "failed",
@@ -111,7 +113,7 @@ def test_a_batch_answers_each_spec_as_a_single_submission_would(
         status, body = d.request("POST", "/v1/tasks/batch", bad)
         assert status == 400, bad
         assert json.loads(body)["error"]["code"] == "INVALID_SPEC"
-    doc = json.loads(d.get("/v1/tasks/batch-1?wait=60")[1])
+    doc = json.loads(d.get("/v1/tasks/batch-1?wait=25")[1])
     assert doc["result"]["stdout"] == "one\n"
 
 
@@ -133,7 +135,7 @@ def test_tasks_are_listed_by_filter_a_page_at_a_time(
         )
     _post(d, task("true", task_id="list-other", correlation_id="run-10"))
     for t in (*(f"list-{i}" for i in range(5)), "list-other"):
-        assert json.loads(d.get(f"/v1/tasks/{t}?wait=60")[1])["outcome"] is not None
+        assert json.loads(d.get(f"/v1/tasks/{t}?wait=25")[1])["outcome"] is not None
 
     def page(query: str) -> dict[str, Any]:
         status, body = d.get(f"/v1/tasks?{query}")
@@ -168,3 +170,86 @@ def test_tasks_are_listed_by_filter_a_page_at_a_time(
         status, body = d.get(f"/v1/tasks?{bad}")
         assert status == 400, bad
         assert json.loads(body)["error"]["code"] == "QUERY_REFUSED", (bad, body)
+
+
+def _history(nats_url: str, task_id: str) -> list[str]:
+    return [
+        str(type(e).__struct_config__.tag)
+        for e in asyncio.run(stream_events(nats_url, f"sup.*.*.*.{task_id}"))
+    ]  # type: ignore[attr-defined]
+
+
+def _running(docker_client: Any, task_id: str) -> bool:
+    return bool(
+        docker_client.containers.list(
+            sparse=True, filters={"label": f"supervisor.task={task_id}", "status": "running"}
+        )
+    )
+
+
+def test_a_running_task_is_cancelled_once_and_leaves_nothing(
+    tmp_dir: Path, nats_url: str, daemons: list[DaemonProc], docker_client: Any
+) -> None:
+    d = DaemonProc(tmp_dir / "data", nats_url)
+    daemons.append(d)
+    d.start()
+    _post(d, task("sleep 60", task_id="cancel-run"))
+    wait_until(lambda: _running(docker_client, "cancel-run"), 60, "the task to run")
+
+    status, body = d.request("DELETE", "/v1/tasks/cancel-run")
+    assert (status, json.loads(body)) == (202, {"task_id": "cancel-run", "status": "cancelling"})
+    doc = json.loads(d.get("/v1/tasks/cancel-run?wait=25")[1])
+    assert (doc["state"], doc["error_type"], doc["error_code"]) == (
+        "failed",
+        "infrastructure",
+        "CANCELLED",
+    )
+    assert (doc["result"]["status"], doc["result"]["attempts"]) == ("failed", 1)
+    history = _history(nats_url, "cancel-run")
+    assert history.count("task.cancel_requested") == 1
+    assert [t for t in history if t in ("task.succeeded", "task.failed", "task.rejected")] == [
+        "task.failed"
+    ]
+    assert "task.retry_scheduled" not in history
+    kills = [
+        e.reason  # type: ignore[attr-defined]
+        for e in asyncio.run(stream_events(nats_url, "sup.container.kill_issued.*.cancel-run"))
+    ]
+    assert kills == ["cancelled"]
+    wait_until(
+        lambda: (
+            not docker_client.containers.list(
+                all=True, sparse=True, filters={"label": "supervisor.task=cancel-run"}
+            )
+        ),
+        30,
+        "its container to be removed",
+    )
+    status, body = d.request("DELETE", "/v1/tasks/cancel-run")
+    assert status == 409 and json.loads(body)["error"]["code"] == "TASK_ENDED", body
+    status, body = d.request("DELETE", "/v1/tasks/never-was")
+    assert status == 404 and json.loads(body)["error"]["code"] == "TASK_NOT_FOUND", body
+
+
+def test_a_queued_task_is_withdrawn_before_it_runs(
+    tmp_dir: Path, nats_url: str, daemons: list[DaemonProc], docker_client: Any
+) -> None:
+    d = DaemonProc(tmp_dir / "data", nats_url, config={"scheduling": {"concurrency": 1}})
+    daemons.append(d)
+    d.start()
+    _post(d, task("sleep 4", task_id="cancel-first"))
+    wait_until(lambda: _running(docker_client, "cancel-first"), 60, "the first task to run")
+    _post(d, task("echo never", task_id="cancel-queued"))
+
+    status, _ = d.request("DELETE", "/v1/tasks/cancel-queued")
+    assert status == 202
+    again, _ = d.request("DELETE", "/v1/tasks/cancel-queued")  # asked twice: recorded once
+    assert again == 202
+    doc = json.loads(d.get("/v1/tasks/cancel-queued?wait=25")[1])
+    assert (doc["state"], doc["error_code"], doc["attempts"]) == ("failed", "CANCELLED", 0)
+    assert doc["result"]["stdout"] == ""
+    history = _history(nats_url, "cancel-queued")
+    assert "attempt.started" not in history
+    assert history.count("task.cancel_requested") == 1 and history.count("task.failed") == 1
+    first = json.loads(d.get("/v1/tasks/cancel-first?wait=25")[1])
+    assert first["outcome"] == "succeeded"

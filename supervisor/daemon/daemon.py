@@ -50,11 +50,13 @@ from supervisor.eventlog.log import ensure_streams
 from supervisor.eventlog.nats_auth import redact
 from supervisor.eventlog.nats_server import url_file
 from supervisor.eventlog.tail import follow_errors
+from supervisor.execution.cancellations import following_cancellations
 from supervisor.execution.capacity import can_pull_any, fits_budget
 from supervisor.execution.classify import Classification
 from supervisor.execution.history import read_task_events, summarize
 from supervisor.execution.task_loop import Scheduler
 from supervisor.execution.workqueue import WorkQueue, ensure_consumers
+from supervisor.intake.cancel import request_cancel
 from supervisor.intake.submit import Intake, Submission
 
 log = logging.getLogger("supervisor.daemon.daemon")
@@ -197,6 +199,8 @@ class Daemon:
                 heartbeat_timeout_s=cfg.reconcile.heartbeat_timeout_s,
                 terminal_wait_s=sc.ack_wait_s,
             )
+            if self.pull:
+                await stack.enter_async_context(following_cancellations(js, node.executor))
             checks, scrape_hooks = await self._serve_http(node, breaker, monitor, stack)
             ctx = DaemonContext(
                 node=node,
@@ -418,6 +422,11 @@ class _Api:
         """Follow the error stream with `supervisor tail`'s filters, for one HTTP client."""
         assert self.daemon.node is not None
         return follow_errors(self.daemon.node.nats_url, params)
+
+    async def cancel(self, task_id: str) -> Mapping[str, Any]:
+        node = self.daemon.node
+        assert node is not None
+        return await request_cancel(self.js, node.events, node.emitter, task_id)
 
     async def tasks(self, params: Mapping[str, str]) -> Mapping[str, Any]:
         if self.daemon.read_side is None:

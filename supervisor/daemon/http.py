@@ -101,6 +101,10 @@ class Handlers(Protocol):
         limit, cursor)."""
         ...
 
+    async def cancel(self, task_id: str) -> Mapping[str, Any]:
+        """Record the cancellation of a task that has not ended (ApiError 404 / 409)."""
+        ...
+
     def errors(self, params: Mapping[str, str]) -> AsyncIterator[bytes]:
         """The error events matching `params` (type, code, task, since, limit), each the raw
         JSON it was published as, as they arrive. Raises ValueError for a bad filter."""
@@ -314,6 +318,9 @@ def _add_api(app: web.Application, handlers: Handlers, max_batch: int) -> None:
     async def tasks(request: web.Request) -> web.Response:
         return json_response(await handlers.tasks(request.query))
 
+    async def cancel(request: web.Request) -> web.Response:
+        return json_response(await handlers.cancel(request.match_info["task_id"]), status=202)
+
     async def task(request: web.Request) -> web.Response:
         task_id = request.match_info["task_id"]
         wait_s = _wait_param(request.query.get("wait"))
@@ -364,6 +371,7 @@ def _add_api(app: web.Application, handlers: Handlers, max_batch: int) -> None:
     app.router.add_post("/v1/tasks/batch", batch)
     app.router.add_get("/v1/tasks", tasks)
     app.router.add_get("/v1/tasks/{task_id}", task)
+    app.router.add_delete("/v1/tasks/{task_id}", cancel)
     app.router.add_post("/v1/query", query)
 
 

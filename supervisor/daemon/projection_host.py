@@ -68,6 +68,14 @@ class _ReadApi:
             "this host serves only the projection (serve --roles projection): submit to a node",
         )
 
+    async def cancel(self, task_id: str) -> Mapping[str, Any]:
+        raise ApiError(
+            503,
+            "infrastructure",
+            "ROLE_UNAVAILABLE",
+            "this host serves only the projection (serve --roles projection): cancel on a node",
+        )
+
     async def task(self, task_id: str) -> Mapping[str, Any] | None:
         return await self.projection.task(task_id)
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
+
 from schemas import (
     AttemptFinished,
     AttemptStarted,
@@ -53,7 +55,7 @@ from supervisor.docker.runtime import (
 )
 from supervisor.eventlog.emitter import Emitter, new_id
 from supervisor.eventlog.ports import EventSink
-from supervisor.execution.classify import Classification, classify
+from supervisor.execution.classify import Classification, catalogue_entry, classify
 from supervisor.execution.cleanup import Cleaner
 from supervisor.execution.observe import CgroupSampler, DockerEventWatcher
 from supervisor.execution.retry import backoff_delay, should_retry
@@ -161,6 +163,9 @@ class Executor:
         self.finished: dict[str, None] = {}
         # The containers of the attempts this instance runs now, by container id.
         self.live: dict[str, _Live] = {}
+        # The tasks whose cancellation was asked (newest last, bounded): no attempt of one
+        # starts here, and a live one is killed (`cancel`).
+        self.cancelled: dict[str, None] = {}
 
     def claim_kill(self, container_id: str, reason: str) -> KillClaim:
         """Asked before a kill from outside the attempt (a cleanup command). `refused` (with
@@ -185,6 +190,34 @@ class Executor:
         if self.watcher is not None:
             self.watcher.expect_kill(container_id)
         return KillClaim("recorded")
+
+    async def cancel(self, task_id: str) -> bool:
+        """Record that `task_id` was cancelled (`task.cancel_requested`): no attempt of it
+        starts here any more, and a live one is killed now, the kill recorded as the
+        attempt's own `kill_issued{cancelled}` (so it is classified `CANCELLED`, never
+        retried). Returns whether an attempt of it was running here."""
+        self.cancelled[task_id] = None
+        if len(self.cancelled) > _FINISHED_KEPT:
+            del self.cancelled[next(iter(self.cancelled))]
+        found = [cid for cid, live in self.live.items() if live.em.task_id == task_id]
+        for cid in found:
+            await self._kill_cancelled(cid)
+        return bool(found)
+
+    async def _kill_cancelled(self, container_id: str) -> None:
+        live = self.live.get(container_id)
+        if live is None or "cancelled" in live.st.kills:
+            return
+        live.st.kills.append("cancelled")
+        live.em.emit(KillIssued, container_id=container_id, reason="cancelled")
+        if self.watcher is not None:
+            self.watcher.expect_kill(container_id)
+        with contextlib.suppress(SupervisorError):
+            await self.runtime.kill(container_id)
+
+    def cancellation(self) -> Classification:
+        """What a task cancelled before its attempt started ends with."""
+        return catalogue_entry("CANCELLED", "the task was cancelled by its submitter")
 
     def _ended(self, task_id: str) -> None:
         self.finished[task_id] = None
@@ -222,6 +255,9 @@ class Executor:
         attempt = first_attempt - 1
         while True:
             attempt += 1
+            if task_id in self.cancelled:
+                spec = msgspec.structs.replace(spec, task_id=task_id)
+                return self.fail(spec, self.cancellation(), attempt - 1)
             aem = em.for_attempt(attempt)
             try:
                 out = await self._attempt(aem, spec, task_id, attempt)
@@ -495,6 +531,8 @@ class Executor:
         em.emit(
             ContainerCreated, container_id=cid, image=spec.image, labels=labels, deadline=deadline
         )
+        if task_id in self.cancelled:  # asked while it was being created
+            await self._kill_cancelled(cid)
         if cancelled:
             raise asyncio.CancelledError
         stream, cancelled = await _settled(rt.attach(cid))
