@@ -18,7 +18,7 @@ import msgspec
 from schemas import ErrorRaised, ExecutionError, Result, TaskRejected, TaskSpec
 from schemas.catalogue import CATALOGUE
 from schemas.config import Config
-from schemas.errors import ConfigError, InvalidSpec, NatsUnavailable, SupervisorError
+from schemas.errors import ConfigError, InvalidSpec, SupervisorError
 from schemas.spec import ErrorType
 from supervisor.cli.node import add_node_parser
 from supervisor.cli.options import common_options, config_of
@@ -451,10 +451,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
-    from supervisor.daemon.node import nats_for
+    from supervisor.daemon.node import connected_event_log
     from supervisor.eventlog.diskguard import DiskGuard
     from supervisor.eventlog.emitter import Emitter
-    from supervisor.eventlog.log import EventLog
     from supervisor.intake.submit import Intake, prepare
     from supervisor.intake.wait import wait_for_result
 
@@ -467,60 +466,52 @@ async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
         return EXIT_REJECTED
     overrides = {"priority": args.priority, "correlation_id": args.correlation_id}
     spec = prepare(msgspec.structs.replace(spec, **{k: v for k, v in overrides.items() if v}))
-    data_dir = Path(cfg.data_dir).resolve()
-    async with nats_for(args.nats_url or cfg.nats_target, data_dir) as url:
-        events = EventLog(data_dir, url, instance_id=new_id()[:16], replicas=cfg.nats.replicas)
-        await events.start()
-        try:
-            if not await events.wait_connected(10):
-                raise NatsUnavailable(url, "cannot submit without NATS")
-            waiter = None
-            if args.wait:
-                waiter = await wait_for_result(events.js, spec.task_id or "")
-            disk = DiskGuard(
-                data_dir,
-                held=lambda: events.disk_full,
-                min_free_bytes=int(cfg.thresholds.disk_min_free_mb * 1024 * 1024),
-            )
-            submission = await Intake(
-                events.js,
-                Emitter(events, cfg.node_id, events.instance_id),
-                events,
-                cfg,
-                disk_full=disk.reason,
-            ).submit(spec)
-            if not submission.accepted:
-                result = submission.result()
-                assert result is not None
-                if waiter is not None:
-                    await waiter.cancel()
-                _print_result(result, args.json)
-                return EXIT_REJECTED
-            if waiter is None:
-                if args.json:
-                    sys.stdout.write(
-                        msgspec.json.encode(
-                            {
-                                "task_id": submission.task_id,
-                                "status": "known" if submission.existing else "queued",
-                                "correlation_id": submission.correlation_id,
-                            }
-                        ).decode()
-                        + "\n"
-                    )
-                else:
-                    sys.stdout.write(submission.task_id + "\n")
-                return EXIT_OK
-            result = await waiter.result(args.timeout)
-            if result is None:
-                sys.stderr.write(
-                    f"task {submission.task_id}: no result within {args.timeout}s (it is still queued or running)\n"
-                )
-                return EXIT_INFRA
+    async with connected_event_log(cfg, args.nats_url, "submit") as events:
+        waiter = None
+        if args.wait:
+            waiter = await wait_for_result(events.js, spec.task_id or "")
+        disk = DiskGuard(
+            events.data_dir,
+            held=lambda: events.disk_full,
+            min_free_bytes=int(cfg.thresholds.disk_min_free_mb * 1024 * 1024),
+        )
+        submission = await Intake(
+            events.js,
+            Emitter(events, cfg.node_id, events.instance_id),
+            events,
+            cfg,
+            disk_full=disk.reason,
+        ).submit(spec)
+        if not submission.accepted:
+            result = submission.result()
+            assert result is not None
+            if waiter is not None:
+                await waiter.cancel()
             _print_result(result, args.json)
-            return exit_code_for(result)
-        finally:
-            await events.close(5.0)
+            return EXIT_REJECTED
+        if waiter is None:
+            if args.json:
+                sys.stdout.write(
+                    msgspec.json.encode(
+                        {
+                            "task_id": submission.task_id,
+                            "status": "known" if submission.existing else "queued",
+                            "correlation_id": submission.correlation_id,
+                        }
+                    ).decode()
+                    + "\n"
+                )
+            else:
+                sys.stdout.write(submission.task_id + "\n")
+            return EXIT_OK
+        result = await waiter.result(args.timeout)
+        if result is None:
+            sys.stderr.write(
+                f"task {submission.task_id}: no result within {args.timeout}s (it is still queued or running)\n"
+            )
+            return EXIT_INFRA
+        _print_result(result, args.json)
+        return exit_code_for(result)
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:

@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -49,33 +48,24 @@ def _cmd_retire(args: argparse.Namespace) -> int:
 
 
 async def _retire(args: argparse.Namespace) -> int:
-    from supervisor.daemon.node import nats_for
-    from supervisor.eventlog.emitter import Emitter, new_id
-    from supervisor.eventlog.log import EventLog
+    from supervisor.daemon.node import connected_event_log
+    from supervisor.eventlog.emitter import Emitter
     from supervisor.reconcile.retire import heartbeat_age, open_attempts, retire
 
     cfg = config_of(args)
-    data_dir = Path(cfg.data_dir).resolve()
-    async with nats_for(args.nats_url or cfg.nats_target, data_dir) as url:
-        events = EventLog(data_dir, url, instance_id=new_id()[:16], replicas=cfg.nats.replicas)
-        await events.start()
-        try:
-            if not await events.wait_connected(10):
-                raise NatsUnavailable(url, "cannot retire a node without NATS")
-            js = events.js
-            age = await heartbeat_age(js, args.id, datetime.now(UTC))
-            if age is not None and age[0] <= age[1] and not args.force:
-                sys.stderr.write(
-                    f"supervisor: node {args.id} sent a heartbeat {age[0]:.0f}s ago (its timeout "
-                    f"is {age[1]:.0f}s): it is alive; stop it first, or pass --force\n"
-                )
-                return EXIT_REFUSED
-            attempts = await open_attempts(js, args.id)
-            retire(Emitter(events, args.id, events.instance_id), attempts, args.reason)
-            if not await events.flush(30):
-                raise NatsUnavailable(url, "the retirement's events were not acknowledged")
-        finally:
-            await events.close(5.0)
+    async with connected_event_log(cfg, args.nats_url, "retire a node") as events:
+        js = events.js
+        age = await heartbeat_age(js, args.id, datetime.now(UTC))
+        if age is not None and age[0] <= age[1] and not args.force:
+            sys.stderr.write(
+                f"supervisor: node {args.id} sent a heartbeat {age[0]:.0f}s ago (its timeout "
+                f"is {age[1]:.0f}s): it is alive; stop it first, or pass --force\n"
+            )
+            return EXIT_REFUSED
+        attempts = await open_attempts(js, args.id)
+        retire(Emitter(events, args.id, events.instance_id), attempts, args.reason)
+        if not await events.flush(30):
+            raise NatsUnavailable(events.nats_url, "the retirement's events were not acknowledged")
     closed = [f"{a.task_id}/{a.attempt}" for a in attempts]
     if args.json:
         doc = {"node_id": args.id, "closed_attempts": closed}

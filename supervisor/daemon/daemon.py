@@ -38,9 +38,9 @@ from schemas.config import Config
 from schemas.errors import ApiError, NatsUnavailable, projection_unavailable
 from schemas.health import Check, CheckFn
 from schemas.streams import TASKS_STREAM, commands_stream_config, tasks_stream_config
-from supervisor.daemon.datadir import DataDirLock
+from supervisor.daemon.datadir import DataDirLock, publish
 from supervisor.daemon.extension import DaemonContext, Part, ReadSide
-from supervisor.daemon.http import HttpServer, create_app, daemon_checks, http_token, http_url_file
+from supervisor.daemon.http import HttpServer, create_app, daemon_checks, http_token, start_http
 from supervisor.daemon.metrics import Metrics
 from supervisor.daemon.monitor import HostSampler, PsutilSampler, ResourceMonitor
 from supervisor.daemon.node import Node, open_node
@@ -235,7 +235,7 @@ class Daemon:
             url=node.nats_url,
         )
         await ensure_consumers(js, ack_wait_s=sc.ack_wait_s, max_deliveries=sc.max_deliver + 1)
-        _publish_url(stack, url_file(node.data_dir), redact(node.nats_url))
+        publish(stack, url_file(node.data_dir), redact(node.nats_url))
         wq = WorkQueue(node.events.nc, js)
         await wq.start()
         stack.push_async_callback(wq.stop)
@@ -306,10 +306,7 @@ class Daemon:
             max_batch=cfg.http.max_batch,
             on_scrape=before_scrape,
         )
-        self.http = http = HttpServer(app, cfg.http.listen)
-        await http.start()
-        stack.push_async_callback(http.stop)
-        _publish_url(stack, http_url_file(node.data_dir), http.url)
+        self.http = await start_http(stack, app, cfg.http.listen, node.data_dir)
         return checks, scrape_hooks
 
     async def _pull_until(
@@ -478,13 +475,3 @@ async def _refresh_queue_depth(js: JetStreamContext, metrics: Metrics) -> None:
             for prio in PRIORITIES:
                 metrics.queue_depth.labels(prio).set(subjects.get(f"suptask.{prio}", 0))
         await asyncio.sleep(QUEUE_DEPTH_REFRESH_S)
-
-
-def _publish_url(stack: contextlib.AsyncExitStack, path: Path, url: str) -> None:
-    path.write_text(url + "\n")
-    stack.callback(_unlink, path)
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()

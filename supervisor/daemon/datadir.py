@@ -89,3 +89,10 @@ def _write(fd: int, data: bytes) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
     os.fsync(fd)
+
+
+def publish(stack: contextlib.AsyncExitStack, path: Path, text: str) -> None:
+    """Write `text` (a URL the other commands on this data dir look for) to `path` until
+    `stack` closes."""
+    path.write_text(text + "\n")
+    stack.callback(path.unlink, missing_ok=True)

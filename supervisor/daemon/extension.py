@@ -67,7 +67,7 @@ class DaemonContext:
         self.scrape_hooks.append(hook)
 
 
-class PartHost(Protocol):
+class ReadHost(Protocol):
     """What a part that needs neither the executor nor Docker uses of its host (the
     projection: `DaemonContext` in a full daemon, `ProjectionHost`'s own context on a
     host that serves only the projection)."""

@@ -24,6 +24,7 @@ their stable `tag`, since this package must not import `projections`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import inspect
 import logging
@@ -49,6 +50,7 @@ from schemas.errors import (
     SupervisorError,
 )
 from schemas.health import Check, CheckFn
+from supervisor.daemon.datadir import publish
 from supervisor.daemon.metrics import Metrics
 from supervisor.daemon.monitor import ResourceMonitor
 from supervisor.docker.breaker import CircuitOpen, DockerBreaker, Pingable
@@ -590,6 +592,18 @@ class HttpServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+
+
+async def start_http(
+    stack: contextlib.AsyncExitStack, app: web.Application, listen: str, data_dir: Path
+) -> HttpServer:
+    """Serve `app` on `listen` until `stack` closes, its URL published in the data dir
+    (`http_url_file`) meanwhile. Raises HttpServerError."""
+    http = HttpServer(app, listen)
+    await http.start()
+    stack.push_async_callback(http.stop)
+    publish(stack, http_url_file(data_dir), http.url)
+    return http
 
 
 MAX_WAIT_S = 300.0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from schemas import EmbeddedNatsRestarted, SupervisorStarted, SupervisorStopped
 from schemas.config import Config
+from schemas.errors import NatsUnavailable
 from supervisor.daemon.metrics import Metrics
 from supervisor.docker.runtime import DockerRuntime
 from supervisor.eventlog.diskguard import DiskGuard
@@ -48,6 +49,26 @@ async def nats_for(cli_url: str | None, data_dir: Path) -> AsyncIterator[str]:
     """The NATS URL to use; starts (and finally stops) the embedded server if none is known."""
     async with _nats(cli_url, data_dir) as (url, _):
         yield url
+
+
+@contextlib.asynccontextmanager
+async def connected_event_log(
+    config: Config, nats_url: str | None, purpose: str
+) -> AsyncIterator[EventLog]:
+    """An event log of a one-shot command (`submit`, `node retire`) on the NATS that
+    `nats_url` (else the configuration, else the data dir) names, connected: NatsUnavailable
+    ("cannot <purpose> without NATS") when it does not connect within 10 s. Closed (its
+    events flushed, within 5 s) on the way out."""
+    data_dir = Path(config.data_dir).resolve()
+    async with nats_for(nats_url or config.nats_target, data_dir) as url:
+        events = EventLog(data_dir, url, instance_id=new_id()[:16], replicas=config.nats.replicas)
+        await events.start()
+        try:
+            if not await events.wait_connected(10):
+                raise NatsUnavailable(url, f"cannot {purpose} without NATS")
+            yield events
+        finally:
+            await events.close(5.0)
 
 
 @contextlib.asynccontextmanager

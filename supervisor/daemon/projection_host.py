@@ -25,8 +25,8 @@ from schemas import TaskSpec
 from schemas.config import Config
 from schemas.errors import ApiError
 from schemas.health import Check, CheckFn
-from supervisor.daemon.datadir import DataDirLock
-from supervisor.daemon.http import HttpServer, Submission, create_app, http_url_file
+from supervisor.daemon.datadir import DataDirLock, publish
+from supervisor.daemon.http import HttpServer, Submission, create_app, start_http
 from supervisor.daemon.metrics import Metrics
 from supervisor.daemon.node import nats_for
 from supervisor.daemon.projection_process import ProjectionProcess
@@ -40,7 +40,7 @@ log = logging.getLogger("supervisor.daemon")
 
 @dataclass
 class _Host:
-    """The `PartHost` of a projection-only host."""
+    """The `ReadHost` of a projection-only host."""
 
     nats_url: str
     data_dir: Path
@@ -133,16 +133,9 @@ class ProjectionHost:
                     max_batch=cfg.http.max_batch,
                     on_scrape=before_scrape,
                 )
-                self.http = http = HttpServer(app, cfg.http.listen)
-                await http.start()
-                stack.push_async_callback(http.stop)
-                # As a daemon does: the commands run on this data dir find its NATS and HTTP.
-                for path, text in (
-                    (url_file(data_dir), redact(url)),
-                    (http_url_file(data_dir), http.url),
-                ):
-                    path.write_text(text + "\n")
-                    stack.callback(path.unlink, missing_ok=True)
+                self.http = http = await start_http(stack, app, cfg.http.listen, data_dir)
+                # As a daemon does: the commands run on this data dir find its NATS.
+                publish(stack, url_file(data_dir), redact(url))
                 started.set()
                 log.info("serving the projection only (NATS %s, HTTP %s)", redact(url), http.url)
                 await stop.wait()

@@ -39,7 +39,7 @@ from schemas.health import Check
 from schemas.projected import ProjectedState
 
 if TYPE_CHECKING:
-    from supervisor.daemon.extension import PartHost
+    from supervisor.daemon.extension import ReadHost
 
 log = logging.getLogger("supervisor.projection")
 
@@ -106,7 +106,7 @@ class ProjectionProcess:
 
     # --- the part -----------------------------------------------------------------------
 
-    async def start(self, ctx: PartHost, stack: contextlib.AsyncExitStack) -> None:
+    async def start(self, ctx: ReadHost, stack: contextlib.AsyncExitStack) -> None:
         """Spawn the service and wait until it serves. Raises ProjectionProcessError."""
         self._nats_url = ctx.nats_url
         self._data_dir = str(ctx.data_dir.resolve())
