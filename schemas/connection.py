@@ -23,7 +23,8 @@ def connect_options(url: str) -> dict[str, Any]:
     seed = options.pop("nkey_seed", None)
     if seed is not None:
         try:
-            Path(seed).read_bytes()
+            with Path(seed).open("rb"):  # readable: nats-py reads it when it connects
+                pass
         except OSError as e:
             raise ConfigError(f"NATS nkey_seed {seed}: {e.strerror}") from e
         out["nkeys_seed"] = seed

@@ -26,11 +26,11 @@ from schemas import ExecutionError, SupervisorStarted, TaskSpec
 from schemas.config import BreakerConfig, HttpConfig
 from schemas.errors import ApiError, ConfigError, DockerUnavailable, NatsUnavailable
 from schemas.health import Check
+from supervisor.daemon.checks import daemon_checks
 from supervisor.daemon.http import (
     HttpServer,
     HttpServerError,
     create_app,
-    daemon_checks,
     http_token,
     parse_listen,
 )

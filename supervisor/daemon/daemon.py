@@ -38,9 +38,10 @@ from schemas.config import Config
 from schemas.errors import ApiError, NatsUnavailable, projection_unavailable
 from schemas.health import Check, CheckFn
 from schemas.streams import TASKS_STREAM, commands_stream_config, tasks_stream_config
+from supervisor.daemon.checks import daemon_checks
 from supervisor.daemon.datadir import DataDirLock, publish
 from supervisor.daemon.extension import DaemonContext, Part, ReadSide
-from supervisor.daemon.http import HttpServer, create_app, daemon_checks, http_token, start_http
+from supervisor.daemon.http import HttpServer, create_app, http_token, start_http
 from supervisor.daemon.metrics import Metrics
 from supervisor.daemon.monitor import HostSampler, PsutilSampler, ResourceMonitor
 from supervisor.daemon.node import Node, open_node

@@ -42,7 +42,6 @@ from schemas.config import HttpConfig
 from schemas.errors import (
     ApiError,
     ConfigError,
-    DockerError,
     DockerUnavailable,
     InvalidSpec,
     NatsUnavailable,
@@ -52,8 +51,7 @@ from schemas.errors import (
 from schemas.health import Check, CheckFn
 from supervisor.daemon.datadir import publish
 from supervisor.daemon.metrics import Metrics
-from supervisor.daemon.monitor import ResourceMonitor
-from supervisor.docker.breaker import CircuitOpen, DockerBreaker, Pingable
+from supervisor.docker.breaker import CircuitOpen
 from supervisor.intake.admission import decode_spec
 
 log = logging.getLogger("supervisor.daemon.http")
@@ -111,98 +109,6 @@ class Handlers(Protocol):
         """The error events matching `params` (type, code, task, since, limit), each the raw
         JSON it was published as, as they arrive. Raises ValueError for a bad filter."""
         ...
-
-
-# --- readiness checks ----------------------------------------------------------------------
-
-
-def docker_check(runtime: Pingable) -> CheckFn:
-    async def check() -> Check:
-        try:
-            await runtime.ping()
-        except DockerError as e:
-            return Check(ok=False, reason=str(e), details={"error": e.tag})
-        return Check(ok=True, reason="Docker answered ping")
-
-    return check
-
-
-def nats_check(connected: Callable[[], bool], cause: Callable[[], str | None]) -> CheckFn:
-    """Connected to NATS; when not, `cause` may say why (the embedded server died)."""
-
-    async def check() -> Check:
-        if connected():
-            return Check(ok=True, reason="connected to NATS")
-        return Check(ok=False, reason=cause() or "not connected to NATS")
-
-    return check
-
-
-def breaker_check(breaker: DockerBreaker) -> CheckFn:
-    async def check() -> Check:
-        st = breaker.state
-        details = {"state": st.status, "failures": st.failures}
-        if st.status == "closed":
-            return Check(ok=True, reason="the Docker breaker is closed", details=details)
-        return Check(
-            ok=False,
-            details=details,
-            reason=f"the Docker breaker is {st.status} after {st.failures} engine failures",
-        )
-
-    return check
-
-
-def outbox_check(backlog: Callable[[], int], max_backlog: int) -> CheckFn:
-    async def check() -> Check:
-        n = backlog()
-        details = {"backlog": n, "max_backlog": max_backlog}
-        if n <= max_backlog:
-            return Check(ok=True, reason=f"{n} events waiting to be published", details=details)
-        return Check(
-            ok=False,
-            details=details,
-            reason=f"{n} events waiting to be published, more than {max_backlog}",
-        )
-
-    return check
-
-
-def pressure_check(monitor: ResourceMonitor) -> CheckFn:
-    async def check() -> Check:
-        reasons = monitor.reasons
-        if not reasons:
-            return Check(ok=True, reason="the host is under every threshold")
-        return Check(
-            ok=False,
-            reason="host under pressure: " + "; ".join(reasons),
-            details={"metrics": sorted(monitor.alerting)},
-        )
-
-    return check
-
-
-def daemon_checks(
-    *,
-    runtime: Pingable,
-    connected: Callable[[], bool],
-    backlog: Callable[[], int],
-    breaker: DockerBreaker,
-    monitor: ResourceMonitor,
-    max_backlog: int,
-    nats_down: Callable[[], str | None] = lambda: None,
-) -> dict[str, CheckFn]:
-    """The daemon's five checks, in the order `/readyz` reports them."""
-    return {
-        "docker": docker_check(runtime),
-        "nats": nats_check(connected, nats_down),
-        "breaker": breaker_check(breaker),
-        "outbox": outbox_check(backlog, max_backlog),
-        "pressure": pressure_check(monitor),
-    }
-
-
-# --- the app ---------------------------------------------------------------------------------
 
 
 def create_app(
