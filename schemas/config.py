@@ -37,6 +37,10 @@ class Bounds(Struct, forbid_unknown_fields=True, kw_only=True):
     max_files_bytes: Annotated[int, _doc("Most bytes the spec's files may hold in all.")] = (
         16 * 1024 * 1024
     )
+    max_stdin_bytes: Annotated[int, _doc("Most bytes `stdin` / `stdin_base64` may hold.")] = (
+        16 * 1024 * 1024
+    )
+    max_cpu_time_s: Annotated[float, _doc("Largest `limits.cpu_time_s` (CPU seconds).")] = 600.0
     max_command_args: Annotated[int, _doc("Most arguments in `command`.")] = 1024
     max_env: Annotated[int, _doc("Most variables in `env`.")] = 256
 

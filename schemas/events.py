@@ -42,6 +42,7 @@ class Evidence(Struct, kw_only=True, frozen=True):
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     cancelled: bool = False
+    cpu_time_s: float | None = None
 
 
 class Event(Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -215,7 +216,7 @@ class KillIssued(Event, frozen=True, tag="container.kill_issued"):
     category = "container"
     name = "kill_issued"
     container_id: str
-    reason: Literal["timeout", "output_limit", "cancelled", "cleanup", "reconcile"]
+    reason: Literal["timeout", "cpu_time", "output_limit", "cancelled", "cleanup", "reconcile"]
     signal: str = "SIGKILL"
 
 
@@ -227,6 +228,10 @@ class ContainerExited(Event, frozen=True, tag="container.exited"):
     evidence: Evidence = Evidence()
     stdout_bytes: int = 0
     stderr_bytes: int = 0
+    cpu_time_s: float | None = None
+    """CPU seconds its processes used (its cgroup, sampled while it ran); None if unread."""
+    peak_memory_bytes: int | None = None
+    """Its cgroup's memory high-water mark; None if unread."""
 
 
 # --- errors ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ silently ignored wish.
 
 from __future__ import annotations
 
+import binascii
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -29,6 +30,10 @@ class Limits(Struct, forbid_unknown_fields=True, kw_only=True):
     cpus: Annotated[float, Meta(gt=0)] = 1.0
     pids: Annotated[int, Meta(ge=4)] = 64
     output_bytes: Annotated[int, Meta(ge=0)] = 1_048_576
+    cpu_time_s: Annotated[float, Meta(gt=0)] | None = None
+    """CPU seconds the attempt may use in all its processes, read from its cgroup's CPU
+    accounting (distinct from the wall-clock `timeout_s`); past it the container is killed
+    and the attempt fails `timeout/CPU_TIME_EXCEEDED`. None: no CPU-time limit."""
 
 
 class RetryPolicy(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -42,14 +47,20 @@ class RetryPolicy(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class TaskSpec(Struct, forbid_unknown_fields=True, kw_only=True):
-    """One task as submitted. `files` are written to a workspace mounted read-only at
-    /workspace; the security requests (`network`, `privileged`, `cap_add`, `mounts`) are
-    refused unless the configured policy allows them."""
+    """One task as submitted. `files` (text) and `files_base64` (bytes, base64) are written
+    to a workspace mounted read-only at /workspace; `stdin` (text) or `stdin_base64` (bytes,
+    base64) is the script's standard input, closed at its end (without either, stdin is
+    empty). The security requests (`network`, `privileged`, `cap_add`, `mounts`) are refused
+    unless the configured policy allows them; `callback_url` unless `[callbacks] allowed`
+    names its destination."""
 
     image: str
     command: list[str]
     task_id: Token | None = None
     files: dict[str, str] = {}
+    files_base64: dict[str, str] = {}
+    stdin: str | None = None
+    stdin_base64: str | None = None
     env: dict[str, str] = {}
     priority: Priority = "normal"
     correlation_id: Annotated[str, Meta(max_length=128)] | None = None
@@ -59,6 +70,29 @@ class TaskSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     privileged: bool = False
     cap_add: list[str] = []
     mounts: list[dict[str, Any]] = []
+    callback_url: Annotated[str, Meta(max_length=2048)] | None = None
+
+    def file_bytes(self) -> dict[str, bytes]:
+        """Every file of the workspace as bytes: `files` encoded UTF-8, `files_base64`
+        decoded. Raises ValueError for base64 that does not decode (admission checks it)."""
+        out = {name: text.encode() for name, text in self.files.items()}
+        for name, data in self.files_base64.items():
+            out[name] = b64decode(data)
+        return out
+
+    def stdin_bytes(self) -> bytes | None:
+        """The standard input as bytes, or None when the spec gives none."""
+        if self.stdin_base64 is not None:
+            return b64decode(self.stdin_base64)
+        return None if self.stdin is None else self.stdin.encode()
+
+
+def b64decode(text: str) -> bytes:
+    """Standard base64 (RFC 4648, padded); anything else raises ValueError."""
+    try:
+        return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError) as e:
+        raise ValueError(f"not base64: {e}") from e
 
 
 class ExecutionError(Struct, kw_only=True):
@@ -88,3 +122,8 @@ class Result(Struct, kw_only=True):
     stderr_truncated: bool = False
     duration_s: float = 0.0
     error: ExecutionError | None = None
+    cpu_time_s: float | None = None
+    """CPU seconds the last attempt's processes used (its cgroup, sampled every few ms while
+    it ran). None when no sample could be read (a remote engine, or no container ran)."""
+    peak_memory_bytes: int | None = None
+    """The last attempt's peak memory use (its cgroup's high-water mark), None likewise."""

@@ -132,7 +132,7 @@ class Rig:
         tem.emit(TaskSubmitted, spec=spec)
         aem = tem.for_attempt(1)
         aem.emit(AttemptStarted, max_attempts=3)
-        path, _ = create_workspace(self.node.data_dir, task_id, 1, {"main.sh": "sleep 300"})
+        path, _ = create_workspace(self.node.data_dir, task_id, 1, {"main.sh": b"sleep 300"})
         aem.emit(WorkspaceCreated, path=str(path), files=1)
         cid = None
         if container:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -107,6 +108,8 @@ class ContainerRequest:
     cap_add: list[str] = field(default_factory=list)
     mounts: list[dict[str, Any]] = field(default_factory=list)
     name: str | None = None
+    stdin: bool = False
+    """Open the container's stdin (written through the attach socket, see `write_stdin`)."""
 
 
 class DockerRuntime:
@@ -197,15 +200,18 @@ class DockerRuntime:
             host_config=host_config,
             network_disabled=req.network == "none",
             name=req.name,
-            stdin_open=False,
+            stdin_open=req.stdin,  # and so StdinOnce: stdin ends when the write ends
             tty=False,
         )
         return str(resp["Id"])
 
-    async def attach(self, container_id: str) -> Any:
+    async def attach(self, container_id: str, *, stdin: bool = False) -> Any:
         """Open the raw output socket (multiplexed frames). Call before `start` so no byte
-        is missed; `read_output` drains and closes it."""
+        is missed; `read_output` drains and closes it. With `stdin`, the socket also takes
+        the container's standard input (`write_stdin`)."""
         params = {"stdout": 1, "stderr": 1, "stream": 1, "logs": 1}
+        if stdin:
+            params["stdin"] = 1
         return await self._call("attach", self.api.attach_socket, container_id, params=params)
 
     async def start(self, container_id: str) -> None:
@@ -306,12 +312,35 @@ def _binds(req: ContainerRequest) -> dict[str, dict[str, str]]:
 
 
 def close_socket(sock: Any) -> None:
-    """Close an attach socket and the HTTP response that owns it (docker-py leaves both)."""
+    """Close an attach socket and the HTTP response that owns it (docker-py leaves both).
+    The OS socket is shut down first: a thread blocked writing the container's stdin
+    (`write_stdin`) returns at once (a close alone would leave it blocked)."""
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        raw_socket(sock).shutdown(socket.SHUT_RDWR)
     for obj in (sock, getattr(sock, "_sock", None), getattr(sock, "_response", None)):
         close = getattr(obj, "close", None)
         if close is not None:
             with contextlib.suppress(Exception):
                 close()
+
+
+def raw_socket(sock: Any) -> socket.socket:
+    """The OS socket under an attach socket (docker-py hands a `SocketIO` on Unix sockets)."""
+    raw = getattr(sock, "_sock", sock)
+    if not isinstance(raw, socket.socket):
+        raise TypeError(f"not an attach socket: {type(sock).__name__}")
+    return raw
+
+
+def write_stdin(raw: socket.socket, data: bytes) -> None:
+    """Send `data` as the container's standard input, then end it (half-close: the output
+    keeps flowing). Blocking: runs in the adapter's pool. A script that exits without
+    reading all of it ends the write quietly (see `end_stdin`)."""
+    try:
+        raw.sendall(data)
+        raw.shutdown(socket.SHUT_WR)
+    except (OSError, ValueError):
+        pass
 
 
 def read_output(sock: Any, cap: int, out: Output, on_overflow: Callable[[], None]) -> Output:

@@ -5,7 +5,7 @@ so the same function can be re-run over history and must give the same answer.
 
 Precedence, strongest cause first: an adapter error (the attempt never ran to an exit),
 removal out of band, an external kill, the kernel's OOM killer, the pids limit, the
-supervisor's own kills (output cap before deadline), cancellation, then the exit code
+supervisor's own kills (output cap, then CPU time, then the deadline), cancellation, then the exit code
 (a signal death, then a plain non-zero exit). Resource evidence outranks the deadline: a
 fork bomb that also ran out of time failed because of its fork bomb.
 """
@@ -98,6 +98,12 @@ def classify(ev: Evidence) -> Classification | None:
             "output passed its cap; the container was killed",
             stdout_truncated=ev.stdout_truncated,
             stderr_truncated=ev.stderr_truncated,
+        )
+    if "cpu_time" in ev.kills_issued:
+        return _make(
+            "CPU_TIME_EXCEEDED",
+            "the CPU-time limit passed; the container was killed",
+            cpu_time_s=ev.cpu_time_s,
         )
     if "timeout" in ev.kills_issued:
         return _make(

@@ -51,7 +51,9 @@ from supervisor.docker.runtime import (
     DockerRuntime,
     Output,
     close_socket,
+    raw_socket,
     read_output,
+    write_stdin,
 )
 from supervisor.eventlog.emitter import Emitter, new_id
 from supervisor.eventlog.ports import EventSink
@@ -90,6 +92,10 @@ class _Attempt:
     pids_events: int = 0
     oom_events: int = 0
     external_kills: tuple[str, ...] = ()
+    cpu_time_ns: int | None = None
+    peak_memory_bytes: int | None = None
+    kill_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    stdin_writer: asyncio.Future[None] | None = None
     # The attach socket and the reader draining it (which closes it at its end).
     stream: Any = None
     reader: asyncio.Future[Output] | None = None
@@ -121,6 +127,8 @@ class AttemptOutcome:
     output: Output
     container_id: str | None
     duration_s: float
+    cpu_time_s: float | None = None
+    peak_memory_bytes: int | None = None
 
 
 class Executor:
@@ -392,6 +400,8 @@ class Executor:
             stderr_truncated=output.stderr_truncated,
             duration_s=duration,
             error=error,
+            cpu_time_s=out.cpu_time_s if out else None,
+            peak_memory_bytes=out.peak_memory_bytes if out else None,
         )
         cap = self.config.event_output_bytes
         capped = len(output.stdout) > cap or len(output.stderr) > cap
@@ -483,7 +493,16 @@ class Executor:
         )
         if st.cancelled:
             raise asyncio.CancelledError
-        return AttemptOutcome(c, evidence, st.exit_code, st.output, st.container_id, duration)
+        return AttemptOutcome(
+            c,
+            evidence,
+            st.exit_code,
+            st.output,
+            st.container_id,
+            duration,
+            cpu_time_s=_seconds(st.cpu_time_ns),
+            peak_memory_bytes=st.peak_memory_bytes,
+        )
 
     async def _execute(
         self, em: Emitter, spec: TaskSpec, task_id: str, attempt: int, st: _Attempt
@@ -493,11 +512,12 @@ class Executor:
         # what they made is known to cleanup instead of leaking (a workspace, a container,
         # an open socket).
         (st.workspace, nbytes), cancelled = await _settled(
-            asyncio.to_thread(create_workspace, self.data_dir, task_id, attempt, spec.files)
+            asyncio.to_thread(create_workspace, self.data_dir, task_id, attempt, spec.file_bytes())
         )
         if cancelled:
             raise asyncio.CancelledError
-        em.emit(WorkspaceCreated, path=str(st.workspace), files=len(spec.files), bytes=nbytes)
+        files = len(spec.files) + len(spec.files_base64)
+        em.emit(WorkspaceCreated, path=str(st.workspace), files=files, bytes=nbytes)
         deadline = time.time() + spec.limits.timeout_s
         labels = container_labels(
             node_id=em.node_id,
@@ -508,6 +528,7 @@ class Executor:
             workspace=str(st.workspace),
         )
         sb = self.config.sandbox
+        stdin = spec.stdin_bytes()
         req = ContainerRequest(
             image=spec.image,
             command=spec.command,
@@ -524,6 +545,7 @@ class Executor:
             privileged=spec.privileged,
             cap_add=spec.cap_add,
             mounts=spec.mounts,
+            stdin=stdin is not None,
         )
         cid, cancelled = await _settled(rt.create(req))
         st.container_id = cid
@@ -535,12 +557,13 @@ class Executor:
             await self._kill_cancelled(cid)
         if cancelled:
             raise asyncio.CancelledError
-        stream, cancelled = await _settled(rt.attach(cid))
+        stream, cancelled = await _settled(rt.attach(cid, stdin=stdin is not None))
         try:
             if cancelled:
                 raise asyncio.CancelledError
-            self.sampler.track(cid)
+            self._track(em, cid, spec, st)
             _, cancelled = await _settled(rt.start(cid))
+            self.sampler.sample(cid)
             if cancelled:
                 # It runs: record it so, and cleanup kills it as cancelled.
                 st.running = True
@@ -550,6 +573,8 @@ class Executor:
             close_socket(stream)  # not yet handed to the reader, which would close it
             raise
         st.running = True
+        if stdin is not None:
+            st.stdin_writer = rt.run_blocking(write_stdin, raw_socket(stream), stdin)
         self.metrics.running.inc()
         try:
             em.emit(ContainerStarted, container_id=cid)
@@ -560,17 +585,12 @@ class Executor:
     async def _supervise(
         self, em: Emitter, spec: TaskSpec, cid: str, stream: Any, st: _Attempt
     ) -> None:
-        loop = asyncio.get_running_loop()
-        kill_tasks: list[asyncio.Task[None]] = []
-
-        def on_overflow() -> None:
-            def _kill() -> None:
-                kill_tasks.append(asyncio.ensure_future(self._kill(em, cid, "output_limit", st)))
-
-            loop.call_soon_threadsafe(_kill)
-
         io = self.runtime.run_blocking(
-            read_output, stream, spec.limits.output_bytes, st.output, on_overflow
+            read_output,
+            stream,
+            spec.limits.output_bytes,
+            st.output,
+            self._kill_from_thread(em, cid, "output_limit", st),
         )
         st.stream, st.reader = stream, io
         waiter = asyncio.ensure_future(self.runtime.wait(cid))
@@ -583,12 +603,14 @@ class Executor:
             if not waiter.done():
                 waiter.cancel()
         st.running = False
-        for t in kill_tasks:
+        for t in st.kill_tasks:
             await t
         try:
             await asyncio.wait_for(asyncio.shield(io), _IO_DRAIN_S)
         except TimeoutError:
             close_socket(stream)
+        if st.stdin_writer is not None:  # the socket is closed now: the write has ended
+            await asyncio.wait([st.stdin_writer], timeout=_IO_DRAIN_S)
         if st.exit_code == 0 and not st.kills:
             return  # a clean exit: no kill, OOM or removal can have caused it
         state = await self.runtime.inspect(cid)
@@ -597,6 +619,32 @@ class Executor:
             st.exit_code = state.exit_code
         if self.watcher is not None:
             await self.watcher.wait_died(cid, _DIED_EVENT_WAIT_S)
+
+    def _track(self, em: Emitter, cid: str, spec: TaskSpec, st: _Attempt) -> None:
+        """Sample the container's cgroup from its start; past `limits.cpu_time_s` of CPU
+        time it is killed as `cpu_time`."""
+        limit = spec.limits.cpu_time_s
+        self.sampler.track(
+            cid,
+            cpu_limit_ns=None if limit is None else int(limit * 1e9),
+            on_cpu_limit=self._kill_from_thread(em, cid, "cpu_time", st),
+        )
+
+    def _kill_from_thread(
+        self, em: Emitter, cid: str, reason: str, st: _Attempt
+    ) -> Callable[..., None]:
+        """A callback for another thread (the output reader, the cgroup sampler) that kills
+        the container for `reason` in this loop; `_supervise` awaits the kill."""
+        loop = asyncio.get_running_loop()
+
+        def kill() -> None:
+            st.kill_tasks.append(asyncio.ensure_future(self._kill(em, cid, reason, st)))
+
+        def from_thread(*_: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(kill)
+
+        return from_thread
 
     async def _kill(self, em: Emitter, cid: str, reason: str, st: _Attempt) -> None:
         if reason in st.kills:
@@ -617,6 +665,8 @@ class Executor:
             counters = self.sampler.untrack(cid)
             st.pids_events = counters.pids_limit_events
             st.oom_events = counters.memory_oom_events
+            st.cpu_time_ns = counters.cpu_time_ns
+            st.peak_memory_bytes = counters.peak_memory_bytes
             if st.running:
                 reason = "cancelled" if st.cancelled else "cleanup"
                 st.kills.append(reason)
@@ -637,6 +687,8 @@ class Executor:
                     evidence=self._evidence(st),
                     stdout_bytes=st.output.stdout_bytes,
                     stderr_bytes=st.output.stderr_bytes,
+                    cpu_time_s=_seconds(st.cpu_time_ns),
+                    peak_memory_bytes=st.peak_memory_bytes,
                 )
         report = await self.cleaner.clean(em, cid, st.workspace, running=st.running)
         if report.container_already_gone and not st.adapter_error:
@@ -674,6 +726,7 @@ class Executor:
             stdout_truncated=st.output.stdout_truncated,
             stderr_truncated=st.output.stderr_truncated,
             cancelled=st.cancelled,
+            cpu_time_s=_seconds(st.cpu_time_ns),
         )
 
 
@@ -710,6 +763,10 @@ class _CheckedSink:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sink, name)
+
+
+def _seconds(ns: int | None) -> float | None:
+    return None if ns is None else round(ns / 1e9, 6)
 
 
 def _fields(s: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,26 +173,27 @@ def _signal_label(raw: str) -> str:
 class CgroupCounters:
     pids_limit_events: int = 0
     memory_oom_events: int = 0
+    cpu_time_ns: int | None = None
+    """CPU time of all the container's processes; None when it could never be read."""
+    peak_memory_bytes: int | None = None
 
 
-def _cgroup_files(cid: str) -> tuple[list[Path], list[Path]]:
-    """Candidate files for (pids events, memory oom counters), cgroup v1 then v2 layouts."""
-    pids = [
-        _CGROUP_ROOT / "pids" / "docker" / cid / "pids.events",
-        _CGROUP_ROOT / "system.slice" / f"docker-{cid}.scope" / "pids.events",
-        _CGROUP_ROOT / "docker" / cid / "pids.events",
+def _cgroup_files(cid: str, controller: str, v2_name: str, v1_name: str) -> list[Path]:
+    """Candidate paths of one cgroup file: v1 (cgroupfs driver), then v2 (systemd, cgroupfs)."""
+    return [
+        _CGROUP_ROOT / controller / "docker" / cid / v1_name,
+        _CGROUP_ROOT / "system.slice" / f"docker-{cid}.scope" / v2_name,
+        _CGROUP_ROOT / "docker" / cid / v2_name,
     ]
-    mem = [
-        _CGROUP_ROOT / "memory" / "docker" / cid / "memory.oom_control",
-        _CGROUP_ROOT / "system.slice" / f"docker-{cid}.scope" / "memory.events",
-        _CGROUP_ROOT / "docker" / cid / "memory.events",
-    ]
-    return pids, mem
 
 
-def _parse_counter(text: bytes, key: bytes) -> int | None:
+def _parse_counter(text: bytes, key: bytes | None) -> int | None:
+    """The value of `key` in a flat keyed file; with `key` None the file's one number.
+    (v1 files are one number, or keyed; v2 ones keyed; both read the same way.)"""
     for line in text.splitlines():
         parts = line.split()
+        if key is None and len(parts) == 1 and parts[0].isdigit():
+            return int(parts[0])
         if len(parts) == 2 and parts[0] == key:
             return int(parts[1])
     return None
@@ -199,25 +201,29 @@ def _parse_counter(text: bytes, key: bytes) -> int | None:
 
 class _Counter:
     """One counter file, opened once (a held fd is read with pread: no path walk per
-    sample). Reads fail with ENODEV once Docker removed the cgroup."""
+    sample). Reads fail with ENODEV once Docker removed the cgroup. `scale` turns the
+    file's unit into the counter's (v2 gives CPU time in microseconds, v1 in ns)."""
 
-    def __init__(self, candidates: list[Path], key: bytes) -> None:
+    def __init__(self, candidates: list[tuple[Path, bytes | None, int]]) -> None:
         self.candidates = candidates
-        self.key = key
+        self.key: bytes | None = None
+        self.scale = 1
         self.fd: int | None = None
         self.gone = False
         self.best = 0
+        self.seen = False
 
     def sample(self) -> None:
         if self.gone:
             return
         if self.fd is None:
-            for p in self.candidates:
+            for p, key, scale in self.candidates:
                 try:
                     self.fd = os.open(p, os.O_RDONLY)
-                    break
                 except OSError:
                     continue
+                self.key, self.scale = key, scale
+                break
             if self.fd is None:
                 return
         try:
@@ -226,8 +232,9 @@ class _Counter:
             self.close()
             self.gone = True
             return
-        if value is not None and value > self.best:
-            self.best = value
+        if value is not None:
+            self.seen = True
+            self.best = max(self.best, value * self.scale)
 
     def close(self) -> None:
         if self.fd is not None:
@@ -236,25 +243,80 @@ class _Counter:
             self.fd = None
 
 
+@dataclass
+class _Tracked:
+    pids: _Counter
+    oom: _Counter
+    cpu: _Counter
+    memory: _Counter
+    cpu_limit_ns: int | None = None
+    on_cpu_limit: Callable[[int], None] | None = None
+
+    def counters(self) -> tuple[_Counter, ...]:
+        return (self.pids, self.oom, self.cpu, self.memory)
+
+    def sample(self) -> None:
+        for c in self.counters():
+            c.sample()
+        if self.cpu_limit_ns is not None and self.cpu.best > self.cpu_limit_ns:
+            fire, self.on_cpu_limit, self.cpu_limit_ns = self.on_cpu_limit, None, None
+            if fire is not None:
+                fire(self.cpu.best)
+
+
+def _tracked(cid: str) -> _Tracked:
+    def one(
+        controller: str, v1: tuple[str, bytes | None, int], v2: tuple[str, bytes | None, int]
+    ) -> _Counter:
+        first, *v2_paths = _cgroup_files(cid, controller, v2[0], v1[0])
+        return _Counter([(first, v1[1], v1[2])] + [(p, v2[1], v2[2]) for p in v2_paths])
+
+    return _Tracked(
+        pids=one("pids", ("pids.events", b"max", 1), ("pids.events", b"max", 1)),
+        oom=one(
+            "memory", ("memory.oom_control", b"oom_kill", 1), ("memory.events", b"oom_kill", 1)
+        ),
+        cpu=one("cpuacct", ("cpuacct.usage", None, 1), ("cpu.stat", b"usage_usec", 1000)),
+        memory=one("memory", ("memory.max_usage_in_bytes", None, 1), ("memory.peak", None, 1)),
+    )
+
+
 class CgroupSampler:
-    """Samples pids-limit and OOM-kill counters of tracked containers every `interval` s,
-    keeping the highest value seen (the cgroup disappears when the container exits)."""
+    """Samples the cgroup counters of tracked containers every `interval` s: pids-limit
+    hits, OOM kills, CPU time and peak memory, keeping the highest value seen (the cgroup
+    disappears when the container exits). A container tracked with a CPU-time limit has
+    `on_cpu_limit(used_ns)` called once, from the sampling thread, when it passes it."""
 
     def __init__(self, interval: float = 0.01) -> None:
         self.interval = interval
-        self._tracked: dict[str, tuple[_Counter, _Counter]] = {}
+        self._tracked: dict[str, _Tracked] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cgroup-sampler", daemon=True)
         self._started = False
 
-    def track(self, cid: str) -> None:
-        pids, mem = _cgroup_files(cid)
+    def track(
+        self,
+        cid: str,
+        *,
+        cpu_limit_ns: int | None = None,
+        on_cpu_limit: Callable[[int], None] | None = None,
+    ) -> None:
+        entry = _tracked(cid)
+        entry.cpu_limit_ns, entry.on_cpu_limit = cpu_limit_ns, on_cpu_limit
         with self._lock:
-            self._tracked[cid] = (_Counter(pids, b"max"), _Counter(mem, b"oom_kill"))
+            self._tracked[cid] = entry
             if not self._started:
                 self._started = True
                 self._thread.start()
+
+    def sample(self, cid: str) -> None:
+        """Sample one container now (right after its start: a short-lived one may be gone
+        before the sampling thread's next round)."""
+        with self._lock:
+            entry = self._tracked.get(cid)
+            if entry is not None:
+                entry.sample()
 
     def untrack(self, cid: str) -> CgroupCounters:
         """Take a last sample and stop tracking; returns the highest counters seen."""
@@ -262,17 +324,22 @@ class CgroupSampler:
             entry = self._tracked.pop(cid, None)
             if entry is None:
                 return CgroupCounters()
-            for c in entry:
+            entry.on_cpu_limit = None
+            for c in entry.counters():
                 c.sample()
                 c.close()
-        return CgroupCounters(pids_limit_events=entry[0].best, memory_oom_events=entry[1].best)
+        return CgroupCounters(
+            pids_limit_events=entry.pids.best,
+            memory_oom_events=entry.oom.best,
+            cpu_time_ns=entry.cpu.best if entry.cpu.seen else None,
+            peak_memory_bytes=entry.memory.best if entry.memory.seen else None,
+        )
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             with self._lock:
-                for pids, mem in self._tracked.values():
-                    pids.sample()
-                    mem.sample()
+                for entry in self._tracked.values():
+                    entry.sample()
 
     def stop(self) -> None:
         self._stop.set()
@@ -280,6 +347,6 @@ class CgroupSampler:
             self._thread.join(timeout=2)
         with self._lock:
             for entry in self._tracked.values():
-                for c in entry:
+                for c in entry.counters():
                     c.close()
             self._tracked.clear()

@@ -12,7 +12,7 @@ WORKSPACES = "workspaces"
 
 
 def create_workspace(
-    root: Path, task_id: str, attempt: int, files: dict[str, str]
+    root: Path, task_id: str, attempt: int, files: dict[str, bytes]
 ) -> tuple[Path, int]:
     """Write `files` (already validated as relative paths) into a new dir; returns (dir, bytes)."""
     base = root / WORKSPACES
@@ -24,7 +24,7 @@ def create_workspace(
         for name, content in files.items():
             target = path / name
             target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            data = content.encode()
+            data = content
             target.write_bytes(data)
             os.chmod(target, 0o644)
             total += len(data)

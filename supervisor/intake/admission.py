@@ -13,6 +13,7 @@ import msgspec
 from schemas import TaskSpec
 from schemas.config import Bounds, Policy
 from schemas.errors import InvalidSpec, PolicyViolation
+from schemas.spec import b64decode
 
 # msgspec names the location as "at `$.a.b`" and an extra key as "unknown field `k`".
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
@@ -87,6 +88,11 @@ def check_bounds(spec: TaskSpec, bounds: Bounds) -> None:
     ):
         if value > top:
             raise InvalidSpec(field, f"{value} is above the configured bound {top}")
+    if lim.cpu_time_s is not None and lim.cpu_time_s > bounds.max_cpu_time_s:
+        raise InvalidSpec(
+            "limits.cpu_time_s",
+            f"{lim.cpu_time_s} is above the configured bound {bounds.max_cpu_time_s}",
+        )
     if len(spec.env) > bounds.max_env:
         raise InvalidSpec("env", f"more than {bounds.max_env} variables")
     for key, env_value in spec.env.items():
@@ -98,15 +104,43 @@ def check_bounds(spec: TaskSpec, bounds: Bounds) -> None:
             )
         if "\x00" in env_value:
             raise InvalidSpec(f"env.{key}", "value contains a NUL byte")
-    if len(spec.files) > bounds.max_files:
+    _check_files(spec, bounds)
+    _check_stdin(spec, bounds)
+
+
+def _check_files(spec: TaskSpec, bounds: Bounds) -> None:
+    both = set(spec.files) & set(spec.files_base64)
+    if both:
+        raise InvalidSpec(f"files_base64.{min(both)}", "is also named in files")
+    if len(spec.files) + len(spec.files_base64) > bounds.max_files:
         raise InvalidSpec("files", f"more than {bounds.max_files} files")
     total = 0
     for name, content in spec.files.items():
         _check_file_name(name)
         total += len(content.encode())
+    for name, data in spec.files_base64.items():
+        _check_file_name(name)
+        try:
+            total += len(b64decode(data))
+        except ValueError as e:
+            raise InvalidSpec(f"files_base64.{name}", str(e)) from e
     if total > bounds.max_files_bytes:
         raise InvalidSpec("files", f"{total} bytes is above the bound {bounds.max_files_bytes}")
-    _check_no_file_is_a_dir(list(spec.files))
+    _check_no_file_is_a_dir([*spec.files, *spec.files_base64])
+
+
+def _check_stdin(spec: TaskSpec, bounds: Bounds) -> None:
+    if spec.stdin is not None and spec.stdin_base64 is not None:
+        raise InvalidSpec("stdin_base64", "give stdin or stdin_base64, not both")
+    field = "stdin" if spec.stdin is not None else "stdin_base64"
+    try:
+        data = spec.stdin_bytes()
+    except ValueError as e:
+        raise InvalidSpec(field, str(e)) from e
+    if data is not None and len(data) > bounds.max_stdin_bytes:
+        raise InvalidSpec(
+            field, f"{len(data)} bytes is above the configured bound {bounds.max_stdin_bytes}"
+        )
 
 
 def _check_file_name(name: str) -> None:
