@@ -15,7 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from supervisor.client import Client
 from supervisor.eventlog.nats_server import url_file
+from testing.openapi import check_answer
 
 SANDBOX_IMAGE = "supervisor-sandbox:busybox"
 
@@ -90,13 +92,19 @@ class DaemonProc:
             return False
         return bool(json.loads(body)["checks"].get("started", {}).get("ok"))
 
+    def client(self, token: str | None = None) -> Client:
+        """A `supervisor.client.Client` of this daemon, every answer checked against the
+        OpenAPI document."""
+        return Client(self.base_url, token=token, timeout_s=30, on_answer=check_answer)
+
     def get(self, path: str, token: str | None = None) -> tuple[int, bytes]:
         return self.request("GET", path, token=token)
 
     def request(
         self, method: str, path: str, body: bytes | None = None, token: str | None = None
     ) -> tuple[int, bytes]:
-        """One HTTP request to the daemon: (status, body); HTTP errors are answers too."""
+        """One HTTP request to the daemon: (status, body); HTTP errors are answers too.
+        Every answer is checked against the OpenAPI document (`ContractBreach`)."""
         headers = {"Content-Type": "application/json"}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
@@ -105,9 +113,11 @@ class DaemonProc:
         )
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
-                return resp.status, resp.read()
+                status, answer, ctype = resp.status, resp.read(), resp.headers["Content-Type"]
         except urllib.error.HTTPError as e:
-            return e.code, e.read()
+            status, answer, ctype = e.code, e.read(), e.headers.get("Content-Type", "")
+        check_answer(method, path, status, answer, ctype or "")
+        return status, answer
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -5,17 +5,29 @@ task has ended or S seconds passed."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
+from schemas import Limits, RetryPolicy, TaskSpec
+from schemas.errors import ApiError
+from schemas.http import Submitted
+from schemas.openapi import document
+from supervisor.client import AsyncClient
 from testing.daemon import DaemonProc, task, wait_until
+from testing.openapi import check_answer
 from testing.stream import stream_events
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
+
+
+def _spec(script: str, **extra: Any) -> TaskSpec:
+    return msgspec.structs.replace(msgspec.convert(task(script), TaskSpec), **extra)
 
 
 def _post(d: DaemonProc, spec: dict[str, object]) -> None:
@@ -29,30 +41,68 @@ def test_a_task_s_result_is_served_and_wait_holds_until_it_ends(
     d = DaemonProc(tmp_dir / "data", nats_url)
     daemons.append(d)
     d.start()
-    _post(d, task("sleep 1; echo out; echo err >&2", task_id="res-ok"))
-    _post(d, task("echo no; exit 4", task_id="res-bad", retry={"max_attempts": 1}))
+    with d.client() as c:
+        ok = c.submit(_spec("sleep 1; echo out; echo err >&2", task_id="res-ok"))
+        assert (ok.task_id, ok.status) == ("res-ok", "queued")
+        c.submit(_spec("echo no; exit 4", task_id="res-bad", retry=RetryPolicy(max_attempts=1)))
 
-    started = time.monotonic()
-    status, body = d.get("/v1/tasks/res-ok?wait=25")
-    assert status == 200, body
-    doc = json.loads(body)
-    assert time.monotonic() - started < 30
-    assert (doc["state"], doc["exit_code"]) == ("succeeded", 0)
-    result = doc["result"]
-    assert (result["task_id"], result["status"], result["attempts"]) == ("res-ok", "succeeded", 1)
-    assert (result["exit_code"], result["stdout"], result["stderr"]) == (0, "out\n", "err\n")
-    assert result["error"] is None
+        view = c.wait("res-ok", timeout_s=60)
+        assert (view.state, view.exit_code) == ("succeeded", 0)
+        result = view.result
+        assert result is not None
+        assert (result.task_id, result.status, result.attempts) == ("res-ok", "succeeded", 1)
+        assert (result.exit_code, result.stdout, result.stderr) == (0, "out\n", "err\n")
+        assert result.error is None
+        assert result.cpu_time_s is not None and result.peak_memory_bytes is not None
+        status, body = d.get("/openapi.json")
+        assert (status, json.loads(body)) == (200, document())
 
-    doc = json.loads(d.get("/v1/tasks/res-bad?wait=25")[1])
-    assert (doc["state"], doc["result"]["status"], doc["result"]["exit_code"]) == (
-        "failed",
-        "failed",
-        4,
-    )
-    assert (doc["result"]["error"]["type"], doc["result"]["error"]["code"]) == (
-        "user_code",
-        "NONZERO_EXIT",
-    )
+        bad = c.wait("res-bad", timeout_s=60)
+        assert bad.state == "failed" and bad.result is not None
+        assert (bad.result.status, bad.result.exit_code) == ("failed", 4)
+        assert bad.result.error is not None
+        assert (bad.result.error.type, bad.result.error.code) == ("user_code", "NONZERO_EXIT")
+
+
+def test_the_async_client_runs_judge_specs_and_follows_errors(
+    tmp_dir: Path, nats_url: str, daemons: list[DaemonProc]
+) -> None:
+    """Standard input, a CPU-time limit and binary files over HTTP, with `AsyncClient`;
+    `errors` follows the error raised meanwhile."""
+    d = DaemonProc(tmp_dir / "data", nats_url)
+    daemons.append(d)
+    d.start()
+
+    async def main() -> None:
+        async with AsyncClient(d.base_url, timeout_s=30, on_answer=check_answer) as c:
+            follow = c.errors(code="CPU_TIME_EXCEEDED", limit=1)
+            first_error = asyncio.ensure_future(anext(follow))
+            echo = await c.run(
+                _spec(
+                    "tr a-z A-Z; od -An -tx1 /workspace/b",
+                    stdin="judge\n",
+                    files_base64={"b": base64.b64encode(b"\x00\xfe").decode()},
+                ),
+                timeout_s=60,
+            )
+            assert echo.stdout.split() == ["JUDGE", "00", "fe"]
+            spin = await c.run(
+                _spec("while :; do :; done", limits=Limits(cpu_time_s=0.3, timeout_s=30)),
+                timeout_s=60,
+            )
+            assert spin.error is not None and spin.error.code == "CPU_TIME_EXCEEDED"
+            event = await asyncio.wait_for(first_error, 30)
+            assert (event.task_id, event.error_type) == (spin.task_id, "timeout")
+            await follow.aclose()  # type: ignore[attr-defined]
+            answers = await c.submit_many([_spec("true", task_id="many-1"), _spec("", image="")])
+            assert isinstance(answers[0], Submitted) and answers[0].status == "queued"
+            assert isinstance(answers[1], ApiError) and answers[1].status == 400
+            assert (answers[1].type, answers[1].code) == ("validation", "INVALID_SPEC")
+            assert (await c.wait("many-1", timeout_s=60)).outcome == "succeeded"
+            page = await c.list_tasks(limit=1000)
+            assert {"many-1", spin.task_id, echo.task_id} <= {t.task_id for t in page.tasks}
+
+    asyncio.run(main())
 
 
 def test_wait_gives_up_after_its_seconds_and_refuses_nonsense(

@@ -7,6 +7,7 @@ Routes:
   that hangs or raises fails with that as its reason).
 - `GET /metrics`: the Prometheus registry, encoded as the client's `Accept` asks
   (`prometheus_client`'s negotiation: text format by default, OpenMetrics on request).
+- `GET /openapi.json`: the OpenAPI 3.1 document of every route (`schemas.openapi`).
 - `POST /v1/tasks`, `GET /v1/tasks/{id}`, `POST /v1/query`: served by the injected
   `Handlers` (the daemon's intake and the read side). When a token is configured, `/v1/*`
   requires `Authorization: Bearer <token>`.
@@ -49,6 +50,7 @@ from schemas.errors import (
     SupervisorError,
 )
 from schemas.health import Check, CheckFn
+from schemas.openapi import document
 from supervisor.daemon.datadir import publish
 from supervisor.daemon.metrics import Metrics
 from supervisor.docker.breaker import CircuitOpen
@@ -159,6 +161,12 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/readyz", readyz_full)
     app.router.add_get("/metrics", metrics_text)
+    openapi = _encoder.encode(document())
+
+    async def openapi_doc(_: web.Request) -> web.Response:
+        return web.Response(body=openapi, content_type="application/json")
+
+    app.router.add_get("/openapi.json", openapi_doc)
     if handlers is not None:
         _add_api(app, handlers, max_batch)
     return app

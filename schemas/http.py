@@ -1,0 +1,157 @@
+"""The HTTP API's answers, as Structs: what `supervisor serve` sends, what
+`supervisor.client` decodes, and what the OpenAPI document (`docs/openapi.json`) is made
+from. Answers may gain fields; a reader ignores what it does not know (no
+`forbid_unknown_fields` here, unlike the spec)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from msgspec import Struct
+
+from schemas.spec import ErrorType, Result, TaskSpec
+
+
+class ApiErrorBody(Struct, kw_only=True):
+    """The catalogue's shape of an error. `retryable`, `details`, `task_id`, `field` and
+    other keys appear when they say something about this error."""
+
+    type: ErrorType
+    code: str
+    message: str
+    retryable: bool | None = None
+    details: dict[str, Any] | None = None
+    task_id: str | None = None
+    field: str | None = None
+
+
+class ErrorAnswer(Struct, kw_only=True):
+    """Every error answer: `{"error": {...}}`."""
+
+    error: ApiErrorBody
+
+
+class Submitted(Struct, kw_only=True):
+    """`POST /v1/tasks`: 202 `queued` (durably submitted), 200 `known` (the same spec was
+    submitted before under this task id)."""
+
+    task_id: str
+    correlation_id: str
+    status: Literal["queued", "known"]
+
+
+class TaskRow(Struct, kw_only=True):
+    """A task as the projection's `tasks` table holds it (docs/projections.md). Times are
+    ISO 8601, UTC."""
+
+    task_id: str
+    state: str | None = None
+    outcome: Literal["succeeded", "failed", "rejected"] | None = None
+    priority: str | None = None
+    image: str | None = None
+    node_id: str | None = None
+    correlation_id: str | None = None
+    max_attempts: int | None = None
+    attempts: int | None = None
+    submitted_at: str | None = None
+    finished_at: str | None = None
+    exit_code: int | None = None
+    error_type: str | None = None
+    error_code: str | None = None
+    duration_s: float | None = None
+    submitted_seq: int | None = None
+    finished_seq: int | None = None
+    terminal_events: int | None = None
+    last_seq: int | None = None
+    last_event_at: str | None = None
+    events: int | None = None
+
+
+class TaskView(TaskRow, kw_only=True):
+    """`GET /v1/tasks/{id}`: the task's row, its `Result` once it has ended (that of the
+    terminal event the projection applied), its attempts and errors (rows of `attempts`
+    and `errors`), and the stream sequence the projection had applied."""
+
+    result: Result | None = None
+    attempt_details: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    projection_seq: int | None = None
+    first_seq: int | None = None
+
+
+class TaskPage(Struct, kw_only=True):
+    """`GET /v1/tasks`: one page; `next_cursor` is None on the last."""
+
+    tasks: list[TaskRow]
+    next_cursor: str | None = None
+    projection_seq: int | None = None
+
+
+class BatchRequest(Struct, kw_only=True):
+    """`POST /v1/tasks/batch`: at most `http.max_batch` specs."""
+
+    tasks: list[TaskSpec]
+
+
+class BatchItem(Struct, kw_only=True):
+    """One spec's answer: the status and body `POST /v1/tasks` would have given."""
+
+    status: int
+    body: dict[str, Any]
+
+
+class BatchAnswer(Struct, kw_only=True):
+    results: list[BatchItem]
+
+
+class Cancelling(Struct, kw_only=True):
+    """`DELETE /v1/tasks/{id}`: the cancellation is recorded."""
+
+    task_id: str
+    status: Literal["cancelling"]
+
+
+class QueryRequest(Struct, kw_only=True):
+    """`POST /v1/query`: one read-only SQL statement over the projection."""
+
+    sql: str
+    max_rows: int | None = None
+    timeout_s: float | None = None
+    format: Literal["json", "table", "csv"] = "json"
+
+
+class QueryAnswer(Struct, kw_only=True):
+    columns: list[str]
+    types: list[str]
+    rows: list[list[Any]]
+    truncated: bool
+    seq: int | None = None
+    elapsed_s: float = 0.0
+    text: str | None = None
+
+
+class Health(Struct, kw_only=True):
+    status: Literal["ok"]
+
+
+class Readiness(Struct, kw_only=True):
+    """`GET /readyz`: each check's `ok` and `reason` (and what else it reports)."""
+
+    ready: bool
+    checks: dict[str, dict[str, Any]]
+
+
+ANSWERS: tuple[type[Struct], ...] = (
+    ErrorAnswer,
+    Submitted,
+    TaskView,
+    TaskPage,
+    BatchRequest,
+    BatchAnswer,
+    Cancelling,
+    QueryRequest,
+    QueryAnswer,
+    Health,
+    Readiness,
+)
+"""Every Struct the OpenAPI document names."""
