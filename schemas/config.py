@@ -390,6 +390,33 @@ def url_options(url: str) -> dict[str, str]:
     return options
 
 
+class CallbacksConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Where a spec's `callback_url` may point, and how its Result is delivered there."""
+
+    allowed: Annotated[
+        list[str],
+        _doc(
+            "URL prefixes a `callback_url` may start with (scheme, host and port equal, path"
+            " under it), e.g. `https://judge.internal:8443/hooks/`. None by default: every"
+            " `callback_url` is refused as `security/POLICY_VIOLATION`."
+        ),
+    ] = []
+    secret: Annotated[
+        str | None, _doc("The HMAC-SHA256 key of the `X-Supervisor-Signature` header.")
+    ] = None
+    secret_file: Annotated[
+        str | None, _doc("A file whose first line is the key (instead of `secret`).")
+    ] = None
+    max_attempts: Annotated[int, _doc("Deliveries of one Result before giving up."), msgspec.Meta(ge=1)] = 5
+    base_delay_s: Annotated[
+        float, _doc("Delay after the first failed delivery; doubled after each."), msgspec.Meta(ge=0)
+    ] = 1.0
+    max_delay_s: Annotated[float, _doc("Longest delay between deliveries."), msgspec.Meta(ge=0)] = 60.0
+    timeout_s: Annotated[
+        float, _doc("How long one delivery waits for the receiver's answer."), msgspec.Meta(gt=0)
+    ] = 10.0
+
+
 class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     node_id: Annotated[str, _doc("This node's id, in every event and container label.")] = "n1"
     data_dir: Annotated[
@@ -424,6 +451,7 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     monitor: MonitorConfig = msgspec.field(default_factory=MonitorConfig)
     reconcile: ReconcileConfig = msgspec.field(default_factory=ReconcileConfig)
     projection: ProjectionConfig = msgspec.field(default_factory=ProjectionConfig)
+    callbacks: CallbacksConfig = msgspec.field(default_factory=CallbacksConfig)
     log_level: Annotated[str, _doc("Log level of `serve` (DEBUG, INFO, WARNING, ERROR).")] = "INFO"
 
     @property

@@ -124,6 +124,7 @@ class TaskRejected(Event, frozen=True, tag="task.rejected"):
     name = "rejected"
     error: ExecutionError
     result: Result | None = None
+    callback_url: str | None = None
 
 
 class TaskSucceeded(Event, frozen=True, tag="task.succeeded"):
@@ -134,6 +135,8 @@ class TaskSucceeded(Event, frozen=True, tag="task.succeeded"):
     name = "succeeded"
     result: Result
     output_capped: bool = False
+    callback_url: str | None = None
+    """The spec's `callback_url`, where the Result is delivered (`callback.attempted`)."""
 
 
 class TaskFailed(Event, frozen=True, tag="task.failed"):
@@ -143,6 +146,7 @@ class TaskFailed(Event, frozen=True, tag="task.failed"):
     name = "failed"
     result: Result
     output_capped: bool = False
+    callback_url: str | None = None
 
 
 class TaskCancelRequested(Event, frozen=True, tag="task.cancel_requested"):
@@ -442,6 +446,24 @@ class ReconcileOutcome(Event, frozen=True, tag="reconcile.outcome"):
     detail: str = ""
 
 
+class CallbackAttempted(Event, frozen=True, tag="callback.attempted"):
+    """One delivery of a task's Result to its `callback_url`: `delivery` counts from 1;
+    `outcome` is `delivered` (a 2xx answer), `retrying` (again after `next_delay_s`) or
+    `gave_up` (the last one allowed failed). `status` is the HTTP status when there was an
+    answer, `error` what failed. `terminal_event_id` is the terminal event delivered."""
+
+    category = "callback"
+    name = "attempted"
+    url: str
+    delivery: int
+    outcome: Literal["delivered", "retrying", "gave_up"]
+    terminal_event_id: str
+    status: int | None = None
+    error: str | None = None
+    next_delay_s: float | None = None
+    duration_s: float = 0.0
+
+
 AnyEvent = (
     SupervisorStarted
     | SupervisorStopped
@@ -472,6 +494,7 @@ AnyEvent = (
     | NodeRetired
     | ReconcileDecision
     | ReconcileOutcome
+    | CallbackAttempted
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__

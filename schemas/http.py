@@ -141,6 +141,18 @@ class Readiness(Struct, kw_only=True):
     checks: dict[str, dict[str, Any]]
 
 
+class CallbackBody(Struct, kw_only=True):
+    """What is POSTed to a task's `callback_url` once it has ended. `event_id` is the
+    terminal event's, the same on every delivery of it: deliveries are at least once, so a
+    receiver keeps the ids it has handled."""
+
+    task_id: str
+    event: Literal["task.succeeded", "task.failed", "task.rejected"]
+    event_id: str
+    correlation_id: str
+    result: Result
+
+
 ANSWERS: tuple[type[Struct], ...] = (
     ErrorAnswer,
     Submitted,
@@ -153,5 +165,6 @@ ANSWERS: tuple[type[Struct], ...] = (
     QueryAnswer,
     Health,
     Readiness,
+    CallbackBody,
 )
 """Every Struct the OpenAPI document names."""

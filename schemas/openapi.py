@@ -234,6 +234,23 @@ def document(version: str = "1") -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "paths": _paths(),
+        "webhooks": {
+            "taskEnded": {
+                "post": {
+                    "summary": "A task's Result, POSTed to its callback_url once it has ended",
+                    "description": (
+                        "Signed: X-Supervisor-Signature is sha256=<hex HMAC-SHA256 of "
+                        '"<X-Supervisor-Timestamp>." + body> under [callbacks] secret. '
+                        "Retried with backoff until a 2xx answer, at most "
+                        "[callbacks] max_attempts times; at least once."
+                    ),
+                    "requestBody": {
+                        "content": {"application/json": {"schema": _ref("CallbackBody")}}
+                    },
+                    "responses": {"2XX": {"description": "delivered"}},
+                }
+            }
+        },
     }
 
 

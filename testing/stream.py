@@ -8,7 +8,7 @@ import contextlib
 import nats
 from nats.js.api import DeliverPolicy
 
-from schemas import Event, decode_event
+from schemas import Event, decode_event, encode_event
 from schemas.connection import connect_options
 from schemas.streams import EVENTS_STREAM
 
@@ -60,5 +60,17 @@ async def count_messages(url: str, subject: str) -> int:
     try:
         info = await nc.jetstream().stream_info(EVENTS_STREAM, subjects_filter=subject)
         return sum((info.state.subjects or {}).values())
+    finally:
+        await nc.close()
+
+
+async def publish_event(url: str, event: Event) -> None:
+    """Publish `event` on its subject as anyone holding `url`'s credential could (forgeries
+    in attack tests)."""
+    nc = await nats.connect(**connect_options(url), connect_timeout=5)
+    try:
+        await nc.jetstream().publish(
+            event.subject(), encode_event(event), headers={"Nats-Msg-Id": event.event_id}
+        )
     finally:
         await nc.close()

@@ -23,17 +23,16 @@ from schemas import (
     Result,
     TaskFailed,
     TaskSucceeded,
-    encode_event,
 )
 from schemas.errors import NatsUnavailable
 from schemas.events import TERMINAL_TASK_EVENTS
 from supervisor.eventlog.emitter import utcnow
-from supervisor.eventlog.log import MSG_ID_HEADER, connect_nats
+from supervisor.eventlog.log import connect_nats
 from supervisor.eventlog.nats_auth import redact
 from supervisor.eventlog.nats_server import resolve_nats_url
 from supervisor.reconcile.command_executor import JetStreamCommands
 from testing.daemon import DaemonProc, submit, task, wait_until
-from testing.stream import stream_events
+from testing.stream import publish_event, stream_events
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
 
@@ -84,16 +83,7 @@ def _forge_success(target: Target, task_id: str) -> None:
         ),
     )
 
-    async def publish() -> None:
-        nc = await nats.connect(target.url)
-        try:
-            await nc.jetstream().publish(
-                forged.subject(), encode_event(forged), headers={MSG_ID_HEADER: forged.event_id}
-            )
-        finally:
-            await nc.close()
-
-    asyncio.run(publish())
+    asyncio.run(publish_event(target.url, forged))
 
 
 def _running_container(docker_client: Any, task_id: str) -> str:

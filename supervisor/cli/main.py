@@ -407,6 +407,10 @@ async def _serve_async(args: argparse.Namespace, cfg: Config) -> int:
         with_projection="projection" in roles and not args.no_projection,
         with_reconciler="reconciler" in roles and cfg.reconcile.enabled,
     )
+    if "executor" in roles and cfg.callbacks.allowed:
+        from supervisor.delivery.callbacks import CallbacksPart
+
+        parts.append(CallbacksPart(cfg))
     daemon = Daemon(
         cfg, nats_url=args.nats_url, parts=parts, read_side=read_side, pull="executor" in roles
     )

@@ -255,11 +255,13 @@ class Executor:
         if announce:
             em.emit(TaskSubmitted, spec=spec, priority=spec.priority)
         try:
-            admit(spec, self.config.bounds, self.config.policy)
+            admit(spec, self.config.bounds, self.config.policy, self.config.callbacks.allowed)
             if not await self._image_present(spec.image):
                 raise ImageNotFound("inspect_image", f"image {spec.image!r} is not present locally")
         except (SpecError, ImageNotFound) as e:
-            return self._reject(em, task_id, e, started)
+            # A refused spec's callback_url is never called (it may be the refusal).
+            callback = spec.callback_url if isinstance(e, ImageNotFound) else None
+            return self._reject(em, task_id, e, started, callback)
         attempt = first_attempt - 1
         while True:
             attempt += 1
@@ -271,14 +273,14 @@ class Executor:
                 out = await self._attempt(aem, spec, task_id, attempt)
             except asyncio.CancelledError:
                 if terminal_on_cancel:
-                    self._finish(aem, task_id, attempt, None, started, cancelled=True)
+                    self._finish(aem, spec, attempt, None, started, cancelled=True)
                 raise
             if self.on_attempt is not None:
                 self.on_attempt(out.classification)
             if out.classification is None:
-                return self._finish(aem, task_id, attempt, out, started)
+                return self._finish(aem, spec, attempt, out, started)
             if not should_retry(spec.retry, attempt, out.classification.retryable):
-                return self._finish(aem, task_id, attempt, out, started)
+                return self._finish(aem, spec, attempt, out, started)
             delay = self.schedule_retry(aem, spec, attempt, out.classification)
             if self.gate is not None:
                 self.gate()
@@ -286,7 +288,7 @@ class Executor:
                 await self.sleep(delay)
             except asyncio.CancelledError:
                 if terminal_on_cancel:
-                    self._finish(aem, task_id, attempt, out, started, cancelled=True)
+                    self._finish(aem, spec, attempt, out, started, cancelled=True)
                 raise
 
     def schedule_retry(self, em: Emitter, spec: TaskSpec, attempt: int, c: Classification) -> float:
@@ -321,7 +323,7 @@ class Executor:
             )
             self.metrics.errors.labels(c.type, c.code).inc()
         result = Result(task_id=spec.task_id, status="failed", attempts=attempts, error=error)
-        em.emit(TaskFailed, result=result)
+        em.emit(TaskFailed, result=result, callback_url=spec.callback_url)
         self._ended(spec.task_id)
         self.metrics.tasks.labels("failed").inc()
         return result
@@ -332,7 +334,14 @@ class Executor:
         except SupervisorError:
             return True  # the daemon is unreachable: let the attempt meet and classify it
 
-    def _reject(self, em: Emitter, task_id: str, e: SupervisorError, started: float) -> Result:
+    def _reject(
+        self,
+        em: Emitter,
+        task_id: str,
+        e: SupervisorError,
+        started: float,
+        callback_url: str | None = None,
+    ) -> Result:
         ev = Evidence(adapter_error=e.tag, adapter_message=str(e))
         c = classify(ev)
         assert c is not None
@@ -353,7 +362,7 @@ class Executor:
             error=error,
             duration_s=time.monotonic() - started,
         )
-        em.emit(TaskRejected, error=error, result=result)
+        em.emit(TaskRejected, error=error, result=result, callback_url=callback_url)
         self._ended(task_id)
         self.metrics.tasks.labels("rejected").inc()
         self.metrics.errors.labels(c.type, c.code).inc()
@@ -376,13 +385,14 @@ class Executor:
     def _finish(
         self,
         em: Emitter,
-        task_id: str,
+        spec: TaskSpec,
         attempts: int,
         out: AttemptOutcome | None,
         started: float,
         *,
         cancelled: bool = False,
     ) -> Result:
+        task_id = em.task_id
         duration = time.monotonic() - started
         c = out.classification if out else None
         if cancelled:
@@ -414,7 +424,12 @@ class Executor:
                     "stderr": bytes(output.stderr[:cap]).decode(errors="replace"),
                 }
             )
-        em.emit(TaskFailed if c else TaskSucceeded, result=in_event, output_capped=capped)
+        em.emit(
+            TaskFailed if c else TaskSucceeded,
+            result=in_event,
+            output_capped=capped,
+            callback_url=spec.callback_url,
+        )
         self._ended(task_id)
         outcome = "failed" if c else "succeeded"
         log.info(

@@ -23,6 +23,7 @@ from schemas import (
     WorkspaceCreated,
     decode_event,
 )
+from schemas.lifecycle import attempt_finish_applies, terminal_applies
 from schemas.streams import EVENTS_STREAM
 
 
@@ -88,22 +89,49 @@ def summarize(events: list[Event]) -> TaskHistory:
     )
 
 
+def applied_terminal(messages: list[tuple[int, Event]]) -> Event | None:
+    """The terminal event that ends the task, of its history as (seq, event) in stream
+    order: the first one `terminal_applies` lets end it, as the projection decides it (a
+    duplicate, or a forgery by an instance that did not run the attempt, never is)."""
+    starters: dict[int, str] = {}
+    finished: dict[int, int] = {}
+    for seq, e in messages:
+        a = e.attempt
+        if isinstance(e, AttemptStarted):
+            starters.setdefault(a, e.instance_id)
+        elif isinstance(e, AttemptFinished):
+            if attempt_finish_applies(e.instance_id, starters.get(a), e.error_type):
+                finished.setdefault(a, seq)
+        elif isinstance(e, TaskSucceeded | TaskFailed | TaskRejected) and terminal_applies(
+            a, e.instance_id, seq, starters.get(a), finished.get(a)
+        ):
+            return e
+    return None
+
+
 async def read_task_events(
     js: JetStreamContext, task_id: str, timeout: float = 10.0
 ) -> list[Event]:
-    """Every event of `task_id` now in the stream, in order (an ordered consumer filtered on
-    `sup.*.*.*.<task>`; the stream's subject index keeps this cheap)."""
+    """Every event of `task_id` now in the stream, in order."""
+    return [e for _, e in await read_task_messages(js, task_id, timeout)]
+
+
+async def read_task_messages(
+    js: JetStreamContext, task_id: str, timeout: float = 10.0
+) -> list[tuple[int, Event]]:
+    """Every event of `task_id` now in the stream with its sequence, in order (an ordered
+    consumer filtered on `sup.*.*.*.<task>`; the stream's subject index keeps this cheap)."""
     subject = f"sup.*.*.*.{task_id}"
     info = await js.stream_info(EVENTS_STREAM, subjects_filter=subject)
     count = sum((info.state.subjects or {}).values()) if info.state.subjects else 0
     if count == 0:
         return []
-    out: list[Event] = []
+    out: list[tuple[int, Event]] = []
     done = asyncio.Event()
 
     async def on_msg(msg) -> None:  # type: ignore[no-untyped-def]
         with contextlib.suppress(Exception):  # an undecodable event is the projector's business
-            out.append(decode_event(msg.data))
+            out.append((msg.metadata.sequence.stream, decode_event(msg.data)))
         if msg.metadata.num_pending == 0:
             done.set()
 

@@ -7,6 +7,8 @@ Pure: takes bytes or a spec plus the configuration, returns the spec or raises
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -166,7 +168,7 @@ def _check_no_file_is_a_dir(names: list[str]) -> None:
                 raise InvalidSpec(f"files.{name}", f"{parent!r} is a file, not a directory")
 
 
-def check_policy(spec: TaskSpec, policy: Policy) -> None:
+def check_policy(spec: TaskSpec, policy: Policy, callbacks: Sequence[str] = ()) -> None:
     if spec.privileged and not policy.allow_privileged:
         raise PolicyViolation("privileged", "privileged containers are forbidden")
     refused = [
@@ -180,10 +182,49 @@ def check_policy(spec: TaskSpec, policy: Policy) -> None:
         )
     if spec.mounts and not policy.allow_mounts:
         raise PolicyViolation("mounts", "host mounts are forbidden")
+    if spec.callback_url is not None:
+        why = callback_refused(spec.callback_url, callbacks)
+        if why is not None:
+            raise PolicyViolation("callback_url", why)
 
 
-def admit(spec: TaskSpec, bounds: Bounds, policy: Policy) -> TaskSpec:
-    """Bounds first (is the spec sane), then policy (is it allowed)."""
+def callback_refused(url: str, allowed: Sequence[str]) -> str | None:
+    """Why `url` may not be called back (None: it may): it must be http(s) without
+    credentials, with the scheme, host and port of an `allowed` prefix and a path under
+    that prefix's. Nothing is allowed by default, so a spec cannot make the supervisor
+    request an address of its choosing."""
+    if not allowed:
+        return "callbacks are not allowed ([callbacks] allowed is empty)"
+    target = _origin_and_path(url)
+    if target is None:
+        return f"{url!r} is not a plain http(s) URL (no credentials, no dot segments)"
+    for prefix in allowed:
+        rule = _origin_and_path(prefix)
+        if rule is not None and rule[0] == target[0] and target[1].startswith(rule[1]):
+            return None
+    return f"{url!r} is not under an allowed callback prefix ([callbacks] allowed)"
+
+
+def _origin_and_path(url: str) -> tuple[tuple[str, str, int], str] | None:
+    try:
+        u = urlsplit(url)
+        port = u.port or {"http": 80, "https": 443}.get(u.scheme)
+    except ValueError:
+        return None
+    if u.scheme not in ("http", "https") or not u.hostname or u.username or u.password:
+        return None
+    if port is None or any(c in url for c in "\r\n\t "):
+        return None
+    if any(p in (".", "..") or p.lower().startswith("%2e") for p in u.path.split("/")):
+        return None  # a dot segment would leave the allowed prefix once resolved
+    return (u.scheme, u.hostname.lower(), port), u.path or "/"
+
+
+def admit(
+    spec: TaskSpec, bounds: Bounds, policy: Policy, callbacks: Sequence[str] = ()
+) -> TaskSpec:
+    """Bounds first (is the spec sane), then policy (is it allowed; `callbacks` are the
+    allowed callback prefixes)."""
     check_bounds(spec, bounds)
-    check_policy(spec, policy)
+    check_policy(spec, policy, callbacks)
     return spec

@@ -110,7 +110,7 @@ class Intake:
         assert spec.task_id is not None and spec.correlation_id is not None
         em = self.emitter.for_task(spec.task_id, spec.correlation_id)
         try:
-            admit(spec, self.config.bounds, self.config.policy)
+            admit(spec, self.config.bounds, self.config.policy, self.config.callbacks.allowed)
         except SpecError as e:
             c = classify(Evidence(adapter_error=e.tag, adapter_message=str(e)))
             assert c is not None

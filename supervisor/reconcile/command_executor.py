@@ -42,6 +42,7 @@ from schemas import (
     Result,
     RetryPolicy,
     TaskFailed,
+    TaskSubmitted,
     decode_command,
     encode_command,
 )
@@ -348,7 +349,8 @@ class CommandExecutor:
     ) -> tuple[ReconcileOutcomeKind, str]:
         # The stream, not the projection, is the authority at the moment of acting.
         try:
-            history = summarize(await read_task_events(self.js, cmd.task_id))
+            events = await read_task_events(self.js, cmd.task_id)
+            history = summarize(events)
         except (nats.errors.Error, TimeoutError) as e:
             raise CommandBusError(f"cannot read the history of {cmd.task_id}: {e!r}") from e
         if history.terminal is not None or history.open_attempt != cmd.attempt:
@@ -376,7 +378,13 @@ class CommandExecutor:
                 timestamp=em.clock().isoformat(),
             )
             result = Result(task_id=cmd.task_id, status="failed", attempts=cmd.attempt, error=error)
-            em.emit(TaskFailed, event_id=f"{cmd.command_id}.task", result=result)
+            submitted = next((e for e in events if isinstance(e, TaskSubmitted)), None)
+            em.emit(
+                TaskFailed,
+                event_id=f"{cmd.command_id}.task",
+                result=result,
+                callback_url=submitted.spec.callback_url if submitted else None,
+            )
             self.metrics.tasks.labels("failed").inc()
         return "succeeded", f"attempt {cmd.attempt} of {cmd.task_id} closed as {code}"
 
