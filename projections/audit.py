@@ -122,6 +122,42 @@ def records_of(events: Iterable[Event], first_seq: int = 1) -> list[Record]:
     return out
 
 
+class HistoryStart(NamedTuple):
+    """Where the history read begins. `first_seq` > 1 means the stream's retention
+    (`[events] max_age` / `max_bytes`) dropped what came before; `partial_tasks` are the
+    tasks whose first event read is not their `task.submitted`: their start was dropped,
+    so the rules that need a task's beginning cannot judge them."""
+
+    first_seq: int | None
+    partial_tasks: frozenset[str]
+
+    def note(self) -> str | None:
+        """A plain sentence for the reader, or None when the history is whole."""
+        if self.first_seq is None or self.first_seq <= 1:
+            return None
+        return (
+            f"the history read starts at seq {self.first_seq}, not 1: events before it were "
+            f"removed by the stream's retention ([events] max_age / max_bytes); "
+            f"{len(self.partial_tasks)} task(s) whose start was removed are not audited"
+        )
+
+
+def history_start(records: list[Record]) -> HistoryStart:
+    """Where `records` (in stream order) begin, and the tasks whose start is missing."""
+    first = records[0].seq if records else None
+    if first is None or first <= 1:
+        return HistoryStart(first, frozenset())
+    seen: set[str] = set()
+    partial: set[str] = set()
+    for r in records:
+        if r.task_id == NO_TASK or r.task_id in seen:
+            continue
+        seen.add(r.task_id)
+        if r.type != "task.submitted":
+            partial.add(r.task_id)
+    return HistoryStart(first, frozenset(partial))
+
+
 class _Resource:
     __slots__ = ("attempt", "created", "failed", "last_seq", "removed", "state", "task_id")
 
@@ -159,9 +195,14 @@ class _Task:
 
 
 def audit_records(
-    records: Iterable[Record], *, grace_s: float | None = None, now: datetime | None = None
+    records: Iterable[Record],
+    *,
+    grace_s: float | None = None,
+    now: datetime | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> list[Violation]:
-    """Every violation in `records` (in stream order), sorted by first proving sequence."""
+    """Every violation in `records` (in stream order), sorted by first proving sequence.
+    The events of the tasks in `skip` (`HistoryStart.partial_tasks`) are left out."""
     out: list[Violation] = []
     tasks: dict[str, _Task] = defaultdict(_Task)
     resources: dict[tuple[str, str], _Resource] = {}
@@ -171,6 +212,8 @@ def audit_records(
     end: datetime | None = None
     for r in records:
         end = r.occurred_at if end is None or r.occurred_at > end else end
+        if r.task_id in skip:
+            continue
         t = tasks[r.task_id]
         t.last_at = r.occurred_at
         category = r.type.split(".", 1)[0]
@@ -422,7 +465,17 @@ def audit_db(
     con: duckdb.DuckDBPyConnection, *, grace_s: float | None = None, now: datetime | None = None
 ) -> list[Violation]:
     """`audit_records` over the projection's `events`."""
-    return audit_records(load_records(con), grace_s=grace_s, now=now)
+    return audit_history(con, grace_s=grace_s, now=now)[0]
+
+
+def audit_history(
+    con: duckdb.DuckDBPyConnection, *, grace_s: float | None = None, now: datetime | None = None
+) -> tuple[list[Violation], HistoryStart]:
+    """`audit_records` over the projection's `events`, leaving out the tasks whose start the
+    stream's retention removed; with where the history starts."""
+    records = load_records(con)
+    start = history_start(records)
+    return audit_records(records, grace_s=grace_s, now=now, skip=start.partial_tasks), start
 
 
 def render_text(violations: list[Violation]) -> str:
@@ -439,7 +492,11 @@ def render_text(violations: list[Violation]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_json(violations: list[Violation]) -> str:
-    """`{"violations": [...], "count": n}` with each violation's fields."""
+def render_json(violations: list[Violation], start: HistoryStart | None = None) -> str:
+    """`{"violations": [...], "count": n, "history_starts_at": seq, "skipped_tasks": n}`
+    with each violation's fields."""
     doc: dict[str, Any] = {"count": len(violations), "violations": violations}
+    if start is not None:
+        doc["history_starts_at"] = start.first_seq
+        doc["skipped_tasks"] = len(start.partial_tasks)
     return msgspec.json.encode(doc).decode() + "\n"

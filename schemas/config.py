@@ -4,6 +4,7 @@ is an error), from a TOML or JSON file given with `--config`, with defaults for 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated
@@ -390,6 +391,40 @@ def url_options(url: str) -> dict[str, str]:
     return options
 
 
+class EventsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    """How long `SUP_EVENTS` keeps history. Unset: a new stream keeps everything and an
+    existing one keeps its limits, so a client without this table never changes them."""
+
+    max_age: Annotated[
+        str | None,
+        _doc(
+            "Drop events older than this (`90d`, `12h`, `30m`, `45s`; `0` for no limit). The"
+            " projection keeps what it applied; replay and audit then start later."
+        ),
+    ] = None
+    max_bytes: Annotated[
+        int | None,
+        _doc("Drop the oldest events past this size of the stream in bytes (`-1` for no limit)."),
+    ] = None
+
+    def max_age_s(self) -> float | None:
+        """`max_age` in seconds (None: unset). Raises ConfigError for a bad duration."""
+        if self.max_age is None:
+            return None
+        return duration_s(self.max_age, "events.max_age")
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+
+
+def duration_s(text: str, key: str) -> float:
+    """`90d`, `12h`, `30m`, `45s` or bare seconds. Raises ConfigError naming `key`."""
+    m = _DURATION.match(text.strip())
+    if m is None:
+        raise ConfigError(f"{key}: {text!r} is not a duration (90d, 12h, 30m, 45s)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
 class CallbacksConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     """Where a spec's `callback_url` may point, and how its Result is delivered there."""
 
@@ -407,11 +442,17 @@ class CallbacksConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     secret_file: Annotated[
         str | None, _doc("A file whose first line is the key (instead of `secret`).")
     ] = None
-    max_attempts: Annotated[int, _doc("Deliveries of one Result before giving up."), msgspec.Meta(ge=1)] = 5
+    max_attempts: Annotated[
+        int, _doc("Deliveries of one Result before giving up."), msgspec.Meta(ge=1)
+    ] = 5
     base_delay_s: Annotated[
-        float, _doc("Delay after the first failed delivery; doubled after each."), msgspec.Meta(ge=0)
+        float,
+        _doc("Delay after the first failed delivery; doubled after each."),
+        msgspec.Meta(ge=0),
     ] = 1.0
-    max_delay_s: Annotated[float, _doc("Longest delay between deliveries."), msgspec.Meta(ge=0)] = 60.0
+    max_delay_s: Annotated[float, _doc("Longest delay between deliveries."), msgspec.Meta(ge=0)] = (
+        60.0
+    )
     timeout_s: Annotated[
         float, _doc("How long one delivery waits for the receiver's answer."), msgspec.Meta(gt=0)
     ] = 10.0
@@ -452,6 +493,7 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     reconcile: ReconcileConfig = msgspec.field(default_factory=ReconcileConfig)
     projection: ProjectionConfig = msgspec.field(default_factory=ProjectionConfig)
     callbacks: CallbacksConfig = msgspec.field(default_factory=CallbacksConfig)
+    events: EventsConfig = msgspec.field(default_factory=EventsConfig)
     log_level: Annotated[str, _doc("Log level of `serve` (DEBUG, INFO, WARNING, ERROR).")] = "INFO"
 
     @property

@@ -16,14 +16,23 @@ COMMANDS_SUBJECTS = ["supcmd.>"]
 DUPLICATE_WINDOW_S = 600.0
 
 
-def events_stream_config(replicas: int = 1) -> StreamConfig:
+def events_stream_config(
+    replicas: int = 1, max_age_s: float | None = None, max_bytes: int | None = None
+) -> StreamConfig:
+    """`SUP_EVENTS`. `max_age_s` / `max_bytes` (`[events]`): None leaves an existing stream's
+    limit as it is (a new one keeps everything); 0 / -1 is explicitly no limit."""
+    window = DUPLICATE_WINDOW_S
+    if max_age_s:  # JetStream refuses a duplicate window longer than the age limit
+        window = min(window, max_age_s)
     return StreamConfig(
         name=EVENTS_STREAM,
         num_replicas=replicas,
         subjects=EVENTS_SUBJECTS,
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
-        duplicate_window=DUPLICATE_WINDOW_S,
+        duplicate_window=window,
+        max_age=max_age_s,
+        max_bytes=max_bytes,
     )
 
 

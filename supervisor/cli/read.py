@@ -26,7 +26,7 @@ from typing import Any
 
 import duckdb
 
-from projections.audit import audit_db, render_json, render_text
+from projections.audit import HistoryStart, audit_history, render_json, render_text
 from projections.errors import (
     DaemonRefused,
     DaemonUnreachable,
@@ -97,6 +97,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
             f"{result.dead} dead letters, {result.duplicates} duplicates, "
             f"{result.elapsed_s:.1f}s\n"
         )
+        first = _first_seq(args.db)
+        if first is not None and first > 1:
+            sys.stderr.write(
+                f"replay: the history starts at seq {first}, not 1: events before it were "
+                "removed by the stream's retention ([events] max_age / max_bytes)\n"
+            )
         return EXIT_OK
 
     try:
@@ -105,28 +111,40 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return _fail(str(e), EXIT_UNAVAILABLE)
 
 
+def _first_seq(db: str) -> int | None:
+    con = open_readonly(db)
+    try:
+        row = con.execute("SELECT min(seq) FROM events").fetchone()
+    finally:
+        con.close()
+    return None if row is None or row[0] is None else int(row[0])
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     try:
         if args.db:
             con = open_readonly(args.db)
-            violations = audit_db(con, grace_s=args.grace)
+            violations, start = audit_history(con, grace_s=args.grace)
             con.close()
         else:
-            violations = asyncio.run(_audit_stream(args))
+            violations, start = asyncio.run(_audit_stream(args))
     except (SupervisorError, duckdb.Error) as e:
         return _fail(str(e), EXIT_UNAVAILABLE)
-    sys.stdout.write(render_json(violations) if args.json else render_text(violations))
+    note = start.note()
+    if note is not None:
+        sys.stderr.write(f"audit: {note}\n")
+    sys.stdout.write(render_json(violations, start) if args.json else render_text(violations))
     return EXIT_VIOLATIONS if violations else EXIT_OK
 
 
-async def _audit_stream(args: argparse.Namespace) -> list[Any]:
+async def _audit_stream(args: argparse.Namespace) -> tuple[list[Any], HistoryStart]:
     with tempfile.TemporaryDirectory(prefix="supervisor-audit-") as tmp:
         path = Path(tmp) / "audit.duckdb"
         async with nats_url_for(args) as url:
             await replay(path, url, progress=True)
         con = open_readonly(path)
         try:
-            return audit_db(con, grace_s=args.grace)
+            return audit_history(con, grace_s=args.grace)
         finally:
             con.close()
 

@@ -11,9 +11,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from nats.js.api import StreamConfig
+
 from schemas import EmbeddedNatsRestarted, SupervisorStarted, SupervisorStopped
 from schemas.config import Config
 from schemas.errors import NatsUnavailable
+from schemas.streams import events_stream_config
 from supervisor.daemon.metrics import Metrics
 from supervisor.docker.runtime import DockerRuntime
 from supervisor.eventlog.diskguard import DiskGuard
@@ -61,7 +64,7 @@ async def connected_event_log(
     events flushed, within 5 s) on the way out."""
     data_dir = Path(config.data_dir).resolve()
     async with nats_for(nats_url or config.nats_target, data_dir) as url:
-        events = EventLog(data_dir, url, instance_id=new_id()[:16], replicas=config.nats.replicas)
+        events = EventLog(data_dir, url, instance_id=new_id()[:16], stream=events_stream(config))
         await events.start()
         try:
             if not await events.wait_connected(10):
@@ -113,7 +116,7 @@ async def open_node(
         url, server = await stack.enter_async_context(
             _nats(nats_url or config.nats_target, data_dir)
         )
-        events = EventLog(data_dir, url, instance_id=instance_id, replicas=config.nats.replicas)
+        events = EventLog(data_dir, url, instance_id=instance_id, stream=events_stream(config))
         await events.start()
         stack.push_async_callback(events.close, flush_timeout)
         emitter = Emitter(events, config.node_id, instance_id)
@@ -177,3 +180,10 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def events_stream(config: Config) -> StreamConfig:
+    """`SUP_EVENTS` as `config` wants it: its copies and its retention (`[events]`)."""
+    return events_stream_config(
+        config.nats.replicas, config.events.max_age_s(), config.events.max_bytes
+    )

@@ -27,6 +27,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import nats.errors
@@ -38,7 +39,12 @@ from nats.js.client import JetStreamContext
 from schemas import Event, encode_event
 from schemas.connection import connect_options
 from schemas.errors import DiskFull, EventLogError, NatsUnavailable
-from schemas.streams import commands_stream_config, events_stream_config, tasks_stream_config
+from schemas.streams import (
+    EVENTS_STREAM,
+    commands_stream_config,
+    events_stream_config,
+    tasks_stream_config,
+)
 from supervisor.eventlog.nats_auth import redact
 from supervisor.eventlog.outbox import Outbox, Record
 
@@ -120,6 +126,15 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig, url: str) -
         except nats.js.errors.BadRequestError as e:
             if e.err_code != _STREAM_NAME_IN_USE:
                 raise
+        current = (await js.stream_info(config.name or EVENTS_STREAM)).config
+        # Limits left unset keep the stream's (a client without retention configured must
+        # not reset the daemon's).
+        if config.max_age is None:
+            config = replace(config, max_age=current.max_age)
+        if config.max_bytes is None:
+            config = replace(config, max_bytes=current.max_bytes)
+        if config.max_age and config.duplicate_window and config.duplicate_window > config.max_age:
+            config = replace(config, duplicate_window=config.max_age)
         log.info("stream %s exists with another configuration; updating it", config.name)
         await js.update_stream(config)
     except _CONNECTION_ERRORS as e:
@@ -211,11 +226,12 @@ class EventLog:
         max_payload: int = 8 * 1024 * 1024,
         max_overflow_bytes: int = 64 * 1024 * 1024,
         replicas: int = 1,
+        stream: StreamConfig | None = None,
     ) -> None:
         if batch < 1 or window < 1:
             raise ValueError("batch and window must be at least 1")
-        self.replicas = replicas
-        """Copies of `SUP_EVENTS` when this log creates or updates it."""
+        self.stream = stream or events_stream_config(replicas)
+        """`SUP_EVENTS` as this log creates or updates it (copies, retention)."""
         self.data_dir = Path(data_dir)
         self.nats_url = nats_url
         self.instance_id = instance_id
@@ -470,7 +486,7 @@ class EventLog:
             js = nc.jetstream(publish_async_max_pending=max(4000, (self.window + 1) * self.batch))
             # Only its own stream: SUP_TASKS and SUP_COMMANDS are configured by the daemon
             # (the task queue bound is its setting), never reset by a passing client.
-            await ensure_streams(js, [events_stream_config(self.replicas)], url=self.nats_url)
+            await ensure_streams(js, [self.stream], url=self.nats_url)
         except BaseException:
             await close_quietly(nc)
             raise
