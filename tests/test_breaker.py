@@ -376,7 +376,10 @@ async def test_the_service_emits_one_event_per_transition_and_tracks_the_gauge()
     ev = sink.events[0]
     assert ev.subject() == "sup.breaker.transition.n1._"
     assert [t.to_state for t in changes] == ["open"]
-    assert metrics.registry.get_sample_value("supervisor_breaker_state") == 2.0
+    state = metrics.registry.get_sample_value
+    assert [
+        state("supervisor_breaker_state", {"state": s}) for s in ("closed", "half_open", "open")
+    ] == [0, 0, 1]
     assert (
         metrics.registry.get_sample_value(
             "supervisor_breaker_transitions_total", {"to_state": "open"}
@@ -425,7 +428,7 @@ async def test_a_probe_against_the_live_engine_closes_it(docker_client: object) 
         ("open", "half_open"),
         ("half_open", "closed"),
     ]
-    assert metrics.registry.get_sample_value("supervisor_breaker_state") == 0.0
+    assert metrics.registry.get_sample_value("supervisor_breaker_state", {"state": "closed"}) == 1
 
 
 async def test_a_probe_against_an_unreachable_engine_reopens_it(tmp_dir: Path) -> None:

@@ -21,6 +21,7 @@ from schemas.http import CallbackBody
 from supervisor.delivery.signing import callback_secret, delay_after, signature, verify
 from supervisor.eventlog.emitter import new_id, utcnow
 from testing.daemon import DaemonProc, task, wait_until
+from testing.deploy import exposed, referenced_metrics
 from testing.receiver import Receiver
 from testing.stream import publish_event, stream_events
 
@@ -122,10 +123,11 @@ def test_a_result_is_delivered_signed_after_failures_and_a_restart(
     ]
     assert len(receiver.on("/hooks/down")) == 3
     assert receiver.on("/hooks/forged") == []
-    assert (
-        'supervisor_callback_deliveries_total{outcome="delivered"} 1.0'
-        in d.get("/metrics")[1].decode()
-    )
+    metrics = d.get("/metrics")[1].decode()
+    assert 'supervisor_callback_deliveries_total{outcome="delivered"} 1.0' in metrics
+    # This daemon runs every part (projection, reconciler, callbacks): every series the
+    # shipped alert rules and dashboard query exists.
+    assert referenced_metrics() - exposed(metrics) == set()
 
 
 def _spec(script: str, task_id: str, url: str) -> TaskSpec:

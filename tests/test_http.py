@@ -360,7 +360,9 @@ async def test_metrics_parse_and_the_counters_move() -> None:
     ) == (1.0, 2.0)
     assert before[("supervisor_ready", ())] == 0.0
     assert ready[("supervisor_ready", ())] == 1.0
-    assert ready[("supervisor_breaker_state", ())] == 0.0
+    build = [labels for (name, labels), v in ready.items() if name == "supervisor_build_info"]
+    assert len(build) == 1 and dict(build[0])["version"] != ""
+    assert ready[("process_resident_memory_bytes", ())] > 0
 
 
 async def test_metrics_speak_openmetrics_when_asked() -> None:

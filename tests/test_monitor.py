@@ -205,9 +205,10 @@ async def test_ticks_publish_alerts_recoveries_and_periodic_samples(docker_clien
     }
     assert all(e.subject().endswith("._") for e in sink.events)
     r = metrics.registry
-    assert r.get_sample_value("supervisor_host_resource", {"metric": "cpu_pct"}) == 60.0
-    assert r.get_sample_value("supervisor_host_resource", {"metric": "containers"}) == 0.0
-    assert r.get_sample_value("supervisor_host_resource_threshold", {"metric": "disk_pct"}) == 90.0
+    # One gauge per unit: ratios for percentages, a count for containers.
+    assert r.get_sample_value("supervisor_host_cpu_ratio") == 0.6
+    assert r.get_sample_value("supervisor_host_managed_containers") == 0.0
+    assert r.get_sample_value("supervisor_host_disk_ratio_threshold") == 0.9
     assert r.get_sample_value("supervisor_host_pressure", {"metric": "cpu_pct"}) == 0.0
     assert r.get_sample_value("supervisor_resource_alerts_total", {"metric": "cpu_pct"}) == 1.0
 

@@ -3,7 +3,44 @@ endpoint exposes it (`prometheus_client.generate_latest(REGISTRY)`)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+HOST_GAUGES: dict[str, tuple[str, str]] = {
+    "cpu_pct": ("supervisor_host_cpu_ratio", "Host CPU busy, 0 to 1 (last sample)"),
+    "memory_pct": ("supervisor_host_memory_ratio", "Host memory in use, 0 to 1 (last sample)"),
+    "disk_pct": ("supervisor_host_disk_ratio", "Data dir's disk in use, 0 to 1 (last sample)"),
+    "containers": (
+        "supervisor_host_managed_containers",
+        "Containers of this node on the engine (last sample)",
+    ),
+}
+"""The monitor's metrics (`cpu_pct`, ... in events and thresholds) -> gauge name and help.
+Percentages are exported as ratios, Prometheus's convention."""
+
+
+def host_value(metric: str, value: float) -> float:
+    """A monitor value in its gauge's unit (a percentage as a ratio)."""
+    return value / 100 if metric.endswith("_pct") else value
+
+
+def build_labels() -> tuple[str, str, str, str, str]:
+    def of(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "unknown"
+
+    return (
+        of("container-supervisor"),
+        platform.python_version(),
+        of("nats-py"),
+        of("docker"),
+        of("duckdb"),
+    )
+
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _TASK_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -50,7 +87,8 @@ class Metrics:
         )
         self.breaker_state = Gauge(
             "supervisor_breaker_state",
-            "Docker circuit breaker: 0 closed, 1 half-open, 2 open",
+            "Docker circuit breaker: 1 for the state it is in (closed, half_open, open), else 0",
+            ["state"],
             registry=r,
         )
         self.breaker_transitions = Counter(
@@ -64,18 +102,14 @@ class Metrics:
             "Events on disk not yet acknowledged by JetStream",
             registry=r,
         )
-        self.host_resource = Gauge(
-            "supervisor_host_resource",
-            "Last host sample: cpu_pct, memory_pct, disk_pct (percent) and managed containers",
-            ["metric"],
-            registry=r,
-        )
-        self.resource_threshold = Gauge(
-            "supervisor_host_resource_threshold",
-            "Alert threshold per host metric",
-            ["metric"],
-            registry=r,
-        )
+        # One gauge per host metric, each in its own unit, with its alert threshold.
+        self.host = {
+            metric: (
+                Gauge(name, help_text, registry=r),
+                Gauge(f"{name}_threshold", f"Alert threshold of {name}", registry=r),
+            )
+            for metric, (name, help_text) in HOST_GAUGES.items()
+        }
         self.resource_pressure = Gauge(
             "supervisor_host_pressure",
             "1 while the host metric is alerting",
@@ -97,6 +131,16 @@ class Metrics:
             "1 while the data dir has no space to record (resource/DISK_FULL)",
             registry=r,
         )
+        self.build_info = Gauge(
+            "supervisor_build_info",
+            "Always 1; the labels say which build runs",
+            ["version", "python", "nats_py", "docker_py", "duckdb"],
+            registry=r,
+        )
+        self.build_info.labels(*build_labels()).set(1)
+        ProcessCollector(
+            registry=r
+        )  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         self.ready_check = Gauge(
             "supervisor_ready_check",
             "1 when this readiness check passed last time",

@@ -27,6 +27,7 @@ from msgspec import Struct
 from schemas import ResourceAlert, ResourceMetric, ResourceRecovered, ResourceSample
 from schemas.config import MonitorConfig, Thresholds
 from schemas.errors import DockerError, DockerUnavailable
+from supervisor.daemon.metrics import host_value
 
 if TYPE_CHECKING:
     from supervisor.daemon.metrics import Metrics
@@ -177,7 +178,7 @@ class ResourceMonitor:
         self._docker_failing = False  # log the first failure and the recovery, not each tick
         if metrics is not None:
             for m in METRICS:
-                metrics.resource_threshold.labels(m).set(threshold_of(m, self.thresholds))
+                metrics.host[m][1].set(host_value(m, threshold_of(m, self.thresholds)))
                 metrics.resource_pressure.labels(m).set(0)
 
     @property
@@ -267,7 +268,7 @@ class ResourceMonitor:
         for m in METRICS:
             value = sample.value(m)
             if value is not None:
-                self.metrics.host_resource.labels(m).set(value)
+                self.metrics.host[m][0].set(host_value(m, value))
             self.metrics.resource_pressure.labels(m).set(1 if m in self.alerting else 0)
         for c in changes:
             if isinstance(c, Alert):

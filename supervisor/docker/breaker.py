@@ -251,7 +251,7 @@ class DockerBreaker:
         self._state = BreakerState()
         self._changed = asyncio.Event()
         if metrics is not None:
-            metrics.breaker_state.set(0)
+            _show(metrics, "closed")
 
     @property
     def state(self) -> BreakerState:
@@ -335,7 +335,13 @@ class DockerBreaker:
             failures=t.failures,
         )
         if self.metrics is not None:
-            self.metrics.breaker_state.set(STATUS_VALUE[t.to_state])
+            _show(self.metrics, t.to_state)
             self.metrics.breaker_transitions.labels(t.to_state).inc()
         if self.on_change is not None:
             self.on_change(t)
+
+
+def _show(metrics: Metrics, status: BreakerStatus) -> None:
+    """`supervisor_breaker_state{state}`: 1 for `status`, 0 for the others."""
+    for s in STATUS_VALUE:
+        metrics.breaker_state.labels(s).set(1 if s == status else 0)
