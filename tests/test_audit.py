@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 
 from projections.audit import Record, Violation, audit_db, audit_records, records_of, render_text
-from projections.store.store import ProjectionStore
-from projections.stream.decode import decode_batch, stage
 from schemas import (
     AttemptFinished,
     CleanupFailed,
@@ -20,9 +18,9 @@ from schemas import (
     ErrorRaised,
     Event,
     WorkspaceCreated,
-    encode_event,
 )
 from supervisor.cli.read_parsers import add_parsers
+from testing.projection import project
 from testing.synthetic import AttemptPlan, HistoryBuilder
 
 TIMEOUT = AttemptPlan(error="EXECUTION_TIMEOUT", exit_code=137, kill_reason="timeout")
@@ -205,11 +203,7 @@ def test_a_removal_ordered_by_the_reconciler_is_allowed() -> None:
 
 
 def _project(history: list[Event], db: Path) -> None:
-    payloads = [encode_event(e) for e in history]
-    n = len(payloads)
-    batch = decode_batch(list(range(1, n + 1)), [e.subject() for e in history], [0] * n, payloads)
-    with ProjectionStore(db) as store:
-        store.apply(stage(batch))
+    project(history, db)
 
 
 def inconsistent_history() -> list[Event]:

@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,7 +59,17 @@ def test_a_task_s_result_is_served_and_wait_holds_until_it_ends(
         assert result.cpu_time_s is not None and result.peak_memory_bytes is not None
         status, body = d.get("/openapi.json")
         assert (status, json.loads(body)) == (200, document())
-
+    # The report reads the live projection through the daemon too.
+    out = tmp_dir / "report.html"
+    done = subprocess.run(
+        [sys.executable, "-m", "supervisor", "report", "--url", d.base_url, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(re.search(r'data-k="tasks">(\d+)<', out.read_text()).group(1)) >= 1  # type: ignore[union-attr]
+    with d.client() as c:
         bad = c.wait("res-bad", timeout_s=60)
         assert bad.state == "failed" and bad.result is not None
         assert (bad.result.status, bad.result.exit_code) == ("failed", 4)

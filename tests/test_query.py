@@ -14,11 +14,9 @@ import pytest
 from projections.errors import QueryFailed, QueryRefused, QueryTimeout
 from projections.query.query import QueryResult, check_query, open_readonly, run_query
 from projections.query.render import render_csv, render_json, render_table
-from projections.store.store import ProjectionStore
-from projections.stream.decode import decode_batch, stage
-from schemas import encode_event
 from supervisor.cli.main import main as cli_main
 from supervisor.cli.read_parsers import add_parsers
+from testing.projection import project
 from testing.synthetic import AttemptPlan, HistoryBuilder
 
 
@@ -27,13 +25,7 @@ def db(tmp_dir: Path) -> Path:
     b = HistoryBuilder()
     b.run_task("t-1")
     b.run_task("t-2", AttemptPlan(error="OOM_KILLED", exit_code=137))
-    payloads = [encode_event(e) for e in b.events]
-    n = len(payloads)
-    batch = decode_batch(list(range(1, n + 1)), [e.subject() for e in b.events], [0] * n, payloads)
-    path = tmp_dir / "p.duckdb"
-    with ProjectionStore(path) as store:
-        store.apply(stage(batch))
-    return path
+    return project(b.events, tmp_dir / "p.duckdb")
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,7 @@ def parse_filter(params: dict[str, str], now: datetime) -> TaskFilter:
         state=state,
         outcome=outcome,
         correlation_id=params.get("correlation_id"),
-        since=_since(params["since"], now) if "since" in params else None,
+        since=parse_since(params["since"], now) if "since" in params else None,
         limit=_int(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
         after_seq=_int(params, "cursor", 0, 0, 2**62),
     )
@@ -72,7 +72,7 @@ def _int(params: dict[str, str], name: str, default: int, lo: int, hi: int) -> i
     return int(text)
 
 
-def _since(text: str, now: datetime) -> datetime:
+def parse_since(text: str, now: datetime) -> datetime:
     """A naive UTC time (as the projection stores them)."""
     m = _DURATION.match(text)
     if m:

@@ -20,7 +20,9 @@ import contextlib
 import os
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +190,61 @@ def _sql_remote(args: argparse.Namespace) -> QueryResult:
         timeout_s=args.timeout,
         token=daemon_token(cfg.http.token),
     )
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from projections.query import report, report_html
+    from projections.query.tasks import parse_since
+
+    out = Path(args.out)
+    if not out.resolve().parent.is_dir():
+        return _fail(f"report: the directory of --out {args.out} does not exist", EXIT_REFUSED)
+    try:
+        since = parse_since(args.since, datetime.now(UTC)) if args.since else None
+    except QueryRefused as e:
+        return _fail(f"report: --{e}", EXIT_REFUSED)
+    started = time.monotonic()
+    try:
+        if args.db:
+            con = open_readonly(args.db)
+            try:
+                doc = report.collect(_local_runner(con), since)
+            finally:
+                con.close()
+        else:
+            doc = report.collect(_remote_runner(args), since)
+    except DaemonUnreachable as e:
+        return _fail(f"{e} (is `supervisor serve` running? --url, or --db FILE)", EXIT_UNAVAILABLE)
+    except DaemonRefused as e:
+        return _fail(e.message, EXIT_UNAVAILABLE)
+    except (QueryError, ProjectionError) as e:
+        return _fail(str(e), EXIT_UNAVAILABLE)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(report_html.render(doc))
+    os.replace(tmp, out)
+    t = doc.totals
+    sys.stderr.write(
+        f"report: {out} ({out.stat().st_size} bytes): {t['tasks']:.0f} tasks, "
+        f"{t['errors']:.0f} errors, {doc.first_seq or 0}-{doc.last_seq or 0} events, "
+        f"{time.monotonic() - started:.1f}s\n"
+    )
+    return EXIT_OK
+
+
+def _local_runner(con: duckdb.DuckDBPyConnection) -> Any:
+    def run(sql: str) -> list[tuple[Any, ...]]:
+        return run_query(con, sql, max_rows=100_000, timeout_s=600).rows
+
+    return run
+
+
+def _remote_runner(args: argparse.Namespace) -> Any:
+    cfg = config_of(args)
+    _, data_dir = _settings(args)
+    url = args.url.rstrip("/") if args.url else daemon_url(data_dir, cfg.http.listen)
+    token = daemon_token(cfg.http.token)
+
+    def run(sql: str) -> list[tuple[Any, ...]]:
+        return query_daemon(url, sql, max_rows=100_000, timeout_s=120, token=token).rows
+
+    return run

@@ -157,6 +157,29 @@ def add_read_side_parsers(subparsers: Any) -> None:
     common_options(p, node=False)
     p.set_defaults(func=_lazy("supervisor.cli.read", "cmd_sql"))
 
+    p = subparsers.add_parser(
+        "report",
+        help="write an HTML report of the projection",
+        description="Write one self-contained HTML page (no script, no network needed to view "
+        "it) with charts of the error rate by type and code, task latency p50/p95/p99, the "
+        "cleanup success rate, leaked resources and queue depth (alerts and breaker "
+        "transitions marked) over time, and the top error codes with an example task each. "
+        "Reads a projection file with --db, else the running daemon's live projection "
+        "(POST /v1/query, as `sql`). Exit 0 written, 2 bad usage, 3 no daemon or file.",
+    )
+    p.add_argument("--out", required=True, metavar="FILE", help="the HTML file to write")
+    p.add_argument("--db", metavar="FILE", help="a projection file (e.g. made by replay)")
+    p.add_argument(
+        "--url", metavar="URL", help="the daemon's HTTP address (default: <data-dir>/http.url)"
+    )
+    p.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only what happened since: an ISO time, or a duration back from now (90m, 2h, 7d)",
+    )
+    common_options(p, node=False)
+    p.set_defaults(func=_lazy("supervisor.cli.read", "cmd_report"))
+
 
 def add_reconcile_parser(subparsers: Any) -> None:
     """Register `reconcile` on the CLI's subparsers."""

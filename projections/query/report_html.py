@@ -1,0 +1,176 @@
+"""A `Report` as one self-contained HTML page: inline CSS and SVG charts, no script and no
+link, so it opens anywhere without a network. Every figure the page states carries a
+`data-k` attribute naming it (a summary card, a cell of the top errors, a series' total),
+so a test can read the page back and hold it to SQL."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from html import escape
+
+from projections.query.report import Chart, Report
+
+W, H = 560, 220
+PAD_L, PAD_R, PAD_T, PAD_B = 52, 12, 12, 28
+COLORS = ("#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563")
+MARK_COLORS = {"alert": "#dc2626", "recovered": "#16a34a", "breaker": "#7c3aed"}
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#111827;background:#f9fafb}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:16px;margin:0 0 8px}.sub{color:#6b7280;margin:0 0 20px}
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin-bottom:20px}
+.card{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:10px 16px;min-width:120px}
+.card b{display:block;font-size:22px}.card span{color:#6b7280;font-size:12px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(580px,1fr));gap:16px}
+.panel{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:12px 14px}
+.legend{font-size:12px;color:#374151;margin-top:4px}.legend i{display:inline-block;width:10px;
+height:10px;border-radius:2px;margin:0 4px 0 10px}
+table{border-collapse:collapse;width:100%;background:#fff}td,th{border-bottom:1px solid #e5e7eb;
+padding:6px 8px;text-align:left;font-size:13px}th{background:#f3f4f6}td.n{text-align:right}
+.empty{color:#9ca3af;font-style:italic}
+"""
+
+
+def render(report: Report, *, title: str = "Container supervisor report") -> str:
+    t = report.totals
+    cards = [
+        ("tasks", "tasks ended", f"{t['tasks']:.0f}"),
+        ("succeeded", "succeeded", f"{t['succeeded']:.0f}"),
+        ("failed", "failed", f"{t['failed']:.0f}"),
+        ("rejected", "rejected", f"{t['rejected']:.0f}"),
+        ("errors", "errors", f"{t['errors']:.0f}"),
+        ("cleanup_success_pct", "cleanup success %", f"{t['cleanup_success_pct']:g}"),
+        ("leaked_now", "leaked now", f"{t['leaked_now']:.0f}"),
+    ]
+    seqs = (
+        f"events {report.first_seq}-{report.last_seq}"
+        if report.first_seq is not None
+        else "no events"
+    )
+    parts = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        f"<title>{escape(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{escape(title)}</h1>",
+        f"<p class=sub>{_t(report.start)} to {_t(report.end)} UTC · {seqs} · one point per "
+        f"{report.width_s} s</p>",
+        "<div class=cards>",
+        *(
+            f'<div class=card><b data-k="{k}">{v}</b><span>{escape(label)}</span></div>'
+            for k, label, v in cards
+        ),
+        "</div><div class=grid>",
+        *(_panel(c, report) for c in report.charts),
+        "</div>",
+        _top_errors(report),
+        "</body></html>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def _t(d: datetime) -> str:
+    return d.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _panel(chart: Chart, report: Report) -> str:
+    legend = "".join(
+        f'<i style="background:{COLORS[i % len(COLORS)]}"></i>{escape(s.name)} '
+        f'(<span data-k="{chart.key}.{escape(s.name)}">{s.total:g}</span>)'
+        if chart.key.startswith("errors")
+        else f'<i style="background:{COLORS[i % len(COLORS)]}"></i>{escape(s.name)}'
+        for i, s in enumerate(chart.series)
+    )
+    marks = "".join(
+        f'<i style="background:{MARK_COLORS.get(k, "#000")}"></i>{k}'
+        for k in sorted({m.kind for m in chart.marks})
+    )
+    return (
+        f'<div class=panel id="{chart.key}"><h2>{escape(chart.title)}</h2>'
+        f"{_svg(chart, report)}<div class=legend>{legend}{marks}"
+        f" <span style=color:#6b7280>· {escape(chart.unit)}</span></div></div>"
+    )
+
+
+def _nice(top: float) -> float:
+    """The round number (1, 2, 2.5 or 5 times a power of ten) at or above `top`."""
+    if top <= 0:
+        return 1.0
+    mag = 10.0 ** math.floor(math.log10(top))
+    return next(m * mag for m in (1, 2, 2.5, 5, 10) if top <= m * mag * (1 + 1e-9))
+
+
+def _svg(chart: Chart, report: Report) -> str:
+    n = len(report.buckets)
+    values = [v for s in chart.series for v in s.values if v is not None]
+    if not values:
+        return (
+            f"<svg width={W} height={H} role=img><text x=20 y=110 class=empty>no data</text></svg>"
+        )
+    top = _nice(max(values))
+    pw, ph = W - PAD_L - PAD_R, H - PAD_T - PAD_B
+
+    def x(i: int) -> float:
+        return PAD_L + (pw * i / (n - 1) if n > 1 else pw / 2)
+
+    def y(v: float) -> float:
+        return PAD_T + ph - ph * v / top
+
+    out = [f'<svg width={W} height={H} viewBox="0 0 {W} {H}" role=img>']
+    for k in range(5):
+        tick = top * k / 4
+        out.append(
+            f'<line x1={PAD_L} x2={W - PAD_R} y1={y(tick):.1f} y2={y(tick):.1f} stroke="#e5e7eb"/>'
+            f"<text x={PAD_L - 6} y={y(tick) + 4:.1f} font-size=11 text-anchor=end "
+            f'fill="#6b7280">{tick:g}</text>'
+        )
+    for i in sorted({0, n // 2, n - 1}):
+        anchor = "start" if i == 0 else "end" if i == n - 1 else "middle"
+        out.append(
+            f'<text x={x(i):.1f} y={H - 8} font-size=11 text-anchor={anchor} fill="#6b7280">'
+            f"{report.buckets[i].strftime('%m-%d %H:%M')}</text>"
+        )
+    span = max((report.buckets[-1] - report.buckets[0]).total_seconds(), 1.0)
+    for m in chart.marks:
+        at = (m.at - report.buckets[0]).total_seconds() / span * (n - 1)
+        mx = x(0) + (x(n - 1) - x(0)) * at / max(n - 1, 1)
+        color = MARK_COLORS.get(m.kind, "#000")
+        out.append(
+            f'<line x1={mx:.1f} x2={mx:.1f} y1={PAD_T} y2={PAD_T + ph} stroke="{color}" '
+            f'stroke-dasharray="4 3"><title>{escape(m.label)} at {_t(m.at)}</title></line>'
+        )
+    for si, s in enumerate(chart.series):
+        color = COLORS[si % len(COLORS)]
+        run: list[str] = []
+        for i, v in enumerate(s.values):
+            if v is None:
+                out.append(_line(run, color))
+                run = []
+                continue
+            run.append(f"{x(i):.1f},{y(v):.1f}")
+        out.append(_line(run, color))
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _line(points: list[str], color: str) -> str:
+    if not points:
+        return ""
+    if len(points) == 1:
+        cx, cy = points[0].split(",")
+        return f'<circle cx={cx} cy={cy} r=2.5 fill="{color}"/>'
+    return f'<polyline fill=none stroke="{color}" stroke-width=1.8 points="{" ".join(points)}"/>'
+
+
+def _top_errors(report: Report) -> str:
+    if not report.top_errors:
+        return "<h2 style=margin-top:20px>Top error codes</h2><p class=empty>no errors</p>"
+    rows = "".join(
+        f"<tr><td>{escape(e.error_type)}</td><td>{escape(e.code)}</td>"
+        f'<td class=n data-k="top.{escape(e.code)}">{e.count}</td>'
+        f"<td><code>{escape(e.example_task)}</code></td><td>{escape(e.example_message)}</td></tr>"
+        for e in report.top_errors
+    )
+    return (
+        '<h2 style="margin-top:20px">Top error codes</h2><table><tr><th>type</th><th>code</th>'
+        f"<th>errors</th><th>example task</th><th>its message</th></tr>{rows}</table>"
+    )
