@@ -123,11 +123,12 @@ def _svg(chart: Chart, report: Report) -> str:
             f"<text x={PAD_L - 6} y={y(tick) + 4:.1f} font-size=11 text-anchor=end "
             f'fill="#6b7280">{tick:g}</text>'
         )
+    fmt = "%H:%M:%S" if report.width_s < 60 else "%m-%d %H:%M"
     for i in sorted({0, n // 2, n - 1}):
         anchor = "start" if i == 0 else "end" if i == n - 1 else "middle"
         out.append(
             f'<text x={x(i):.1f} y={H - 8} font-size=11 text-anchor={anchor} fill="#6b7280">'
-            f"{report.buckets[i].strftime('%m-%d %H:%M')}</text>"
+            f"{report.buckets[i].strftime(fmt)}</text>"
         )
     span = max((report.buckets[-1] - report.buckets[0]).total_seconds(), 1.0)
     for m in chart.marks:

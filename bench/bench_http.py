@@ -1,0 +1,121 @@
+"""A trivial task's round trip over HTTP (`POST /v1/tasks`, then `GET /v1/tasks/{id}?wait`,
+through `supervisor.client`) against `supervisor submit --wait` and against raw docker-py
+running the same hardened container, one task at a time, in one run.
+
+    .venv/bin/python bench/bench_http.py [--tasks 20]
+
+A daemon runs on its own nats-server. Rounds alternate: raw docker-py, the HTTP round
+trip, `submit --wait` (a new CLI process each time, as a shell script would use it), so
+the machine's drift weighs on all three. Prints the medians and the ratios to raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import docker
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not installed
+
+from bench.bench_executor import IMAGE, SCRIPT, raw_one
+from schemas import RetryPolicy, TaskSpec
+from supervisor.client import Client
+from supervisor.eventlog.emitter import new_id
+from supervisor.eventlog.nats_server import NatsServer
+from testing.daemon import DaemonProc
+
+
+def _spec() -> TaskSpec:
+    return TaskSpec(
+        task_id=f"h-{new_id()[:10]}",
+        image=IMAGE,
+        command=["sh", "/workspace/main.sh"],
+        files={"main.sh": SCRIPT},
+        retry=RetryPolicy(max_attempts=1),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", type=int, default=20)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-http-"))
+    server = NatsServer(tmp / "nats")
+    url = server.start()
+    mount = tmp / "ws"
+    mount.mkdir(mode=0o755)
+    (mount / "main.sh").write_text(SCRIPT)
+    (mount / "main.sh").chmod(0o644)
+    daemon = DaemonProc(tmp / "data", url, {"reconcile": {"enabled": True}})
+    api = docker.APIClient(version="1.41", timeout=120)
+    raw: list[float] = []
+    http: list[float] = []
+    cli: list[float] = []
+    try:
+        daemon.start(60)
+        with Client(daemon.base_url) as c:
+            c.run(_spec(), timeout_s=60)  # warm up: the image, the projection
+            for _ in range(args.tasks):
+                raw.append(raw_one(api, str(mount)))
+
+                t = time.perf_counter()
+                sub = c.submit(_spec())
+                view = c.wait(sub.task_id, timeout_s=60)
+                http.append(time.perf_counter() - t)
+                assert view.result is not None and view.result.stdout == "hello\n", view
+
+                t = time.perf_counter()
+                done = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "supervisor",
+                        "submit",
+                        "-",
+                        "--wait",
+                        "--json",
+                        "--nats",
+                        url,
+                        "--data-dir",
+                        str(tmp / "data"),
+                    ],
+                    input=json.dumps(
+                        {
+                            "image": IMAGE,
+                            "command": ["sh", "/workspace/main.sh"],
+                            "files": {"main.sh": SCRIPT},
+                            "retry": {"max_attempts": 1},
+                        }
+                    ).encode(),
+                    capture_output=True,
+                    timeout=120,
+                )
+                cli.append(time.perf_counter() - t)
+                assert done.returncode == 0, done.stderr
+        r, h, s = (statistics.median(x) for x in (raw, http, cli))
+        print(f"{args.tasks} trivial tasks, one at a time (medians):")
+        print(f"  raw docker-py create/start/wait/logs/remove: {r * 1e3:.0f} ms")
+        print(f"  HTTP POST + GET ?wait (supervisor.client):  {h * 1e3:.0f} ms  ratio {h / r:.2f}")
+        print(f"  supervisor submit --wait (a new process):   {s * 1e3:.0f} ms  ratio {s / r:.2f}")
+        print(f"  HTTP / submit --wait: {h / s:.2f}")
+    finally:
+        api.close()
+        daemon.stop()
+        client = docker.from_env(version="1.41")
+        for ctr in client.containers.list(all=True, filters={"label": "supervisor.node=n1"}):
+            ctr.remove(force=True, v=True)
+        client.close()
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
