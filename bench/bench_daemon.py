@@ -43,7 +43,7 @@ from supervisor.eventlog.emitter import Emitter, new_id
 from supervisor.eventlog.log import EventLog, ensure_streams
 from supervisor.eventlog.nats_server import NatsServer
 from supervisor.intake.submit import Intake
-from testing.daemon import DaemonProc
+from testing.daemon import DaemonProc, remove_managed_containers
 
 IMAGE = "supervisor-sandbox:busybox"
 
@@ -327,12 +327,7 @@ def main() -> None:
         if daemon is not None:
             daemon.signal(9)
             daemon.wait()
-        import docker
-
-        client = docker.from_env(version="1.41")
-        for c in client.containers.list(all=True, filters={"label": "supervisor.node=n1"}):
-            c.remove(force=True, v=True)
-        client.close()
+        remove_managed_containers("n1")
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -30,7 +30,7 @@ from schemas import RetryPolicy, TaskSpec
 from supervisor.client import Client
 from supervisor.eventlog.emitter import new_id
 from supervisor.eventlog.nats_server import NatsServer
-from testing.daemon import DaemonProc
+from testing.daemon import DaemonProc, remove_managed_containers
 
 
 def _spec() -> TaskSpec:
@@ -109,10 +109,7 @@ def main() -> None:
     finally:
         api.close()
         daemon.stop()
-        client = docker.from_env(version="1.41")
-        for ctr in client.containers.list(all=True, filters={"label": "supervisor.node=n1"}):
-            ctr.remove(force=True, v=True)
-        client.close()
+        remove_managed_containers("n1")
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -391,6 +391,25 @@ def url_options(url: str) -> dict[str, str]:
     return options
 
 
+def inline_or_file(value: str | None, path: str | None, key: str) -> str | None:
+    """A secret given inline (`value`) or as the first line of the file `path` (`key` names
+    the pair in errors, e.g. `http.token`). None when neither is set. Raises ConfigError
+    when both are, or the file cannot be read or is empty."""
+    if value and path:
+        name = key.rsplit(".", 1)[-1]
+        raise ConfigError(f"{key}: set {name} or {name}_file, not both")
+    if not path:
+        return value or None
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"{key}_file {path}: {e.strerror}") from e
+    first = lines[0].strip() if lines else ""
+    if not first:
+        raise ConfigError(f"{key}_file {path} is empty")
+    return first
+
+
 class EventsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     """How long `SUP_EVENTS` keeps history. Unset: a new stream keeps everything and an
     existing one keeps its limits, so a client without this table never changes them."""

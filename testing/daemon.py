@@ -147,6 +147,21 @@ class DaemonProc:
         self.proc.wait()
 
 
+def remove_managed_containers(node_id: str = "n1") -> int:
+    """Force-remove every container a supervisor labelled for `node_id` (benchmarks clean up
+    after a daemon they SIGKILLed); returns how many."""
+    import docker
+
+    client = docker.from_env(version="1.41")
+    try:
+        found = client.containers.list(all=True, filters={"label": f"supervisor.node={node_id}"})
+        for c in found:
+            c.remove(force=True, v=True)
+        return len(found)
+    finally:
+        client.close()
+
+
 def submit(
     nats_url: str, data_dir: Path, spec: dict[str, Any], *args: str
 ) -> subprocess.CompletedProcess[bytes]:

@@ -39,7 +39,7 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from schemas import ExecutionError, TaskSpec
-from schemas.config import HttpConfig
+from schemas.config import HttpConfig, inline_or_file
 from schemas.errors import (
     ApiError,
     ConfigError,
@@ -547,18 +547,7 @@ def _wait_param(text: str | None) -> float:
 def http_token(cfg: HttpConfig) -> str | None:
     """The bearer token: `token`, else the first line of `token_file`. Raises ConfigError
     when both are set, or the file cannot be read or is empty."""
-    if cfg.token and cfg.token_file:
-        raise ConfigError("http: set token or token_file, not both")
-    if not cfg.token_file:
-        return cfg.token
-    try:
-        lines = Path(cfg.token_file).read_text().splitlines()
-    except OSError as e:
-        raise ConfigError(f"http.token_file {cfg.token_file}: {e.strerror}") from e
-    token = lines[0].strip() if lines else ""
-    if not token:
-        raise ConfigError(f"http.token_file {cfg.token_file} is empty")
-    return token
+    return inline_or_file(cfg.token, cfg.token_file, "http.token")
 
 
 def http_url_file(data_dir: Path) -> Path:

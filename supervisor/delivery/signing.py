@@ -13,9 +13,8 @@ import hashlib
 import hmac
 import random
 from collections.abc import Callable
-from pathlib import Path
 
-from schemas.config import CallbacksConfig
+from schemas.config import CallbacksConfig, inline_or_file
 from schemas.errors import ConfigError
 
 SIGNATURE = "X-Supervisor-Signature"
@@ -54,17 +53,7 @@ def delay_after(
 def callback_secret(cfg: CallbacksConfig) -> bytes:
     """The signing key: `secret`, else the first line of `secret_file`. Raises ConfigError
     when callbacks are allowed without a key, or with both, or the file cannot be read."""
-    if cfg.secret and cfg.secret_file:
-        raise ConfigError("callbacks: set secret or secret_file, not both")
-    if cfg.secret_file:
-        try:
-            lines = Path(cfg.secret_file).read_text().splitlines()
-        except OSError as e:
-            raise ConfigError(f"callbacks.secret_file {cfg.secret_file}: {e.strerror}") from e
-        key = lines[0].strip() if lines else ""
-        if not key:
-            raise ConfigError(f"callbacks.secret_file {cfg.secret_file} is empty")
-        return key.encode()
-    if not cfg.secret:
+    key = inline_or_file(cfg.secret, cfg.secret_file, "callbacks.secret")
+    if key is None:
         raise ConfigError("callbacks.allowed is set: set callbacks.secret or secret_file too")
-    return cfg.secret.encode()
+    return key.encode()
