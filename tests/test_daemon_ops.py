@@ -125,7 +125,7 @@ def test_the_breaker_opens_when_dockerd_stops_tasks_wait_and_drain_after_it_retu
     dockerd.stop()
     _wait_until(lambda: {"docker", "breaker"} <= _failing(d), what="readiness to see Docker go")
     assert d.get("/readyz")[0] == 503
-    assert _metrics(d)[("supervisor_breaker_state", ())] == 2.0
+    assert _metrics(d)[("supervisor_breaker_state", (("state", "open"),))] == 1.0
     waiting = [f"t-wait-{i}" for i in range(3)]
     for task_id in waiting:
         assert submit(nats_url, client, task("echo after", task_id=task_id)).returncode == 0
@@ -238,9 +238,10 @@ def test_metrics_parse_and_move_as_tasks_run(
     assert m[("supervisor_cleanup_duration_seconds_count", (("step", "remove_container"),))] == 2.0
     assert m[("supervisor_task_duration_seconds_count", (("outcome", "succeeded"),))] == 1.0
     assert m[("supervisor_running_containers", ())] == 0.0
-    assert m[("supervisor_breaker_state", ())] == 0.0
+    assert m[("supervisor_breaker_state", (("state", "closed"),))] == 1.0
+    assert m[("supervisor_breaker_state", (("state", "open"),))] == 0.0
     assert m[("supervisor_outbox_backlog", ())] >= 0.0
-    assert ("supervisor_host_resource", (("metric", "memory_pct"),)) in m
+    assert 0 < m[("supervisor_host_memory_ratio", ())] <= 1  # a ratio, not a percentage
     assert {
         ("supervisor_queue_depth", (("priority", p),)) for p in ("high", "normal", "low")
     } <= set(m)
