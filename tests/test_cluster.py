@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ from typing import Any
 
 import docker.errors
 import nats
+import nats.errors
+import nats.js.errors
 import pytest
 
 from schemas import CleanupCommand, ReconcileOutcome
@@ -145,7 +148,16 @@ async def _stream_info(url: str) -> dict[str, Any]:
         js = nc.jetstream()
         out = {}
         for name in (EVENTS_STREAM, TASKS_STREAM, COMMANDS_STREAM):
-            info = await js.stream_info(name)
+            # A stream whose leader was on a killed server answers once the others have
+            # elected a new one (several seconds); the elections are the cluster's business.
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    info = await js.stream_info(name)
+                    break
+                except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+                    if time.monotonic() > deadline:
+                        raise
             assert info.cluster is not None
             out[name] = (
                 info.config.num_replicas,

@@ -116,9 +116,7 @@ class CallbacksPart:
         )
         http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=cfg.timeout_s))
         stack.push_async_callback(http.close)
-        deliverer = _Deliverer(
-            self, ctx.js, ctx.node.events, ctx.node.emitter, http, counter, ack_wait
-        )
+        deliverer = _Deliverer(self, ctx.js, ctx.node.events, ctx.node.emitter, http, counter)
         task = asyncio.create_task(deliverer.run(sub), name="callbacks")
 
         async def stop() -> None:
@@ -145,7 +143,6 @@ class _Deliverer:
         emitter: Emitter,
         http: aiohttp.ClientSession,
         counter: Counter,
-        ack_wait: float,
     ) -> None:
         self.cfg = part.config
         self.secret = part.secret
@@ -154,7 +151,6 @@ class _Deliverer:
         self.emitter = emitter
         self.http = http
         self.counter = counter
-        self.ack_wait = ack_wait
         self.stopping = asyncio.Event()
 
     async def run(self, sub: Any) -> None:
