@@ -179,6 +179,47 @@ def test_a_callback_url_outside_the_allowed_list_is_refused(
     assert receiver.received == []
 
 
+@pytest.mark.docker
+@pytest.mark.nats
+def test_a_destination_no_longer_allowed_is_given_up_not_called(
+    tmp_dir: Path, nats_url: str, daemons: list[DaemonProc], receiver: Receiver
+) -> None:
+    """The allowed list is checked again at each delivery: after a restart with a list that
+    no longer names the destination, the pending delivery is given up without a request."""
+    receiver.answers["/hooks/a"] = [500]
+    callbacks = {"secret": SECRET, "base_delay_s": 2.0, "max_attempts": 5}
+    d = DaemonProc(
+        tmp_dir / "data",
+        nats_url,
+        config={"callbacks": {**callbacks, "allowed": [f"{receiver.url}/hooks/"]}},
+    )
+    daemons.append(d)
+    d.start()
+    with d.client() as c:
+        c.submit(_spec("true", "cb-moved", f"{receiver.url}/hooks/a"))
+    wait_until(lambda: len(_attempts(nats_url, "cb-moved")) >= 1, 60, "the first delivery")
+    d.stop()
+    d2 = DaemonProc(
+        tmp_dir / "data",
+        nats_url,
+        config={"callbacks": {**callbacks, "allowed": [f"{receiver.url}/elsewhere/"]}},
+    )
+    daemons.append(d2)
+    d2.start()
+    wait_until(
+        lambda: any(a.outcome == "gave_up" for a in _attempts(nats_url, "cb-moved")),
+        60,
+        "the delivery to be given up",
+    )
+    attempts = _attempts(nats_url, "cb-moved")
+    assert [(a.delivery, a.outcome, a.status) for a in attempts] == [
+        (1, "retrying", 500),
+        (2, "gave_up", None),
+    ]
+    assert attempts[1].error is not None and "not under an allowed" in attempts[1].error
+    assert len(receiver.on("/hooks/a")) == 1
+
+
 def test_signatures_backoff_and_the_secret() -> None:
     body = b'{"x": 1}'
     sig = signature(b"k", 1_700_000_000, body)
