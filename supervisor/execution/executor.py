@@ -96,17 +96,9 @@ class _Attempt:
     peak_memory_bytes: int | None = None
     kill_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     stdin_writer: asyncio.Future[None] | None = None
-
     # The attach socket and the reader draining it (which closes it at its end).
     stream: Any = None
     reader: asyncio.Future[Output] | None = None
-
-    @property
-    def removal_ordered(self) -> bool:
-        """The attempt recorded a cleanup command's kill as its own (`claim_kill`): that
-        command then removes the container, which is not a removal out of band (whether
-        the removal shows before or after the attempt looks is a race, not evidence)."""
-        return "reconcile" in self.kills
 
 
 @dataclass(frozen=True)
@@ -467,7 +459,7 @@ class Executor:
         try:
             await self._execute(em, spec, task_id, attempt, st)
         except ContainerVanished:
-            st.removed_out_of_band = not st.removal_ordered
+            st.removed_out_of_band = True
         except SupervisorError as e:
             st.adapter_error = e
         except asyncio.CancelledError:
@@ -700,7 +692,7 @@ class Executor:
                 # the removal a moment to show before deciding it was only a kill.
                 if st.external_kills and not st.removed_out_of_band:
                     await self.watcher.wait_destroyed(cid, _DESTROY_EVENT_WAIT_S)
-                if self.watcher.destroyed(cid) and not st.removal_ordered:
+                if self.watcher.destroyed(cid):
                     st.removed_out_of_band = True
             if not st.removed_out_of_band:
                 em.emit(
@@ -714,7 +706,7 @@ class Executor:
                     peak_memory_bytes=st.peak_memory_bytes,
                 )
         report = await self.cleaner.clean(em, cid, st.workspace, running=st.running)
-        if report.container_already_gone and not st.adapter_error and not st.removal_ordered:
+        if report.container_already_gone and not st.adapter_error:
             st.removed_out_of_band = True
         await self._close_reader(st)
         if cid is not None and self.watcher is not None:
