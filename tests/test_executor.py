@@ -296,6 +296,28 @@ async def test_a_container_removed_from_outside_has_vanished(node: Node, docker_
     assert _workspaces(node) == []
 
 
+async def test_two_removals_at_once_both_end_with_the_container_gone(
+    node: Node, docker_client
+) -> None:  # type: ignore[no-untyped-def]
+    """dockerd refuses a forced removal (409) while another one holds the container: the
+    attempt's cleanup racing a cleanup command or a `docker rm -f` must not record a
+    `cleanup.failed` that nothing resolves."""
+    for _ in range(5):
+        c = await asyncio.to_thread(
+            docker_client.containers.run,
+            SANDBOX_IMAGE,
+            "sleep 60",
+            detach=True,
+            init=True,
+            labels={"supervisor.managed": "true", "supervisor.node": "n1"},
+        )
+
+        gone = await asyncio.gather(node.runtime.remove(c.id), node.runtime.remove(c.id))
+
+        assert sorted(gone) == [False, True]
+        assert docker_client.containers.list(all=True, filters={"id": c.id}) == []
+
+
 async def test_a_retryable_failure_succeeds_on_a_later_attempt(node: Node, nats_url: str) -> None:
     script = '[ "$SUPERVISOR_ATTEMPT" -ge 2 ] || sleep 30; echo "attempt $SUPERVISOR_ATTEMPT"'
     retry = RetryPolicy(max_attempts=3, base_delay_s=0.05, jitter=False)

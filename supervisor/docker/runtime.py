@@ -119,6 +119,7 @@ class DockerRuntime:
     # surfaces as DockerUnavailable on the first call, not as a crash. 1.41 = Docker 20.10.
     API_VERSION = "1.41"
     IMAGE_CACHE_S = 10.0
+    REMOVAL_WAIT_S = 10.0
 
     def __init__(
         self, base_url: str | None = None, *, timeout: float = 60, workers: int = 64
@@ -249,12 +250,25 @@ class DockerRuntime:
         return True
 
     async def remove(self, container_id: str) -> bool:
-        """Force-remove with volumes. True if it was already gone."""
-        try:
-            await self._call("remove", self.api.remove_container, container_id, force=True, v=True)
-        except ContainerVanished:
-            return True
-        return False
+        """Force-remove with volumes. True if it was already gone, or another removal (a
+        cleanup command, a `docker rm -f`) held it and it is gone now."""
+        deadline = time.monotonic() + self.REMOVAL_WAIT_S
+        while True:
+            try:
+                await self._call(
+                    "remove", self.api.remove_container, container_id, force=True, v=True
+                )
+            except ContainerVanished:
+                return True
+            except DockerRequestRefused as e:
+                # A forced removal is refused (409) only while another removal holds the
+                # container: asked again, it ends gone (that removal succeeded), or removed
+                # here (that removal failed).
+                if e.status != 409 or time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.05)
+                continue
+            return False
 
     async def list_managed(self, node_id: str) -> list[dict[str, Any]]:
         filters = {"label": node_filter(node_id)}
