@@ -88,6 +88,14 @@ def test_out_of_band_removal_outranks_the_external_kill_it_implies() -> None:
     assert c is not None and c.code == "CONTAINER_VANISHED"
 
 
+def test_the_removal_a_reconciler_kill_ordered_is_not_out_of_band() -> None:
+    """The cleanup command kills, then removes: the attempt may see either first."""
+    c = classify(Evidence(kills_issued=("reconcile",), removed_out_of_band=True))
+
+    assert c is not None
+    assert (c.code, c.details) == ("KILLED_EXTERNALLY", {"by": "reconcile"})
+
+
 def test_zero_exit_after_a_supervisor_kill_is_not_success() -> None:
     c = classify(Evidence(exit_code=0, kills_issued=("output_limit",)))
 

@@ -68,7 +68,10 @@ def classify(ev: Evidence) -> Classification | None:
             f"{code.lower().replace('_', ' ')} ({ev.adapter_error})",
             adapter_error=ev.adapter_error,
         )
-    if ev.removed_out_of_band:
+    # A cleanup command whose kill the attempt recorded as its own (`kill_issued{reconcile}`)
+    # removes the container too: whether that removal shows before the attempt looks is a
+    # race, not a removal out of band.
+    if ev.removed_out_of_band and "reconcile" not in ev.kills_issued:
         return _make("CONTAINER_VANISHED", "the container was removed out of band")
     if ev.external_kills:
         return _make(

@@ -327,7 +327,8 @@ class CommandExecutor:
         report = await self.cleaner.clean(em, cid, None, running=running)
         if not report.ok:
             return "failed", "a cleanup step failed (its cleanup.failed event has the reason)"
-        if labels is None or report.container_already_gone:
+        # Killed here, it may still be removed by its attempt's own cleanup first.
+        if labels is None or (report.container_already_gone and not running):
             return "already_gone", f"container {cid[:12]} was gone already"
         return "succeeded", f"container {cid[:12]} {'killed and ' if running else ''}removed"
 
