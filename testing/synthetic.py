@@ -3,9 +3,9 @@
 For tests, benchmarks and demos of the read side: `HistoryBuilder` appends events to
 `events` with a deterministic clock (`tick` per event) and deterministic ids, so two builds
 with the same calls give byte-identical histories. The order per task follows
-`supervisor.execution.executor`: task.submitted; per attempt attempt.started, workspace.created,
-container.created, container.started, [container.kill_issued], container.exited, the
-cleanup steps, [error.raised], attempt.finished; then task.retry_scheduled (and the next
+`supervisor.execution.executor` (and `.attempt`): task.submitted; per attempt
+attempt.started, workspace.created, container.created, container.started,
+[container.kill_issued], container.exited, the cleanup steps, [error.raised], attempt.finished; then task.retry_scheduled (and the next
 attempt) or task.succeeded / task.failed. A refused spec is task.submitted, error.raised,
 task.rejected. Knobs (`leak_container`, `fail_cleanup`, ...) leave out or alter steps so a
 test can build exactly the inconsistency it wants. Pure: no I/O.

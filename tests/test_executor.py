@@ -33,7 +33,7 @@ from supervisor.daemon.node import Node, open_node
 from supervisor.docker.breaker import counts
 from supervisor.docker.runtime import ContainerRequest
 from supervisor.eventlog.emitter import utcnow
-from supervisor.execution import executor as executor_module
+from supervisor.execution import attempt as attempt_module
 from supervisor.execution.classify import classify
 from supervisor.reconcile.command_executor import CommandExecutor
 from testing.stream import stream_events, stream_messages
@@ -375,7 +375,7 @@ async def test_a_cancellation_during_a_creating_step_leaks_nothing(
     # (a workspace, a container, an attach socket) must still be known to cleanup.
     entered, release = threading.Event(), threading.Event()
     if step == "create_workspace":
-        target, name = executor_module, "create_workspace"
+        target, name = attempt_module, "create_workspace"
     else:
         names = {"create": "create_container", "attach": "attach_socket", "start": "start"}
         target, name = node.executor.runtime.api, names[step]
