@@ -40,7 +40,8 @@ from schemas import Limits, RetryPolicy, TaskSpec
 from schemas.config import Config, Scheduling
 from schemas.streams import TASKS_STREAM, tasks_stream_config
 from supervisor.eventlog.emitter import Emitter, new_id
-from supervisor.eventlog.log import EventLog, ensure_streams
+from supervisor.eventlog.log import EventLog
+from supervisor.eventlog.nats_client import ensure_streams
 from supervisor.eventlog.nats_server import NatsServer
 from supervisor.intake.submit import Intake
 from testing.daemon import DaemonProc, remove_managed_containers

@@ -47,10 +47,15 @@ import nats.errors
 
 from bench.bench_outbox import make_events, run_outbox, run_raw
 from schemas import encode_event
-from schemas.config import NatsConfig
+from schemas.connection import NatsConfig
 from schemas.streams import EVENTS_STREAM, events_stream_config
 from supervisor.eventlog import cluster
-from supervisor.eventlog.log import MSG_ID_HEADER, close_quietly, connect_nats, ensure_streams
+from supervisor.eventlog.nats_client import (
+    MSG_ID_HEADER,
+    close_quietly,
+    connect_nats,
+    ensure_streams,
+)
 from testing.daemon import DaemonProc, task, wait_until
 from testing.stream import stream_events
 

@@ -34,7 +34,8 @@ from typing import Any
 
 from schemas import AttemptFinished, Event, Evidence, encode_event
 from schemas.streams import EVENTS_STREAM
-from supervisor.eventlog.log import MSG_ID_HEADER, EventLog, connect_nats, ensure_streams
+from supervisor.eventlog.log import EventLog
+from supervisor.eventlog.nats_client import MSG_ID_HEADER, connect_nats, ensure_streams
 from supervisor.eventlog.nats_server import REPO_CONF, NatsServer
 
 

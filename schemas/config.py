@@ -12,6 +12,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Struct
 
+from schemas.connection import NatsConfig
 from schemas.errors import ConfigError
 
 
@@ -288,107 +289,6 @@ class ProjectionConfig(Struct, forbid_unknown_fields=True, kw_only=True):
             description="The most DuckDB may spill to disk.", pattern=r"^\d+(\.\d+)?\s*[KMGT]i?B$"
         ),
     ] = "1GB"
-
-
-_URL_UNSAFE = frozenset("@:/,?# ")
-
-
-class NatsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
-    """Where NATS is, and who this process is there. `servers` are tried in turn and the
-    client reconnects across them; `user`/`password` (or `token`) are sent to each. The
-    streams this process creates get `replicas` copies, and an existing stream with
-    another count is updated to it: 1 on one server, 3 on a three-server cluster."""
-
-    servers: Annotated[
-        list[str], _doc("NATS URLs of the cluster (`nats://host:port`); empty: see `nats_url`.")
-    ] = msgspec.field(default_factory=list)
-    user: Annotated[str | None, _doc("User name sent to the servers.")] = None
-    password: Annotated[str | None, _doc("Password of `user`.")] = None
-    token: Annotated[str | None, _doc("Token sent to the servers (instead of a user).")] = None
-    replicas: Annotated[
-        int,
-        _doc("Copies of each stream this process creates or updates (1, 3 or 5)."),
-        msgspec.Meta(ge=1, le=5),
-    ] = 1
-    tls_ca: Annotated[
-        str | None, _doc("CA file (PEM) the servers' certificates are checked against.")
-    ] = None
-    tls_cert: Annotated[str | None, _doc("This client's certificate (PEM), for mutual TLS.")] = None
-    tls_key: Annotated[str | None, _doc("The key (PEM) of `tls_cert`.")] = None
-    nkey_seed: Annotated[
-        str | None,
-        _doc("A file holding this client's NKey seed (`SU...`), instead of a user or token."),
-    ] = None
-
-    def __post_init__(self) -> None:
-        for name in ("user", "password", "token"):
-            value = getattr(self, name)
-            if value is not None and (not value or _URL_UNSAFE & set(value)):
-                raise ValueError(
-                    f"nats.{name} must be non-empty, without any of @ : / , ? # or a space"
-                )
-        if self.password is not None and self.user is None:
-            raise ValueError("nats.password needs nats.user")
-        if sum(x is not None for x in (self.token, self.user, self.nkey_seed)) > 1:
-            raise ValueError("nats.user, nats.token and nats.nkey_seed exclude each other")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("nats.tls_cert and nats.tls_key go together")
-        for name in FILE_OPTIONS:
-            value = getattr(self, name)
-            if value is not None and (not value or set(value) & set("?&=,#")):
-                raise ValueError(f"nats.{name} must be a file path without any of ? & = , #")
-        for url in self.servers:
-            scheme, sep, rest = url.partition("://")
-            if not sep or scheme not in ("nats", "tls") or not rest or "@" in rest or "," in rest:
-                raise ValueError(
-                    f"nats.servers: {url!r} is not nats://host:port (without credentials)"
-                )
-
-    def url(self) -> str | None:
-        """The servers as one comma-separated URL list carrying the credentials (what every
-        client of the project connects with), or None when no server is set."""
-        if not self.servers:
-            return None
-        userinfo = (
-            f"{self.user}:{self.password}@"
-            if self.user and self.password
-            else f"{self.user}@"
-            if self.user
-            else f"{self.token}@"
-            if self.token
-            else ""
-        )
-        servers = ",".join(
-            f"{s.partition('://')[0]}://{userinfo}{s.partition('://')[2]}" for s in self.servers
-        )
-        files = "&".join(f"{n}={getattr(self, n)}" for n in FILE_OPTIONS if getattr(self, n))
-        return f"{servers}?{files}" if files else servers
-
-
-FILE_OPTIONS = ("tls_ca", "tls_cert", "tls_key", "nkey_seed")
-"""The `[nats]` keys (files) that travel in a NATS URL's query (`...?tls_ca=/etc/ca.pem`)."""
-
-
-def server_list(url: str) -> list[str]:
-    """The URLs of a comma-separated list (`--nats`, `SUPERVISOR_NATS_URL`, `NatsConfig.url`),
-    without the query of client options (`url_options`)."""
-    servers, _, _ = url.partition("?")
-    return [u.strip() for u in servers.split(",") if u.strip()]
-
-
-def url_options(url: str) -> dict[str, str]:
-    """The client options in the query that ends a NATS URL list (`FILE_OPTIONS`); an unknown
-    one is an error (ConfigError), never silently dropped."""
-    _, _, query = url.partition("?")
-    options: dict[str, str] = {}
-    for pair in filter(None, query.split("&")):
-        key, _, value = pair.partition("=")
-        if key not in FILE_OPTIONS or not value:
-            raise ConfigError(
-                f"NATS URL option {pair!r}: known options are {', '.join(FILE_OPTIONS)}"
-            )
-        options[key] = value
-    return options
 
 
 def inline_or_file(value: str | None, path: str | None, key: str) -> str | None:

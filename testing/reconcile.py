@@ -36,7 +36,7 @@ from schemas.config import Config, ReconcileConfig
 from schemas.streams import commands_stream_config
 from supervisor.daemon.node import Node, open_node
 from supervisor.eventlog.emitter import Emitter
-from supervisor.eventlog.log import ensure_streams
+from supervisor.eventlog.nats_client import ensure_streams
 from supervisor.execution.workspace import create_workspace
 from supervisor.reconcile.command_executor import CommandExecutor, JetStreamCommands
 from supervisor.reconcile.reconciler import ReconcileMetrics, Reconciler

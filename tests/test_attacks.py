@@ -27,8 +27,8 @@ from schemas import (
 from schemas.errors import NatsUnavailable
 from schemas.events import TERMINAL_TASK_EVENTS
 from supervisor.eventlog.emitter import utcnow
-from supervisor.eventlog.log import connect_nats
 from supervisor.eventlog.nats_auth import redact
+from supervisor.eventlog.nats_client import connect_nats
 from supervisor.eventlog.nats_server import resolve_nats_url
 from supervisor.reconcile.command_executor import JetStreamCommands
 from testing.daemon import DaemonProc, submit, task, wait_until

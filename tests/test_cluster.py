@@ -26,8 +26,7 @@ import nats.js.errors
 import pytest
 
 from schemas import CleanupCommand, ReconcileOutcome
-from schemas.config import NatsConfig, server_list
-from schemas.connection import connect_options
+from schemas.connection import NatsConfig, connect_options, server_list
 from schemas.streams import COMMANDS_STREAM, EVENTS_STREAM, TASKS_STREAM, events_stream_config
 from supervisor.eventlog.cluster import pids
 from supervisor.eventlog.emitter import utcnow

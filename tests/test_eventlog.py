@@ -22,7 +22,8 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from schemas import AttemptStarted, ErrorRaised, Event, SupervisorStarted
 from schemas.errors import EventLogError, NatsUnavailable
 from schemas.streams import COMMANDS_STREAM, EVENTS_STREAM, TASKS_STREAM
-from supervisor.eventlog.log import MSG_ID_HEADER, EventLog, ensure_streams
+from supervisor.eventlog.log import EventLog
+from supervisor.eventlog.nats_client import MSG_ID_HEADER, ensure_streams
 from supervisor.eventlog.nats_server import NatsServer
 from supervisor.eventlog.outbox import Outbox
 from testing.stream import stream_messages

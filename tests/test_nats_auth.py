@@ -23,7 +23,6 @@ from schemas.errors import NatsUnavailable
 from schemas.streams import EVENTS_STREAM
 from supervisor.daemon.node import nats_for
 from supervisor.eventlog.emitter import utcnow
-from supervisor.eventlog.log import MSG_ID_HEADER, connect_nats, ensure_streams
 from supervisor.eventlog.nats_auth import (
     AUTH_FILE,
     SERVER_CONF,
@@ -31,6 +30,7 @@ from supervisor.eventlog.nats_auth import (
     redact,
     with_user,
 )
+from supervisor.eventlog.nats_client import MSG_ID_HEADER, connect_nats, ensure_streams
 
 pytestmark = pytest.mark.nats
 

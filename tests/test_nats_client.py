@@ -19,10 +19,11 @@ import nkeys
 import pytest
 
 from schemas import TaskSucceeded
-from schemas.config import NatsConfig, load_config
+from schemas.config import load_config
+from schemas.connection import NatsConfig
 from schemas.errors import ConfigError, NatsUnavailable
-from supervisor.eventlog.log import close_quietly, connect_nats
 from supervisor.eventlog.nats_auth import Credentials, server_config
+from supervisor.eventlog.nats_client import close_quietly, connect_nats
 from supervisor.eventlog.nats_server import REPO_CONF, NatsServer
 from testing.daemon import task
 from testing.stream import stream_events

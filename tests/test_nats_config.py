@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas.config import Config, NatsConfig, load_config, server_list
+from schemas.config import Config, load_config
+from schemas.connection import NatsConfig, server_list
 from schemas.errors import ConfigError
 from supervisor.eventlog.nats_server import REPO_CONF, config_path
 

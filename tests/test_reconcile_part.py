@@ -23,7 +23,7 @@ from schemas.projected import ProjectedState
 from schemas.streams import commands_stream_config
 from supervisor.daemon.extension import DaemonContext
 from supervisor.daemon.node import Node, open_node
-from supervisor.eventlog.log import ensure_streams
+from supervisor.eventlog.nats_client import ensure_streams
 from supervisor.reconcile.part import ReconcilerPart
 from testing.reconcile import FAST, SANDBOX_IMAGE, labels, new_node_id
 

@@ -18,7 +18,7 @@ import pytest
 from projections.audit import audit_records, history_start, records_of
 from schemas.connection import connect_options
 from schemas.streams import EVENTS_STREAM, events_stream_config
-from supervisor.eventlog.log import ensure_streams
+from supervisor.eventlog.nats_client import ensure_streams
 from testing.synthetic import HistoryBuilder
 
 pytestmark = [pytest.mark.nats]

@@ -48,7 +48,7 @@ from schemas.config import Config
 from schemas.errors import SupervisorError
 from supervisor.daemon.http import error_response, json_response, query_body
 from supervisor.daemon.logs import configure
-from supervisor.eventlog.log import close_quietly, connect_nats
+from supervisor.eventlog.nats_client import close_quietly, connect_nats
 
 log = logging.getLogger("supervisor.cli.projection_service")
 

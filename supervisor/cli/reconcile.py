@@ -69,7 +69,7 @@ async def _projection(db: str | None, url: str) -> AsyncIterator[tuple[Projector
 async def _reconcile(args: argparse.Namespace) -> dict[str, Any]:
     from schemas.streams import commands_stream_config
     from supervisor.daemon.node import open_node
-    from supervisor.eventlog.log import ensure_streams
+    from supervisor.eventlog.nats_client import ensure_streams
     from supervisor.reconcile.command_executor import CommandExecutor, JetStreamCommands
     from supervisor.reconcile.reconciler import Reconciler
 

@@ -47,8 +47,8 @@ from supervisor.daemon.monitor import HostSampler, PsutilSampler, ResourceMonito
 from supervisor.daemon.node import Node, open_node
 from supervisor.docker.breaker import DockerBreaker, counts
 from supervisor.eventlog.emitter import new_id
-from supervisor.eventlog.log import ensure_streams
 from supervisor.eventlog.nats_auth import redact
+from supervisor.eventlog.nats_client import ensure_streams
 from supervisor.eventlog.nats_server import url_file
 from supervisor.eventlog.tail import follow_errors
 from supervisor.execution.cancellations import following_cancellations

@@ -30,10 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-from schemas.config import NatsConfig
+from schemas.connection import NatsConfig
 from schemas.errors import EmbeddedNatsError
-from supervisor.eventlog.log import close_quietly, connect_nats
 from supervisor.eventlog.nats_auth import ensure_credentials, server_config
+from supervisor.eventlog.nats_client import close_quietly, connect_nats
 from supervisor.eventlog.nats_server import REPO, nats_server_binary
 
 SERVERS = 3

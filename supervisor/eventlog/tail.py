@@ -22,7 +22,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from schemas.errors import NatsUnavailable
 from schemas.streams import EVENTS_STREAM
-from supervisor.eventlog.log import close_quietly, connect_nats
+from supervisor.eventlog.nats_client import close_quietly, connect_nats
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -55,7 +55,7 @@ from schemas.streams import COMMANDS_STREAM
 from supervisor.daemon.metrics import Metrics
 from supervisor.docker.runtime import DockerRuntime
 from supervisor.eventlog.emitter import Emitter
-from supervisor.eventlog.log import MSG_ID_HEADER
+from supervisor.eventlog.nats_client import MSG_ID_HEADER
 from supervisor.execution.classify import catalogue_entry
 from supervisor.execution.cleanup import Cleaner
 from supervisor.execution.executor import KillClaim
