@@ -15,6 +15,7 @@ import pytest
 
 import projections.stream.bulkread as bulkread
 import projections.stream.projector as projector_module
+import projections.stream.pull as pull_module
 from projections.errors import StreamUnavailable
 from projections.stream.bulkread import BulkClient, Sink, lean_supported
 from projections.stream.projector import Projector
@@ -221,4 +222,4 @@ async def test_the_public_path_never_asks_for_more_than_a_fetch_can_carry(
     monkeypatch.setattr(projector_module, "lean_supported", lambda: False)
     result = await replay(tmp_dir / "public.duckdb", nats_url)
     assert result.applied == len(history)
-    assert asked and max(asked) == projector_module._FETCH_MAX
+    assert asked and max(asked) == pull_module._FETCH_MAX
