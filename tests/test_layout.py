@@ -3,7 +3,7 @@ the project; `projections` (what reads) imports only `schemas`; `supervisor` (wh
 imports `projections` only in its composition root, `supervisor.cli`; nothing of the
 product imports the test support (`testing`, `tests`), and the benchmarks do not import
 `tests`. Every import counts, also one inside a function or under `TYPE_CHECKING`. No
-folder holds more than 15 modules."""
+folder holds more than 15 modules, and no module passes 600 lines."""
 
 from __future__ import annotations
 
@@ -77,3 +77,13 @@ def test_no_folder_holds_more_than_15_modules() -> None:
             if count > 15 and "__pycache__" not in folder.parts:
                 crowded[folder.relative_to(ROOT).as_posix()] = count
     assert crowded == {}
+
+
+def test_no_module_passes_600_lines() -> None:
+    long = {}
+    for top in ("schemas", "supervisor", "projections", "testing", "bench", "tests"):
+        for path in modules(top):
+            n = len(path.read_text().splitlines())
+            if n > 600:
+                long[path.relative_to(ROOT).as_posix()] = n
+    assert long == {}
