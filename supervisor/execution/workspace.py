@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 WORKSPACES = "workspaces"
 
@@ -35,8 +37,19 @@ def create_workspace(
 
 
 def remove_workspace(path: Path) -> bool:
-    """Remove the dir; True when it was already gone. Raises OSError when it cannot."""
+    """Remove the dir; True when it was already gone. Raises OSError when it cannot. What
+    vanishes meanwhile (another removal of the same dir: a cleanup command racing the
+    attempt's own cleanup) is not a failure."""
     if not path.exists():
         return True
-    shutil.rmtree(path)
+    if sys.version_info >= (3, 12):  # where `onexc` replaces the deprecated `onerror`
+        shutil.rmtree(path, onexc=_ignore_vanished)
+    else:
+        shutil.rmtree(path, onerror=_ignore_vanished)
     return False
+
+
+def _ignore_vanished(func: Any, path: str, exc: Any) -> None:
+    error = exc if isinstance(exc, BaseException) else exc[1]  # onexc: the exception itself
+    if not isinstance(error, FileNotFoundError):
+        raise error

@@ -1,0 +1,39 @@
+"""Workspaces on a real filesystem: removal is idempotent and tolerates a concurrent one."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from supervisor.execution.workspace import create_workspace, remove_workspace
+
+
+def test_two_removals_of_one_workspace_at_once_both_succeed(tmp_dir: Path) -> None:
+    """A cleanup command may remove a workspace while the attempt's own cleanup does: the
+    files one of them unlinks first are not a failure of the other."""
+    files = {f"d{d}/f{f}": b"x" for d in range(10) for f in range(20)}
+    for _ in range(10):
+        path, _ = create_workspace(tmp_dir, "t-1", 1, files)
+        results: list[bool | BaseException] = []
+
+        def remove(path: Path = path, results: list[bool | BaseException] = results) -> None:
+            try:
+                results.append(remove_workspace(path))
+            except OSError as e:
+                results.append(e)
+
+        threads = [threading.Thread(target=remove) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+        assert all(isinstance(r, bool) for r in results), results
+        assert not path.exists()
+
+
+def test_removing_a_workspace_already_gone_says_so(tmp_dir: Path) -> None:
+    path, _ = create_workspace(tmp_dir, "t-1", 1, {"main.sh": b"true"})
+
+    assert remove_workspace(path) is False
+    assert remove_workspace(path) is True
