@@ -147,6 +147,9 @@ class AttemptRunner:
             await self.runtime.kill(container_id)
 
     async def run(self, em: Emitter, spec: TaskSpec, task_id: str, attempt: int) -> AttemptOutcome:
+        """Run attempt `attempt` from `attempt.started` to `attempt.finished` and return its
+        classified outcome. Cleanup has run whatever happened; a cancellation received
+        meanwhile is re-raised once the attempt is closed."""
         em.emit(AttemptStarted, max_attempts=spec.retry.max_attempts)
         started = time.monotonic()
         st = AttemptState()
