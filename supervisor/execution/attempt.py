@@ -105,6 +105,20 @@ class AttemptOutcome:
     peak_memory_bytes: int | None = None
 
 
+def emit_error(em: Emitter, c: Classification, message: str | None = None, **extra: Any) -> None:
+    """Record the catalogue entry `c` as an `error.raised` (`extra`: the event's other
+    fields, e.g. `evidence`, `container_id`, `event_id`)."""
+    em.emit(
+        ErrorRaised,
+        error_type=c.type,
+        code=c.code,
+        message=message or c.message,
+        retryable=c.retryable,
+        details=c.details,
+        **extra,
+    )
+
+
 class AttemptRunner:
     """Runs attempts (`run`) and knows the containers of those running now (`live`)."""
 
@@ -168,16 +182,7 @@ class AttemptRunner:
         evidence = self._evidence(st)
         c = classify(evidence)
         if c is not None:
-            em.emit(
-                ErrorRaised,
-                error_type=c.type,
-                code=c.code,
-                message=c.message,
-                retryable=c.retryable,
-                details=c.details,
-                container_id=st.container_id,
-                evidence=evidence,
-            )
+            emit_error(em, c, container_id=st.container_id, evidence=evidence)
             self.metrics.errors.labels(c.type, c.code).inc()
         duration = time.monotonic() - started
         em.emit(

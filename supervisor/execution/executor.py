@@ -18,7 +18,6 @@ from typing import Any
 import msgspec
 
 from schemas import (
-    ErrorRaised,
     Event,
     Evidence,
     ExecutionError,
@@ -39,7 +38,7 @@ from supervisor.daemon.metrics import Metrics
 from supervisor.docker.runtime import DockerRuntime, Output
 from supervisor.eventlog.emitter import Emitter, new_id
 from supervisor.eventlog.ports import EventSink
-from supervisor.execution.attempt import AttemptOutcome, AttemptRunner
+from supervisor.execution.attempt import AttemptOutcome, AttemptRunner, emit_error
 from supervisor.execution.classify import Classification, catalogue_entry, classify
 from supervisor.execution.cleanup import Cleaner
 from supervisor.execution.observe import CgroupSampler, DockerEventWatcher
@@ -242,14 +241,7 @@ class Executor:
         em = self.emitter.for_task(spec.task_id, spec.correlation_id or "").for_attempt(attempts)
         error = self._error(spec.task_id, c, None, message=message)
         if not recorded:
-            em.emit(
-                ErrorRaised,
-                error_type=c.type,
-                code=c.code,
-                message=error.message,
-                retryable=c.retryable,
-                details=c.details,
-            )
+            emit_error(em, c, error.message)
             self.metrics.errors.labels(c.type, c.code).inc()
         result = Result(task_id=spec.task_id, status="failed", attempts=attempts, error=error)
         em.emit(TaskFailed, result=result, callback_url=spec.callback_url)
@@ -275,15 +267,7 @@ class Executor:
         c = classify(ev)
         assert c is not None
         error = self._error(task_id, c, None, message=str(e))
-        em.emit(
-            ErrorRaised,
-            error_type=c.type,
-            code=c.code,
-            message=str(e),
-            retryable=c.retryable,
-            details=c.details,
-            evidence=ev,
-        )
+        emit_error(em, c, str(e), evidence=ev)
         result = Result(
             task_id=task_id,
             status="rejected",

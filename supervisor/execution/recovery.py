@@ -16,7 +16,6 @@ from nats.js.client import JetStreamContext
 from schemas import (
     NO_TASK,
     AttemptFinished,
-    ErrorRaised,
     Event,
     NodeHeartbeat,
     NodeRetired,
@@ -28,6 +27,7 @@ from schemas.errors import NatsUnavailable, SupervisorError
 from schemas.labels import is_ours
 from schemas.streams import EVENTS_STREAM
 from supervisor.eventlog.emitter import Emitter
+from supervisor.execution.attempt import emit_error
 from supervisor.execution.classify import Classification, catalogue_entry
 from supervisor.execution.executor import Executor
 from supervisor.execution.history import TaskHistory
@@ -70,15 +70,7 @@ def record_closing(em: Emitter, task_id: str, attempt: int, c: Classification) -
     """Emit the closing of a lost attempt: its error and its `attempt.finished` as failed,
     under the ids of `closing_event_id`, whoever closes it (a redelivery or the
     reconciler)."""
-    em.emit(
-        ErrorRaised,
-        event_id=closing_event_id(task_id, attempt, "error"),
-        error_type=c.type,
-        code=c.code,
-        message=c.message,
-        retryable=c.retryable,
-        details=c.details,
-    )
+    emit_error(em, c, event_id=closing_event_id(task_id, attempt, "error"))
     em.emit(
         AttemptFinished,
         event_id=closing_event_id(task_id, attempt, "finished"),
