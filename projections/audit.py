@@ -11,7 +11,8 @@ Rules, each reported with the task, and the stream sequences that prove it:
   (`projections.store.machine.terminal_applies`, `attempt_finish_applies`): a forgery, or a
   node that went on after it was presumed dead. It is not applied, here as in the
   projection;
-- `task_not_terminal`: a submitted task never reached a terminal state;
+- `task_not_terminal`: a submitted task never reached a terminal state (a task whose last
+  submission was refused for a passing reason, `task.refused`, is at rest: not queued);
 - `attempt_order`: attempts not started as 1, 2, 3..., or an event of an attempt that was
   never started;
 - `event_after_attempt_finished`: a workspace/container/cleanup/error event of an attempt
@@ -55,6 +56,7 @@ from schemas import NO_TASK, Event, event_type
 from schemas.lifecycle import (
     TASK_EVENT_TYPES,
     InvalidTransition,
+    is_at_rest,
     is_terminal,
     next_container_state,
     next_task_state,
@@ -247,7 +249,13 @@ def audit_records(
         )
 
     for task_id, t in tasks.items():
-        if t.submitted is not None and t.terminal is None and not in_flight(task_id):
+        resting = is_at_rest(t.state)
+        if (
+            t.submitted is not None
+            and t.terminal is None
+            and not resting
+            and not in_flight(task_id)
+        ):
             out.append(
                 Violation(
                     task_id=task_id,

@@ -127,6 +127,18 @@ class TaskRejected(Event, frozen=True, tag="task.rejected"):
     callback_url: str | None = None
 
 
+class TaskRefused(Event, frozen=True, tag="task.refused"):
+    """A submission refused for a passing reason (`retryable`: the queue was full, the data
+    dir had no space, NATS did not answer). Not terminal: the task was not queued, and the
+    same id may be submitted again; it then runs once and ends once. `result` is what the
+    refused submitter was answered."""
+
+    category = "task"
+    name = "refused"
+    error: ExecutionError
+    result: Result | None = None
+
+
 class TaskSucceeded(Event, frozen=True, tag="task.succeeded"):
     """Terminal. The output in `result` is cut to the configured event output cap
     (64 KiB by default); `output_capped` says it was cut here, not by the task's own cap."""
@@ -471,6 +483,7 @@ AnyEvent = (
     | EmbeddedNatsRestarted
     | TaskSubmitted
     | TaskRejected
+    | TaskRefused
     | TaskSucceeded
     | TaskFailed
     | RetryScheduled

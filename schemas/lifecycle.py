@@ -4,6 +4,7 @@ Defined once and used by the executor (which asserts its own transitions), by th
 (current state) and by the audit (which replays history against it). Pure: no I/O.
 
 Task:      (none) -submitted-> submitted -rejected-> rejected   (none) -rejected-> rejected
+           (none)|submitted|refused -refused-> refused -submitted-> submitted
            submitted|retrying -attempt.started-> running -attempt.finished-> attempt_done
            attempt_done -retry_scheduled-> retrying
            attempt_done -succeeded|failed-> succeeded|failed
@@ -21,17 +22,32 @@ from __future__ import annotations
 from typing import Final, Literal
 
 TaskState = Literal[
-    "submitted", "running", "attempt_done", "retrying", "succeeded", "failed", "rejected"
+    "submitted",
+    "refused",
+    "running",
+    "attempt_done",
+    "retrying",
+    "succeeded",
+    "failed",
+    "rejected",
 ]
 ContainerState = Literal["created", "running", "exited", "removed"]
 WorkspaceState = Literal["present", "removed"]
 
 TERMINAL_TASK_STATES: Final[frozenset[str]] = frozenset({"succeeded", "failed", "rejected"})
+RESTING_TASK_STATES: Final[frozenset[str]] = frozenset({"refused"})
+"""Not terminal, yet at rest for good unless submitted again: a submission refused for a
+passing reason (a full queue, a full disk) queued nothing, so the id stays free."""
 
 _TASK: Final[dict[tuple[str | None, str], TaskState]] = {
     (None, "task.submitted"): "submitted",
     ("submitted", "task.rejected"): "rejected",
     (None, "task.rejected"): "rejected",  # refused before it was accepted (spec, policy)
+    ("refused", "task.rejected"): "rejected",
+    (None, "task.refused"): "refused",  # a passing refusal before anything was recorded
+    ("submitted", "task.refused"): "refused",
+    ("refused", "task.refused"): "refused",
+    ("refused", "task.submitted"): "submitted",  # the same id, submitted again
     ("submitted", "attempt.started"): "running",
     ("retrying", "attempt.started"): "running",
     ("running", "attempt.finished"): "attempt_done",
@@ -93,6 +109,11 @@ def next_workspace_state(state: str | None, event_type: str) -> WorkspaceState:
 
 def is_terminal(state: str | None) -> bool:
     return state in TERMINAL_TASK_STATES
+
+
+def is_at_rest(state: str | None) -> bool:
+    """Terminal, or refused: nothing more is due of the task unless it is submitted again."""
+    return state in TERMINAL_TASK_STATES or state in RESTING_TASK_STATES
 
 
 def _progression(machine: dict[tuple[str | None, str], str]) -> tuple[str, ...]:
@@ -161,14 +182,14 @@ class LifecycleTracker:
     def _task(self, event_type: str, task_id: str) -> InvalidTransition | None:
         known = task_id in self.tasks
         state = self.tasks.get(task_id)
-        if not known and event_type not in ("task.submitted", "task.rejected"):
+        if not known and event_type not in ("task.submitted", "task.rejected", "task.refused"):
             sources = [s for (s, t) in _TASK if t == event_type and s is not None]
             state = sources[0] if sources else None  # joined mid-life: assume a valid source
         try:
             new = next_task_state(state, event_type)
         except InvalidTransition as e:
             return e
-        if is_terminal(new):
+        if is_at_rest(new):
             self.tasks.pop(task_id, None)
         else:
             self.tasks[task_id] = new

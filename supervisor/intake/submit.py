@@ -5,7 +5,15 @@ JetStream at publish time and the submitter learns it at once (`resource/QUEUE_F
 Order of facts: a spec that fails validation or policy is rejected before anything is
 queued (`error.raised` + `task.rejected`). An accepted one first has its `task.submitted`
 made durable in JetStream, then is queued, so the stream never shows an attempt before its
-submission; if the queue refuses it, `task.rejected` follows.
+submission.
+
+One outcome per task id, whatever the client does:
+- a refusal for a passing reason (the queue full, the disk full, NATS not answering) is
+  `task.refused`, not terminal: the id stays free, and the same spec sent again is accepted
+  and runs once;
+- a refusal of a submission under an id that already names a task (a bad spec, another
+  spec) is only an `error.raised` about that submission (attempt 0): the task keeps its
+  own, single outcome.
 """
 
 from __future__ import annotations
@@ -20,21 +28,25 @@ from nats.js.client import JetStreamContext
 
 from schemas import (
     ErrorRaised,
+    Event,
     Evidence,
     ExecutionError,
     Result,
+    TaskRefused,
     TaskRejected,
     TaskSpec,
     TaskSubmitted,
-    decode_event,
+    event_type,
 )
 from schemas.config import Config
 from schemas.errors import EventLogError, NatsUnavailable, SpecError
+from schemas.lifecycle import InvalidTransition, next_task_state
 from schemas.streams import EVENTS_STREAM, TASKS_STREAM
 from supervisor.daemon.metrics import Metrics
 from supervisor.eventlog.emitter import Emitter, new_id
 from supervisor.eventlog.ports import EventSink
 from supervisor.execution.classify import Classification, catalogue_entry, classify
+from supervisor.execution.history import read_task_messages
 from supervisor.intake.admission import admit
 
 # JetStream's error code for "maximum messages per subject exceeded" (discard-new refusal).
@@ -63,8 +75,44 @@ class Submission:
         return Result(task_id=self.task_id, status="rejected", attempts=0, error=self.error)
 
 
-def submitted_event_id(task_id: str) -> str:
-    return f"submitted.{task_id}"
+def submitted_event_id(task_id: str, generation: int = 0) -> str:
+    """The deterministic id of a `task.submitted`: two submissions of one id racing each
+    other store one (JetStream drops the second by its Nats-Msg-Id). `generation` counts
+    the passing refusals before it, so a submission after a refusal is a new event."""
+    return f"submitted.{task_id}" if generation == 0 else f"submitted.{task_id}.{generation}"
+
+
+@dataclass(frozen=True)
+class IdState:
+    """What the stream says of a task id: the task machine's state after its task events
+    (None: never seen), the latest submission (seq, event), and how many passing
+    refusals (`task.refused`) it has had."""
+
+    state: str | None = None
+    submitted: tuple[int, TaskSubmitted] | None = None
+    refusals: int = 0
+
+    @property
+    def free(self) -> bool:
+        """Whether a submission under this id starts the task: never seen, or refused."""
+        return self.state is None or self.state == "refused"
+
+
+def id_state(messages: list[tuple[int, Event]]) -> IdState:
+    """Pure: fold a task's (seq, event) history into its `IdState`."""
+    state: str | None = None
+    submitted: tuple[int, TaskSubmitted] | None = None
+    refusals = 0
+    for seq, e in messages:
+        if isinstance(e, TaskSubmitted):
+            submitted = (seq, e)
+        elif isinstance(e, TaskRefused):
+            refusals += 1
+        try:
+            state = next_task_state(state, event_type(e))
+        except InvalidTransition:
+            continue
+    return IdState(state, submitted, refusals)
 
 
 def same_spec(a: TaskSpec, b: TaskSpec) -> bool:
@@ -85,6 +133,10 @@ def prepare(spec: TaskSpec) -> TaskSpec:
 
 
 class Intake:
+    """Takes submissions for the work queue. `submit` answers each with a `Submission`:
+    accepted (queued now, or the same spec known already) or refused with a classified
+    error; every refusal is recorded, and none ever ends a task that exists."""
+
     def __init__(
         self,
         js: JetStreamContext,
@@ -105,7 +157,8 @@ class Intake:
 
     async def submit(self, spec: TaskSpec) -> Submission:
         """Queue `spec` or refuse it. Raises `NatsUnavailable` when nothing could be queued
-        because NATS is unreachable (then no event claims the task was submitted)."""
+        because NATS is unreachable (then no event claims the task was queued)."""
+        given_id = spec.task_id is not None
         spec = prepare(spec)
         assert spec.task_id is not None and spec.correlation_id is not None
         em = self.emitter.for_task(spec.task_id, spec.correlation_id)
@@ -114,40 +167,44 @@ class Intake:
         except SpecError as e:
             c = classify(Evidence(adapter_error=e.tag, adapter_message=str(e)))
             assert c is not None
-            return self._reject(em, spec, c, str(e))
-        full = self.disk_full()
-        if full is not None:
-            return self._reject(em, spec, catalogue_entry("DISK_FULL", full), full)
-        known = await self._known(spec)
+            ids = await self._id_state(spec.task_id) if given_id else IdState()
+            if not ids.free:
+                return self._refuse_submission(em, spec, c, str(e))
+            return self._end(em, spec, c, str(e), TaskRejected)
+        ids = await self._id_state(spec.task_id) if given_id else IdState()
+        known = self._known(ids, spec)
         if known is not None:
             return known
-        # A deterministic id: two submissions of one id racing each other store one
-        # `task.submitted` (JetStream drops the second by its Nats-Msg-Id); the loser sees
-        # the winner's spec below.
+        full = self.disk_full()
+        if full is not None:
+            return self._end(em, spec, catalogue_entry("DISK_FULL", full), full, TaskRefused)
         em.emit(
             TaskSubmitted,
-            event_id=submitted_event_id(spec.task_id),
+            event_id=submitted_event_id(spec.task_id, ids.refusals),
             spec=spec,
             priority=spec.priority,
         )
         if not await self.sink.flush(_SUBMITTED_DURABLE_S):
-            # Refused to the client, so closed in the log too: the `task.submitted` waiting
-            # in the outbox lands later with its `task.rejected` behind it, never as a task
-            # that was queued.
+            # Refused to the client, so refused in the log too: the `task.submitted` waiting
+            # in the outbox lands later with its `task.refused` behind it, never as a task
+            # that was queued; the id stays free for the same spec.
             full = self.disk_full()
             if full is not None:
-                return self._reject(em, spec, catalogue_entry("DISK_FULL", full), full)
+                return self._end(em, spec, catalogue_entry("DISK_FULL", full), full, TaskRefused)
             message = "task.submitted could not be made durable: NATS did not answer"
-            self._reject(em, spec, catalogue_entry("NATS_UNAVAILABLE", message), message)
+            self._end(em, spec, catalogue_entry("NATS_UNAVAILABLE", message), message, TaskRefused)
             raise NatsUnavailable("jetstream", "task.submitted could not be made durable")
-        known = await self._known(spec, after_own=True)
-        if known is not None:
-            return known
+        # A racing submission of the same id may have stored its `task.submitted` first.
+        after = await self._id_state(spec.task_id)
+        if after.submitted is None:
+            raise NatsUnavailable("jetstream", "task.submitted is not in the stream")
+        if not same_spec(after.submitted[1].spec, spec):
+            return self._duplicate(em, spec, after.submitted[0])
         try:
             ack = await self.js.publish(
                 task_subject(spec.priority),
                 self._encoder.encode(spec),
-                headers={"Nats-Msg-Id": spec.task_id},
+                headers={"Nats-Msg-Id": submitted_event_id(spec.task_id, ids.refusals)},
             )
         except nats.js.errors.APIError as e:
             if e.err_code == JS_ERR_MAX_MSGS_PER_SUBJECT:
@@ -159,33 +216,38 @@ class Intake:
                     message=f"the {spec.priority} queue is full ({bound} tasks queued or running); try again later",
                     details={"priority": spec.priority, "bound": bound},
                 )
-                return self._reject(em, spec, c, c.message)
+                refused = self._end(em, spec, c, c.message, TaskRefused)
+                # Durable before the answer: a client that retries at once must find the
+                # id free, not a task that seems queued.
+                await self.sink.flush(_SUBMITTED_DURABLE_S)
+                return refused
             raise EventLogError(f"SUP_TASKS refused the task: {e}") from e
         except (nats.errors.Error, OSError) as e:
             raise NatsUnavailable("jetstream", repr(e)) from e
         return Submission(spec.task_id, spec.correlation_id, True, stream_seq=ack.seq)
 
-    async def _known(self, spec: TaskSpec, *, after_own: bool = False) -> Submission | None:
-        """The answer for a task id known already: the same spec again is the existing task
-        (accepted, nothing recorded); a different one is refused as DUPLICATE_TASK_ID with
-        an `error.raised` (not a `task.rejected`: the id's one outcome is the first
-        task's). None for a new id, or, `after_own`, when the stored submission is ours."""
+    def _known(self, ids: IdState, spec: TaskSpec) -> Submission | None:
+        """The answer for an id that names a task already: the same spec again is that task
+        (accepted, nothing recorded); another one is refused as DUPLICATE_TASK_ID. None for
+        a free id (new, or refused for a passing reason)."""
         assert spec.task_id is not None and spec.correlation_id is not None
-        first = await self._first_submission(spec.task_id)
-        if first is None:
-            if after_own:
-                raise NatsUnavailable("jetstream", "task.submitted is not in the stream")
+        if ids.free:
             return None
-        seq, stored = first
+        em = self.emitter.for_task(spec.task_id, spec.correlation_id)
+        if ids.submitted is None:  # rejected at admission: no spec was ever recorded
+            return self._duplicate(em, spec, None)
+        seq, stored = ids.submitted
         if same_spec(stored.spec, spec):
-            if after_own:
-                return None
             return Submission(
                 spec.task_id, stored.correlation_id, True, stream_seq=None, existing=True
             )
+        return self._duplicate(em, spec, seq)
+
+    def _duplicate(self, em: Emitter, spec: TaskSpec, seq: int | None) -> Submission:
+        where = f"submitted at stream seq {seq}" if seq is not None else "rejected before"
         message = (
-            f"task id {spec.task_id} is taken by another spec (submitted at stream "
-            f"seq {seq}); submit again with another id, or the same spec"
+            f"task id {spec.task_id} is taken by another spec ({where}); submit again with "
+            "another id, or the same spec"
         )
         c = Classification(
             type="validation",
@@ -194,42 +256,23 @@ class Intake:
             message=message,
             details={"submitted_seq": seq},
         )
-        em = self.emitter.for_task(spec.task_id, spec.correlation_id)
-        error = ExecutionError(
-            type=c.type,
-            code=c.code,
-            message=message,
-            retryable=False,
-            details=c.details,
-            task_id=spec.task_id,
-            timestamp=self.emitter.clock().isoformat(),
-        )
-        em.emit(
-            ErrorRaised,
-            error_type=c.type,
-            code=c.code,
-            message=message,
-            retryable=False,
-            details=c.details,
-        )
-        self._count(c)
-        return Submission(spec.task_id, spec.correlation_id, False, error=error)
+        return self._refuse_submission(em, spec, c, message)
 
-    async def _first_submission(self, task_id: str) -> tuple[int, TaskSubmitted] | None:
-        subject = f"sup.task.submitted.*.{task_id}"
+    async def _id_state(self, task_id: str) -> IdState:
+        """The id's state in the stream: one cheap look-up for an id never seen, its task
+        events read back otherwise."""
+        subject = f"sup.task.*.*.{task_id}"
         try:
-            msg = await self.js.get_msg(EVENTS_STREAM, seq=1, next=True, subject=subject)
+            await self.js.get_msg(EVENTS_STREAM, seq=1, next=True, subject=subject)
         except nats.js.errors.NotFoundError:
-            return None
+            return IdState()
         except (nats.errors.Error, OSError) as e:
             raise NatsUnavailable("jetstream", f"looking up task {task_id}: {e!r}") from e
         try:
-            event = decode_event(msg.data or b"")
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return None
-        if not isinstance(event, TaskSubmitted):
-            return None
-        return int(msg.seq or 0), event
+            messages = await read_task_messages(self.js, task_id)
+        except (nats.errors.Error, OSError, TimeoutError) as e:
+            raise NatsUnavailable("jetstream", f"reading task {task_id}: {e!r}") from e
+        return id_state(messages)
 
     def _count(self, c: Classification) -> None:
         if self.metrics is not None:
@@ -244,9 +287,9 @@ class Intake:
             return None
         return info.config.max_msgs_per_subject
 
-    def _reject(self, em: Emitter, spec: TaskSpec, c: Classification, message: str) -> Submission:
-        assert spec.task_id is not None and spec.correlation_id is not None
-        error = ExecutionError(
+    def _error(self, spec: TaskSpec, c: Classification, message: str) -> ExecutionError:
+        assert spec.task_id is not None
+        return ExecutionError(
             type=c.type,
             code=c.code,
             message=message,
@@ -255,6 +298,8 @@ class Intake:
             task_id=spec.task_id,
             timestamp=self.emitter.clock().isoformat(),
         )
+
+    def _raise(self, em: Emitter, c: Classification, message: str) -> None:
         em.emit(
             ErrorRaised,
             error_type=c.type,
@@ -263,9 +308,34 @@ class Intake:
             retryable=c.retryable,
             details=c.details,
         )
-        result = Result(task_id=spec.task_id, status="rejected", attempts=0, error=error)
-        em.emit(TaskRejected, error=error, result=result)
         self._count(c)
+
+    def _refuse_submission(
+        self, em: Emitter, spec: TaskSpec, c: Classification, message: str
+    ) -> Submission:
+        """A submission refused under an id that names a task: an error about the
+        submission (attempt 0), the task left as it is."""
+        assert spec.task_id is not None and spec.correlation_id is not None
+        self._raise(em, c, message)
+        return Submission(
+            spec.task_id, spec.correlation_id, False, error=self._error(spec, c, message)
+        )
+
+    def _end(
+        self,
+        em: Emitter,
+        spec: TaskSpec,
+        c: Classification,
+        message: str,
+        kind: type[TaskRejected] | type[TaskRefused],
+    ) -> Submission:
+        """Refuse a submission under a free id: `task.rejected` (for good) or
+        `task.refused` (a passing reason: the id stays free), after its `error.raised`."""
+        assert spec.task_id is not None and spec.correlation_id is not None
+        error = self._error(spec, c, message)
+        self._raise(em, c, message)
+        result = Result(task_id=spec.task_id, status="rejected", attempts=0, error=error)
+        em.emit(kind, error=error, result=result)
         if self.metrics is not None:
             self.metrics.tasks.labels("rejected").inc()
         return Submission(spec.task_id, spec.correlation_id, False, error=error)
