@@ -38,6 +38,9 @@ CATALOGUE: Final[dict[str, tuple[ErrorType, bool]]] = {
     # Intake could not make a submission durable: NATS (JetStream) did not answer.
     "NATS_UNAVAILABLE": ("infrastructure", True),
     "CPU_TIME_EXCEEDED": ("timeout", False),
+    # An unexpected error inside the supervisor during an attempt (a bug of ours, or the
+    # host refusing what admission let through); cleanup ran, the details name the error.
+    "INTERNAL_ERROR": ("infrastructure", False),
 }
 
 

@@ -26,6 +26,18 @@ class SupervisorError(Exception):
     tag = "supervisor_error"
 
 
+class InternalError(SupervisorError):
+    """An exception no layer expected, caught at the edge of an attempt so that it ends
+    as a classified outcome (`INTERNAL_ERROR`) instead of a lost attempt."""
+
+    tag = "internal"
+
+    def __init__(self, where: str, error: BaseException) -> None:
+        self.where = where
+        self.error_class = type(error).__name__
+        super().__init__(f"{where}: unexpected {self.error_class}: {error}"[:2000])
+
+
 # --- input -------------------------------------------------------------------------------
 
 
@@ -111,6 +123,23 @@ class NatsUnavailable(EventLogError):
     def __init__(self, url: str, detail: str = "") -> None:
         self.url = redact_url(url)
         super().__init__(f"NATS at {self.url} is unreachable" + (f": {detail}" if detail else ""))
+
+
+class NoDaemon(NatsUnavailable):
+    """A one-shot command that needs a daemon's NATS found none: no `--nats`, no
+    `SUPERVISOR_NATS_URL`, no configured servers, and no daemon answering on the data dir."""
+
+    tag = "no_daemon"
+
+    def __init__(self, purpose: str, data_dir: str) -> None:
+        self.purpose = purpose
+        self.data_dir = data_dir
+        EventLogError.__init__(
+            self,
+            f"cannot {purpose}: no daemon runs on the data dir {data_dir} and no NATS is named; "
+            "start `supervisor serve` there, or give --nats URL (or SUPERVISOR_NATS_URL)",
+        )
+        self.url = ""
 
 
 class OutboxError(EventLogError):

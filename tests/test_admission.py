@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from schemas import Limits, TaskSpec
+from schemas import Limits, RetryPolicy, TaskSpec
 from schemas.config import Bounds, Policy
 from schemas.errors import InvalidSpec, PolicyViolation
 from supervisor.intake.admission import admit, decode_spec
@@ -164,3 +164,36 @@ def test_env_names_of_the_supervisors_own_are_refused() -> None:
         admit(_spec(env={"SUPERVISOR_TASK_ID": "forged"}), Bounds(), Policy())
 
     assert e.value.field == "env.SUPERVISOR_TASK_ID"
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"files": {"x" * 5000: "a"}}, "files."),
+        ({"files": {"/".join(["d"] * 2000) + "/f": "a"}}, "files."),
+        ({"files": {"/".join(["d"] * 40): "a"}}, "files."),
+        ({"files": {"big": "a" * (16 * 1024 * 1024)}}, "files"),
+        ({"stdin": "a" * (16 * 1024 * 1024)}, "stdin"),
+        ({"retry": RetryPolicy(base_delay_s=100000)}, "retry.base_delay_s"),
+        ({"retry": RetryPolicy(max_delay_s=1e308)}, "retry.max_delay_s"),
+    ],
+)
+def test_what_the_event_log_or_the_host_cannot_carry_is_refused_at_admission(
+    kw: dict[str, object], field: str
+) -> None:
+    with pytest.raises(InvalidSpec) as e:
+        admit(_spec(**kw), Bounds(), Policy())
+
+    assert e.value.field.startswith(field)
+    assert len(e.value.field) <= len(field) + 66  # a long name is cut in the message
+
+
+def test_a_spec_too_big_for_one_event_is_refused_whole() -> None:
+    four_mib = 4 * 1024 * 1024
+    spec = _spec(files={"a": "x" * (four_mib - 10)}, stdin="y" * (four_mib - 10))
+
+    with pytest.raises(InvalidSpec) as e:
+        admit(spec, Bounds(), Policy())
+
+    assert e.value.field == "spec"
+    assert "above the configured bound 6291456" in str(e.value)

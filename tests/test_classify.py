@@ -16,6 +16,9 @@ from supervisor.execution.classify import classify
         (Evidence(exit_code=3), "NONZERO_EXIT", "user_code", False),
         (Evidence(exit_code=139), "SIGNALED", "user_code", False),
         (Evidence(exit_code=137, oom_killed=True), "OOM_KILLED", "resource", False),
+        # A child killed for memory while the script went on and exited 0.
+        (Evidence(exit_code=0, memory_oom_events=1), "OOM_KILLED", "resource", False),
+        (Evidence(adapter_error="internal"), "INTERNAL_ERROR", "infrastructure", False),
         (Evidence(exit_code=2, pids_limit_events=4), "PIDS_LIMIT", "resource", False),
         (
             Evidence(exit_code=137, kills_issued=("output_limit",)),

@@ -134,3 +134,39 @@ def test_admission_names_the_bad_field(fields: dict[str, object], field: str, sa
         admit(_spec(["true"], **fields), bounds, Policy())
     assert e.value.field == field
     assert says in str(e.value)
+
+
+async def test_a_child_killed_for_memory_fails_the_task_even_when_the_script_exits_0(
+    node: Node,
+) -> None:
+    script = "head -c 200000000 /dev/zero | sort >/dev/null; echo survived"
+    result = await _run(node, _spec(["sh", "-c", script], limits=Limits(memory_mb=32)))
+
+    assert result.stdout == "survived\n"
+    assert result.exit_code == 0
+    assert result.error is not None
+    assert (result.status, result.error.code) == ("failed", "OOM_KILLED")
+    assert result.error.details["memory_oom_events"] >= 1
+
+
+async def test_an_unexpected_error_inside_an_attempt_is_classified_at_once(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever escapes the layers below (here the workspace writer) ends the attempt as
+    INTERNAL_ERROR, cleaned up, instead of leaving it open until a successor calls it lost."""
+
+    def broken(*_: object) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr("supervisor.execution.attempt.create_workspace", broken)
+    result = await _run(node, _spec(["true"]))
+
+    assert result.error is not None
+    assert (result.status, result.error.type, result.error.code) == (
+        "failed",
+        "infrastructure",
+        "INTERNAL_ERROR",
+    )
+    events = await stream_events(node.nats_url, f"sup.*.*.*.{result.task_id}")
+    kinds = [type(e).__name__ for e in events]
+    assert kinds.count("AttemptFinished") == 1 and kinds.count("TaskFailed") == 1

@@ -30,7 +30,7 @@ from schemas import (
     WorkspaceCreated,
 )
 from schemas.config import Config
-from schemas.errors import ContainerVanished, SupervisorError
+from schemas.errors import ContainerVanished, InternalError, SupervisorError
 from schemas.labels import container_labels
 from supervisor.daemon.metrics import Metrics
 from supervisor.docker.runtime import (
@@ -175,6 +175,9 @@ class AttemptRunner:
             st.adapter_error = e
         except asyncio.CancelledError:
             st.cancelled = True
+        except Exception as e:  # a bug or a host refusal: classified now, never a lost attempt
+            log.exception("attempt %d of %s: unexpected error", attempt, task_id)
+            st.adapter_error = InternalError("attempt", e)
         try:
             await _uncancellable(self._after(em, st))
         except asyncio.CancelledError:

@@ -4,7 +4,8 @@ Never looks at message text. The evidence is what the events record (`schemas.Ev
 so the same function can be re-run over history and must give the same answer.
 
 Precedence, strongest cause first: an adapter error (the attempt never ran to an exit),
-removal out of band, an external kill, the kernel's OOM killer, the pids limit, the
+removal out of band, an external kill, the kernel's OOM killer (its kill count in the
+cgroup, whatever the exit code), the pids limit, the
 supervisor's own kills (output cap, then CPU time, then the deadline), cancellation, then the exit code
 (a signal death, then a plain non-zero exit). Resource evidence outranks the deadline: a
 fork bomb that also ran out of time failed because of its fork bomb.
@@ -29,6 +30,7 @@ _ADAPTER_CODES = {
     "circuit_open": "CIRCUIT_OPEN",
     "invalid_spec": "INVALID_SPEC",
     "policy_violation": "POLICY_VIOLATION",
+    "internal": "INTERNAL_ERROR",
 }
 
 
@@ -59,6 +61,10 @@ def signal_name(number: int) -> str:
         return f"SIG{number}"
 
 
+def _oom(ev: Evidence) -> bool:
+    return ev.oom_killed or ev.memory_oom_events > 0
+
+
 def classify(ev: Evidence) -> Classification | None:
     """None means the attempt succeeded; otherwise the catalogue entry the evidence proves."""
     if ev.adapter_error is not None:
@@ -79,10 +85,12 @@ def classify(ev: Evidence) -> Classification | None:
             "the container was killed or stopped through Docker by someone else",
             signals=list(ev.external_kills),
         )
+    # The cgroup's OOM kill count outranks the exit code: a script whose child the kernel
+    # killed for memory may still exit 0 (`sort` killed, then `echo survived`).
     killed = bool(ev.kills_issued)
-    if not killed and not ev.cancelled and ev.exit_code == 0:
+    if not killed and not ev.cancelled and ev.exit_code == 0 and not _oom(ev):
         return None
-    if ev.oom_killed or ev.memory_oom_events > 0:
+    if _oom(ev):
         return _make(
             "OOM_KILLED",
             "the kernel OOM killer acted in the container's cgroup",

@@ -46,9 +46,20 @@ from supervisor.execution.retry import backoff_delay, should_retry
 from supervisor.intake.admission import admit
 
 _FINISHED_KEPT = 100_000
+_ENGINE_POLL_S = 0.25
 
 
 log = logging.getLogger("supervisor.execution.executor")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """What `Executor.run(park=True)` answers instead of sleeping before a retry: the retry
+    is recorded (`task.retry_scheduled`); `next_attempt` is due in `delay_s` seconds. The
+    caller waits without holding a slot, then calls `run(first_attempt=next_attempt)`."""
+
+    next_attempt: int
+    delay_s: float
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,9 @@ class Executor:
         )
         # The containers of the attempts this instance runs now, by container id.
         self.live = self.attempts.live
+        # Set by the daemon's scheduler: ends a task parked between two attempts when it is
+        # cancelled (returns whether it was parked there).
+        self.on_cancel: Callable[[str], Awaitable[bool]] | None = None
 
     def claim_kill(self, container_id: str, reason: str) -> KillClaim:
         """Asked before a kill from outside the attempt (a cleanup command). `refused` (with
@@ -142,14 +156,16 @@ class Executor:
         """Record that `task_id` was cancelled (`task.cancel_requested`): no attempt of it
         starts here any more, and a live one is killed now, the kill recorded as the
         attempt's own `kill_issued{cancelled}` (so it is classified `CANCELLED`, never
-        retried). Returns whether an attempt of it was running here."""
+        retried); a task parked between two attempts here ends at once. Returns whether
+        an attempt of it was running or parked here."""
         self.cancelled[task_id] = None
         if len(self.cancelled) > _FINISHED_KEPT:
             del self.cancelled[next(iter(self.cancelled))]
         found = [cid for cid, live in self.live.items() if live.em.task_id == task_id]
         for cid in found:
             await self.attempts.kill_cancelled(cid)
-        return bool(found)
+        parked = self.on_cancel is not None and await self.on_cancel(task_id)
+        return bool(found) or parked
 
     def cancellation(self) -> Classification:
         """What a task cancelled before its attempt started ends with."""
@@ -170,12 +186,35 @@ class Executor:
         first_attempt: int = 1,
         terminal_on_cancel: bool = True,
     ) -> Result:
+        """`run_or_park` without parking: waits between attempts, returns the Result."""
+        result = await self.run_or_park(
+            spec,
+            announce=announce,
+            first_attempt=first_attempt,
+            terminal_on_cancel=terminal_on_cancel,
+            park=False,
+        )
+        assert isinstance(result, Result)
+        return result
+
+    async def run_or_park(
+        self,
+        spec: TaskSpec,
+        *,
+        announce: bool = True,
+        first_attempt: int = 1,
+        terminal_on_cancel: bool = True,
+        park: bool = True,
+    ) -> Result | Backoff:
         """Run `spec` to a terminal state, publishing every step.
 
         `first_attempt` > 1 continues a task whose earlier attempts are in history (a
-        redelivered message). Cancellation always cleans up and closes the attempt; with
-        `terminal_on_cancel` it also records the task as failed (`CANCELLED`) — the daemon
-        turns that off at shutdown, leaving the message to be redelivered.
+        redelivered message, or a retry whose backoff was waited out elsewhere).
+        Cancellation always cleans up and closes the attempt; with `terminal_on_cancel` it
+        also records the task as failed (`CANCELLED`) — the daemon turns that off at
+        shutdown, leaving the message to be redelivered. Between attempts it waits out the
+        backoff and then for the engine (`wait_for_engine`); with `park` it returns a
+        `Backoff` instead, so the daemon waits without holding a slot (a Result only else).
         """
         task_id = spec.task_id or f"t-{new_id()[:16]}"
         em = self.emitter.for_task(task_id, spec.correlation_id or new_id())
@@ -210,18 +249,46 @@ class Executor:
             if not should_retry(spec.retry, attempt, out.classification.retryable):
                 return self._finish(aem, spec, attempt, out, started)
             delay = self.schedule_retry(aem, spec, attempt, out.classification)
-            if self.gate is not None:
-                self.gate()
+            if park:
+                return Backoff(attempt + 1, delay)
             try:
                 await self.sleep(delay)
+                await self.wait_for_engine()
             except asyncio.CancelledError:
                 if terminal_on_cancel:
                     self._finish(aem, spec, attempt, out, started, cancelled=True)
                 raise
 
+    async def wait_for_engine(self) -> bool:
+        """Before a retry: wait until the Docker breaker lets work through and the engine
+        has answered every ping for `scheduling.engine_settle_s` (an engine that is
+        shutting down still answers while it stops its containers), so that an engine
+        restart costs a task no attempt. At most `scheduling.engine_wait_s`; returns
+        whether the engine is ready (if not, the attempt goes ahead and meets, and
+        classifies, what is wrong)."""
+        sc = self.config.scheduling
+        now = time.monotonic()
+        deadline, since = now + sc.engine_wait_s, None
+        while True:
+            try:
+                if self.gate is not None:
+                    self.gate()
+                await self.runtime.ping()
+                since = time.monotonic() if since is None else since
+                if time.monotonic() - since >= sc.engine_settle_s:
+                    return True
+            except SupervisorError:
+                since = None
+                if time.monotonic() >= deadline:
+                    return False
+            await asyncio.sleep(_ENGINE_POLL_S)
+
     def schedule_retry(self, em: Emitter, spec: TaskSpec, attempt: int, c: Classification) -> float:
-        """Record the retry after a failed `attempt`; returns the delay to wait."""
-        delay = backoff_delay(spec.retry, attempt, self.rand)
+        """Record the retry after a failed `attempt`; returns the delay to wait, capped by
+        `bounds.max_retry_delay_s` (a message queued under older bounds included)."""
+        delay = min(
+            backoff_delay(spec.retry, attempt, self.rand), self.config.bounds.max_retry_delay_s
+        )
         em.emit(RetryScheduled, next_attempt=attempt + 1, delay_s=delay, error_code=c.code)
         return delay
 
@@ -235,13 +302,16 @@ class Executor:
         recorded: bool = False,
     ) -> Result:
         """Close a task as failed with `c` without running anything (a lost last attempt,
-        a poison message). `recorded`: `c` is an error the log holds already (the closing
-        of a lost attempt), repeated in the result but not raised again."""
+        a poison message, a cancellation between attempts). `recorded`: `c` is an error the
+        log holds already (the closing of a lost attempt), repeated in the result but not
+        raised again. The error is the task's own (attempt 0): attempt `attempts` has
+        finished, and nothing of it may follow its end."""
         assert spec.task_id is not None
-        em = self.emitter.for_task(spec.task_id, spec.correlation_id or "").for_attempt(attempts)
+        task_em = self.emitter.for_task(spec.task_id, spec.correlation_id or "")
+        em = task_em.for_attempt(attempts)
         error = self._error(spec.task_id, c, None, message=message)
         if not recorded:
-            emit_error(em, c, error.message)
+            emit_error(task_em, c, error.message)
             self.metrics.errors.labels(c.type, c.code).inc()
         result = Result(task_id=spec.task_id, status="failed", attempts=attempts, error=error)
         em.emit(TaskFailed, result=result, callback_url=spec.callback_url)

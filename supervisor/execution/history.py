@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from nats.js.api import DeliverPolicy
 from nats.js.client import JetStreamContext
@@ -17,6 +18,7 @@ from schemas import (
     ContainerCreated,
     Event,
     RetryScheduled,
+    TaskCancelRequested,
     TaskFailed,
     TaskRejected,
     TaskSucceeded,
@@ -40,6 +42,10 @@ class TaskHistory:
     # The attempt a `retry.scheduled` announced after the last attempt (the delivery that
     # scheduled it ended before running it: a shutdown, or the Docker breaker opening).
     retry_pending: int | None = None
+    # When that retry is due (the `retry.scheduled`'s time plus its delay).
+    retry_due: datetime | None = None
+    # Someone asked to cancel the task (`task.cancel_requested`).
+    cancel_requested: bool = False
 
 
 def summarize(events: list[Event]) -> TaskHistory:
@@ -52,10 +58,15 @@ def summarize(events: list[Event]) -> TaskHistory:
     workspaces: dict[int, str] = {}
     terminal: str | None = None
     pending: int | None = None
+    due: datetime | None = None
+    cancel = False
     for e in events:
         match e:
             case RetryScheduled():
                 pending = e.next_attempt
+                due = e.occurred_at + timedelta(seconds=e.delay_s)
+            case TaskCancelRequested():
+                cancel = True
             case AttemptStarted():
                 started[e.attempt] = e.instance_id
                 nodes[e.attempt] = e.node_id
@@ -73,10 +84,16 @@ def summarize(events: list[Event]) -> TaskHistory:
             case TaskRejected():
                 terminal = "rejected"
     if pending is not None and pending <= last:
-        pending = None
+        pending, due = None, None
     open_attempts = sorted(set(started) - finished)
     if not open_attempts:
-        return TaskHistory(last_attempt=last, terminal=terminal, retry_pending=pending)
+        return TaskHistory(
+            last_attempt=last,
+            terminal=terminal,
+            retry_pending=pending,
+            retry_due=due,
+            cancel_requested=cancel,
+        )
     a = open_attempts[-1]
     return TaskHistory(
         last_attempt=last,
@@ -86,6 +103,7 @@ def summarize(events: list[Event]) -> TaskHistory:
         open_container=containers.get(a),
         open_workspace=workspaces.get(a),
         terminal=terminal,
+        cancel_requested=cancel,
     )
 
 

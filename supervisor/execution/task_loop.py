@@ -1,11 +1,16 @@
 """Pulls tasks from the work queue while this node has capacity and runs them.
 
 High is always served before normal, normal before low, FIFO within a priority (the
-stream's order). A task that does not fit the memory budget yet is held at the head of its
+stream's order); a retry whose backoff is over goes before them all. A task that does not fit the memory budget yet is held at the head of its
 priority (kept alive with in-progress acks, not counted as a new delivery) and nothing of a
 lower priority passes it: no starvation of big tasks. A message is acknowledged only after
 the task's terminal event is durable in JetStream; a task interrupted by shutdown is
 nak'ed so another daemon (or this one, restarted) runs it.
+
+Between two attempts a task is parked (`Parked`): its message kept alive, no slot held.
+When its backoff ends it waits for the Docker engine (`Executor.wait_for_engine`), then for
+a slot. A cancellation ends a parked task at once; at shutdown its message is handed back
+at once, and whoever gets it waits out what is left of the backoff (from its history).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from schemas.errors import NatsUnavailable, SupervisorError
 from supervisor.daemon.logs import bind
 from supervisor.eventlog.emitter import utcnow
 from supervisor.execution.classify import catalogue_entry
-from supervisor.execution.executor import Executor
+from supervisor.execution.executor import Backoff, Executor
 from supervisor.execution.history import TaskHistory, read_task_events, summarize
 from supervisor.execution.recovery import close_lost_attempt, owner_death, redelivery_limit
 from supervisor.execution.retry import should_retry
@@ -44,6 +49,19 @@ class Running:
     msg: Msg
     task: asyncio.Task[None]
     keepalive: asyncio.Task[None]
+
+
+@dataclass
+class Parked:
+    """A task between two attempts: `next_attempt` is due once `timer` (its backoff, then
+    the engine) is over, and then `ready` for a slot."""
+
+    spec: TaskSpec
+    msg: Msg
+    keepalive: asyncio.Task[None]
+    next_attempt: int
+    timer: asyncio.Task[None] | None = None
+    ready: bool = False
 
 
 class _Defer(SupervisorError):
@@ -85,8 +103,10 @@ class Scheduler:
         self.running: dict[str, Running] = {}
         self._acks: set[asyncio.Task[None]] = set()
         self.held: dict[str, tuple[Msg, TaskSpec, asyncio.Task[None]]] = {}
+        self.parked: dict[str, Parked] = {}
         self._changed = asyncio.Event()
         self._stopping = False
+        executor.on_cancel = self._cancel_parked
 
     @property
     def events(self):  # type: ignore[no-untyped-def]
@@ -119,7 +139,14 @@ class Scheduler:
         self._changed.set()
 
     async def _schedule_once(self) -> bool:
-        if self._stopping or not self.may_pull():
+        if self._stopping:
+            return False
+        for task_id, p in list(self.parked.items()):
+            if p.ready and self.fits(p.spec.limits.memory_mb, self.running_memory()):
+                del self.parked[task_id]
+                self._start(p.msg, p.spec, p.keepalive, retry=p.next_attempt)
+                return True
+        if not self.may_pull():
             return False
         for prio in PRIORITIES:
             head = self.held.pop(prio, None)
@@ -152,6 +179,11 @@ class Scheduler:
             log.info("task %s: redelivered while it runs here; following the new delivery", task_id)
             run.keepalive.cancel()
             run.msg, run.keepalive = msg, asyncio.ensure_future(self._keepalive(msg))
+            return True
+        parked = self.parked.get(task_id)
+        if parked is not None:
+            parked.keepalive.cancel()
+            parked.msg, parked.keepalive = msg, asyncio.ensure_future(self._keepalive(msg))
             return True
         for prio, (_, held, keepalive) in list(self.held.items()):
             if held.task_id == task_id:
@@ -202,9 +234,11 @@ class Scheduler:
         with contextlib.suppress(Exception):
             await msg.term()
 
-    def _start(self, msg: Msg, spec: TaskSpec, keepalive: asyncio.Task[None]) -> None:
+    def _start(
+        self, msg: Msg, spec: TaskSpec, keepalive: asyncio.Task[None], retry: int | None = None
+    ) -> None:
         assert spec.task_id is not None
-        task = asyncio.ensure_future(self._handle(msg, spec))
+        task = asyncio.ensure_future(self._handle(msg, spec, retry))
         self.running[spec.task_id] = Running(spec, msg, task, keepalive)
 
         def _done(_: asyncio.Task[None]) -> None:
@@ -219,17 +253,55 @@ class Scheduler:
             with contextlib.suppress(Exception):
                 await msg.in_progress()
 
-    async def _handle(self, msg: Msg, spec: TaskSpec) -> None:
+    async def _handle(self, msg: Msg, spec: TaskSpec, retry: int | None) -> None:
         with bind(task_id=spec.task_id, correlation_id=spec.correlation_id):
-            await self._handle_bound(msg, spec)
+            await self._handle_bound(msg, spec, retry)
+
+    def _park(self, spec: TaskSpec, backoff: Backoff) -> None:
+        """Move a running task to `parked` until its next attempt is due (its slot is free
+        as soon as its run returns)."""
+        task_id = spec.task_id or ""
+        run = self.running[task_id]
+        p = Parked(spec, run.msg, run.keepalive, backoff.next_attempt)
+        p.timer = asyncio.ensure_future(self._due(p, backoff.delay_s))
+        self.parked[task_id] = p
+
+    async def _due(self, p: Parked, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        await self.executor.wait_for_engine()
+        p.ready = True
+        self.poke()
+
+    async def _cancel_parked(self, task_id: str) -> bool:
+        """A cancellation of a parked task ends it now, once (`CANCELLED`), and acks its
+        message once that is durable. False when the task is not parked here."""
+        p = self.parked.pop(task_id, None)
+        if p is None:
+            return False
+        if p.timer is not None:
+            p.timer.cancel()
+        with bind(task_id=task_id, correlation_id=p.spec.correlation_id):
+            result = self.executor.fail(p.spec, self.executor.cancellation(), p.next_attempt - 1)
+            self.on_result(result)
+            p.keepalive.cancel()
+            await self._ack_when_durable(p.msg)
+        return True
 
     def _delivery(self, spec: TaskSpec, first: Msg) -> Msg:
         run = self.running.get(spec.task_id or "")
         return run.msg if run is not None else first
 
-    async def _handle_bound(self, msg: Msg, spec: TaskSpec) -> None:
+    async def _handle_bound(self, msg: Msg, spec: TaskSpec, retry: int | None) -> None:
         try:
-            result = await self._execute(msg, spec)
+            if retry is None:
+                result = await self._execute(msg, spec)
+            else:
+                result = await self.executor.run_or_park(
+                    spec, announce=False, first_attempt=retry, terminal_on_cancel=False
+                )
+            if isinstance(result, Backoff):
+                self._park(spec, result)
+                return
             if result is not None:
                 self.on_result(result)
             # Ack only once the terminal event is durable; otherwise the redelivery finds it.
@@ -249,14 +321,14 @@ class Scheduler:
                 await self._delivery(spec, msg).nak(delay=1)
         finally:
             run = self.running.get(spec.task_id or "")
-            if run is not None:
+            if run is not None and spec.task_id not in self.parked:
                 run.keepalive.cancel()
 
-    async def _execute(self, msg: Msg, spec: TaskSpec) -> Result | None:
+    async def _execute(self, msg: Msg, spec: TaskSpec) -> Result | Backoff | None:
         deliveries = msg.metadata.num_delivered
         ex = self.executor
         if deliveries <= 1:
-            return await ex.run(spec, announce=False, terminal_on_cancel=False)
+            return await ex.run_or_park(spec, announce=False, terminal_on_cancel=False)
         assert spec.task_id is not None
         # The history must hold everything this process has to say first: its own events
         # and those of the outboxes it adopted (a superseded instance's terminal events).
@@ -269,15 +341,19 @@ class Scheduler:
         closed = None
         if history.open_attempt is not None:
             closed = await close_lost_attempt(ex, spec, history, await self._death(history))
+        if history.cancel_requested:
+            return ex.fail(spec, ex.cancellation(), attempts=last)
         if deliveries > self.max_deliver:
             return ex.fail(spec, redelivery_limit(deliveries, self.max_deliver), attempts=last)
         if last == 0:
-            return await ex.run(spec, announce=False, terminal_on_cancel=False)
+            return await ex.run_or_park(spec, announce=False, terminal_on_cancel=False)
         if closed is None and history.retry_pending == last + 1:
-            # The earlier delivery already decided to retry (and waited); run it now.
-            return await ex.run(
-                spec, announce=False, first_attempt=last + 1, terminal_on_cancel=False
-            )
+            # The earlier delivery decided to retry; wait out what is left of its backoff.
+            left = 0.0
+            if history.retry_due is not None:
+                left = (history.retry_due - utcnow()).total_seconds()
+            cap = ex.config.bounds.max_retry_delay_s
+            return Backoff(last + 1, min(max(left, 0.0), cap))
         previous = closed or catalogue_entry(
             "SUPERVISOR_LOST", "the previous delivery ended without a result"
         )
@@ -285,8 +361,7 @@ class Scheduler:
             # A lost attempt just closed has its error in the log: the failure repeats it.
             return ex.fail(spec, previous, attempts=last, recorded=closed is not None)
         em = ex.emitter.for_task(spec.task_id, spec.correlation_id or "").for_attempt(last)
-        await ex.sleep(ex.schedule_retry(em, spec, last, previous))
-        return await ex.run(spec, announce=False, first_attempt=last + 1, terminal_on_cancel=False)
+        return Backoff(last + 1, ex.schedule_retry(em, spec, last, previous))
 
     async def _death(self, history: TaskHistory) -> str:
         """The proof that the open attempt's owner is dead; `_Defer` when there is none."""
@@ -317,6 +392,15 @@ class Scheduler:
             with contextlib.suppress(Exception):
                 await msg.nak()
         self.held.clear()
+        # Parked tasks go back at once: the next holder waits out what is left of the
+        # backoff from the task's history, and can end it at once if it is cancelled.
+        for p in self.parked.values():
+            if p.timer is not None:
+                p.timer.cancel()
+            p.keepalive.cancel()
+            with contextlib.suppress(Exception):
+                await p.msg.nak()
+        self.parked.clear()
 
     async def drain(self, grace_s: float, force: asyncio.Event) -> None:
         """Let running tasks finish within `grace_s` (or until `force`), then cancel the

@@ -22,6 +22,12 @@ _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
 _UNKNOWN_RE = re.compile(r"unknown field `([^`]*)`")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _decoder = msgspec.json.Decoder(TaskSpec)
+_encoder = msgspec.json.Encoder()
+# A file's path: each part at most NAME_MAX (255 bytes on Linux file systems), the whole
+# well under PATH_MAX, and not so deep that making its directories is a risk.
+_MAX_NAME_PART = 255
+_MAX_PATH = 1024
+_MAX_DEPTH = 32
 
 
 def decode_spec(data: bytes | str) -> TaskSpec:
@@ -106,8 +112,22 @@ def check_bounds(spec: TaskSpec, bounds: Bounds) -> None:
             )
         if "\x00" in env_value:
             raise InvalidSpec(f"env.{key}", "value contains a NUL byte")
+    retry = spec.retry
+    for field, delay in (
+        ("retry.base_delay_s", retry.base_delay_s),
+        ("retry.max_delay_s", retry.max_delay_s),
+    ):
+        if delay > bounds.max_retry_delay_s:
+            raise InvalidSpec(
+                field, f"{delay} is above the configured bound {bounds.max_retry_delay_s}"
+            )
     _check_files(spec, bounds)
     _check_stdin(spec, bounds)
+    size = len(_encoder.encode(spec))
+    if size > bounds.max_spec_bytes:
+        raise InvalidSpec(
+            "spec", f"{size} bytes as JSON is above the configured bound {bounds.max_spec_bytes}"
+        )
 
 
 def _check_files(spec: TaskSpec, bounds: Bounds) -> None:
@@ -153,8 +173,17 @@ def _check_file_name(name: str) -> None:
         raise InvalidSpec(f"files.{name!r}", "holds a control or bidirectional character")
     if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise InvalidSpec(
-            f"files.{name}",
+            f"files.{name[:64]}",
             "must be a relative path inside the workspace, without empty, '.' or '..' parts",
+        )
+    if len(name.encode()) > _MAX_PATH or len(parts) > _MAX_DEPTH:
+        raise InvalidSpec(
+            f"files.{name[:64]}",
+            f"a path of at most {_MAX_PATH} bytes and {_MAX_DEPTH} levels is allowed",
+        )
+    if any(len(p.encode()) > _MAX_NAME_PART for p in parts):
+        raise InvalidSpec(
+            f"files.{name[:64]}", f"each part of a path is at most {_MAX_NAME_PART} bytes"
         )
 
 
