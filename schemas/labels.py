@@ -30,10 +30,17 @@ def container_labels(
     }
 
 
-def is_ours(labels: Mapping[str, str], node_id: str) -> bool:
+def is_ours(labels: Mapping[str, str], node_id: str, workspace_root: str | None = None) -> bool:
     """Whether a container with these labels is a managed container of `node_id`: the only
-    ones a node ever removes, whoever asks."""
-    return labels.get(MANAGED) == "true" and labels.get(NODE) == node_id
+    ones a node ever removes, whoever asks. With `workspace_root`, its workspace must also
+    lie under it: a node id shared by two data dirs by mistake (two daemons on one host)
+    never makes one remove the other's containers, whose instances it cannot prove dead."""
+    if labels.get(MANAGED) != "true" or labels.get(NODE) != node_id:
+        return False
+    where = labels.get(WORKSPACE)
+    if workspace_root is None or not where:
+        return True
+    return where.startswith(workspace_root.rstrip("/") + "/")
 
 
 def node_filter(node_id: str) -> list[str]:

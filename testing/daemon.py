@@ -43,6 +43,8 @@ class DaemonProc:
         self.config_path = data_dir.parent / f"config-{self.port}.json"
         cfg = dict(config or {})
         cfg.setdefault("http", {})["listen"] = f"127.0.0.1:{self.port}"
+        # The tests name their node; an empty id asks for the data dir's own.
+        cfg.setdefault("node_id", "n1")
         # A busy CI host must not look like pressure to tests that are not about it.
         cfg.setdefault("thresholds", {"cpu_pct": 1000.0, "memory_pct": 1000.0})
         self.config_path.write_text(json.dumps(cfg))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import msgspec
 from schemas.errors import DataDirInUse, SupervisorError
 
 LOCK_NAME = "daemon.lock"
+NODE_ID_NAME = "node-id"
 
 
 class Holder(msgspec.Struct, frozen=True):
@@ -96,3 +98,30 @@ def publish(stack: contextlib.AsyncExitStack, path: Path, text: str) -> None:
     `stack` closes."""
     path.write_text(text + "\n")
     stack.callback(path.unlink, missing_ok=True)
+
+
+def stored_node_id(data_dir: Path) -> str | None:
+    """The node id kept in the data dir (`node-id`), None when there is none yet."""
+    try:
+        text = (data_dir / NODE_ID_NAME).read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise SupervisorError(f"cannot read {data_dir / NODE_ID_NAME}: {e.strerror}") from e
+    return text or None
+
+
+def node_id_for(data_dir: Path, given: str, *, keep: bool) -> str:
+    """This data dir's node id: `given` when set (configured or `--node-id`), else the one
+    kept in the data dir, else a new `n-<8 hex>`. With `keep` (a process that runs tasks
+    or owns the data dir) the id used is written to the data dir, so that every later
+    command on it, daemon or CLI, uses the same one. Two data dirs never share a default
+    id, so two daemons on one host never take each other's containers for their own."""
+    stored = stored_node_id(data_dir)
+    node_id = given or stored or f"n-{secrets.token_hex(4)}"
+    if keep and node_id != stored:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = data_dir / f".{NODE_ID_NAME}.tmp"
+        tmp.write_text(node_id + "\n")
+        os.replace(tmp, data_dir / NODE_ID_NAME)
+    return node_id

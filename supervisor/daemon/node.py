@@ -11,12 +11,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 from nats.js.api import StreamConfig
 
 from schemas import EmbeddedNatsRestarted, SupervisorStarted, SupervisorStopped
 from schemas.config import Config
-from schemas.errors import NatsUnavailable
+from schemas.errors import NatsUnavailable, NoDaemon
 from schemas.streams import events_stream_config
+from supervisor.daemon.datadir import node_id_for
 from supervisor.daemon.metrics import Metrics
 from supervisor.docker.runtime import DockerRuntime
 from supervisor.eventlog.diskguard import DiskGuard
@@ -63,6 +65,10 @@ async def connected_event_log(
     ("cannot <purpose> without NATS") when it does not connect within 10 s. Closed (its
     events flushed, within 5 s) on the way out."""
     data_dir = Path(config.data_dir).resolve()
+    if resolve_nats_url(nats_url or config.nats_target, data_dir) is None:
+        # An embedded server of its own would hold nothing and run nothing: say so, and
+        # leave no data dir behind.
+        raise NoDaemon(purpose, str(data_dir))
     async with nats_for(nats_url or config.nats_target, data_dir) as url:
         events = EventLog(data_dir, url, instance_id=new_id()[:16], stream=events_stream(config))
         await events.start()
@@ -110,6 +116,9 @@ async def open_node(
     and `gate`, see `Executor`)."""
     data_dir = Path(config.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    node_id = node_id_for(data_dir, config.node_id, keep=True)
+    if node_id != config.node_id:
+        config = msgspec.structs.replace(config, node_id=node_id)
     instance_id = instance_id or new_id()[:16]
     metrics = Metrics()
     async with contextlib.AsyncExitStack() as stack:

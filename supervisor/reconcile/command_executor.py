@@ -304,7 +304,7 @@ class CommandExecutor:
             labels: dict[str, str] | None = await self.runtime.labels(cid)
         except ContainerVanished:
             labels = None
-        if labels is not None and not is_ours(labels, self.node_id):
+        if labels is not None and not is_ours(labels, self.node_id, str(self.workspace_root)):
             return "refused", (
                 f"container {cid[:12]} is not a managed container of node {self.node_id} "
                 f"(managed={labels.get(MANAGED_LABEL)!r}, node={labels.get(NODE_LABEL)!r})"

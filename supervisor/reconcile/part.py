@@ -26,7 +26,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from schemas import NodeHeartbeat
 from schemas.config import Config
 from schemas.errors import SupervisorError
-from schemas.health import Check
+from schemas.http import Check
 from supervisor.daemon.extension import DaemonContext
 from supervisor.reconcile.command_executor import CommandExecutor, JetStreamCommands
 from supervisor.reconcile.reconciler import PassReport, ReconcileMetrics, Reconciler, StateSource

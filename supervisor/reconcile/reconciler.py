@@ -43,6 +43,7 @@ from schemas import (
 )
 from schemas.config import ReconcileConfig
 from schemas.errors import CommandBusError, ProjectionLagging
+from schemas.labels import is_ours
 from schemas.projected import ProjectedState
 from supervisor.eventlog.emitter import Emitter, new_id, utcnow
 from supervisor.execution.workspace import WORKSPACES
@@ -257,7 +258,12 @@ class Reconciler:
         pass_id = new_id()[:16]
         observed_at = self.clock()
         listed = await self.observer.list_managed(self.node_id)
-        containers = tuple(observed_container(c) for c in listed)
+        root = str(self.workspace_root)
+        containers = tuple(
+            observed_container(c)
+            for c in listed
+            if is_ours(c.get("Labels") or {}, self.node_id, root)
+        )
         workspaces = tuple(await asyncio.to_thread(list_workspaces, self.workspace_root))
         inventory = self.emitter.emit(
             NodeInventory,
