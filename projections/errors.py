@@ -27,6 +27,40 @@ class ProjectionStoreError(ProjectionError):
         super().__init__(f"projection {path}: {detail}")
 
 
+# What DuckDB says of a file whose blocks are damaged (it has no exception class of its own
+# for it, so the text is the evidence; this is the one place that reads it).
+_DAMAGE_MARKS = (
+    "Corrupt database file",
+    "Could not read enough bytes",
+    "not a valid DuckDB database file",
+    "checksum",
+)
+
+
+def is_damage(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from, says the projection file is damaged
+    (truncated, zeroed, a failed checksum): derived data to set aside and rebuild."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if any(mark in str(seen) for mark in _DAMAGE_MARKS):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+class ProjectionDamaged(ProjectionError):
+    """A query met a damaged projection file; it is being set aside and rebuilt."""
+
+    tag = "projection_damaged"
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(
+            "the projection file is damaged; it is set aside and rebuilt from the stream "
+            f"(try again shortly): {detail}"
+        )
+
+
 class ProjectionVersionMismatch(ProjectionStoreError):
     """The file was built by another DDL version of the projection: replay it."""
 

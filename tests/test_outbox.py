@@ -126,6 +126,36 @@ def test_a_record_with_a_flipped_byte_ends_the_log(tmp_dir: Path) -> None:
         assert _ids(reopened.pending(10)) == ["e-0", "e-1"]
 
 
+@pytest.mark.parametrize("where", ["header", "body"])
+def test_a_damaged_record_in_the_middle_is_set_aside_and_the_rest_kept(
+    tmp_dir: Path, where: str
+) -> None:
+    """Four bytes flipped in record 3 of 40: the other 39 survive, in order, and the
+    damaged bytes are kept in a quarantine file."""
+    with Outbox(tmp_dir, "a") as outbox:
+        _fill(outbox, 40)
+    log = tmp_dir / "a.log"
+    data = bytearray(log.read_bytes())
+    starts = [0]
+    while starts[-1] < len(data):
+        starts.append(starts[-1] + 8 + struct.unpack_from("<I", data, starts[-1])[0])
+    third, fourth = starts[2], starts[3]
+    at = third + 1 if where == "header" else fourth - 6
+    original = bytes(data[third:fourth])
+    data[at : at + 4] = bytes(b ^ 0xFF for b in data[at : at + 4])
+    log.write_bytes(bytes(data))
+
+    with Outbox(tmp_dir, "a") as reopened:
+        kept = _ids(reopened.pending(100))
+        more = _fill(reopened, 1, prefix="after")
+
+    assert kept == [f"e-{i}" for i in range(40) if i != 2]
+    assert more == [41]
+    quarantined = list(tmp_dir.glob("a.quarantine-*"))
+    assert [q.name for q in quarantined] == [f"a.quarantine-{third}"]
+    assert quarantined[0].read_bytes() == bytes(data[third:fourth]) != original
+
+
 def test_an_unreadable_cursor_replays_the_whole_log(tmp_dir: Path) -> None:
     with Outbox(tmp_dir, "a") as outbox:
         _fill(outbox, 2)

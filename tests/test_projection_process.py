@@ -103,7 +103,9 @@ async def test_a_killed_service_is_restarted_and_reads_resume(nats_url: str, tmp
 async def test_a_service_that_cannot_open_its_file_fails_the_start(
     nats_url: str, tmp_dir: Path
 ) -> None:
-    (tmp_dir / "projection.duckdb").write_bytes(b"not a database" * 1000)
+    # A directory where the file should be: nothing to set aside and rebuild (a damaged
+    # file is: tests/test_one_outcome.py).
+    (tmp_dir / "projection.duckdb").mkdir()
     with pytest.raises(ProjectionProcessError) as failed:
         async with running_process(tmp_dir, nats_url, open_timeout_s=0.5):
             pass

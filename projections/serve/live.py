@@ -38,12 +38,18 @@ import nats.errors
 import nats.js.errors
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
-from projections.errors import ProjectionError, ProjectionVersionMismatch, StreamUnavailable
+from projections.errors import (
+    ProjectionDamaged,
+    ProjectionError,
+    ProjectionVersionMismatch,
+    StreamUnavailable,
+    is_damage,
+)
 from projections.query.endpoint import QueryEndpoint, QueryLimits, unavailable
 from projections.stream.projector import Progress, Projector
 from projections.stream.replay import BULK_BATCH, replay
 from schemas.config import ProjectionConfig
-from schemas.health import Check
+from schemas.http import Check
 from schemas.streams import EVENTS_STREAM
 
 T = TypeVar("T")
@@ -148,6 +154,10 @@ class ProjectionPart:
         self._failure: str | None = None
         self._progressed = False
         self._stop = asyncio.Event()
+        # Set to stop the projector: at close (with `_stop`), or to rebuild a damaged file.
+        self._halt = asyncio.Event()
+        self._rebuild = False
+        self.rebuilds = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._endpoint: QueryEndpoint | None = None
         self._recent: deque[float] = deque(maxlen=RECENT_DELAYS)
@@ -204,6 +214,7 @@ class ProjectionPart:
         """Stop following (the batch being gathered is applied first), interrupt running
         queries, and close the file checkpointed. Queries after this answer 503."""
         self._stop.set()
+        self._halt.set()
         tasks, self._tasks = self._tasks, []
         if tasks:
             follow, sampler = tasks
@@ -221,6 +232,17 @@ class ProjectionPart:
             await asyncio.to_thread(projector.close)
 
     async def _open_caught_up(self) -> None:
+        """`_open_and_catch_up`; a file found damaged meanwhile is set aside and rebuilt
+        from the stream, once."""
+        try:
+            await self._open_and_catch_up()
+        except ProjectionError as e:
+            if not is_damage(e):
+                raise
+            await self._set_aside(e)
+            await self._open_and_catch_up()
+
+    async def _open_and_catch_up(self) -> None:
         s, path = self.settings, self.db_path
         assert path is not None
         live = partial(
@@ -267,19 +289,77 @@ class ProjectionPart:
             raise
         self._projector = projector
 
+    async def _set_aside(self, error: BaseException | str) -> None:
+        """Move a damaged file (and its WAL) aside, as evidence, and rebuild it from the
+        stream; the reason is logged as an error and kept as the part's failure."""
+        path = self.db_path
+        assert path is not None
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        aside = path.with_name(f"{path.name}.damaged-{stamp}")
+        wal = path.with_name(path.name + ".wal")
+        with contextlib.suppress(FileNotFoundError):
+            path.rename(aside)
+        with contextlib.suppress(FileNotFoundError):
+            wal.rename(aside.with_name(aside.name + ".wal"))
+        log.error(
+            "projection %s is damaged (%s); set aside as %s, rebuilding it from the stream",
+            path,
+            error,
+            aside.name,
+        )
+        self.rebuilds += 1
+        await replay(path, self._nats_url)
+
+    def _damaged(self, error: BaseException) -> ProjectionDamaged:
+        """A read met damage: ask the follower to set the file aside and rebuild it."""
+        self._rebuild = True
+        self._halt.set()
+        return ProjectionDamaged(str(error))
+
+    async def _rebuilt(self, error: BaseException | str) -> None:
+        """Close the damaged projector and its readers, set the file aside, rebuild it and
+        open it again (queries answer 503 meanwhile)."""
+        endpoint, self._endpoint = self._endpoint, None
+        if endpoint is not None:
+            await endpoint.close()
+        projector, self._projector = self._projector, None
+        if projector is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(projector.close)
+        await self._set_aside(error)
+        await self._open_caught_up()
+        assert self._projector is not None
+        self._endpoint = QueryEndpoint(
+            self._projector.store.con,
+            workers=self.settings.query_workers,
+            limits=self.settings.limits,
+        )
+        self._rebuild = False
+
     async def _follow(self) -> None:
         """Run the projector until stopped; restart it after a failure (with a back-off
-        that starts over once it applies a batch again)."""
+        that starts over once it applies a batch again); set a damaged file aside and
+        rebuild it (`_rebuilt`) when the projector or a read meets the damage."""
         assert self._projector is not None
         s = self.settings
         delay = s.retry_min_s
         while not self._stop.is_set():
             self._progressed = False
             try:
-                await self._projector.run(self._stop, progress=self._on_progress)
-                return
+                if self._rebuild:
+                    await self._rebuilt(self._failure or "a read met damage")
+                assert self._projector is not None
+                self._halt.clear()
+                await self._projector.run(self._halt, progress=self._on_progress)
+                if self._stop.is_set() or not self._rebuild:
+                    return
+                continue
             except Exception as e:
                 self._failure = str(e)
+                if is_damage(e):
+                    self._rebuild = True
+                    log.error("the projection file is damaged: %s", e)
+                    continue
                 if isinstance(e, ProjectionError):
                     log.warning("the projector failed (%s); restarting in %.1fs", e, delay)
                 else:
@@ -430,24 +510,44 @@ class ProjectionPart:
         """`QueryEndpoint.query` on the live projection (ApiError 503 while it is closed)."""
         if self._endpoint is None:
             raise unavailable()
-        return await self._endpoint.query(request)
+        try:
+            return await self._endpoint.query(request)
+        except ProjectionError as e:
+            if is_damage(e):
+                raise self._damaged(e) from e
+            raise
 
     async def on_cursor(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """Run `fn` on one of the live projection's read cursors, in its thread pool (the
         reconciler reads its projected state this way). ApiError 503 while closed."""
         if self._endpoint is None:
             raise unavailable()
-        return await self._endpoint._on_cursor(fn)
+        try:
+            return await self._endpoint._on_cursor(fn)
+        except duckdb.Error as e:
+            if is_damage(e):
+                raise self._damaged(e) from e
+            raise
 
     async def tasks(self, params: Mapping[str, str]) -> dict[str, Any]:
         """`QueryEndpoint.tasks` on the live projection (ApiError 503 while it is closed)."""
         if self._endpoint is None:
             raise unavailable()
-        return await self._endpoint.tasks(params)
+        try:
+            return await self._endpoint.tasks(params)
+        except ProjectionError as e:
+            if is_damage(e):
+                raise self._damaged(e) from e
+            raise
 
     async def task(self, task_id: str) -> dict[str, Any] | None:
         """`QueryEndpoint.task` on the live projection: None also while the task is not
         projected yet (it trails the stream by the lag)."""
         if self._endpoint is None:
             raise unavailable()
-        return await self._endpoint.task(task_id)
+        try:
+            return await self._endpoint.task(task_id)
+        except ProjectionError as e:
+            if is_damage(e):
+                raise self._damaged(e) from e
+            raise

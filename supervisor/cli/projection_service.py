@@ -41,7 +41,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
-from projections.errors import ProjectionStoreError
+from projections.errors import ProjectionStoreError, is_damage
 from projections.serve.live import ProjectionPart
 from projections.serve.reconcile_state import DuckDBState
 from schemas.config import Config
@@ -118,7 +118,8 @@ async def _open(
             )
             return
         except ProjectionStoreError as e:
-            if not isinstance(e.__cause__, duckdb.IOException) or loop.time() > deadline:
+            busy = isinstance(e.__cause__, duckdb.IOException) and not is_damage(e)
+            if not busy or loop.time() > deadline:
                 raise
             log.info("projection file busy (%s); trying again", e.detail)
             await asyncio.sleep(OPEN_RETRY_S)

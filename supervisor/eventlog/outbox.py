@@ -24,74 +24,24 @@ import fcntl
 import itertools
 import logging
 import os
-import struct
 import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterator
 from pathlib import Path
 
-import msgspec
-
 from schemas.errors import DiskFull, OutboxError
+from supervisor.eventlog.frames import HEADER, Record, encoder, next_record, scan
+
+__all__ = ["Outbox", "Record"]
 
 log = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("<II")  # body length, crc32 of the body
-_MAX_BODY = 64 * 1024 * 1024  # above any NATS max_payload: a bigger length is a torn header
-_READ_CHUNK = 4 * 1024 * 1024
 _RECORD_OVERHEAD = 200  # rough RAM cost of a record beyond its payload, for the memory bound
-
 _STALE_NEW_LOG_S = 3600.0
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
-
 DEFAULT_TRUNCATE_THRESHOLD = 64 * 1024 * 1024
 DEFAULT_MEMORY_LIMIT = 32 * 1024 * 1024
-
-
-class Record(msgspec.Struct, array_like=True, frozen=True):
-    """One outbox entry. `seq` counts from 1 within one log; `msg_id` is the Nats-Msg-Id."""
-
-    seq: int
-    subject: str
-    msg_id: str
-    payload: bytes
-
-
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Record)
-
-
-def _scan(fd: int, offset: int, end: int) -> Iterator[tuple[int, int, Record]]:
-    """Yield `(start, end, record)` for each intact record in the file range
-    `[offset, end)`, stopping silently at the first torn or corrupt one (the caller sees
-    where by the last `end` it got)."""
-    buf = memoryview(b"")
-    at = offset
-    while at < end:
-        if len(buf) < _HEADER.size:
-            buf = memoryview(os.pread(fd, min(_READ_CHUNK, end - at), at))
-            if len(buf) < _HEADER.size:
-                return
-        length, crc = _HEADER.unpack_from(buf)
-        total = _HEADER.size + length
-        if length > _MAX_BODY:
-            return
-        if len(buf) < total:
-            buf = memoryview(os.pread(fd, min(max(total, _READ_CHUNK), end - at), at))
-            if len(buf) < total:
-                return
-        body = buf[_HEADER.size : total]
-        if zlib.crc32(body) != crc:
-            return
-        try:
-            record = _decoder.decode(body)
-        except msgspec.DecodeError:
-            return
-        yield at, at + total, record
-        at += total
-        buf = buf[total:]
 
 
 class _Log:
@@ -177,11 +127,13 @@ class _Log:
             return 0
 
     def _recover(self) -> None:
-        """Scan the log: drop a torn tail, load the unacked records after the cursor."""
+        """Scan the log: set aside corrupt records in the middle (`_resync`), drop a torn
+        tail, load the unacked records after the cursor."""
+        self._resync()
         end = os.fstat(self.fd).st_size
         good = 0  # the end of the last intact record
         first_unacked: int | None = None
-        for start, stop, record in _scan(self.fd, 0, end):
+        for start, stop, record in scan(self.fd, 0, end):
             self.last_seq = max(self.last_seq, record.seq)
             if record.seq > self.cursor:
                 if first_unacked is None:
@@ -203,6 +155,55 @@ class _Log:
             os.fsync(self.fd)
         self.size = good
 
+    def _resync(self) -> None:
+        """A damaged record in the middle of the log (a flipped bit, a bad sector) must not
+        take the intact records after it along: the CRC framing lets the scan find the next
+        record that is whole (its length fits, its CRC matches, it decodes, and its seq
+        follows). Each damaged stretch is kept in `<name>.quarantine-<offset>`, and the log
+        is rewritten without them (a new file, locked before it takes the log's name)."""
+        end = os.fstat(self.fd).st_size
+        kept: list[tuple[int, int]] = []
+        bad: list[tuple[int, int]] = []
+        at, last = 0, 0
+        while at < end:
+            for start, stop, record in scan(self.fd, at, end):
+                kept.append((start, stop))
+                last, at = record.seq, stop
+            if at >= end:
+                break
+            found = next_record(self.fd, at + 1, end, last)
+            if found is None:
+                break  # a torn tail: `_recover` drops it
+            bad.append((at, found))
+            at = found
+        if not bad:
+            return
+        for start, stop in bad:
+            quarantine = self.directory / f"{self.name}.quarantine-{start}"
+            quarantine.write_bytes(os.pread(self.fd, stop - start, start))
+            log.error(
+                "outbox %s: %d damaged bytes at offset %d set aside in %s; the records after "
+                "them are kept",
+                self.path,
+                stop - start,
+                start,
+                quarantine.name,
+            )
+        tmp = self.directory / f".{self.name}.log.resync"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for start, stop in kept:
+                os.write(fd, os.pread(self.fd, stop - start, start))
+            os.fsync(fd)
+            os.replace(tmp, self.path)
+            _fsync_dir(self.directory)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(self.fd)
+        self.fd = fd
+
     # --- the unacked window ----------------------------------------------------------
 
     def _keep(self, record: Record, offset: int) -> None:
@@ -218,7 +219,7 @@ class _Log:
             return
         at = self._spill_at
         self._spill_at = None
-        for _, end, record in _scan(self.fd, at, self.size):
+        for _, end, record in scan(self.fd, at, self.size):
             if self._window_bytes >= self.memory_limit:
                 self._spill_at = at
                 return
@@ -240,8 +241,8 @@ class _Log:
         # The hot path of every emit: kept flat on purpose.
         seq = self.last_seq + 1
         record = Record(seq, subject, msg_id, payload)
-        body = _encoder.encode(record)
-        data = _HEADER.pack(len(body), zlib.crc32(body)) + body
+        body = encoder.encode(record)
+        data = HEADER.pack(len(body), zlib.crc32(body)) + body
         fd = self.fd
         try:
             written = os.write(fd, data)
@@ -295,7 +296,7 @@ class _Log:
     def _skip_spilled(self, upto_seq: int) -> None:
         assert self._spill_at is not None
         at = self._spill_at
-        for _, end, record in _scan(self.fd, at, self.size):
+        for _, end, record in scan(self.fd, at, self.size):
             if record.seq > upto_seq:
                 break
             at = end
