@@ -5,6 +5,7 @@ from. Answers may gain fields; a reader ignores what it does not know (no
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from msgspec import Struct
@@ -168,3 +169,15 @@ ANSWERS: tuple[type[Struct], ...] = (
     CallbackBody,
 )
 """Every Struct the OpenAPI document names."""
+
+
+class Check(Struct, frozen=True, kw_only=True):
+    """One readiness check (`/readyz`), shared by the daemon and the parts it runs (the
+    live projection, the reconciler): `reason` says why in words, `details` in values."""
+
+    ok: bool
+    reason: str
+    details: dict[str, Any] = {}
+
+
+CheckFn = Callable[[], Awaitable[Check]]

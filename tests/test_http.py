@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemas import SupervisorStarted
 from schemas.config import BreakerConfig
 from schemas.errors import DockerUnavailable
-from schemas.health import Check
+from schemas.http import Check
 from supervisor.daemon.checks import daemon_checks
 from supervisor.daemon.http import (
     HttpServer,

@@ -15,7 +15,7 @@ from projections.errors import QueryRefused, QueryTimeout
 from schemas import ExecutionError, TaskSpec
 from schemas.config import HttpConfig
 from schemas.errors import ApiError, ConfigError, NatsUnavailable
-from schemas.health import Check
+from schemas.http import Check
 from supervisor.daemon.http import (
     HttpServer,
     HttpServerError,

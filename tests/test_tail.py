@@ -6,7 +6,7 @@ import asyncio
 import io
 import socket
 import time
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from schemas import AttemptStarted, ErrorRaised, Event, SupervisorStarted, encod
 from schemas.errors import NatsUnavailable
 from schemas.streams import EVENTS_STREAM
 from supervisor.eventlog.log import EventLog
-from supervisor.eventlog.tail import parse_since, subject_filter, tail
+from supervisor.eventlog.tail import subject_filter, tail
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -84,34 +84,6 @@ async def wait_for_consumer(url: str, timeout: float = 10.0) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("30s", timedelta(seconds=30)),
-        ("10m", timedelta(minutes=10)),
-        ("2h", timedelta(hours=2)),
-        ("1d", timedelta(days=1)),
-        ("1.5h", timedelta(minutes=90)),
-        (" 5m ", timedelta(minutes=5)),
-        ("2026-01-02T03:04:05Z", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
-        ("2026-01-02T03:04:05", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
-        (
-            "2026-01-02T05:04:05+02:00",
-            datetime(2026, 1, 2, 5, 4, 5, tzinfo=timezone(timedelta(hours=2))),
-        ),
-        ("2026-01-02", datetime(2026, 1, 2, tzinfo=UTC)),
-    ],
-)
-def test_parse_since_accepts_durations_and_iso_times(text: str, expected: object) -> None:
-    assert parse_since(text) == expected
-
-
-@pytest.mark.parametrize("text", ["", "10", "10x", "m", "yesterday", "-5m", "5 m s", "2026-13-01"])
-def test_parse_since_rejects_anything_else(text: str) -> None:
-    with pytest.raises(ValueError, match="expected a duration such as 30s, 10m, 2h, 1d"):
-        parse_since(text)
-
-
-@pytest.mark.parametrize(
     ("options", "subject"),
     [
         ({}, "sup.>"),
@@ -168,7 +140,7 @@ async def test_filters_select_exactly_the_matching_events(tmp_dir: Path, nats_ur
 
     counts = await asyncio.gather(
         *(
-            tail(nats_url, **opts, since=timedelta(hours=1), out=out, stop=stop)
+            tail(nats_url, **opts, since=datetime.now(UTC) - timedelta(hours=1), out=out, stop=stop)
             for out, (opts, _) in zip(outs, cases, strict=True)
         ),
         _stop_when_all_arrived(),

@@ -10,13 +10,13 @@ walks the whole list once, whatever arrives meanwhile.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, Final, get_args
 
 from projections.errors import QueryRefused
 from schemas.lifecycle import TaskState
+from schemas.params import point_in_time, whole_number
 
 DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 1000
@@ -27,8 +27,6 @@ COLUMNS: Final = (
     "submitted_at, finished_at, exit_code, error_type, error_code, duration_s"
 )
 _KNOWN: Final = frozenset({"state", "outcome", "correlation_id", "since", "limit", "cursor"})
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_UNIT: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 @dataclass(frozen=True)
@@ -67,21 +65,19 @@ def _int(params: dict[str, str], name: str, default: int, lo: int, hi: int) -> i
     text = params.get(name)
     if text is None:
         return default
-    if not text.isdigit() or not lo <= int(text) <= hi:
-        raise QueryRefused(f"{name} {text!r}: a whole number from {lo} to {hi}")
-    return int(text)
+    try:
+        return whole_number(name, text, lo, hi)
+    except ValueError as e:
+        raise QueryRefused(str(e)) from None
 
 
 def parse_since(text: str, now: datetime) -> datetime:
-    """A naive UTC time (as the projection stores them)."""
-    m = _DURATION.match(text)
-    if m:
-        return (now - timedelta(seconds=float(m.group(1)) * _UNIT[m.group(2)])).replace(tzinfo=None)
+    """`since` (`schemas.params.point_in_time`) as a naive UTC time, as the projection
+    stores them. QueryRefused naming it."""
     try:
-        t = datetime.fromisoformat(text)
+        return point_in_time("since", text, now).replace(tzinfo=None)
     except ValueError as e:
-        raise QueryRefused(f"since {text!r}: an ISO time or a duration such as 10m, 2h, 7d") from e
-    return (t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)).replace(tzinfo=None)
+        raise QueryRefused(str(e)) from None
 
 
 def listing_sql(f: TaskFilter) -> tuple[str, dict[str, Any]]:

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from schemas.health import Check
+from schemas.http import Check
 
 
 class HostMetrics(Protocol):

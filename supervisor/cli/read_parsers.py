@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from projections.query.defaults import FORMATS, MAX_ROWS, TIMEOUT_S
+from schemas.params import point_in_time
 from supervisor.cli.options import common_options
 
 
@@ -42,17 +43,12 @@ def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def parse_time(text: str) -> datetime:
-    """An ISO-8601 time (`2026-05-01T12:00:00Z`; a naive one is UTC) for `--until`."""
-    candidate = text.strip()
-    if candidate[-1:] in ("Z", "z"):
-        candidate = candidate[:-1] + "+00:00"
+    """`--until`: an ISO-8601 time, or a duration back from now (`10m`), as `--since`
+    takes them everywhere (`schemas.params.point_in_time`)."""
     try:
-        when = datetime.fromisoformat(candidate)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an ISO-8601 time such as 2026-05-01T12:00:00Z"
-        ) from None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
+        return point_in_time("--until", text, datetime.now(UTC))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _nonnegative(text: str) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from schemas.errors import DockerError
-from schemas.health import Check, CheckFn
+from schemas.http import Check, CheckFn
 from supervisor.daemon.monitor import ResourceMonitor
 from supervisor.docker.breaker import DockerBreaker, Pingable
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
     from prometheus_client import CollectorRegistry
 
-    from schemas.health import CheckFn
+    from schemas.http import CheckFn
     from supervisor.daemon.monitor import ResourceMonitor
     from supervisor.daemon.node import Node
     from supervisor.docker.breaker import DockerBreaker

@@ -49,9 +49,10 @@ from schemas.errors import (
     PolicyViolation,
     SupervisorError,
 )
-from schemas.health import Check, CheckFn
+from schemas.http import Check, CheckFn
 from schemas.openapi import document
 from supervisor.daemon.datadir import publish
+from supervisor.daemon.http_limits import ConnectionGuard, body_deadline
 from supervisor.daemon.metrics import Metrics
 from supervisor.docker.breaker import CircuitOpen
 from supervisor.intake.admission import decode_spec
@@ -123,11 +124,15 @@ def create_app(
     on_scrape: Callable[[], Awaitable[None] | None] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     max_batch: int = 100,
+    body_timeout_s: float = 30.0,
 ) -> web.Application:
     """Build the app. `readiness` maps a check name to its check; `handlers` None leaves
     `/v1` unrouted (404); `on_scrape` runs (and is awaited when it is a coroutine function)
     before each `/metrics`: refresh gauges there."""
-    app = web.Application(middlewares=[_errors, _auth(token)], client_max_size=max_body_bytes)
+    app = web.Application(
+        middlewares=[_errors, _auth(token), body_deadline(max_body_bytes, body_timeout_s)],
+        client_max_size=max_body_bytes,
+    )
 
     async def healthz(_: web.Request) -> web.Response:
         return json_response({"status": "ok"})
@@ -264,14 +269,14 @@ def _add_api(app: web.Application, handlers: Handlers, max_batch: int) -> None:
             failed = first.exception() if first.done() else None
             if isinstance(failed, ValueError):
                 raise ApiError(400, "validation", "INVALID_QUERY", str(failed))
-            if failed is not None:
+            if failed is not None and not isinstance(failed, StopAsyncIteration):
                 raise failed
         except ValueError as e:
             raise ApiError(400, "validation", "INVALID_QUERY", str(e)) from e
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         try:
-            line = await first
+            line = await first  # StopAsyncIteration: the stream ended at once
             while True:
                 await resp.write(line + b"\n")
                 line = await anext(events)
@@ -377,11 +382,18 @@ def _status_for_code(code: str, retryable: bool) -> int:
 _TAGS: dict[str, tuple[int, str, str]] = {
     "query_refused": (400, "validation", "QUERY_REFUSED"),
     "query_failed": (400, "validation", "QUERY_FAILED"),
+    "projection_damaged": (503, "infrastructure", "PROJECTION_DAMAGED"),
     "query_memory": (507, "resource", "QUERY_MEMORY"),
     "query_timeout": (504, "timeout", "QUERY_TIMEOUT"),
     "stream_unavailable": (503, "infrastructure", "STREAM_UNAVAILABLE"),
 }
-_HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "BODY_TOO_LARGE"}
+_HTTP_CODES = {
+    400: "BAD_REQUEST",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    408: "REQUEST_TIMEOUT",
+    413: "BODY_TOO_LARGE",
+}
 
 
 def error_response(e: SupervisorError) -> web.Response:
@@ -469,29 +481,46 @@ class HttpServer:
     see `port`); `stop` closes the listener and waits for in-flight requests (bounded)."""
 
     def __init__(
-        self, app: web.Application, listen: str, *, shutdown_timeout_s: float = 5.0
+        self,
+        app: web.Application,
+        listen: str,
+        *,
+        shutdown_timeout_s: float = 5.0,
+        guard: ConnectionGuard | None = None,
+        keepalive_timeout_s: float = 15.0,
     ) -> None:
         self.app = app
         self.host, self._port = parse_listen(listen)
         self.shutdown_timeout_s = shutdown_timeout_s
+        self.guard = guard or ConnectionGuard(max_connections=1024, header_timeout_s=10.0)
+        self.keepalive_timeout_s = keepalive_timeout_s
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
+        """Listen, each connection behind the guard (`supervisor.daemon.http_limits`)."""
         runner = web.AppRunner(
             self.app,
             access_log=None,
             handle_signals=False,
             shutdown_timeout=self.shutdown_timeout_s,
+            keepalive_timeout=self.keepalive_timeout_s,
         )
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self._port)
+        factory = runner.server
+        assert factory is not None
         try:
-            await site.start()
+            server = await asyncio.get_running_loop().create_server(
+                lambda: self.guard.protocol(factory()),
+                self.host,
+                self._port,
+                reuse_address=True,
+            )
         except OSError as e:
             await runner.cleanup()
             raise HttpServerError(f"cannot listen on {self.host}:{self._port}: {e.strerror}") from e
-        self._runner = runner
-        self._port = int(runner.addresses[0][1])
+        self._runner, self._server = runner, server
+        self._port = int(server.sockets[0].getsockname()[1])
 
     @property
     def port(self) -> int:
@@ -503,17 +532,24 @@ class HttpServer:
         return f"http://{host}:{self._port}"
 
     async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
 
 
 async def start_http(
-    stack: contextlib.AsyncExitStack, app: web.Application, listen: str, data_dir: Path
+    stack: contextlib.AsyncExitStack,
+    app: web.Application,
+    listen: str,
+    data_dir: Path,
+    guard: ConnectionGuard | None = None,
 ) -> HttpServer:
     """Serve `app` on `listen` until `stack` closes, its URL published in the data dir
     (`http_url_file`) meanwhile. Raises HttpServerError."""
-    http = HttpServer(app, listen)
+    http = HttpServer(app, listen, guard=guard)
     await http.start()
     stack.push_async_callback(http.stop)
     publish(stack, http_url_file(data_dir), http.url)

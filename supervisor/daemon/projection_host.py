@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from schemas import TaskSpec
 from schemas.config import Config
 from schemas.errors import ApiError
-from schemas.health import Check, CheckFn
+from schemas.http import Check, CheckFn
 from supervisor.daemon.datadir import DataDirLock, publish
 from supervisor.daemon.http import HttpServer, Submission, create_app, start_http
 from supervisor.daemon.metrics import Metrics

@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 
 from schemas.config import Config
 from schemas.errors import ApiError, SupervisorError, projection_unavailable
-from schemas.health import Check
+from schemas.http import Check
 from schemas.projected import ProjectedState
 
 if TYPE_CHECKING:

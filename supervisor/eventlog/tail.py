@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import msgspec
@@ -21,11 +21,10 @@ import nats.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from schemas.errors import NatsUnavailable
+from schemas.params import point_in_time, whole_number
 from schemas.streams import EVENTS_STREAM
 from supervisor.eventlog.nats_client import close_quietly, connect_nats
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _TOKEN_RE = re.compile(r"^[^.\s*>]+$")
 
 
@@ -44,23 +43,10 @@ class _Coded(msgspec.Struct):
 _code_decoder = msgspec.json.Decoder(_Coded)
 
 
-def parse_since(text: str) -> datetime | timedelta:
-    """`10m`, `2h`, `30s`, `1d` (also `1.5h`) as a duration back from now, or an ISO-8601
-    timestamp (a naive one is taken as UTC). Raises `ValueError` for anything else."""
-    m = _DURATION_RE.match(text)
-    if m:
-        return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
-    candidate = text.strip()
-    if candidate.endswith(("Z", "z")):
-        candidate = candidate[:-1] + "+00:00"
-    try:
-        when = datetime.fromisoformat(candidate)
-    except ValueError:
-        raise ValueError(
-            f"--since {text!r}: expected a duration such as 30s, 10m, 2h, 1d "
-            "or an ISO-8601 time such as 2024-05-01T12:00:00Z"
-        ) from None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
+def parse_since(text: str) -> datetime:
+    """`--since` / `since`: a duration back from now (`10m`, `2h`, `1.5h`) or an ISO-8601
+    time (`schemas.params.point_in_time`). Raises `ValueError` naming `--since`."""
+    return point_in_time("since", text, datetime.now(UTC))
 
 
 def subject_filter(
@@ -79,9 +65,7 @@ def subject_filter(
     return "sup.error.>" if errors else "sup.>"
 
 
-def _start_time(since: datetime | timedelta) -> datetime:
-    if isinstance(since, timedelta):
-        return datetime.now(UTC) - since
+def _start_time(since: datetime) -> datetime:
     return since if since.tzinfo is not None else since.replace(tzinfo=UTC)
 
 
@@ -92,7 +76,7 @@ async def tail(
     type_: str | None = None,
     code: str | None = None,
     task: str | None = None,
-    since: datetime | timedelta | None = None,
+    since: datetime | None = None,
     out: Writer,
     stop: asyncio.Event | None = None,
     limit: int | None = None,
@@ -170,7 +154,7 @@ async def follow_errors(nats_url: str, params: Mapping[str, str]) -> AsyncIterat
     if unknown:
         raise ValueError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
     since = parse_since(params["since"]) if "since" in params else None
-    limit = int(params["limit"]) if "limit" in params else None
+    limit = whole_number("limit", params["limit"], 1, 10**9) if "limit" in params else None
     subject_filter(errors=True, type_=params.get("type"), task=params.get("task"))
     lines: asyncio.Queue[bytes | None] = asyncio.Queue()
     follow = asyncio.ensure_future(
