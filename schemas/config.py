@@ -4,7 +4,6 @@ is an error), from a TOML or JSON file given with `--config`, with defaults for 
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +11,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Struct
 
+from schemas import params
 from schemas.connection import NatsConfig
 from schemas.errors import ConfigError
 
@@ -37,12 +37,22 @@ class Bounds(Struct, forbid_unknown_fields=True, kw_only=True):
     )
     max_files: Annotated[int, _doc("Most files a spec may bring.")] = 256
     max_files_bytes: Annotated[int, _doc("Most bytes the spec's files may hold in all.")] = (
-        16 * 1024 * 1024
+        4 * 1024 * 1024
     )
     max_stdin_bytes: Annotated[int, _doc("Most bytes `stdin` / `stdin_base64` may hold.")] = (
-        16 * 1024 * 1024
+        4 * 1024 * 1024
     )
     max_cpu_time_s: Annotated[float, _doc("Largest `limits.cpu_time_s` (CPU seconds).")] = 600.0
+    max_spec_bytes: Annotated[
+        int,
+        _doc(
+            "Most bytes a spec may take as JSON, all included (it travels whole in "
+            "`task.submitted` and on the work queue, so it must stay under NATS's max_payload)."
+        ),
+    ] = 6 * 1024 * 1024
+    max_retry_delay_s: Annotated[
+        float, _doc("Largest `retry.base_delay_s` and `retry.max_delay_s` (seconds).")
+    ] = 300.0
     max_command_args: Annotated[int, _doc("Most arguments in `command`.")] = 1024
     max_env: Annotated[int, _doc("Most variables in `env`.")] = 256
 
@@ -96,6 +106,20 @@ class Scheduling(Struct, forbid_unknown_fields=True, kw_only=True):
     ack_progress_s: Annotated[
         float, _doc("How often a running task's message is marked in progress.")
     ] = 10.0
+    engine_wait_s: Annotated[
+        float,
+        _doc(
+            "After a retry's backoff, how long it waits for the Docker engine (breaker closed, "
+            "ping answered) before it runs anyway; it holds no slot meanwhile."
+        ),
+    ] = 300.0
+    engine_settle_s: Annotated[
+        float,
+        _doc(
+            "After an infrastructure failure, how long the engine must answer every ping "
+            "before work is pulled or retried again."
+        ),
+    ] = 2.0
     shutdown_grace_s: Annotated[
         float, _doc("How long running tasks may finish after SIGTERM before they are killed.")
     ] = 30.0
@@ -121,6 +145,13 @@ class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_batch: Annotated[
         int, _doc("Most specs one `POST /v1/tasks/batch` takes."), msgspec.Meta(ge=1, le=10_000)
     ] = 100
+    max_connections: Annotated[
+        int, _doc("Most HTTP connections open at once; past it a new one is closed at once.")
+    ] = 1024
+    header_timeout_s: Annotated[
+        float, _doc("Time a new connection gets to send its first request head.")
+    ] = 10.0
+    body_timeout_s: Annotated[float, _doc("Time a request gets to send its whole body.")] = 30.0
 
 
 class Thresholds(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -333,15 +364,12 @@ class EventsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         return duration_s(self.max_age, "events.max_age")
 
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
-
-
 def duration_s(text: str, key: str) -> float:
     """`90d`, `12h`, `30m`, `45s` or bare seconds. Raises ConfigError naming `key`."""
-    m = _DURATION.match(text.strip())
-    if m is None:
-        raise ConfigError(f"{key}: {text!r} is not a duration (90d, 12h, 30m, 45s)")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    try:
+        return params.duration_s(key, text)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 class CallbacksConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -378,7 +406,13 @@ class CallbacksConfig(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class Config(Struct, forbid_unknown_fields=True, kw_only=True):
-    node_id: Annotated[str, _doc("This node's id, in every event and container label.")] = "n1"
+    node_id: Annotated[
+        str,
+        _doc(
+            "This node's id, in every event and container label (empty: the id kept in the "
+            "data dir, `n-<8 hex>` made at its first use)."
+        ),
+    ] = ""
     data_dir: Annotated[
         str, _doc("The data dir: outbox, workspaces, projection, embedded NATS store, credentials.")
     ] = ".supervisor"

@@ -3,6 +3,7 @@ the options it uses, and bad values refused with exit 2 before anything runs."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,38 @@ def test_replay_into_a_missing_directory_is_refused(tmp_dir: Path) -> None:
     assert done.returncode == 2
     assert "does not exist" in done.stderr
     assert not (tmp_dir / "data").exists()  # refused before any NATS was started
+
+
+def test_a_mistyped_option_is_the_subcommands_error_with_the_nearest_option() -> None:
+    done = cli("sql", "--fromat", "json", "SELECT 1")
+
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: supervisor sql ")
+    assert done.stderr.rstrip().endswith(
+        "supervisor sql: error: unrecognized option --fromat (did you mean --format?)"
+    )
+
+
+def test_a_mistyped_command_gets_the_nearest_one() -> None:
+    done = cli("sqll", "SELECT 1")
+
+    assert done.returncode == 2
+    assert "unknown command 'sqll'; did you mean 'sql'?" in done.stderr
+
+
+def test_submit_with_no_daemon_says_so_and_leaves_nothing_behind(tmp_dir: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "supervisor", "submit", "-"],
+        input='{"image": "supervisor-sandbox:busybox", "command": ["true"]}',
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_dir,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SUPERVISOR_")},
+    )
+
+    assert done.returncode == 3
+    assert "cannot submit: no daemon runs on the data dir" in done.stderr
+    assert "start `supervisor serve` there, or give --nats URL" in done.stderr
+    assert list(tmp_dir.iterdir()) == []

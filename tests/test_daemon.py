@@ -71,7 +71,7 @@ def test_submit_wait_runs_the_task_and_prints_its_result(
 def test_a_full_queue_is_refused_with_queue_full(
     tmp_dir: Path, nats_url: str, daemons, docker_client
 ) -> None:  # type: ignore[no-untyped-def]
-    _daemon(
+    d = _daemon(
         daemons,
         tmp_dir,
         nats_url,
@@ -92,8 +92,21 @@ def test_a_full_queue_is_refused_with_queue_full(
         "QUEUE_FULL",
         True,
     )
-    rejected = asyncio.run(stream_events(nats_url, f"sup.task.rejected.*.{result['task_id']}"))
-    assert len(rejected) == 1
+    # The same refusal from a `supervisor submit` on the daemon's own data dir is an error
+    # of the node, counted by the daemon as its own are (the one above came from another
+    # data dir, so another node).
+    again = submit(nats_url, tmp_dir / "data", task("true"), "--json")
+    assert again.returncode == 2
+    wait_until(
+        lambda: (
+            'supervisor_errors_total{code="QUEUE_FULL",type="resource"} 1.0'
+            in d.get("/metrics")[1].decode()
+        ),
+        what="the node's refusal to be counted",
+    )
+    # A passing refusal: recorded once, and the id stays free (tests/test_one_outcome.py).
+    refused = asyncio.run(stream_events(nats_url, f"sup.task.refused.*.{result['task_id']}"))
+    assert len(refused) == 1
 
 
 def test_priority_order_holds_under_a_backlog(
@@ -313,7 +326,7 @@ def test_a_task_whose_daemon_dies_on_every_delivery_ends_as_redelivery_limit(
     assert [(e.code, e.attempt) for e in errors if isinstance(e, ErrorRaised)] == [
         ("SUPERVISOR_LOST", 1),
         ("SUPERVISOR_LOST", 2),
-        ("REDELIVERY_LIMIT", 2),
+        ("REDELIVERY_LIMIT", 0),  # the task's own: attempt 2 had been closed
     ]
 
 

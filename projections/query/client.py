@@ -22,6 +22,7 @@ from typing import Any
 from projections.errors import DaemonRefused, DaemonUnreachable
 from projections.query.query import QueryResult
 from projections.query.render import result_from_doc
+from schemas.config import HttpConfig, inline_or_file
 
 HTTP_URL_FILE = "http.url"
 TOKEN_ENV = "SUPERVISOR_HTTP_TOKEN"
@@ -45,8 +46,10 @@ def daemon_url(data_dir: Path, listen: str) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def daemon_token(configured: str | None) -> str | None:
-    return os.environ.get(TOKEN_ENV) or configured
+def daemon_token(http: HttpConfig) -> str | None:
+    """`$SUPERVISOR_HTTP_TOKEN`, else the configured `http.token` or `http.token_file`
+    (as the daemon reads them). Raises ConfigError for a token file that cannot be read."""
+    return os.environ.get(TOKEN_ENV) or inline_or_file(http.token, http.token_file, "http.token")
 
 
 def query_daemon(

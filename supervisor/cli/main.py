@@ -21,7 +21,13 @@ from schemas.config import Config
 from schemas.errors import ConfigError, InvalidSpec, SupervisorError
 from schemas.spec import ErrorType
 from supervisor.cli.node import add_node_parser
-from supervisor.cli.options import common_options, config_of
+from supervisor.cli.options import (
+    SubcommandParser,
+    common_options,
+    config_of,
+    unknown_command,
+    with_node_id,
+)
 from supervisor.cli.read_parsers import add_parsers as add_read_parsers
 from supervisor.eventlog.emitter import new_id
 from supervisor.intake.admission import decode_spec
@@ -50,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--nats or $SUPERVISOR_NATS_URL names one. Configuration keys: docs/configuration.md.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=SubcommandParser
+    )
     for add in (_add_run, _add_serve, _add_submit, _add_tail, _add_credentials):
         add(sub)
 
@@ -448,13 +456,14 @@ def _read_side_parts(
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    cfg = config_of(args)
+    cfg = with_node_id(config_of(args), keep=True)
     if args.http:
         cfg = msgspec.structs.replace(cfg, http=msgspec.structs.replace(cfg.http, listen=args.http))
     return asyncio.run(_serve_async(args, cfg))
 
 
 async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
+    from supervisor.daemon.datadir import node_id_for
     from supervisor.daemon.node import connected_event_log
     from supervisor.eventlog.diskguard import DiskGuard
     from supervisor.eventlog.emitter import Emitter
@@ -481,7 +490,9 @@ async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
         )
         submission = await Intake(
             events.js,
-            Emitter(events, cfg.node_id, events.instance_id),
+            Emitter(
+                events, node_id_for(events.data_dir, cfg.node_id, keep=False), events.instance_id
+            ),
             events,
             cfg,
             disk_full=disk.reason,
@@ -560,6 +571,13 @@ def _cmd_credentials(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not any(a in ("-h", "--help", "--version") for a in argv[:1]):
+        wrong = unknown_command(parser, argv)
+        if wrong is not None:
+            parser.print_usage(sys.stderr)
+            sys.stderr.write(f"supervisor: error: {wrong}\n")
+            return EXIT_REJECTED
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -188,7 +188,7 @@ def _sql_remote(args: argparse.Namespace) -> QueryResult:
         args.query,
         max_rows=args.max_rows,
         timeout_s=args.timeout,
-        token=daemon_token(cfg.http.token),
+        token=daemon_token(cfg.http),
     )
 
 
@@ -242,7 +242,7 @@ def _remote_runner(args: argparse.Namespace) -> Any:
     cfg = config_of(args)
     _, data_dir = _settings(args)
     url = args.url.rstrip("/") if args.url else daemon_url(data_dir, cfg.http.listen)
-    token = daemon_token(cfg.http.token)
+    token = daemon_token(cfg.http)
 
     def run(sql: str) -> list[tuple[Any, ...]]:
         return query_daemon(url, sql, max_rows=100_000, timeout_s=120, token=token).rows

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from nats.js import JetStreamContext
 
 from schemas import (
@@ -36,12 +37,14 @@ from schemas import (
 )
 from schemas.config import Config
 from schemas.errors import ApiError, NatsUnavailable, projection_unavailable
-from schemas.health import Check, CheckFn
+from schemas.http import Check, CheckFn
 from schemas.streams import TASKS_STREAM, commands_stream_config, tasks_stream_config
 from supervisor.daemon.checks import daemon_checks
-from supervisor.daemon.datadir import DataDirLock, publish
+from supervisor.daemon.datadir import DataDirLock, node_id_for, publish
+from supervisor.daemon.error_counts import counting_node_errors
 from supervisor.daemon.extension import DaemonContext, Part, ReadSide
 from supervisor.daemon.http import HttpServer, create_app, http_token, start_http
+from supervisor.daemon.http_limits import ConnectionGuard
 from supervisor.daemon.metrics import Metrics
 from supervisor.daemon.monitor import HostSampler, PsutilSampler, ResourceMonitor
 from supervisor.daemon.node import Node, open_node
@@ -95,6 +98,7 @@ class Daemon:
         self.monitor: ResourceMonitor | None = None
         self.http: HttpServer | None = None
         self.ready = asyncio.Event()
+        self._engine_check: asyncio.Future[None] | None = None
 
     # --- scheduling decisions -------------------------------------------------------------
 
@@ -105,6 +109,8 @@ class Daemon:
         sc = self.config.scheduling
         if self.node is not None and self.node.disk is not None and self.node.disk.reason():
             return False  # what it would run could not be recorded
+        if self._engine_check is not None:
+            return False  # an infrastructure failure: wait until the engine answers
         return can_pull_any(
             self.scheduler.running_memory(),
             concurrency=sc.concurrency,
@@ -125,9 +131,23 @@ class Daemon:
 
     def _on_attempt(self, c: Classification | None) -> None:
         """Docker carried out an attempt (whatever the task did) unless its classification
-        is an engine failure: that is what the breaker counts."""
+        is an engine failure: that is what the breaker counts. After any infrastructure
+        failure (an engine failure, or a container killed or removed from outside, as an
+        engine restart does) nothing new is pulled until the engine answers again, so a
+        restart costs the queued tasks no attempt."""
         assert self.breaker is not None
         self.breaker.record(c if c is not None and counts(c) else None)
+        if c is not None and c.type == "infrastructure" and self._engine_check is None:
+            self._engine_check = asyncio.ensure_future(self._engine_back())
+
+    async def _engine_back(self) -> None:
+        assert self.node is not None
+        try:
+            while not await self.node.executor.wait_for_engine():
+                pass
+        finally:
+            self._engine_check = None
+            self._poke()
 
     def _gate(self) -> None:
         assert self.breaker is not None
@@ -136,7 +156,9 @@ class Daemon:
     # --- the run ----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, force: asyncio.Event) -> int:
-        cfg = self.config
+        data_dir = Path(self.config.data_dir).resolve()
+        node_id = node_id_for(data_dir, self.config.node_id, keep=True)
+        self.config = cfg = msgspec.structs.replace(self.config, node_id=node_id)
         instance_id = new_id()[:16]
         # Before anything is touched: a second daemon on this data dir stops here.
         lock = DataDirLock.acquire(
@@ -202,6 +224,9 @@ class Daemon:
             )
             if self.pull:
                 await stack.enter_async_context(following_cancellations(js, node.executor))
+            await stack.enter_async_context(
+                counting_node_errors(js, node.metrics, cfg.node_id, node.emitter.instance_id)
+            )
             checks, scrape_hooks = await self._serve_http(node, breaker, monitor, stack)
             ctx = DaemonContext(
                 node=node,
@@ -306,8 +331,12 @@ class Daemon:
             check_timeout_s=cfg.http.check_timeout_s,
             max_batch=cfg.http.max_batch,
             on_scrape=before_scrape,
+            body_timeout_s=cfg.http.body_timeout_s,
         )
-        self.http = await start_http(stack, app, cfg.http.listen, node.data_dir)
+        guard = ConnectionGuard(
+            max_connections=cfg.http.max_connections, header_timeout_s=cfg.http.header_timeout_s
+        )
+        self.http = await start_http(stack, app, cfg.http.listen, node.data_dir, guard)
         return checks, scrape_hooks
 
     async def _pull_until(

@@ -262,7 +262,10 @@ class EventLog:
         self._overflow_bytes += len(payload)
 
     def _write_overflow(self, outbox: Outbox) -> None:
-        """Move the events held in memory to the outbox, in order, as far as space allows."""
+        """Move the events held in memory to the outbox, in order, as far as space allows
+        (and say so when it held any)."""
+        if not self._overflow:
+            return
         while self._overflow:
             subject, msg_id, payload = self._overflow[0]
             try:
