@@ -152,6 +152,11 @@ class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         float, _doc("Time a new connection gets to send its first request head.")
     ] = 10.0
     body_timeout_s: Annotated[float, _doc("Time a request gets to send its whole body.")] = 30.0
+    max_wait_s: Annotated[
+        float,
+        _doc("Longest `GET /v1/tasks/{id}?wait=S` holds a request (seconds)."),
+        msgspec.Meta(ge=0, le=3600),
+    ] = 300.0
 
 
 class Thresholds(Struct, forbid_unknown_fields=True, kw_only=True):

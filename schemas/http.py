@@ -6,9 +6,9 @@ from. Answers may gain fields; a reader ignores what it does not know (no
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 from schemas.spec import ErrorType, Result, TaskSpec
 
@@ -121,10 +121,14 @@ class QueryRequest(Struct, kw_only=True):
     format: Literal["json", "table", "csv"] = "json"
 
 
+# A row: any JSON values (`items: {}` says so to generators that want every array typed).
+Row = Annotated[list[Any], Meta(extra_json_schema={"items": {}})]
+
+
 class QueryAnswer(Struct, kw_only=True):
     columns: list[str]
     types: list[str]
-    rows: list[list[Any]]
+    rows: list[Row]
     truncated: bool
     seq: int | None = None
     elapsed_s: float = 0.0

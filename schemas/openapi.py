@@ -56,11 +56,17 @@ def _param(name: str, where: str, schema: dict[str, Any], description: str) -> d
     }
 
 
-_TASK_ID = _param("task_id", "path", {"type": "string"}, "the task's id")
+TASK_ID_PATTERN = r"^(?!batch$)[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+"""A task id in a path: a spec's `task_id` (`schemas.spec.Token`), `batch` excepted (that
+is the batch route's own name)."""
+
+_TASK_ID = _param(
+    "task_id", "path", {"type": "string", "pattern": TASK_ID_PATTERN}, "the task's id"
+)
 _V1: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
-def _paths() -> dict[str, Any]:
+def _paths(max_wait_s: float) -> dict[str, Any]:
     string = {"type": "string"}
     listing = [
         _param("state", "query", string, "a task state (submitted, running, succeeded, ...)"),
@@ -154,7 +160,7 @@ def _paths() -> dict[str, Any]:
                     _param(
                         "wait",
                         "query",
-                        {"type": "number", "minimum": 0, "maximum": 300},
+                        {"type": "number", "minimum": 0, "maximum": max_wait_s},
                         "hold the request until the task has ended or this many seconds passed",
                     )
                 ],
@@ -210,8 +216,20 @@ def _paths() -> dict[str, Any]:
     }
 
 
-def document(version: str = "1") -> dict[str, Any]:
-    """The OpenAPI 3.1 document, as JSON values (msgspec gives tuple defaults as tuples)."""
+DEFAULT_SERVER = "http://127.0.0.1:8787"
+MAX_WAIT_S = 300.0
+
+
+def document(
+    version: str = "1",
+    *,
+    server: str = DEFAULT_SERVER,
+    token_required: bool = True,
+    max_wait_s: float = MAX_WAIT_S,
+) -> dict[str, Any]:
+    """The OpenAPI 3.1 document, as JSON values (msgspec gives tuple defaults as tuples).
+    A daemon serves it with its own `server` URL, says whether /v1 needs a token, and
+    gives the longest `?wait` it holds a request for."""
     _, made = msgspec.json.schema_components(
         (*ANSWERS, TaskSpec, Result, ErrorRaised), ref_template=_REF
     )
@@ -227,13 +245,13 @@ def document(version: str = "1") -> dict[str, Any]:
                 "`Authorization: Bearer <token>` when a token is configured."
             ),
         },
-        "servers": [{"url": "http://127.0.0.1:8787"}],
-        "security": _V1,
+        "servers": [{"url": server}],
+        "security": _V1 if token_required else [],
         "components": {
             "schemas": components,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
-        "paths": _paths(),
+        "paths": _paths(max_wait_s),
         "webhooks": {
             "taskEnded": {
                 "post": {

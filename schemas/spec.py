@@ -54,8 +54,8 @@ class TaskSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     unless the configured policy allows them; `callback_url` unless `[callbacks] allowed`
     names its destination."""
 
-    image: str
-    command: list[str]
+    image: Annotated[str, Meta(min_length=1, max_length=512)]
+    command: Annotated[list[str], Meta(min_length=1)]
     task_id: Token | None = None
     files: dict[str, str] = {}
     files_base64: dict[str, str] = {}

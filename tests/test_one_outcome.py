@@ -75,7 +75,7 @@ def test_a_refused_resubmission_is_an_error_about_it_and_the_task_keeps_its_outc
     done = client.run(_spec("echo once", task_id="t-once"), timeout_s=60)
     assert done.status == "succeeded"
 
-    bad_status, bad = _post(d, {"task_id": "t-once", "image": "", "command": []})
+    bad_status, bad = _post(d, {"task_id": "t-once", "image": "Not An Image", "command": ["x"]})
     other_status, other = _post(d, task("echo other", task_id="t-once"))
     policy_status, policy = _post(d, task("echo once", task_id="t-once", privileged=True))
 

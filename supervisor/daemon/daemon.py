@@ -332,6 +332,7 @@ class Daemon:
             max_batch=cfg.http.max_batch,
             on_scrape=before_scrape,
             body_timeout_s=cfg.http.body_timeout_s,
+            max_wait_s=cfg.http.max_wait_s,
         )
         guard = ConnectionGuard(
             max_connections=cfg.http.max_connections, header_timeout_s=cfg.http.header_timeout_s

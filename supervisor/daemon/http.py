@@ -50,7 +50,7 @@ from schemas.errors import (
     SupervisorError,
 )
 from schemas.http import Check, CheckFn
-from schemas.openapi import document
+from schemas.openapi import MAX_WAIT_S, TASK_ID_PATTERN, document
 from supervisor.daemon.datadir import publish
 from supervisor.daemon.http_limits import ConnectionGuard, body_deadline
 from supervisor.daemon.metrics import Metrics
@@ -125,6 +125,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY,
     max_batch: int = 100,
     body_timeout_s: float = 30.0,
+    max_wait_s: float = MAX_WAIT_S,
 ) -> web.Application:
     """Build the app. `readiness` maps a check name to its check; `handlers` None leaves
     `/v1` unrouted (404); `on_scrape` runs (and is awaited when it is a coroutine function)
@@ -166,18 +167,24 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/readyz", readyz_full)
     app.router.add_get("/metrics", metrics_text)
-    openapi = _encoder.encode(document())
 
-    async def openapi_doc(_: web.Request) -> web.Response:
-        return web.Response(body=openapi, content_type="application/json")
+    async def openapi_doc(request: web.Request) -> web.Response:
+        """The document as this daemon serves it: its own origin (the one the client
+        reached), whether /v1 needs a token, its longest `?wait`."""
+        doc = document(
+            server=str(request.url.origin()),
+            token_required=token is not None,
+            max_wait_s=max_wait_s,
+        )
+        return web.Response(body=_encoder.encode(doc), content_type="application/json")
 
     app.router.add_get("/openapi.json", openapi_doc)
     if handlers is not None:
-        _add_api(app, handlers, max_batch)
+        _add_api(app, handlers, max_batch, max_wait_s)
     return app
 
 
-def _add_api(app: web.Application, handlers: Handlers, max_batch: int) -> None:
+def _add_api(app: web.Application, handlers: Handlers, max_batch: int, max_wait_s: float) -> None:
     async def submit(request: web.Request) -> web.Response:
         return await submit_one(await request.read())
 
@@ -244,7 +251,7 @@ def _add_api(app: web.Application, handlers: Handlers, max_batch: int) -> None:
 
     async def task(request: web.Request) -> web.Response:
         task_id = request.match_info["task_id"]
-        wait_s = _wait_param(request.query.get("wait"))
+        wait_s = _wait_param(request.query.get("wait"), max_wait_s)
         deadline = asyncio.get_running_loop().time() + wait_s
         pause = WAIT_POLL_MIN_S
         while True:
@@ -291,8 +298,11 @@ def _add_api(app: web.Application, handlers: Handlers, max_batch: int) -> None:
     app.router.add_post("/v1/tasks", submit)
     app.router.add_post("/v1/tasks/batch", batch)
     app.router.add_get("/v1/tasks", tasks)
-    app.router.add_get("/v1/tasks/{task_id}", task)
-    app.router.add_delete("/v1/tasks/{task_id}", cancel)
+    # Only a task id matches (`batch` excepted): another path is a 404 at once, and the
+    # batch route's Allow header is its own.
+    one_task = "/v1/tasks/{task_id:" + TASK_ID_PATTERN.strip("^$") + "}"
+    app.router.add_get(one_task, task)
+    app.router.add_delete(one_task, cancel)
     app.router.add_post("/v1/query", query)
 
 
@@ -556,26 +566,27 @@ async def start_http(
     return http
 
 
-MAX_WAIT_S = 300.0
-"""The longest `GET /v1/tasks/{id}?wait=S` holds a request."""
-
 WAIT_POLL_MIN_S, WAIT_POLL_MAX_S = 0.02, 0.1
 """How often a waiting request reads the task again: from 20 ms, doubling up to 0.1 s, so
 an answer comes at most 0.1 s after the projection applied the task's end (one keyed read of
 `tasks` each time; the projection itself applies a live batch within a few hundred ms)."""
 
 
-def _wait_param(text: str | None) -> float:
-    """`?wait=S`: seconds to hold the request until the task has ended (0 to `MAX_WAIT_S`)."""
+def _wait_param(text: str | None, max_wait_s: float) -> float:
+    """`?wait=S`: seconds to hold the request until the task has ended (0 to
+    `http.max_wait_s`)."""
     if text is None:
         return 0.0
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 <= value <= MAX_WAIT_S:  # also refuses nan
+    if not 0 <= value <= max_wait_s:  # also refuses nan
         raise ApiError(
-            400, "validation", "INVALID_QUERY", f"wait must be seconds from 0 to {MAX_WAIT_S:g}"
+            400,
+            "validation",
+            "INVALID_QUERY",
+            f"wait {text[:40]!r}: seconds from 0 to {max_wait_s:g}",
         )
     return value
 

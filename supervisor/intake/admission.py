@@ -78,7 +78,13 @@ def check_image(image: str) -> None:
         )
 
 
+RESERVED_TASK_IDS = frozenset({"batch"})
+"""Task ids the HTTP API's paths take for themselves (`/v1/tasks/batch`)."""
+
+
 def check_bounds(spec: TaskSpec, bounds: Bounds) -> None:
+    if spec.task_id in RESERVED_TASK_IDS:
+        raise InvalidSpec("task_id", f"{spec.task_id!r} is reserved (a route of the HTTP API)")
     check_image(spec.image)
     if not spec.command:
         raise InvalidSpec("command", "must hold at least one argument")
