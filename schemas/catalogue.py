@@ -1,47 +1,140 @@
-"""The error catalogue of the design: every (type, code) and whether it is retried by default."""
+"""The error catalogue of the design: every (type, code), whether it is retried by default,
+and the evidence behind it. The tables in the README and `docs/running.md` are generated
+from `ENTRIES` (`python -m schemas.catalogue`), and a test holds them equal."""
 
 from __future__ import annotations
 
-from typing import Final
+import re
+from pathlib import Path
+from typing import Final, NamedTuple
 
 from schemas.spec import ErrorType
 
+
+class Entry(NamedTuple):
+    type: ErrorType
+    retryable: bool
+    evidence: str
+    produced: bool = True
+    """False: a code of the contract that this version never records (kept for the
+    outside tools that name it)."""
+
+
+ENTRIES: Final[dict[str, Entry]] = {
+    "INVALID_SPEC": Entry(
+        "validation",
+        False,
+        "the spec fails the schema or the configured bounds (sizes, retry delays, file "
+        "paths), or the engine refused the request (an HTTP 4xx: never retried, never "
+        "counted by the breaker)",
+    ),
+    "IMAGE_NOT_FOUND": Entry("validation", False, "the image is not present locally"),
+    "DUPLICATE_TASK_ID": Entry(
+        "validation",
+        False,
+        "a different spec under a task id already known; recorded about the submission "
+        "(attempt 0), the task keeps its own outcome",
+    ),
+    "POLICY_VIOLATION": Entry(
+        "security", False, "privileged, cap_add, a network other than none, mounts, a callback"
+    ),
+    "EXECUTION_TIMEOUT": Entry("timeout", True, "the supervisor's own `kill_issued{timeout}`"),
+    "CPU_TIME_EXCEEDED": Entry(
+        "timeout",
+        False,
+        "the supervisor's own `kill_issued{cpu_time}`, from the cgroup's CPU accounting",
+    ),
+    "OOM_KILLED": Entry(
+        "resource",
+        False,
+        "`State.OOMKilled` or the cgroup's `oom_kill` counter, whatever the exit code (a "
+        "child killed for memory fails the task even if the script exits 0)",
+    ),
+    "PIDS_LIMIT": Entry(
+        "resource", False, "the cgroup's `pids.events max` counter (a fork was refused)"
+    ),
+    "OUTPUT_LIMIT": Entry("resource", False, "the supervisor's own `kill_issued{output_limit}`"),
+    "QUEUE_FULL": Entry(
+        "resource",
+        True,
+        "JetStream refused the submission (per-priority bound): `task.refused`, the id stays free",
+    ),
+    "HOST_PRESSURE": Entry(
+        "resource",
+        True,
+        "reserved: under host pressure the daemon stops pulling instead, and the task waits",
+        produced=False,
+    ),
+    "DISK_FULL": Entry(
+        "resource",
+        True,
+        "the data dir's free space is under `thresholds.disk_min_free_mb`, or an outbox write "
+        "met ENOSPC",
+    ),
+    "QUERY_MEMORY": Entry(
+        "resource", False, "a SQL query went past the projection's memory limit (HTTP 507)"
+    ),
+    "NONZERO_EXIT": Entry("user_code", False, "a non-zero exit code"),
+    "SIGNALED": Entry(
+        "user_code",
+        False,
+        "exit code 128+n with no kill from anyone else; details name the signal",
+    ),
+    "DOCKER_UNAVAILABLE": Entry("infrastructure", True, "the adapter could not reach the engine"),
+    "DOCKER_API_ERROR": Entry("infrastructure", True, "the engine answered with a server error"),
+    "CIRCUIT_OPEN": Entry(
+        "infrastructure", True, "the Docker breaker is open (HTTP 503 while it is)"
+    ),
+    "KILLED_EXTERNALLY": Entry(
+        "infrastructure",
+        True,
+        "a Docker `kill`/`stop` event the supervisor did not announce (an engine restart "
+        "too), or a kill by a reconciler's cleanup command (`details.by = reconcile`)",
+    ),
+    "CONTAINER_VANISHED": Entry(
+        "infrastructure",
+        True,
+        "a Docker `destroy` the supervisor did not do, or the container already gone",
+    ),
+    "SUPERVISOR_LOST": Entry(
+        "infrastructure",
+        True,
+        "a redelivered task whose last attempt never finished, and proof its owner is dead",
+    ),
+    "REDELIVERY_LIMIT": Entry(
+        "infrastructure", False, "the task message was delivered more than `max_deliver` times"
+    ),
+    "CLEANUP_FAILED": Entry(
+        "infrastructure",
+        True,
+        "reserved: a failed cleanup step is a `cleanup.failed` event naming what is left, "
+        "and a leak in `leaked_resources` until the reconciler removes it",
+        produced=False,
+    ),
+    "CANCELLED": Entry(
+        "infrastructure",
+        False,
+        "`DELETE /v1/tasks/{id}`, Ctrl-C on `supervisor run`, or a forced shutdown",
+    ),
+    "NATS_UNAVAILABLE": Entry(
+        "infrastructure",
+        True,
+        "intake could not make a submission durable: `task.refused`, the id stays free",
+    ),
+    "INTERNAL_ERROR": Entry(
+        "infrastructure",
+        False,
+        "an unexpected error inside the supervisor during an attempt; cleanup ran, the "
+        "details name the error",
+    ),
+}
+
 # code -> (type, retryable by default)
 CATALOGUE: Final[dict[str, tuple[ErrorType, bool]]] = {
-    "INVALID_SPEC": ("validation", False),
-    "IMAGE_NOT_FOUND": ("validation", False),
-    "POLICY_VIOLATION": ("security", False),
-    "EXECUTION_TIMEOUT": ("timeout", True),
-    "OOM_KILLED": ("resource", False),
-    "PIDS_LIMIT": ("resource", False),
-    "OUTPUT_LIMIT": ("resource", False),
-    "QUEUE_FULL": ("resource", True),
-    "HOST_PRESSURE": ("resource", True),
-    "NONZERO_EXIT": ("user_code", False),
-    "SIGNALED": ("user_code", False),
-    "DOCKER_UNAVAILABLE": ("infrastructure", True),
-    "DOCKER_API_ERROR": ("infrastructure", True),
-    "CIRCUIT_OPEN": ("infrastructure", True),
-    "KILLED_EXTERNALLY": ("infrastructure", True),
-    "CONTAINER_VANISHED": ("infrastructure", True),
-    "SUPERVISOR_LOST": ("infrastructure", True),
-    "REDELIVERY_LIMIT": ("infrastructure", False),
-    "CLEANUP_FAILED": ("infrastructure", True),
-    # Extension: the run was cancelled by its own supervisor (Ctrl-C on `supervisor run`,
-    # a forced shutdown); nobody else is to blame and it is not retried.
-    "CANCELLED": ("infrastructure", False),
-    # A different spec under a task id already known (submission is idempotent by id).
-    "DUPLICATE_TASK_ID": ("validation", False),
-    # The data dir (outbox, NATS store, projection) has no space left; nothing was started.
-    "DISK_FULL": ("resource", True),
-    "QUERY_MEMORY": ("resource", False),
-    # Intake could not make a submission durable: NATS (JetStream) did not answer.
-    "NATS_UNAVAILABLE": ("infrastructure", True),
-    "CPU_TIME_EXCEEDED": ("timeout", False),
-    # An unexpected error inside the supervisor during an attempt (a bug of ours, or the
-    # host refusing what admission let through); cleanup ran, the details name the error.
-    "INTERNAL_ERROR": ("infrastructure", False),
+    code: (e.type, e.retryable) for code, e in ENTRIES.items()
 }
+
+_TYPES: Final = ("validation", "security", "timeout", "resource", "user_code", "infrastructure")
 
 
 def error_type_of(code: str) -> ErrorType:
@@ -50,3 +143,42 @@ def error_type_of(code: str) -> ErrorType:
 
 def retryable_by_default(code: str) -> bool:
     return CATALOGUE[code][1]
+
+
+def codes_table() -> str:
+    """The README's table: each type and its codes (those never recorded in italics)."""
+    rows = ["| type | codes |", "| --- | --- |"]
+    for t in _TYPES:
+        codes = [f"`{c}`" if e.produced else f"*`{c}`*" for c, e in ENTRIES.items() if e.type == t]
+        rows.append(f"| {t} | {', '.join(codes)} |")
+    return "\n".join(rows) + "\n"
+
+
+def evidence_table() -> str:
+    """`docs/running.md`'s table: type, code, retried by default, the evidence."""
+    rows = ["| type | code | retried | evidence |", "| --- | --- | --- | --- |"]
+    for t in _TYPES:
+        for c, e in ENTRIES.items():
+            if e.type == t:
+                rows.append(f"| {t} | {c} | {'yes' if e.retryable else 'no'} | {e.evidence} |")
+    return "\n".join(rows) + "\n"
+
+
+GENERATED: Final = {"README.md": codes_table, "docs/running.md": evidence_table}
+_MARK = re.compile(
+    r"(<!-- catalogue: generated by python -m schemas.catalogue -->\n)(.*?)(<!-- /catalogue -->)",
+    re.S,
+)
+
+
+def with_tables(path: str, text: str) -> str:
+    """`text` (the file at `path`) with its generated table made anew."""
+    return _MARK.sub(lambda m: m.group(1) + GENERATED[path]() + m.group(3), text)
+
+
+if __name__ == "__main__":
+    root = Path(__file__).resolve().parent.parent
+    for name in GENERATED:
+        f = root / name
+        f.write_text(with_tables(name, f.read_text()))
+        print(f)

@@ -1,6 +1,7 @@
 """A chaos run: a daemon runs a stream of mixed tasks while its daemon is killed with
-SIGKILL, its NATS server is killed and started again, and task containers are removed out
-of band, at moments drawn from a seeded RNG. Then everything is brought back, the tasks
+SIGKILL, its NATS server is killed and started again, its Docker engine (a private
+dockerd) is restarted, task containers are removed out of band, and tasks waiting for
+their retry are cancelled, at moments drawn from a seeded RNG. Then everything is brought back, the tasks
 are left to end, and the run checks what must hold whatever failed:
 
 - every submitted task has exactly one terminal event;
@@ -34,6 +35,7 @@ from schemas import TERMINAL_TASK_EVENTS, Event
 from supervisor.eventlog.nats_server import NatsServer
 from supervisor.eventlog.outbox import Outbox
 from testing.daemon import SANDBOX_IMAGE, DaemonProc
+from testing.dockerd import PrivateDockerd
 
 # The mix: (script, limits, retry) - quick successes, user errors, slower tasks that faults
 # will catch running, and timeouts that are retried.
@@ -43,6 +45,8 @@ _KINDS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("sleep 2; echo slow", {"timeout_s": 30}, {"max_attempts": 4, "base_delay_s": 0.2}),
     ("sleep 4; echo slower", {"timeout_s": 30}, {"max_attempts": 4, "base_delay_s": 0.2}),
     ("sleep 5", {"timeout_s": 1}, {"max_attempts": 2, "base_delay_s": 0.2}),
+    # A long, fixed backoff: what a cancel finds waiting for its retry.
+    ("sleep 5", {"timeout_s": 0.5}, {"max_attempts": 3, "base_delay_s": 6, "jitter": False}),
 ]
 
 
@@ -53,6 +57,8 @@ class ChaosReport:
     daemon_kills: int = 0
     nats_restarts: int = 0
     containers_removed: int = 0
+    dockerd_restarts: int = 0
+    cancels: int = 0
     events: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
@@ -60,21 +66,24 @@ class ChaosReport:
     def line(self) -> str:
         return (
             f"seed {self.seed}: {self.tasks} tasks, {self.daemon_kills} daemon kills, "
-            f"{self.nats_restarts} NATS restarts, {self.containers_removed} containers "
-            f"removed, {self.events} events, outcomes {dict(self.outcomes)}, "
+            f"{self.nats_restarts} NATS restarts, {self.dockerd_restarts} dockerd restarts, "
+            f"{self.containers_removed} containers removed, {self.cancels} cancels in "
+            f"backoff, {self.events} events, outcomes {dict(self.outcomes)}, "
             f"violations: {len(self.violations)}"
         )
 
 
 class _Chaos:
-    def __init__(self, workdir: Path, seed: int, node_id: str) -> None:
+    def __init__(self, workdir: Path, seed: int, node_id: str, engine: PrivateDockerd) -> None:
         self.rng = random.Random(seed)
         self.workdir = workdir
         self.node_id = node_id
         self.data = workdir / "data"
         self.server = NatsServer(workdir / "nats-store")
+        self.engine = engine
         self.config = {
             "node_id": node_id,
+            "docker_url": engine.url,
             "scheduling": {
                 "concurrency": 4,
                 "ack_wait_s": 3,
@@ -93,7 +102,7 @@ class _Chaos:
             },
         }
         self.daemon: DaemonProc | None = None
-        self.docker = docker.from_env(timeout=30)
+        self.docker = docker.DockerClient(base_url=engine.url, timeout=30)
         self.report = ChaosReport(seed)
         self.specs: dict[str, dict[str, Any]] = {}
 
@@ -117,9 +126,33 @@ class _Chaos:
         self.server.start()
         self.report.nats_restarts += 1
 
+    def restart_dockerd(self) -> None:
+        """SIGTERM (dockerd stops its containers), a pause, start again."""
+        self.engine.stop()
+        time.sleep(self.rng.uniform(0.5, 3.0))
+        self.engine.start()
+        self.report.dockerd_restarts += 1
+
+    def cancel_one_in_backoff(self) -> None:
+        """DELETE a task that waits for its retry, if the projection shows one."""
+        daemon = self.daemon
+        if daemon is None or daemon.proc is None or daemon.proc.poll() is not None:
+            return
+        try:
+            status, body = daemon.get("/v1/tasks?state=retrying&limit=20")
+            retrying = [t["task_id"] for t in json.loads(body)["tasks"]] if status == 200 else []
+            if retrying:
+                status, _ = daemon.request("DELETE", f"/v1/tasks/{self.rng.choice(retrying)}")
+                self.report.cancels += status == 202
+        except (OSError, urllib.error.URLError):
+            return
+
     def remove_a_container(self) -> None:
         flt = {"label": ["supervisor.managed=true", f"supervisor.node={self.node_id}"]}
-        found = self.docker.api.containers(filters=flt)
+        try:
+            found = self.docker.api.containers(filters=flt)
+        except docker.errors.DockerException:
+            return
         if found:
             with contextlib.suppress(docker.errors.APIError):
                 self.docker.api.remove_container(self.rng.choice(found)["Id"], force=True)
@@ -184,13 +217,17 @@ class _Chaos:
         return self.report
 
     def _fault(self) -> None:
-        kind = self.rng.choice(["daemon", "nats", "container", "container"])
+        kind = self.rng.choice(["daemon", "nats", "dockerd", "container", "cancel", "cancel"])
         if kind == "daemon":
             self.kill_daemon()
             time.sleep(self.rng.uniform(0.2, 1.5))
             self.start_daemon()
         elif kind == "nats":
             self.restart_nats()
+        elif kind == "dockerd":
+            self.restart_dockerd()
+        elif kind == "cancel":
+            self.cancel_one_in_backoff()
         else:
             self.remove_a_container()
 
@@ -250,6 +287,12 @@ class _Chaos:
 def run_chaos(
     workdir: Path, *, seed: int, tasks: int, fault_s: float, settle_s: float = 90.0
 ) -> ChaosReport:
-    """One chaos run in `workdir` (left for the caller to remove)."""
+    """One chaos run in `workdir` (left for the caller to remove), on a private dockerd
+    that it may restart, removed at the end."""
     node_id = f"chaos{uuid.uuid4().hex[:6]}"
-    return _Chaos(workdir, seed, node_id).run(tasks, fault_s, settle_s)
+    engine = PrivateDockerd(workdir / "dk").start()
+    try:
+        engine.load_sandbox_image()
+        return _Chaos(workdir, seed, node_id, engine).run(tasks, fault_s, settle_s)
+    finally:
+        engine.destroy()

@@ -1,6 +1,7 @@
 """The bounded chaos run of the suite (`testing.chaos`): a daemon runs a stream of mixed
-tasks while it is killed with SIGKILL, its NATS server is killed and started again, and
-containers are removed out of band, at moments drawn from a seeded RNG. Every task must
+tasks while it is killed with SIGKILL, its NATS server is killed and started again, its
+dockerd is restarted, containers are removed out of band, and tasks waiting for their
+retry are cancelled, at moments drawn from a seeded RNG. Every task must
 end exactly once, the audit must be clean, and nothing may be left. A failure names the
 seed; `SUPERVISOR_CHAOS_SEED=<seed>` runs that one again. `bench/soak.py` is the long
 version."""
@@ -25,4 +26,11 @@ def test_every_task_ends_once_and_nothing_is_left_whatever_fails(tmp_dir: Path) 
 
     print(report.line())
     assert report.violations == [], f"{report.line()}\n" + "\n".join(report.violations)
-    assert report.daemon_kills + report.nats_restarts + report.containers_removed > 0, report.line()
+    faults = (
+        report.daemon_kills
+        + report.nats_restarts
+        + report.dockerd_restarts
+        + report.containers_removed
+        + report.cancels
+    )
+    assert faults > 0, report.line()

@@ -27,8 +27,8 @@ from schemas import (
 )
 from supervisor.eventlog.nats_server import NatsServer
 from testing.daemon import DaemonProc, submit, task
+from testing.dockerd import PrivateDockerd
 from testing.stream import count_messages, stream_events
-from tests.dockerd import PrivateDockerd
 
 pytestmark = pytest.mark.usefixtures("docker_client")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import msgspec
 
+from schemas.catalogue import CATALOGUE, GENERATED, with_tables
 from schemas.config import Config, reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,6 +20,15 @@ def test_the_configuration_reference_is_generated_from_the_structs() -> None:
     assert (ROOT / "docs/configuration.md").read_text() == reference(), (
         "docs/configuration.md is stale: .venv/bin/python -m schemas.config > docs/configuration.md"
     )
+
+
+def test_the_error_catalogue_tables_are_generated_from_the_catalogue() -> None:
+    for name in GENERATED:
+        text = (ROOT / name).read_text()
+        assert text == with_tables(name, text), (
+            f"{name}: the catalogue table is stale: .venv/bin/python -m schemas.catalogue"
+        )
+        assert all(code in text for code in CATALOGUE)
 
 
 def test_every_configuration_key_has_a_meaning() -> None:

@@ -25,10 +25,8 @@ from schemas.config import BreakerConfig
 from schemas.errors import DockerUnavailable
 from schemas.http import Check
 from supervisor.daemon.checks import daemon_checks
-from supervisor.daemon.http import (
-    HttpServer,
-    create_app,
-)
+from supervisor.daemon.http import create_app
+from supervisor.daemon.http_server import HttpServer
 from supervisor.daemon.metrics import Metrics
 from supervisor.daemon.monitor import HostSample, ResourceMonitor
 from supervisor.docker.breaker import DockerBreaker

@@ -24,8 +24,8 @@ from schemas.errors import ApiError
 from schemas.http import TaskView
 from supervisor.client import Client
 from testing.daemon import DaemonProc, task, wait_until
+from testing.dockerd import PrivateDockerd
 from testing.stream import stream_events
-from tests.dockerd import PrivateDockerd
 
 pytestmark = pytest.mark.usefixtures("docker_client")
 

@@ -106,6 +106,7 @@ def test_the_task_states_come_from_the_lifecycle_machine() -> None:
         "attempt.finished": "attempt_done",
         "attempt.started": "running",
         "task.failed": "failed",
+        "task.refused": "refused",
         "task.rejected": "rejected",
         "task.retry_scheduled": "retrying",
         "task.submitted": "submitted",

@@ -20,7 +20,8 @@ from projections.serve.live import ProjectionPart
 from schemas import TaskSpec
 from supervisor.cli.main import main
 from supervisor.daemon.extension import DaemonContext
-from supervisor.daemon.http import HttpServer, create_app
+from supervisor.daemon.http import create_app
+from supervisor.daemon.http_server import HttpServer
 from supervisor.daemon.projection_process import ProjectionProcess
 from testing.loadgen import publish
 from tests.test_projection_process import running_process

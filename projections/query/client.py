@@ -1,7 +1,7 @@
 """`supervisor sql` against a running daemon: one `POST /v1/query` to its HTTP endpoint.
 
 The daemon writes its base URL into `<data_dir>/http.url` while it runs
-(`supervisor.daemon.http.http_url_file`); without that file the configured `http.listen` is
+(`supervisor.daemon.http_server.http_url_file`); without that file the configured `http.listen` is
 used (a wildcard host such as `0.0.0.0` is reached on loopback). The bearer token is
 `$SUPERVISOR_HTTP_TOKEN`, else the configured `http.token`.
 

@@ -43,8 +43,8 @@ from supervisor.daemon.checks import daemon_checks
 from supervisor.daemon.datadir import DataDirLock, node_id_for, publish
 from supervisor.daemon.error_counts import counting_node_errors
 from supervisor.daemon.extension import DaemonContext, Part, ReadSide
-from supervisor.daemon.http import HttpServer, create_app, http_token, start_http
-from supervisor.daemon.http_limits import ConnectionGuard
+from supervisor.daemon.http import create_app, http_token
+from supervisor.daemon.http_server import ConnectionGuard, HttpServer, start_http
 from supervisor.daemon.metrics import Metrics
 from supervisor.daemon.monitor import HostSampler, PsutilSampler, ResourceMonitor
 from supervisor.daemon.node import Node, open_node

@@ -25,13 +25,11 @@ their stable `tag`, since this package must not import `projections`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import inspect
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
@@ -42,7 +40,6 @@ from schemas import ExecutionError, TaskSpec
 from schemas.config import HttpConfig, inline_or_file
 from schemas.errors import (
     ApiError,
-    ConfigError,
     DockerUnavailable,
     InvalidSpec,
     NatsUnavailable,
@@ -51,8 +48,7 @@ from schemas.errors import (
 )
 from schemas.http import Check, CheckFn
 from schemas.openapi import MAX_WAIT_S, TASK_ID_PATTERN, document
-from supervisor.daemon.datadir import publish
-from supervisor.daemon.http_limits import ConnectionGuard, body_deadline
+from supervisor.daemon.http_server import body_deadline
 from supervisor.daemon.metrics import Metrics
 from supervisor.docker.breaker import CircuitOpen
 from supervisor.intake.admission import decode_spec
@@ -61,12 +57,6 @@ log = logging.getLogger("supervisor.daemon.http")
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 _encoder = msgspec.json.Encoder()
-
-
-class HttpServerError(SupervisorError):
-    """The HTTP endpoint could not be bound."""
-
-    tag = "http_server_error"
 
 
 class Submission(Protocol):
@@ -475,97 +465,6 @@ def _auth(token: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
     return auth
 
 
-# --- serving ---------------------------------------------------------------------------------
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """`host:port` (`[v6]:port` for IPv6) -> (host, port). Raises ConfigError."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ConfigError(f"http listen address {listen!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
-class HttpServer:
-    """Runs an app on `listen` in the current loop. `start` binds (port 0 picks a free one,
-    see `port`); `stop` closes the listener and waits for in-flight requests (bounded)."""
-
-    def __init__(
-        self,
-        app: web.Application,
-        listen: str,
-        *,
-        shutdown_timeout_s: float = 5.0,
-        guard: ConnectionGuard | None = None,
-        keepalive_timeout_s: float = 15.0,
-    ) -> None:
-        self.app = app
-        self.host, self._port = parse_listen(listen)
-        self.shutdown_timeout_s = shutdown_timeout_s
-        self.guard = guard or ConnectionGuard(max_connections=1024, header_timeout_s=10.0)
-        self.keepalive_timeout_s = keepalive_timeout_s
-        self._runner: web.AppRunner | None = None
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        """Listen, each connection behind the guard (`supervisor.daemon.http_limits`)."""
-        runner = web.AppRunner(
-            self.app,
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=self.shutdown_timeout_s,
-            keepalive_timeout=self.keepalive_timeout_s,
-        )
-        await runner.setup()
-        factory = runner.server
-        assert factory is not None
-        try:
-            server = await asyncio.get_running_loop().create_server(
-                lambda: self.guard.protocol(factory()),
-                self.host,
-                self._port,
-                reuse_address=True,
-            )
-        except OSError as e:
-            await runner.cleanup()
-            raise HttpServerError(f"cannot listen on {self.host}:{self._port}: {e.strerror}") from e
-        self._runner, self._server = runner, server
-        self._port = int(server.sockets[0].getsockname()[1])
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self._port}"
-
-    async def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-
-async def start_http(
-    stack: contextlib.AsyncExitStack,
-    app: web.Application,
-    listen: str,
-    data_dir: Path,
-    guard: ConnectionGuard | None = None,
-) -> HttpServer:
-    """Serve `app` on `listen` until `stack` closes, its URL published in the data dir
-    (`http_url_file`) meanwhile. Raises HttpServerError."""
-    http = HttpServer(app, listen, guard=guard)
-    await http.start()
-    stack.push_async_callback(http.stop)
-    publish(stack, http_url_file(data_dir), http.url)
-    return http
-
-
 WAIT_POLL_MIN_S, WAIT_POLL_MAX_S = 0.02, 0.1
 """How often a waiting request reads the task again: from 20 ms, doubling up to 0.1 s, so
 an answer comes at most 0.1 s after the projection applied the task's end (one keyed read of
@@ -595,8 +494,3 @@ def http_token(cfg: HttpConfig) -> str | None:
     """The bearer token: `token`, else the first line of `token_file`. Raises ConfigError
     when both are set, or the file cannot be read or is empty."""
     return inline_or_file(cfg.token, cfg.token_file, "http.token")
-
-
-def http_url_file(data_dir: Path) -> Path:
-    """Where a running daemon writes the base URL of its HTTP endpoint."""
-    return data_dir / "http.url"

@@ -26,7 +26,8 @@ from schemas.config import Config
 from schemas.errors import ApiError
 from schemas.http import Check, CheckFn
 from supervisor.daemon.datadir import DataDirLock, publish
-from supervisor.daemon.http import HttpServer, Submission, create_app, start_http
+from supervisor.daemon.http import Submission, create_app
+from supervisor.daemon.http_server import HttpServer, start_http
 from supervisor.daemon.metrics import Metrics
 from supervisor.daemon.node import nats_for
 from supervisor.daemon.projection_process import ProjectionProcess

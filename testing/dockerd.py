@@ -1,4 +1,4 @@
-"""A private Docker engine for tests that stop and restart dockerd (tests only).
+"""A private Docker engine for tests and benchmarks that stop and restart dockerd.
 
 Stopping the machine's own dockerd would stop every other test's containers; a second
 engine with its own data root, exec root, pid file and socket is a real dockerd that one

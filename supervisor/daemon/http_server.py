@@ -1,5 +1,5 @@
-"""What one HTTP client may hold of the daemon: connections, time to send its request's
-head, time to send its body.
+"""Serving the daemon's HTTP app (`supervisor.daemon.http`): the listener, and what one
+client may hold of it (connections, time to send its request's head and its body).
 
 aiohttp has no header or body timeout of its own: a client that opens connections and never
 finishes a request would hold them (and their buffers) for as long as it likes. So:
@@ -15,12 +15,17 @@ finishes a request would hold them (and their buffers) for as long as it likes. 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+
+from schemas.errors import ConfigError, SupervisorError
+from supervisor.daemon.datadir import publish
 
 log = logging.getLogger("supervisor.daemon.http")
 
@@ -130,3 +135,105 @@ def body_deadline(max_body: int, body_timeout_s: float) -> Any:
         return await handler(request)
 
     return middleware
+
+
+class HttpServerError(SupervisorError):
+    """The HTTP endpoint could not be bound."""
+
+    tag = "http_server_error"
+
+
+# --- serving ---------------------------------------------------------------------------------
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """`host:port` (`[v6]:port` for IPv6) -> (host, port). Raises ConfigError."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"http listen address {listen!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class HttpServer:
+    """Runs an app on `listen` in the current loop. `start` binds (port 0 picks a free one,
+    see `port`); `stop` closes the listener and waits for in-flight requests (bounded)."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        listen: str,
+        *,
+        shutdown_timeout_s: float = 5.0,
+        guard: ConnectionGuard | None = None,
+        keepalive_timeout_s: float = 15.0,
+    ) -> None:
+        self.app = app
+        self.host, self._port = parse_listen(listen)
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.guard = guard or ConnectionGuard(max_connections=1024, header_timeout_s=10.0)
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        """Listen, each connection behind the guard (`supervisor.daemon.http_limits`)."""
+        runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self.shutdown_timeout_s,
+            keepalive_timeout=self.keepalive_timeout_s,
+        )
+        await runner.setup()
+        factory = runner.server
+        assert factory is not None
+        try:
+            server = await asyncio.get_running_loop().create_server(
+                lambda: self.guard.protocol(factory()),
+                self.host,
+                self._port,
+                reuse_address=True,
+            )
+        except OSError as e:
+            await runner.cleanup()
+            raise HttpServerError(f"cannot listen on {self.host}:{self._port}: {e.strerror}") from e
+        self._runner, self._server = runner, server
+        self._port = int(server.sockets[0].getsockname()[1])
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self._port}"
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+
+async def start_http(
+    stack: contextlib.AsyncExitStack,
+    app: web.Application,
+    listen: str,
+    data_dir: Path,
+    guard: ConnectionGuard | None = None,
+) -> HttpServer:
+    """Serve `app` on `listen` until `stack` closes, its URL published in the data dir
+    (`http_url_file`) meanwhile. Raises HttpServerError."""
+    http = HttpServer(app, listen, guard=guard)
+    await http.start()
+    stack.push_async_callback(http.stop)
+    publish(stack, http_url_file(data_dir), http.url)
+    return http
+
+
+def http_url_file(data_dir: Path) -> Path:
+    """Where a running daemon writes the base URL of its HTTP endpoint."""
+    return data_dir / "http.url"
