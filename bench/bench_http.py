@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not
 
 from bench.bench_executor import IMAGE, SCRIPT, raw_one
 from schemas import RetryPolicy, TaskSpec
-from supervisor.client import Client
 from supervisor.eventlog.emitter import new_id
 from supervisor.eventlog.nats_server import NatsServer
 from testing.daemon import DaemonProc, remove_managed_containers
@@ -61,7 +60,7 @@ def main() -> None:
     cli: list[float] = []
     try:
         daemon.start(60)
-        with Client(daemon.base_url) as c:
+        with daemon.client() as c:
             c.run(_spec(), timeout_s=60)  # warm up: the image, the projection
             for _ in range(args.tasks):
                 raw.append(raw_one(api, str(mount)))

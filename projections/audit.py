@@ -26,7 +26,9 @@ Rules, each reported with the task, and the stream sequences that prove it:
 - `cleanup_unresolved`: a `cleanup.failed` not followed by a `cleanup.succeeded` for the
   same resource (of the same step, or `remove_container` for a failed `kill`);
 - `decision_without_outcome`: a `reconcile.decision` that ordered a command (not a dry
-  run) with no final `reconcile.outcome` for that command afterwards.
+  run) with no final `reconcile.outcome` for that command afterwards;
+- `history_erased`: the history starts past seq 1 and the stream's retention in force
+  cannot explain it (judged when the audit reads the stream, which knows its limits).
 
 "Eventually" rules (`task_not_terminal`, `*_not_removed`, `cleanup_unresolved`,
 `decision_without_outcome`) skip work still in flight when `grace_s` is given: a task not
@@ -124,6 +126,37 @@ def records_of(events: Iterable[Event], first_seq: int = 1) -> list[Record]:
     return out
 
 
+class Retention(NamedTuple):
+    """The stream's limits in force when the audit read it (None or <= 0: no such limit),
+    and what it held then."""
+
+    max_age_s: float | None
+    max_bytes: int | None
+    max_msgs: int | None
+    messages: int
+    bytes: int
+
+    def explains_loss(self) -> bool:
+        """Whether these limits could have removed the start of the history: an age limit
+        always could; a count or size limit only when the stream is near it (a limit that
+        was lowered and raised again, or none at all, cannot explain it)."""
+        if self.max_age_s and self.max_age_s > 0:
+            return True
+        if self.max_msgs and self.max_msgs > 0 and self.messages >= 0.9 * self.max_msgs:
+            return True
+        return bool(self.max_bytes and self.max_bytes > 0 and self.bytes >= 0.5 * self.max_bytes)
+
+    def describe(self) -> str:
+        def show(v: float | int | None) -> str:
+            return "none" if not v or v <= 0 else f"{v:g}"
+
+        return (
+            f"max_age_s {show(self.max_age_s)}, max_bytes {show(self.max_bytes)}, "
+            f"max_msgs {show(self.max_msgs)}; the stream holds {self.messages} messages, "
+            f"{self.bytes} bytes"
+        )
+
+
 class HistoryStart(NamedTuple):
     """Where the history read begins. `first_seq` > 1 means the stream's retention
     (`[events] max_age` / `max_bytes`) dropped what came before; `partial_tasks` are the
@@ -132,15 +165,47 @@ class HistoryStart(NamedTuple):
 
     first_seq: int | None
     partial_tasks: frozenset[str]
+    retention: Retention | None = None
+
+    @property
+    def erased(self) -> bool:
+        """The history starts past seq 1 and the retention in force cannot explain it."""
+        return (
+            self.first_seq is not None
+            and self.first_seq > 1
+            and self.retention is not None
+            and not self.retention.explains_loss()
+        )
 
     def note(self) -> str | None:
         """A plain sentence for the reader, or None when the history is whole."""
         if self.first_seq is None or self.first_seq <= 1:
             return None
+        if self.erased:
+            return None  # a violation, not a note
+        why = (
+            "removed by the stream's retention ([events] max_age / max_bytes)"
+            if self.retention is not None
+            else "removed (read from a file: audit the stream to check the retention)"
+        )
         return (
             f"the history read starts at seq {self.first_seq}, not 1: events before it were "
-            f"removed by the stream's retention ([events] max_age / max_bytes); "
-            f"{len(self.partial_tasks)} task(s) whose start was removed are not audited"
+            f"{why}; {len(self.partial_tasks)} task(s) whose start was removed are not audited"
+        )
+
+    def violation(self) -> Violation | None:
+        """`history_erased`, with its evidence, when the start cannot be explained."""
+        if not self.erased:
+            return None
+        assert self.first_seq is not None and self.retention is not None
+        return Violation(
+            task_id=NO_TASK,
+            rule="history_erased",
+            seqs=(self.first_seq,),
+            detail=(
+                f"the history starts at seq {self.first_seq}, not 1, and no retention limit "
+                f"in force explains it ({self.retention.describe()}): events were erased"
+            ),
         )
 
 
@@ -477,13 +542,20 @@ def audit_db(
 
 
 def audit_history(
-    con: duckdb.DuckDBPyConnection, *, grace_s: float | None = None, now: datetime | None = None
+    con: duckdb.DuckDBPyConnection,
+    *,
+    grace_s: float | None = None,
+    now: datetime | None = None,
+    retention: Retention | None = None,
 ) -> tuple[list[Violation], HistoryStart]:
     """`audit_records` over the projection's `events`, leaving out the tasks whose start the
-    stream's retention removed; with where the history starts."""
+    stream's retention removed; with where the history starts. Given the stream's
+    `retention`, a start past seq 1 that it cannot explain is a `history_erased` violation."""
     records = load_records(con)
-    start = history_start(records)
-    return audit_records(records, grace_s=grace_s, now=now, skip=start.partial_tasks), start
+    start = history_start(records)._replace(retention=retention)
+    violations = audit_records(records, grace_s=grace_s, now=now, skip=start.partial_tasks)
+    erased = start.violation()
+    return ([erased, *violations] if erased else violations), start
 
 
 def render_text(violations: list[Violation]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Struct
@@ -128,6 +129,22 @@ def url_options(url: str) -> dict[str, str]:
     return options
 
 
+INBOX_ROLES = ("node", "reader")
+"""The users of the supervisor's own servers whose replies come on their own prefix."""
+
+
+def anonymous(url: str) -> bool:
+    """Whether `url` connects without any credential (no user, token or NKey)."""
+    servers = server_list(url)
+    return "nkey_seed" not in url_options(url) and not any(
+        urlsplit(u).username or urlsplit(u).password for u in servers
+    )
+
+
+def inbox_prefix(user: str) -> str:
+    return f"_INBOX_{user}"
+
+
 def connect_options(url: str) -> dict[str, Any]:
     """`servers` and, with a `tls_*` option (or a `tls://` server), `tls`: a context that
     checks the servers against `tls_ca` (else the system's CAs) and presents
@@ -135,6 +152,10 @@ def connect_options(url: str) -> dict[str, Any]:
     servers = server_list(url)
     options = url_options(url)
     out: dict[str, Any] = {"servers": servers}
+    user = urlsplit(servers[0]).username if servers else None
+    if user in INBOX_ROLES:
+        # Each role reads its replies on its own prefix, which no other role may read.
+        out["inbox_prefix"] = inbox_prefix(user)
     seed = options.pop("nkey_seed", None)
     if seed is not None:
         try:

@@ -125,6 +125,17 @@ class NatsUnavailable(EventLogError):
         super().__init__(f"NATS at {self.url} is unreachable" + (f": {detail}" if detail else ""))
 
 
+class HistoryUnprotected(EventLogError):
+    """`SUP_EVENTS` is missing, or does not deny deletes and purges: the daemon will not
+    write history that anyone could erase."""
+
+    tag = "history_unprotected"
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"history is not protected: {detail}")
+
+
 class NoDaemon(NatsUnavailable):
     """A one-shot command that needs a daemon's NATS found none: no `--nats`, no
     `SUPERVISOR_NATS_URL`, no configured servers, and no daemon answering on the data dir."""

@@ -8,6 +8,7 @@ silently ignored wish.
 from __future__ import annotations
 
 import binascii
+import hashlib
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -127,3 +128,26 @@ class Result(Struct, kw_only=True):
     it ran). None when no sample could be read (a remote engine, or no container ran)."""
     peak_memory_bytes: int | None = None
     """The last attempt's peak memory use (its cgroup's high-water mark), None likewise."""
+
+
+def _digest(value: str) -> str:
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+
+
+def public_spec(spec: TaskSpec) -> TaskSpec:
+    """`spec` as the event log keeps it: what a task brings in (files, stdin, env values)
+    as digests (`sha256:<hex>`), so that no subject a reader may follow carries a secret;
+    the whole spec travels only on the work queue (`SUP_TASKS`). Two specs are the same
+    task exactly when their public forms are equal. Idempotent."""
+
+    def hidden(value: str) -> str:
+        return value if value.startswith("sha256:") and len(value) == 71 else _digest(value)
+
+    return msgspec.structs.replace(
+        spec,
+        files={name: hidden(v) for name, v in spec.files.items()},
+        files_base64={name: hidden(v) for name, v in spec.files_base64.items()},
+        stdin=None if spec.stdin is None else hidden(spec.stdin),
+        stdin_base64=None if spec.stdin_base64 is None else hidden(spec.stdin_base64),
+        env={k: hidden(v) for k, v in spec.env.items()},
+    )

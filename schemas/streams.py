@@ -33,6 +33,11 @@ def events_stream_config(
         duplicate_window=window,
         max_age=max_age_s,
         max_bytes=max_bytes,
+        # History is append-only: no API may delete or purge it, and no update can take
+        # these back (JetStream refuses it); lowering a limit is kept out of the node's
+        # reach by its permissions (supervisor.eventlog.nats_auth).
+        deny_delete=True,
+        deny_purge=True,
     )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.client import Client
+from supervisor.daemon.datadir import stored_token
 from supervisor.eventlog.nats_server import url_file
 from testing.openapi import check_answer
 
@@ -47,6 +48,7 @@ class DaemonProc:
         cfg.setdefault("node_id", "n1")
         # A busy CI host must not look like pressure to tests that are not about it.
         cfg.setdefault("thresholds", {"cpu_pct": 1000.0, "memory_pct": 1000.0})
+        self.config = cfg
         self.config_path.write_text(json.dumps(cfg))
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"daemon-{self.port}.log"
@@ -94,10 +96,20 @@ class DaemonProc:
             return False
         return bool(json.loads(body)["checks"].get("started", {}).get("ok"))
 
+    @property
+    def token(self) -> str | None:
+        """The daemon's bearer token: the configured one, else the one it made in its data
+        dir at its first start."""
+        configured = self.config.get("http", {}).get("token")
+        if configured:
+            return str(configured)
+        return stored_token(self.data_dir)
+
     def client(self, token: str | None = None) -> Client:
-        """A `supervisor.client.Client` of this daemon, every answer checked against the
-        OpenAPI document."""
-        return Client(self.base_url, token=token, timeout_s=30, on_answer=check_answer)
+        """A `supervisor.client.Client` of this daemon (with its token unless `token` is
+        given; "" for none), every answer checked against the OpenAPI document."""
+        token = self.token if token is None else token
+        return Client(self.base_url, token=token or None, timeout_s=30, on_answer=check_answer)
 
     def get(self, path: str, token: str | None = None) -> tuple[int, bytes]:
         return self.request("GET", path, token=token)
@@ -108,7 +120,8 @@ class DaemonProc:
         """One HTTP request to the daemon: (status, body); HTTP errors are answers too.
         Every answer is checked against the OpenAPI document (`ContractBreach`)."""
         headers = {"Content-Type": "application/json"}
-        if token is not None:
+        token = self.token if token is None else token  # "": send none
+        if token:
             headers["Authorization"] = f"Bearer {token}"
         req = urllib.request.Request(
             self.base_url + path, data=body, method=method, headers=headers

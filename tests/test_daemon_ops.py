@@ -253,7 +253,7 @@ def test_the_http_api_submits_reports_and_refuses(
     d = _start(daemons, tmp_dir, nats_url, http={"token": "s3cret"})
     spec = json.dumps(task("echo via-http", task_id="t-http")).encode()
 
-    assert d.request("POST", "/v1/tasks", spec)[0] == 401
+    assert d.request("POST", "/v1/tasks", spec, token="")[0] == 401
     status, body = d.request("POST", "/v1/tasks", spec, token="s3cret")
     assert status == 202, body
     assert json.loads(body)["task_id"] == "t-http"

@@ -46,10 +46,22 @@ def daemon_url(data_dir: Path, listen: str) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def daemon_token(http: HttpConfig) -> str | None:
+TOKEN_FILE = "http-token"
+"""Where a daemon keeps the token it made at its first start (`supervisor.daemon.datadir`)."""
+
+
+def daemon_token(http: HttpConfig, data_dir: Path | None = None) -> str | None:
     """`$SUPERVISOR_HTTP_TOKEN`, else the configured `http.token` or `http.token_file`
-    (as the daemon reads them). Raises ConfigError for a token file that cannot be read."""
-    return os.environ.get(TOKEN_ENV) or inline_or_file(http.token, http.token_file, "http.token")
+    (as the daemon reads them), else the token the data dir's daemon made. Raises
+    ConfigError for a token file that cannot be read."""
+    configured = os.environ.get(TOKEN_ENV) or inline_or_file(
+        http.token, http.token_file, "http.token"
+    )
+    if configured or data_dir is None:
+        return configured
+    with contextlib.suppress(OSError):
+        return (data_dir / TOKEN_FILE).read_text().strip() or None
+    return None
 
 
 def query_daemon(

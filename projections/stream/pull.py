@@ -53,10 +53,12 @@ class PullReader:
         )
         js = self.nc.jetstream()
         try:
-            self._sub = await js.pull_subscribe(
-                EVENTS_SUBJECTS[0], stream=self.stream, config=config
-            )
-            self._name = (await self._sub.consumer_info()).name
+            # Made without a name (the server names it): an ephemeral consumer is all the
+            # node's credential may make on SUP_EVENTS (supervisor.eventlog.nats_auth).
+            config.filter_subject = EVENTS_SUBJECTS[0]
+            info = await js.add_consumer(self.stream, config)
+            self._name = info.name
+            self._sub = await js.pull_subscribe_bind(info.name, stream=self.stream)
         except (OSError, TimeoutError, nats.errors.Error) as e:
             await self._drop()
             raise StreamUnavailable(self.url, repr(e)) from e

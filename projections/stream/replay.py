@@ -19,10 +19,15 @@ from datetime import datetime
 from pathlib import Path
 
 import duckdb
+import nats
+import nats.errors
 
-from projections.errors import ProjectionStoreError
+from projections.audit import Retention
+from projections.errors import ProjectionStoreError, StreamUnavailable
 from projections.stream.progress import ProgressBar
 from projections.stream.projector import Progress, Projector
+from schemas.connection import connect_options
+from schemas.streams import EVENTS_STREAM
 
 BULK_BATCH = 250_000
 """Events per batch of a replay: two of DuckDB's row groups (122,880 rows), which DuckDB
@@ -95,3 +100,28 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+async def stream_retention(nats_url: str, stream: str = EVENTS_STREAM) -> Retention:
+    """The limits `stream` has in force now, and what it holds (for the audit's
+    `history_erased`). Raises StreamUnavailable."""
+    try:
+        nc = await nats.connect(
+            **connect_options(nats_url), connect_timeout=5, max_reconnect_attempts=0
+        )
+    except (OSError, TimeoutError, nats.errors.Error) as e:
+        raise StreamUnavailable(nats_url, repr(e)) from e
+    try:
+        info = await nc.jetstream().stream_info(stream)
+    except (OSError, TimeoutError, nats.errors.Error) as e:
+        raise StreamUnavailable(nats_url, repr(e)) from e
+    finally:
+        await nc.close()
+    c, st = info.config, info.state
+    return Retention(
+        max_age_s=c.max_age,
+        max_bytes=c.max_bytes,
+        max_msgs=c.max_msgs,
+        messages=int(st.messages or 0),
+        bytes=int(st.bytes or 0),
+    )

@@ -408,7 +408,8 @@ async def _serve_async(args: argparse.Namespace, cfg: Config) -> int:
         from supervisor.daemon.http import http_token
         from supervisor.daemon.projection_host import ProjectionHost
 
-        host = ProjectionHost(cfg, nats_url=args.nats_url, token=http_token(cfg.http))
+        token = http_token(cfg.http, Path(cfg.data_dir).resolve())
+        host = ProjectionHost(cfg, nats_url=args.nats_url, token=token)
         return await host.run(stop)
     parts, read_side = _read_side_parts(
         cfg,

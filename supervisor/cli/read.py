@@ -44,7 +44,7 @@ from projections.query.query import (
     run_query,
 )
 from projections.query.render import render
-from projections.stream.replay import replay
+from projections.stream.replay import replay, stream_retention
 from schemas.errors import SupervisorError
 from supervisor.cli.options import config_of
 from supervisor.daemon.node import nats_for
@@ -144,9 +144,10 @@ async def _audit_stream(args: argparse.Namespace) -> tuple[list[Any], HistorySta
         path = Path(tmp) / "audit.duckdb"
         async with nats_url_for(args) as url:
             await replay(path, url, progress=True)
+            retention = await stream_retention(url)
         con = open_readonly(path)
         try:
-            return audit_history(con, grace_s=args.grace)
+            return audit_history(con, grace_s=args.grace, retention=retention)
         finally:
             con.close()
 
@@ -188,7 +189,7 @@ def _sql_remote(args: argparse.Namespace) -> QueryResult:
         args.query,
         max_rows=args.max_rows,
         timeout_s=args.timeout,
-        token=daemon_token(cfg.http),
+        token=daemon_token(cfg.http, data_dir),
     )
 
 
@@ -242,7 +243,7 @@ def _remote_runner(args: argparse.Namespace) -> Any:
     cfg = config_of(args)
     _, data_dir = _settings(args)
     url = args.url.rstrip("/") if args.url else daemon_url(data_dir, cfg.http.listen)
-    token = daemon_token(cfg.http)
+    token = daemon_token(cfg.http, data_dir)
 
     def run(sql: str) -> list[tuple[Any, ...]]:
         return query_daemon(url, sql, max_rows=100_000, timeout_s=120, token=token).rows

@@ -69,7 +69,7 @@ async def _projection(db: str | None, url: str) -> AsyncIterator[tuple[Projector
 async def _reconcile(args: argparse.Namespace) -> dict[str, Any]:
     from schemas.streams import commands_stream_config
     from supervisor.daemon.node import open_node
-    from supervisor.eventlog.nats_client import ensure_streams
+    from supervisor.eventlog.nats_client import ensure_stream_exists
     from supervisor.reconcile.command_executor import CommandExecutor, JetStreamCommands
     from supervisor.reconcile.reconciler import Reconciler
 
@@ -78,8 +78,8 @@ async def _reconcile(args: argparse.Namespace) -> dict[str, Any]:
         if not await node.events.wait_connected(10):
             raise NatsUnavailable(node.nats_url, "a reconcile pass needs NATS")
         js = node.events.js
-        await ensure_streams(
-            js, [commands_stream_config(node.config.nats.replicas)], url=node.nats_url
+        await ensure_stream_exists(
+            js, commands_stream_config(node.config.nats.replicas), url=node.nats_url
         )
         async with _projection(args.db, node.nats_url) as (projector, state):
             reconciler = Reconciler(

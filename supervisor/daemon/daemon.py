@@ -36,9 +36,10 @@ from schemas import (
     TaskSpec,
 )
 from schemas.config import Config
+from schemas.connection import anonymous
 from schemas.errors import ApiError, NatsUnavailable, projection_unavailable
 from schemas.http import Check, CheckFn
-from schemas.streams import TASKS_STREAM, commands_stream_config, tasks_stream_config
+from schemas.streams import TASKS_STREAM
 from supervisor.daemon.checks import daemon_checks
 from supervisor.daemon.datadir import DataDirLock, node_id_for, publish
 from supervisor.daemon.error_counts import counting_node_errors
@@ -47,11 +48,11 @@ from supervisor.daemon.http import create_app, http_token
 from supervisor.daemon.http_server import ConnectionGuard, HttpServer, start_http
 from supervisor.daemon.metrics import Metrics
 from supervisor.daemon.monitor import HostSampler, PsutilSampler, ResourceMonitor
-from supervisor.daemon.node import Node, open_node
+from supervisor.daemon.node import Node, open_node, stream_configs
 from supervisor.docker.breaker import DockerBreaker, counts
 from supervisor.eventlog.emitter import new_id
 from supervisor.eventlog.nats_auth import redact
-from supervisor.eventlog.nats_client import ensure_streams
+from supervisor.eventlog.nats_client import check_history_protected, ensure_streams
 from supervisor.eventlog.nats_server import url_file
 from supervisor.eventlog.tail import follow_errors
 from supervisor.execution.cancellations import following_cancellations
@@ -99,6 +100,7 @@ class Daemon:
         self.http: HttpServer | None = None
         self.ready = asyncio.Event()
         self._engine_check: asyncio.Future[None] | None = None
+        self.wq: WorkQueue | None = None
 
     # --- scheduling decisions -------------------------------------------------------------
 
@@ -252,17 +254,19 @@ class Daemon:
         if not await node.events.wait_connected(timeout=30):
             raise NatsUnavailable(node.nats_url, "the daemon needs NATS to pull work")
         js = node.events.js
-        await ensure_streams(
-            js,
-            [
-                tasks_stream_config(sc.queue_bound_per_priority, self.config.nats.replicas),
-                commands_stream_config(self.config.nats.replicas),
-            ],
-            url=node.nats_url,
-        )
+        if not node.provisioned and anonymous(node.nats_url):
+            # A NATS that asks no credential lets this connection configure the streams;
+            # else its admin did (the embedded server's, at start-up: `node.provisioned`;
+            # the operator's in a fleet), and the node only checks.
+            await ensure_streams(js, stream_configs(self.config)[1:], url=node.nats_url)
+        # Never write history anyone could erase (docs/fleet.md: who sets the flags).
+        await check_history_protected(js, node.nats_url)
         await ensure_consumers(js, ack_wait_s=sc.ack_wait_s, max_deliveries=sc.max_deliver + 1)
         publish(stack, url_file(node.data_dir), redact(node.nats_url))
-        wq = WorkQueue(node.events.nc, js)
+        wq = WorkQueue(
+            node.events.nc, js, ack_wait_s=sc.ack_wait_s, max_deliveries=sc.max_deliver + 1
+        )
+        self.wq = wq
         await wq.start()
         stack.push_async_callback(wq.stop)
         return wq
@@ -314,6 +318,8 @@ class Daemon:
             nats_down=lambda: node.nats_watch.down if node.nats_watch else None,
         )
         checks["disk"] = self._disk_check
+        if self.wq is not None:
+            checks["consumers"] = self.wq.check
         checks["started"] = self._started_check
         node.metrics.disk_full.set_function(lambda: float(self._disk_reason() is not None))
         _background(stack, "disk", self._watch_disk)
@@ -327,7 +333,7 @@ class Daemon:
             metrics=node.metrics,
             readiness=checks,
             handlers=_Api(self, node.events.js),
-            token=http_token(cfg.http),
+            token=http_token(cfg.http, node.data_dir),
             check_timeout_s=cfg.http.check_timeout_s,
             max_batch=cfg.http.max_batch,
             on_scrape=before_scrape,

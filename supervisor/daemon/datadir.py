@@ -125,3 +125,38 @@ def node_id_for(data_dir: Path, given: str, *, keep: bool) -> str:
         tmp.write_text(node_id + "\n")
         os.replace(tmp, data_dir / NODE_ID_NAME)
     return node_id
+
+
+TOKEN_NAME = "http-token"
+
+
+def generated_token(data_dir: Path) -> str:
+    """The HTTP API's bearer token of this data dir, made at the first start (random, file
+    mode 0600, read by the CLI like the NATS credentials)."""
+    path = data_dir / TOKEN_NAME
+    try:
+        text = path.read_text().strip()
+        if text:
+            return text
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = data_dir / f".{TOKEN_NAME}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    try:
+        os.link(tmp, path)  # a concurrent first start keeps the one written first
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
+def stored_token(data_dir: Path) -> str | None:
+    """The data dir's HTTP token, None when no daemon made one there."""
+    try:
+        return (data_dir / TOKEN_NAME).read_text().strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None

@@ -30,6 +30,7 @@ import inspect
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
@@ -48,6 +49,7 @@ from schemas.errors import (
 )
 from schemas.http import Check, CheckFn
 from schemas.openapi import MAX_WAIT_S, TASK_ID_PATTERN, document
+from supervisor.daemon.datadir import generated_token
 from supervisor.daemon.http_server import body_deadline
 from supervisor.daemon.metrics import Metrics
 from supervisor.docker.breaker import CircuitOpen
@@ -490,7 +492,11 @@ def _wait_param(text: str | None, max_wait_s: float) -> float:
     return value
 
 
-def http_token(cfg: HttpConfig) -> str | None:
-    """The bearer token: `token`, else the first line of `token_file`. Raises ConfigError
+def http_token(cfg: HttpConfig, data_dir: Path | None = None) -> str | None:
+    """The bearer token: `token`, else the first line of `token_file`, else (given the data
+    dir) the one made there at the first start (`generated_token`). Raises ConfigError
     when both are set, or the file cannot be read or is empty."""
-    return inline_or_file(cfg.token, cfg.token_file, "http.token")
+    configured = inline_or_file(cfg.token, cfg.token_file, "http.token")
+    if configured is not None or data_dir is None:
+        return configured
+    return generated_token(data_dir)

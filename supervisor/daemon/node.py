@@ -17,7 +17,7 @@ from nats.js.api import StreamConfig
 from schemas import EmbeddedNatsRestarted, SupervisorStarted, SupervisorStopped
 from schemas.config import Config
 from schemas.errors import NatsUnavailable, NoDaemon
-from schemas.streams import events_stream_config
+from schemas.streams import commands_stream_config, events_stream_config, tasks_stream_config
 from supervisor.daemon.datadir import node_id_for
 from supervisor.daemon.metrics import Metrics
 from supervisor.docker.runtime import DockerRuntime
@@ -25,6 +25,7 @@ from supervisor.eventlog.diskguard import DiskGuard
 from supervisor.eventlog.emitter import Emitter, new_id
 from supervisor.eventlog.log import EventLog
 from supervisor.eventlog.nats_auth import ensure_credentials, with_user, write_server_config
+from supervisor.eventlog.nats_client import default_stream_configs, provision_streams
 from supervisor.eventlog.nats_server import NatsServer, NatsWatch, config_path, resolve_nats_url
 from supervisor.execution.classify import Classification
 from supervisor.execution.executor import Executor
@@ -47,6 +48,8 @@ class Node:
     metrics: Metrics
     nats_watch: NatsWatch | None = None
     disk: DiskGuard | None = None
+    # This process started the embedded server and configured its streams as its admin.
+    provisioned: bool = False
 
 
 @contextlib.asynccontextmanager
@@ -82,8 +85,15 @@ async def connected_event_log(
 
 @contextlib.asynccontextmanager
 async def _nats(
-    cli_url: str | None, data_dir: Path
+    cli_url: str | None,
+    data_dir: Path,
+    streams: list[StreamConfig] | None = None,
+    *,
+    configure: bool = False,
 ) -> AsyncIterator[tuple[str, NatsServer | None]]:
+    """The NATS to use, and the embedded server if this process starts it. A server it
+    starts has its streams made (`streams`, else the defaults) by its `admin` user, and with
+    `configure` (the daemon) brought to their configuration; then only `node` is used."""
     url = resolve_nats_url(cli_url, data_dir)
     if url is not None:
         yield url, None
@@ -94,6 +104,8 @@ async def _nats(
     server = NatsServer(data_dir / "nats", conf=conf)
     url = server.start()
     try:
+        configs = streams if streams is not None else default_stream_configs()
+        await provision_streams(with_user(url, "admin", creds.admin), configs, update=configure)
         yield with_user(url, "node", creds.node), server
     finally:
         server.stop()
@@ -123,7 +135,12 @@ async def open_node(
     metrics = Metrics()
     async with contextlib.AsyncExitStack() as stack:
         url, server = await stack.enter_async_context(
-            _nats(nats_url or config.nats_target, data_dir)
+            _nats(
+                nats_url or config.nats_target,
+                data_dir,
+                stream_configs(config),
+                configure=role == "serve",
+            )
         )
         events = EventLog(data_dir, url, instance_id=instance_id, stream=events_stream(config))
         await events.start()
@@ -178,6 +195,7 @@ async def open_node(
             metrics,
             watch,
             disk,
+            provisioned=server is not None,
         )
         try:
             yield node
@@ -189,6 +207,16 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def stream_configs(config: Config) -> list[StreamConfig]:
+    """`SUP_EVENTS`, `SUP_TASKS` and `SUP_COMMANDS` as `config` wants them."""
+    sc = config.scheduling
+    return [
+        events_stream(config),
+        tasks_stream_config(sc.queue_bound_per_priority, config.nats.replicas),
+        commands_stream_config(config.nats.replicas),
+    ]
 
 
 def events_stream(config: Config) -> StreamConfig:

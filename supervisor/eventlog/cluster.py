@@ -32,8 +32,9 @@ from pathlib import Path
 
 from schemas.connection import NatsConfig
 from schemas.errors import EmbeddedNatsError
+from schemas.streams import commands_stream_config, events_stream_config, tasks_stream_config
 from supervisor.eventlog.nats_auth import ensure_credentials, server_config
-from supervisor.eventlog.nats_client import close_quietly, connect_nats
+from supervisor.eventlog.nats_client import close_quietly, connect_nats, provision_streams
 from supervisor.eventlog.nats_server import REPO, nats_server_binary
 
 SERVERS = 3
@@ -131,6 +132,10 @@ def up(root: Path, *, timeout: float = 60.0) -> list[str]:
         urls = [f"nats://{HOST}:{p}" for p in client]
         node = NatsConfig(servers=urls, user="node", password=creds.node, replicas=3)
         asyncio.run(_wait_ready(node, started, timeout))
+        # The streams are the operator's to make (the node may not): made here, R3, by the
+        # cluster's admin user, with SUP_EVENTS denying deletes and purges.
+        admin = NatsConfig(servers=urls, user="admin", password=creds.admin, replicas=3)
+        asyncio.run(_provision(admin.url() or ""))
     except BaseException:
         for p in started:
             p.kill()
@@ -141,6 +146,15 @@ def up(root: Path, *, timeout: float = 60.0) -> list[str]:
     reader = NatsConfig(servers=urls, user="reader", password=creds.reader, replicas=3)
     _write_private(root / "reader.toml", _toml(reader))
     return urls
+
+
+async def _provision(url: str) -> None:
+    configs = [
+        events_stream_config(3),
+        tasks_stream_config(replicas=3),
+        commands_stream_config(3),
+    ]
+    await provision_streams(url, configs, update=False)
 
 
 async def _wait_ready(

@@ -45,7 +45,7 @@ from supervisor.eventlog.nats_client import (
     MSG_ID_HEADER,
     close_quietly,
     connect_nats,
-    ensure_streams,
+    ensure_stream_exists,
 )
 from supervisor.eventlog.outbox import Outbox, Record
 
@@ -371,7 +371,7 @@ class EventLog:
             js = nc.jetstream(publish_async_max_pending=max(4000, (self.window + 1) * self.batch))
             # Only its own stream: SUP_TASKS and SUP_COMMANDS are configured by the daemon
             # (the task queue bound is its setting), never reset by a passing client.
-            await ensure_streams(js, [self.stream], url=self.nats_url)
+            await ensure_stream_exists(js, self.stream, url=self.nats_url)
         except BaseException:
             await close_quietly(nc)
             raise

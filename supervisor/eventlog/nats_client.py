@@ -16,7 +16,7 @@ from nats.js.api import StreamConfig
 from nats.js.client import JetStreamContext
 
 from schemas.connection import connect_options
-from schemas.errors import EventLogError, NatsUnavailable
+from schemas.errors import EventLogError, HistoryUnprotected, NatsUnavailable
 from schemas.streams import (
     EVENTS_STREAM,
     commands_stream_config,
@@ -62,6 +62,59 @@ async def ensure_streams(
     """
     for config in default_stream_configs() if configs is None else configs:
         await _ensure_stream(js, config, url)
+
+
+async def provision_streams(
+    url: str, configs: Iterable[StreamConfig], *, update: bool = True
+) -> None:
+    """Create the streams of `configs` on the NATS of `url` (a credential that may: the
+    embedded server's `admin`, or the operator's), and with `update` bring existing ones
+    to their configuration; without it an existing stream is left as it is (a passing
+    client never resets the daemon's settings). Then check that history is protected
+    (`check_history_protected`). Raises NatsUnavailable, EventLogError."""
+    nc = await connect_nats(url, reconnect=False, timeout=10.0, name="supervisor-provision")
+    try:
+        js = nc.jetstream()
+        for config in configs:
+            if update:
+                await _ensure_stream(js, config, url)
+            else:
+                await ensure_stream_exists(js, config, url)
+        await check_history_protected(js, url)
+    finally:
+        await close_quietly(nc)
+
+
+async def ensure_stream_exists(js: JetStreamContext, config: StreamConfig, url: str) -> None:
+    """Create the stream of `config` if it does not exist; never change one that does (so
+    that a credential that may not configure streams only reads here)."""
+    try:
+        await js.stream_info(config.name or EVENTS_STREAM)
+        return
+    except nats.js.errors.NotFoundError:
+        pass
+    except CONNECTION_ERRORS as e:
+        raise NatsUnavailable(url, f"JetStream did not answer: {e!r}") from e
+    except nats.js.errors.APIError as e:
+        raise EventLogError(f"cannot read stream {config.name}: {e}") from e
+    await _ensure_stream(js, config, url)
+
+
+async def check_history_protected(js: JetStreamContext, url: str = "nats") -> None:
+    """Raise `HistoryUnprotected` unless `SUP_EVENTS` denies deletes and purges (a stream
+    that lost them, or was made without them, could be erased through the API)."""
+    try:
+        config = (await js.stream_info(EVENTS_STREAM)).config
+    except nats.js.errors.NotFoundError as e:
+        raise HistoryUnprotected(f"{EVENTS_STREAM} does not exist") from e
+    except CONNECTION_ERRORS as e:
+        raise NatsUnavailable(url, f"JetStream did not answer: {e!r}") from e
+    if not (config.deny_delete and config.deny_purge):
+        raise HistoryUnprotected(
+            f"{EVENTS_STREAM} allows {'deletes' if not config.deny_delete else 'purges'} "
+            "through the API (deny_delete and deny_purge must be set: the stream's admin "
+            "sets them, and they cannot be taken back)"
+        )
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig, url: str) -> None:

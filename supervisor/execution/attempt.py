@@ -146,6 +146,9 @@ class AttemptRunner:
         self.cancelled = cancelled
         # The containers of the attempts this instance runs now, by container id.
         self.live: dict[str, LiveAttempt] = {}
+        # The workspaces of the attempts this instance runs now (from their creation to
+        # their removal), so that no command removes one under a running attempt.
+        self.workspaces: set[str] = set()
 
     async def kill_cancelled(self, container_id: str) -> None:
         """Kill a live attempt's container for its task's cancellation, the kill recorded
@@ -236,6 +239,7 @@ class AttemptRunner:
         )
         if cancelled:
             raise asyncio.CancelledError
+        self.workspaces.add(str(st.workspace))
         files = len(spec.files) + len(spec.files_base64)
         em.emit(WorkspaceCreated, path=str(st.workspace), files=files, bytes=nbytes)
         deadline = time.time() + spec.limits.timeout_s
@@ -411,6 +415,7 @@ class AttemptRunner:
                     peak_memory_bytes=st.peak_memory_bytes,
                 )
         report = await self.cleaner.clean(em, cid, st.workspace, running=st.running)
+        self.workspaces.discard(str(st.workspace))
         if report.container_already_gone and not st.adapter_error:
             st.removed_out_of_band = True
         await self._close_reader(st)

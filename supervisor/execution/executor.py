@@ -34,6 +34,7 @@ from schemas import (
 from schemas.config import Config
 from schemas.errors import ImageNotFound, SpecError, SupervisorError
 from schemas.lifecycle import LifecycleTracker
+from schemas.spec import public_spec
 from supervisor.daemon.metrics import Metrics
 from supervisor.docker.runtime import DockerRuntime, Output
 from supervisor.eventlog.emitter import Emitter, new_id
@@ -152,6 +153,14 @@ class Executor:
             self.watcher.expect_kill(container_id)
         return KillClaim("recorded")
 
+    def claim_workspace(self, path: str) -> str | None:
+        """Asked before a cleanup command removes a workspace dir: the reason to refuse
+        when an attempt of this instance runs in it (it is that attempt's to remove), else
+        None."""
+        if path in self.attempts.workspaces:
+            return f"workspace {path} belongs to an attempt this instance runs"
+        return None
+
     async def cancel(self, task_id: str) -> bool:
         """Record that `task_id` was cancelled (`task.cancel_requested`): no attempt of it
         starts here any more, and a live one is killed now, the kill recorded as the
@@ -220,7 +229,7 @@ class Executor:
         em = self.emitter.for_task(task_id, spec.correlation_id or new_id())
         started = time.monotonic()
         if announce:
-            em.emit(TaskSubmitted, spec=spec, priority=spec.priority)
+            em.emit(TaskSubmitted, spec=public_spec(spec), priority=spec.priority)
         try:
             admit(spec, self.config.bounds, self.config.policy, self.config.callbacks.allowed)
             if not await self._image_present(spec.image):

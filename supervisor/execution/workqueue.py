@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -17,8 +19,10 @@ from nats.js.client import JetStreamContext
 
 from schemas import PRIORITIES
 from schemas.errors import NatsUnavailable
+from schemas.http import Check
 from schemas.streams import TASKS_STREAM
 
+log = logging.getLogger("supervisor.execution.workqueue")
 _NO_WAIT = json.dumps({"batch": 1, "no_wait": True}).encode()
 
 
@@ -26,28 +30,40 @@ def consumer_name(priority: str) -> str:
     return f"exec-{priority}"
 
 
+def _consumer(priority: str, ack_wait_s: float, max_deliveries: int) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=consumer_name(priority),
+        filter_subject=f"suptask.{priority}",
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait_s,
+        max_deliver=max_deliveries,
+        max_ack_pending=-1,
+    )
+
+
 async def ensure_consumers(js: JetStreamContext, *, ack_wait_s: float, max_deliveries: int) -> None:
     """Create or update the three durable consumers. `max_deliveries` is what JetStream
     enforces; the daemon uses one more than its configured `max_deliver` so that it sees
     the poison delivery and can close the task as REDELIVERY_LIMIT instead of losing it."""
     for prio in PRIORITIES:
-        cfg = ConsumerConfig(
-            durable_name=consumer_name(prio),
-            filter_subject=f"suptask.{prio}",
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=ack_wait_s,
-            max_deliver=max_deliveries,
-            max_ack_pending=-1,
-        )
-        await js.add_consumer(TASKS_STREAM, cfg)
+        await js.add_consumer(TASKS_STREAM, _consumer(prio, ack_wait_s, max_deliveries))
 
 
 class WorkQueue:
-    def __init__(self, nc: NATS, js: JetStreamContext) -> None:
+    """Pulls from the three consumers. One that has gone (deleted by someone who may) is
+    made again at the next pull that meets its absence; `missing` names those not yet back,
+    for readiness."""
+
+    def __init__(
+        self, nc: NATS, js: JetStreamContext, *, ack_wait_s: float = 30.0, max_deliveries: int = 6
+    ) -> None:
         self.nc = nc
         self.js = js
+        self.ack_wait_s = ack_wait_s
+        self.max_deliveries = max_deliveries
         self.wakeup = asyncio.Event()
+        self.missing: set[str] = set()
         self._sub: object | None = None
 
     async def start(self) -> None:
@@ -71,15 +87,48 @@ class WorkQueue:
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{TASKS_STREAM}.{consumer_name(priority)}"
         try:
             msg = await self.nc.request(subject, _NO_WAIT, timeout=5, old_style=True)
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+        except nats.errors.NoRespondersError as e:
+            # No consumer answers: it may have been deleted. Make it again.
+            await self._recreate(priority)
+            raise NatsUnavailable("jetstream", f"pull from {priority}: {e!r}") from e
+        except nats.errors.TimeoutError as e:
             raise NatsUnavailable("jetstream", f"pull from {priority}: {e!r}") from e
         except nats.errors.ConnectionClosedError as e:
             raise NatsUnavailable("jetstream", "connection closed") from e
+        self.missing.discard(priority)
         if msg.headers and msg.headers.get("Status"):
             return None  # 404 no messages / 408 request expired
         if not msg.reply:
             return None
         return msg
+
+    async def _recreate(self, priority: str) -> None:
+        try:
+            await self.js.consumer_info(TASKS_STREAM, consumer_name(priority))
+            return
+        except nats.js.errors.NotFoundError:
+            pass
+        except (nats.errors.Error, OSError):
+            return
+        self.missing.add(priority)
+        log.warning("the %s consumer is missing; making it again", consumer_name(priority))
+        with contextlib.suppress(nats.errors.Error, OSError):
+            cfg = _consumer(priority, self.ack_wait_s, self.max_deliveries)
+            await self.js.add_consumer(TASKS_STREAM, cfg)
+
+    async def check(self) -> Check:
+        """Readiness: every consumer answers."""
+        gone = []
+        for prio in PRIORITIES:
+            try:
+                await self.js.consumer_info(TASKS_STREAM, consumer_name(prio))
+            except nats.js.errors.NotFoundError:
+                gone.append(consumer_name(prio))
+        if gone:
+            return Check(
+                ok=False, reason=f"consumer(s) {', '.join(gone)} missing; being made again"
+            )
+        return Check(ok=True, reason="the work queue's consumers answer")
 
     async def depth(self) -> dict[str, int]:
         """Messages waiting per priority (not yet delivered to the shared consumer)."""

@@ -41,6 +41,7 @@ from schemas import (
 from schemas.config import Config
 from schemas.errors import EventLogError, NatsUnavailable, SpecError
 from schemas.lifecycle import InvalidTransition, next_task_state
+from schemas.spec import public_spec
 from schemas.streams import EVENTS_STREAM, TASKS_STREAM
 from supervisor.daemon.metrics import Metrics
 from supervisor.eventlog.emitter import Emitter, new_id
@@ -117,9 +118,9 @@ def id_state(messages: list[tuple[int, Event]]) -> IdState:
 
 def same_spec(a: TaskSpec, b: TaskSpec) -> bool:
     """One task: the same spec but for the correlation id (a new one is drawn for each
-    submission that names none)."""
-    return msgspec.structs.replace(a, correlation_id=None) == msgspec.structs.replace(
-        b, correlation_id=None
+    submission that names none), compared in their public forms (`public_spec`)."""
+    return msgspec.structs.replace(public_spec(a), correlation_id=None) == msgspec.structs.replace(
+        public_spec(b), correlation_id=None
     )
 
 
@@ -181,7 +182,7 @@ class Intake:
         em.emit(
             TaskSubmitted,
             event_id=submitted_event_id(spec.task_id, ids.refusals),
-            spec=spec,
+            spec=public_spec(spec),
             priority=spec.priority,
         )
         if not await self.sink.flush(_SUBMITTED_DURABLE_S):

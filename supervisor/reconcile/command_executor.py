@@ -122,9 +122,11 @@ class CommandExecutor:
         metrics: Metrics,
         reconcile_metrics: ReconcileMetrics | None = None,
         claim_kill: Callable[[str, str], KillClaim] | None = None,
+        claim_workspace: Callable[[str], str | None] | None = None,
     ) -> None:
         self.js = js
         self.claim_kill = claim_kill
+        self.claim_workspace = claim_workspace
         self.runtime = runtime
         self.cleaner = cleaner
         self.emitter = emitter
@@ -337,6 +339,9 @@ class CommandExecutor:
         parent = Path(os.path.realpath(path.parent)) if path.is_absolute() else None
         if parent != self.workspace_root or path.name in ("", ".", "..") or path.is_symlink():
             return "refused", f"{raw} is not a workspace dir under {self.workspace_root}"
+        refused = self.claim_workspace(str(path)) if self.claim_workspace else None
+        if refused is not None:
+            return "refused", refused
         gone = not path.exists()
         report = await self.cleaner.clean(em, None, path, running=False)
         if not report.ok:

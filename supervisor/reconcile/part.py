@@ -71,6 +71,7 @@ class ReconcilerPart:
             metrics=node.metrics,
             reconcile_metrics=self.metrics,
             claim_kill=node.executor.claim_kill,
+            claim_workspace=node.executor.claim_workspace,
         )
         await self.executor.start()
         stack.push_async_callback(self.executor.stop)
