@@ -24,6 +24,7 @@ from schemas import (
     TaskFailed,
     TaskSucceeded,
 )
+from schemas.connection import connect_options
 from schemas.errors import NatsUnavailable
 from schemas.events import TERMINAL_TASK_EVENTS
 from supervisor.eventlog.emitter import utcnow
@@ -126,7 +127,7 @@ def test_a_forged_cleanup_command_does_not_kill_a_running_task(
     )
 
     async def publish() -> None:
-        nc = await nats.connect(target.url)
+        nc = await nats.connect(**connect_options(target.url))
         try:
             assert await JetStreamCommands(nc.jetstream()).publish(command)
         finally:

@@ -27,7 +27,7 @@ import pytest
 
 from schemas import CleanupCommand, ReconcileOutcome
 from schemas.connection import NatsConfig, connect_options, server_list
-from schemas.streams import COMMANDS_STREAM, EVENTS_STREAM, TASKS_STREAM, events_stream_config
+from schemas.streams import COMMANDS_STREAM, EVENTS_STREAM, TASKS_STREAM
 from supervisor.eventlog.cluster import pids
 from supervisor.eventlog.emitter import utcnow
 from supervisor.reconcile.command_executor import JetStreamCommands
@@ -132,17 +132,8 @@ def _all_ended(url: str, ids: list[str]) -> bool:
         return False
 
 
-async def _make_r1_events_stream(url: str) -> None:
-    nc = await nats.connect(**connect_options(url), connect_timeout=5)
-    try:
-        info = await nc.jetstream().add_stream(events_stream_config(1))
-        assert info.config.num_replicas == 1
-    finally:
-        await nc.close()
-
-
 async def _stream_info(url: str) -> dict[str, Any]:
-    nc = await nats.connect(servers=server_list(url), connect_timeout=5)
+    nc = await nats.connect(**connect_options(url), connect_timeout=5)
     try:
         js = nc.jetstream()
         out = {}
@@ -173,8 +164,7 @@ def test_the_streams_have_three_replicas_and_two_nodes_share_the_work(
 ) -> None:
     url = _url(cluster, "node")
     assert len(pids(cluster)) == 3
-    # A stream made with one copy before (by an older node, say) is brought to three.
-    asyncio.run(_make_r1_events_stream(url))
+    # The streams are the operator's: `scripts/cluster up` made them, three copies each.
     for role in ("node", "reader"):
         assert os.stat(cluster / f"{role}.toml").st_mode & 0o777 == 0o600
     n1 = _node(daemons, cluster, tmp_dir, "n1")
@@ -233,7 +223,7 @@ async def _reader_attempts(url: str) -> tuple[int, list[str]]:
     async def on_error(e: Exception) -> None:
         errors.append(str(e))
 
-    nc = await nats.connect(servers=server_list(url), connect_timeout=5, error_cb=on_error)
+    nc = await nats.connect(**connect_options(url), connect_timeout=5, error_cb=on_error)
     try:
         js = nc.jetstream()
         info = await js.stream_info(EVENTS_STREAM)
@@ -376,7 +366,7 @@ def test_a_node_never_removes_another_node_s_container_even_when_a_command_names
     )
 
     async def publish() -> None:
-        nc = await nats.connect(servers=server_list(url))
+        nc = await nats.connect(**connect_options(url))
         try:
             assert await JetStreamCommands(nc.jetstream()).publish(command)
         finally:

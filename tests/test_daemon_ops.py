@@ -174,8 +174,9 @@ def test_readiness_follows_nats_and_the_outbox(
     failing = _wait_until(
         lambda: _failing(d) >= {"nats", "outbox"} and _failing(d), what="readiness to see NATS go"
     )
-    # The projection follows the stream, so it is not ready either; nothing else fails.
-    assert {"nats", "outbox"} <= failing <= {"nats", "outbox", "projection"}
+    # The projection follows the stream, and the work queue's consumers live there, so
+    # they are not ready either; nothing else fails.
+    assert {"nats", "outbox"} <= failing <= {"nats", "outbox", "projection", "consumers"}
     assert d.get("/healthz") == (200, b'{"status":"ok"}')
 
     nats_server.restart()
@@ -319,7 +320,8 @@ def test_the_error_stream_is_served_over_http_as_json_lines(
 
     def follow() -> None:
         url = d.base_url + "/v1/errors?type=user_code&since=10m&limit=2"
-        with urllib.request.urlopen(url, timeout=60) as resp:
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {d.token}"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
             assert resp.headers["Content-Type"].startswith("application/x-ndjson")
             got.extend(json.loads(line) for line in resp)
 

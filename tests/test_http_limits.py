@@ -86,14 +86,17 @@ def test_a_body_that_never_comes_is_a_408_and_a_huge_one_a_413_at_once(
 ) -> None:
     slow, huge = _connect(daemon), _connect(daemon)
     try:
+        auth = f"Authorization: Bearer {daemon.token}\r\n".encode()
         slow.sendall(
             b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 100\r\n\r\n{"
+            + auth
+            + b"Content-Length: 100\r\n\r\n{"
         )
         started = time.monotonic()
         huge.sendall(
             b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 2000000000\r\n\r\n"
+            + auth
+            + b"Content-Length: 2000000000\r\n\r\n"
         )
         huge_answer = huge.recv(4096)
         huge_took = time.monotonic() - started

@@ -58,8 +58,8 @@ def test_a_task_s_result_is_served_and_wait_holds_until_it_ends(
         assert result.error is None
         assert result.cpu_time_s is not None and result.peak_memory_bytes is not None
         status, body = d.get("/openapi.json")
-        # The daemon's own document: its origin, no token required (none configured).
-        served = document(server=d.base_url, token_required=False)
+        # The daemon's own document: its origin, its token required (made at its start).
+        served = document(server=d.base_url, token_required=True)
         assert (status, json.loads(body)) == (200, served)
         assert {k: v for k, v in served.items() if k not in ("servers", "security")} == {
             k: v for k, v in document().items() if k not in ("servers", "security")
@@ -92,7 +92,9 @@ def test_the_async_client_runs_judge_specs_and_follows_errors(
     d.start()
 
     async def main() -> None:
-        async with AsyncClient(d.base_url, timeout_s=30, on_answer=check_answer) as c:
+        async with AsyncClient(
+            d.base_url, token=d.token, timeout_s=30, on_answer=check_answer
+        ) as c:
             follow = c.errors(code="CPU_TIME_EXCEEDED", limit=1)
             first_error = asyncio.ensure_future(anext(follow))
             echo = await c.run(

@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ("schemas", "supervisor", "projections", "testing", "tests", "bench")
 
 
+def _parse(path: Path) -> ast.Module:
+    """`ast.parse` in a thread of its own: CPython 3.11's parser can refuse a file
+    ("AST constructor recursion depth mismatch") in a thread whose recursion count an
+    earlier test left off balance."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(ast.parse, path.read_text(), str(path)).result()
+
+
 def imports(path: Path) -> Iterator[tuple[int, str]]:
     """(line, dotted module) of every import in `path`, relative ones resolved."""
     package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(_parse(path)):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield node.lineno, alias.name

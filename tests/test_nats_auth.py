@@ -67,7 +67,7 @@ async def _refused(call: Awaitable[object]) -> None:
     """A JetStream call the credential may not make: no answer (a permission violation)
     or an error answer. What counts is the state afterwards, checked by the caller."""
     with contextlib.suppress(TimeoutError, nats.errors.Error):
-        await asyncio.wait_for(call, 3)
+        await asyncio.wait_for(call, 1)
 
 
 async def _publish_events(js: JetStreamContext, n: int) -> None:

@@ -23,7 +23,12 @@ from schemas.config import load_config
 from schemas.connection import NatsConfig
 from schemas.errors import ConfigError, NatsUnavailable
 from supervisor.eventlog.nats_auth import Credentials, server_config
-from supervisor.eventlog.nats_client import close_quietly, connect_nats
+from supervisor.eventlog.nats_client import (
+    close_quietly,
+    connect_nats,
+    default_stream_configs,
+    provision_streams,
+)
 from supervisor.eventlog.nats_server import REPO_CONF, NatsServer
 from testing.daemon import task
 from testing.stream import stream_events
@@ -55,7 +60,7 @@ def tls_server(tmp_dir: Path) -> Iterator[tuple[NatsServer, Path, Credentials]]:
     certs = tmp_dir / "certs"
     certs.mkdir()
     _certificates(certs)
-    creds = Credentials(node="node-secret", reader="reader-secret")
+    creds = Credentials(node="node-secret", reader="reader-secret", admin="admin-secret")
     base = REPO_CONF.read_text() + (
         f'\ntls {{\n  cert_file: "{certs}/server.pem"\n  key_file: "{certs}/server.key"\n'
         f'  ca_file: "{certs}/ca.pem"\n  verify: true\n}}\n'
@@ -65,6 +70,14 @@ def tls_server(tmp_dir: Path) -> Iterator[tuple[NatsServer, Path, Credentials]]:
     server = NatsServer(tmp_dir / "store", conf=conf)
     server.start()
     try:
+        # The streams are the operator's to make (the node may not), here with its admin.
+        admin = NatsConfig(
+            servers=[f"tls://127.0.0.1:{server.port}"],
+            user="admin",
+            password=creds.admin,
+            **_mutual(certs),
+        )
+        asyncio.run(provision_streams(admin.url() or "", default_stream_configs()))
         yield server, certs, creds
     finally:
         server.stop()
