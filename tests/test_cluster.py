@@ -315,17 +315,21 @@ def test_a_killed_node_s_tasks_end_once_elsewhere_and_its_containers_wait_for_it
         assert reran == dict.fromkeys(on_n1, "n2")
         # n2 never touched n1's containers: they wait, exited, for their own node.
         assert _containers(docker_client, "n1") == on_n1
-        status, body = n2.request(
-            "POST",
-            "/v1/query",
-            json.dumps(
-                {
-                    "sql": "SELECT task_id, owner FROM leaked_resources WHERE node_id = 'n1' AND kind = 'container' ORDER BY 1"
-                }
-            ).encode(),
-        )
-        assert status == 200, body
-        assert [tuple(r) for r in json.loads(body)["rows"]] == [(t, "dead") for t in on_n1]
+        query = json.dumps(
+            {
+                "sql": "SELECT task_id, owner FROM leaked_resources WHERE node_id = 'n1' AND kind = 'container' ORDER BY 1"
+            }
+        ).encode()
+
+        def leaked() -> list[tuple[str, str]]:
+            status, body = n2.request("POST", "/v1/query", query)
+            assert status == 200, body
+            return [tuple(r) for r in json.loads(body)["rows"]]
+
+        # The projection shows them once it has applied every one's last event.
+        expected = [(t, "dead") for t in on_n1]
+        wait_until(lambda: leaked() == expected, 30, "the dead node's containers as leaks")
+        assert leaked() == expected
 
         n1.start(timeout=60)
         wait_until(lambda: _containers(docker_client, "n1") == [], 30, "n1 to remove its orphans")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
 import subprocess
 import sys
@@ -71,6 +72,7 @@ def test_a_task_s_result_is_served_and_wait_holds_until_it_ends(
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, "SUPERVISOR_HTTP_TOKEN": d.token or ""},
     )
     assert done.returncode == 0, done.stderr
     assert int(re.search(r'data-k="tasks">(\d+)<', out.read_text()).group(1)) >= 1  # type: ignore[union-attr]
