@@ -71,11 +71,14 @@ def tls_server(tmp_dir: Path) -> Iterator[tuple[NatsServer, Path, Credentials]]:
     server.start()
     try:
         # The streams are the operator's to make (the node may not), here with its admin.
+        files = _mutual(certs)
         admin = NatsConfig(
             servers=[f"tls://127.0.0.1:{server.port}"],
             user="admin",
             password=creds.admin,
-            **_mutual(certs),
+            tls_ca=files["tls_ca"],
+            tls_cert=files["tls_cert"],
+            tls_key=files["tls_key"],
         )
         asyncio.run(provision_streams(admin.url() or "", default_stream_configs()))
         yield server, certs, creds
