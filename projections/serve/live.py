@@ -197,12 +197,7 @@ class ProjectionPart:
         self._nats_url = nats_url
         stack.push_async_callback(self.close)
         await self._open_caught_up()
-        assert self._projector is not None
-        self._endpoint = QueryEndpoint(
-            self._projector.store.con,
-            workers=self.settings.query_workers,
-            limits=self.settings.limits,
-        )
+        self._serve_queries()
         self._register(registry)
         self._tasks = [
             asyncio.create_task(self._follow(), name="projection-follow"),
@@ -328,13 +323,17 @@ class ProjectionPart:
                 await asyncio.to_thread(projector.close)
         await self._set_aside(error)
         await self._open_caught_up()
+        self._serve_queries()
+        self._rebuild = False
+
+    def _serve_queries(self) -> None:
+        """Answer queries on the open projector's file."""
         assert self._projector is not None
         self._endpoint = QueryEndpoint(
             self._projector.store.con,
             workers=self.settings.query_workers,
             limits=self.settings.limits,
         )
-        self._rebuild = False
 
     async def _follow(self) -> None:
         """Run the projector until stopped; restart it after a failure (with a back-off

@@ -22,6 +22,7 @@ from pathlib import Path
 import msgspec
 
 from schemas.errors import DataDirInUse, SupervisorError
+from supervisor.eventlog.nats_auth import write_private_once
 
 LOCK_NAME = "daemon.lock"
 NODE_ID_NAME = "node-id"
@@ -140,18 +141,7 @@ def generated_token(data_dir: Path) -> str:
             return text
     except FileNotFoundError:
         pass
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = data_dir / f".{TOKEN_NAME}.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(32) + "\n")
-    try:
-        os.link(tmp, path)  # a concurrent first start keeps the one written first
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path.read_text().strip()
+    return write_private_once(path, (secrets.token_urlsafe(32) + "\n").encode()).decode().strip()
 
 
 def stored_token(data_dir: Path) -> str | None:

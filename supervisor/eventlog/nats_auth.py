@@ -120,11 +120,19 @@ def ensure_credentials(data_dir: Path) -> Credentials:
             reader=secrets.token_urlsafe(24),
             admin=secrets.token_urlsafe(24),
         )
+    return msgspec.json.decode(
+        write_private_once(path, msgspec.json.encode(creds)), type=Credentials
+    )
+
+
+def write_private_once(path: Path, data: bytes) -> bytes:
+    """Write `data` to `path` (mode 0600, fsync'd) unless a concurrent writer got there
+    first; returns what `path` holds then (the first writer's data)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{AUTH_FILE}.{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(msgspec.json.encode(creds))
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     try:
@@ -133,7 +141,7 @@ def ensure_credentials(data_dir: Path) -> Credentials:
         pass
     finally:
         tmp.unlink(missing_ok=True)
-    return msgspec.json.decode(path.read_bytes(), type=Credentials)
+    return path.read_bytes()
 
 
 def read_credentials(data_dir: Path) -> Credentials | None:
