@@ -348,8 +348,11 @@ class ProjectionPart:
                 if self._rebuild:
                     await self._rebuilt(self._failure or "a read met damage")
                 assert self._projector is not None
-                self._halt.clear()
-                await self._projector.run(self._halt, progress=self._on_progress)
+                # A fresh event per run, so that no stop asked meanwhile is ever cleared.
+                self._halt = halt = asyncio.Event()
+                if self._stop.is_set():
+                    return
+                await self._projector.run(halt, progress=self._on_progress)
                 if self._stop.is_set() or not self._rebuild:
                     return
                 continue
