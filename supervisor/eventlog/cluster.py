@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from schemas.connection import NatsConfig
-from schemas.errors import EmbeddedNatsError
+from schemas.errors import EmbeddedNatsError, EventLogError, HistoryUnprotected, NatsUnavailable
 from schemas.streams import commands_stream_config, events_stream_config, tasks_stream_config
 from supervisor.eventlog.nats_auth import ensure_credentials, server_config
 from supervisor.eventlog.nats_client import close_quietly, connect_nats, provision_streams
@@ -135,7 +135,7 @@ def up(root: Path, *, timeout: float = 60.0) -> list[str]:
         # The streams are the operator's to make (the node may not): made here, R3, by the
         # cluster's admin user, with SUP_EVENTS denying deletes and purges.
         admin = NatsConfig(servers=urls, user="admin", password=creds.admin, replicas=3)
-        asyncio.run(_provision(admin.url() or ""))
+        asyncio.run(_provision(admin.url() or "", started, timeout))
     except BaseException:
         for p in started:
             p.kill()
@@ -148,13 +148,29 @@ def up(root: Path, *, timeout: float = 60.0) -> list[str]:
     return urls
 
 
-async def _provision(url: str) -> None:
+async def _provision(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    """Make the three R3 streams, trying again while the young cluster has no meta leader
+    or no peers for a replicated stream yet (a stream asked for twice is made once)."""
     configs = [
         events_stream_config(3),
         tasks_stream_config(replicas=3),
         commands_stream_config(3),
     ]
-    await provision_streams(url, configs, update=False)
+    deadline = time.monotonic() + timeout
+    while True:
+        if any(p.poll() is not None for p in procs):
+            raise EmbeddedNatsError("a nats-server of the cluster exited; see its log")
+        try:
+            await provision_streams(url, configs, update=False)
+            return
+        except HistoryUnprotected:
+            raise
+        except (NatsUnavailable, EventLogError) as e:
+            if time.monotonic() > deadline:
+                raise EmbeddedNatsError(
+                    f"the cluster did not take its streams in {timeout}s: {e}"
+                ) from e
+            await asyncio.sleep(0.5)
 
 
 async def _wait_ready(
