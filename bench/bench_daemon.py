@@ -38,11 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_executor import SCRIPT, raw_run
 from schemas import Limits, RetryPolicy, TaskSpec
 from schemas.config import Config, Scheduling
-from schemas.streams import TASKS_STREAM, tasks_stream_config
+from schemas.streams import TASKS_STREAM
 from supervisor.eventlog.emitter import Emitter, new_id
 from supervisor.eventlog.log import EventLog
 from supervisor.eventlog.nats_client import ensure_streams
 from supervisor.eventlog.nats_server import NatsServer
+from supervisor.eventlog.streams import tasks_stream_config
 from supervisor.intake.submit import Intake
 from testing.daemon import DaemonProc, remove_managed_containers
 

@@ -48,7 +48,7 @@ import nats.errors
 from bench.bench_outbox import make_events, run_outbox, run_raw
 from schemas import encode_event
 from schemas.connection import NatsConfig
-from schemas.streams import EVENTS_STREAM, events_stream_config
+from schemas.streams import EVENTS_STREAM
 from supervisor.eventlog import cluster
 from supervisor.eventlog.nats_client import (
     MSG_ID_HEADER,
@@ -56,6 +56,7 @@ from supervisor.eventlog.nats_client import (
     connect_nats,
     ensure_streams,
 )
+from supervisor.eventlog.streams import events_stream_config
 from testing.daemon import DaemonProc, task, wait_until
 from testing.stream import stream_events
 

@@ -11,7 +11,7 @@ fifteen, alternating the store's two ways within one run:
 * merge: `ProjectionStore(fold_max=0)`, the set-based statements of `projections.store.apply`
   (what a replay runs), whose five current-state `MERGE`s are planned for every batch;
 * fold: the default store, which computes the current-state rows in Python
-  (`projections.store.fold`) and replaces them with one keyed delete and one Arrow insert per
+  (`projections.store.batch_fold`) and replaces them with one keyed delete and one Arrow insert per
   table.
 
 Both write the same rows (`tests/test_fold.py`). Prints the median CPU and wall time of a

@@ -10,7 +10,7 @@ rejections; `testing.synthetic.mixed_history`) with `publish_async` and their
 
 * raw: an ordered push consumer over the whole stream with a callback that only counts
   (nats-py's fastest read: no decoding, no writes);
-* replay: `projections.stream.replay` into a new file: decode and validate every event, stage it
+* replay: `projections.serve.replay` into a new file: decode and validate every event, stage it
   as Arrow, apply it with set-based SQL, write the file and rename it into place.
 
 With `--public`, each round also replays through the public pull path alone (the
@@ -38,8 +38,8 @@ from nats.js.api import DeliverPolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # testing/ is not installed
 
-import projections.stream.projector as projector_module
-from projections.stream.replay import replay
+import projections.serve.projector as projector_module
+from projections.serve.replay import replay
 from supervisor.eventlog.nats_server import NatsServer
 from testing.loadgen import publish
 from testing.synthetic import EPOCH, mixed_history

@@ -1,7 +1,7 @@
 """Commands of the `SUP_COMMANDS` stream (`supcmd.<node>.<command>`).
 
 A command is an order addressed to the node that owns a resource, published with
-`Nats-Msg-Id = command_id`; the id is deterministic (see `supervisor.reconcile.divergence`), so the
+`Nats-Msg-Id = command_id`; the id is deterministic (see `supervisor.policy.divergence`), so the
 stream's duplicate window drops a second copy and two reconcilers never double-act.
 Unlike events, commands are decoded strictly (`forbid_unknown_fields`): a node must not
 act on an order it only half understands.

@@ -1,12 +1,18 @@
 """The HTTP API's answers, as Structs: what `supervisor serve` sends, what
 `supervisor.client` decodes, and what the OpenAPI document (`docs/openapi.json`) is made
 from. Answers may gain fields; a reader ignores what it does not know (no
-`forbid_unknown_fields` here, unlike the spec)."""
+`forbid_unknown_fields` here, unlike the spec).
+
+At the end, the one port between a host of the API (`supervisor serve`'s daemon, a
+projection-only host, the projection's own process) and the parts it runs (the
+projection, the reconciler's state), declared here so that neither side imports the
+other: `ReadHost`, `PartHost` (`supervisor.daemon.extension.DaemonContext` is one)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol
 
 from msgspec import Meta, Struct
 
@@ -185,3 +191,29 @@ class Check(Struct, frozen=True, kw_only=True):
 
 
 CheckFn = Callable[[], Awaitable[Check]]
+
+
+class ReadHost(Protocol):
+    """A host of parts that read: the NATS they read, the data directory their files go
+    in, the Prometheus registry (`prometheus_client.CollectorRegistry`) their metrics go
+    on, a readiness check for `/readyz`, and a refresh to await before each `/metrics`."""
+
+    @property
+    def nats_url(self) -> str: ...
+
+    @property
+    def data_dir(self) -> Path: ...
+
+    @property
+    def registry(self) -> Any: ...
+
+    def add_check(self, name: str, check: CheckFn) -> None: ...
+
+    def add_scrape_hook(self, hook: Callable[[], Awaitable[None]]) -> None: ...
+
+
+class PartHost(ReadHost, Protocol):
+    """A `ReadHost` that also lends its JetStream context (`nats.js.JetStreamContext`)."""
+
+    @property
+    def js(self) -> Any: ...

@@ -16,7 +16,8 @@ import nats
 from nats.js.client import JetStreamContext
 
 from schemas import Event, encode_event
-from schemas.streams import EVENTS_STREAM, events_stream_config
+from schemas.streams import EVENTS_STREAM
+from supervisor.eventlog.streams import events_stream_config
 
 Item = Event | tuple[str, bytes]
 """An event, or a raw message: (subject, payload)."""

@@ -20,8 +20,8 @@ import docker.errors
 import msgspec
 from nats.js.client import JetStreamContext
 
+from projections.serve.projector import Projector
 from projections.serve.reconcile_state import DuckDBState, OnCursor, cursor_runner
-from projections.stream.projector import Projector
 from schemas import (
     AttemptStarted,
     ContainerCreated,
@@ -33,10 +33,10 @@ from schemas import (
     WorkspaceCreated,
 )
 from schemas.config import Config, ReconcileConfig
-from schemas.streams import commands_stream_config
 from supervisor.daemon.node import Node, open_node
 from supervisor.eventlog.emitter import Emitter
 from supervisor.eventlog.nats_client import ensure_streams
+from supervisor.eventlog.streams import commands_stream_config
 from supervisor.execution.workspace import create_workspace
 from supervisor.reconcile.command_executor import CommandExecutor, JetStreamCommands
 from supervisor.reconcile.reconciler import ReconcileMetrics, Reconciler

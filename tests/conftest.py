@@ -108,14 +108,14 @@ def _nats_children() -> list[int]:
 
 
 def _projection_services() -> set[int]:
-    """Projection processes (`python -m supervisor.cli.projection_service`) anywhere on the host: one
+    """Projection processes (`python -m supervisor.compose.projection_service`) anywhere on the host: one
     whose daemon was killed is no longer a child of anything the suite started."""
     import psutil
 
     return {
         p.pid
         for p in psutil.process_iter(["cmdline"])
-        if "supervisor.cli.projection_service" in (p.info["cmdline"] or [])
+        if "supervisor.compose.projection_service" in (p.info["cmdline"] or [])
     }
 
 

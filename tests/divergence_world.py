@@ -19,7 +19,7 @@ from schemas.projected import (
     WorkspaceRecord,
     workspace_owner,
 )
-from supervisor.reconcile.divergence import (
+from supervisor.policy.divergence import (
     Divergence,
     RuleConfig,
     decide,

@@ -9,7 +9,7 @@ import pytest
 from schemas import Limits, RetryPolicy, TaskSpec
 from schemas.config import Bounds, Policy
 from schemas.errors import InvalidSpec, PolicyViolation
-from supervisor.intake.admission import admit, decode_spec
+from supervisor.policy.admission import admit, decode_spec
 
 IMG = "supervisor-sandbox:busybox"
 

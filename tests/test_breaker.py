@@ -25,12 +25,14 @@ from schemas.errors import (
     InvalidSpec,
     NatsUnavailable,
 )
-from supervisor.daemon.metrics import Metrics
-from supervisor.docker.breaker import (
+from supervisor.docker.engine_breaker import DockerBreaker
+from supervisor.docker.runtime import DockerRuntime
+from supervisor.eventlog.emitter import Emitter
+from supervisor.observability.metrics import Metrics
+from supervisor.policy.breaker import (
     BreakerState,
     CircuitOpen,
     Decision,
-    DockerBreaker,
     Step,
     Transition,
     allow,
@@ -39,9 +41,7 @@ from supervisor.docker.breaker import (
     on_success,
     open_interval,
 )
-from supervisor.docker.runtime import DockerRuntime
-from supervisor.eventlog.emitter import Emitter
-from supervisor.execution.classify import Classification
+from supervisor.policy.classify import Classification
 from tests.fakes import ListSink
 
 CFG = BreakerConfig(failure_threshold=3, open_interval_s=10.0)

@@ -13,13 +13,13 @@ from typing import Any
 import nats.js.client
 import pytest
 
+import projections.serve.projector as projector_module
 import projections.stream.bulkread as bulkread
-import projections.stream.projector as projector_module
 import projections.stream.pull as pull_module
 from projections.errors import StreamUnavailable
+from projections.serve.projector import Projector
+from projections.serve.replay import replay
 from projections.stream.bulkread import BulkClient, Sink, lean_supported
-from projections.stream.projector import Projector
-from projections.stream.replay import replay
 from supervisor.eventlog.nats_server import NatsServer
 from testing.loadgen import publish
 from testing.snapshot import tables

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.execution.capacity import Verdict, can_pull_any, fits, fits_budget
+from supervisor.policy.capacity import Verdict, can_pull_any, fits, fits_budget
 
 BOUNDS: dict[str, Any] = {"concurrency": 3, "memory_budget_mb": 512}
 

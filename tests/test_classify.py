@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas import CATALOGUE, Evidence
-from supervisor.execution.classify import classify
+from supervisor.policy.classify import classify
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from schemas.projected import (
     seen_container,
     workspace_owner,
 )
-from supervisor.reconcile.divergence import (
+from supervisor.policy.divergence import (
     RULES,
     command_id,
     decide,

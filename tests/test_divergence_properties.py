@@ -11,7 +11,7 @@ from datetime import timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.reconcile.divergence import (
+from supervisor.policy.divergence import (
     decide,
 )
 from tests.divergence_world import CFG, NOW, World

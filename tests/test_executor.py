@@ -30,11 +30,11 @@ from schemas import (
 from schemas.config import Config
 from schemas.errors import DockerRequestRefused
 from supervisor.daemon.node import Node, open_node
-from supervisor.docker.breaker import counts
 from supervisor.docker.runtime import ContainerRequest
 from supervisor.eventlog.emitter import utcnow
 from supervisor.execution import attempt as attempt_module
-from supervisor.execution.classify import classify
+from supervisor.policy.breaker import counts
+from supervisor.policy.classify import classify
 from supervisor.reconcile.command_executor import CommandExecutor
 from testing.stream import stream_events, stream_messages
 from tests.conftest import SANDBOX_IMAGE

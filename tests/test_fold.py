@@ -1,4 +1,4 @@
-"""The Python fold of small batches (`projections.store.fold`) against the set-based `MERGE`s.
+"""The Python fold of small batches (`projections.store.batch_fold`) against the set-based `MERGE`s.
 
 The same history is projected twice into real DuckDB files: once in a single batch
 through the `MERGE`s, once cut into small batches (some of them re-sent, so they hold

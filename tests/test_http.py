@@ -24,16 +24,16 @@ from schemas import SupervisorStarted
 from schemas.config import BreakerConfig
 from schemas.errors import DockerUnavailable
 from schemas.http import Check
+from supervisor.daemon.api import create_app
 from supervisor.daemon.checks import daemon_checks
-from supervisor.daemon.http import create_app
 from supervisor.daemon.http_server import HttpServer
-from supervisor.daemon.metrics import Metrics
 from supervisor.daemon.monitor import HostSample, ResourceMonitor
-from supervisor.docker.breaker import DockerBreaker
+from supervisor.docker.engine_breaker import DockerBreaker
 from supervisor.docker.runtime import DockerRuntime
 from supervisor.eventlog.emitter import Emitter
 from supervisor.eventlog.log import EventLog
 from supervisor.eventlog.nats_server import NatsServer
+from supervisor.observability.metrics import Metrics
 from tests.fakes import ListSink
 from tests.test_breaker import hangup_engine
 

@@ -16,10 +16,10 @@ from schemas import ExecutionError, TaskSpec
 from schemas.config import HttpConfig
 from schemas.errors import ApiError, ConfigError, NatsUnavailable
 from schemas.http import Check
-from supervisor.daemon.http import create_app, http_token
+from supervisor.daemon.api import create_app, http_token
 from supervisor.daemon.http_server import HttpServer, HttpServerError, parse_listen
-from supervisor.daemon.metrics import Metrics
 from supervisor.intake.submit import Submission
+from supervisor.observability.metrics import Metrics
 from tests.test_http import SPEC, serving
 
 # --- the v1 API ------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from schemas import ContainerExited, KillIssued, Limits, Result, RetryPolicy, Ta
 from schemas.config import Bounds, Config, Policy
 from schemas.errors import InvalidSpec
 from supervisor.daemon.node import Node, open_node
-from supervisor.intake.admission import admit
+from supervisor.policy.admission import admit
 from testing.stream import stream_events
 from tests.conftest import SANDBOX_IMAGE
 

@@ -1,9 +1,11 @@
 """The layout's arrows, checked on the source: `schemas` (the contract) imports nothing of
 the project; `projections` (what reads) imports only `schemas`; `supervisor` (what acts)
-imports `projections` only in its composition root, `supervisor.cli`; nothing of the
-product imports the test support (`testing`, `tests`), and the benchmarks do not import
-`tests`. Every import counts, also one inside a function or under `TYPE_CHECKING`. No
-folder holds more than 15 modules, and no module passes 600 lines."""
+imports `projections` only in its composition roots (`supervisor.compose`,
+`supervisor.cli`); inside each package every import follows the declared order of its
+parts (`tests/layout.py`); nothing of the product imports the test support (`testing`,
+`tests`), and the benchmarks do not import `tests`. Every import counts, also one inside
+a function or under `TYPE_CHECKING`. No folder holds more than 15 modules, and no module
+passes 600 lines."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import ast
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from tests.layout import COMPOSITION_ROOTS, ORDER, reversed_arrow
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ("schemas", "supervisor", "projections", "testing", "tests", "bench")
@@ -67,10 +71,45 @@ def test_supervisor_imports_projections_only_in_its_composition_root() -> None:
     def allowed(rel: str, name: str) -> bool:
         first = name.split(".")[0]
         if first == "projections":
-            return rel.startswith("supervisor/cli/")
+            return rel.startswith(tuple(r.replace(".", "/") + "/" for r in COMPOSITION_ROOTS))
         return first in ("schemas", "supervisor")
 
     assert violations("supervisor", allowed) == []
+
+
+def arrows_against_the_order(top: str) -> list[str]:
+    out = []
+    for path in modules(top):
+        rel = path.relative_to(ROOT)
+        importer = ".".join(rel.with_suffix("").parts)
+        for line, name in imports(path):
+            if reversed_arrow(importer, name):
+                out.append(f"{rel.as_posix()}:{line} imports {name}")
+    return out
+
+
+def test_every_arrow_inside_a_package_follows_the_declared_order() -> None:
+    for top in ORDER:
+        assert arrows_against_the_order(top) == [], top
+
+
+def test_every_part_of_a_package_is_declared() -> None:
+    for top, order in ORDER.items():
+        parts = {
+            p.stem if p.is_file() else p.name
+            for p in (ROOT / top).iterdir()
+            if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file()
+        }
+        assert parts == set(order), top
+
+
+def test_a_reversed_arrow_is_caught() -> None:
+    assert reversed_arrow("supervisor.execution.attempt", "supervisor.daemon.node")
+    assert reversed_arrow("projections.store.store", "projections.serve.projector")
+    assert reversed_arrow("supervisor.policy.retry", "supervisor.observability.metrics") is False
+    assert reversed_arrow("supervisor.daemon.api", "supervisor.daemon.node") is False
+    assert reversed_arrow("supervisor.cli.main", "projections.serve.live") is False
+    assert reversed_arrow("supervisor.newpart.x", "supervisor.policy.retry")  # undeclared
 
 
 def test_the_benchmarks_and_the_test_support_do_not_import_the_tests() -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from supervisor.daemon.logs import JsonFormatter, bind, bound, configure
+from supervisor.observability.logs import JsonFormatter, bind, bound, configure
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from schemas import BreakerTransition, ResourceAlert, ResourceRecovered, ResourceSample
 from schemas.config import BreakerConfig, MonitorConfig, Thresholds
 from schemas.errors import DockerError
-from supervisor.daemon.metrics import Metrics
 from supervisor.daemon.monitor import (
     METRICS,
     Alert,
@@ -26,9 +25,10 @@ from supervisor.daemon.monitor import (
     ResourceMonitor,
     assess,
 )
-from supervisor.docker.breaker import DockerBreaker
+from supervisor.docker.engine_breaker import DockerBreaker
 from supervisor.docker.runtime import DockerRuntime
 from supervisor.eventlog.emitter import Emitter
+from supervisor.observability.metrics import Metrics
 from tests.conftest import SANDBOX_IMAGE
 from tests.fakes import ListSink
 from tests.test_breaker import hangup_engine

@@ -1,5 +1,5 @@
 """The daemon's projection in a process of its own (`supervisor.daemon.projection_process` and
-`supervisor.cli.projection_service`), on a real nats-server and DuckDB file: it is restarted when it
+`supervisor.compose.projection_service`), on a real nats-server and DuckDB file: it is restarted when it
 dies, it never outlives its daemon (even one killed with SIGKILL), a daemon started right
 after finds the file free, a service that cannot open its file fails the start with the
 reason, and the daemon's own process never loads DuckDB. Its read API (queries, task
@@ -28,10 +28,10 @@ import pytest
 
 from schemas.config import Config, ProjectionConfig
 from schemas.errors import ApiError
-from supervisor.cli.projection_service import Setup
+from supervisor.compose.projection_service import Setup
 from supervisor.daemon.extension import DaemonContext
-from supervisor.daemon.metrics import Metrics
 from supervisor.daemon.projection_process import ProjectionProcess, ProjectionProcessError
+from supervisor.observability.metrics import Metrics
 from testing.daemon import DaemonProc
 from testing.loadgen import publish
 from testing.synthetic import HistoryBuilder
@@ -70,7 +70,7 @@ def _service_pids() -> set[int]:
     return {
         p.pid
         for p in psutil.process_iter(["cmdline"])
-        if "supervisor.cli.projection_service" in (p.info["cmdline"] or [])
+        if "supervisor.compose.projection_service" in (p.info["cmdline"] or [])
     }
 
 
@@ -123,7 +123,7 @@ def test_the_service_dies_with_its_daemon_and_frees_the_file(nats_url: str, tmp_
     try:
         assert daemon.proc is not None
         (service,) = psutil.Process(daemon.proc.pid).children()
-        assert "supervisor.cli.projection_service" in service.cmdline()
+        assert "supervisor.compose.projection_service" in service.cmdline()
         # DuckDB is loaded in the service only: that is what keeps the daemon small.
         assert "duckdb" in _maps(service.pid)
         assert "duckdb" not in _maps(daemon.proc.pid)
@@ -190,7 +190,7 @@ def test_the_service_stopped_while_it_opens_exits_at_once(tmp_dir: Path) -> None
         open_timeout_s=120.0,
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "supervisor.cli.projection_service"],
+        [sys.executable, "-m", "supervisor.compose.projection_service"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

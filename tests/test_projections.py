@@ -21,10 +21,10 @@ import pytest
 
 from projections.audit import audit_records, load_records
 from projections.errors import ProjectionStoreError
+from projections.serve.projector import Projector
+from projections.serve.replay import replay
 from projections.store.ddl import DDL_VERSION, TABLES
 from projections.store.store import ProjectionStore
-from projections.stream.projector import Projector
-from projections.stream.replay import replay
 from schemas import AttemptFinished, CleanupSucceeded, TaskSubmitted, encode_event
 from supervisor.cli.main import main as cli_main
 from testing.loadgen import publish
@@ -194,7 +194,7 @@ async def test_poison_messages_are_dead_lettered_and_later_events_applied(
 
 _KILLABLE = """
 import asyncio, sys, time
-from projections.stream.projector import Projector
+from projections.serve.projector import Projector
 
 
 class StallingConnection:
@@ -424,7 +424,7 @@ def test_a_file_of_another_ddl_version_is_refused(tmp_dir: Path) -> None:
 
 
 def test_replay_target_used_by_another_process_is_refused(tmp_dir: Path) -> None:
-    from projections.stream.replay import ensure_not_in_use
+    from projections.serve.replay import ensure_not_in_use
 
     db = tmp_dir / "held.duckdb"
     holder = subprocess.Popen(

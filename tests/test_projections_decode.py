@@ -9,10 +9,10 @@ import msgspec
 import pytest
 
 from projections.errors import ProjectionError
+from projections.serve.progress import render_bar
+from projections.serve.projector import Progress, parse_reply, to_ns
 from projections.store.machine import TASK_TARGET_STATE, TERMINAL_TASK_TYPES, sql_task_state_case
 from projections.stream.decode import STAGING, decode_batch, stage, stage_raw
-from projections.stream.progress import render_bar
-from projections.stream.projector import Progress, parse_reply, to_ns
 from projections.stream.worker import DecodePool
 from schemas import encode_event
 from testing.synthetic import AttemptPlan, HistoryBuilder, mixed_history

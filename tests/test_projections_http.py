@@ -1,4 +1,4 @@
-"""The projection part behind the real HTTP app (`supervisor.daemon.http.create_app`, as the daemon
+"""The projection part behind the real HTTP app (`supervisor.daemon.api.create_app`, as the daemon
 serves it), and `supervisor sql` without `--db` against it: rows, formats, refusals and
 their exit codes, the token, an unreachable daemon."""
 
@@ -19,8 +19,8 @@ import pytest
 from projections.serve.live import ProjectionPart
 from schemas import TaskSpec
 from supervisor.cli.main import main
+from supervisor.daemon.api import create_app
 from supervisor.daemon.extension import DaemonContext
-from supervisor.daemon.http import create_app
 from supervisor.daemon.http_server import HttpServer
 from supervisor.daemon.projection_process import ProjectionProcess
 from testing.loadgen import publish
@@ -286,6 +286,6 @@ def _projection_service() -> psutil.Process | None:
     """The projection process of this test's daemon part, if it runs in one."""
     for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            if "supervisor.cli.projection_service" in " ".join(child.cmdline()):
+            if "supervisor.compose.projection_service" in " ".join(child.cmdline()):
                 return child
     return None

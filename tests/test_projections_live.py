@@ -19,16 +19,16 @@ import pytest
 
 from projections.errors import QueryFailed, QueryRefused, QueryTimeout
 from projections.serve.live import LiveSettings, ProjectionPart
+from projections.serve.replay import replay
 from projections.store.ddl import DDL_VERSION, TABLES
 from projections.store.store import ProjectionStore
-from projections.stream.replay import replay
 from schemas import Event
 from schemas.config import Config, load_config
 from schemas.errors import ApiError, ConfigError
 from supervisor.daemon.extension import DaemonContext
-from supervisor.daemon.metrics import Metrics
 from supervisor.eventlog.log import EventLog
 from supervisor.eventlog.nats_server import NatsServer
+from supervisor.observability.metrics import Metrics
 from testing.loadgen import publish
 from testing.snapshot import tables
 from testing.synthetic import AttemptPlan, HistoryBuilder, mixed_history

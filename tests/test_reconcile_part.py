@@ -15,15 +15,15 @@ import msgspec
 import pytest
 from prometheus_client import generate_latest
 
+from projections.serve.projector import Projector
 from projections.serve.reconcile_state import DuckDBState, cursor_runner
-from projections.stream.projector import Projector
 from schemas.config import Config, ReconcileConfig
 from schemas.errors import ProjectionLagging
 from schemas.projected import ProjectedState
-from schemas.streams import commands_stream_config
 from supervisor.daemon.extension import DaemonContext
 from supervisor.daemon.node import Node, open_node
 from supervisor.eventlog.nats_client import ensure_streams
+from supervisor.eventlog.streams import commands_stream_config
 from supervisor.reconcile.part import ReconcilerPart
 from testing.reconcile import FAST, SANDBOX_IMAGE, labels, new_node_id
 

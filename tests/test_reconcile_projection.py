@@ -28,7 +28,7 @@ from schemas import (
     SupervisorStopped,
     encode_event,
 )
-from supervisor.reconcile.divergence import RuleConfig, decide
+from supervisor.policy.divergence import RuleConfig, decide
 from testing.snapshot import table_rows
 from testing.synthetic import AttemptPlan, HistoryBuilder
 

@@ -30,7 +30,7 @@ from schemas import (
 )
 from schemas.streams import COMMANDS_STREAM
 from supervisor.eventlog.emitter import Emitter, utcnow
-from supervisor.execution.history import read_task_events, summarize
+from supervisor.eventlog.history import read_task_events, summarize
 from supervisor.execution.recovery import close_lost_attempt
 from supervisor.reconcile.command_executor import JetStreamCommands
 from supervisor.reconcile.reconciler import Reconciler

@@ -17,8 +17,9 @@ import pytest
 
 from projections.audit import audit_records, history_start, records_of
 from schemas.connection import connect_options
-from schemas.streams import EVENTS_STREAM, events_stream_config
+from schemas.streams import EVENTS_STREAM
 from supervisor.eventlog.nats_client import ensure_streams
+from supervisor.eventlog.streams import events_stream_config
 from testing.synthetic import HistoryBuilder
 
 pytestmark = [pytest.mark.nats]

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas import RetryPolicy
-from supervisor.execution.retry import backoff_delay, should_retry
+from supervisor.policy.retry import backoff_delay, should_retry
 
 
 def test_delays_grow_exponentially_up_to_the_cap_without_jitter() -> None:

@@ -11,7 +11,6 @@ import pytest
 from projections.store.apply import FOLDED_MERGES
 from projections.store.current import TABLES
 from projections.store.ddl import TABLE_DDL
-from projections.store.folder import folder
 from projections.store.merge import merge_sql
 from projections.store.rules import (
     F,
@@ -26,6 +25,7 @@ from projections.store.rules import (
     Take,
     is_type,
 )
+from projections.store.table_fold import folder
 
 
 def test_each_declared_table_has_the_columns_of_its_ddl_in_order() -> None:

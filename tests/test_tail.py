@@ -16,8 +16,8 @@ import pytest
 from schemas import AttemptStarted, ErrorRaised, Event, SupervisorStarted, encode_event
 from schemas.errors import NatsUnavailable
 from schemas.streams import EVENTS_STREAM
+from supervisor.eventlog.follow import subject_filter, tail
 from supervisor.eventlog.log import EventLog
-from supervisor.eventlog.tail import subject_filter, tail
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 

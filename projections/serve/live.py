@@ -46,8 +46,8 @@ from projections.errors import (
     is_damage,
 )
 from projections.query.endpoint import QueryEndpoint, QueryLimits, unavailable
-from projections.stream.projector import Progress, Projector
-from projections.stream.replay import BULK_BATCH, replay
+from projections.serve.projector import Progress, Projector
+from projections.serve.replay import BULK_BATCH, replay
 from schemas.config import ProjectionConfig
 from schemas.http import Check
 from schemas.streams import EVENTS_STREAM
@@ -57,8 +57,8 @@ T = TypeVar("T")
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
-    from projections.serve.host import PartHost
     from schemas.config import Config
+    from schemas.http import PartHost
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class LiveSettings:
     """How the daemon's projection runs. A live batch is applied at the latest
     `batch_age_s` after its first message arrived, and the writer applies batches at most
     `max_busy` of the time, resting no longer than `rest_lag_s` after a batch's first
-    message arrived (see `projections.stream.projector.Projector`) with `threads` DuckDB
+    message arrived (see `projections.serve.projector.Projector`) with `threads` DuckDB
     worker threads (None: one per core) within `memory_limit` (and `temp_limit` of spill);
     at start-up, more
     than `bulk_backlog` messages behind are caught up in bulk mode first. Readiness fails while the oldest
@@ -172,10 +172,10 @@ class ProjectionPart:
         metrics. Raises ProjectionStoreError (the file cannot be opened: held by another
         process) and StreamUnavailable."""
         await self.open(
-            data_dir=Path(ctx.node.data_dir),
-            nats_url=ctx.node.nats_url,
+            data_dir=Path(ctx.data_dir),
+            nats_url=ctx.nats_url,
             js=ctx.js,
-            registry=ctx.node.metrics.registry,
+            registry=ctx.registry,
             stack=stack,
         )
         ctx.add_check("projection", self.check)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import duckdb
 
 from projections.errors import ProjectionError
-from projections.stream.projector import Projector
+from projections.serve.projector import Projector
 from schemas.projected import (
     AttemptRecord,
     ContainerRecord,
@@ -45,7 +45,7 @@ from schemas.projected import (
 )
 
 if TYPE_CHECKING:
-    from projections.serve.host import PartHost
+    from schemas.http import PartHost
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +262,8 @@ class OwnProjection:
     async def start(self, ctx: PartHost, stack: contextlib.AsyncExitStack) -> None:
         """Open the file and catch up with the stream, then follow it. Raises
         ProjectionStoreError, StreamUnavailable."""
-        path = self.db_path or Path(ctx.node.data_dir) / "reconcile.duckdb"
-        url = ctx.node.nats_url
+        path = self.db_path or Path(ctx.data_dir) / "reconcile.duckdb"
+        url = ctx.nats_url
         projector = await asyncio.to_thread(Projector, path, url, batch_age_s=self.batch_age_s)
         on_cursor, close = cursor_runner(projector.store.con)  # before the projector writes
         stop = asyncio.Event()

@@ -155,7 +155,7 @@ APPLY_STATEMENTS: Final[tuple[Step, ...]] = (
 
 
 FOLDED_MERGES: Final[frozenset[str]] = frozenset(_MERGES.values())
-"""The `MERGE`s that `projections.store.fold` computes in Python for a small batch."""
+"""The `MERGE`s that `projections.store.batch_fold` computes in Python for a small batch."""
 
 
 def steps_for(inputs: Collection[str], *, folded: bool = False) -> tuple[str, ...]:

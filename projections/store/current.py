@@ -1,6 +1,6 @@
 """The current-state tables, each declared once (`projections.store.rules`): which events
 touch which key and how each column is made of them. The set-based `MERGE`s of
-`projections.store.apply` and the Python folds of `projections.store.fold` are both made
+`projections.store.apply` and the Python folds of `projections.store.batch_fold` are both made
 from these declarations. Pure: no I/O.
 
 A table's columns are listed in the order of its DDL (`projections.store.ddl`); a test

@@ -1,6 +1,6 @@
 """The set-based `MERGE` of a current-state table, made from its declaration
 (`projections.store.rules`). Pure: text only. See `projections.store.rules` for what each
-rule means; the Python twin is `projections.store.folder`.
+rule means; the Python twin is `projections.store.table_fold`.
 
 The statement reads `_new` (the batch's new envelopes) and the staging tables of the kinds
 the table needs, one row per event of a kind keyed by `seq`; each event has one kind, so a

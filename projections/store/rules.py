@@ -17,7 +17,7 @@ in `projections.store.current`) says, per column, which of a few rules makes it:
 - `Derived`: an expression (`Expr`) over the new row's other columns.
 
 From one declaration, `projections.store.merge.merge_sql` writes the set-based `MERGE` a
-large batch runs, and `projections.store.folder.folder` the Python function a small batch
+large batch runs, and `projections.store.table_fold.folder` the Python function a small batch
 runs for each key. Both read the same conditions and values (`Cond`, `Val`), which hold
 their Python and SQL forms side by side; where a rule of the lifecycle needs more than
 these (who may finish an attempt), `Rule` pairs the two forms that

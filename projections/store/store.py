@@ -14,7 +14,7 @@ Two ways, one result (`tests/test_fold.py` holds them equal, row for row):
   the statements whose inputs hold rows run (`projections.store.apply.steps_for`); the temp
   tables are emptied inside the transaction, so nothing of them is ever committed.
 - A small batch (live) would pay most of its cost planning five `MERGE`s whatever its
-  size, so its current-state rows are computed in Python (`projections.store.fold`) and
+  size, so its current-state rows are computed in Python (`projections.store.batch_fold`) and
   replaced with one keyed `DELETE` and one Arrow insert per table; `events` and the fact
   tables get Arrow inserts too, with no staging table unless the batch holds a kind that
   only SQL handles (inventories, reconcile decisions and outcomes). The writer keeps the
@@ -49,15 +49,15 @@ from projections.store.apply import (
     TASK_SCOPE,
     steps_for,
 )
+from projections.store.batch_fold import FACT_KINDS, FOLDS, Event, Fold, Look, Row, fact_rows
 from projections.store.ddl import DDL_VERSION, schema_statements
-from projections.store.fold import FACT_KINDS, FOLDS, Event, Fold, Look, Row, fact_rows
 from projections.stream.decode import STAGING, Staged
 from schemas import NO_TASK
 from schemas.streams import EVENTS_STREAM
 
 FOLD_MAX_EVENTS = 2000
 """A batch of at most this many new events has its current-state rows computed in Python
-(`projections.store.fold`); a larger one (a replay, a catch-up) runs the set-based `MERGE`s."""
+(`projections.store.batch_fold`); a larger one (a replay, a catch-up) runs the set-based `MERGE`s."""
 
 
 @dataclass(frozen=True)
@@ -322,7 +322,7 @@ class ProjectionStore:
         return {int(r[0]) for r in self._run("SELECT seq FROM _new").fetchall()}
 
     def _fold_all(self, events: list[Event]) -> None:
-        """Replace the current-state rows the events touch by the rows `projections.store.fold`
+        """Replace the current-state rows the events touch by the rows `projections.store.batch_fold`
         computes for them: per table, a keyed delete of the stored ones and an Arrow insert.
         The stored rows come from `_cached` (this writer's own recent rows) or are read;
         one statement finds which of the other keys are stored at all, so a batch of new
@@ -496,7 +496,7 @@ _DIRECT: Final[frozenset[str]] = frozenset({"batch", *_FOLD_ONLY, *FACT_KINDS.va
 
 
 def _events(staged: Staged, new: set[int] | None) -> list[Event]:
-    """The batch's events as `projections.store.fold` reads them, in stream order: each envelope
+    """The batch's events as `projections.store.batch_fold` reads them, in stream order: each envelope
     with the row of its kind (`kind` names it; None for an event of no kind); `new`: only
     these sequences (None: all)."""
     envelopes = staged.tables["batch"].drop_columns(["subject", "payload"]).to_pylist()

@@ -26,7 +26,7 @@ quarantined: `_process_msg` is nats-py's private method and the ordered consumer
 bookkeeping private state, so `pyproject.toml` pins nats-py to the one version this was
 written against (`NATS_PY_VERSION`), `lean_supported` checks that version and the
 method's signature, `BulkClient.attach` the state's fields, and the projector reads
-through its public pull path (`projections.stream.projector._PullReader`) when any of
+through its public pull path (`projections.serve.projector._PullReader`) when any of
 them differs. `bench/bench_replay.py --public` measures what this module gains.
 """
 

@@ -20,7 +20,7 @@ from schemas.catalogue import CATALOGUE
 from schemas.config import Config
 from schemas.errors import ConfigError, InvalidSpec, SupervisorError
 from schemas.spec import ErrorType
-from supervisor.cli.node import add_node_parser
+from supervisor.cli.node_retire import add_node_parser
 from supervisor.cli.options import (
     SubcommandParser,
     common_options,
@@ -30,7 +30,7 @@ from supervisor.cli.options import (
 )
 from supervisor.cli.read_parsers import add_parsers as add_read_parsers
 from supervisor.eventlog.emitter import new_id
-from supervisor.intake.admission import decode_spec
+from supervisor.policy.admission import decode_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_REJECTED, EXIT_INFRA = 0, 1, 2, 3
 
@@ -352,7 +352,7 @@ async def _idle_watch(writer: _StampedWriter, idle_s: float, stop: asyncio.Event
 
 async def _tail_async(args: argparse.Namespace, cfg: Config) -> int:
     from supervisor.daemon.node import nats_for
-    from supervisor.eventlog.tail import parse_since, tail
+    from supervisor.eventlog.follow import parse_since, tail
 
     since = parse_since(args.since) if args.since else None
     async with nats_for(args.nats_url or cfg.nats_target, Path(cfg.data_dir).resolve()) as url:
@@ -398,14 +398,14 @@ def _signals(first: asyncio.Event, second: asyncio.Event) -> None:
 
 async def _serve_async(args: argparse.Namespace, cfg: Config) -> int:
     from supervisor.daemon.daemon import Daemon
-    from supervisor.daemon.logs import configure
+    from supervisor.observability.logs import configure
 
     configure(cfg.node_id, args.log_level or cfg.log_level)
     stop, force = asyncio.Event(), asyncio.Event()
     _signals(stop, force)
     roles: frozenset[str] = args.roles
     if roles == {"projection"}:
-        from supervisor.daemon.http import http_token
+        from supervisor.daemon.api import http_token
         from supervisor.daemon.projection_host import ProjectionHost
 
         token = http_token(cfg.http, Path(cfg.data_dir).resolve())
@@ -430,7 +430,7 @@ def _read_side_parts(
     cfg: Config, *, with_projection: bool, with_reconciler: bool
 ) -> tuple[list[Any], Any]:
     """The daemon's composition: the projection (a child process running
-    `supervisor.cli.projection_service`, which serves the queries), the reconciler reading it, and with
+    `supervisor.compose.projection_service`, which serves the queries), the reconciler reading it, and with
     `--no-projection` the reconciler's own in-process projection. This is the one place
     that joins them."""
     parts: list[Any] = []

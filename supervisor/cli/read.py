@@ -5,7 +5,7 @@ exit code (0 ok; `audit` 1 on violations; `sql` 2 on a
 refused statement or a refused token, 1 when a query fails or times out; 3 when NATS, the
 projection file or the daemon cannot be used).
 
-`sql` without `--db` asks the running daemon (`POST /v1/query`, `projections.query.client`).
+`sql` without `--db` asks the running daemon (`POST /v1/query`, `projections.query.remote`).
 
 NATS is found as every command finds it (`--nats`, `SUPERVISOR_NATS_URL`, a running
 daemon's URL in the data dir, the configuration); only when none is known is an embedded
@@ -36,15 +36,15 @@ from projections.errors import (
     QueryError,
     QueryRefused,
 )
-from projections.query.client import daemon_token, daemon_url, query_daemon
 from projections.query.query import (
     QueryResult,
     check_query,
     open_readonly,
     run_query,
 )
+from projections.query.remote import daemon_token, daemon_url, query_daemon
 from projections.query.render import render
-from projections.stream.replay import replay, stream_retention
+from projections.serve.replay import replay, stream_retention
 from schemas.errors import SupervisorError
 from supervisor.cli.options import config_of
 from supervisor.daemon.node import nats_for

@@ -27,9 +27,9 @@ from typing import Any
 
 import msgspec
 
+from projections.serve.projector import Projector
 from projections.serve.reconcile_state import DuckDBState, cursor_runner
-from projections.stream.projector import Projector
-from projections.stream.replay import replay
+from projections.serve.replay import replay
 from schemas.errors import NatsUnavailable, SupervisorError
 from supervisor.cli.options import config_of
 
@@ -67,9 +67,9 @@ async def _projection(db: str | None, url: str) -> AsyncIterator[tuple[Projector
 
 
 async def _reconcile(args: argparse.Namespace) -> dict[str, Any]:
-    from schemas.streams import commands_stream_config
     from supervisor.daemon.node import open_node
     from supervisor.eventlog.nats_client import ensure_stream_exists
+    from supervisor.eventlog.streams import commands_stream_config
     from supervisor.reconcile.command_executor import CommandExecutor, JetStreamCommands
     from supervisor.reconcile.reconciler import Reconciler
 

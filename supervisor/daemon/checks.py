@@ -8,7 +8,7 @@ from collections.abc import Callable
 from schemas.errors import DockerError
 from schemas.http import Check, CheckFn
 from supervisor.daemon.monitor import ResourceMonitor
-from supervisor.docker.breaker import DockerBreaker, Pingable
+from supervisor.docker.engine_breaker import DockerBreaker, Pingable
 
 
 def docker_check(runtime: Pingable) -> CheckFn:

@@ -40,29 +40,30 @@ from schemas.connection import anonymous
 from schemas.errors import ApiError, NatsUnavailable, projection_unavailable
 from schemas.http import Check, CheckFn
 from schemas.streams import TASKS_STREAM
+from supervisor.daemon.api import create_app, http_token
 from supervisor.daemon.checks import daemon_checks
 from supervisor.daemon.datadir import DataDirLock, node_id_for, publish
 from supervisor.daemon.error_counts import counting_node_errors
 from supervisor.daemon.extension import DaemonContext, Part, ReadSide
-from supervisor.daemon.http import create_app, http_token
 from supervisor.daemon.http_server import ConnectionGuard, HttpServer, start_http
-from supervisor.daemon.metrics import Metrics
 from supervisor.daemon.monitor import HostSampler, PsutilSampler, ResourceMonitor
 from supervisor.daemon.node import Node, open_node, stream_configs
-from supervisor.docker.breaker import DockerBreaker, counts
+from supervisor.docker.engine_breaker import DockerBreaker
 from supervisor.eventlog.emitter import new_id
+from supervisor.eventlog.follow import follow_errors
+from supervisor.eventlog.history import read_task_events, summarize
 from supervisor.eventlog.nats_auth import redact
 from supervisor.eventlog.nats_client import check_history_protected, ensure_streams
 from supervisor.eventlog.nats_server import url_file
-from supervisor.eventlog.tail import follow_errors
 from supervisor.execution.cancellations import following_cancellations
-from supervisor.execution.capacity import can_pull_any, fits_budget
-from supervisor.execution.classify import Classification
-from supervisor.execution.history import read_task_events, summarize
 from supervisor.execution.task_loop import Scheduler
 from supervisor.execution.workqueue import WorkQueue, ensure_consumers
 from supervisor.intake.cancel import request_cancel
 from supervisor.intake.submit import Intake, Submission
+from supervisor.observability.metrics import Metrics
+from supervisor.policy.breaker import counts
+from supervisor.policy.capacity import can_pull_any, fits_budget
+from supervisor.policy.classify import Classification
 
 log = logging.getLogger("supervisor.daemon.daemon")
 

@@ -16,7 +16,7 @@ from nats.js.api import DeliverPolicy
 from nats.js.client import JetStreamContext
 
 from schemas import ErrorRaised, decode_event
-from supervisor.daemon.metrics import Metrics
+from supervisor.observability.metrics import Metrics
 
 
 @contextlib.asynccontextmanager

@@ -27,16 +27,16 @@ if TYPE_CHECKING:
     from schemas.http import CheckFn
     from supervisor.daemon.monitor import ResourceMonitor
     from supervisor.daemon.node import Node
-    from supervisor.docker.breaker import DockerBreaker
+    from supervisor.docker.engine_breaker import DockerBreaker
     from supervisor.execution.task_loop import Scheduler
 
 
 @dataclass
 class DaemonContext:
-    """What a part may use. `node` holds the config, data dir, emitter, event log, Docker
-    runtime, executor and metrics; `nc`/`js` are the event log's NATS connection (it
-    reconnects on its own); `add_check` adds a readiness check to `/readyz`,
-    `add_scrape_hook` a refresh before each `/metrics`."""
+    """What a part may use: a `schemas.http.PartHost`, and more. `node` holds the config,
+    data dir, emitter, event log, Docker runtime, executor and metrics; `nc`/`js` are the
+    event log's NATS connection (it reconnects on its own); `add_check` adds a readiness
+    check to `/readyz`, `add_scrape_hook` a refresh before each `/metrics`."""
 
     node: Node
     nc: NATS
@@ -65,25 +65,6 @@ class DaemonContext:
     def add_scrape_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Await `hook` before each `/metrics` answer (to fetch metrics kept elsewhere)."""
         self.scrape_hooks.append(hook)
-
-
-class ReadHost(Protocol):
-    """What a part that needs neither the executor nor Docker uses of its host (the
-    projection: `DaemonContext` in a full daemon, `ProjectionHost`'s own context on a
-    host that serves only the projection)."""
-
-    @property
-    def nats_url(self) -> str: ...
-
-    @property
-    def data_dir(self) -> Path: ...
-
-    @property
-    def registry(self) -> CollectorRegistry: ...
-
-    def add_check(self, name: str, check: CheckFn) -> None: ...
-
-    def add_scrape_hook(self, hook: Callable[[], Awaitable[None]]) -> None: ...
 
 
 class Part(Protocol):

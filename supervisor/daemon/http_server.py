@@ -1,4 +1,4 @@
-"""Serving the daemon's HTTP app (`supervisor.daemon.http`): the listener, and what one
+"""Serving the daemon's HTTP app (`supervisor.daemon.api`): the listener, and what one
 client may hold of it (connections, time to send its request's head and its body).
 
 aiohttp has no header or body timeout of its own: a client that opens connections and never
@@ -27,7 +27,7 @@ from aiohttp import web
 from schemas.errors import ConfigError, SupervisorError
 from supervisor.daemon.datadir import publish
 
-log = logging.getLogger("supervisor.daemon.http")
+log = logging.getLogger("supervisor.daemon.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _HEAD_END = b"\r\n\r\n"

@@ -27,11 +27,11 @@ from msgspec import Struct
 from schemas import ResourceAlert, ResourceMetric, ResourceRecovered, ResourceSample
 from schemas.config import MonitorConfig, Thresholds
 from schemas.errors import DockerError, DockerUnavailable
-from supervisor.daemon.metrics import host_value
+from supervisor.observability.metrics import host_value
 
 if TYPE_CHECKING:
-    from supervisor.daemon.metrics import Metrics
     from supervisor.eventlog.emitter import Emitter
+    from supervisor.observability.metrics import Metrics
 
 log = logging.getLogger("supervisor.daemon.monitor")
 

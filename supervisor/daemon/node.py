@@ -17,9 +17,8 @@ from nats.js.api import StreamConfig
 from schemas import EmbeddedNatsRestarted, SupervisorStarted, SupervisorStopped
 from schemas.config import Config
 from schemas.errors import NatsUnavailable, NoDaemon
-from schemas.streams import commands_stream_config, events_stream_config, tasks_stream_config
 from supervisor.daemon.datadir import node_id_for
-from supervisor.daemon.metrics import Metrics
+from supervisor.docker.observe import CgroupSampler, DockerEventWatcher
 from supervisor.docker.runtime import DockerRuntime
 from supervisor.eventlog.diskguard import DiskGuard
 from supervisor.eventlog.emitter import Emitter, new_id
@@ -27,9 +26,14 @@ from supervisor.eventlog.log import EventLog
 from supervisor.eventlog.nats_auth import ensure_credentials, with_user, write_server_config
 from supervisor.eventlog.nats_client import default_stream_configs, provision_streams
 from supervisor.eventlog.nats_server import NatsServer, NatsWatch, config_path, resolve_nats_url
-from supervisor.execution.classify import Classification
+from supervisor.eventlog.streams import (
+    commands_stream_config,
+    events_stream_config,
+    tasks_stream_config,
+)
 from supervisor.execution.executor import Executor
-from supervisor.execution.observe import CgroupSampler, DockerEventWatcher
+from supervisor.observability.metrics import Metrics
+from supervisor.policy.classify import Classification
 
 VERSION = "0.1.0"
 

@@ -25,16 +25,16 @@ from schemas import TaskSpec
 from schemas.config import Config
 from schemas.errors import ApiError
 from schemas.http import Check, CheckFn
+from supervisor.daemon.api import Submission, create_app
 from supervisor.daemon.datadir import DataDirLock, publish
-from supervisor.daemon.http import Submission, create_app
 from supervisor.daemon.http_server import HttpServer, start_http
-from supervisor.daemon.metrics import Metrics
 from supervisor.daemon.node import nats_for
 from supervisor.daemon.projection_process import ProjectionProcess
 from supervisor.eventlog.emitter import new_id
+from supervisor.eventlog.follow import follow_errors
 from supervisor.eventlog.nats_auth import redact
 from supervisor.eventlog.nats_server import url_file
-from supervisor.eventlog.tail import follow_errors
+from supervisor.observability.metrics import Metrics
 
 log = logging.getLogger("supervisor.daemon")
 

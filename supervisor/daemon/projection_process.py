@@ -1,7 +1,7 @@
 """The daemon's projection, run in a child process: `ProjectionProcess`.
 
 A `supervisor.daemon.extension.Part` and `ReadSide`. `start` spawns `python -m
-supervisor.cli.projection_service` (see that module for the protocol), waits until it has caught up with
+supervisor.compose.projection_service` (see that module for the protocol), waits until it has caught up with
 the stream, and returns; from then on `/v1/query`, `/v1/tasks/{id}` and the reconciler's
 projected state (`state`) are requests to it, its readiness check is the daemon's
 `projection` check, and its metrics are part of the daemon's `/metrics` (fetched at each
@@ -39,11 +39,11 @@ from schemas.http import Check
 from schemas.projected import ProjectedState
 
 if TYPE_CHECKING:
-    from supervisor.daemon.extension import ReadHost
+    from schemas.http import ReadHost
 
 log = logging.getLogger("supervisor.projection")
 
-SERVICE = "supervisor.cli.projection_service"
+SERVICE = "supervisor.compose.projection_service"
 READ_TIMEOUT_S = 30.0
 """How long a task lookup, the reconciler's state, a readiness check or a metrics fetch may
 take before the service counts as not answering."""

@@ -54,8 +54,8 @@ from supervisor.delivery.signing import (
     delay_after,
     signature,
 )
-from supervisor.execution.history import applied_terminal, read_task_messages
-from supervisor.intake.admission import callback_refused
+from supervisor.eventlog.history import applied_terminal, read_task_messages
+from supervisor.policy.admission import callback_refused
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg

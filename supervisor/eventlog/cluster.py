@@ -32,10 +32,14 @@ from pathlib import Path
 
 from schemas.connection import NatsConfig
 from schemas.errors import EmbeddedNatsError, EventLogError, HistoryUnprotected, NatsUnavailable
-from schemas.streams import commands_stream_config, events_stream_config, tasks_stream_config
 from supervisor.eventlog.nats_auth import ensure_credentials, server_config
 from supervisor.eventlog.nats_client import close_quietly, connect_nats, provision_streams
 from supervisor.eventlog.nats_server import REPO, nats_server_binary
+from supervisor.eventlog.streams import (
+    commands_stream_config,
+    events_stream_config,
+    tasks_stream_config,
+)
 
 SERVERS = 3
 TEMPLATE = REPO / "deploy" / "nats" / "cluster.conf"

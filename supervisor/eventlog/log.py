@@ -36,9 +36,6 @@ from nats.js.client import JetStreamContext
 
 from schemas import Event, encode_event
 from schemas.errors import DiskFull, EventLogError, NatsUnavailable
-from schemas.streams import (
-    events_stream_config,
-)
 from supervisor.eventlog.nats_auth import redact
 from supervisor.eventlog.nats_client import (
     CONNECTION_ERRORS,
@@ -48,6 +45,7 @@ from supervisor.eventlog.nats_client import (
     ensure_stream_exists,
 )
 from supervisor.eventlog.outbox import Outbox, Record
+from supervisor.eventlog.streams import events_stream_config
 
 log = logging.getLogger(__name__)
 

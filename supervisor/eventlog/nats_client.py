@@ -17,13 +17,13 @@ from nats.js.client import JetStreamContext
 
 from schemas.connection import connect_options
 from schemas.errors import EventLogError, HistoryUnprotected, NatsUnavailable
-from schemas.streams import (
-    EVENTS_STREAM,
+from schemas.streams import EVENTS_STREAM
+from supervisor.eventlog.nats_auth import redact
+from supervisor.eventlog.streams import (
     commands_stream_config,
     events_stream_config,
     tasks_stream_config,
 )
-from supervisor.eventlog.nats_auth import redact
 
 log = logging.getLogger(__name__)
 

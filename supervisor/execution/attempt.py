@@ -32,7 +32,7 @@ from schemas import (
 from schemas.config import Config
 from schemas.errors import ContainerVanished, InternalError, SupervisorError
 from schemas.labels import container_labels
-from supervisor.daemon.metrics import Metrics
+from supervisor.docker.observe import CgroupSampler, DockerEventWatcher
 from supervisor.docker.runtime import (
     ContainerRequest,
     DockerRuntime,
@@ -43,10 +43,10 @@ from supervisor.docker.runtime import (
     write_stdin,
 )
 from supervisor.eventlog.emitter import Emitter
-from supervisor.execution.classify import Classification, classify
 from supervisor.execution.cleanup import Cleaner
-from supervisor.execution.observe import CgroupSampler, DockerEventWatcher
 from supervisor.execution.workspace import create_workspace
+from supervisor.observability.metrics import Metrics
+from supervisor.policy.classify import Classification, classify
 
 T = TypeVar("T")
 

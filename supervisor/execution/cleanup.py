@@ -12,11 +12,11 @@ from pathlib import Path
 
 from schemas import CleanupFailed, CleanupSucceeded
 from schemas.errors import SupervisorError
-from supervisor.daemon.metrics import Metrics
+from supervisor.docker.observe import DockerEventWatcher
 from supervisor.docker.runtime import DockerRuntime
 from supervisor.eventlog.emitter import Emitter
-from supervisor.execution.observe import DockerEventWatcher
 from supervisor.execution.workspace import remove_workspace
+from supervisor.observability.metrics import Metrics
 
 
 @dataclass

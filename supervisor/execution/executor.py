@@ -35,16 +35,16 @@ from schemas.config import Config
 from schemas.errors import ImageNotFound, SpecError, SupervisorError
 from schemas.lifecycle import LifecycleTracker
 from schemas.spec import public_spec
-from supervisor.daemon.metrics import Metrics
+from supervisor.docker.observe import CgroupSampler, DockerEventWatcher
 from supervisor.docker.runtime import DockerRuntime, Output
 from supervisor.eventlog.emitter import Emitter, new_id
 from supervisor.eventlog.ports import EventSink
 from supervisor.execution.attempt import AttemptOutcome, AttemptRunner, emit_error
-from supervisor.execution.classify import Classification, catalogue_entry, classify
 from supervisor.execution.cleanup import Cleaner
-from supervisor.execution.observe import CgroupSampler, DockerEventWatcher
-from supervisor.execution.retry import backoff_delay, should_retry
-from supervisor.intake.admission import admit
+from supervisor.observability.metrics import Metrics
+from supervisor.policy.admission import admit
+from supervisor.policy.classify import Classification, catalogue_entry, classify
+from supervisor.policy.retry import backoff_delay, should_retry
 
 _FINISHED_KEPT = 100_000
 _ENGINE_POLL_S = 0.25

@@ -27,10 +27,10 @@ from schemas.errors import NatsUnavailable, SupervisorError
 from schemas.labels import is_ours
 from schemas.streams import EVENTS_STREAM
 from supervisor.eventlog.emitter import Emitter
+from supervisor.eventlog.history import TaskHistory
 from supervisor.execution.attempt import emit_error
-from supervisor.execution.classify import Classification, catalogue_entry
 from supervisor.execution.executor import Executor
-from supervisor.execution.history import TaskHistory
+from supervisor.policy.classify import Classification, catalogue_entry
 
 
 def closing_event_id(task_id: str, attempt: int, what: str) -> str:

@@ -26,14 +26,14 @@ from nats.aio.msg import Msg
 
 from schemas import PRIORITIES, ErrorRaised, Result, TaskSpec
 from schemas.errors import NatsUnavailable, SupervisorError
-from supervisor.daemon.logs import bind
 from supervisor.eventlog.emitter import utcnow
-from supervisor.execution.classify import catalogue_entry
+from supervisor.eventlog.history import TaskHistory, read_task_events, summarize
 from supervisor.execution.executor import Backoff, Executor
-from supervisor.execution.history import TaskHistory, read_task_events, summarize
 from supervisor.execution.recovery import close_lost_attempt, owner_death, redelivery_limit
-from supervisor.execution.retry import should_retry
 from supervisor.execution.workqueue import WorkQueue
+from supervisor.observability.logs import bind
+from supervisor.policy.classify import catalogue_entry
+from supervisor.policy.retry import should_retry
 
 log = logging.getLogger("supervisor.execution.task_loop")
 _spec_decoder = msgspec.json.Decoder(TaskSpec)

@@ -15,8 +15,8 @@ from nats.js.client import JetStreamContext
 from schemas import TaskCancelRequested, TaskSubmitted
 from schemas.errors import ApiError, NatsUnavailable
 from supervisor.eventlog.emitter import Emitter
+from supervisor.eventlog.history import read_task_events, summarize
 from supervisor.eventlog.log import EventLog
-from supervisor.execution.history import read_task_events, summarize
 
 
 async def request_cancel(

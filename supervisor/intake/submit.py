@@ -43,12 +43,12 @@ from schemas.errors import EventLogError, NatsUnavailable, SpecError
 from schemas.lifecycle import InvalidTransition, next_task_state
 from schemas.spec import public_spec
 from schemas.streams import EVENTS_STREAM, TASKS_STREAM
-from supervisor.daemon.metrics import Metrics
 from supervisor.eventlog.emitter import Emitter, new_id
+from supervisor.eventlog.history import read_task_messages
 from supervisor.eventlog.ports import EventSink
-from supervisor.execution.classify import Classification, catalogue_entry, classify
-from supervisor.execution.history import read_task_messages
-from supervisor.intake.admission import admit
+from supervisor.observability.metrics import Metrics
+from supervisor.policy.admission import admit
+from supervisor.policy.classify import Classification, catalogue_entry, classify
 
 # JetStream's error code for "maximum messages per subject exceeded" (discard-new refusal).
 JS_ERR_MAX_MSGS_PER_SUBJECT = 10077

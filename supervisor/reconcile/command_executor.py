@@ -52,17 +52,17 @@ from schemas.labels import MANAGED as MANAGED_LABEL
 from schemas.labels import NODE as NODE_LABEL
 from schemas.labels import is_ours
 from schemas.streams import COMMANDS_STREAM
-from supervisor.daemon.metrics import Metrics
 from supervisor.docker.runtime import DockerRuntime
 from supervisor.eventlog.emitter import Emitter
+from supervisor.eventlog.history import read_task_events, summarize
 from supervisor.eventlog.nats_client import MSG_ID_HEADER
-from supervisor.execution.classify import catalogue_entry
 from supervisor.execution.cleanup import Cleaner
 from supervisor.execution.executor import KillClaim
-from supervisor.execution.history import read_task_events, summarize
 from supervisor.execution.recovery import record_closing
-from supervisor.execution.retry import backoff_delay, should_retry
 from supervisor.execution.workspace import WORKSPACES
+from supervisor.observability.metrics import Metrics
+from supervisor.policy.classify import catalogue_entry
+from supervisor.policy.retry import backoff_delay, should_retry
 from supervisor.reconcile.reconciler import ReconcileMetrics
 
 log = logging.getLogger("supervisor.reconcile.command_executor")

@@ -5,7 +5,7 @@ A pass (1) lists the containers carrying `supervisor.managed=true` and this node
 the workspace dirs on disk (the only reading of Docker and the disk) and publishes them as a
 `node.inventory` event; (2) waits until the projection shows that very event, so it judges
 the node on facts at least as new as its own observation; (3) runs the pure rules of
-`supervisor.reconcile.divergence` over the projected state; (4) records each new divergence as a
+`supervisor.policy.divergence` over the projected state; (4) records each new divergence as a
 `reconcile.decision` event and, unless it is a dry run, waits for those to be durable in
 `SUP_EVENTS` and then publishes one cleanup command per divergence to `SUP_COMMANDS`.
 
@@ -47,7 +47,7 @@ from schemas.labels import is_ours
 from schemas.projected import ProjectedState
 from supervisor.eventlog.emitter import Emitter, new_id, utcnow
 from supervisor.execution.workspace import WORKSPACES
-from supervisor.reconcile.divergence import RULES, Planned, RuleConfig, oldest_leak_s, plan
+from supervisor.policy.divergence import RULES, Planned, RuleConfig, oldest_leak_s, plan
 
 log = logging.getLogger("supervisor.reconcile.reconciler")
 

@@ -34,8 +34,8 @@ from schemas import (
 from schemas.errors import NatsUnavailable
 from schemas.streams import EVENTS_STREAM
 from supervisor.eventlog.emitter import Emitter
-from supervisor.execution.classify import catalogue_entry
 from supervisor.execution.recovery import last_event, record_closing
+from supervisor.policy.classify import catalogue_entry
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""`supervisor tail`: live events from `SUP_EVENTS`, one raw JSON object a line.
+"""Following `SUP_EVENTS` live, filtered, one raw JSON object a line: what `supervisor tail`
+prints and what `GET /v1/errors` streams.
 
 The filters map onto subject tokens (`sup.<category>.<name>.<node>.<task>`) so the server
 does the narrowing: `--errors` is `sup.error.>`, `--type T` is `sup.error.T.>`, `--task ID`

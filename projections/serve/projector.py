@@ -53,11 +53,12 @@ from projections.stream.decode import Staged, parse_reply, stage_raw
 from projections.stream.pull import PullReader
 from projections.stream.worker import DecodePool
 from schemas.connection import connect_options
-from schemas.streams import EVENTS_STREAM, EVENTS_SUBJECTS, events_stream_config
+from schemas.streams import EVENTS_STREAM, EVENTS_SUBJECTS
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.1
+STREAM_POLL_S = 0.5
 _MIN_FETCH_S = 0.005
 _IN_FLIGHT = 2
 _BULK_DECODERS = 2
@@ -249,7 +250,9 @@ class Projector:
         state = Progress(seq=start - 1, target=0, from_seq=start - 1)
         nc = await self._connect(follow, lean=self.bulk and not follow and lean_supported())
         try:
-            last = await self._stream_last_seq(nc, create=follow)
+            last = await self._stream_last_seq(nc, wait=stop)
+            if last is None:  # stopped while waiting for the stream
+                return state
             if not follow:
                 state.target = last if until_seq is None else min(until_seq, last)
                 if state.target < start:
@@ -476,16 +479,27 @@ class Projector:
             raise StreamUnavailable(self.nats_url, repr(e)) from e
         return nc
 
-    async def _stream_last_seq(self, nc: Any, *, create: bool) -> int:
+    async def _stream_last_seq(self, nc: Any, *, wait: asyncio.Event | None) -> int | None:
+        """The stream's last sequence; 0 while it does not exist, or, when following
+        (`wait` given), once it exists: the streams are the operator's (or the daemon's)
+        to make, never the projection's. None when `wait` was set first."""
         js = nc.jetstream()
+        missing = False
         try:
-            try:
-                info = await js.stream_info(self.stream)
-            except nats.js.errors.NotFoundError:
-                if not create:
-                    return 0
-                info = await js.add_stream(events_stream_config())
-            return int(info.state.last_seq)
+            while True:
+                try:
+                    info = await js.stream_info(self.stream)
+                    return int(info.state.last_seq)
+                except nats.js.errors.NotFoundError:
+                    if wait is None:
+                        return 0
+                if wait.is_set():
+                    return None
+                if not missing:
+                    log.info("stream %s does not exist yet; waiting for it", self.stream)
+                    missing = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wait.wait(), STREAM_POLL_S)
         except (OSError, TimeoutError, nats.errors.Error) as e:
             raise StreamUnavailable(self.nats_url, repr(e)) from e
 

@@ -24,8 +24,8 @@ import nats.errors
 
 from projections.audit import Retention
 from projections.errors import ProjectionStoreError, StreamUnavailable
-from projections.stream.progress import ProgressBar
-from projections.stream.projector import Progress, Projector
+from projections.serve.progress import ProgressBar
+from projections.serve.projector import Progress, Projector
 from schemas.connection import connect_options
 from schemas.streams import EVENTS_STREAM
 

@@ -51,11 +51,11 @@ from schemas.http import Check, CheckFn
 from schemas.openapi import MAX_WAIT_S, TASK_ID_PATTERN, document
 from supervisor.daemon.datadir import generated_token
 from supervisor.daemon.http_server import body_deadline
-from supervisor.daemon.metrics import Metrics
-from supervisor.docker.breaker import CircuitOpen
-from supervisor.intake.admission import decode_spec
+from supervisor.observability.metrics import Metrics
+from supervisor.policy.admission import decode_spec
+from supervisor.policy.breaker import CircuitOpen
 
-log = logging.getLogger("supervisor.daemon.http")
+log = logging.getLogger("supervisor.daemon.api")
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 _encoder = msgspec.json.Encoder()

@@ -1,4 +1,4 @@
-"""The daemon's projection in a process of its own: `python -m supervisor.cli.projection_service`.
+"""The daemon's projection in a process of its own: `python -m supervisor.compose.projection_service`.
 
 `supervisor serve` starts it (`supervisor.daemon.projection_process.ProjectionProcess`) so that
 DuckDB, Arrow and the projector's batches neither sit in the daemon's memory nor take
@@ -46,11 +46,11 @@ from projections.serve.live import ProjectionPart
 from projections.serve.reconcile_state import DuckDBState
 from schemas.config import Config
 from schemas.errors import SupervisorError
-from supervisor.daemon.http import error_response, json_response, query_body
-from supervisor.daemon.logs import configure
+from supervisor.daemon.api import error_response, json_response, query_body
 from supervisor.eventlog.nats_client import close_quietly, connect_nats
+from supervisor.observability.logs import configure
 
-log = logging.getLogger("supervisor.cli.projection_service")
+log = logging.getLogger("supervisor.compose.projection_service")
 
 OPEN_RETRY_S = 0.2
 

@@ -7,7 +7,7 @@ this module computes their new rows; the store then replaces them (one `DELETE` 
 Arrow insert per table). Large batches (a replay) keep the set-based `MERGE`s.
 
 Both are made from the same declarations (`projections.store.current`): each `Fold` here is
-`projections.store.folder.folder` of a table, each `MERGE` `projections.store.merge.merge_sql`
+`projections.store.table_fold.folder` of a table, each `MERGE` `projections.store.merge.merge_sql`
 of it. `tests/test_fold.py` projects random histories both ways, cut anywhere, and
 compares every row.
 
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from projections.store.current import TABLES
-from projections.store.folder import Folder, folder, select
 from projections.store.rules import NO_CTX, Event, Look, Lookup, Row, Table
+from projections.store.table_fold import Folder, folder, select
 
 __all__ = ["FACT_KINDS", "FOLDS", "Event", "Fold", "Look", "Row", "fact_rows"]
 

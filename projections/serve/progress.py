@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TextIO
 
-from projections.stream.projector import Progress
+from projections.serve.projector import Progress
 
 _WIDTH = 30
 
