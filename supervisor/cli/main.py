@@ -9,13 +9,12 @@ import contextlib
 import importlib.metadata
 import signal
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, get_args
 
 import msgspec
 
-from schemas import ErrorRaised, ExecutionError, Result, TaskRejected, TaskSpec
+from schemas import Result, TaskSpec
 from schemas.catalogue import CATALOGUE
 from schemas.config import Config
 from schemas.errors import ConfigError, InvalidSpec, SupervisorError
@@ -29,8 +28,10 @@ from supervisor.cli.options import (
     with_node_id,
 )
 from supervisor.cli.read_parsers import add_parsers as add_read_parsers
-from supervisor.eventlog.emitter import new_id
+from supervisor.eventlog.emitter import new_id, utcnow
+from supervisor.eventlog.outcomes import record_refusal, refusal_result
 from supervisor.policy.admission import decode_spec
+from supervisor.policy.classify import catalogue_entry
 
 EXIT_OK, EXIT_FAILED, EXIT_REJECTED, EXIT_INFRA = 0, 1, 2, 3
 
@@ -67,16 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _spec_parser(sub: Any, name: str, help_: str, description: str) -> Any:
+    """A subcommand that takes a task spec (a file, or - for stdin) and `--json`."""
+    p = sub.add_parser(name, help=help_, description=description)
+    p.add_argument("spec", metavar="SPEC|-", help="task spec JSON file, or - for stdin")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    return p
+
+
 def _add_run(sub: Any) -> None:
-    run = sub.add_parser(
+    run = _spec_parser(
+        sub,
         "run",
-        help="run one task in the foreground, with retries",
-        description="Run one task (a JSON spec file, or - for stdin) with "
-        "retries, publishing every event. Exit 0 succeeded, 1 "
-        "failed, 2 rejected or bad usage, 3 infrastructure.",
+        "run one task in the foreground, with retries",
+        "Run one task (a JSON spec file, or - for stdin) with retries, publishing every "
+        "event. Exit 0 succeeded, 1 failed, 2 rejected or bad usage, 3 infrastructure.",
     )
-    run.add_argument("spec", metavar="SPEC|-", help="task spec JSON file, or - for stdin")
-    run.add_argument("--json", action="store_true", help="print the Result as JSON")
     common_options(run)
     run.set_defaults(func=_cmd_run)
 
@@ -132,16 +139,15 @@ def _roles(text: str) -> frozenset[str]:
 
 
 def _add_submit(sub: Any) -> None:
-    submit = sub.add_parser(
+    submit = _spec_parser(
+        sub,
         "submit",
-        help="enqueue a task to a running daemon",
-        description="Validate and enqueue a task (JSON spec file, or - for stdin). Prints the "
-        "task id, or with --wait the result. A full queue is refused at once "
-        "(resource/QUEUE_FULL, exit 2).",
+        "enqueue a task to a running daemon",
+        "Validate and enqueue a task (JSON spec file, or - for stdin). Prints the task id, "
+        "or with --wait the result. A full queue is refused at once (resource/QUEUE_FULL, "
+        "exit 2).",
     )
-    submit.add_argument("spec", metavar="SPEC|-", help="task spec JSON file, or - for stdin")
     submit.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    submit.add_argument("--json", action="store_true", help="print JSON")
     submit.add_argument(
         "--priority", choices=["high", "normal", "low"], help="override the spec's priority"
     )
@@ -240,21 +246,6 @@ def _read_spec_bytes(arg: str) -> bytes:
         raise InvalidSpec("spec", f"cannot read {arg}: {e.strerror}") from e
 
 
-def _invalid_spec_result(e: InvalidSpec) -> Result:
-    """The Result of a spec that did not decode (under a new task id)."""
-    task_id = f"t-{new_id()[:16]}"
-    error = ExecutionError(
-        type="validation",
-        code="INVALID_SPEC",
-        message=str(e),
-        retryable=False,
-        details={"field": e.field},
-        task_id=task_id,
-        timestamp=datetime.now(UTC).isoformat(),
-    )
-    return Result(task_id=task_id, status="rejected", attempts=0, error=error)
-
-
 def _print_result(result: Result, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
@@ -284,18 +275,9 @@ async def _run_async(args: argparse.Namespace, cfg: Config) -> int:
     async with open_node(cfg, nats_url=args.nats_url, role="run") as node:
         if spec is None:
             # A new id: the one the spec may name could be another task's.
-            rejected = _invalid_spec_result(refusal)
-            em = node.emitter.for_task(rejected.task_id, new_id())
-            assert rejected.error is not None
-            em.emit(
-                ErrorRaised,
-                error_type="validation",
-                code="INVALID_SPEC",
-                message=rejected.error.message,
-                retryable=False,
-                details=rejected.error.details,
-            )
-            em.emit(TaskRejected, error=rejected.error, result=rejected)
+            em = node.emitter.for_task(f"t-{new_id()[:16]}", new_id())
+            invalid = catalogue_entry("INVALID_SPEC", str(refusal), field=refusal.field)
+            rejected = record_refusal(em, invalid, str(refusal))
             _print_result(rejected, args.json)
             await node.events.flush(5.0)
             return EXIT_REJECTED
@@ -476,7 +458,9 @@ async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
     except InvalidSpec as e:
         if not args.json:
             raise
-        _print_result(_invalid_spec_result(e), True)  # nothing was submitted: no event
+        invalid = catalogue_entry("INVALID_SPEC", str(e), field=e.field)
+        rejected = refusal_result(f"t-{new_id()[:16]}", invalid, str(e), utcnow())
+        _print_result(rejected, True)  # nothing was submitted: no event
         return EXIT_REJECTED
     overrides = {"priority": args.priority, "correlation_id": args.correlation_id}
     spec = prepare(msgspec.structs.replace(spec, **{k: v for k, v in overrides.items() if v}))

@@ -23,7 +23,6 @@ from schemas import (
     ContainerCreated,
     ContainerExited,
     ContainerStarted,
-    ErrorRaised,
     Evidence,
     KillIssued,
     TaskSpec,
@@ -32,17 +31,17 @@ from schemas import (
 from schemas.config import Config
 from schemas.errors import ContainerVanished, InternalError, SupervisorError
 from schemas.labels import container_labels
+from supervisor.docker.internals import close_socket, stdin_socket
 from supervisor.docker.observe import CgroupSampler, DockerEventWatcher
 from supervisor.docker.runtime import (
     ContainerRequest,
     DockerRuntime,
     Output,
-    close_socket,
-    raw_socket,
     read_output,
     write_stdin,
 )
 from supervisor.eventlog.emitter import Emitter
+from supervisor.eventlog.outcomes import emit_error
 from supervisor.execution.cleanup import Cleaner
 from supervisor.execution.workspace import create_workspace
 from supervisor.observability.metrics import Metrics
@@ -103,20 +102,6 @@ class AttemptOutcome:
     duration_s: float
     cpu_time_s: float | None = None
     peak_memory_bytes: int | None = None
-
-
-def emit_error(em: Emitter, c: Classification, message: str | None = None, **extra: Any) -> None:
-    """Record the catalogue entry `c` as an `error.raised` (`extra`: the event's other
-    fields, e.g. `evidence`, `container_id`, `event_id`)."""
-    em.emit(
-        ErrorRaised,
-        error_type=c.type,
-        code=c.code,
-        message=message or c.message,
-        retryable=c.retryable,
-        details=c.details,
-        **extra,
-    )
 
 
 class AttemptRunner:
@@ -298,7 +283,7 @@ class AttemptRunner:
             raise
         st.running = True
         if stdin is not None:
-            st.stdin_writer = rt.run_blocking(write_stdin, raw_socket(stream), stdin)
+            st.stdin_writer = rt.run_blocking(write_stdin, stdin_socket(stream), stdin)
         self.metrics.running.inc()
         try:
             em.emit(ContainerStarted, container_id=cid)

@@ -20,12 +20,10 @@ import msgspec
 from schemas import (
     Event,
     Evidence,
-    ExecutionError,
     KillIssued,
     Result,
     RetryScheduled,
     TaskFailed,
-    TaskRejected,
     TaskSpec,
     TaskSubmitted,
     TaskSucceeded,
@@ -38,13 +36,16 @@ from schemas.spec import public_spec
 from supervisor.docker.observe import CgroupSampler, DockerEventWatcher
 from supervisor.docker.runtime import DockerRuntime, Output
 from supervisor.eventlog.emitter import Emitter, new_id
+from supervisor.eventlog.outcomes import emit_error, execution_error, record_refusal
 from supervisor.eventlog.ports import EventSink
-from supervisor.execution.attempt import AttemptOutcome, AttemptRunner, emit_error
+from supervisor.execution.attempt import AttemptOutcome, AttemptRunner
 from supervisor.execution.cleanup import Cleaner
 from supervisor.observability.metrics import Metrics
 from supervisor.policy.admission import admit
 from supervisor.policy.classify import Classification, catalogue_entry, classify
 from supervisor.policy.retry import backoff_delay, should_retry
+
+__all__ = ["Backoff", "Executor", "KillClaim"]
 
 _FINISHED_KEPT = 100_000
 _ENGINE_POLL_S = 0.25
@@ -73,6 +74,19 @@ class KillClaim:
 
 
 class Executor:
+    """Runs one task to its terminal state (`run`), attempt after attempt, and records
+    every step as an event through its emitter (whose sink checks each against the
+    lifecycle, so a second terminal event is refused before it is written).
+
+    Promises: each attempt's container and workspace are cleaned up whatever happened
+    (`Cleaner`); an attempt's outcome is classified from its evidence only
+    (`supervisor.policy.classify`); a retry waits for its backoff and for the engine
+    (`wait_for_engine`); a task ends with exactly one of `task.succeeded`, `task.failed`,
+    `task.rejected`. `run_or_park` hands the backoff back instead of sleeping (the
+    scheduler parks the task without a slot). `cancel` kills a live attempt of the task and
+    ends it as `CANCELLED`. Raises nothing for a task's own failure: that is its `Result`.
+    """
+
     def __init__(
         self,
         runtime: DockerRuntime,
@@ -237,7 +251,7 @@ class Executor:
         except (SpecError, ImageNotFound) as e:
             # A refused spec's callback_url is never called (it may be the refusal).
             callback = spec.callback_url if isinstance(e, ImageNotFound) else None
-            return self._reject(em, task_id, e, started, callback)
+            return self._reject(em, e, started, callback)
         attempt = first_attempt - 1
         while True:
             attempt += 1
@@ -318,7 +332,7 @@ class Executor:
         assert spec.task_id is not None
         task_em = self.emitter.for_task(spec.task_id, spec.correlation_id or "")
         em = task_em.for_attempt(attempts)
-        error = self._error(spec.task_id, c, None, message=message)
+        error = execution_error(task_em, c, message)
         if not recorded:
             emit_error(task_em, c, error.message)
             self.metrics.errors.labels(c.type, c.code).inc()
@@ -335,44 +349,23 @@ class Executor:
             return True  # the daemon is unreachable: let the attempt meet and classify it
 
     def _reject(
-        self,
-        em: Emitter,
-        task_id: str,
-        e: SupervisorError,
-        started: float,
-        callback_url: str | None = None,
+        self, em: Emitter, e: SupervisorError, started: float, callback_url: str | None = None
     ) -> Result:
         ev = Evidence(adapter_error=e.tag, adapter_message=str(e))
         c = classify(ev)
         assert c is not None
-        error = self._error(task_id, c, None, message=str(e))
-        emit_error(em, c, str(e), evidence=ev)
-        result = Result(
-            task_id=task_id,
-            status="rejected",
-            attempts=0,
-            error=error,
+        result = record_refusal(
+            em,
+            c,
+            str(e),
+            evidence=ev,
+            callback_url=callback_url,
             duration_s=time.monotonic() - started,
         )
-        em.emit(TaskRejected, error=error, result=result, callback_url=callback_url)
-        self._ended(task_id)
+        self._ended(em.task_id)
         self.metrics.tasks.labels("rejected").inc()
         self.metrics.errors.labels(c.type, c.code).inc()
         return result
-
-    def _error(
-        self, task_id: str, c: Classification, container_id: str | None, message: str | None = None
-    ) -> ExecutionError:
-        return ExecutionError(
-            type=c.type,
-            code=c.code,
-            message=message or c.message,
-            retryable=c.retryable,
-            details=c.details,
-            task_id=task_id,
-            container_id=container_id,
-            timestamp=self.emitter.clock().isoformat(),
-        )
 
     def _finish(
         self,
@@ -390,7 +383,9 @@ class Executor:
         if cancelled:
             c = classify(Evidence(cancelled=True))
         output = out.output if out else Output()
-        error = self._error(task_id, c, out.container_id if out else None) if c else None
+        error = (
+            execution_error(em, c, container_id=out.container_id if out else None) if c else None
+        )
         result = Result(
             task_id=task_id,
             status="failed" if c else "succeeded",

@@ -28,7 +28,7 @@ from schemas.labels import is_ours
 from schemas.streams import EVENTS_STREAM
 from supervisor.eventlog.emitter import Emitter
 from supervisor.eventlog.history import TaskHistory
-from supervisor.execution.attempt import emit_error
+from supervisor.eventlog.outcomes import emit_error
 from supervisor.execution.executor import Executor
 from supervisor.policy.classify import Classification, catalogue_entry
 

@@ -24,16 +24,19 @@ from dataclasses import dataclass
 import msgspec
 from nats.aio.msg import Msg
 
-from schemas import PRIORITIES, ErrorRaised, Result, TaskSpec
+from schemas import PRIORITIES, Result, TaskSpec
 from schemas.errors import NatsUnavailable, SupervisorError
 from supervisor.eventlog.emitter import utcnow
 from supervisor.eventlog.history import TaskHistory, read_task_events, summarize
+from supervisor.eventlog.outcomes import emit_error
 from supervisor.execution.executor import Backoff, Executor
 from supervisor.execution.recovery import close_lost_attempt, owner_death, redelivery_limit
 from supervisor.execution.workqueue import WorkQueue
 from supervisor.observability.logs import bind
 from supervisor.policy.classify import catalogue_entry
 from supervisor.policy.retry import should_retry
+
+__all__ = ["Parked", "Running", "Scheduler"]
 
 log = logging.getLogger("supervisor.execution.task_loop")
 _spec_decoder = msgspec.json.Decoder(TaskSpec)
@@ -72,6 +75,19 @@ class _Defer(SupervisorError):
 
 
 class Scheduler:
+    """Pulls tasks from `SUP_TASKS` (`WorkQueue`, highest priority first) while this node
+    may (`may_pull`: the breaker, host pressure, draining) and a task fits (`fits`: slots
+    and memory), and runs each through the `Executor`.
+
+    Promises: a message is acked only once its task's terminal event is durable, and kept
+    alive (in progress) while it runs; a redelivered message whose owner died has that
+    owner's open attempt closed first (`supervisor.execution.recovery`); a task in backoff
+    is parked without a slot and its message kept alive until the retry is due; a
+    message that cannot be decoded, or was delivered `max_deliver` times, is ended as a
+    poison message with its error recorded, never retried forever. `stop_pulling` stops
+    taking work and hands parked tasks back to the queue.
+    """
+
     def __init__(
         self,
         wq: WorkQueue,
@@ -223,14 +239,9 @@ class Scheduler:
     async def _poison(self, msg: Msg, prio: str, reason: str) -> None:
         """A message that is not a task spec: recorded as an error, then terminated."""
         seq = msg.metadata.sequence.stream
-        self.executor.emitter.emit(
-            ErrorRaised,
-            error_type="validation",
-            code="INVALID_SPEC",
-            message=f"undecodable task message on suptask.{prio} (stream seq {seq}): {reason}",
-            retryable=False,
-            details={"stream_seq": seq, "priority": prio},
-        )
+        message = f"undecodable task message on suptask.{prio} (stream seq {seq}): {reason}"
+        invalid = catalogue_entry("INVALID_SPEC", message, stream_seq=seq, priority=prio)
+        emit_error(self.executor.emitter, invalid)
         with contextlib.suppress(Exception):
             await msg.term()
 

@@ -27,7 +27,6 @@ import nats.js.errors
 from nats.js.client import JetStreamContext
 
 from schemas import (
-    ErrorRaised,
     Event,
     Evidence,
     ExecutionError,
@@ -45,10 +44,22 @@ from schemas.spec import public_spec
 from schemas.streams import EVENTS_STREAM, TASKS_STREAM
 from supervisor.eventlog.emitter import Emitter, new_id
 from supervisor.eventlog.history import read_task_messages
+from supervisor.eventlog.outcomes import emit_error, execution_error, record_refusal
 from supervisor.eventlog.ports import EventSink
 from supervisor.observability.metrics import Metrics
 from supervisor.policy.admission import admit
 from supervisor.policy.classify import Classification, catalogue_entry, classify
+
+__all__ = [
+    "IdState",
+    "Intake",
+    "Submission",
+    "id_state",
+    "prepare",
+    "same_spec",
+    "submitted_event_id",
+    "task_subject",
+]
 
 # JetStream's error code for "maximum messages per subject exceeded" (discard-new refusal).
 JS_ERR_MAX_MSGS_PER_SUBJECT = 10077
@@ -288,39 +299,16 @@ class Intake:
             return None
         return info.config.max_msgs_per_subject
 
-    def _error(self, spec: TaskSpec, c: Classification, message: str) -> ExecutionError:
-        assert spec.task_id is not None
-        return ExecutionError(
-            type=c.type,
-            code=c.code,
-            message=message,
-            retryable=c.retryable,
-            details=c.details,
-            task_id=spec.task_id,
-            timestamp=self.emitter.clock().isoformat(),
-        )
-
-    def _raise(self, em: Emitter, c: Classification, message: str) -> None:
-        em.emit(
-            ErrorRaised,
-            error_type=c.type,
-            code=c.code,
-            message=message,
-            retryable=c.retryable,
-            details=c.details,
-        )
-        self._count(c)
-
     def _refuse_submission(
         self, em: Emitter, spec: TaskSpec, c: Classification, message: str
     ) -> Submission:
         """A submission refused under an id that names a task: an error about the
         submission (attempt 0), the task left as it is."""
         assert spec.task_id is not None and spec.correlation_id is not None
-        self._raise(em, c, message)
-        return Submission(
-            spec.task_id, spec.correlation_id, False, error=self._error(spec, c, message)
-        )
+        emit_error(em, c, message)
+        self._count(c)
+        error = execution_error(em, c, message)
+        return Submission(spec.task_id, spec.correlation_id, False, error=error)
 
     def _end(
         self,
@@ -330,13 +318,10 @@ class Intake:
         message: str,
         kind: type[TaskRejected] | type[TaskRefused],
     ) -> Submission:
-        """Refuse a submission under a free id: `task.rejected` (for good) or
-        `task.refused` (a passing reason: the id stays free), after its `error.raised`."""
+        """Refuse a submission under a free id (`supervisor.eventlog.outcomes.record_refusal`)."""
         assert spec.task_id is not None and spec.correlation_id is not None
-        error = self._error(spec, c, message)
-        self._raise(em, c, message)
-        result = Result(task_id=spec.task_id, status="rejected", attempts=0, error=error)
-        em.emit(kind, error=error, result=result)
+        result = record_refusal(em, c, message, kind=kind)
+        self._count(c)
         if self.metrics is not None:
             self.metrics.tasks.labels("rejected").inc()
-        return Submission(spec.task_id, spec.correlation_id, False, error=error)
+        return Submission(spec.task_id, spec.correlation_id, False, error=result.error)
