@@ -43,7 +43,9 @@ TABLES: Final[tuple[str, ...]] = (
 """Every table, in the order a comparison or a dump should visit them."""
 
 VIEWS: Final[tuple[str, ...]] = (
+    "leak_intervals",
     "leaked_resources",
+    "task_latencies",
     "error_rates",
     "cleanup_success_rate",
     "task_latency",
@@ -315,36 +317,59 @@ _TERMINAL_TASK = "state IN ('succeeded', 'failed', 'rejected')"
 
 VIEW_DDL: Final[dict[str, str]] = {
     # A resource is leaked once the attempt that made it finished, or its task reached a
-    # terminal state, and no successful removal was recorded. It leaks since the earlier of
-    # the two; `age_s` counts from then.
-    "leaked_resources": f"""
-CREATE OR REPLACE VIEW leaked_resources AS
+    # terminal state, and no removal was recorded by then. It leaks from the earlier of the
+    # two (`leaked_since`) until its removal (`leaked_until`, NULL while it lasts). This is
+    # the one definition of a leak: `leaked_resources` and the report read it.
+    "leak_intervals": f"""
+CREATE OR REPLACE VIEW leak_intervals AS
 WITH r AS (
     SELECT 'container' AS kind, container_id AS resource, state, task_id, attempt, node_id,
-           instance_id, created_at, cleanup_failures, last_cleanup_error
-    FROM containers WHERE removed_seq IS NULL
+           instance_id, created_at, removed_at, removed_seq, cleanup_failures,
+           last_cleanup_error
+    FROM containers
     UNION ALL
     SELECT 'workspace', path, state, task_id, attempt, node_id,
-           instance_id, created_at, cleanup_failures, last_cleanup_error
-    FROM workspaces WHERE removed_seq IS NULL
+           instance_id, created_at, removed_at, removed_seq, cleanup_failures,
+           last_cleanup_error
+    FROM workspaces
+), s AS (
+    SELECT r.*, t.state AS task_state, least(a.finished_at, t.finished_at) AS leaked_since
+    FROM r
+    LEFT JOIN attempts a ON a.task_id = r.task_id AND a.attempt = r.attempt
+    LEFT JOIN tasks t ON t.task_id = r.task_id
+    WHERE a.finished_seq IS NOT NULL OR t.{_TERMINAL_TASK}
 )
-SELECT r.kind, r.resource, r.state, r.task_id, r.attempt, r.node_id, t.state AS task_state,
-       r.created_at, least(a.finished_at, t.finished_at) AS leaked_since,
-       epoch(now()) - epoch(least(a.finished_at, t.finished_at)) AS age_s,
-       r.cleanup_failures, r.last_cleanup_error,
+SELECT kind, resource, state, task_id, attempt, node_id, instance_id, task_state,
+       created_at, leaked_since, CASE WHEN removed_seq IS NULL THEN NULL
+                                      ELSE removed_at END AS leaked_until,
+       cleanup_failures, last_cleanup_error
+FROM s
+WHERE removed_seq IS NULL OR removed_at > leaked_since
+""",
+    # The leaks that last now, with the age and whose they are.
+    "leaked_resources": """
+CREATE OR REPLACE VIEW leaked_resources AS
+SELECT l.kind, l.resource, l.state, l.task_id, l.attempt, l.node_id, l.task_state,
+       l.created_at, l.leaked_since, epoch(now()) - epoch(l.leaked_since) AS age_s,
+       l.cleanup_failures, l.last_cleanup_error,
        -- The process that made the resource: only its node can reach its engine.
        CASE WHEN rn.node_id IS NOT NULL THEN 'retired'
             WHEN i.stopped_seq IS NOT NULL THEN 'stopped'
             WHEN i.last_heartbeat_at IS NULL THEN 'unknown'
             WHEN epoch(now()) - epoch(i.last_heartbeat_at) > i.heartbeat_timeout_s THEN 'dead'
             ELSE 'alive' END AS owner
-FROM r
-LEFT JOIN attempts a ON a.task_id = r.task_id AND a.attempt = r.attempt
-LEFT JOIN tasks t ON t.task_id = r.task_id
-LEFT JOIN instances i ON i.instance_id = r.instance_id
+FROM leak_intervals l
+LEFT JOIN instances i ON i.instance_id = l.instance_id
 LEFT JOIN (SELECT DISTINCT node_id FROM events WHERE type = 'node.retired') rn
-       ON rn.node_id = r.node_id
-WHERE a.finished_seq IS NOT NULL OR t.{_TERMINAL_TASK}
+       ON rn.node_id = l.node_id
+WHERE l.leaked_until IS NULL
+""",
+    # A finished task's latency, submitted to finished: the one definition.
+    "task_latencies": """
+CREATE OR REPLACE VIEW task_latencies AS
+SELECT task_id, outcome, submitted_at, finished_at,
+       date_diff('microsecond', submitted_at, finished_at) / 1e6 AS latency_s
+FROM tasks WHERE outcome IS NOT NULL AND submitted_at IS NOT NULL
 """,
     "error_rates": """
 CREATE OR REPLACE VIEW error_rates AS
@@ -375,8 +400,7 @@ SELECT outcome,
        quantile_cont(latency_s, 0.95) AS p95_s,
        quantile_cont(latency_s, 0.99) AS p99_s,
        max(latency_s) AS max_s
-FROM (SELECT outcome, date_diff('microsecond', submitted_at, finished_at) / 1e6 AS latency_s
-      FROM tasks WHERE outcome IS NOT NULL AND submitted_at IS NOT NULL)
+FROM task_latencies
 GROUP BY outcome
 ORDER BY outcome
 """,
