@@ -9,6 +9,10 @@ watcher, cgroup sampling, cleanup and every event through the outbox to a real J
 
 Prints per-task latency at concurrency 1 (median, ratio supervisor/raw: target <= 1.15) and
 throughput at the given concurrency (ratio supervisor/raw: target >= 0.85).
+
+With `--public`, each round also runs the supervisor with docker-py's internals left alone
+(`supervisor.docker.internals`: one connection pool per URL, as on another docker-py
+version) and prints what the shared pool gains.
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from schemas import Limits, RetryPolicy, TaskSpec
 from schemas.config import Config
 from supervisor.daemon.node import open_node
+from supervisor.docker import internals as internals_module
 from supervisor.eventlog.nats_server import NatsServer
 
 IMAGE = "supervisor-sandbox:busybox"
 SCRIPT = "echo hello"
+PINNED = internals_module.DOCKER_PY_VERSION
 
 
 def raw_one(api: docker.APIClient, mount_dir: str) -> float:
@@ -81,7 +87,10 @@ def raw_run(n: int, concurrency: int, mount_dir: str) -> tuple[list[float], floa
     return lat, wall
 
 
-async def sup_run(n: int, concurrency: int, data_dir: Path, url: str) -> tuple[list[float], float]:
+async def sup_run(
+    n: int, concurrency: int, data_dir: Path, url: str, *, internals: bool = True
+) -> tuple[list[float], float]:
+    internals_module.DOCKER_PY_VERSION = PINNED if internals else "none (--public)"
     spec = TaskSpec(
         image=IMAGE,
         command=["sh", "/workspace/main.sh"],
@@ -91,6 +100,7 @@ async def sup_run(n: int, concurrency: int, data_dir: Path, url: str) -> tuple[l
     )
     cfg = Config(data_dir=str(data_dir), node_id="bench")
     async with open_node(cfg, nats_url=url) as node:
+        assert node.runtime.shared_pool is internals
         sem = asyncio.Semaphore(concurrency)
         lat: list[float] = []
 
@@ -113,6 +123,9 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=40, help="tasks per measurement (default 40)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (default 2)")
+    ap.add_argument(
+        "--public", action="store_true", help="also measure the supervisor without internals"
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-exec-"))
     server = NatsServer(tmp / "nats")
@@ -127,6 +140,8 @@ def main() -> None:
         sup_lat: list[float] = []
         raw_tp: list[float] = []
         sup_tp: list[float] = []
+        pub_lat: list[float] = []
+        pub_tp: list[float] = []
         raw_one(docker.APIClient(version="1.41"), str(mount))  # warm-up
         for r in range(args.rounds):
             lat, _ = raw_run(args.tasks, 1, str(mount))
@@ -137,6 +152,13 @@ def main() -> None:
             raw_tp.append(args.tasks / wall)
             _, wall = asyncio.run(sup_run(args.tasks, args.concurrency, tmp / f"d{r}b", url))
             sup_tp.append(args.tasks / wall)
+            if args.public:
+                lat, _ = asyncio.run(sup_run(args.tasks, 1, tmp / f"d{r}c", url, internals=False))
+                pub_lat += lat
+                _, wall = asyncio.run(
+                    sup_run(args.tasks, args.concurrency, tmp / f"d{r}d", url, internals=False)
+                )
+                pub_tp.append(args.tasks / wall)
         rm, sm = statistics.median(raw_lat), statistics.median(sup_lat)
         rt, st = statistics.median(raw_tp), statistics.median(sup_tp)
         print(
@@ -147,6 +169,12 @@ def main() -> None:
             f"concurrency {args.concurrency}: raw {rt:.2f} tasks/s, supervisor {st:.2f} tasks/s, "
             f"throughput ratio {st / rt:.3f} (target >= 0.85)"
         )
+        if args.public:
+            pm, pt = statistics.median(pub_lat), statistics.median(pub_tp)
+            print(
+                f"public docker-py only: median {pm * 1000:.1f} ms, {pt:.2f} tasks/s; the shared "
+                f"pool's gain: latency {pm / sm:.3f}x, throughput {st / pt:.3f}x"
+            )
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)

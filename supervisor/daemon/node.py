@@ -35,6 +35,15 @@ from supervisor.execution.executor import Executor
 from supervisor.observability.metrics import Metrics
 from supervisor.policy.classify import Classification
 
+__all__ = [
+    "Node",
+    "connected_event_log",
+    "events_stream",
+    "nats_for",
+    "open_node",
+    "stream_configs",
+]
+
 VERSION = "0.1.0"
 
 
@@ -169,7 +178,7 @@ async def open_node(
             stack.push_async_callback(_cancel, watching)
         runtime = DockerRuntime(config.docker_url)
         stack.callback(runtime.close)
-        watcher = DockerEventWatcher(runtime.client, config.node_id)
+        watcher = DockerEventWatcher(runtime, config.node_id)
         watcher.start()
         stack.callback(watcher.stop)
         await watcher.wait_connected(timeout=2.0)

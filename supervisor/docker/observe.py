@@ -1,4 +1,4 @@
-"""What the node observes about its containers, beyond what docker-py calls return:
+"""What the node observes about its containers, beyond what the engine's calls return:
 
 - `DockerEventWatcher`: one stream of Docker's events for this node's managed containers,
   so a `kill`/`stop`/`destroy` that the supervisor did not issue is seen as evidence.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -21,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import docker
-
+from schemas.errors import DockerError
 from schemas.labels import node_filter
+from supervisor.docker.runtime import DockerRuntime, EventStream
+
+log = logging.getLogger(__name__)
 
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -42,14 +45,14 @@ class DockerEventWatcher:
     resulting `kill` event is known to be its own; any other `kill` or `stop` is external.
     """
 
-    def __init__(self, client: docker.DockerClient, node_id: str, *, keep: int = 4096) -> None:
-        self._client = client
+    def __init__(self, runtime: DockerRuntime, node_id: str, *, keep: int = 4096) -> None:
+        self._runtime = runtime
         self._node = node_id
         self._keep = keep
         self._activity: OrderedDict[str, ContainerActivity] = OrderedDict()
         self._own_kills: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stream: Any = None
+        self._stream: EventStream | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.connected = threading.Event()
@@ -73,15 +76,18 @@ class DockerEventWatcher:
         }
         while not self._stop.is_set():
             try:
-                self._stream = self._client.api.events(decode=True, filters=filters, since=since)
+                self._stream = self._runtime.open_events(filters, since)
                 self.connected.set()
                 for ev in self._stream:
                     since = ev.get("time", since)
                     self._deliver(ev)
-            except Exception:
+            except DockerError as e:
+                # The next stream starts at the last event seen: none is lost meanwhile.
+                if self.connected.is_set() and not self._stop.is_set():
+                    log.warning("docker events interrupted (%s); following again", e)
                 self.connected.clear()
-                if self._stop.wait(0.5):
-                    return
+            if self._stop.wait(0.5):
+                return
 
     def _deliver(self, ev: dict[str, Any]) -> None:
         cid = ev.get("id") or (ev.get("Actor") or {}).get("ID")
@@ -154,8 +160,7 @@ class DockerEventWatcher:
         self._stop.set()
         stream = self._stream
         if stream is not None:
-            with contextlib.suppress(Exception):
-                stream.close()
+            stream.close()
         if self._thread is not None:
             self._thread.join(timeout=2)
 

@@ -14,7 +14,7 @@ import contextlib
 import functools
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -23,7 +23,6 @@ import docker
 import docker.errors
 import requests.exceptions
 import urllib3.exceptions
-from docker.transport.unixconn import UnixHTTPAdapter, UnixHTTPConnectionPool
 from docker.utils.socket import STDERR, STDOUT, frames_iter_no_tty
 
 from schemas.errors import (
@@ -35,6 +34,18 @@ from schemas.errors import (
     ImageNotFound,
 )
 from schemas.labels import node_filter
+from supervisor.docker.internals import close_socket, share_unix_pool
+
+__all__ = [
+    "ContainerRequest",
+    "ContainerState",
+    "DockerRuntime",
+    "EventStream",
+    "Output",
+    "read_output",
+    "translate",
+    "write_stdin",
+]
 
 T = TypeVar("T")
 
@@ -112,6 +123,24 @@ class ContainerRequest:
     """Open the container's stdin (written through the attach socket, see `write_stdin`)."""
 
 
+class EventStream:
+    """The engine's event stream (`DockerRuntime.open_events`): iterate it (a thread's
+    blocking loop); `close` from another thread ends the iteration."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            yield from self._stream
+        except Exception as e:
+            raise translate("events", e) from e
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            self._stream.close()
+
+
 class DockerRuntime:
     """Async façade over docker-py. Thread-safe; one per process."""
 
@@ -122,8 +151,15 @@ class DockerRuntime:
     REMOVAL_WAIT_S = 10.0
 
     def __init__(
-        self, base_url: str | None = None, *, timeout: float = 60, workers: int = 64
+        self,
+        base_url: str | None = None,
+        *,
+        timeout: float = 60,
+        workers: int = 64,
+        shared_pool: bool = True,
     ) -> None:
+        """`shared_pool` False leaves docker-py's connection pools as it makes them (the
+        benchmark's baseline; `supervisor.docker.internals`)."""
         try:
             if base_url:
                 self.client = docker.DockerClient(
@@ -139,7 +175,7 @@ class DockerRuntime:
         except docker.errors.DockerException as e:
             raise DockerUnavailable("connect", type(e).__name__) from e
         self.api = self.client.api
-        _share_unix_pool(self.api)
+        self.shared_pool = share_unix_pool(self.api) if shared_pool else False
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
         self._images: dict[str, float] = {}
 
@@ -155,6 +191,15 @@ class DockerRuntime:
     def run_blocking(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run a blocking callable in the adapter's pool (for streaming readers)."""
         return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def open_events(self, filters: dict[str, Any], since: float | None) -> EventStream:
+        """Blocking: the engine's events matching `filters`, from `since` (a UNIX time;
+        None: from now) on, as they come. Raises DockerUnavailable or DockerApiError when
+        the stream cannot be opened; iterating raises them when it breaks."""
+        try:
+            return EventStream(self.api.events(decode=True, filters=filters, since=since))
+        except Exception as e:
+            raise translate("events", e) from e
 
     async def ping(self) -> None:
         await self._call("ping", self.api.ping)
@@ -279,42 +324,6 @@ class DockerRuntime:
         self.client.close()
 
 
-class _SharedPoolAdapter(UnixHTTPAdapter):
-    """docker-py's Unix-socket adapter keeps one connection pool per request URL, and a
-    container's URLs are its own (`/containers/<id>/start`, ...): nearly every call made a
-    new pool and a new connection to dockerd, and evicted (closed) an older pool. Every URL
-    reaches the same socket, so one pool serves them all and connections are kept alive."""
-
-    def get_connection(self, url: str, proxies: Any = None) -> UnixHTTPConnectionPool:
-        with self.pools.lock:
-            pool = self.pools.get(self.socket_path)
-            if pool is None:
-                pool = UnixHTTPConnectionPool(
-                    "http+docker://localhost",
-                    self.socket_path,
-                    self.timeout,
-                    maxsize=self.max_pool_size,
-                )
-                self.pools[self.socket_path] = pool
-        return pool
-
-
-def _share_unix_pool(api: docker.APIClient) -> None:
-    """On a Unix socket: one keep-alive pool for all calls (`_SharedPoolAdapter`), and no
-    proxy lookup (requests scans the whole environment for proxy settings on every call;
-    a Unix socket takes no proxy). Other transports are left as docker-py made them."""
-    adapter = getattr(api, "_custom_adapter", None)
-    if not isinstance(adapter, UnixHTTPAdapter) or type(adapter) is not UnixHTTPAdapter:
-        return
-    shared = _SharedPoolAdapter(
-        "http+unix://" + adapter.socket_path, adapter.timeout, max_pool_size=adapter.max_pool_size
-    )
-    adapter.close()
-    api._custom_adapter = shared
-    api.mount("http+docker://", shared)
-    api.trust_env = False
-
-
 def _binds(req: ContainerRequest) -> dict[str, dict[str, str]]:
     binds = {req.workspace: {"bind": req.workspace_mount, "mode": "ro"}}
     for m in req.mounts:
@@ -325,36 +334,17 @@ def _binds(req: ContainerRequest) -> dict[str, dict[str, str]]:
     return binds
 
 
-def close_socket(sock: Any) -> None:
-    """Close an attach socket and the HTTP response that owns it (docker-py leaves both).
-    The OS socket is shut down first: a thread blocked writing the container's stdin
-    (`write_stdin`) returns at once (a close alone would leave it blocked)."""
-    with contextlib.suppress(OSError, ValueError, TypeError):
-        raw_socket(sock).shutdown(socket.SHUT_RDWR)
-    for obj in (sock, getattr(sock, "_sock", None), getattr(sock, "_response", None)):
-        close = getattr(obj, "close", None)
-        if close is not None:
-            with contextlib.suppress(Exception):
-                close()
-
-
-def raw_socket(sock: Any) -> socket.socket:
-    """The OS socket under an attach socket (docker-py hands a `SocketIO` on Unix sockets)."""
-    raw = getattr(sock, "_sock", sock)
-    if not isinstance(raw, socket.socket):
-        raise TypeError(f"not an attach socket: {type(sock).__name__}")
-    return raw
-
-
 def write_stdin(raw: socket.socket, data: bytes) -> None:
-    """Send `data` as the container's standard input, then end it (half-close: the output
-    keeps flowing). Blocking: runs in the adapter's pool. A script that exits without
-    reading all of it ends the write quietly (see `end_stdin`)."""
-    try:
-        raw.sendall(data)
-        raw.shutdown(socket.SHUT_WR)
-    except (OSError, ValueError):
-        pass
+    """Send `data` as the container's standard input on `raw` (`stdin_socket`'s own
+    socket), end it (half-close: the output keeps flowing) and close `raw`. Blocking: runs
+    in the adapter's pool. A script that exits without reading all of it ends the write
+    quietly (see `end_stdin`)."""
+    with raw:
+        try:
+            raw.sendall(data)
+            raw.shutdown(socket.SHUT_WR)
+        except (OSError, ValueError):
+            pass
 
 
 def read_output(sock: Any, cap: int, out: Output, on_overflow: Callable[[], None]) -> Output:
