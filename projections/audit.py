@@ -65,6 +65,21 @@ from schemas.lifecycle import (
     next_workspace_state,
 )
 
+__all__ = [
+    "HistoryStart",
+    "Record",
+    "Retention",
+    "Violation",
+    "audit_db",
+    "audit_history",
+    "audit_records",
+    "history_start",
+    "load_records",
+    "records_of",
+    "render_json",
+    "render_text",
+]
+
 _CONTAINER_EVENTS = ("container.created", "container.started", "container.exited")
 _RESOLVES = {
     "kill": ("kill", "remove_container"),

@@ -39,6 +39,8 @@ from schemas.http import (
     TaskView,
 )
 
+__all__ = ["AsyncClient", "Client", "ClientConnectionError"]
+
 T = TypeVar("T")
 
 OnAnswer = Callable[[str, str, int, bytes, str], None]
@@ -56,6 +58,15 @@ class ClientConnectionError(SupervisorError):
 
 
 class AsyncClient:
+    """A client of one daemon's HTTP API (`supervisor serve`), typed with the contract's
+    Structs. Every method is one request (or a poll of them: `wait`, `run`,
+    `iter_tasks`), answers the decoded Struct, and raises `ApiError` for an answer the
+    catalogue classifies (its `type`, `code`, `retryable`, `status`) and
+    `ClientConnectionError` when the daemon cannot be reached. A refusal is never retried
+    here: `ApiError.retryable` tells the caller whether sending again may succeed. One
+    `aiohttp` session, opened on first use; close it with `close` or `async with`.
+    `token` is the daemon's bearer token (`<data-dir>/http-token`, or `[http] token`)."""
+
     def __init__(
         self,
         url: str,

@@ -54,3 +54,29 @@ def test_the_readme_is_short_and_every_link_resolves_inside_the_repository() -> 
             if not path.is_relative_to(ROOT) or not path.exists():
                 broken.append(f"{doc.relative_to(ROOT)}: {target}")
     assert broken == []
+
+
+def test_the_benchmarks_are_one_table_with_one_row_each() -> None:
+    """docs/benchmarks.md: every row in the one table (none strayed below the prose), each
+    with its four cells, a command that runs a file of `bench/`, and a date."""
+    lines = (ROOT / "docs" / "benchmarks.md").read_text().splitlines()
+    rows = [i for i, line in enumerate(lines) if line.startswith("|")]
+    assert rows == list(range(rows[0], rows[0] + len(rows)))
+    for i in rows[2:]:
+        cells = [c.strip() for c in lines[i].strip("|").split(" | ")]
+        assert len(cells) == 4, lines[i]
+        command, date = cells[1], cells[3]
+        scripts = re.findall(r"bench/(\w+\.py)", command)
+        assert command == "same" or scripts, lines[i]
+        assert all((ROOT / "bench" / s).is_file() for s in scripts), lines[i]
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", date), lines[i]
+
+
+def test_the_changelog_has_each_heading_once_per_release() -> None:
+    release: list[str] = []
+    for line in (ROOT / "CHANGELOG.md").read_text().splitlines():
+        if line.startswith("## "):
+            release = []
+        elif line.startswith("### "):
+            assert line not in release, line
+            release.append(line)

@@ -29,6 +29,16 @@ import duckdb
 from projections.errors import QueryFailed, QueryMemory, QueryRefused, QueryTimeout
 from projections.query.defaults import MAX_ROWS, TIMEOUT_S
 
+__all__ = [
+    "QueryResult",
+    "check_query",
+    "open_readonly",
+    "read_transaction",
+    "readonly_config",
+    "run_on_cursor",
+    "run_query",
+]
+
 MEMORY_LIMIT = "1GB"
 
 

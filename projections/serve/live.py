@@ -52,6 +52,8 @@ from schemas.config import ProjectionConfig
 from schemas.http import Check
 from schemas.streams import EVENTS_STREAM
 
+__all__ = ["Lag", "LiveSettings", "ProjectionPart"]
+
 T = TypeVar("T")
 
 if TYPE_CHECKING:

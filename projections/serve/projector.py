@@ -55,6 +55,8 @@ from projections.stream.worker import DecodePool
 from schemas.connection import connect_options
 from schemas.streams import EVENTS_STREAM, EVENTS_SUBJECTS
 
+__all__ = ["Progress", "Projector", "to_ns"]
+
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.1

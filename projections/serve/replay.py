@@ -29,6 +29,8 @@ from projections.serve.projector import Progress, Projector
 from schemas.connection import connect_options
 from schemas.streams import EVENTS_STREAM
 
+__all__ = ["ensure_not_in_use", "replay", "stream_retention"]
+
 BULK_BATCH = 250_000
 """Events per batch of a replay: two of DuckDB's row groups (122,880 rows), which DuckDB
 writes straight to the file and fills with both its threads; smaller batches cost more

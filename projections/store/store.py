@@ -55,6 +55,8 @@ from projections.stream.decode import STAGING, Staged
 from schemas import NO_TASK
 from schemas.streams import EVENTS_STREAM
 
+__all__ = ["ApplyResult", "ProjectionStore", "store_config"]
+
 FOLD_MAX_EVENTS = 2000
 """A batch of at most this many new events has its current-state rows computed in Python
 (`projections.store.batch_fold`); a larger one (a replay, a catch-up) runs the set-based `MERGE`s."""

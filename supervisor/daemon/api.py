@@ -172,16 +172,35 @@ def create_app(
 
     app.router.add_get("/openapi.json", openapi_doc)
     if handlers is not None:
-        _add_api(app, handlers, max_batch, max_wait_s)
+        _Api(handlers, max_batch, max_wait_s).add_to(app)
     return app
 
 
-def _add_api(app: web.Application, handlers: Handlers, max_batch: int, max_wait_s: float) -> None:
-    async def submit(request: web.Request) -> web.Response:
-        return await submit_one(await request.read())
+class _Api:
+    """The `/v1` routes over the injected `Handlers`: each route one method."""
 
-    async def batch(request: web.Request) -> web.Response:
-        """`{"tasks": [spec, ...]}`, at most `max_batch`: each spec as `POST /v1/tasks`
+    def __init__(self, handlers: Handlers, max_batch: int, max_wait_s: float) -> None:
+        self.handlers = handlers
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/v1/errors", self.errors)
+        app.router.add_post("/v1/tasks", self.submit)
+        app.router.add_post("/v1/tasks/batch", self.batch)
+        app.router.add_get("/v1/tasks", self.tasks)
+        # Only a task id matches (`batch` excepted): another path is a 404 at once, and the
+        # batch route's Allow header is its own.
+        one_task = "/v1/tasks/{task_id:" + TASK_ID_PATTERN.strip("^$") + "}"
+        app.router.add_get(one_task, self.task)
+        app.router.add_delete(one_task, self.cancel)
+        app.router.add_post("/v1/query", self.query)
+
+    async def submit(self, request: web.Request) -> web.Response:
+        return await self.submit_one(await request.read())
+
+    async def batch(self, request: web.Request) -> web.Response:
+        """`{"tasks": [spec, ...]}`, at most `self.max_batch`: each spec as `POST /v1/tasks`
         would take it, in order; `{"results": [{"status": <its HTTP status>, "body": <its
         answer>}, ...]}`, 200 whatever each item's outcome."""
         try:
@@ -193,26 +212,26 @@ def _add_api(app: web.Application, handlers: Handlers, max_batch: int, max_wait_
             raise ApiError(
                 400, "validation", "INVALID_SPEC", 'batch: the body must be {"tasks": [spec, ...]}'
             )
-        if len(specs) > max_batch:
+        if len(specs) > self.max_batch:
             raise ApiError(
                 413,
                 "validation",
                 "BATCH_TOO_LARGE",
-                f"batch: {len(specs)} tasks, at most {max_batch} (http.max_batch)",
+                f"batch: {len(specs)} tasks, at most {self.max_batch} (http.max_batch)",
             )
         results = []
         for spec in specs:
             try:
-                answer = await submit_one(msgspec.json.encode(spec))
+                answer = await self.submit_one(msgspec.json.encode(spec))
             except SupervisorError as e:
                 answer = error_response(e)
             assert isinstance(answer.body, bytes)
             results.append({"status": answer.status, "body": msgspec.json.decode(answer.body)})
         return json_response({"results": results})
 
-    async def submit_one(body: bytes) -> web.Response:
+    async def submit_one(self, body: bytes) -> web.Response:
         spec = decode_spec(body)
-        sub = await handlers.submit(spec)
+        sub = await self.handlers.submit(spec)
         if sub.accepted:
             doc = {
                 "task_id": sub.task_id,
@@ -235,19 +254,19 @@ def _add_api(app: web.Application, handlers: Handlers, max_batch: int, max_wait_
             task_id=sub.task_id,
         )
 
-    async def tasks(request: web.Request) -> web.Response:
-        return json_response(await handlers.tasks(request.query))
+    async def tasks(self, request: web.Request) -> web.Response:
+        return json_response(await self.handlers.tasks(request.query))
 
-    async def cancel(request: web.Request) -> web.Response:
-        return json_response(await handlers.cancel(request.match_info["task_id"]), status=202)
+    async def cancel(self, request: web.Request) -> web.Response:
+        return json_response(await self.handlers.cancel(request.match_info["task_id"]), status=202)
 
-    async def task(request: web.Request) -> web.Response:
+    async def task(self, request: web.Request) -> web.Response:
         task_id = request.match_info["task_id"]
-        wait_s = _wait_param(request.query.get("wait"), max_wait_s)
+        wait_s = _wait_param(request.query.get("wait"), self.max_wait_s)
         deadline = asyncio.get_running_loop().time() + wait_s
         pause = WAIT_POLL_MIN_S
         while True:
-            doc = await handlers.task(task_id)
+            doc = await self.handlers.task(task_id)
             left = deadline - asyncio.get_running_loop().time()
             if (doc is not None and doc.get("outcome") is not None) or left <= 0:
                 break
@@ -257,12 +276,12 @@ def _add_api(app: web.Application, handlers: Handlers, max_batch: int, max_wait_
             raise ApiError(404, "validation", "TASK_NOT_FOUND", f"no task {task_id!r}")
         return json_response(doc)
 
-    async def query(request: web.Request) -> web.Response:
-        return json_response(await handlers.query(await query_body(request)))
+    async def query(self, request: web.Request) -> web.Response:
+        return json_response(await self.handlers.query(await query_body(request)))
 
-    async def errors(request: web.Request) -> web.StreamResponse:
+    async def errors(self, request: web.Request) -> web.StreamResponse:
         try:
-            events = handlers.errors(dict(request.query))
+            events = self.handlers.errors(dict(request.query))
             first = asyncio.ensure_future(anext(events))
             await asyncio.wait([first], timeout=0.05)  # a bad filter fails before the 200
             failed = first.exception() if first.done() else None
@@ -285,17 +304,6 @@ def _add_api(app: web.Application, handlers: Handlers, max_batch: int, max_wait_
             first.cancel()
             await events.aclose()  # type: ignore[attr-defined]
         return resp
-
-    app.router.add_get("/v1/errors", errors)
-    app.router.add_post("/v1/tasks", submit)
-    app.router.add_post("/v1/tasks/batch", batch)
-    app.router.add_get("/v1/tasks", tasks)
-    # Only a task id matches (`batch` excepted): another path is a 404 at once, and the
-    # batch route's Allow header is its own.
-    one_task = "/v1/tasks/{task_id:" + TASK_ID_PATTERN.strip("^$") + "}"
-    app.router.add_get(one_task, task)
-    app.router.add_delete(one_task, cancel)
-    app.router.add_post("/v1/query", query)
 
 
 async def _run_check(fn: CheckFn, timeout_s: float) -> Check:

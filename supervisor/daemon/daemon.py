@@ -65,6 +65,8 @@ from supervisor.policy.breaker import counts
 from supervisor.policy.capacity import can_pull_any, fits_budget
 from supervisor.policy.classify import Classification
 
+__all__ = ["Daemon"]
+
 log = logging.getLogger("supervisor.daemon.daemon")
 
 QUEUE_DEPTH_REFRESH_S = 1.0

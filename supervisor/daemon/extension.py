@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from supervisor.docker.engine_breaker import DockerBreaker
     from supervisor.execution.task_loop import Scheduler
 
+__all__ = ["DaemonContext", "Part", "ReadSide"]
+
 
 @dataclass
 class DaemonContext:

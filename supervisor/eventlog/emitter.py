@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 from schemas import NO_TASK, Event
 from supervisor.eventlog.ports import EventSink
 
+__all__ = ["Emitter", "new_id", "utcnow"]
+
 E = TypeVar("E", bound=Event)
 
 

@@ -47,6 +47,8 @@ from supervisor.eventlog.nats_client import (
 from supervisor.eventlog.outbox import Outbox, Record
 from supervisor.eventlog.streams import events_stream_config
 
+__all__ = ["EventLog"]
+
 log = logging.getLogger(__name__)
 
 _SUBJECT_RE = re.compile(r"^sup(\.[^.\s*>]+){4}$")

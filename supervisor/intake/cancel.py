@@ -18,6 +18,8 @@ from supervisor.eventlog.emitter import Emitter
 from supervisor.eventlog.history import read_task_events, summarize
 from supervisor.eventlog.log import EventLog
 
+__all__ = ["request_cancel"]
+
 
 async def request_cancel(
     js: JetStreamContext, events: EventLog, emitter: Emitter, task_id: str, reason: str = ""

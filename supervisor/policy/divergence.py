@@ -45,6 +45,7 @@ from schemas.projected import (
     ContainerRecord,
     ProjectedState,
     SeenContainer,
+    WorkspaceRecord,
 )
 
 Liveness = Literal["live", "dead", "unknown"]
@@ -59,7 +60,7 @@ class RuleConfig:
     max_attempt_s: float = 1200.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Divergence:
     rule: str
     resource_kind: ResourceKind
@@ -83,6 +84,36 @@ class Life:
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+
+def _in_grace(life: Life, now: datetime, created_at: datetime, cfg: RuleConfig) -> bool:
+    """Too young to judge: made less than `creation_grace_s` ago by a process not dead."""
+    return life.status != "dead" and _age_s(now, created_at) < cfg.creation_grace_s
+
+
+def _removal(
+    rule: str,
+    resource: str,
+    why: tuple[str, tuple[int, ...], datetime],
+    state: ProjectedState,
+    rec: ContainerRecord | WorkspaceRecord | None,
+    owner: tuple[str, int],
+) -> Divergence:
+    """The removal of a container or workspace (`rule` ends with its kind) that nothing
+    owns: `why` is (reason, proving sequences, since when)."""
+    reason, proof, since = why
+    container = rule.endswith("container")
+    return Divergence(
+        rule=rule,
+        resource_kind="container" if container else "workspace",
+        resource=resource,
+        action="remove_container" if container else "remove_workspace",
+        evidence=_seqs(state.inventory.seq, rec.created_seq if rec else None, *proof),
+        reason=f"{'observed' if container else 'on disk'}, and {reason}",
+        since=since,
+        task_id=owner[0],
+        attempt=owner[1],
+    )
 
 
 def command_id(node_id: str, action: str, resource: str, generation: int) -> str:
@@ -175,39 +206,28 @@ def unresolved_cleanup_failure(
     state: ProjectedState, now: datetime, cfg: RuleConfig
 ) -> list[Divergence]:
     inv = state.inventory
+    found: list[tuple[ResourceKind, str, ContainerRecord | WorkspaceRecord | None, str]] = [
+        ("container", c.container_id, state.containers.get(c.container_id), "still there")
+        for c in _ours(state)
+    ] + [
+        ("workspace", w.path, state.workspaces.get(w.path), "still on disk")
+        for w in inv.workspaces.values()
+    ]
     out = []
-    for c in _ours(state):
-        rec = state.containers.get(c.container_id)
+    for kind, resource, rec, where in found:
         if rec is None or rec.failed_seq is None or rec.removed_seq is not None:
             continue
         out.append(
             Divergence(
-                "unresolved_cleanup_failure",
-                "container",
-                c.container_id,
-                "remove_container",
-                _seqs(inv.seq, rec.failed_seq),
-                "a cleanup of it failed and it is still there",
-                rec.failed_at or inv.observed_at,
-                rec.task_id,
-                rec.attempt,
-            )
-        )
-    for w in inv.workspaces.values():
-        ws = state.workspaces.get(w.path)
-        if ws is None or ws.failed_seq is None or ws.removed_seq is not None:
-            continue
-        out.append(
-            Divergence(
-                "unresolved_cleanup_failure",
-                "workspace",
-                w.path,
-                "remove_workspace",
-                _seqs(inv.seq, ws.failed_seq),
-                "a cleanup of it failed and it is still on disk",
-                ws.failed_at or inv.observed_at,
-                ws.task_id,
-                ws.attempt,
+                rule="unresolved_cleanup_failure",
+                resource_kind=kind,
+                resource=resource,
+                action="remove_container" if kind == "container" else "remove_workspace",
+                evidence=_seqs(inv.seq, rec.failed_seq),
+                reason=f"a cleanup of it failed and it is {where}",
+                since=rec.failed_at or inv.observed_at,
+                task_id=rec.task_id,
+                attempt=rec.attempt,
             )
         )
     return out
@@ -226,15 +246,15 @@ def overdue_container(state: ProjectedState, now: datetime, cfg: RuleConfig) -> 
         task_id, attempt = _owner(c, rec)
         out.append(
             Divergence(
-                "overdue_container",
-                "container",
-                c.container_id,
-                "remove_container",
-                _seqs(state.inventory.seq, rec.created_seq if rec else None),
-                f"running {late:.0f}s past its deadline (grace {cfg.deadline_grace_s:g}s)",
-                deadline,
-                task_id,
-                attempt,
+                rule="overdue_container",
+                resource_kind="container",
+                resource=c.container_id,
+                action="remove_container",
+                evidence=_seqs(state.inventory.seq, rec.created_seq if rec else None),
+                reason=f"running {late:.0f}s past its deadline (grace {cfg.deadline_grace_s:g}s)",
+                since=deadline,
+                task_id=task_id,
+                attempt=attempt,
             )
         )
     return out
@@ -247,24 +267,10 @@ def orphan_container(state: ProjectedState, now: datetime, cfg: RuleConfig) -> l
         task_id, attempt = _owner(c, rec)
         life = liveness(state, c.instance_id or (rec.instance_id if rec else None), now, cfg)
         why = _unowned(state, task_id, attempt, life, c.created_at)
-        if why is None:
+        if why is None or _in_grace(life, now, c.created_at, cfg):
             continue
-        if life.status != "dead" and _age_s(now, c.created_at) < cfg.creation_grace_s:
-            continue
-        reason, proof, since = why
-        evidence = _seqs(state.inventory.seq, rec.created_seq if rec else None, *proof)
         out.append(
-            Divergence(
-                "orphan_container",
-                "container",
-                c.container_id,
-                "remove_container",
-                evidence,
-                f"observed, and {reason}",
-                since,
-                task_id,
-                attempt,
-            )
+            _removal("orphan_container", c.container_id, why, state, rec, (task_id, attempt))
         )
     return out
 
@@ -285,15 +291,15 @@ def vanished_container(state: ProjectedState, now: datetime, cfg: RuleConfig) ->
         evidence = _seqs(inv.seq, rec.created_seq)
         out.append(
             Divergence(
-                "vanished_container",
-                "container",
-                rec.container_id,
-                "remove_container",
-                evidence,
-                "recorded as created, absent from the inventory: its removal is recorded",
-                inv.observed_at,
-                rec.task_id,
-                rec.attempt,
+                rule="vanished_container",
+                resource_kind="container",
+                resource=rec.container_id,
+                action="remove_container",
+                evidence=evidence,
+                reason="recorded as created, absent from the inventory: its removal is recorded",
+                since=inv.observed_at,
+                task_id=rec.task_id,
+                attempt=rec.attempt,
             )
         )
         closing = _closable(state, rec.task_id, rec.attempt, now, cfg, index)
@@ -301,17 +307,17 @@ def vanished_container(state: ProjectedState, now: datetime, cfg: RuleConfig) ->
             life, fail_task = closing
             out.append(
                 Divergence(
-                    "vanished_container",
-                    "attempt",
-                    attempt_resource(rec.task_id, rec.attempt),
-                    "close_attempt",
-                    _seqs(*evidence, *life.evidence),
-                    f"its container vanished and {life.reason}",
-                    life.since or inv.observed_at,
-                    rec.task_id,
-                    rec.attempt,
-                    "CONTAINER_VANISHED",
-                    fail_task,
+                    rule="vanished_container",
+                    resource_kind="attempt",
+                    resource=attempt_resource(rec.task_id, rec.attempt),
+                    action="close_attempt",
+                    evidence=_seqs(*evidence, *life.evidence),
+                    reason=f"its container vanished and {life.reason}",
+                    since=life.since or inv.observed_at,
+                    task_id=rec.task_id,
+                    attempt=rec.attempt,
+                    error_code="CONTAINER_VANISHED",
+                    fail_task=fail_task,
                 )
             )
     return out
@@ -335,25 +341,9 @@ def leaked_workspace(state: ProjectedState, now: datetime, cfg: RuleConfig) -> l
             )
         else:
             why = _unowned(state, task_id, attempt, life, w.created_at)
-        if why is None:
+        if why is None or _in_grace(life, now, w.created_at, cfg):
             continue
-        if life.status != "dead" and _age_s(now, w.created_at) < cfg.creation_grace_s:
-            continue
-        reason, proof, since = why
-        evidence = _seqs(inv.seq, rec.created_seq if rec else None, *proof)
-        out.append(
-            Divergence(
-                "leaked_workspace",
-                "workspace",
-                w.path,
-                "remove_workspace",
-                evidence,
-                f"on disk, and {reason}",
-                since,
-                task_id,
-                attempt,
-            )
-        )
+        out.append(_removal("leaked_workspace", w.path, why, state, rec, (task_id, attempt)))
     return out
 
 
@@ -378,15 +368,15 @@ def vanished_workspace(state: ProjectedState, now: datetime, cfg: RuleConfig) ->
         proof = over[1] if over else None
         out.append(
             Divergence(
-                "vanished_workspace",
-                "workspace",
-                rec.path,
-                "remove_workspace",
-                _seqs(inv.seq, rec.created_seq, proof, *life.evidence),
-                "recorded as present, gone from the disk: its removal is recorded",
-                inv.observed_at,
-                rec.task_id,
-                rec.attempt,
+                rule="vanished_workspace",
+                resource_kind="workspace",
+                resource=rec.path,
+                action="remove_workspace",
+                evidence=_seqs(inv.seq, rec.created_seq, proof, *life.evidence),
+                reason="recorded as present, gone from the disk: its removal is recorded",
+                since=inv.observed_at,
+                task_id=rec.task_id,
+                attempt=rec.attempt,
             )
         )
     return out
@@ -404,17 +394,17 @@ def lost_attempt(state: ProjectedState, now: datetime, cfg: RuleConfig) -> list[
         life, fail_task = closing
         out.append(
             Divergence(
-                "lost_attempt",
-                "attempt",
-                attempt_resource(att.task_id, att.attempt),
-                "close_attempt",
-                _seqs(att.started_seq, *life.evidence),
-                f"the attempt runs on record but {life.reason}",
-                life.since or att.started_at or now,
-                att.task_id,
-                att.attempt,
-                "SUPERVISOR_LOST",
-                fail_task,
+                rule="lost_attempt",
+                resource_kind="attempt",
+                resource=attempt_resource(att.task_id, att.attempt),
+                action="close_attempt",
+                evidence=_seqs(att.started_seq, *life.evidence),
+                reason=f"the attempt runs on record but {life.reason}",
+                since=life.since or att.started_at or now,
+                task_id=att.task_id,
+                attempt=att.attempt,
+                error_code="SUPERVISOR_LOST",
+                fail_task=fail_task,
             )
         )
     return out
