@@ -160,13 +160,30 @@ class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class Thresholds(Struct, forbid_unknown_fields=True, kw_only=True):
-    """Host pressure thresholds. A metric at or above its threshold is an alert; it recovers
-    only once it is back under `threshold * (1 - hysteresis)`, so a value hovering at the
-    line does not make an alert storm."""
+    """Host pressure thresholds. A metric at or above its threshold is an alert and stops
+    pulling; it recovers only once it is back under `threshold * (1 - hysteresis)`, so a
+    value hovering at the line does not make an alert storm. 0 turns a metric's brake off.
 
+    The CPU, memory and I/O brakes read Linux's pressure stall information (PSI): the
+    share of the last 10 s in which tasks waited for the resource. A host busy with the
+    node's own tasks shows little of it and runs at full rate; a host starved by other
+    work shows much. Where the kernel has no PSI those brakes do nothing; `cpu_pct` (use,
+    not contention) can stand in."""
+
+    cpu_pressure_pct: Annotated[
+        float,
+        _doc("CPU pressure (PSI `some avg10`, %) at which pulling stops and an alert is raised."),
+    ] = 60.0
+    memory_pressure_pct: Annotated[
+        float, _doc("Memory pressure (PSI `some avg10`, %) at which pulling stops.")
+    ] = 20.0
+    io_pressure_pct: Annotated[
+        float, _doc("I/O pressure (PSI `full avg10`, %) at which pulling stops.")
+    ] = 50.0
     cpu_pct: Annotated[
-        float, _doc("Host CPU use (%) at which pulling stops and an alert is raised.")
-    ] = 80.0
+        float,
+        _doc("Host CPU use (%) at which pulling stops; 0, off, by default: use is not contention."),
+    ] = 0.0
     memory_pct: Annotated[float, _doc("Host memory use (%) at which pulling stops.")] = 85.0
     disk_pct: Annotated[float, _doc("Data dir disk use (%) at which pulling stops.")] = 90.0
     # Under this much free space on the data dir's disk the node is DISK_FULL: it refuses

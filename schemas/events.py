@@ -301,7 +301,18 @@ class CleanupFailed(Event, frozen=True, tag="cleanup.failed"):
 # --- daemon health -----------------------------------------------------------------------
 
 BreakerStatus = Literal["closed", "open", "half_open"]
-ResourceMetric = Literal["cpu_pct", "memory_pct", "disk_pct", "containers"]
+ResourceMetric = Literal[
+    "cpu_pressure_pct",
+    "memory_pressure_pct",
+    "io_pressure_pct",
+    "cpu_pct",
+    "memory_pct",
+    "disk_pct",
+    "containers",
+]
+"""The `*_pressure_pct` metrics are Linux's pressure stall information (PSI, last 10 s):
+the share of time tasks waited for the CPU, for memory (reclaim), for I/O. They measure
+contention, not use; they are None where the kernel has no PSI."""
 
 
 class BreakerTransition(Event, frozen=True, tag="breaker.transition"):
@@ -349,6 +360,9 @@ class ResourceSample(Event, frozen=True, tag="resource.sample"):
     disk_pct: float
     containers: int | None = None
     under_pressure: bool = False
+    cpu_pressure_pct: float | None = None
+    memory_pressure_pct: float | None = None
+    io_pressure_pct: float | None = None
 
 
 # --- node and reconciler -----------------------------------------------------------------

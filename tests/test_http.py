@@ -21,7 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.parser import text_string_to_metric_families
 
 from schemas import SupervisorStarted
-from schemas.config import BreakerConfig
+from schemas.config import BreakerConfig, Thresholds
 from schemas.errors import DockerUnavailable
 from schemas.http import Check
 from supervisor.daemon.api import create_app
@@ -70,7 +70,7 @@ async def parts_for(
     await events.start()
     host, metrics = Host(), Metrics()
     breaker = DockerBreaker(emitter, BreakerConfig(failure_threshold=2), metrics=metrics)
-    monitor = ResourceMonitor(emitter, host, metrics=metrics)
+    monitor = ResourceMonitor(emitter, host, thresholds=Thresholds(cpu_pct=80.0), metrics=metrics)
     try:
         yield Parts(runtime, events, breaker, monitor, host, metrics)
     finally:

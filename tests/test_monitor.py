@@ -3,6 +3,10 @@ a scripted host sampler and the real Docker engine, and the psutil sampler for r
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +28,7 @@ from supervisor.daemon.monitor import (
     Recovery,
     ResourceMonitor,
     assess,
+    read_psi,
 )
 from supervisor.docker.engine_breaker import DockerBreaker
 from supervisor.docker.runtime import DockerRuntime
@@ -33,13 +38,17 @@ from tests.conftest import SANDBOX_IMAGE
 from tests.fakes import ListSink
 from tests.test_breaker import hangup_engine
 
-T = Thresholds()  # 80 / 85 / 90 / 1000, hysteresis 5 %
+T = Thresholds(cpu_pct=80.0)  # 80 / 85 / 90 / 1000, hysteresis 5 %; PSI 60 / 20 / 50
 
 
 def _s(
-    cpu: float = 10.0, mem: float = 20.0, disk: float = 30.0, containers: int | None = 0
+    cpu: float = 10.0,
+    mem: float = 20.0,
+    disk: float = 30.0,
+    containers: int | None = 0,
+    **pressure: float | None,
 ) -> HostSample:
-    return HostSample(cpu_pct=cpu, memory_pct=mem, disk_pct=disk, containers=containers)
+    return HostSample(cpu_pct=cpu, memory_pct=mem, disk_pct=disk, containers=containers, **pressure)
 
 
 # --- the pure threshold logic ---------------------------------------------------------------
@@ -91,6 +100,47 @@ def test_an_unmeasured_metric_keeps_its_state() -> None:
         [],
     )
     assert assess(frozenset(), _s(containers=None), T) == (frozenset(), [])
+
+
+def test_the_brakes_on_contention_are_on_and_the_one_on_cpu_use_is_off_by_default() -> None:
+    defaults = Thresholds()
+    busy = _s(cpu=100.0, cpu_pressure_pct=5.0, memory_pressure_pct=0.0, io_pressure_pct=1.0)
+    starved = _s(cpu=100.0, cpu_pressure_pct=61.0, io_pressure_pct=50.0)
+
+    assert assess(frozenset(), busy, defaults) == (frozenset(), [])
+    assert assess(frozenset(), starved, defaults) == (
+        frozenset({"cpu_pressure_pct", "io_pressure_pct"}),
+        [
+            Alert(metric="cpu_pressure_pct", value=61.0, threshold=60.0),
+            Alert(metric="io_pressure_pct", value=50.0, threshold=50.0),
+        ],
+    )
+
+
+def test_a_kernel_without_psi_keeps_the_pressures_unknown() -> None:
+    assert assess(frozenset({"cpu_pressure_pct"}), _s(), Thresholds()) == (
+        frozenset({"cpu_pressure_pct"}),
+        [],
+    )
+
+
+def test_a_brake_turned_off_recovers() -> None:
+    off = Thresholds(cpu_pressure_pct=0.0)
+
+    assert assess(frozenset({"cpu_pressure_pct"}), _s(cpu_pressure_pct=90.0), off) == (
+        frozenset(),
+        [Recovery(metric="cpu_pressure_pct", value=90.0, threshold=0.0, recover_below=0.0)],
+    )
+    assert assess(frozenset(), _s(cpu_pressure_pct=90.0), off) == (frozenset(), [])
+
+
+def test_the_psi_files_are_read_by_line_and_field() -> None:
+    text = (
+        "some avg10=12.50 avg60=4.70 avg300=5.45 total=724778964\n"
+        "full avg10=3.25 avg60=0.00 avg300=0.00 total=0\n"
+    )
+    assert (read_psi(text, "some"), read_psi(text, "full")) == (12.5, 3.25)
+    assert read_psi("some avg10=1.00 avg60=0 avg300=0 total=1\n", "full") is None
 
 
 def test_thresholds_are_configurable() -> None:
@@ -169,6 +219,7 @@ async def test_ticks_publish_alerts_recoveries_and_periodic_samples(docker_clien
         _emitter(sink, f"n-{uuid.uuid4().hex[:8]}"),
         host,
         runtime=runtime,
+        thresholds=T,
         config=MonitorConfig(interval_s=5, sample_event_every=2),
         metrics=metrics,
         on_change=flips.append,
@@ -322,3 +373,30 @@ def test_the_psutil_sampler_reads_the_host(tmp_dir: Path) -> None:
     assert sample.disk_pct == pytest.approx(psutil.disk_usage(str(tmp_dir)).percent, abs=1.0)
     assert sample.containers is None
     assert [m for m in METRICS if sample.value(m) is None] == ["containers"]
+    for metric in ("cpu_pressure_pct", "memory_pressure_pct", "io_pressure_pct"):
+        value = sample.value(metric)  # this kernel has PSI
+        assert value is not None and 0.0 <= value <= 100.0, metric
+
+
+def test_a_host_starved_by_other_work_is_under_pressure(tmp_dir: Path) -> None:
+    """Twice as many busy processes as CPUs, none of them ours: the CPU pressure (PSI)
+    rises until the monitor's brake (here at 10 %) alerts; when they stop it recovers."""
+    sampler = PsutilSampler(tmp_dir)
+    before = sampler.pressure("cpu_pressure_pct")
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(2 * (os.cpu_count() or 1))
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        alerting: frozenset[Any] = frozenset()
+        while not alerting and time.monotonic() < deadline:
+            time.sleep(0.5)
+            alerting, _ = assess(frozenset(), sampler.sample(), Thresholds(cpu_pressure_pct=10.0))
+        starved = sampler.pressure("cpu_pressure_pct")
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert "cpu_pressure_pct" in alerting, (before, starved)
+    assert starved is not None and starved >= 10.0

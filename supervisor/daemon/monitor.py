@@ -1,5 +1,6 @@
-"""The resource monitor: host CPU, memory and disk (psutil) and the count of this node's
-managed containers (Docker), sampled on an interval.
+"""The resource monitor: host pressure (Linux PSI: how long tasks waited for CPU, memory
+and I/O), host CPU, memory and disk use (psutil) and the count of this node's managed
+containers (Docker), sampled on an interval.
 
 The threshold decision (`assess`) is pure: given the metrics alerting now and a new sample
 it returns the new alerting set and the changes. A metric alerts once when it reaches its
@@ -21,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import msgspec
 import psutil
 from msgspec import Struct
 
@@ -35,16 +37,36 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("supervisor.daemon.monitor")
 
-METRICS: tuple[ResourceMetric, ...] = ("cpu_pct", "memory_pct", "disk_pct", "containers")
+METRICS: tuple[ResourceMetric, ...] = (
+    "cpu_pressure_pct",
+    "memory_pressure_pct",
+    "io_pressure_pct",
+    "cpu_pct",
+    "memory_pct",
+    "disk_pct",
+    "containers",
+)
+PSI_ROOT = Path("/proc/pressure")
+# Which PSI line each pressure metric reads: CPU and memory `some` (a task waited), I/O
+# `full` (every task waited: the device, not one slow reader, is the bottleneck).
+_PSI: dict[ResourceMetric, tuple[str, str]] = {
+    "cpu_pressure_pct": ("cpu", "some"),
+    "memory_pressure_pct": ("memory", "some"),
+    "io_pressure_pct": ("io", "full"),
+}
 
 
 class HostSample(Struct, frozen=True, kw_only=True):
-    """One sample; percentages are 0-100. `containers` is None when it was not measured."""
+    """One sample; percentages are 0-100. A metric not measured is None: `containers`
+    when Docker did not answer, the pressures where the kernel has no PSI."""
 
     cpu_pct: float
     memory_pct: float
     disk_pct: float
     containers: int | None = None
+    cpu_pressure_pct: float | None = None
+    memory_pressure_pct: float | None = None
+    io_pressure_pct: float | None = None
 
     def value(self, metric: ResourceMetric) -> float | None:
         v: float | int | None = getattr(self, metric)
@@ -84,9 +106,16 @@ def assess(
     changes: list[Change] = []
     for metric in METRICS:
         value = sample.value(metric)
+        limit = threshold_of(metric, thresholds)
         if value is None:
             continue
-        limit = threshold_of(metric, thresholds)
+        if limit <= 0:  # its brake is off (a metric alerting when it was turned off recovers)
+            if metric in now:
+                now.discard(metric)
+                changes.append(
+                    Recovery(metric=metric, value=value, threshold=limit, recover_below=limit)
+                )
+            continue
         if metric not in now and value >= limit:
             now.add(metric)
             changes.append(Alert(metric=metric, value=value, threshold=limit))
@@ -129,19 +158,44 @@ class ManagedLister(Protocol):
     async def list_managed(self, node_id: str) -> list[dict[str, Any]]: ...
 
 
+def read_psi(text: str, line: str) -> float | None:
+    """`avg10` of the `line` ("some" or "full") of a `/proc/pressure/*` file; None when it
+    has no such line."""
+    for row in text.splitlines():
+        kind, _, fields = row.partition(" ")
+        if kind == line:
+            for field in fields.split():
+                key, _, value = field.partition("=")
+                if key == "avg10":
+                    return float(value)
+    return None
+
+
 class PsutilSampler:
-    """The real sampler: CPU % since the previous sample (system-wide), virtual-memory %
+    """The real sampler: the PSI pressures (`/proc/pressure/{cpu,memory,io}`, None where
+    the kernel has none), CPU % since the previous sample (system-wide), virtual-memory %
     in use, and disk % used of the filesystem that holds `path` (the data dir)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, psi_root: Path = PSI_ROOT) -> None:
         self.path = Path(path)
+        self.psi_root = psi_root
         psutil.cpu_percent(interval=None)  # the first reading is meaningless: prime it
+
+    def pressure(self, metric: ResourceMetric) -> float | None:
+        resource, line = _PSI[metric]
+        try:
+            return read_psi((self.psi_root / resource).read_text(), line)
+        except (OSError, ValueError):
+            return None
 
     def sample(self) -> HostSample:
         return HostSample(
             cpu_pct=float(psutil.cpu_percent(interval=None)),
             memory_pct=float(psutil.virtual_memory().percent),
             disk_pct=float(psutil.disk_usage(str(self.path)).percent),
+            cpu_pressure_pct=self.pressure("cpu_pressure_pct"),
+            memory_pressure_pct=self.pressure("memory_pressure_pct"),
+            io_pressure_pct=self.pressure("io_pressure_pct"),
         )
 
 
@@ -193,12 +247,7 @@ class ResourceMonitor:
     async def tick(self) -> list[Change]:
         """Sample once, publish what changed, and return the changes."""
         host = await asyncio.to_thread(self.sampler.sample)
-        sample = HostSample(
-            cpu_pct=host.cpu_pct,
-            memory_pct=host.memory_pct,
-            disk_pct=host.disk_pct,
-            containers=await self._count(),
-        )
+        sample = msgspec.structs.replace(host, containers=await self._count())
         was = self.under_pressure
         self.alerting, changes = assess(self.alerting, sample, self.thresholds)
         self.last = sample
@@ -225,6 +274,9 @@ class ResourceMonitor:
                 disk_pct=sample.disk_pct,
                 containers=sample.containers,
                 under_pressure=self.under_pressure,
+                cpu_pressure_pct=sample.cpu_pressure_pct,
+                memory_pressure_pct=sample.memory_pressure_pct,
+                io_pressure_pct=sample.io_pressure_pct,
             )
         self.ticks += 1
         self._gauges(sample, changes)

@@ -9,6 +9,18 @@ from importlib.metadata import PackageNotFoundError, version
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 HOST_GAUGES: dict[str, tuple[str, str]] = {
+    "cpu_pressure_pct": (
+        "supervisor_host_cpu_pressure_ratio",
+        "Share of the last 10 s some task waited for a CPU (PSI), 0 to 1",
+    ),
+    "memory_pressure_pct": (
+        "supervisor_host_memory_pressure_ratio",
+        "Share of the last 10 s some task waited for memory (PSI), 0 to 1",
+    ),
+    "io_pressure_pct": (
+        "supervisor_host_io_pressure_ratio",
+        "Share of the last 10 s all tasks waited for I/O (PSI), 0 to 1",
+    ),
     "cpu_pct": ("supervisor_host_cpu_ratio", "Host CPU busy, 0 to 1 (last sample)"),
     "memory_pct": ("supervisor_host_memory_ratio", "Host memory in use, 0 to 1 (last sample)"),
     "disk_pct": ("supervisor_host_disk_ratio", "Data dir's disk in use, 0 to 1 (last sample)"),
