@@ -2,11 +2,16 @@
 through `supervisor.client`) against `supervisor submit --wait` and against raw docker-py
 running the same hardened container, one task at a time, in one run.
 
-    .venv/bin/python bench/bench_http.py [--tasks 20]
+    .venv/bin/python bench/bench_http.py [--tasks 20] [--burst 120] [--no-brakes]
 
-A daemon runs on its own nats-server. Rounds alternate: raw docker-py, the HTTP round
-trip, `submit --wait` (a new CLI process each time, as a shell script would use it), so
-the machine's drift weighs on all three. Prints the medians and the ratios to raw.
+A daemon runs on its own nats-server, on the defaults (the host-pressure brakes included;
+`--no-brakes` turns them off). Rounds alternate: raw docker-py, the HTTP round trip,
+`submit --wait` (a new CLI process each time, as a shell script would use it), so the
+machine's drift weighs on all three. Prints the medians and the ratios to raw.
+
+With `--burst N`, then N trivial tasks submitted at once over HTTP (`submit_many`) and
+waited for, against raw docker-py running N containers with 8 threads, alternated: the
+throughput ratio.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ import docker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not installed
 
-from bench.bench_executor import IMAGE, SCRIPT, raw_one
+from bench.bench_executor import IMAGE, SCRIPT, raw_one, raw_run
 from schemas import RetryPolicy, TaskSpec
+from supervisor.client import Client
 from supervisor.eventlog.emitter import new_id
 from supervisor.eventlog.nats_server import NatsServer
-from testing.daemon import DaemonProc, remove_managed_containers
+from testing.daemon import HOST_BRAKES, DaemonProc, remove_managed_containers
 
 
 def _spec() -> TaskSpec:
@@ -45,6 +51,9 @@ def _spec() -> TaskSpec:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", type=int, default=20)
+    ap.add_argument("--burst", type=int, default=0, metavar="N")
+    ap.add_argument("--rounds", type=int, default=2, help="alternated bursts (default 2)")
+    ap.add_argument("--no-brakes", action="store_true", help="turn the host-pressure brakes off")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-http-"))
     server = NatsServer(tmp / "nats")
@@ -53,7 +62,8 @@ def main() -> None:
     mount.mkdir(mode=0o755)
     (mount / "main.sh").write_text(SCRIPT)
     (mount / "main.sh").chmod(0o644)
-    daemon = DaemonProc(tmp / "data", url, {"reconcile": {"enabled": True}})
+    brakes = dict.fromkeys(HOST_BRAKES, 0.0) if args.no_brakes else {}
+    daemon = DaemonProc(tmp / "data", url, {"reconcile": {"enabled": True}, "thresholds": brakes})
     api = docker.APIClient(version="1.41", timeout=120)
     raw: list[float] = []
     http: list[float] = []
@@ -105,12 +115,35 @@ def main() -> None:
         print(f"  HTTP POST + GET ?wait (supervisor.client):  {h * 1e3:.0f} ms  ratio {h / r:.2f}")
         print(f"  supervisor submit --wait (a new process):   {s * 1e3:.0f} ms  ratio {s / r:.2f}")
         print(f"  HTTP / submit --wait: {h / s:.2f}")
+        if args.burst:
+            with daemon.client() as c:
+                _burst(c, args.burst, args.rounds, str(mount))
     finally:
         api.close()
         daemon.stop()
         remove_managed_containers("n1")
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _burst(c: Client, n: int, rounds: int, mount: str) -> None:
+    ours: list[float] = []
+    theirs: list[float] = []
+    for _ in range(rounds):
+        _, wall = raw_run(n, 8, mount)
+        theirs.append(n / wall)
+        t = time.perf_counter()
+        specs = [_spec() for _ in range(n)]
+        subs = [s for i in range(0, n, 100) for s in c.submit_many(specs[i : i + 100])]
+        for sub in subs:
+            assert not isinstance(sub, Exception), sub
+            view = c.wait(sub.task_id, timeout_s=300)
+            assert view.result is not None and view.result.status == "succeeded", view
+        ours.append(n / (time.perf_counter() - t))
+    o, r = statistics.median(ours), statistics.median(theirs)
+    print(f"{n} trivial tasks at once, {rounds} alternated rounds (medians):")
+    print(f"  raw docker-py, 8 threads: {r:.2f} tasks/s")
+    print(f"  HTTP, the daemon's defaults: {o:.2f} tasks/s  ratio {o / r:.2f}")
 
 
 if __name__ == "__main__":

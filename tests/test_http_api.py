@@ -40,7 +40,7 @@ class Api:
             raise self.reply
         return self.reply
 
-    async def task(self, task_id: str) -> Mapping[str, Any] | None:
+    async def task(self, task_id: str, wait_s: float = 0.0) -> Mapping[str, Any] | None:
         return self.tasks.get(task_id)
 
     async def query(self, request: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -84,6 +84,26 @@ def test_a_task_s_result_is_served_and_wait_holds_until_it_ends(
         assert (bad.result.error.type, bad.result.error.code) == ("user_code", "NONZERO_EXIT")
 
 
+def test_a_waiting_request_is_answered_by_the_batch_that_applies_the_end(
+    tmp_dir: Path, nats_url: str, daemons: list[DaemonProc]
+) -> None:
+    """With batches that may wait 8 s for their age and their writer's rest, a task's
+    end is still answered at once: the batch holding a terminal event is applied as soon
+    as the writer is free, and it wakes the waiting request."""
+    slow = {"batch_age_s": 8.0, "rest_lag_s": 8.0}
+    d = DaemonProc(tmp_dir / "data", nats_url, {"projection": slow})
+    daemons.append(d)
+    d.start()
+    with d.client() as c:
+        c.run(_spec("true", task_id="warm"), timeout_s=60)  # the image, the consumers
+        t0 = time.monotonic()
+        sub = c.submit(_spec("echo fast", task_id="fast"))
+        view = c.get(sub.task_id, wait_s=60)
+        took = time.monotonic() - t0
+    assert view.result is not None and view.result.stdout == "fast\n", view
+    assert took < 6.0, took  # not the 8 s a batch could otherwise wait
+
+
 def test_the_async_client_runs_judge_specs_and_follows_errors(
     tmp_dir: Path, nats_url: str, daemons: list[DaemonProc]
 ) -> None:

@@ -42,7 +42,7 @@ class ReadOnlyApi:
     async def submit(self, spec: TaskSpec) -> Any:
         raise NotImplementedError
 
-    async def task(self, task_id: str) -> Any:
+    async def task(self, task_id: str, wait_s: float = 0.0) -> Any:
         return await self.part.task(task_id)
 
     async def query(self, request: Any) -> Any:

@@ -158,6 +158,7 @@ class ProjectionPart:
         self._stop = asyncio.Event()
         # Set to stop the projector: at close (with `_stop`), or to rebuild a damaged file.
         self._halt = asyncio.Event()
+        self._applied = asyncio.Event()  # set, then replaced, at each batch applied
         self._rebuild = False
         self.rebuilds = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -374,6 +375,8 @@ class ProjectionPart:
 
     def _on_progress(self, p: Progress) -> None:
         self._seq = p.seq
+        self._applied.set()
+        self._applied = asyncio.Event()
         self._failure = None
         self._progressed = True
         r = p.last
@@ -544,9 +547,23 @@ class ProjectionPart:
                 raise self._damaged(e) from e
             raise
 
-    async def task(self, task_id: str) -> dict[str, Any] | None:
+    async def task(self, task_id: str, wait_s: float = 0.0) -> dict[str, Any] | None:
         """`QueryEndpoint.task` on the live projection: None also while the task is not
-        projected yet (it trails the stream by the lag)."""
+        projected yet (it trails the stream by the lag). With `wait_s`, read again after
+        each batch applied until the task has an outcome or `wait_s` passed: the answer
+        comes right after the batch that applied the task's end."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            applied = self._applied  # set by the next batch applied
+            doc = await self._task(task_id)
+            left = deadline - loop.time()
+            if (doc is not None and doc.get("outcome") is not None) or left <= 0:
+                return doc
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(applied.wait(), left)
+
+    async def _task(self, task_id: str) -> dict[str, Any] | None:
         if self._endpoint is None:
             raise unavailable()
         try:

@@ -120,6 +120,14 @@ def _unpack(msgs: list[Msg]) -> _Raw:
     return [m.reply for m in msgs], [m.subject for m in msgs], [m.data for m in msgs]
 
 
+_TASK_ENDS = tuple(f"sup.task.{name}." for name in ("succeeded", "failed", "rejected"))
+
+
+def _ends_task(msg: Msg) -> bool:
+    """Whether `msg` is a task's terminal event (by its subject: no decoding)."""
+    return msg.subject.startswith(_TASK_ENDS)
+
+
 class Projector:
     """Applies `SUP_EVENTS` to the DuckDB file `db_path`; the only writer of that file.
 
@@ -130,7 +138,8 @@ class Projector:
     applied, and, with `max_busy` below 1, once the writer has rested long enough to have
     been busy at most that fraction of the time (each live batch costs a few tens of ms of
     CPU, taken from the tasks on a busy host) or the batch's first message has waited
-    `rest_lag_s`. `bulk=True` (replay) makes batches by size only (the first one a fifth
+    `rest_lag_s`. A live batch that holds a task's terminal event does not wait for its
+    age: a client may be waiting for that outcome (`GET /v1/tasks/{id}?wait`). `bulk=True` (replay) makes batches by size only (the first one a fifth
     of `batch_size`), defers checkpoints to `close`, and pauses Python's cyclic garbage
     collector for the run: a batch's objects (messages, decoded events, rows) hold no
     cycles and are freed by reference counting, while collecting a heap of a hundred
@@ -312,6 +321,7 @@ class Projector:
     ) -> None:
         buf: list[Msg] = []
         born = 0.0
+        urgent = False  # the batch holds a task's end: someone may be waiting for it
         finished = False
         seen = state.seq
         # A bulk run's first batch is a fifth of the others: the decoders and the writer
@@ -331,7 +341,7 @@ class Projector:
                 await asyncio.wait([self._inflight[0]], timeout=_POLL_S)
                 continue
             fetched_at = time.monotonic()
-            chunk = await reader.fetch(limit - len(buf), self._wait(buf, born))
+            chunk = await reader.fetch(limit - len(buf), self._wait(buf, born, urgent))
             if not chunk and stop is None and nc.is_closed:
                 raise StreamUnavailable(self.nats_url, "the connection closed during the run")
             if chunk:
@@ -339,6 +349,7 @@ class Projector:
                 if chunk and not buf:
                     born = fetched_at
                 buf.extend(chunk)
+                urgent = urgent or (not self.bulk and any(_ends_task(m) for m in chunk))
             stopping = stop is not None and stop.is_set()
             # Live, an aged batch waits for the writer to be free, and grows meanwhile: cut
             # early, it would queue behind the batch being applied and its events would wait
@@ -348,7 +359,7 @@ class Projector:
                 bool(buf)
                 and not self.bulk
                 and not self._inflight
-                and now - born >= self.batch_age_s
+                and (urgent or now - born >= self.batch_age_s)
                 and now >= self._rested(born)
             )
             if buf and (len(buf) >= limit or aged or finished or stopping):
@@ -357,6 +368,7 @@ class Projector:
                 while buf:
                     await self._submit(_unpack(buf[:limit]), state, progress)
                     buf, limit = buf[limit:], self.batch_size
+                    urgent = any(_ends_task(m) for m in buf)
                     if len(buf) < limit and not (finished or stopping):
                         break  # the rest keeps its `born`: it has waited as long
             finished = finished or stopping
@@ -385,15 +397,17 @@ class Projector:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(sink.ready.wait(), _POLL_S)
 
-    def _wait(self, buf: list[Msg], born: float) -> float:
+    def _wait(self, buf: list[Msg], born: float, urgent: bool = False) -> float:
         """How long the next fetch may wait for messages: with no batch, `batch_age_s` (so a
         batch is never older than that when its fetch returns; live, also the time to look
-        at `stop`) or `_POLL_S` in bulk; with a batch, until it is due."""
+        at `stop`) or `_POLL_S` in bulk; with a batch, until it is due (an urgent one is due
+        once the writer has rested)."""
         if not buf:
             return _POLL_S if self.bulk else self.batch_age_s
         if self.bulk:
             return _POLL_S
-        due = max(born + self.batch_age_s, self._rested(born)) - time.monotonic()
+        aged = born if urgent else born + self.batch_age_s
+        due = max(aged, self._rested(born)) - time.monotonic()
         return max(due, _MIN_FETCH_S)
 
     def _rested(self, born: float) -> float:

@@ -8,7 +8,8 @@ daemon over HTTP on a loopback port, each request carrying a bearer token only t
 daemon knows:
 
 - `POST /query`: `/v1/query`'s body; the result, or the catalogue-shaped error;
-- `GET /tasks/{task_id}`: `/v1/tasks/{id}`'s document (404 when unknown);
+- `GET /tasks/{task_id}[?wait=S]`: `/v1/tasks/{id}`'s document (404 when unknown); with
+  `wait`, once the task has an outcome (right after the batch that applied it), or at S;
 - `GET /tasks`: `/v1/tasks`'s page (the filters as query parameters);
 - `GET /state?node=N&inventory=I`: the reconciler's `ProjectedState`, msgpack (204: none);
 - `GET /check`: the `projection` readiness check, as JSON;
@@ -53,6 +54,7 @@ from supervisor.observability.logs import configure
 log = logging.getLogger("supervisor.compose.projection_service")
 
 OPEN_RETRY_S = 0.2
+MAX_WAIT_S = 300.0
 
 
 class Setup(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -144,7 +146,11 @@ def _app(part: ProjectionPart, registry: CollectorRegistry, token: str) -> web.A
         return json_response(await part.query(await query_body(request)))
 
     async def task(request: web.Request) -> web.Response:
-        doc = await part.task(request.match_info["task_id"])
+        try:
+            wait_s = min(max(float(request.query.get("wait", "0")), 0.0), MAX_WAIT_S)
+        except ValueError:
+            wait_s = 0.0
+        doc = await part.task(request.match_info["task_id"], wait_s)
         return web.Response(status=404) if doc is None else json_response(doc)
 
     async def tasks(request: web.Request) -> web.Response:

@@ -83,7 +83,7 @@ class Handlers(Protocol):
         """Queue a decoded spec (validation, policy and queue bound are the intake's)."""
         ...
 
-    async def task(self, task_id: str) -> Mapping[str, Any] | None:
+    async def task(self, task_id: str, wait_s: float = 0.0) -> Mapping[str, Any] | None:
         """The task's current state as JSON-able values; None if it is unknown."""
         ...
 
@@ -263,11 +263,14 @@ class _Api:
     async def task(self, request: web.Request) -> web.Response:
         task_id = request.match_info["task_id"]
         wait_s = _wait_param(request.query.get("wait"), self.max_wait_s)
-        deadline = asyncio.get_running_loop().time() + wait_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
         pause = WAIT_POLL_MIN_S
         while True:
-            doc = await self.handlers.task(task_id)
-            left = deadline - asyncio.get_running_loop().time()
+            # A read side that can wait answers once the task has ended (or when the wait
+            # is over); one that cannot answers at once, and this loop asks again.
+            doc = await self.handlers.task(task_id, max(deadline - loop.time(), 0.0))
+            left = deadline - loop.time()
             if (doc is not None and doc.get("outcome") is not None) or left <= 0:
                 break
             await asyncio.sleep(min(pause, left))

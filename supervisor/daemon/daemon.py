@@ -440,9 +440,9 @@ class _Api:
         assert self.daemon.intake is not None
         return await self.daemon.intake.submit(spec)
 
-    async def task(self, task_id: str) -> Mapping[str, Any] | None:
+    async def task(self, task_id: str, wait_s: float = 0.0) -> Mapping[str, Any] | None:
         if self.daemon.read_side is not None:
-            return await self.daemon.read_side.task(task_id)
+            return await self.daemon.read_side.task(task_id, wait_s)
         events = await read_task_events(self.js, task_id)
         if not events:
             return None

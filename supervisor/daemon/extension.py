@@ -83,8 +83,9 @@ class ReadSide(Protocol):
     """The `/v1` read API. Both may raise the project's exceptions (`schemas.errors`
     or the read side's own, recognised by their `tag`)."""
 
-    async def task(self, task_id: str) -> Mapping[str, Any] | None:
-        """The task's current state as JSON-able values; None when it is unknown."""
+    async def task(self, task_id: str, wait_s: float = 0.0) -> Mapping[str, Any] | None:
+        """The task's current state as JSON-able values; None when it is unknown. With
+        `wait_s`, it may answer once the task has an outcome, or when `wait_s` passed."""
         ...
 
     async def query(self, request: Mapping[str, Any]) -> Mapping[str, Any]:

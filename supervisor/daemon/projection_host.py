@@ -77,8 +77,8 @@ class _ReadApi:
             "this host serves only the projection (serve --roles projection): cancel on a node",
         )
 
-    async def task(self, task_id: str) -> Mapping[str, Any] | None:
-        return await self.projection.task(task_id)
+    async def task(self, task_id: str, wait_s: float = 0.0) -> Mapping[str, Any] | None:
+        return await self.projection.task(task_id, wait_s)
 
     def errors(self, params: Mapping[str, str]) -> AsyncIterator[bytes]:
         return follow_errors(self.nats_url, params)

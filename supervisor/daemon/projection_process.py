@@ -250,8 +250,13 @@ class ProjectionProcess:
         doc: dict[str, Any] = msgspec.json.decode(body)
         return doc
 
-    async def task(self, task_id: str) -> Mapping[str, Any] | None:
-        status, body = await self._call("GET", f"/tasks/{task_id}")
+    async def task(self, task_id: str, wait_s: float = 0.0) -> Mapping[str, Any] | None:
+        """The task's document; with `wait_s`, the service answers once the task has an
+        outcome (right after the batch that applied it), or when `wait_s` passed."""
+        params = {"wait": f"{wait_s:.3f}"} if wait_s > 0 else None
+        status, body = await self._call(
+            "GET", f"/tasks/{task_id}", params=params, timeout_s=READ_TIMEOUT_S + wait_s
+        )
         if status == 404 and not body:
             return None
         if status != 200:
