@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.1
 STREAM_POLL_S = 0.5
 _MIN_FETCH_S = 0.005
+_SETTLE_POLL_S = 0.005
 _IN_FLIGHT = 2
 _BULK_DECODERS = 2
 """Decode processes of a bulk run: two batches are decoded side by side while a third is
@@ -403,6 +404,10 @@ class Projector:
         at `stop`) or `_POLL_S` in bulk; with a batch, until it is due (an urgent one is due
         once the writer has rested)."""
         if not buf:
+            if self._inflight and not self.bulk:
+                # A batch is being applied: look again soon, to settle it (and wake who
+                # waits for it) as soon as it is done, not when this fetch gives up.
+                return _SETTLE_POLL_S
             return _POLL_S if self.bulk else self.batch_age_s
         if self.bulk:
             return _POLL_S

@@ -21,6 +21,7 @@ from schemas.streams import EVENTS_SUBJECTS
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.1
+_REST_S = 0.005  # how long the fetch after the first message may wait for more
 # At most this many messages a fetch: the server pushes a whole fetch at once, and one of a
 # bulk batch's size (250,000) outruns the client's reading until the server drops it as a
 # slow consumer.
@@ -31,8 +32,8 @@ _INACTIVE_S = 300.0  # the server deletes a pull consumer unused this long
 
 class PullReader:
     """`SUP_EVENTS` from a sequence on, through an ephemeral pull consumer (nats-py's public
-    API): `fetch(n, timeout)` answers at most `n` messages, as soon as some are there, or
-    none once `timeout` passed. Acknowledging is off: where to resume is the projection's
+    API): `fetch(n, timeout)` answers at most `n` messages as soon as one is there (with
+    those already behind it), or none once `timeout` passed. Acknowledging is off: where to resume is the projection's
     watermark, not the consumer's. A consumer the server lost is made again from the
     sequence after the last one fetched (checked when fetches have come back empty for
     `_CHECK_IDLE_S`, and after any error)."""
@@ -74,7 +75,7 @@ class PullReader:
                     return []
                 raise
         try:
-            msgs: list[Msg] = await self._sub.fetch(min(max(1, n), _FETCH_MAX), timeout=timeout)
+            msgs: list[Msg] = await self._fetch(min(max(1, n), _FETCH_MAX), timeout)
         except (TimeoutError, nats.errors.TimeoutError):
             msgs = []
         except nats.errors.Error as e:
@@ -87,6 +88,21 @@ class PullReader:
             self._idle_since = time.monotonic()
         elif time.monotonic() - self._idle_since >= _CHECK_IDLE_S:
             await self._check()
+        return msgs
+
+    async def _fetch(self, n: int, timeout: float) -> list[Msg]:
+        """At most `n` messages, as soon as one is there. nats-py's `fetch(n)` that has to
+        wait for messages keeps waiting, once the first came, until `n` came or `timeout`
+        passed: a live batch's first event would sit in it for the whole timeout. So what
+        the stream holds already is asked for first (a fetch that asks without waiting);
+        when there is none, the wait is for one message, then the rest is asked for again.
+        Raises TimeoutError when none came."""
+        with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
+            return list(await self._sub.fetch(n, timeout=_REST_S))
+        msgs: list[Msg] = await self._sub.fetch(1, timeout=max(timeout - _REST_S, _REST_S))
+        if n > 1:
+            with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
+                msgs += await self._sub.fetch(n - 1, timeout=_REST_S)
         return msgs
 
     async def _check(self) -> None:
