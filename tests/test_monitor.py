@@ -38,7 +38,7 @@ from tests.conftest import SANDBOX_IMAGE
 from tests.fakes import ListSink
 from tests.test_breaker import hangup_engine
 
-T = Thresholds(cpu_pct=80.0)  # 80 / 85 / 90 / 1000, hysteresis 5 %; PSI 60 / 20 / 50
+T = Thresholds(cpu_pct=80.0)  # 80 / 85 / 90 / 1000, hysteresis 5 %; PSI 90 / 20 / 50
 
 
 def _s(
@@ -104,14 +104,14 @@ def test_an_unmeasured_metric_keeps_its_state() -> None:
 
 def test_the_brakes_on_contention_are_on_and_the_one_on_cpu_use_is_off_by_default() -> None:
     defaults = Thresholds()
-    busy = _s(cpu=100.0, cpu_pressure_pct=5.0, memory_pressure_pct=0.0, io_pressure_pct=1.0)
-    starved = _s(cpu=100.0, cpu_pressure_pct=61.0, io_pressure_pct=50.0)
+    busy = _s(cpu=100.0, cpu_pressure_pct=75.0, memory_pressure_pct=0.0, io_pressure_pct=1.0)
+    starved = _s(cpu=100.0, cpu_pressure_pct=97.0, io_pressure_pct=50.0)
 
     assert assess(frozenset(), busy, defaults) == (frozenset(), [])
     assert assess(frozenset(), starved, defaults) == (
         frozenset({"cpu_pressure_pct", "io_pressure_pct"}),
         [
-            Alert(metric="cpu_pressure_pct", value=61.0, threshold=60.0),
+            Alert(metric="cpu_pressure_pct", value=97.0, threshold=90.0),
             Alert(metric="io_pressure_pct", value=50.0, threshold=50.0),
         ],
     )
