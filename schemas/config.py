@@ -165,13 +165,8 @@ class Thresholds(Struct, forbid_unknown_fields=True, kw_only=True):
     value hovering at the line does not make an alert storm. 0 turns a metric's brake off.
 
     The CPU, memory and I/O brakes read Linux's pressure stall information (PSI): the
-    share of the last 10 s in which tasks waited for the resource. A host busy with the
-    node's own short tasks stays under them and runs at full rate (8 trivial tasks at a
-    time on 2 cores peak near 75 % CPU pressure); a host starved by other work passes
-    them. On cgroup v1 the pressure is the whole host's: CPU-bound tasks of the node's own
-    that keep every core busy reach the CPU brake too, and pulling pauses until the
-    pressure falls. Where the kernel has no PSI those brakes do nothing; `cpu_pct` (use,
-    not contention) can stand in."""
+    share of the last 10 s in which tasks waited for the resource (docs/running.md says
+    what a node's own tasks reach). Without PSI they do nothing; `cpu_pct` can stand in."""
 
     cpu_pressure_pct: Annotated[
         float,
