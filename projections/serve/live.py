@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -159,6 +159,7 @@ class ProjectionPart:
         # Set to stop the projector: at close (with `_stop`), or to rebuild a damaged file.
         self._halt = asyncio.Event()
         self._applied = asyncio.Event()  # set, then replaced, at each batch applied
+        self._awaited: Counter[str] = Counter()  # task ids waited for, and how many wait
         self._rebuild = False
         self.rebuilds = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -285,6 +286,7 @@ class ProjectionPart:
         except BaseException:
             await asyncio.to_thread(projector.close)
             raise
+        projector.awaited = self._awaited
         self._projector = projector
 
     async def _set_aside(self, error: BaseException | str) -> None:
@@ -554,14 +556,20 @@ class ProjectionPart:
         comes right after the batch that applied the task's end."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
-        while True:
-            applied = self._applied  # set by the next batch applied
-            doc = await self._task(task_id)
-            left = deadline - loop.time()
-            if (doc is not None and doc.get("outcome") is not None) or left <= 0:
-                return doc
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(applied.wait(), left)
+        self._awaited[task_id] += 1  # the batch with its end is applied at once
+        try:
+            while True:
+                applied = self._applied  # set by the next batch applied
+                doc = await self._task(task_id)
+                left = deadline - loop.time()
+                if (doc is not None and doc.get("outcome") is not None) or left <= 0:
+                    return doc
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(applied.wait(), left)
+        finally:
+            self._awaited[task_id] -= 1
+            if not self._awaited[task_id]:
+                del self._awaited[task_id]
 
     async def _task(self, task_id: str) -> dict[str, Any] | None:
         if self._endpoint is None:

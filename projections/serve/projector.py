@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -124,9 +124,10 @@ def _unpack(msgs: list[Msg]) -> _Raw:
 _TASK_ENDS = tuple(f"sup.task.{name}." for name in ("succeeded", "failed", "rejected"))
 
 
-def _ends_task(msg: Msg) -> bool:
-    """Whether `msg` is a task's terminal event (by its subject: no decoding)."""
-    return msg.subject.startswith(_TASK_ENDS)
+def ends_task(msg: Msg, awaited: Container[str]) -> bool:
+    """Whether `msg` is the terminal event of a task in `awaited` (by its subject
+    `sup.task.<end>.<node>.<task>`: no decoding)."""
+    return msg.subject.startswith(_TASK_ENDS) and msg.subject.rsplit(".", 1)[-1] in awaited
 
 
 class Projector:
@@ -139,8 +140,8 @@ class Projector:
     applied, and, with `max_busy` below 1, once the writer has rested long enough to have
     been busy at most that fraction of the time (each live batch costs a few tens of ms of
     CPU, taken from the tasks on a busy host) or the batch's first message has waited
-    `rest_lag_s`. A live batch that holds a task's terminal event does not wait for its
-    age: a client may be waiting for that outcome (`GET /v1/tasks/{id}?wait`). `bulk=True` (replay) makes batches by size only (the first one a fifth
+    `rest_lag_s`. A live batch that holds the terminal event of a task in `awaited` (a
+    client waits for its outcome: `GET /v1/tasks/{id}?wait`) does not wait for its age. `bulk=True` (replay) makes batches by size only (the first one a fifth
     of `batch_size`), defers checkpoints to `close`, and pauses Python's cyclic garbage
     collector for the run: a batch's objects (messages, decoded events, rows) hold no
     cycles and are freed by reference counting, while collecting a heap of a hundred
@@ -175,6 +176,10 @@ class Projector:
         self.bulk = bulk
         self.max_busy = max_busy
         self.rest_lag_s = rest_lag_s
+        # The tasks someone waits for (`GET /v1/tasks/{id}?wait`): a live batch that holds
+        # the end of one of them does not wait for its age. Only those: under load every
+        # batch holds some task's end, and batches cut early cost the host CPU.
+        self.awaited: Container[str] = ()
         self._rest_until = 0.0
         self.store = ProjectionStore(
             db_path,
@@ -350,7 +355,7 @@ class Projector:
                 if chunk and not buf:
                     born = fetched_at
                 buf.extend(chunk)
-                urgent = urgent or (not self.bulk and any(_ends_task(m) for m in chunk))
+                urgent = urgent or (not self.bulk and self._awaits(chunk))
             stopping = stop is not None and stop.is_set()
             # Live, an aged batch waits for the writer to be free, and grows meanwhile: cut
             # early, it would queue behind the batch being applied and its events would wait
@@ -369,7 +374,7 @@ class Projector:
                 while buf:
                     await self._submit(_unpack(buf[:limit]), state, progress)
                     buf, limit = buf[limit:], self.batch_size
-                    urgent = any(_ends_task(m) for m in buf)
+                    urgent = self._awaits(buf)
                     if len(buf) < limit and not (finished or stopping):
                         break  # the rest keeps its `born`: it has waited as long
             finished = finished or stopping
@@ -397,6 +402,9 @@ class Projector:
             sink.ready.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(sink.ready.wait(), _POLL_S)
+
+    def _awaits(self, msgs: list[Msg]) -> bool:
+        return bool(self.awaited) and any(ends_task(m, self.awaited) for m in msgs)
 
     def _wait(self, buf: list[Msg], born: float, urgent: bool = False) -> float:
         """How long the next fetch may wait for messages: with no batch, `batch_age_s` (so a
