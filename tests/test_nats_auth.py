@@ -26,7 +26,7 @@ from schemas import SupervisorStarted, encode_event
 from schemas.connection import connect_options
 from schemas.errors import NatsUnavailable
 from schemas.streams import COMMANDS_STREAM, EVENTS_STREAM, TASKS_STREAM
-from supervisor.daemon.node import nats_for
+from supervisor.daemon.nats_target import nats_for
 from supervisor.eventlog.emitter import utcnow
 from supervisor.eventlog.nats_auth import (
     AUTH_FILE,

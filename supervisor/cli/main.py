@@ -333,7 +333,7 @@ async def _idle_watch(writer: _StampedWriter, idle_s: float, stop: asyncio.Event
 
 
 async def _tail_async(args: argparse.Namespace, cfg: Config) -> int:
-    from supervisor.daemon.node import nats_for
+    from supervisor.daemon.nats_target import nats_for
     from supervisor.eventlog.follow import parse_since, tail
 
     since = parse_since(args.since) if args.since else None
@@ -447,7 +447,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
     from supervisor.daemon.datadir import node_id_for
-    from supervisor.daemon.node import connected_event_log
+    from supervisor.daemon.nats_target import connected_event_log
     from supervisor.eventlog.diskguard import DiskGuard
     from supervisor.eventlog.emitter import Emitter
     from supervisor.intake.submit import Intake, prepare

@@ -48,7 +48,7 @@ def _cmd_retire(args: argparse.Namespace) -> int:
 
 
 async def _retire(args: argparse.Namespace) -> int:
-    from supervisor.daemon.node import connected_event_log
+    from supervisor.daemon.nats_target import connected_event_log
     from supervisor.eventlog.emitter import Emitter
     from supervisor.reconcile.retire import heartbeat_age, open_attempts, retire
 

@@ -47,7 +47,7 @@ from projections.query.render import render
 from projections.serve.replay import replay, stream_retention
 from schemas.errors import SupervisorError
 from supervisor.cli.options import config_of
-from supervisor.daemon.node import nats_for
+from supervisor.daemon.nats_target import nats_for
 
 EXIT_OK, EXIT_VIOLATIONS, EXIT_REFUSED, EXIT_UNAVAILABLE = 0, 1, 2, 3
 EXIT_QUERY_FAILED = EXIT_VIOLATIONS

@@ -47,7 +47,8 @@ from supervisor.daemon.error_counts import counting_node_errors
 from supervisor.daemon.extension import DaemonContext, Part, ReadSide
 from supervisor.daemon.http_server import ConnectionGuard, HttpServer, start_http
 from supervisor.daemon.monitor import HostSampler, PsutilSampler, ResourceMonitor
-from supervisor.daemon.node import Node, open_node, stream_configs
+from supervisor.daemon.nats_target import stream_configs
+from supervisor.daemon.node import Node, open_node
 from supervisor.docker.engine_breaker import DockerBreaker
 from supervisor.eventlog.emitter import new_id
 from supervisor.eventlog.follow import follow_errors

@@ -12,37 +12,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
-from nats.js.api import StreamConfig
 
 from schemas import EmbeddedNatsRestarted, SupervisorStarted, SupervisorStopped
 from schemas.config import Config
-from schemas.errors import NatsUnavailable, NoDaemon
 from supervisor.daemon.datadir import node_id_for
+from supervisor.daemon.nats_target import events_stream, node_nats, stream_configs
 from supervisor.docker.observe import CgroupSampler, DockerEventWatcher
 from supervisor.docker.runtime import DockerRuntime
 from supervisor.eventlog.diskguard import DiskGuard
 from supervisor.eventlog.emitter import Emitter, new_id
 from supervisor.eventlog.log import EventLog
-from supervisor.eventlog.nats_auth import ensure_credentials, with_user, write_server_config
-from supervisor.eventlog.nats_client import default_stream_configs, provision_streams
-from supervisor.eventlog.nats_server import NatsServer, NatsWatch, config_path, resolve_nats_url
-from supervisor.eventlog.streams import (
-    commands_stream_config,
-    events_stream_config,
-    tasks_stream_config,
-)
+from supervisor.eventlog.nats_server import NatsWatch
 from supervisor.execution.executor import Executor
 from supervisor.observability.metrics import Metrics
 from supervisor.policy.classify import Classification
 
-__all__ = [
-    "Node",
-    "connected_event_log",
-    "events_stream",
-    "nats_for",
-    "open_node",
-    "stream_configs",
-]
+__all__ = ["Node", "open_node"]
 
 VERSION = "0.1.0"
 
@@ -63,65 +48,6 @@ class Node:
     disk: DiskGuard | None = None
     # This process started the embedded server and configured its streams as its admin.
     provisioned: bool = False
-
-
-@contextlib.asynccontextmanager
-async def nats_for(cli_url: str | None, data_dir: Path) -> AsyncIterator[str]:
-    """The NATS URL to use; starts (and finally stops) the embedded server if none is known."""
-    async with _nats(cli_url, data_dir) as (url, _):
-        yield url
-
-
-@contextlib.asynccontextmanager
-async def connected_event_log(
-    config: Config, nats_url: str | None, purpose: str
-) -> AsyncIterator[EventLog]:
-    """An event log of a one-shot command (`submit`, `node retire`) on the NATS that
-    `nats_url` (else the configuration, else the data dir) names, connected: NatsUnavailable
-    ("cannot <purpose> without NATS") when it does not connect within 10 s. Closed (its
-    events flushed, within 5 s) on the way out."""
-    data_dir = Path(config.data_dir).resolve()
-    if resolve_nats_url(nats_url or config.nats_target, data_dir) is None:
-        # An embedded server of its own would hold nothing and run nothing: say so, and
-        # leave no data dir behind.
-        raise NoDaemon(purpose, str(data_dir))
-    async with nats_for(nats_url or config.nats_target, data_dir) as url:
-        events = EventLog(data_dir, url, instance_id=new_id()[:16], stream=events_stream(config))
-        await events.start()
-        try:
-            if not await events.wait_connected(10):
-                raise NatsUnavailable(url, f"cannot {purpose} without NATS")
-            yield events
-        finally:
-            await events.close(5.0)
-
-
-@contextlib.asynccontextmanager
-async def _nats(
-    cli_url: str | None,
-    data_dir: Path,
-    streams: list[StreamConfig] | None = None,
-    *,
-    configure: bool = False,
-) -> AsyncIterator[tuple[str, NatsServer | None]]:
-    """The NATS to use, and the embedded server if this process starts it. A server it
-    starts has its streams made (`streams`, else the defaults) by its `admin` user, and with
-    `configure` (the daemon) brought to their configuration; then only `node` is used."""
-    url = resolve_nats_url(cli_url, data_dir)
-    if url is not None:
-        yield url, None
-        return
-    # Never anonymous: the data dir's users, made on its first start (supervisor.eventlog.nats_auth).
-    creds = ensure_credentials(data_dir)
-    conf = write_server_config(data_dir, config_path(data_dir), creds)
-    server = NatsServer(data_dir / "nats", conf=conf)
-    url = server.start()
-    try:
-        configs = streams if streams is not None else default_stream_configs()
-        await provision_streams(with_user(url, "admin", creds.admin), configs, update=configure)
-        yield with_user(url, "node", creds.node), server
-    finally:
-        server.stop()
 
 
 @contextlib.asynccontextmanager
@@ -148,7 +74,7 @@ async def open_node(
     metrics = Metrics()
     async with contextlib.AsyncExitStack() as stack:
         url, server = await stack.enter_async_context(
-            _nats(
+            node_nats(
                 nats_url or config.nats_target,
                 data_dir,
                 stream_configs(config),
@@ -220,20 +146,3 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-
-
-def stream_configs(config: Config) -> list[StreamConfig]:
-    """`SUP_EVENTS`, `SUP_TASKS` and `SUP_COMMANDS` as `config` wants them."""
-    sc = config.scheduling
-    return [
-        events_stream(config),
-        tasks_stream_config(sc.queue_bound_per_priority, config.nats.replicas),
-        commands_stream_config(config.nats.replicas),
-    ]
-
-
-def events_stream(config: Config) -> StreamConfig:
-    """`SUP_EVENTS` as `config` wants it: its copies and its retention (`[events]`)."""
-    return events_stream_config(
-        config.nats.replicas, config.events.max_age_s(), config.events.max_bytes
-    )

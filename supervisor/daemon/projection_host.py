@@ -28,7 +28,7 @@ from schemas.http import Check, CheckFn
 from supervisor.daemon.api import Submission, create_app
 from supervisor.daemon.datadir import DataDirLock, publish
 from supervisor.daemon.http_server import HttpServer, start_http
-from supervisor.daemon.node import nats_for
+from supervisor.daemon.nats_target import nats_for
 from supervisor.daemon.projection_process import ProjectionProcess
 from supervisor.eventlog.emitter import new_id
 from supervisor.eventlog.follow import follow_errors
