@@ -329,7 +329,16 @@ def test_a_killed_node_s_tasks_end_once_elsewhere_and_its_containers_wait_for_it
         # The projection shows them once it has applied every one's last event.
         expected = [(t, "dead") for t in on_n1]
         # (On a loaded machine the surviving node's projection trails: give it time.)
-        wait_until(lambda: leaked() == expected, 90, "the dead node's containers as leaks")
+        seen: list[list[tuple[str, str]]] = [[]]
+
+        def shown() -> bool:
+            seen[0] = leaked()
+            return seen[0] == expected
+
+        try:
+            wait_until(shown, 90, "the dead node's containers as leaks")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: leaked_resources shows {seen[0]}") from e
         assert leaked() == expected
 
         n1.start(timeout=60)
