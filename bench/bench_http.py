@@ -6,8 +6,8 @@ running the same hardened container, one task at a time, in one run.
 
 A daemon runs on its own nats-server, on the defaults (the host-pressure brakes included;
 `--no-brakes` turns them off). Rounds alternate: raw docker-py, the HTTP round trip,
-`submit --wait` (a new CLI process each time, as a shell script would use it), so the
-machine's drift weighs on all three. Prints the medians and the ratios to raw.
+`Client.run`, `submit --wait` (a new CLI process each time, as a shell script would use
+it), so the machine's drift weighs on all four. Prints the medians and the ratios to raw.
 
 With `--burst N`, then N trivial tasks submitted at once over HTTP (`submit_many`) and
 waited for, against raw docker-py running N containers with 8 threads, alternated: the
@@ -67,6 +67,7 @@ def main() -> None:
     api = docker.APIClient(version="1.41", timeout=120)
     raw: list[float] = []
     http: list[float] = []
+    run: list[float] = []
     cli: list[float] = []
     try:
         daemon.start(60)
@@ -80,6 +81,11 @@ def main() -> None:
                 view = c.wait(sub.task_id, timeout_s=60)
                 http.append(time.perf_counter() - t)
                 assert view.result is not None and view.result.stdout == "hello\n", view
+
+                t = time.perf_counter()
+                result = c.run(_spec(), timeout_s=60)
+                run.append(time.perf_counter() - t)
+                assert result.stdout == "hello\n", result
 
                 t = time.perf_counter()
                 done = subprocess.run(
@@ -109,10 +115,11 @@ def main() -> None:
                 )
                 cli.append(time.perf_counter() - t)
                 assert done.returncode == 0, done.stderr
-        r, h, s = (statistics.median(x) for x in (raw, http, cli))
+        r, h, u, s = (statistics.median(x) for x in (raw, http, run, cli))
         print(f"{args.tasks} trivial tasks, one at a time (medians):")
         print(f"  raw docker-py create/start/wait/logs/remove: {r * 1e3:.0f} ms")
         print(f"  HTTP POST + GET ?wait (supervisor.client):  {h * 1e3:.0f} ms  ratio {h / r:.2f}")
+        print(f"  Client.run (the same, one call):             {u * 1e3:.0f} ms  ratio {u / r:.2f}")
         print(f"  supervisor submit --wait (a new process):   {s * 1e3:.0f} ms  ratio {s / r:.2f}")
         print(f"  HTTP / submit --wait: {h / s:.2f}")
         if args.burst:
