@@ -91,7 +91,7 @@ def share_unix_pool(api: docker.APIClient) -> bool:
 def stdin_socket(sock: Any) -> socket.socket:
     """A socket of its own on the connection of attach socket `sock` (a duplicate of its
     descriptor): what the container's stdin is written on and half-closed, by a thread
-    that closes it when done. Raises `OSError` when `sock` is closed already."""
+    that closes it when done. Raises `ValueError` or `OSError` when `sock` is closed."""
     return socket.socket(fileno=os.dup(sock.fileno()))
 
 
