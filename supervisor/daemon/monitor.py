@@ -20,7 +20,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, get_args
 
 import msgspec
 import psutil
@@ -37,15 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("supervisor.daemon.monitor")
 
-METRICS: tuple[ResourceMetric, ...] = (
-    "cpu_pressure_pct",
-    "memory_pressure_pct",
-    "io_pressure_pct",
-    "cpu_pct",
-    "memory_pct",
-    "disk_pct",
-    "containers",
-)
+METRICS: tuple[ResourceMetric, ...] = get_args(ResourceMetric)  # the contract's order
 PSI_ROOT = Path("/proc/pressure")
 # Which PSI line each pressure metric reads: CPU and memory `some` (a task waited), I/O
 # `full` (every task waited: the device, not one slow reader, is the bottleneck).
