@@ -2,10 +2,10 @@
 through `supervisor.client`) against `supervisor submit --wait` and against raw docker-py
 running the same hardened container, one task at a time, in one run.
 
-    .venv/bin/python bench/bench_http.py [--tasks 20] [--burst 120] [--no-brakes]
+    .venv/bin/python bench/bench_http.py [--tasks 20] [--burst 120] [--no-brakes] [--no-pool]
 
-A daemon runs on its own nats-server, on the defaults (the host-pressure brakes included;
-`--no-brakes` turns them off). Rounds alternate: raw docker-py, the HTTP round trip,
+A daemon runs on its own nats-server, on the defaults (the host-pressure brakes and the
+warm pool included; `--no-brakes`, `--no-pool` turn them off). Rounds alternate: raw docker-py, the HTTP round trip,
 `Client.run`, `submit --wait` (a new CLI process each time, as a shell script would use
 it), so the machine's drift weighs on all four. Prints the medians and the ratios to raw.
 
@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=0, metavar="N")
     ap.add_argument("--rounds", type=int, default=2, help="alternated bursts (default 2)")
     ap.add_argument("--no-brakes", action="store_true", help="turn the host-pressure brakes off")
+    ap.add_argument("--no-pool", action="store_true", help="turn the warm pool off ([pool] size 0)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-http-"))
     server = NatsServer(tmp / "nats")
@@ -63,7 +64,10 @@ def main() -> None:
     (mount / "main.sh").write_text(SCRIPT)
     (mount / "main.sh").chmod(0o644)
     brakes = dict.fromkeys(HOST_BRAKES, 0.0) if args.no_brakes else {}
-    daemon = DaemonProc(tmp / "data", url, {"reconcile": {"enabled": True}, "thresholds": brakes})
+    cfg = {"reconcile": {"enabled": True}, "thresholds": brakes}
+    if args.no_pool:
+        cfg["pool"] = {"size": 0}
+    daemon = DaemonProc(tmp / "data", url, cfg)
     api = docker.APIClient(version="1.41", timeout=120)
     raw: list[float] = []
     http: list[float] = []
@@ -122,6 +126,7 @@ def main() -> None:
         print(f"  Client.run (the same, one call):             {u * 1e3:.0f} ms  ratio {u / r:.2f}")
         print(f"  supervisor submit --wait (a new process):   {s * 1e3:.0f} ms  ratio {s / r:.2f}")
         print(f"  HTTP / submit --wait: {h / s:.2f}")
+        print(f"  warm pool: {_pool_counts(daemon)}")
         if args.burst:
             with daemon.client() as c:
                 _burst(c, args.burst, args.rounds, str(mount))
@@ -131,6 +136,19 @@ def main() -> None:
         remove_managed_containers("n1")
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pool_counts(daemon: DaemonProc) -> str:
+    """The daemon's pool hits and misses so far, from its /metrics."""
+    status, body = daemon.get("/metrics")
+    counts: dict[str, float] = {}
+    for line in body.decode().splitlines():
+        for name in ("supervisor_pool_hits_total", "supervisor_pool_misses_total"):
+            if line.startswith(name):
+                counts[name] = counts.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    hits = counts.get("supervisor_pool_hits_total", 0.0)
+    misses = counts.get("supervisor_pool_misses_total", 0.0)
+    return f"{hits:.0f} hits, {misses:.0f} misses (status {status})"
 
 
 def _burst(c: Client, n: int, rounds: int, mount: str) -> None:

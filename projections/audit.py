@@ -16,9 +16,10 @@ Rules, each reported with the task, and the stream sequences that prove it:
 - `attempt_order`: attempts not started as 1, 2, 3..., or an event of an attempt that was
   never started;
 - `event_after_attempt_finished`: a workspace/container/cleanup/error event of an attempt
-  after its `attempt.finished`. Excepted: cleanup events that resolve an earlier
-  `cleanup.failed` of the same resource, or cleanup events and kills that follow a
-  `reconcile.decision` naming the resource (cleanup ordered later by the reconciler);
+  after its `attempt.finished`. Excepted: its own cleanup events, from the instance that
+  ran it (a container that exited on its own is removed after the outcome); cleanup
+  events that resolve an earlier `cleanup.failed` of the same resource, or that follow a
+  `reconcile.decision` naming it, as do kills (cleanup ordered by the reconciler);
 - `container_lifecycle` / `workspace_lifecycle`: a resource event its machine does not
   allow (removing an already removed resource is allowed: cleanup is idempotent; so is
   removing one never recorded as created when a `reconcile.decision` named it);
@@ -482,6 +483,8 @@ def _attempt_event(
         res = resources.get((_kind_of(r), r.resource))
         if r.resource in decided or (res is not None and res.failed):
             return
+        if r.instance_id and r.instance_id == t.owners.get(r.attempt):
+            return  # the attempt's own removal, left to follow its outcome
     if r.type == "container.kill_issued" and r.container_id in decided:
         return  # the reconciler kills a container left running
     out.append(

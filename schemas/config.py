@@ -14,6 +14,7 @@ from msgspec import Struct
 from schemas import params
 from schemas.connection import NatsConfig
 from schemas.errors import ConfigError
+from schemas.spec import PoolConfig
 
 
 def _doc(text: str) -> msgspec.Meta:
@@ -192,9 +193,7 @@ class Thresholds(Struct, forbid_unknown_fields=True, kw_only=True):
             "Under this much free space on the data dir's disk the node is `DISK_FULL`: it refuses submissions and pulls nothing."
         ),
     ] = 64.0
-    containers: Annotated[int, _doc("Managed containers on this node at which pulling stops.")] = (
-        1000
-    )
+    containers: Annotated[int, _doc("Task containers on this node at which pulling stops.")] = 1000
     hysteresis: Annotated[
         float, _doc("An alert recovers once the value is under `threshold * (1 - hysteresis)`.")
     ] = 0.05
@@ -467,6 +466,7 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     projection: ProjectionConfig = msgspec.field(default_factory=ProjectionConfig)
     callbacks: CallbacksConfig = msgspec.field(default_factory=CallbacksConfig)
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)
+    pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
     log_level: Annotated[str, _doc("Log level of `serve` (DEBUG, INFO, WARNING, ERROR).")] = "INFO"
 
     @property
@@ -562,6 +562,7 @@ _NAMES: dict[type, str] = {
     msgspec.inspect.IntType: "integer",
     msgspec.inspect.FloatType: "number",
     msgspec.inspect.BoolType: "boolean",
+    msgspec.inspect.StructType: "table",
 }
 
 

@@ -218,6 +218,9 @@ class ContainerCreated(Event, frozen=True, tag="container.created"):
     image: str
     labels: dict[str, str] = {}
     deadline: float = 0.0
+    adopted: bool = False
+    """A warm pool's parked container the attempt adopted (`pool.adopted` precedes it; its
+    labels name no task); from here on it is the attempt's like any other."""
 
 
 class ContainerStarted(Event, frozen=True, tag="container.started"):
@@ -472,6 +475,52 @@ class ReconcileOutcome(Event, frozen=True, tag="reconcile.outcome"):
     detail: str = ""
 
 
+PoolRetireReason = Literal["idle", "aged", "shutdown", "vanished", "failed"]
+
+
+class PoolParked(Event, frozen=True, tag="pool.parked"):
+    """The warm pool made and started `container_id` for `shape` (`schemas.spec.Shape`),
+    its empty `workspace` mounted read-only; it waits for a task to adopt it, the parking
+    instance's until `pool.adopted` or `pool.retired` (the reconciler's once it is dead)."""
+
+    category = "pool"
+    name = "parked"
+    container_id: str
+    workspace: str
+    shape: str
+    image: str
+    duration_s: float = 0.0
+
+
+class PoolAdopted(Event, frozen=True, tag="pool.adopted"):
+    """An attempt (the envelope's task and attempt) took the parked `container_id`; its
+    `container.created{adopted}` and `workspace.created` follow, and from there on the
+    container and its workspace are the attempt's, cleaned up as a cold start's."""
+
+    category = "pool"
+    name = "adopted"
+    container_id: str
+    workspace: str
+    shape: str
+    parked_s: float = 0.0
+
+
+class PoolRetired(Event, frozen=True, tag="pool.retired"):
+    """The pool removed the parked `container_id` (never adopted) and its workspace: `idle`
+    (shape unused for `[pool] idle_s`), `aged` (past `max_age_s`), `shutdown`, `vanished`
+    (died or removed out of band), `failed` (would not start). `removed` false: the
+    removal failed (`error`), a leak the reconciler removes."""
+
+    category = "pool"
+    name = "retired"
+    container_id: str
+    workspace: str
+    shape: str
+    reason: PoolRetireReason
+    removed: bool = True
+    error: str | None = None
+
+
 class CallbackAttempted(Event, frozen=True, tag="callback.attempted"):
     """One delivery of a task's Result to its `callback_url`: `delivery` counts from 1;
     `outcome` is `delivered` (a 2xx answer), `retrying` (again after `next_delay_s`) or
@@ -522,6 +571,9 @@ AnyEvent = (
     | ReconcileDecision
     | ReconcileOutcome
     | CallbackAttempted
+    | PoolParked
+    | PoolAdopted
+    | PoolRetired
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__

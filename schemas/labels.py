@@ -1,5 +1,10 @@
 """The labels every task container carries (the contract: extend, don't rename). They are
-how the reconciler and the command executor know a container is a task's, and whose."""
+how the reconciler and the command executor know a container is a task's, and whose.
+
+A warm pool's container is labelled when it is parked, before any task is known: it
+carries `supervisor.pool` (its shape) and no task, attempt or deadline, also once an
+attempt has adopted it. The log says whose it is (`pool.adopted`, `container.created` with
+`adopted`; in the projection, `containers.task_id`)."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ TASK: Final = "supervisor.task"
 ATTEMPT: Final = "supervisor.attempt"
 DEADLINE: Final = "supervisor.deadline"  # epoch seconds
 WORKSPACE: Final = "supervisor.workspace"
+POOL: Final = "supervisor.pool"  # a warm pool's parked container: its shape
 
 
 def container_labels(
@@ -27,6 +33,18 @@ def container_labels(
         ATTEMPT: str(attempt),
         DEADLINE: f"{deadline:.3f}",
         WORKSPACE: workspace,
+    }
+
+
+def parked_labels(*, node_id: str, instance_id: str, workspace: str, shape: str) -> dict[str, str]:
+    """The labels of a warm pool's parked container: no task, attempt or deadline (labels
+    are fixed at creation; the attempt that adopts it is recorded by `pool.adopted`)."""
+    return {
+        MANAGED: "true",
+        NODE: node_id,
+        INSTANCE: instance_id,
+        WORKSPACE: workspace,
+        POOL: shape,
     }
 
 

@@ -128,6 +128,22 @@ class InstanceRecord:
 
 
 @dataclass(frozen=True)
+class ParkedRecord:
+    """A warm pool's container no attempt adopted, not removed: `parked` (its instance's
+    until that instance dies) or `retire_failed` (its pool gave it up, the removal failed)."""
+
+    container_id: str
+    workspace: str
+    node_id: str
+    instance_id: str
+    parked_seq: int
+    parked_at: datetime
+    state: str = "parked"
+    retired_seq: int | None = None
+    retired_at: datetime | None = None
+
+
+@dataclass(frozen=True)
 class ProjectedState:
     """Everything the rules read about one node. `open_commands` are the command ids of
     decisions in the log with no final outcome yet; `finals` counts the final outcomes of
@@ -145,6 +161,7 @@ class ProjectedState:
     finals: Mapping[tuple[str, str], int] = field(default_factory=dict)
     finals_at: Mapping[tuple[str, str], datetime] = field(default_factory=dict)
     self_instance: str | None = None
+    parked: Mapping[str, ParkedRecord] = field(default_factory=dict)
 
 
 # --- labels and names ---------------------------------------------------------------------

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import binascii
 import hashlib
-from typing import Annotated, Any, Literal
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -151,3 +154,128 @@ def public_spec(spec: TaskSpec) -> TaskSpec:
         stdin_base64=None if spec.stdin_base64 is None else hidden(spec.stdin_base64),
         env={k: hidden(v) for k, v in spec.env.items()},
     )
+
+
+# --- the warm pool's contract ---------------------------------------------------------------
+#
+# The warm pool's contract: its configuration, the shape a parked container is made for,
+# whether a spec fits one, and the hand-off a parked container reads before it becomes the
+# task. Pure: no I/O. `docs/running.md` ("The warm pool") explains the design.
+#
+# A parked container is created and started ahead of demand with everything a cold start of
+# its shape would give it (image, user, limits, `/tmp`, a read-only bind-mounted workspace,
+# no network) except its command: it runs `WAITER`, a POSIX shell that blocks reading its
+# standard input. A task adopts it by writing its files into the (still empty) workspace dir,
+# then sending `handoff(...)` followed by its own standard input; the shell exports the task's
+# variables and `exec`s the task's command, which then stands where a cold start puts it:
+# the only child of the container's init. A command that cannot be executed ends the shell
+# with 127 (not found) or 126 (not executable), as it ends a cold start's init.
+
+
+def _pool_doc(text: str) -> msgspec.Meta:
+    """A configuration key's meaning (`docs/configuration.md`)."""
+    return msgspec.Meta(description=text)
+
+
+class Shape(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """What a parked container is made for: a task adopts one only if its image and limits
+    are exactly these (the user, `/tmp` and the workspace's mount point are the node's)."""
+
+    image: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+    memory_mb: Annotated[int, msgspec.Meta(ge=6)] = 128
+    cpus: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    pids: Annotated[int, msgspec.Meta(ge=4)] = 64
+
+    def key(self) -> str:
+        """A short, stable name of the shape (labels, events, metrics)."""
+        return f"{self.image}|{self.memory_mb}m|{self.cpus:g}cpu|{self.pids}pids"
+
+
+class PoolConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    """The warm pool: containers created and started ahead of demand, each adopted by
+    exactly one task and removed after it (`docs/running.md`)."""
+
+    size: Annotated[
+        int,
+        _pool_doc("Parked containers kept ready per shape (0: no pool, every task starts cold)."),
+        msgspec.Meta(ge=0, le=64),
+    ] = 2
+    shapes: Annotated[
+        list[Shape],
+        _pool_doc(
+            "Shapes kept warm from the start (`image`, `memory_mb`, `cpus`, `pids`). Others "
+            "are learnt: a task that finds no parked container of its shape runs cold and "
+            "makes its shape warm."
+        ),
+    ] = []
+    learn: Annotated[
+        bool, _pool_doc("Whether a task's shape that is not in `shapes` is kept warm after it.")
+    ] = True
+    max_shapes: Annotated[
+        int,
+        _pool_doc("Most shapes kept warm at once (learnt ones beyond it are not)."),
+        msgspec.Meta(ge=1),
+    ] = 4
+    idle_s: Annotated[
+        float,
+        _pool_doc("A learnt shape no task used for this long is retired with its containers."),
+        msgspec.Meta(gt=0),
+    ] = 300.0
+    max_age_s: Annotated[
+        float,
+        _pool_doc("A parked container older than this is replaced by a fresh one."),
+        msgspec.Meta(gt=0),
+    ] = 3600.0
+    refill_interval_s: Annotated[
+        float,
+        _pool_doc("How often the pool checks its containers and refills; a failing shape waits."),
+        msgspec.Meta(gt=0),
+    ] = 1.0
+
+
+_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+# Variables the waiting shell itself sets and exports: removed before the task's command
+# runs, so that what the command inherits is what a cold start gives it.
+_SHELL_OWN: Final = ("SHLVL", "OLDPWD")
+
+WAITER: Final = (
+    "IFS= read -r t || exit 125\n"
+    "s=\n"
+    'while IFS= read -r l; do [ "$l" = "$t" ] && break; s="$s$l\n'
+    '"; done\n'
+    "unset l\n"
+    'eval "$s"\n'
+)
+"""The parked container's script (`/bin/sh -c WAITER`): reads a token line, then the lines
+of the hand-off up to that token again, and evaluates them. `read` takes one byte at a
+time from a pipe, so everything after the hand-off is left for the task."""
+
+
+def handoff(token: str, env: Mapping[str, str], command: Sequence[str]) -> bytes:
+    """What a parked container reads before it becomes the task: the token, a script that
+    exports `env` and `exec`s `command`, and the token again. Everything is single-quoted,
+    so no byte of a value is ever interpreted."""
+    q = shlex.quote
+    lines = [f"unset {' '.join(_SHELL_OWN)}"]
+    if env:
+        lines.append("export " + " ".join(f"{k}={q(v)}" for k, v in env.items()))
+    cmd = " ".join(q(a) for a in command)
+    lines.append("unset t s")
+    lines.append(f"exec {cmd}")
+    body = "\n".join(lines)
+    if token in body.split("\n"):
+        raise ValueError("a line of the hand-off is its token")
+    return f"{token}\n{body}\n{token}\n".encode()
+
+
+def pool_shape(spec: TaskSpec) -> Shape | None:
+    """The shape of the parked container `spec` would adopt, or None when it must start
+    cold: it asks for a network, privileges, capabilities or mounts (set at creation), or
+    has a variable whose name a shell cannot export (or that the waiting shell sets)."""
+    if spec.network != "none" or spec.privileged or spec.cap_add or spec.mounts:
+        return None
+    if not all(_NAME.match(k) for k in spec.env) or any(k in _SHELL_OWN for k in spec.env):
+        return None
+    lim = spec.limits
+    return Shape(image=spec.image, memory_mb=lim.memory_mb, cpus=lim.cpus, pids=lim.pids)

@@ -31,7 +31,14 @@ from typing import Any
 import docker
 
 from projections.audit import audit_records, records_of
-from schemas import TERMINAL_TASK_EVENTS, Event
+from schemas import (
+    TERMINAL_TASK_EVENTS,
+    CleanupSucceeded,
+    Event,
+    PoolAdopted,
+    PoolParked,
+    PoolRetired,
+)
 from supervisor.eventlog.nats_server import NatsServer
 from supervisor.eventlog.outbox import Outbox
 from testing.daemon import SANDBOX_IMAGE, DaemonProc
@@ -61,6 +68,7 @@ class ChaosReport:
     cancels: int = 0
     events: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
+    pool: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
 
     def line(self) -> str:
@@ -69,7 +77,7 @@ class ChaosReport:
             f"{self.nats_restarts} NATS restarts, {self.dockerd_restarts} dockerd restarts, "
             f"{self.containers_removed} containers removed, {self.cancels} cancels in "
             f"backoff, {self.events} events, outcomes {dict(self.outcomes)}, "
-            f"violations: {len(self.violations)}"
+            f"warm pool {dict(self.pool)}, violations: {len(self.violations)}"
         )
 
 
@@ -235,7 +243,12 @@ class _Chaos:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             ended = {e.task_id for e in self._events() if isinstance(e, TERMINAL_TASK_EVENTS)}
-            if set(ids) <= ended and not self._managed() and not self._workspaces():
+            parked, parked_ws = self._live_parked()
+            if (
+                set(ids) <= ended
+                and not set(self._managed()) - parked
+                and not set(self._workspaces()) - parked_ws
+            ):
                 return
             time.sleep(1.0)
         # Checked below, with what is missing named.
@@ -256,6 +269,7 @@ class _Chaos:
         r.violations += [
             f"audit: {v.rule} {v.task_id} {v.seqs}" for v in audit_records(records_of(events))
         ]
+        r.violations += _pool_accounting(events, r.pool)
         dup = [i for i, n in Counter(e.event_id for e in events).items() if n > 1]
         r.violations += [f"event id {i} stored twice" for i in dup]
         r.violations += [f"container {c[:12]} left" for c in self._managed()]
@@ -274,6 +288,21 @@ class _Chaos:
         flt = {"label": ["supervisor.managed=true", f"supervisor.node={self.node_id}"]}
         return [c["Id"] for c in self.docker.api.containers(all=True, filters=flt)]
 
+    def _live_parked(self) -> tuple[set[str], set[str]]:
+        """The containers (and their workspaces) parked by the live daemon's warm pool:
+        its own until it stops. A dead instance's must be gone like any leftover."""
+        try:
+            live = json.loads((self.data / "daemon.lock").read_text())["instance_id"]
+        except (OSError, ValueError, KeyError):
+            return set(), set()
+        flt = {"label": [f"supervisor.node={self.node_id}", f"supervisor.instance={live}"]}
+        found = [
+            c
+            for c in self.docker.api.containers(all=True, filters=flt)
+            if "supervisor.pool" in (c.get("Labels") or {})
+        ]
+        return {c["Id"] for c in found}, {c["Labels"]["supervisor.workspace"] for c in found}
+
     def _workspaces(self) -> list[str]:
         root = self.data / "workspaces"
         return sorted(str(p) for p in root.iterdir()) if root.exists() else []
@@ -282,6 +311,35 @@ class _Chaos:
         for cid in self._managed():
             with contextlib.suppress(docker.errors.APIError):
                 self.docker.api.remove_container(cid, force=True)
+
+
+def _pool_accounting(events: list[Event], counts: Counter[str]) -> list[str]:
+    """Every parked container was adopted by one attempt, retired by its pool, or removed
+    by a cleanup (the reconciler's, once its instance died): never lost, never adopted
+    twice. Fills `counts` (parked, adopted, retired by reason, removed by a cleanup)."""
+    parked: dict[str, Counter[str]] = {}
+    removed: set[str] = set()
+    for e in events:
+        if isinstance(e, PoolParked):
+            parked.setdefault(e.container_id, Counter())["parked"] += 1
+            counts["parked"] += 1
+        elif isinstance(e, PoolAdopted):
+            parked.setdefault(e.container_id, Counter())["adopted"] += 1
+            counts["adopted"] += 1
+        elif isinstance(e, PoolRetired):
+            parked.setdefault(e.container_id, Counter())["retired"] += 1
+            counts[f"retired_{e.reason}"] += 1
+        elif isinstance(e, CleanupSucceeded) and e.step == "remove_container":
+            removed.add(e.resource)
+    out = []
+    for cid, seen in parked.items():
+        if seen["adopted"] > 1:
+            out.append(f"parked container {cid[:12]} adopted {seen['adopted']} times")
+        if not (seen["adopted"] or seen["retired"] or cid in removed):
+            out.append(f"parked container {cid[:12]} neither adopted, retired nor removed")
+        elif not seen["adopted"] and not seen["retired"]:
+            counts["removed_by_cleanup"] += 1
+    return out
 
 
 def run_chaos(

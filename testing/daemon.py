@@ -226,3 +226,31 @@ def wait_until(cond: Callable[[], object], timeout: float = 60.0, what: str = "c
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def running_task_container(
+    docker_client: Any, nats_url: str, task_id: str, timeout: float = 60
+) -> str:
+    """The id of the container running `task_id` now, waited for: read from the task's
+    `container.created` events (a warm pool's container names no task in its labels), and
+    running by Docker's account."""
+    import asyncio
+
+    from schemas import ContainerCreated
+    from testing.stream import stream_events
+
+    found: list[str] = []
+
+    def up() -> bool:
+        events = asyncio.run(stream_events(nats_url, f"sup.container.created.*.{task_id}"))
+        ids = [e.container_id for e in events if isinstance(e, ContainerCreated)]
+        running = {
+            c.id
+            for c in docker_client.containers.list(filters={"status": "running"})
+            if c.id in ids
+        }
+        found[:] = [i for i in ids if i in running]
+        return bool(found)
+
+    wait_until(up, timeout, f"the container of {task_id} to run")
+    return found[-1]

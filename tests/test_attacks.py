@@ -32,7 +32,7 @@ from supervisor.eventlog.nats_auth import redact
 from supervisor.eventlog.nats_client import connect_nats
 from supervisor.eventlog.nats_server import resolve_nats_url
 from supervisor.reconcile.command_executor import JetStreamCommands
-from testing.daemon import DaemonProc, submit, task, wait_until
+from testing.daemon import DaemonProc, running_task_container, submit, task, wait_until
 from testing.stream import publish_event, stream_events
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
@@ -87,22 +87,6 @@ def _forge_success(target: Target, task_id: str) -> None:
     asyncio.run(publish_event(target.url, forged))
 
 
-def _running_container(docker_client: Any, task_id: str) -> str:
-    found: list[str] = []
-
-    def up() -> bool:
-        found[:] = [
-            c.id
-            for c in docker_client.containers.list(
-                filters={"label": f"supervisor.task={task_id}", "status": "running"}
-            )
-        ]
-        return bool(found)
-
-    wait_until(up, 60, f"the container of {task_id} to run")
-    return found[0]
-
-
 def test_an_anonymous_client_is_refused(target: Target) -> None:
     with pytest.raises(NatsUnavailable, match="Authorization Violation"):
         asyncio.run(connect_nats(redact(target.url), reconnect=False, timeout=2))
@@ -112,7 +96,7 @@ def test_a_forged_cleanup_command_does_not_kill_a_running_task(
     target: Target, docker_client: Any
 ) -> None:
     target.submit("sleep 4; echo survived", "atk-cleanup")
-    cid = _running_container(docker_client, "atk-cleanup")
+    cid = running_task_container(docker_client, target.url, "atk-cleanup")
     command = CleanupCommand(
         command_id="forged-cmd-1",
         node_id="n1",
@@ -150,7 +134,7 @@ def test_a_forged_success_of_a_running_task_is_kept_apart_never_its_outcome(
     target: Target, docker_client: Any
 ) -> None:
     target.submit("sleep 3; echo real; exit 3", "atk-success")
-    _running_container(docker_client, "atk-success")
+    running_task_container(docker_client, target.url, "atk-success")
     _forge_success(target, "atk-success")
     wait_until(
         lambda: any(isinstance(e, TaskFailed) for e in target.ended("atk-success")),
@@ -218,7 +202,7 @@ def test_submit_wait_prints_the_owners_result_never_a_forged_one(
         text=True,
     )
     try:
-        _running_container(docker_client, "atk-wait")
+        running_task_container(docker_client, target.url, "atk-wait")
         _forge_success(target, "atk-wait")
         out, err = waiting.communicate(timeout=90)
     finally:

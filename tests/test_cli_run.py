@@ -205,9 +205,9 @@ async def test_nats_down_during_a_run_loses_and_duplicates_nothing(
         "container.created",
         "container.started",
         "container.exited",
-        "cleanup.succeeded",
-        "cleanup.succeeded",
         "attempt.finished",
         "task.succeeded",
+        "cleanup.succeeded",
+        "cleanup.succeeded",
     ]
     assert len({e.event_id for e in events}) == len(events)

@@ -97,6 +97,9 @@ def _node(
         "nats": tomllib.loads((root / "node.toml").read_text())["nats"],
         "node_id": node_id,
         "scheduling": {"concurrency": 3},
+        # These tests tell whose task a container runs by its labels, which a warm pool's
+        # container does not carry (the pool has tests of its own, on one node).
+        "pool": {"size": 0},
         **(extra or {}),
     }
     d = DaemonProc(tmp / node_id, None, config=cfg)

@@ -33,6 +33,9 @@ pytestmark = pytest.mark.usefixtures("docker_client")
 def _daemon(
     daemons: list[DaemonProc], tmp_dir: Path, nats_url: str, **config: object
 ) -> DaemonProc:
+    # These tests count the node's task containers by label: no warm pool parks others
+    # (the pool has tests of its own, and the chaos test runs with it).
+    config.setdefault("pool", {"size": 0})
     d = DaemonProc(tmp_dir / "data", nats_url, config).start()
     daemons.append(d)
     return d

@@ -128,7 +128,10 @@ def test_an_outage_longer_than_the_ack_wait_redelivers_but_never_reruns_or_reclo
     url = server.start()
     try:
         data = tmp_dir / "data"
-        config = {"scheduling": {"concurrency": 4, "ack_wait_s": 2, "ack_progress_s": 1}}
+        config = {
+            "scheduling": {"concurrency": 4, "ack_wait_s": 2, "ack_progress_s": 1},
+            "pool": {"size": 0},  # the workspaces dirs counted below are the tasks'
+        }
         daemon = DaemonProc(data, url, config).start()
         daemons.append(daemon)
         # Two end while NATS is away, two still run when it is back: all four messages are

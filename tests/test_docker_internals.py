@@ -60,6 +60,7 @@ async def test_another_docker_py_version_runs_tasks_on_the_public_api(public_nod
         retry=RetryPolicy(max_attempts=1),
     )
     result = await public_node.executor.run(spec)
+    await public_node.executor.attempts.drain()
     assert await public_node.events.flush(10)
 
     assert (result.status, result.exit_code) == ("failed", 3)

@@ -23,7 +23,7 @@ from schemas.errors import ApiError
 from schemas.http import Submitted
 from schemas.openapi import document
 from supervisor.client import AsyncClient
-from testing.daemon import DaemonProc, task, wait_until
+from testing.daemon import DaemonProc, running_task_container, task, wait_until
 from testing.openapi import check_answer
 from testing.stream import stream_events
 
@@ -271,14 +271,6 @@ def _history(nats_url: str, task_id: str) -> list[str]:
     ]  # type: ignore[attr-defined]
 
 
-def _running(docker_client: Any, task_id: str) -> bool:
-    return bool(
-        docker_client.containers.list(
-            sparse=True, filters={"label": f"supervisor.task={task_id}", "status": "running"}
-        )
-    )
-
-
 def test_a_running_task_is_cancelled_once_and_leaves_nothing(
     tmp_dir: Path, nats_url: str, daemons: list[DaemonProc], docker_client: Any
 ) -> None:
@@ -286,7 +278,7 @@ def test_a_running_task_is_cancelled_once_and_leaves_nothing(
     daemons.append(d)
     d.start()
     _post(d, task("sleep 60", task_id="cancel-run"))
-    wait_until(lambda: _running(docker_client, "cancel-run"), 60, "the task to run")
+    cid = running_task_container(docker_client, nats_url, "cancel-run")
 
     status, body = d.request("DELETE", "/v1/tasks/cancel-run")
     assert (status, json.loads(body)) == (202, {"task_id": "cancel-run", "status": "cancelling"})
@@ -309,11 +301,7 @@ def test_a_running_task_is_cancelled_once_and_leaves_nothing(
     ]
     assert kills == ["cancelled"]
     wait_until(
-        lambda: (
-            not docker_client.containers.list(
-                all=True, sparse=True, filters={"label": "supervisor.task=cancel-run"}
-            )
-        ),
+        lambda: not docker_client.containers.list(all=True, sparse=True, filters={"id": cid}),
         30,
         "its container to be removed",
     )
@@ -330,7 +318,7 @@ def test_a_queued_task_is_withdrawn_before_it_runs(
     daemons.append(d)
     d.start()
     _post(d, task("sleep 4", task_id="cancel-first"))
-    wait_until(lambda: _running(docker_client, "cancel-first"), 60, "the first task to run")
+    running_task_container(docker_client, nats_url, "cancel-first")
     _post(d, task("echo never", task_id="cancel-queued"))
 
     status, _ = d.request("DELETE", "/v1/tasks/cancel-queued")

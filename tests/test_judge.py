@@ -37,6 +37,7 @@ def _spec(command: list[str], **kw: object) -> TaskSpec:
 
 async def _run(node: Node, spec: TaskSpec) -> Result:
     result = await node.executor.run(spec)
+    await node.executor.attempts.drain()
     assert await node.events.flush(10)
     return result
 

@@ -217,9 +217,18 @@ def test_a_command_never_removes_the_workspace_of_a_running_attempt(tmp_dir: Pat
     daemons.append(d)
     with d.client() as c:
         sub = c.submit(_spec("sleep 3; cat /workspace/data.txt", files={"data.txt": "kept\n"}))
-        root = d.data_dir / "workspaces"
-        wait_until(lambda: root.exists() and any(root.iterdir()), what="the workspace")
-        (workspace,) = list(root.iterdir())
+        creds = read_credentials(d.data_dir)
+        assert creds is not None
+        url = with_user(redact(_nats_url(d)), "node", creds.node)
+        found: list[str] = []
+
+        def made() -> bool:  # the attempt's own (a warm pool parks others beside it)
+            subject = f"sup.workspace.created.*.{sub.task_id}"
+            found[:] = [e.path for e in asyncio.run(stream_events(url, subject))]  # type: ignore[attr-defined]
+            return bool(found)
+
+        wait_until(made, what="the workspace")
+        workspace = Path(found[0])
 
         async def forge() -> None:
             node = await _as(d, "node")

@@ -19,11 +19,20 @@ import msgspec
 import pytest
 
 from projections.audit import audit_records, records_of
-from schemas import ErrorRaised, Event, TaskRefused, TaskSpec, event_type
+from schemas import (
+    ContainerCreated,
+    ErrorRaised,
+    Event,
+    PoolAdopted,
+    PoolRetired,
+    TaskRefused,
+    TaskSpec,
+    event_type,
+)
 from schemas.errors import ApiError
 from schemas.http import TaskView
 from supervisor.client import Client
-from testing.daemon import DaemonProc, task, wait_until
+from testing.daemon import SANDBOX_IMAGE, DaemonProc, task, wait_until
 from testing.dockerd import PrivateDockerd
 from testing.stream import stream_events
 
@@ -224,26 +233,46 @@ def test_a_dockerd_restart_costs_no_task_its_outcome(
     d = DaemonProc(
         tmp_dir / "data",
         nats_url,
-        {"docker_url": dockerd.url, "scheduling": {"concurrency": 4}},
+        {
+            "docker_url": dockerd.url,
+            "scheduling": {"concurrency": 4},
+            "pool": {"size": 2, "shapes": [{"image": SANDBOX_IMAGE}]},
+        },
     ).start()
     daemons.append(d)
     client = d.client()
     request.addfinalizer(client.close)
-    ids = [f"t-engine-{i}" for i in range(10)]
+    engine = docker.DockerClient(base_url=dockerd.url, timeout=30)
+    request.addfinalizer(engine.close)
+    ids = [f"t-engine-{i}" for i in range(6)]
     for task_id in ids:
-        client.submit(_spec("sleep 4; echo done", task_id=task_id, limits={"timeout_s": 60}))
+        client.submit(_spec("sleep 8; echo done", task_id=task_id, limits={"timeout_s": 60}))
     wait_until(
         lambda: sum(getattr(_row(client, t), "state", None) == "running" for t in ids) == 4,
         what="four tasks to run",
     )
 
+    def parked() -> list[str]:
+        """Running containers of the pool that no task adopted (an adopted one keeps the
+        pool's label: the log says whose it is)."""
+        flt = {"label": "supervisor.pool", "status": "running"}
+        listed = [c.id for c in engine.containers.list(sparse=True, filters=flt)]
+        ran = {
+            e.container_id
+            for e in asyncio.run(stream_events(nats_url, "sup.container.created.>"))
+            if isinstance(e, ContainerCreated)
+        }
+        return [c for c in listed if c not in ran]
+
+    wait_until(lambda: len(parked()) == 2, what="two parked containers")
     running = sorted(t for t in ids if getattr(_row(client, t), "state", None) == "running")
+    were_parked = parked()
     dockerd.stop()  # SIGTERM: dockerd stops the running containers, then exits
     time.sleep(3)
     dockerd.start()
     views = [client.wait(t, timeout_s=120) for t in ids]
 
-    assert [(v.outcome, v.terminal_events) for v in views] == [("succeeded", 1)] * 10
+    assert [(v.outcome, v.terminal_events) for v in views] == [("succeeded", 1)] * 6
     assert all(v.result is not None and v.result.stdout == "done\n" for v in views)
     # The attempts the restart killed were infrastructure failures, retried once the
     # engine was back; no task used up its attempts.
@@ -254,12 +283,24 @@ def test_a_dockerd_restart_costs_no_task_its_outcome(
     assert {t: first_errors[t] for t in running} == {t: ["infrastructure"] for t in running}
     assert {v.task_id: v.attempts for v in views} == {t: 2 if t in running else 1 for t in ids}
     assert _audit(nats_url) == []
-    engine = docker.DockerClient(base_url=dockerd.url, timeout=30)
-    request.addfinalizer(engine.close)
-    wait_until(
-        lambda: not engine.containers.list(all=True, filters={"label": "supervisor.managed=true"}),
-        what="every container to be removed",
-    )
+    # The parked containers the restart stopped were never handed to a task: retired as
+    # vanished (and new ones parked once the engine answered).
+    retired = [
+        e
+        for e in asyncio.run(stream_events(nats_url, "sup.pool.retired.>"))
+        if isinstance(e, PoolRetired)
+    ]
+    assert {
+        e.container_id: e.reason for e in retired if e.container_id in were_parked
+    } == dict.fromkeys(were_parked, "vanished")
+    adopted = {
+        e.container_id for t in ids for e in _history(nats_url, t) if isinstance(e, PoolAdopted)
+    }
+    assert not adopted & set(were_parked)
+    wait_until(lambda: len(parked()) == 2, what="the pool to refill")
+    d.stop()
+    assert d.wait() == 0
+    assert not engine.containers.list(all=True, filters={"label": "supervisor.managed=true"})
 
 
 def test_two_daemons_on_one_host_never_take_each_others_containers(

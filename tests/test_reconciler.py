@@ -235,6 +235,7 @@ async def test_a_leaked_workspace_of_a_finished_task_is_removed(
             type=__import__("schemas").TaskSpec,
         )
         result = await r.node.executor.run(spec)
+        await r.node.executor.attempts.drain()
         stray = r.node.data_dir / "workspaces" / "t-ws.1.left-behind"
         stray.mkdir()
 

@@ -60,6 +60,11 @@ def test_the_report_shows_what_the_sql_says(tmp_dir: Path) -> None:
         assert float(shown["cleanup_success_pct"]) == round(
             100 * one("SELECT avg((outcome = 'succeeded')::INT) FROM cleanups"), 2
         )
+        adopted, started = (
+            one(f"SELECT count(*) FROM events WHERE type = '{t}'")
+            for t in ("pool.adopted", "attempt.started")
+        )
+        assert float(shown["warm_start_pct"]) == round(100 * adopted / started, 1)
         by_type = con.execute("SELECT error_type, count(*) FROM errors GROUP BY ALL").fetchall()
         assert by_type and all(float(shown[f"errors_by_type.{t}"]) == n for t, n in by_type)
         top = con.execute(

@@ -149,6 +149,11 @@ _CLEANUP_TOTALS = (
 )
 _ERROR_COUNT = "SELECT count(*) FROM errors WHERE {in:occurred_at}"
 _LEAKED_NOW = "SELECT count(*) FROM leaked_resources"
+_WARM = (  # attempts that adopted a warm pool's container, of all attempts started
+    "SELECT count(*) FILTER (WHERE type = 'pool.adopted'), "
+    "count(*) FILTER (WHERE type = 'attempt.started') FROM events "
+    "WHERE type IN ('pool.adopted', 'attempt.started') AND {in:occurred_at}"
+)
 _PLACEHOLDER = re.compile(r"\{(i|in):(\w+)\}")
 
 
@@ -295,6 +300,7 @@ def _marks(run: Run, span: _Span) -> list[Mark]:
 def _totals(run: Run, span: _Span) -> dict[str, float]:
     outcomes = {str(o): int(k) for o, k in run(span.sql(_OUTCOMES))}
     cleanup_total, cleanup_ok = run(span.sql(_CLEANUP_TOTALS))[0]
+    adopted, started = run(span.sql(_WARM))[0]
     return {
         "tasks": sum(outcomes.values()),
         "succeeded": outcomes.get("succeeded", 0),
@@ -306,6 +312,7 @@ def _totals(run: Run, span: _Span) -> dict[str, float]:
         if cleanup_total
         else 100.0,
         "leaked_now": _one(run(_LEAKED_NOW)),
+        "warm_start_pct": round(100 * adopted / started, 1) if started else 0.0,
     }
 
 

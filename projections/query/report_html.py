@@ -42,6 +42,7 @@ def render(report: Report, *, title: str = "Container supervisor report") -> str
         ("errors", "errors", f"{t['errors']:.0f}"),
         ("cleanup_success_pct", "cleanup success %", f"{t['cleanup_success_pct']:g}"),
         ("leaked_now", "leaked now", f"{t['leaked_now']:.0f}"),
+        ("warm_start_pct", "warm starts %", f"{t['warm_start_pct']:g}"),
     ]
     seqs = (
         f"events {report.first_seq}-{report.last_seq}"

@@ -37,6 +37,7 @@ from schemas.projected import (
     ContainerRecord,
     InstanceRecord,
     Inventory,
+    ParkedRecord,
     ProjectedState,
     SeenContainer,
     SeenWorkspace,
@@ -130,6 +131,14 @@ WHERE i.node_id = $node
    OR i.instance_id IN (SELECT instance_id FROM observed_containers WHERE node_id = $node)
 """
 
+# A warm pool's containers of this node that no attempt adopted and nobody removed.
+_PARKED = """
+SELECT container_id, workspace, node_id, instance_id, parked_seq, parked_at, state,
+       retired_seq, retired_at
+FROM parked_containers
+WHERE node_id = $node AND state IN ('parked', 'retire_failed') AND parked_seq IS NOT NULL
+"""
+
 _OPEN_COMMANDS = """
 SELECT DISTINCT command_id FROM reconcile_decisions
 WHERE node_id = $node AND NOT dry_run AND command_id IS NOT NULL
@@ -182,6 +191,7 @@ def read_state(
         attempts = {(a.task_id, a.attempt): a for a in _records(cur, _ATTEMPTS, {}, AttemptRecord)}
         tasks = {t.task_id: t for t in _records(cur, _TASKS, {}, TaskRecord)}
         instances = {i.instance_id: i for i in _records(cur, _INSTANCES, p, InstanceRecord)}
+        parked = {r.container_id: r for r in _records(cur, _PARKED, p, ParkedRecord)}
         open_commands = frozenset(r[0] for r in cur.execute(_OPEN_COMMANDS, p).fetchall())
         rows = cur.execute(_FINALS, p).fetchall()
     finally:
@@ -200,6 +210,7 @@ def read_state(
         open_commands,
         finals,
         finals_at,
+        parked=parked,
     )
 
 

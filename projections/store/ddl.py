@@ -43,6 +43,7 @@ TABLES: Final[tuple[str, ...]] = (
 """Every table, in the order a comparison or a dump should visit them."""
 
 VIEWS: Final[tuple[str, ...]] = (
+    "parked_containers",
     "leak_intervals",
     "leaked_resources",
     "task_latencies",
@@ -316,8 +317,55 @@ CREATE TABLE IF NOT EXISTS projector_state (
 _TERMINAL_TASK = "state IN ('succeeded', 'failed', 'rejected')"
 
 VIEW_DDL: Final[dict[str, str]] = {
+    # A warm pool's containers (`pool.*` events), one row each: `parked` until an attempt
+    # adopts it (`adopted`, then the attempt's own container in `containers`) or the pool
+    # retires it (`retired`; `retire_failed` while a failed removal is not made good, by a
+    # cleanup recorded in `containers`).
+    "parked_containers": """
+CREATE OR REPLACE VIEW parked_containers AS
+WITH p AS (
+    SELECT type, seq, occurred_at, node_id, instance_id, task_id, attempt,
+           json_extract_string(payload, '$.container_id') AS container_id,
+           json_extract_string(payload, '$.workspace') AS workspace,
+           json_extract_string(payload, '$.shape') AS shape,
+           json_extract_string(payload, '$.reason') AS reason,
+           json_extract_string(payload, '$.error') AS error,
+           coalesce(json_extract(payload, '$.removed')::BOOLEAN, true) AS removed
+    FROM events WHERE type IN ('pool.parked', 'pool.adopted', 'pool.retired')
+), g AS (
+    SELECT container_id,
+           arg_min(workspace, seq) AS workspace,
+           arg_min(shape, seq) AS shape,
+           arg_min(node_id, seq) AS node_id,
+           arg_min(instance_id, seq) FILTER (WHERE type = 'pool.parked') AS instance_id,
+           min(occurred_at) FILTER (WHERE type = 'pool.parked') AS parked_at,
+           min(seq) FILTER (WHERE type = 'pool.parked') AS parked_seq,
+           min(occurred_at) FILTER (WHERE type = 'pool.adopted') AS adopted_at,
+           min(seq) FILTER (WHERE type = 'pool.adopted') AS adopted_seq,
+           arg_min(task_id, seq) FILTER (WHERE type = 'pool.adopted') AS task_id,
+           arg_min(attempt, seq) FILTER (WHERE type = 'pool.adopted') AS attempt,
+           min(occurred_at) FILTER (WHERE type = 'pool.retired') AS retired_at,
+           min(seq) FILTER (WHERE type = 'pool.retired') AS retired_seq,
+           arg_min(reason, seq) FILTER (WHERE type = 'pool.retired') AS retire_reason,
+           arg_min(error, seq) FILTER (WHERE type = 'pool.retired') AS retire_error,
+           bool_and(removed) FILTER (WHERE type = 'pool.retired') AS retire_removed
+    FROM p GROUP BY container_id
+)
+SELECT g.container_id, g.workspace, g.shape, g.node_id, g.instance_id, g.parked_at,
+       g.parked_seq, g.adopted_at, g.adopted_seq, g.task_id, g.attempt, g.retired_at,
+       g.retired_seq, g.retire_reason, g.retire_error,
+       CASE WHEN g.adopted_seq IS NOT NULL THEN 'adopted'
+            WHEN c.removed_seq IS NOT NULL THEN 'retired'
+            WHEN g.retired_seq IS NOT NULL AND g.retire_removed THEN 'retired'
+            WHEN g.retired_seq IS NOT NULL THEN 'retire_failed'
+            ELSE 'parked' END AS state,
+       coalesce(CASE WHEN g.retire_removed THEN g.retired_seq END, c.removed_seq)
+           AS removed_seq
+FROM g LEFT JOIN containers c ON c.container_id = g.container_id AND g.adopted_seq IS NULL
+""",
     # A resource is leaked once the attempt that made it finished, or its task reached a
-    # terminal state, and no removal was recorded by then. It leaks from the earlier of the
+    # terminal state, and no removal was recorded by then (the attempt's own removal that
+    # follows its outcome aside). It leaks from the earlier of the
     # two (`leaked_since`) until its removal (`leaked_until`, NULL while it lasts). This is
     # the one definition of a leak: `leaked_resources` and the report read it.
     "leak_intervals": f"""
@@ -339,30 +387,62 @@ WITH r AS (
     LEFT JOIN tasks t ON t.task_id = r.task_id
     WHERE a.finished_seq IS NOT NULL OR t.{_TERMINAL_TASK}
 )
-SELECT kind, resource, state, task_id, attempt, node_id, instance_id, task_state,
-       created_at, leaked_since, CASE WHEN removed_seq IS NULL THEN NULL
-                                      ELSE removed_at END AS leaked_until,
-       cleanup_failures, last_cleanup_error
-FROM s
-WHERE removed_seq IS NULL OR removed_at > leaked_since
+SELECT s.kind, s.resource, s.state, s.task_id, s.attempt, s.node_id, s.instance_id,
+       s.task_state, s.created_at, s.leaked_since,
+       CASE WHEN s.removed_seq IS NULL THEN NULL ELSE s.removed_at END AS leaked_until,
+       s.cleanup_failures, s.last_cleanup_error
+FROM s LEFT JOIN events re ON re.seq = s.removed_seq
+WHERE s.removed_seq IS NULL
+   -- Removed after its attempt ended: a leak unless it was the attempt's own removal (by
+   -- the instance that made it, none failed, no reconcile decision), which follows the
+   -- outcome of an attempt whose container exited on its own.
+   OR (s.removed_at > s.leaked_since
+       AND (s.cleanup_failures > 0
+            OR re.instance_id IS DISTINCT FROM s.instance_id
+            OR s.resource IN (SELECT resource FROM reconcile_decisions WHERE NOT dry_run)))
 """,
-    # The leaks that last now, with the age and whose they are.
+    # The leaks that last now, with the age and whose they are. A warm pool's parked
+    # container (and its workspace) leaks once the instance that parked it is not alive, or
+    # once its retirement failed.
     "leaked_resources": """
 CREATE OR REPLACE VIEW leaked_resources AS
-SELECT l.kind, l.resource, l.state, l.task_id, l.attempt, l.node_id, l.task_state,
-       l.created_at, l.leaked_since, epoch(now()) - epoch(l.leaked_since) AS age_s,
-       l.cleanup_failures, l.last_cleanup_error,
-       -- The process that made the resource: only its node can reach its engine.
-       CASE WHEN rn.node_id IS NOT NULL THEN 'retired'
-            WHEN i.stopped_seq IS NOT NULL THEN 'stopped'
-            WHEN i.last_heartbeat_at IS NULL THEN 'unknown'
-            WHEN epoch(now()) - epoch(i.last_heartbeat_at) > i.heartbeat_timeout_s THEN 'dead'
-            ELSE 'alive' END AS owner
-FROM leak_intervals l
-LEFT JOIN instances i ON i.instance_id = l.instance_id
-LEFT JOIN (SELECT DISTINCT node_id FROM events WHERE type = 'node.retired') rn
-       ON rn.node_id = l.node_id
-WHERE l.leaked_until IS NULL
+WITH parked AS (
+    SELECT p.*, w.removed_seq AS workspace_removed_seq
+    FROM parked_containers p LEFT JOIN workspaces w ON w.path = p.workspace
+    WHERE p.state IN ('parked', 'retire_failed')
+), l AS (
+    SELECT kind, resource, state, task_id, attempt, node_id, instance_id, task_state,
+           created_at, leaked_since, cleanup_failures, last_cleanup_error, false AS parked
+    FROM leak_intervals WHERE leaked_until IS NULL
+    UNION ALL
+    SELECT 'container', container_id, state, '_', 0, node_id, instance_id, NULL, parked_at,
+           retired_at, 0, retire_error, true
+    FROM parked
+    UNION ALL
+    SELECT 'workspace', workspace, state, '_', 0, node_id, instance_id, NULL, parked_at,
+           retired_at, 0, retire_error, true
+    FROM parked WHERE workspace_removed_seq IS NULL
+), o AS (
+    SELECT l.*,
+           -- The process that made the resource: only its node can reach its engine.
+           CASE WHEN rn.node_id IS NOT NULL THEN 'retired'
+                WHEN i.stopped_seq IS NOT NULL THEN 'stopped'
+                WHEN i.last_heartbeat_at IS NULL THEN 'unknown'
+                WHEN epoch(now()) - epoch(i.last_heartbeat_at) > i.heartbeat_timeout_s
+                     THEN 'dead'
+                ELSE 'alive' END AS owner,
+           coalesce(l.leaked_since, i.stopped_at,
+                    i.last_heartbeat_at + to_seconds(i.heartbeat_timeout_s)) AS since
+    FROM l
+    LEFT JOIN instances i ON i.instance_id = l.instance_id
+    LEFT JOIN (SELECT DISTINCT node_id FROM events WHERE type = 'node.retired') rn
+           ON rn.node_id = l.node_id
+)
+SELECT kind, resource, state, task_id, attempt, node_id, task_state, created_at,
+       since AS leaked_since, epoch(now()) - epoch(since) AS age_s, cleanup_failures,
+       last_cleanup_error, owner
+FROM o
+WHERE NOT parked OR state = 'retire_failed' OR owner NOT IN ('alive', 'unknown')
 """,
     # A finished task's latency, submitted to finished: the one definition.
     "task_latencies": """

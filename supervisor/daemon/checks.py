@@ -9,6 +9,7 @@ from schemas.errors import DockerError
 from schemas.http import Check, CheckFn
 from supervisor.daemon.monitor import ResourceMonitor
 from supervisor.docker.engine_breaker import DockerBreaker, Pingable
+from supervisor.execution.pool import WarmPool
 
 
 def docker_check(runtime: Pingable) -> CheckFn:
@@ -98,3 +99,22 @@ def daemon_checks(
 
 
 # --- the app ---------------------------------------------------------------------------------
+
+
+def pool_check(pool: WarmPool) -> CheckFn:
+    """The warm pool: always ready (a task with no parked container starts cold); the
+    details say what is parked, per shape, against `[pool] size`."""
+
+    async def check() -> Check:
+        if not pool.enabled:
+            return Check(ok=True, reason="no warm pool (size 0): every task starts cold")
+        parked = pool.parked()
+        details = {"size": pool.cfg.size, "shapes": pool.shapes(), "parked": parked}
+        total = sum(parked.values())
+        return Check(
+            ok=True,
+            reason=f"{total} container(s) parked in {len(pool.shapes())} shape(s)",
+            details=details,
+        )
+
+    return check

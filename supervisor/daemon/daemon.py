@@ -41,7 +41,7 @@ from schemas.errors import ApiError, NatsUnavailable, projection_unavailable
 from schemas.http import Check, CheckFn
 from schemas.streams import TASKS_STREAM
 from supervisor.daemon.api import create_app, http_token
-from supervisor.daemon.checks import daemon_checks
+from supervisor.daemon.checks import daemon_checks, pool_check
 from supervisor.daemon.datadir import DataDirLock, node_id_for, publish
 from supervisor.daemon.error_counts import counting_node_errors
 from supervisor.daemon.extension import DaemonContext, Part, ReadSide
@@ -57,16 +57,21 @@ from supervisor.eventlog.nats_auth import redact
 from supervisor.eventlog.nats_client import check_history_protected, ensure_streams
 from supervisor.eventlog.nats_server import url_file
 from supervisor.execution.cancellations import following_cancellations
+from supervisor.execution.pool import WarmPool
 from supervisor.execution.task_loop import Scheduler
 from supervisor.execution.workqueue import WorkQueue, ensure_consumers
 from supervisor.intake.cancel import request_cancel
 from supervisor.intake.submit import Intake, Submission
+from supervisor.intake.wait import view_when_durable
 from supervisor.observability.metrics import Metrics
 from supervisor.policy.breaker import counts
 from supervisor.policy.capacity import can_pull_any, fits_budget
 from supervisor.policy.classify import Classification
 
 __all__ = ["Daemon"]
+
+READ_YOUR_WRITES_S = 2.0
+"""Longest a read waits for the projection to apply an end a `?wait` already answered."""
 
 log = logging.getLogger("supervisor.daemon.daemon")
 
@@ -105,6 +110,7 @@ class Daemon:
         self.ready = asyncio.Event()
         self._engine_check: asyncio.Future[None] | None = None
         self.wq: WorkQueue | None = None
+        self.pool: WarmPool | None = None
 
     # --- scheduling decisions -------------------------------------------------------------
 
@@ -230,6 +236,7 @@ class Daemon:
             )
             if self.pull:
                 await stack.enter_async_context(following_cancellations(js, node.executor))
+                self._open_pool(node, stack)
             await stack.enter_async_context(
                 counting_node_errors(js, node.metrics, cfg.node_id, node.emitter.instance_id)
             )
@@ -250,6 +257,25 @@ class Daemon:
             await self._pull_until(stop, force, scheduler)
             await node.events.flush(10)
         return 0
+
+    def _open_pool(self, node: Node, stack: contextlib.AsyncExitStack) -> None:
+        """The warm pool, refilled in the background; at the end (after the scheduler has
+        drained) its parked containers are retired."""
+        pool = WarmPool(
+            node.runtime,
+            node.emitter,
+            self.config,
+            node.metrics,
+            data_dir=node.data_dir,
+            watcher=node.watcher,
+            gate=self._gate,
+        )
+        node.executor.attempts.pool = pool
+        self.pool = pool
+        if self.monitor is not None:
+            self.monitor.idle_containers = lambda: sum(pool.parked().values())
+        pool.start()
+        stack.push_async_callback(pool.close)
 
     async def _open_queue(self, node: Node, stack: contextlib.AsyncExitStack) -> WorkQueue:
         """NATS reached, the streams and consumers there, the NATS URL published in the data
@@ -325,6 +351,8 @@ class Daemon:
         if self.wq is not None:
             checks["consumers"] = self.wq.check
         checks["started"] = self._started_check
+        if self.pool is not None:
+            checks["pool"] = pool_check(self.pool)
         node.metrics.disk_full.set_function(lambda: float(self._disk_reason() is not None))
         _background(stack, "disk", self._watch_disk)
         node.metrics.outbox_backlog.set_function(lambda: node.events.backlog)
@@ -436,6 +464,33 @@ class _Api:
     def __init__(self, daemon: Daemon, js: JetStreamContext) -> None:
         self.daemon = daemon
         self.js = js
+        # Read your writes: the highest end answered from the stream before the projection
+        # had applied it, and the highest sequence the projection is known to have applied.
+        self.answered_seq = 0
+        self.applied_seq = 0
+
+    def _saw(self, doc: Mapping[str, Any] | None) -> None:
+        if doc is None:
+            return
+        applied = int(doc.get("projection_seq") or 0)
+        self.applied_seq = max(self.applied_seq, applied)
+        finished = int(doc.get("finished_seq") or 0)
+        if finished > applied:  # answered from the stream, ahead of the projection
+            self.answered_seq = max(self.answered_seq, finished)
+
+    async def _caught_up(self) -> None:
+        """Before a read: once a `?wait` was answered from the stream, wait (at most
+        `READ_YOUR_WRITES_S`) until the projection has applied that end too, so that a
+        client that saw the end sees it in every read that follows."""
+        read_side = self.daemon.read_side
+        if read_side is None or self.answered_seq <= self.applied_seq:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READ_YOUR_WRITES_S
+        while self.answered_seq > self.applied_seq and loop.time() < deadline:
+            self._saw(await read_side.tasks({"limit": "1"}))
+            if self.answered_seq > self.applied_seq:
+                await asyncio.sleep(0.01)
 
     async def submit(self, spec: TaskSpec) -> Submission:
         assert self.daemon.intake is not None
@@ -443,7 +498,10 @@ class _Api:
 
     async def task(self, task_id: str, wait_s: float = 0.0) -> Mapping[str, Any] | None:
         if self.daemon.read_side is not None:
-            return await self.daemon.read_side.task(task_id, wait_s)
+            await self._caught_up()
+            doc = await view_when_durable(self.js, self.daemon.read_side.task, task_id, wait_s)
+            self._saw(doc)
+            return doc
         events = await read_task_events(self.js, task_id)
         if not events:
             return None
@@ -469,13 +527,17 @@ class _Api:
     async def tasks(self, params: Mapping[str, str]) -> Mapping[str, Any]:
         if self.daemon.read_side is None:
             raise projection_unavailable("this daemon runs without a projection")
-        return await self.daemon.read_side.tasks(params)
+        await self._caught_up()
+        page = await self.daemon.read_side.tasks(params)
+        self._saw(page)
+        return page
 
     async def query(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
         if self.daemon.read_side is None:
             raise ApiError(
                 503, "infrastructure", "QUERY_UNAVAILABLE", "this daemon runs without a projection"
             )
+        await self._caught_up()
         return await self.daemon.read_side.query(request)
 
 

@@ -222,6 +222,9 @@ class ResourceMonitor:
         self.last: HostSample | None = None
         self.ticks = 0
         self._docker_failing = False  # log the first failure and the recovery, not each tick
+        # How many of the node's managed containers wait idle in its warm pool (set by the
+        # daemon): they are not work, and do not count against `thresholds.containers`.
+        self.idle_containers: Callable[[], int] = lambda: 0
         if metrics is not None:
             for m in METRICS:
                 metrics.host[m][1].set(host_value(m, threshold_of(m, self.thresholds)))
@@ -292,7 +295,8 @@ class ResourceMonitor:
         count: int | None = None
         try:
             async with asyncio.timeout(self.docker_timeout_s):
-                count = len(await self.runtime.list_managed(self.emitter.node_id))
+                listed = len(await self.runtime.list_managed(self.emitter.node_id))
+                count = max(listed - self.idle_containers(), 0)
         except TimeoutError:
             error = DockerUnavailable("list", f"no answer in {self.docker_timeout_s:g}s")
         except DockerError as e:

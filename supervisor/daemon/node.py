@@ -139,6 +139,8 @@ async def open_node(
         try:
             yield node
         finally:
+            # The removals that followed their tasks' outcomes end before the instance.
+            await executor.attempts.drain()
             emitter.emit(SupervisorStopped, reason="exit")
 
 

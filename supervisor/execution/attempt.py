@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass, field
@@ -25,12 +26,19 @@ from schemas import (
     ContainerStarted,
     Evidence,
     KillIssued,
+    PoolAdopted,
     TaskSpec,
     WorkspaceCreated,
 )
 from schemas.config import Config
-from schemas.errors import ContainerVanished, InternalError, SupervisorError
+from schemas.errors import (
+    ContainerVanished,
+    DockerError,
+    InternalError,
+    SupervisorError,
+)
 from schemas.labels import container_labels
+from schemas.spec import handoff
 from supervisor.docker.internals import close_socket, stdin_socket
 from supervisor.docker.observe import CgroupSampler, DockerEventWatcher
 from supervisor.docker.runtime import (
@@ -42,8 +50,9 @@ from supervisor.docker.runtime import (
 )
 from supervisor.eventlog.emitter import Emitter
 from supervisor.eventlog.outcomes import emit_error
-from supervisor.execution.cleanup import Cleaner
-from supervisor.execution.workspace import create_workspace
+from supervisor.execution.cleanup import Cleaner, CleanupReport
+from supervisor.execution.pool import Parked, WarmPool
+from supervisor.execution.workspace import create_workspace, fill_workspace
 from supervisor.observability.metrics import Metrics
 from supervisor.policy.classify import Classification, classify
 
@@ -81,6 +90,8 @@ class AttemptState:
     # The attach socket and the reader draining it (which closes it at its end).
     stream: Any = None
     reader: asyncio.Future[Output] | None = None
+    # A warm pool's container: the hand-off's one-time token (its exec-failure marker).
+    token: str | None = None
 
 
 @dataclass
@@ -134,6 +145,15 @@ class AttemptRunner:
         # The workspaces of the attempts this instance runs now (from their creation to
         # their removal), so that no command removes one under a running attempt.
         self.workspaces: set[str] = set()
+        # The warm pool (set by the daemon): an attempt adopts a parked container of its
+        # shape when there is one, and starts cold otherwise.
+        self.pool: WarmPool | None = None
+        # The removals that follow their attempt's outcome (`_defer_cleanup`).
+        self.deferred: set[asyncio.Task[CleanupReport]] = set()
+        # When the last adoption began and the last container exited (perf_counter): what
+        # `bench/bench_pool.py` reads as a pool hit's adopt-to-exit time.
+        self.last_adopt_at = 0.0
+        self.last_exit_at = 0.0
 
     async def kill_cancelled(self, container_id: str) -> None:
         """Kill a live attempt's container for its task's cancellation, the kill recorded
@@ -166,10 +186,10 @@ class AttemptRunner:
         except Exception as e:  # a bug or a host refusal: classified now, never a lost attempt
             log.exception("attempt %d of %s: unexpected error", attempt, task_id)
             st.adapter_error = InternalError("attempt", e)
-        try:
-            await _uncancellable(self._after(em, st))
-        except asyncio.CancelledError:
-            st.cancelled = True
+        # Run to completion, even when cancelled meanwhile (the cancellation is re-raised
+        # once the attempt is closed): a removal left for later must not be lost.
+        deferred, cancelled = await _settled(self._after(em, st))
+        st.cancelled = st.cancelled or cancelled
         evidence = self._evidence(st)
         c = classify(evidence)
         if c is not None:
@@ -199,6 +219,8 @@ class AttemptRunner:
                 "duration_s": round(duration, 3),
             },
         )
+        if deferred:
+            self._defer_cleanup(em, st)
         if st.cancelled:
             raise asyncio.CancelledError
         return AttemptOutcome(
@@ -216,6 +238,9 @@ class AttemptRunner:
         self, em: Emitter, spec: TaskSpec, task_id: str, attempt: int, st: AttemptState
     ) -> None:
         rt = self.runtime
+        parked = self.pool.take(spec) if self.pool is not None else None
+        if parked is not None and await self._adopt(em, spec, task_id, attempt, st, parked):
+            return
         # Creating steps run to completion even when the attempt is cancelled meanwhile, so
         # what they made is known to cleanup instead of leaking (a workspace, a container,
         # an open socket).
@@ -291,6 +316,71 @@ class AttemptRunner:
         finally:
             self.metrics.running.dec()
 
+    async def _adopt(
+        self, em: Emitter, spec: TaskSpec, task_id: str, attempt: int, st: AttemptState, p: Parked
+    ) -> bool:
+        """Run the attempt in the parked container `p`: the spec's files into its workspace,
+        its output attached, then the hand-off (`schemas.spec.handoff`) and the spec's
+        stdin written to it. False when `p` cannot be adopted (it vanished meanwhile): it
+        is given back to the pool to retire, and the attempt starts cold."""
+        assert self.pool is not None
+        t0 = time.monotonic()
+        self.last_adopt_at = time.perf_counter()
+        rt, cid = self.runtime, p.container_id
+        try:
+            nbytes, cancelled = await _settled(
+                asyncio.to_thread(fill_workspace, p.workspace, spec.file_bytes())
+            )
+            stream, attached_cancel = await _settled(rt.attach(cid, stdin=True))
+        except (DockerError, OSError):
+            self.pool.discard(p, "vanished")
+            return False
+        if cancelled or attached_cancel:
+            close_socket(stream)
+            self.pool.discard(p, "shutdown")
+            raise asyncio.CancelledError
+        st.workspace, st.container_id, st.token = p.workspace, cid, secrets.token_hex(16)
+        self.workspaces.add(str(p.workspace))
+        em.emit(
+            PoolAdopted,
+            container_id=cid,
+            workspace=str(p.workspace),
+            shape=p.key,
+            parked_s=p.age_s(),
+        )
+        files = len(spec.files) + len(spec.files_base64)
+        em.emit(WorkspaceCreated, path=str(p.workspace), files=files, bytes=nbytes)
+        deadline = time.time() + spec.limits.timeout_s
+        self.live[cid] = LiveAttempt(em, st, deadline)
+        em.emit(
+            ContainerCreated,
+            container_id=cid,
+            image=spec.image,
+            labels=p.labels,
+            deadline=deadline,
+            adopted=True,
+        )
+        try:
+            self._track(em, cid, spec, st)
+            env = {**spec.env, "SUPERVISOR_TASK_ID": task_id, "SUPERVISOR_ATTEMPT": str(attempt)}
+            data = handoff(st.token, env, spec.command) + (spec.stdin_bytes() or b"")
+            st.stdin_writer = rt.run_blocking(write_stdin, stdin_socket(stream), data)
+        except BaseException:
+            close_socket(stream)
+            raise
+        self.sampler.sample(cid)
+        st.running = True
+        self.metrics.pool_adopt_duration.observe(time.monotonic() - t0)
+        if task_id in self.cancelled:  # asked while it was being adopted
+            await self.kill_cancelled(cid)
+        self.metrics.running.inc()
+        try:
+            em.emit(ContainerStarted, container_id=cid)
+            await self._supervise(em, spec, cid, stream, st)
+        finally:
+            self.metrics.running.dec()
+        return True
+
     async def _supervise(
         self, em: Emitter, spec: TaskSpec, cid: str, stream: Any, st: AttemptState
     ) -> None:
@@ -308,6 +398,7 @@ class AttemptRunner:
             if not done:
                 await self._kill(em, cid, "timeout", st)
             st.exit_code = await waiter
+            self.last_exit_at = time.perf_counter()
         finally:
             if not waiter.done():
                 waiter.cancel()
@@ -366,8 +457,47 @@ class AttemptRunner:
         with contextlib.suppress(SupervisorError):
             await self.runtime.kill(cid)
 
-    async def _after(self, em: Emitter, st: AttemptState) -> None:
-        """Evidence that must be read before removal, then cleanup."""
+    def _defer_cleanup(self, em: Emitter, st: AttemptState) -> None:
+        """Remove an attempt's exited container and its workspace after its outcome is
+        recorded (`_after`), in the background: the task's result does not wait for the
+        removal. `drain` waits for every such removal."""
+        task = asyncio.ensure_future(self._cleanup(em, st))
+        self.deferred.add(task)
+        task.add_done_callback(self.deferred.discard)
+
+    async def drain(self) -> None:
+        """Wait for the removals deferred so far (at shutdown: none may be left behind)."""
+        while self.deferred:
+            await asyncio.gather(*self.deferred, return_exceptions=True)
+
+    def _deferrable(self, st: AttemptState) -> bool:
+        """Whether the attempt's removal may follow its outcome: its container exited on
+        its own (no kill from anyone, no adapter error, no cancellation, not removed), so
+        the removal can add nothing to the evidence, and Docker's events are followed (an
+        out-of-band removal is known without it)."""
+        return (
+            st.container_id is not None
+            and not st.running
+            and not st.kills
+            and not st.external_kills
+            and st.adapter_error is None
+            and not st.cancelled
+            and not st.removed_out_of_band
+            and self.watcher is not None
+        )
+
+    async def _cleanup(self, em: Emitter, st: AttemptState) -> CleanupReport:
+        cid = st.container_id
+        report = await self.cleaner.clean(em, cid, st.workspace, running=st.running)
+        self.workspaces.discard(str(st.workspace))
+        await self._close_reader(st)
+        if cid is not None and self.watcher is not None:
+            self.watcher.forget(cid)
+        return report
+
+    async def _after(self, em: Emitter, st: AttemptState) -> bool:
+        """Evidence that must be read before removal, then cleanup; True when the cleanup
+        is left to run after the attempt's outcome is recorded (`_deferrable`)."""
         cid = st.container_id
         if cid is not None:
             self.live.pop(cid, None)
@@ -399,13 +529,12 @@ class AttemptRunner:
                     cpu_time_s=_seconds(st.cpu_time_ns),
                     peak_memory_bytes=st.peak_memory_bytes,
                 )
-        report = await self.cleaner.clean(em, cid, st.workspace, running=st.running)
-        self.workspaces.discard(str(st.workspace))
+        if self._deferrable(st):
+            return True
+        report = await self._cleanup(em, st)
         if report.container_already_gone and not st.adapter_error:
             st.removed_out_of_band = True
-        await self._close_reader(st)
-        if cid is not None and self.watcher is not None:
-            self.watcher.forget(cid)
+        return False
 
     async def _close_reader(self, st: AttemptState) -> None:
         """An attempt cancelled while it ran leaves its output reader behind: the container
@@ -458,11 +587,3 @@ async def _settled(aw: Awaitable[T]) -> tuple[T, bool]:
     if cancelled and task.exception() is not None:
         raise asyncio.CancelledError from task.exception()  # the failure is moot now
     return task.result(), cancelled
-
-
-async def _uncancellable(coro: Awaitable[None]) -> None:
-    """Run `coro` to completion (cleanup must finish); a cancellation received meanwhile
-    is re-raised afterwards."""
-    _, cancelled = await _settled(coro)
-    if cancelled:
-        raise asyncio.CancelledError

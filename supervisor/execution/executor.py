@@ -151,6 +151,11 @@ class Executor:
         (`kill_issued{reason}`), so it is classified as such, not as the script's signal.
         `not_ours`: no live attempt here runs it."""
         live = self.live.get(container_id)
+        pool = self.attempts.pool
+        if live is None and pool is not None and pool.owns(container_id):
+            return KillClaim(
+                "refused", f"container {container_id[:12]} is parked in this instance's warm pool"
+            )
         if live is None:
             return KillClaim("not_ours")
         if time.time() < live.deadline:
@@ -173,6 +178,9 @@ class Executor:
         None."""
         if path in self.attempts.workspaces:
             return f"workspace {path} belongs to an attempt this instance runs"
+        pool = self.attempts.pool
+        if pool is not None and pool.owns_workspace(path):
+            return f"workspace {path} belongs to a container parked in this instance's pool"
         return None
 
     async def cancel(self, task_id: str) -> bool:

@@ -21,15 +21,8 @@ def create_workspace(
     base.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f"{task_id}.{attempt}.", dir=base))
     os.chmod(path, 0o755)
-    total = 0
     try:
-        for name, content in files.items():
-            target = path / name
-            target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            data = content
-            target.write_bytes(data)
-            os.chmod(target, 0o644)
-            total += len(data)
+        total = fill_workspace(path, files)
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
@@ -53,3 +46,16 @@ def _ignore_vanished(func: Any, path: str, exc: Any) -> None:
     error = exc if isinstance(exc, BaseException) else exc[1]  # onexc: the exception itself
     if not isinstance(error, FileNotFoundError):
         raise error
+
+
+def fill_workspace(path: Path, files: dict[str, bytes]) -> int:
+    """Write `files` into the existing dir `path` (a warm pool's parked workspace, empty
+    until now), as `create_workspace` does; returns the bytes written."""
+    total = 0
+    for name, content in files.items():
+        target = path / name
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        target.write_bytes(content)
+        os.chmod(target, 0o644)
+        total += len(content)
+    return total

@@ -1,16 +1,23 @@
-"""Waiting for a task's outcome from the stream (`supervisor submit --wait`)."""
+"""Waiting for a task's outcome from the stream: `supervisor submit --wait`, and the HTTP
+`?wait`, answered as soon as the end is durable (`view_when_durable`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC
+from typing import Any
 
+import msgspec
 from nats.js.api import DeliverPolicy
 from nats.js.client import JetStreamContext
 
 from schemas import (
     AttemptFinished,
     AttemptStarted,
+    Event,
     Result,
     TaskFailed,
     TaskRejected,
@@ -33,6 +40,8 @@ class ResultWaiter:
         self._sub: object | None = None
         self._starters: dict[int, str] = {}
         self._finished: dict[int, int] = {}
+        # The terminal event that is the outcome, and its stream sequence.
+        self.end: tuple[Event, int] | None = None
 
     def _offer(self, data: bytes, seq: int) -> None:
         with contextlib.suppress(Exception):
@@ -49,6 +58,7 @@ class ResultWaiter:
                     a, event.instance_id, seq, self._starters.get(a), self._finished.get(a)
                 ):
                     return
+                self.end = (event, seq)
                 if isinstance(event, TaskRejected):
                     self._future.set_result(
                         event.result
@@ -88,3 +98,80 @@ async def wait_for_result(js: JetStreamContext, task_id: str) -> ResultWaiter:
         f"sup.*.*.*.{task_id}", cb=cb, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
     )
     return waiter
+
+
+_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # the spec's `Token`
+ReadTask = Callable[[str, float], Awaitable[Mapping[str, Any] | None]]
+
+
+async def view_when_durable(
+    js: JetStreamContext, read: ReadTask, task_id: str, wait_s: float
+) -> Mapping[str, Any] | None:
+    """`GET /v1/tasks/{id}?wait`: the read side's view once it shows the task's end, or,
+    as soon as the end is durable in `SUP_EVENTS` and applies (`ResultWaiter`: the same
+    ownership rule as the projection's), the read side's view with that end laid over it
+    (`projection_seq` says how far the projection itself had got). The read side's view at
+    the end of the wait when neither came; the read side alone if NATS cannot be followed."""
+    if wait_s <= 0 or not _TASK_ID.fullmatch(task_id):  # never a wildcard subject
+        return await read(task_id, wait_s)
+    # The row as it is now (an ended task is answered at once); the end is laid over it.
+    base = await read(task_id, 0.0)
+    if base is not None and base.get("outcome") is not None:
+        return base
+    try:
+        waiter = await wait_for_result(js, task_id)
+    except Exception:  # NATS away: the projection's own wait
+        return await read(task_id, wait_s)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    proj = asyncio.ensure_future(read(task_id, wait_s))
+    ended = asyncio.ensure_future(waiter.result(wait_s))
+    try:
+        done, _ = await asyncio.wait({proj, ended}, return_when=asyncio.FIRST_COMPLETED)
+        if proj in done:
+            doc = proj.result()
+            if doc is not None and doc.get("outcome") is not None:
+                return doc
+            # Not ended (or not projected yet): the stream may still bring the end.
+            base = doc or base
+            await asyncio.wait({ended}, timeout=max(deadline - loop.time(), 0.0))
+            if not ended.done() or ended.result() is None or waiter.end is None:
+                return base
+        elif ended.result() is None or waiter.end is None:
+            return await proj
+        return overlay_end(base or {"task_id": task_id}, *waiter.end)
+    finally:
+        for t in (proj, ended):
+            t.cancel()
+        await waiter.cancel()
+
+
+def overlay_end(view: Mapping[str, Any], event: Event, seq: int) -> dict[str, Any]:
+    """A task's view (a `schemas.http.TaskView` document) with its terminal `event`, durable
+    at stream sequence `seq`, laid over it: what the projection will show once it applies
+    it."""
+    if isinstance(event, TaskRejected):
+        result = event.result or Result(
+            task_id=event.task_id, status="rejected", attempts=0, error=event.error
+        )
+    else:
+        assert isinstance(event, TaskSucceeded | TaskFailed)
+        result = event.result
+    at = event.occurred_at.astimezone(UTC).replace(tzinfo=None).isoformat()
+    doc = dict(view)
+    doc.update(
+        state=result.status,
+        outcome=result.status,
+        attempts=result.attempts,
+        exit_code=result.exit_code,
+        error_type=result.error.type if result.error else None,
+        error_code=result.error.code if result.error else None,
+        duration_s=result.duration_s,
+        finished_at=at,
+        finished_seq=seq,
+        terminal_events=max(int(doc.get("terminal_events") or 0), 1),
+        last_seq=max(int(doc.get("last_seq") or 0), seq),
+        last_event_at=at,
+        result=msgspec.to_builtins(result),
+    )
+    return doc

@@ -153,6 +153,41 @@ class Metrics:
         ProcessCollector(
             registry=r
         )  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        self.pool_hits = Counter(
+            "supervisor_pool_hits",
+            "Attempts that adopted a parked container, by shape",
+            ["shape"],
+            registry=r,
+        )
+        self.pool_misses = Counter(
+            "supervisor_pool_misses",
+            "Attempts that started cold, by why: unfit (no shape may serve the spec), "
+            "cold_shape (its shape was not warm yet), empty (none was parked), failed "
+            "(the parked one could not be adopted)",
+            ["reason"],
+            registry=r,
+        )
+        self.pool_parked = Gauge(
+            "supervisor_pool_parked", "Containers parked now, by shape", ["shape"], registry=r
+        )
+        self.pool_retired = Counter(
+            "supervisor_pool_retired",
+            "Parked containers removed without a task, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.pool_adopt_duration = Histogram(
+            "supervisor_pool_adopt_seconds",
+            "From taking a parked container to handing the task's command to it",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
+        self.pool_park_duration = Histogram(
+            "supervisor_pool_park_seconds",
+            "Creating and starting one parked container",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=r,
+        )
         self.ready_check = Gauge(
             "supervisor_ready_check",
             "1 when this readiness check passed last time",

@@ -13,7 +13,10 @@ Rules, in the order they claim a resource (one divergence per resource):
 - `overdue_container`: running `deadline_grace_s` past its `supervisor.deadline`;
 - `orphan_container`: observed, and its task or attempt is terminal, or its task is
   unknown, or its instance is dead; spared while younger than `creation_grace_s` unless its
-  instance is known dead;
+  instance is known dead; an exited one of a live instance is spared for
+  `creation_grace_s` after its attempt ended (that instance removes it right after the
+  outcome; `leaked_workspace` spares a workspace alike). A warm pool's parked container (never adopted) is spared while
+  the instance that parked it lives, and removed once it is dead or its retirement failed;
 - `vanished_container`: recorded as created and not removed, absent from an inventory taken
   `creation_grace_s` after its creation: its removal is recorded, and its attempt, if left
   open by a dead instance, is closed as `CONTAINER_VANISHED`;
@@ -38,26 +41,21 @@ import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final, Literal
+from typing import Final
 
 from schemas import NO_TASK, CleanupAction, ResourceKind
 from schemas.projected import (
     ContainerRecord,
+    ParkedRecord,
     ProjectedState,
     SeenContainer,
     WorkspaceRecord,
 )
-
-Liveness = Literal["live", "dead", "unknown"]
-
-
-@dataclass(frozen=True)
-class RuleConfig:
-    creation_grace_s: float = 30.0
-    deadline_grace_s: float = 10.0
-    heartbeat_timeout_s: float = 20.0
-    lost_attempt_grace_s: float = 60.0
-    max_attempt_s: float = 1200.0
+from supervisor.policy.liveness import Life as Life
+from supervisor.policy.liveness import Liveness as Liveness
+from supervisor.policy.liveness import RuleConfig as RuleConfig
+from supervisor.policy.liveness import age_s as _age_s
+from supervisor.policy.liveness import liveness as liveness
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,14 +71,6 @@ class Divergence:
     attempt: int = 0
     error_code: str | None = None
     fail_task: bool = False
-
-
-@dataclass(frozen=True)
-class Life:
-    status: Liveness
-    reason: str
-    evidence: tuple[int, ...] = ()
-    since: datetime | None = None
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -128,43 +118,8 @@ def attempt_resource(task_id: str, attempt: int) -> str:
     return f"{task_id}/{attempt}"
 
 
-def liveness(
-    state: ProjectedState, instance_id: str | None, now: datetime, cfg: RuleConfig
-) -> Life:
-    """Whether `instance_id` is alive, dead (with the proof) or unknown (presumed alive)."""
-    if instance_id is not None and instance_id == state.self_instance:
-        return Life("live", "it is the reconciling instance")
-    inst = state.instances.get(instance_id) if instance_id else None
-    if inst is None:
-        return Life("unknown", f"instance {instance_id or '(none)'} is not in the log")
-    if inst.stopped_seq is not None:
-        return Life(
-            "dead", f"instance {inst.instance_id} stopped", (inst.stopped_seq,), inst.stopped_at
-        )
-    if inst.heartbeat_seq is not None and inst.heartbeat_at is not None:
-        timeout = inst.heartbeat_timeout_s or cfg.heartbeat_timeout_s
-        silent = (now - inst.heartbeat_at).total_seconds()
-        if silent > timeout:
-            return Life(
-                "dead",
-                f"instance {inst.instance_id} sent no heartbeat for {silent:.0f}s "
-                f"(timeout {timeout:g}s)",
-                (inst.heartbeat_seq,),
-                inst.heartbeat_at,
-            )
-        return Life("live", f"instance {inst.instance_id} heartbeats")
-    return Life(
-        "unknown",
-        f"instance {inst.instance_id} ({inst.role or 'unknown role'}) publishes no heartbeats",
-    )
-
-
 def _seqs(*seqs: int | None) -> tuple[int, ...]:
     return tuple(sorted({s for s in seqs if s is not None}))
-
-
-def _age_s(now: datetime, then: datetime) -> float:
-    return (now - then).total_seconds()
 
 
 def _ours(state: ProjectedState) -> Iterable[SeenContainer]:
@@ -197,6 +152,37 @@ def _unowned(
     if task_id not in state.tasks and (task_id, attempt) not in state.attempts:
         return f"its task {task_id} is unknown to the log", (), created_at
     return None
+
+
+def _being_removed(
+    life: Life, why: tuple[str, tuple[int, ...], datetime], now: datetime, cfg: RuleConfig
+) -> bool:
+    """A live instance removes an attempt's resources right after the attempt's outcome
+    (the removal follows it): within `creation_grace_s` of that end, leave them to it."""
+    return life.status == "live" and _age_s(now, why[2]) < cfg.creation_grace_s
+
+
+def _parked_unowned(
+    state: ProjectedState, p: ParkedRecord, now: datetime, cfg: RuleConfig
+) -> tuple[str, tuple[int, ...], datetime] | None:
+    """Why a warm pool's parked container (or its workspace) has nobody to remove it: its
+    pool gave it up and the removal failed, or the instance that parked it is dead. None
+    while that instance may still adopt or retire it."""
+    if p.state == "retire_failed":
+        proof = (p.parked_seq, p.retired_seq) if p.retired_seq else (p.parked_seq,)
+        return "its pool retired it and the removal failed", proof, p.retired_at or p.parked_at
+    life = liveness(state, p.instance_id, now, cfg)
+    if life.status != "dead":
+        return None
+    return (
+        f"it is parked by a dead instance: {life.reason}",
+        (p.parked_seq, *life.evidence),
+        (life.since or p.parked_at),
+    )
+
+
+def _parked_workspaces(state: ProjectedState) -> dict[str, ParkedRecord]:
+    return {p.workspace: p for p in state.parked.values()}
 
 
 # --- the rules -----------------------------------------------------------------------------
@@ -264,10 +250,20 @@ def orphan_container(state: ProjectedState, now: datetime, cfg: RuleConfig) -> l
     out = []
     for c in _ours(state):
         rec = state.containers.get(c.container_id)
+        parked = state.parked.get(c.container_id)
+        if parked is not None and rec is None:  # a warm pool's, never adopted
+            why = _parked_unowned(state, parked, now, cfg)
+            if why is not None:
+                out.append(
+                    _removal("orphan_container", c.container_id, why, state, None, (NO_TASK, 0))
+                )
+            continue
         task_id, attempt = _owner(c, rec)
         life = liveness(state, c.instance_id or (rec.instance_id if rec else None), now, cfg)
         why = _unowned(state, task_id, attempt, life, c.created_at)
         if why is None or _in_grace(life, now, c.created_at, cfg):
+            continue
+        if not c.running and _being_removed(life, why, now, cfg):
             continue
         out.append(
             _removal("orphan_container", c.container_id, why, state, rec, (task_id, attempt))
@@ -279,6 +275,27 @@ def vanished_container(state: ProjectedState, now: datetime, cfg: RuleConfig) ->
     inv = state.inventory
     index = _Attempts.of(state)
     out = []
+    for p in state.parked.values():
+        # A parked container gone from the engine: its live pool records that itself; for a
+        # dead pool (or a failed retirement) the removal is recorded here.
+        if (
+            p.container_id in inv.containers
+            or p.container_id in state.containers
+            or _age_s(inv.observed_at, p.parked_at) < cfg.creation_grace_s
+            or _parked_unowned(state, p, now, cfg) is None
+        ):
+            continue
+        out.append(
+            Divergence(
+                rule="vanished_container",
+                resource_kind="container",
+                resource=p.container_id,
+                action="remove_container",
+                evidence=_seqs(inv.seq, p.parked_seq),
+                reason="parked, absent from the inventory: its removal is recorded",
+                since=inv.observed_at,
+            )
+        )
     for rec in state.containers.values():
         if (
             rec.node_id != state.node_id
@@ -325,9 +342,16 @@ def vanished_container(state: ProjectedState, now: datetime, cfg: RuleConfig) ->
 
 def leaked_workspace(state: ProjectedState, now: datetime, cfg: RuleConfig) -> list[Divergence]:
     inv = state.inventory
+    parked = _parked_workspaces(state)
     out = []
     for w in inv.workspaces.values():
         rec = state.workspaces.get(w.path)
+        p = parked.get(w.path)
+        if p is not None and rec is None:  # a parked container's, never adopted
+            pwhy = _parked_unowned(state, p, now, cfg)
+            if pwhy is not None:
+                out.append(_removal("leaked_workspace", w.path, pwhy, state, None, (NO_TASK, 0)))
+            continue
         task_id = rec.task_id if rec else (w.task_id or NO_TASK)
         attempt = rec.attempt if rec else (w.attempt or 0)
         att = state.attempts.get((task_id, attempt))
@@ -342,6 +366,8 @@ def leaked_workspace(state: ProjectedState, now: datetime, cfg: RuleConfig) -> l
         else:
             why = _unowned(state, task_id, attempt, life, w.created_at)
         if why is None or _in_grace(life, now, w.created_at, cfg):
+            continue
+        if (rec is None or rec.removed_seq is None) and _being_removed(life, why, now, cfg):
             continue
         out.append(_removal("leaked_workspace", w.path, why, state, rec, (task_id, attempt)))
     return out

@@ -1,0 +1,125 @@
+"""`GET /v1/tasks/{id}?wait` is answered as soon as the task's end is durable in a real
+`SUP_EVENTS`, never after the projection's next batch, and by the same ownership rule the
+projection applies: a forged end of a running attempt is never the answer. The read side
+here is a stand-in that never shows the end (a projection that lags), so that only the
+stream can answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from schemas import AttemptStarted, Event, Result, TaskSubmitted, TaskSucceeded
+from schemas.connection import connect_options
+from supervisor.eventlog.log import EventLog
+from supervisor.intake.wait import view_when_durable
+
+pytestmark = pytest.mark.nats
+
+T0 = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+
+
+def _ev(cls: type, instance: str, n: int, **kw: Any) -> Any:
+    return cls(
+        event_id=f"w-{n}-{instance}",
+        occurred_at=T0,
+        node_id="n1",
+        instance_id=instance,
+        task_id="t-wait",
+        **kw,
+    )
+
+
+async def _publish(tmp_dir: Path, url: str, events: list[Event], instance: str) -> None:
+    log = EventLog(tmp_dir / f"data-{instance}", url, instance_id=instance)
+    await log.start()
+    try:
+        for e in events:
+            log.emit(e)
+        assert await log.flush(10)
+    finally:
+        await log.close()
+
+
+class _LaggingReadSide:
+    """A read side whose view never shows the end: it answers a running row at once, and
+    sleeps out a waiting read."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    async def task(self, task_id: str, wait_s: float) -> Mapping[str, Any] | None:
+        self.calls.append(wait_s)
+        await asyncio.sleep(wait_s)
+        return {"task_id": task_id, "state": "running", "outcome": None, "projection_seq": 2}
+
+
+def _ok(attempt: int) -> Result:
+    return Result(task_id="t-wait", status="succeeded", attempts=attempt, exit_code=0, stdout="x\n")
+
+
+async def test_the_end_is_answered_once_durable_and_a_forged_one_never(
+    tmp_dir: Path, nats_url: str
+) -> None:
+    from schemas import TaskSpec
+
+    spec = TaskSpec(image="supervisor-sandbox:busybox", command=["true"], task_id="t-wait")
+    await _publish(
+        tmp_dir,
+        nats_url,
+        [
+            _ev(TaskSubmitted, "owner", 1, spec=spec),
+            _ev(AttemptStarted, "owner", 2, attempt=1),
+        ],
+        "owner",
+    )
+    nc = await nats.connect(**connect_options(nats_url))
+    read = _LaggingReadSide()
+    try:
+        js = nc.jetstream()
+        # A forged end from another instance while the owner's attempt runs: not the answer.
+        forged = _ev(TaskSucceeded, "intruder", 3, attempt=1, result=_ok(1))
+        waiting = asyncio.ensure_future(view_when_durable(js, read.task, "t-wait", 1.5))
+        await asyncio.sleep(0.3)
+        await _publish(tmp_dir, nats_url, [forged], "intruder")
+        view = await waiting
+        assert view is not None and view["outcome"] is None  # the wait ran out: not ended
+
+        # The owner's end: answered within moments of being durable, not after the wait.
+        waiting = asyncio.ensure_future(view_when_durable(js, read.task, "t-wait", 20.0))
+        await asyncio.sleep(0.3)
+        real = _ev(TaskSucceeded, "owner", 4, attempt=1, result=_ok(1))
+        t0 = time.monotonic()
+        await _publish(tmp_dir, nats_url, [real], "owner")
+        view = await waiting
+        took = time.monotonic() - t0
+    finally:
+        await nc.close()
+
+    assert view is not None
+    assert (view["state"], view["outcome"], view["attempts"], view["exit_code"]) == (
+        "succeeded",
+        "succeeded",
+        1,
+        0,
+    )
+    assert view["result"]["stdout"] == "x\n" and view["terminal_events"] == 1
+    assert view["finished_seq"] == 4 and view["projection_seq"] == 2
+    assert took < 5.0, took  # the stand-in read side would have answered after 20 s
+
+
+async def test_an_id_that_is_not_a_task_id_never_becomes_a_wildcard(nats_url: str) -> None:
+    read = _LaggingReadSide()
+    nc = await nats.connect(**connect_options(nats_url))
+    try:
+        view = await view_when_durable(nc.jetstream(), read.task, ">", 0.2)
+    finally:
+        await nc.close()
+    assert view is not None and read.calls == [0.2]  # the read side alone, no subscription
