@@ -38,6 +38,8 @@ from schemas import (
     PoolAdopted,
     PoolParked,
     PoolRetired,
+    ReconcileDecision,
+    ReconcileOutcome,
 )
 from supervisor.eventlog.nats_server import NatsServer
 from supervisor.eventlog.outbox import Outbox
@@ -242,12 +244,14 @@ class _Chaos:
     def _settle(self, ids: list[str], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            ended = {e.task_id for e in self._events() if isinstance(e, TERMINAL_TASK_EVENTS)}
+            events = self._events()
+            ended = {e.task_id for e in events if isinstance(e, TERMINAL_TASK_EVENTS)}
             parked, parked_ws = self._live_parked()
             if (
                 set(ids) <= ended
                 and not set(self._managed()) - parked
                 and not set(self._workspaces()) - parked_ws
+                and not _open_commands(events)
             ):
                 return
             time.sleep(1.0)
@@ -311,6 +315,18 @@ class _Chaos:
         for cid in self._managed():
             with contextlib.suppress(docker.errors.APIError):
                 self.docker.api.remove_container(cid, force=True)
+
+
+def _open_commands(events: list[Event]) -> set[str]:
+    """Commands ordered by a decision with no final outcome yet: one whose executor was
+    killed mid-way is carried out again once its delivery's ack wait has passed."""
+    ordered = {
+        e.command_id
+        for e in events
+        if isinstance(e, ReconcileDecision) and not e.dry_run and e.command_id
+    }
+    done = {e.command_id for e in events if isinstance(e, ReconcileOutcome) and e.final}
+    return ordered - done
 
 
 def _pool_accounting(events: list[Event], counts: Counter[str]) -> list[str]:
