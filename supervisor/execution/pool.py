@@ -164,6 +164,7 @@ class WarmPool:
                 self._spawn(self._retire(p, "vanished"))
                 continue
             self.metrics.pool_hits.labels(key).inc()
+            st.failures = 0
             # Refill a moment later: making a container now would compete with this one's
             # hand-off for the engine and the CPU.
             asyncio.get_running_loop().call_later(_REFILL_AFTER_HIT_S, self._wake.set)
@@ -221,6 +222,8 @@ class WarmPool:
                 if reason is not None:
                     queue.remove(p)
                     self._spawn(self._retire(p, reason))
+                if reason == "vanished":  # one that dies idle (no /bin/sh?) backs its shape off
+                    self._backoff(st)
             if not st.configured and now - st.last_used > self.cfg.idle_s:
                 del self._shapes[key]
                 for p in self._parked.pop(key, deque()):
@@ -249,6 +252,13 @@ class WarmPool:
             return False
         act = self.watcher.activity(container_id)
         return act.died.is_set() or any(a in ("kill", "stop") for a, _ in act.actions)
+
+    @staticmethod
+    def _backoff(st: _ShapeState) -> None:
+        """A park that failed, or a parked container that died idle: the shape waits
+        2, 4, 8... seconds (at most a minute) before the next; an adoption resets it."""
+        st.failures += 1
+        st.retry_at = time.monotonic() + min(2.0**st.failures, _MAX_FAILURE_WAIT_S)
 
     def _gauge(self, key: str) -> None:
         self.metrics.pool_parked.labels(key).set(len(self._parked.get(key, ())))
@@ -284,8 +294,7 @@ class WarmPool:
             cid = await self.runtime.create(req)
             await self.runtime.start(cid)
         except (SupervisorError, OSError) as e:
-            st.failures += 1
-            st.retry_at = time.monotonic() + min(2.0**st.failures, _MAX_FAILURE_WAIT_S)
+            self._backoff(st)
             log.warning("warm pool: cannot park a container of %s: %s", key, e)
             if cid is not None and ws is not None:
                 self.emitter.emit(
@@ -303,7 +312,6 @@ class WarmPool:
             return
         finally:
             st.parking -= 1
-        st.failures = 0
         took = time.monotonic() - t0
         self.metrics.pool_park_duration.observe(took)
         self.emitter.emit(
