@@ -262,6 +262,7 @@ def main() -> None:
         if args.core_only:
             config["reconcile"] = {"enabled": False}
             extra = ("--no-projection",)
+        config.setdefault("pool", {})  # the defaults' warm pool
         daemon = DaemonProc(tmp / "data", url, config, extra).start()
         specs = [_spec(i, SCRIPT) for i in range(args.tasks)]
         # The raw baseline runs half before and half after the daemon's run, so that the

@@ -64,7 +64,7 @@ def main() -> None:
     (mount / "main.sh").write_text(SCRIPT)
     (mount / "main.sh").chmod(0o644)
     brakes = dict.fromkeys(HOST_BRAKES, 0.0) if args.no_brakes else {}
-    cfg = {"reconcile": {"enabled": True}, "thresholds": brakes}
+    cfg = {"reconcile": {"enabled": True}, "thresholds": brakes, "pool": {}}
     if args.no_pool:
         cfg["pool"] = {"size": 0}
     daemon = DaemonProc(tmp / "data", url, cfg)

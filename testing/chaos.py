@@ -93,6 +93,7 @@ class _Chaos:
         self.engine = engine
         self.config = {
             "node_id": node_id,
+            "pool": {},  # the warm pool of the defaults: its containers are faulted too
             "docker_url": engine.url,
             "scheduling": {
                 "concurrency": 4,

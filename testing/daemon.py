@@ -59,6 +59,9 @@ class DaemonProc:
         # A busy CI host must not look like pressure to tests that are not about it.
         # (0 turns a brake off; `{"thresholds": {}}` keeps the defaults.)
         cfg.setdefault("thresholds", dict.fromkeys(HOST_BRAKES, 0.0))
+        # Nor parked containers to tests that count containers or are about other things
+        # (`{"pool": {}}` keeps the default pool: the pool's, chaos and fault tests do).
+        cfg.setdefault("pool", {"size": 0})
         self.config = cfg
         self.config_path.write_text(json.dumps(cfg))
         self.proc: subprocess.Popen[bytes] | None = None

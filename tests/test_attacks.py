@@ -60,7 +60,7 @@ class Target:
 def target(module_tmp_dir: Path) -> Iterator[Target]:
     root = module_tmp_dir
     data = root / "data"
-    daemon = DaemonProc(data, None, {"scheduling": {"concurrency": 4}}).start()
+    daemon = DaemonProc(data, None, {"scheduling": {"concurrency": 4}, "pool": {}}).start()
     try:
         url = resolve_nats_url(None, data)
         assert url is not None

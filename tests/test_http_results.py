@@ -42,7 +42,7 @@ def _post(d: DaemonProc, spec: dict[str, object]) -> None:
 def test_a_task_s_result_is_served_and_wait_holds_until_it_ends(
     tmp_dir: Path, nats_url: str, daemons: list[DaemonProc]
 ) -> None:
-    d = DaemonProc(tmp_dir / "data", nats_url)
+    d = DaemonProc(tmp_dir / "data", nats_url, {"pool": {}})
     daemons.append(d)
     d.start()
     with d.client() as c:
@@ -109,7 +109,7 @@ def test_the_async_client_runs_judge_specs_and_follows_errors(
 ) -> None:
     """Standard input, a CPU-time limit and binary files over HTTP, with `AsyncClient`;
     `errors` follows the error raised meanwhile."""
-    d = DaemonProc(tmp_dir / "data", nats_url)
+    d = DaemonProc(tmp_dir / "data", nats_url, {"pool": {}})
     daemons.append(d)
     d.start()
 
@@ -150,7 +150,7 @@ def test_the_async_client_runs_judge_specs_and_follows_errors(
 def test_wait_gives_up_after_its_seconds_and_refuses_nonsense(
     tmp_dir: Path, nats_url: str, daemons: list[DaemonProc]
 ) -> None:
-    d = DaemonProc(tmp_dir / "data", nats_url)
+    d = DaemonProc(tmp_dir / "data", nats_url, {"pool": {}})
     daemons.append(d)
     d.start()
     _post(d, task("sleep 20", task_id="res-long"))
@@ -212,7 +212,7 @@ def test_a_batch_answers_each_spec_as_a_single_submission_would(
 def test_tasks_are_listed_by_filter_a_page_at_a_time(
     tmp_dir: Path, nats_url: str, daemons: list[DaemonProc]
 ) -> None:
-    d = DaemonProc(tmp_dir / "data", nats_url)
+    d = DaemonProc(tmp_dir / "data", nats_url, {"pool": {}})
     daemons.append(d)
     d.start()
     for i in range(5):
@@ -274,7 +274,7 @@ def _history(nats_url: str, task_id: str) -> list[str]:
 def test_a_running_task_is_cancelled_once_and_leaves_nothing(
     tmp_dir: Path, nats_url: str, daemons: list[DaemonProc], docker_client: Any
 ) -> None:
-    d = DaemonProc(tmp_dir / "data", nats_url)
+    d = DaemonProc(tmp_dir / "data", nats_url, {"pool": {}})
     daemons.append(d)
     d.start()
     _post(d, task("sleep 60", task_id="cancel-run"))

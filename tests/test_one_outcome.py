@@ -46,6 +46,17 @@ def _history(nats_url: str, task_id: str = "*") -> list[Event]:
 
 
 def _audit(nats_url: str) -> list[str]:
+    """The audit of the whole history, once the removals that follow the last outcomes
+    are in it (a container that exited on its own is removed after the task's end)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = _audit_now(nats_url)
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def _audit_now(nats_url: str) -> list[str]:
     return [
         f"{v.rule} {v.task_id} {v.detail}" for v in audit_records(records_of(_history(nats_url)))
     ]
