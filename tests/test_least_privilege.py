@@ -158,8 +158,16 @@ def test_audit_calls_an_erased_history_a_violation(tmp_dir: Path, daemons) -> No
     d = DaemonProc(tmp_dir / "data", None).start()
     daemons.append(d)
     with d.client() as c:
-        for i in range(3):
-            c.run(_spec(f"echo {i}"), timeout_s=60)
+        results = [c.run(_spec(f"echo {i}"), timeout_s=60) for i in range(3)]
+    # The last task's removals follow its end: the stream is quiet once they are in.
+    creds = read_credentials(d.data_dir)
+    assert creds is not None
+    url = with_user(redact(_nats_url(d)), "node", creds.node)
+    last = results[-1].task_id
+    wait_until(
+        lambda: len(asyncio.run(stream_events(url, f"sup.cleanup.succeeded.*.{last}"))) == 2,
+        what="the last task's removals",
+    )
 
     async def erase() -> tuple[int, int]:
         admin = await _as(d, "admin")
