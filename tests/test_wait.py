@@ -16,10 +16,10 @@ from typing import Any
 import nats
 import pytest
 
-from schemas import AttemptStarted, Event, Result, TaskSubmitted, TaskSucceeded
+from schemas import AttemptStarted, Result, TaskSubmitted, TaskSucceeded
 from schemas.connection import connect_options
-from supervisor.eventlog.log import EventLog
 from supervisor.intake.wait import view_when_durable
+from tests.test_tail import publish
 
 pytestmark = pytest.mark.nats
 
@@ -35,17 +35,6 @@ def _ev(cls: type, instance: str, n: int, **kw: Any) -> Any:
         task_id="t-wait",
         **kw,
     )
-
-
-async def _publish(tmp_dir: Path, url: str, events: list[Event], instance: str) -> None:
-    log = EventLog(tmp_dir / f"data-{instance}", url, instance_id=instance)
-    await log.start()
-    try:
-        for e in events:
-            log.emit(e)
-        assert await log.flush(10)
-    finally:
-        await log.close()
 
 
 class _LaggingReadSide:
@@ -71,14 +60,14 @@ async def test_the_end_is_answered_once_durable_and_a_forged_one_never(
     from schemas import TaskSpec
 
     spec = TaskSpec(image="supervisor-sandbox:busybox", command=["true"], task_id="t-wait")
-    await _publish(
+    await publish(
         tmp_dir,
         nats_url,
         [
             _ev(TaskSubmitted, "owner", 1, spec=spec),
             _ev(AttemptStarted, "owner", 2, attempt=1),
         ],
-        "owner",
+        instance="owner",
     )
     nc = await nats.connect(**connect_options(nats_url))
     read = _LaggingReadSide()
@@ -88,7 +77,7 @@ async def test_the_end_is_answered_once_durable_and_a_forged_one_never(
         forged = _ev(TaskSucceeded, "intruder", 3, attempt=1, result=_ok(1))
         waiting = asyncio.ensure_future(view_when_durable(js, read.task, "t-wait", 1.5))
         await asyncio.sleep(0.3)
-        await _publish(tmp_dir, nats_url, [forged], "intruder")
+        await publish(tmp_dir, nats_url, [forged], instance="intruder")
         view = await waiting
         assert view is not None and view["outcome"] is None  # the wait ran out: not ended
 
@@ -97,7 +86,7 @@ async def test_the_end_is_answered_once_durable_and_a_forged_one_never(
         await asyncio.sleep(0.3)
         real = _ev(TaskSucceeded, "owner", 4, attempt=1, result=_ok(1))
         t0 = time.monotonic()
-        await _publish(tmp_dir, nats_url, [real], "owner")
+        await publish(tmp_dir, nats_url, [real], instance="owner")
         view = await waiting
         took = time.monotonic() - t0
     finally:

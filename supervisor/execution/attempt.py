@@ -309,12 +309,7 @@ class AttemptRunner:
         st.running = True
         if stdin is not None:
             st.stdin_writer = rt.run_blocking(write_stdin, stdin_socket(stream), stdin)
-        self.metrics.running.inc()
-        try:
-            em.emit(ContainerStarted, container_id=cid)
-            await self._supervise(em, spec, cid, stream, st)
-        finally:
-            self.metrics.running.dec()
+        await self._started(em, spec, cid, stream, st)
 
     async def _adopt(
         self, em: Emitter, spec: TaskSpec, task_id: str, attempt: int, st: AttemptState, p: Parked
@@ -373,13 +368,20 @@ class AttemptRunner:
         self.metrics.pool_adopt_duration.observe(time.monotonic() - t0)
         if task_id in self.cancelled:  # asked while it was being adopted
             await self.kill_cancelled(cid)
+        await self._started(em, spec, cid, stream, st)
+        return True
+
+    async def _started(
+        self, em: Emitter, spec: TaskSpec, cid: str, stream: Any, st: AttemptState
+    ) -> None:
+        """The container runs the task (started cold, or handed the task when adopted):
+        recorded, counted, supervised to its end."""
         self.metrics.running.inc()
         try:
             em.emit(ContainerStarted, container_id=cid)
             await self._supervise(em, spec, cid, stream, st)
         finally:
             self.metrics.running.dec()
-        return True
 
     async def _supervise(
         self, em: Emitter, spec: TaskSpec, cid: str, stream: Any, st: AttemptState
