@@ -29,6 +29,13 @@ ENTRIES: Final[dict[str, Entry]] = {
         "counted by the breaker)",
     ),
     "IMAGE_NOT_FOUND": Entry("validation", False, "the image is not present locally"),
+    "RUNTIME_UNAVAILABLE": Entry(
+        "validation",
+        False,
+        "the OCI runtime the spec (or the node's `[sandbox] runtime`) names is not registered "
+        "with the engine (`docker info`): refused before any container, never retried, never "
+        "counted by the breaker",
+    ),
     "DUPLICATE_TASK_ID": Entry(
         "validation",
         False,
@@ -51,7 +58,10 @@ ENTRIES: Final[dict[str, Entry]] = {
         "child killed for memory fails the task even if the script exits 0)",
     ),
     "PIDS_LIMIT": Entry(
-        "resource", False, "the cgroup's `pids.events max` counter (a fork was refused)"
+        "resource",
+        False,
+        "the cgroup's `pids.events max` counter (a fork was refused); under gVisor, the "
+        "Sentry's trace of a fork refused with EAGAIN at the task's `RLIMIT_NPROC`",
     ),
     "OUTPUT_LIMIT": Entry("resource", False, "the supervisor's own `kill_issued{output_limit}`"),
     "QUEUE_FULL": Entry(

@@ -14,7 +14,7 @@ from msgspec import Struct
 from schemas import params
 from schemas.connection import NatsConfig
 from schemas.errors import ConfigError
-from schemas.spec import PoolConfig
+from schemas.spec import PoolConfig, Sandbox
 
 
 def _doc(text: str) -> msgspec.Meta:
@@ -71,19 +71,6 @@ class Policy(Struct, forbid_unknown_fields=True, kw_only=True):
         list[str], _doc("Networks a spec may name (`none` is the sandbox's default).")
     ] = msgspec.field(default_factory=lambda: ["none"])
     allow_mounts: Annotated[bool, _doc("Whether a spec may bring `mounts`.")] = False
-
-
-class Sandbox(Struct, forbid_unknown_fields=True, kw_only=True):
-    """How every task container is hardened."""
-
-    user: Annotated[str, _doc("The user every task container runs as (`uid:gid`).")] = "65534:65534"
-    tmpfs_size: Annotated[str, _doc("Size of the container's `/tmp` tmpfs.")] = "16m"
-    workspace_mount: Annotated[str, _doc("Where the workspace is mounted, read-only.")] = (
-        "/workspace"
-    )
-    stop_timeout_s: Annotated[
-        float, _doc("Grace between SIGTERM and SIGKILL when a container is stopped.")
-    ] = 5.0
 
 
 class Scheduling(Struct, forbid_unknown_fields=True, kw_only=True):

@@ -104,6 +104,13 @@ class ImageNotFound(DockerError):
     tag = "image_not_found"
 
 
+class RuntimeUnavailable(SupervisorError):
+    """The OCI runtime a task needs is not registered with the engine: the task is refused
+    before any container exists (never retried, never counted by the breaker)."""
+
+    tag = "runtime_unavailable"
+
+
 class ContainerVanished(DockerError):
     """The container was removed while the supervisor still needed it."""
 

@@ -56,7 +56,7 @@ class TaskSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     base64) is the script's standard input, closed at its end (without either, stdin is
     empty). The security requests (`network`, `privileged`, `cap_add`, `mounts`) are refused
     unless the configured policy allows them; `callback_url` unless `[callbacks] allowed`
-    names its destination."""
+    names its destination; `runtime` unless `[sandbox] runtimes` lists it."""
 
     image: Annotated[str, Meta(min_length=1, max_length=512)]
     command: Annotated[list[str], Meta(min_length=1)]
@@ -75,6 +75,9 @@ class TaskSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     cap_add: list[str] = []
     mounts: list[dict[str, Any]] = []
     callback_url: Annotated[str, Meta(max_length=2048)] | None = None
+    runtime: Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] | None = None
+    """The OCI runtime to run in (`runc`, `runsc`), one of `[sandbox] runtimes`; None: the
+    node's `[sandbox] runtime`."""
 
     def file_bytes(self) -> dict[str, bytes]:
         """Every file of the workspace as bytes: `files` encoded UTF-8, `files_base64`
@@ -172,6 +175,40 @@ def public_spec(spec: TaskSpec) -> TaskSpec:
 # with 127 (not found) or 126 (not executable), as it ends a cold start's init.
 
 
+class Sandbox(Struct, forbid_unknown_fields=True, kw_only=True):
+    """How every task container is hardened, and the OCI runtime it runs in."""
+
+    user: Annotated[
+        str, msgspec.Meta(description="The user every task container runs as (`uid:gid`).")
+    ] = "65534:65534"
+    tmpfs_size: Annotated[
+        str, msgspec.Meta(description="Size of the container's `/tmp` tmpfs.")
+    ] = "16m"
+    workspace_mount: Annotated[
+        str, msgspec.Meta(description="Where the workspace is mounted, read-only.")
+    ] = "/workspace"
+    stop_timeout_s: Annotated[
+        float,
+        msgspec.Meta(description="Grace between SIGTERM and SIGKILL when a container is stopped."),
+    ] = 5.0
+    runtime: Annotated[
+        str,
+        msgspec.Meta(
+            description="The OCI runtime of every task container whose spec names none: "
+            "`runc`, or `runsc` (gVisor, registered by `scripts/setup`; `docs/running.md`).",
+            pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        ),
+    ] = "runc"
+    runtimes: Annotated[
+        list[str],
+        msgspec.Meta(
+            description="The runtimes a spec may ask for with `runtime` (anything else is "
+            "`security/POLICY_VIOLATION`); one the engine lacks is refused "
+            "`validation/RUNTIME_UNAVAILABLE`."
+        ),
+    ] = msgspec.field(default_factory=lambda: ["runc", "runsc"])
+
+
 def _pool_doc(text: str) -> msgspec.Meta:
     """A configuration key's meaning (`docs/configuration.md`)."""
     return msgspec.Meta(description=text)
@@ -185,10 +222,13 @@ class Shape(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     memory_mb: Annotated[int, msgspec.Meta(ge=6)] = 128
     cpus: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     pids: Annotated[int, msgspec.Meta(ge=4)] = 64
+    runtime: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    """None: the node's `[sandbox] runtime`."""
 
     def key(self) -> str:
         """A short, stable name of the shape (labels, events, metrics)."""
-        return f"{self.image}|{self.memory_mb}m|{self.cpus:g}cpu|{self.pids}pids"
+        key = f"{self.image}|{self.memory_mb}m|{self.cpus:g}cpu|{self.pids}pids"
+        return key if self.runtime in (None, "runc") else f"{key}|{self.runtime}"
 
 
 class PoolConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -269,7 +309,7 @@ def handoff(token: str, env: Mapping[str, str], command: Sequence[str]) -> bytes
     return f"{token}\n{body}\n{token}\n".encode()
 
 
-def pool_shape(spec: TaskSpec) -> Shape | None:
+def pool_shape(spec: TaskSpec, default_runtime: str | None = None) -> Shape | None:
     """The shape of the parked container `spec` would adopt, or None when it must start
     cold: it asks for a network, privileges, capabilities or mounts (set at creation), or
     has a variable whose name a shell cannot export (or that the waiting shell sets)."""
@@ -278,4 +318,10 @@ def pool_shape(spec: TaskSpec) -> Shape | None:
     if not all(_NAME.match(k) for k in spec.env) or any(k in _SHELL_OWN for k in spec.env):
         return None
     lim = spec.limits
-    return Shape(image=spec.image, memory_mb=lim.memory_mb, cpus=lim.cpus, pids=lim.pids)
+    return Shape(
+        image=spec.image,
+        memory_mb=lim.memory_mb,
+        cpus=lim.cpus,
+        pids=lim.pids,
+        runtime=spec.runtime or default_runtime,
+    )

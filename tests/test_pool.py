@@ -30,7 +30,7 @@ from schemas import (
     TaskSpec,
 )
 from schemas.config import Config
-from schemas.spec import PoolConfig, handoff, pool_shape
+from schemas.spec import PoolConfig, Sandbox, handoff, pool_shape
 from supervisor.daemon.node import Node, open_node
 from supervisor.execution.pool import WarmPool
 from testing.projection import project
@@ -40,12 +40,17 @@ from tests.conftest import SANDBOX_IMAGE
 pytestmark = pytest.mark.usefixtures("docker_client")
 
 
-@pytest.fixture
-async def pooled(tmp_dir: Path, nats_url: str) -> AsyncIterator[tuple[Node, WarmPool]]:
+@pytest.fixture(params=["runc", "runsc"])
+async def pooled(
+    tmp_dir: Path, nats_url: str, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[Node, WarmPool]]:
+    """A node and its pool, under each runtime: every test of this module runs the same
+    under runc and under gVisor (`runsc`)."""
     cfg = Config(
         data_dir=str(tmp_dir / "data"),
         node_id="n1",
         pool=PoolConfig(size=1, learn=False, refill_interval_s=0.05),
+        sandbox=Sandbox(runtime=request.param),
     )
     async with open_node(cfg, nats_url=nats_url) as node:
         pool = WarmPool(
@@ -80,7 +85,7 @@ _LIMITS = ("timeout_s", "memory_mb", "cpus", "pids", "output_bytes", "cpu_time_s
 
 
 async def _parked(pool: WarmPool, spec: TaskSpec, timeout: float = 30.0) -> None:
-    shape = pool_shape(spec)
+    shape = pool_shape(spec, pool.config.sandbox.runtime)
     assert shape is not None
     pool.keep(shape)
     async with asyncio.timeout(timeout):

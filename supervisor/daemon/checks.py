@@ -7,8 +7,10 @@ from collections.abc import Callable
 
 from schemas.errors import DockerError
 from schemas.http import Check, CheckFn
+from schemas.spec import Sandbox
 from supervisor.daemon.monitor import ResourceMonitor
 from supervisor.docker.engine_breaker import DockerBreaker, Pingable
+from supervisor.docker.runtime import DockerRuntime
 from supervisor.execution.pool import WarmPool
 
 
@@ -116,5 +118,42 @@ def pool_check(pool: WarmPool) -> CheckFn:
             reason=f"{total} container(s) parked in {len(pool.shapes())} shape(s)",
             details=details,
         )
+
+    return check
+
+
+def runtime_check(runtime: DockerRuntime, sandbox: Sandbox) -> CheckFn:
+    """The node's OCI runtime (`[sandbox] runtime`) is registered with the engine; the
+    details say which of `[sandbox] runtimes` it has, and whether a gVisor one records
+    refused forks (without that, a gVisor task's fork limit holds but is not classified
+    `PIDS_LIMIT`)."""
+
+    async def check() -> Check:
+        try:
+            known = await runtime.runtimes()
+        except DockerError as e:
+            return Check(ok=False, reason=f"cannot list the engine's runtimes: {e}")
+        allowed = {
+            name: (
+                "absent"
+                if name not in known
+                else "gvisor, forks traced"
+                if known[name].fork_log_dir
+                else "gvisor, forks NOT traced"
+                if known[name].gvisor
+                else "present"
+            )
+            for name in dict.fromkeys([sandbox.runtime, *sandbox.runtimes])
+        }
+        details = {"runtime": sandbox.runtime, "runtimes": allowed}
+        if sandbox.runtime not in known:
+            return Check(
+                ok=False,
+                details=details,
+                reason=f"runtime {sandbox.runtime!r} ([sandbox] runtime) is not registered "
+                f"with the Docker engine (it has: {', '.join(sorted(known))}); "
+                "scripts/setup registers runsc",
+            )
+        return Check(ok=True, reason=f"runtime {sandbox.runtime!r} is registered", details=details)
 
     return check

@@ -41,7 +41,7 @@ from schemas.errors import ApiError, NatsUnavailable, projection_unavailable
 from schemas.http import Check, CheckFn
 from schemas.streams import TASKS_STREAM
 from supervisor.daemon.api import create_app, http_token
-from supervisor.daemon.checks import daemon_checks, pool_check
+from supervisor.daemon.checks import daemon_checks, pool_check, runtime_check
 from supervisor.daemon.datadir import DataDirLock, node_id_for, publish
 from supervisor.daemon.error_counts import counting_node_errors
 from supervisor.daemon.extension import DaemonContext, Part, ReadSide
@@ -350,6 +350,7 @@ class Daemon:
         checks["disk"] = self._disk_check
         if self.wq is not None:
             checks["consumers"] = self.wq.check
+            checks["runtime"] = runtime_check(node.runtime, cfg.sandbox)
         checks["started"] = self._started_check
         if self.pool is not None:
             checks["pool"] = pool_check(self.pool)

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import docker
 import docker.errors
+import docker.types
 import requests.exceptions
 import urllib3.exceptions
 from docker.utils.socket import STDERR, STDOUT, frames_iter_no_tty
@@ -32,8 +33,10 @@ from schemas.errors import (
     DockerRequestRefused,
     DockerUnavailable,
     ImageNotFound,
+    RuntimeUnavailable,
 )
 from schemas.labels import node_filter
+from supervisor.docker.gvisor import RuntimeInfo, engine_runtimes, host_pids
 from supervisor.docker.internals import close_socket, share_unix_pool
 
 __all__ = [
@@ -121,6 +124,9 @@ class ContainerRequest:
     name: str | None = None
     stdin: bool = False
     """Open the container's stdin (written through the attach socket, see `write_stdin`)."""
+    runtime: RuntimeInfo | None = None
+    """The OCI runtime (None: the engine's default). Under gVisor the task's process limit
+    is `RLIMIT_NPROC` and the pids cgroup a backstop (`supervisor.docker.gvisor`)."""
 
 
 class EventStream:
@@ -148,6 +154,7 @@ class DockerRuntime:
     # surfaces as DockerUnavailable on the first call, not as a crash. 1.41 = Docker 20.10.
     API_VERSION = "1.41"
     IMAGE_CACHE_S = 10.0
+    RUNTIMES_CACHE_S = 10.0
     REMOVAL_WAIT_S = 10.0
 
     def __init__(
@@ -178,6 +185,7 @@ class DockerRuntime:
         self.shared_pool = share_unix_pool(self.api) if shared_pool else False
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
         self._images: dict[str, float] = {}
+        self._runtimes: tuple[float, dict[str, RuntimeInfo]] = (0.0, {})
 
     async def _call(self, operation: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -218,8 +226,35 @@ class DockerRuntime:
         self._images[image] = now + self.IMAGE_CACHE_S
         return True
 
+    async def runtimes(self) -> dict[str, RuntimeInfo]:
+        """The OCI runtimes the engine has registered, by name (cached `RUNTIMES_CACHE_S`).
+        Raises DockerUnavailable / DockerApiError when the engine cannot say."""
+        at, known = self._runtimes
+        if time.monotonic() - at < self.RUNTIMES_CACHE_S:
+            return known
+        known = engine_runtimes(await self._call("info", self.api.info))
+        self._runtimes = (time.monotonic(), known)
+        return known
+
+    async def runtime_info(self, name: str) -> RuntimeInfo:
+        """The engine's runtime `name`; raises RuntimeUnavailable when it has none of that
+        name (never a retried DockerApiError: the engine is fine, the node lacks it)."""
+        known = await self.runtimes()
+        if name not in known:
+            raise RuntimeUnavailable(
+                f"runtime {name!r} is not registered with the Docker engine "
+                f"(it has: {', '.join(sorted(known)) or 'none'})"
+            )
+        return known[name]
+
     async def create(self, req: ContainerRequest) -> str:
+        rt = req.runtime
+        gvisor = rt is not None and rt.gvisor
         host_config = self.api.create_host_config(
+            runtime=rt.name if rt is not None else None,
+            ulimits=[docker.types.Ulimit(name="nproc", soft=req.pids, hard=req.pids)]
+            if gvisor
+            else None,
             init=True,
             network_mode=req.network,
             cap_drop=["ALL"],
@@ -228,7 +263,7 @@ class DockerRuntime:
             security_opt=["no-new-privileges"],
             read_only=True,
             tmpfs={"/tmp": f"rw,nosuid,nodev,size={req.tmpfs_size},mode=1777"},
-            pids_limit=req.pids,
+            pids_limit=host_pids(req.pids) if gvisor else req.pids,
             mem_limit=f"{req.memory_mb}m",
             memswap_limit=f"{req.memory_mb}m",
             nano_cpus=int(req.cpus * 1e9),

@@ -14,7 +14,6 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Container
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,12 +38,12 @@ from schemas.errors import (
 )
 from schemas.labels import container_labels
 from schemas.spec import handoff
+from supervisor.docker.gvisor import take_refused_forks
 from supervisor.docker.internals import close_socket, stdin_socket
 from supervisor.docker.observe import CgroupSampler, DockerEventWatcher
 from supervisor.docker.runtime import (
     ContainerRequest,
     DockerRuntime,
-    Output,
     read_output,
     write_stdin,
 )
@@ -52,9 +51,10 @@ from supervisor.eventlog.emitter import Emitter
 from supervisor.eventlog.outcomes import emit_error
 from supervisor.execution.cleanup import Cleaner, CleanupReport
 from supervisor.execution.pool import Parked, WarmPool
+from supervisor.execution.state import AttemptOutcome, AttemptState, LiveAttempt
 from supervisor.execution.workspace import create_workspace, fill_workspace
 from supervisor.observability.metrics import Metrics
-from supervisor.policy.classify import Classification, classify
+from supervisor.policy.classify import classify
 
 T = TypeVar("T")
 
@@ -64,55 +64,6 @@ _DESTROY_EVENT_WAIT_S = 0.5
 
 
 log = logging.getLogger("supervisor.execution.attempt")
-
-
-@dataclass
-class AttemptState:
-    """What one attempt has created and observed so far (filled as it goes)."""
-
-    workspace: Path | None = None
-    container_id: str | None = None
-    running: bool = False
-    exit_code: int | None = None
-    oom_killed: bool = False
-    kills: list[str] = field(default_factory=list)
-    output: Output = field(default_factory=Output)
-    removed_out_of_band: bool = False
-    adapter_error: SupervisorError | None = None
-    cancelled: bool = False
-    pids_events: int = 0
-    oom_events: int = 0
-    external_kills: tuple[str, ...] = ()
-    cpu_time_ns: int | None = None
-    peak_memory_bytes: int | None = None
-    kill_tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    stdin_writer: asyncio.Future[None] | None = None
-    # The attach socket and the reader draining it (which closes it at its end).
-    stream: Any = None
-    reader: asyncio.Future[Output] | None = None
-    # A warm pool's container: the hand-off's one-time token (its exec-failure marker).
-    token: str | None = None
-
-
-@dataclass
-class LiveAttempt:
-    """A running attempt's container: its emitter, its state and its deadline (epoch s)."""
-
-    em: Emitter
-    st: AttemptState
-    deadline: float
-
-
-@dataclass
-class AttemptOutcome:
-    classification: Classification | None
-    evidence: Evidence
-    exit_code: int | None
-    output: Output
-    container_id: str | None
-    duration_s: float
-    cpu_time_s: float | None = None
-    peak_memory_bytes: int | None = None
 
 
 class AttemptRunner:
@@ -280,7 +231,10 @@ class AttemptRunner:
             cap_add=spec.cap_add,
             mounts=spec.mounts,
             stdin=stdin is not None,
+            runtime=await rt.runtime_info(spec.runtime or sb.runtime),
         )
+        st.fork_log_dir = req.runtime.fork_log_dir if req.runtime is not None else None
+        st.argv_newlines = sum(a.count("\n") for a in spec.command)
         cid, cancelled = await _settled(rt.create(req))
         st.container_id = cid
         self.live[cid] = LiveAttempt(em, st, deadline)
@@ -335,6 +289,7 @@ class AttemptRunner:
             self.pool.discard(p, "shutdown")
             raise asyncio.CancelledError
         st.workspace, st.container_id, st.token = p.workspace, cid, secrets.token_hex(16)
+        st.fork_log_dir = p.fork_log_dir
         self.workspaces.add(str(p.workspace))
         em.emit(
             PoolAdopted,
@@ -508,6 +463,11 @@ class AttemptRunner:
             st.oom_events = counters.memory_oom_events
             st.cpu_time_ns = counters.cpu_time_ns
             st.peak_memory_bytes = counters.peak_memory_bytes
+            if st.fork_log_dir is not None:
+                refused = await asyncio.to_thread(
+                    take_refused_forks, st.fork_log_dir, cid, st.argv_newlines
+                )
+                st.pids_events += refused
             if st.running:
                 reason = "cancelled" if st.cancelled else "cleanup"
                 st.kills.append(reason)

@@ -30,7 +30,7 @@ from schemas import (
     event_type,
 )
 from schemas.config import Config
-from schemas.errors import ImageNotFound, SpecError, SupervisorError
+from schemas.errors import ImageNotFound, RuntimeUnavailable, SpecError, SupervisorError
 from schemas.lifecycle import LifecycleTracker
 from schemas.spec import public_spec
 from supervisor.docker.observe import CgroupSampler, DockerEventWatcher
@@ -38,8 +38,9 @@ from supervisor.docker.runtime import DockerRuntime, Output
 from supervisor.eventlog.emitter import Emitter, new_id
 from supervisor.eventlog.outcomes import emit_error, execution_error, record_refusal
 from supervisor.eventlog.ports import EventSink
-from supervisor.execution.attempt import AttemptOutcome, AttemptRunner
+from supervisor.execution.attempt import AttemptRunner
 from supervisor.execution.cleanup import Cleaner
+from supervisor.execution.state import AttemptOutcome
 from supervisor.observability.metrics import Metrics
 from supervisor.policy.admission import admit
 from supervisor.policy.classify import Classification, catalogue_entry, classify
@@ -253,12 +254,21 @@ class Executor:
         if announce:
             em.emit(TaskSubmitted, spec=public_spec(spec), priority=spec.priority)
         try:
-            admit(spec, self.config.bounds, self.config.policy, self.config.callbacks.allowed)
+            admit(
+                spec,
+                self.config.bounds,
+                self.config.policy,
+                self.config.callbacks.allowed,
+                self.config.sandbox.runtimes,
+            )
             if not await self._image_present(spec.image):
                 raise ImageNotFound("inspect_image", f"image {spec.image!r} is not present locally")
-        except (SpecError, ImageNotFound) as e:
+            await self._runtime_present(spec)
+        except (SpecError, ImageNotFound, RuntimeUnavailable) as e:
             # A refused spec's callback_url is never called (it may be the refusal).
-            callback = spec.callback_url if isinstance(e, ImageNotFound) else None
+            callback = (
+                spec.callback_url if isinstance(e, (ImageNotFound, RuntimeUnavailable)) else None
+            )
             return self._reject(em, e, started, callback)
         attempt = first_attempt - 1
         while True:
@@ -349,6 +359,16 @@ class Executor:
         self._ended(spec.task_id)
         self.metrics.tasks.labels("failed").inc()
         return result
+
+    async def _runtime_present(self, spec: TaskSpec) -> None:
+        """Raises RuntimeUnavailable when the engine has no runtime of the name the task
+        needs (`spec.runtime`, else `[sandbox] runtime`)."""
+        try:
+            await self.runtime.runtime_info(spec.runtime or self.config.sandbox.runtime)
+        except RuntimeUnavailable:
+            raise
+        except SupervisorError:
+            return  # the engine cannot say: the attempt meets what is wrong and classifies it
 
     async def _image_present(self, image: str) -> bool:
         try:

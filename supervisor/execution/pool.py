@@ -20,12 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from schemas import PoolParked, PoolRetired, TaskSpec
 from schemas.config import Config
 from schemas.errors import SupervisorError
 from schemas.events import PoolRetireReason
 from schemas.labels import parked_labels
 from schemas.spec import WAITER, Shape, pool_shape
+from supervisor.docker.gvisor import boot_logs
 from supervisor.docker.observe import DockerEventWatcher
 from supervisor.docker.runtime import ContainerRequest, DockerRuntime
 from supervisor.eventlog.emitter import Emitter
@@ -50,6 +53,8 @@ class Parked:
     shape: Shape
     labels: dict[str, str]
     parked_at: float = field(default_factory=time.monotonic)
+    fork_log_dir: str | None = None
+    """Under gVisor, where the Sentry's boot log (the evidence of refused forks) is."""
 
     @property
     def key(self) -> str:
@@ -99,9 +104,9 @@ class WarmPool:
         self.data_dir = data_dir
         self.watcher = watcher
         self.gate = gate
-        self._shapes: dict[str, _ShapeState] = {
-            s.key(): _ShapeState(s, configured=True) for s in self.cfg.shapes
-        }
+        self._shapes: dict[str, _ShapeState] = {}
+        for s in self.cfg.shapes:
+            self.keep(s)
         self._parked: dict[str, deque[Parked]] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -125,6 +130,8 @@ class WarmPool:
 
     def keep(self, shape: Shape) -> None:
         """Keep `shape` warm from now on, as if it were configured."""
+        if shape.runtime is None:
+            shape = msgspec.structs.replace(shape, runtime=self.config.sandbox.runtime)
         st = self._shapes.get(shape.key())
         if st is None:
             self._shapes[shape.key()] = _ShapeState(shape, configured=True)
@@ -143,7 +150,7 @@ class WarmPool:
         is counted by why, and a learnt shape starts being kept warm)."""
         if not self.enabled or self._closing:
             return None
-        shape = pool_shape(spec)
+        shape = pool_shape(spec, self.config.sandbox.runtime)
         if shape is None:
             self.metrics.pool_misses.labels("unfit").inc()
             return None
@@ -291,6 +298,7 @@ class WarmPool:
                 tmpfs_size=sb.tmpfs_size,
                 stdin=True,
             )
+            req.runtime = await self.runtime.runtime_info(shape.runtime or sb.runtime)
             cid = await self.runtime.create(req)
             await self.runtime.start(cid)
         except (SupervisorError, OSError) as e:
@@ -305,7 +313,8 @@ class WarmPool:
                     image=shape.image,
                     duration_s=time.monotonic() - t0,
                 )
-                await self._retire(Parked(cid, ws, shape, {}), "failed")
+                logs = req.runtime.fork_log_dir if req.runtime is not None else None
+                await self._retire(Parked(cid, ws, shape, {}, fork_log_dir=logs), "failed")
             elif ws is not None:
                 with contextlib.suppress(OSError):
                     await asyncio.to_thread(remove_workspace, ws)
@@ -322,7 +331,7 @@ class WarmPool:
             image=shape.image,
             duration_s=took,
         )
-        p = Parked(cid, ws, shape, labels)
+        p = Parked(cid, ws, shape, labels, fork_log_dir=req.runtime.fork_log_dir)
         if self._closing or key not in self._shapes:
             await self._retire(p, "shutdown" if self._closing else "idle")
             return
@@ -342,6 +351,8 @@ class WarmPool:
             error = str(e) or type(e).__name__
         with contextlib.suppress(OSError):
             await asyncio.to_thread(remove_workspace, p.workspace)
+        if p.fork_log_dir is not None:
+            await asyncio.to_thread(boot_logs(p.fork_log_dir).discard, p.container_id)
         self.emitter.emit(
             PoolRetired,
             container_id=p.container_id,

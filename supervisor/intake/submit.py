@@ -175,7 +175,13 @@ class Intake:
         assert spec.task_id is not None and spec.correlation_id is not None
         em = self.emitter.for_task(spec.task_id, spec.correlation_id)
         try:
-            admit(spec, self.config.bounds, self.config.policy, self.config.callbacks.allowed)
+            admit(
+                spec,
+                self.config.bounds,
+                self.config.policy,
+                self.config.callbacks.allowed,
+                self.config.sandbox.runtimes,
+            )
         except SpecError as e:
             c = classify(Evidence(adapter_error=e.tag, adapter_message=str(e)))
             assert c is not None

@@ -203,7 +203,17 @@ def _check_no_file_is_a_dir(names: list[str]) -> None:
                 raise InvalidSpec(f"files.{name}", f"{parent!r} is a file, not a directory")
 
 
-def check_policy(spec: TaskSpec, policy: Policy, callbacks: Sequence[str] = ()) -> None:
+def check_policy(
+    spec: TaskSpec,
+    policy: Policy,
+    callbacks: Sequence[str] = (),
+    runtimes: Sequence[str] | None = None,
+) -> None:
+    """`runtimes`: the runtimes a spec may name (`[sandbox] runtimes`; None: any)."""
+    if spec.runtime is not None and runtimes is not None and spec.runtime not in runtimes:
+        raise PolicyViolation(
+            "runtime", f"runtime {spec.runtime!r} is not allowed (allowed: {list(runtimes)})"
+        )
     if spec.privileged and not policy.allow_privileged:
         raise PolicyViolation("privileged", "privileged containers are forbidden")
     refused = [
@@ -256,10 +266,14 @@ def _origin_and_path(url: str) -> tuple[tuple[str, str, int], str] | None:
 
 
 def admit(
-    spec: TaskSpec, bounds: Bounds, policy: Policy, callbacks: Sequence[str] = ()
+    spec: TaskSpec,
+    bounds: Bounds,
+    policy: Policy,
+    callbacks: Sequence[str] = (),
+    runtimes: Sequence[str] | None = None,
 ) -> TaskSpec:
     """Bounds first (is the spec sane), then policy (is it allowed; `callbacks` are the
-    allowed callback prefixes)."""
+    allowed callback prefixes, `runtimes` the runtimes a spec may name)."""
     check_bounds(spec, bounds)
-    check_policy(spec, policy, callbacks)
+    check_policy(spec, policy, callbacks, runtimes)
     return spec

@@ -26,6 +26,7 @@ _ADAPTER_CODES = {
     "docker_request_refused": "INVALID_SPEC",
     "docker_error": "DOCKER_API_ERROR",
     "image_not_found": "IMAGE_NOT_FOUND",
+    "runtime_unavailable": "RUNTIME_UNAVAILABLE",
     "container_vanished": "CONTAINER_VANISHED",
     "circuit_open": "CIRCUIT_OPEN",
     "invalid_spec": "INVALID_SPEC",
