@@ -105,13 +105,13 @@ class WarmPool:
         self.watcher = watcher
         self.gate = gate
         self._shapes: dict[str, _ShapeState] = {}
-        for s in self.cfg.shapes:
-            self.keep(s)
         self._parked: dict[str, deque[Parked]] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._work: set[asyncio.Task[None]] = set()
         self._closing = False
+        for s in self.cfg.shapes:
+            self.keep(s)
 
     @property
     def enabled(self) -> bool:
