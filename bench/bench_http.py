@@ -7,7 +7,9 @@ running the same hardened container, one task at a time, in one run.
 A daemon runs on its own nats-server, on the defaults (the host-pressure brakes and the
 warm pool included; `--no-brakes`, `--no-pool` turn them off). Rounds alternate: raw docker-py, the HTTP round trip,
 `Client.run`, `submit --wait` (a new CLI process each time, as a shell script would use
-it), so the machine's drift weighs on all four. Prints the medians and the ratios to raw.
+it: through the data dir's daemon, the quick path), and `submit --wait --nats URL` (the
+same straight to NATS), so the machine's drift weighs on all five. Prints the medians and
+the ratios to raw.
 
 With `--burst N`, then N trivial tasks submitted at once over HTTP (`submit_many`) and
 waited for, against raw docker-py running N containers with 8 threads, alternated: the
@@ -73,6 +75,7 @@ def main() -> None:
     http: list[float] = []
     run: list[float] = []
     cli: list[float] = []
+    cli_nats: list[float] = []
     try:
         daemon.start(60)
         with daemon.client() as c:
@@ -91,40 +94,42 @@ def main() -> None:
                 run.append(time.perf_counter() - t)
                 assert result.stdout == "hello\n", result
 
-                t = time.perf_counter()
-                done = subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "supervisor",
-                        "submit",
-                        "-",
-                        "--wait",
-                        "--json",
-                        "--nats",
-                        url,
-                        "--data-dir",
-                        str(tmp / "data"),
-                    ],
-                    input=json.dumps(
-                        {
-                            "image": IMAGE,
-                            "command": ["sh", "/workspace/main.sh"],
-                            "files": {"main.sh": SCRIPT},
-                            "retry": {"max_attempts": 1},
-                        }
-                    ).encode(),
-                    capture_output=True,
-                    timeout=120,
-                )
-                cli.append(time.perf_counter() - t)
-                assert done.returncode == 0, done.stderr
+                for out, via in ((cli, ()), (cli_nats, ("--nats", url))):
+                    t = time.perf_counter()
+                    done = subprocess.run(
+                        [
+                            sys.executable,
+                            "-m",
+                            "supervisor",
+                            "submit",
+                            "-",
+                            "--wait",
+                            "--json",
+                            "--data-dir",
+                            str(tmp / "data"),
+                            *via,
+                        ],
+                        input=json.dumps(
+                            {
+                                "image": IMAGE,
+                                "command": ["sh", "/workspace/main.sh"],
+                                "files": {"main.sh": SCRIPT},
+                                "retry": {"max_attempts": 1},
+                            }
+                        ).encode(),
+                        capture_output=True,
+                        timeout=120,
+                    )
+                    out.append(time.perf_counter() - t)
+                    assert done.returncode == 0, done.stderr
         r, h, u, s = (statistics.median(x) for x in (raw, http, run, cli))
         print(f"{args.tasks} trivial tasks, one at a time (medians):")
         print(f"  raw docker-py create/start/wait/logs/remove: {r * 1e3:.0f} ms")
         print(f"  HTTP POST + GET ?wait (supervisor.client):  {h * 1e3:.0f} ms  ratio {h / r:.2f}")
         print(f"  Client.run (the same, one call):             {u * 1e3:.0f} ms  ratio {u / r:.2f}")
         print(f"  supervisor submit --wait (a new process):   {s * 1e3:.0f} ms  ratio {s / r:.2f}")
+        n = statistics.median(cli_nats)
+        print(f"  ... --nats URL (straight to NATS):          {n * 1e3:.0f} ms  ratio {n / r:.2f}")
         print(f"  HTTP / submit --wait: {h / s:.2f}")
         print(f"  warm pool: {_pool_counts(daemon)}")
         if args.burst:

@@ -19,6 +19,14 @@ from schemas.catalogue import CATALOGUE
 from schemas.config import Config
 from schemas.errors import ConfigError, InvalidSpec, SupervisorError
 from schemas.spec import ErrorType
+from supervisor.cli.args import add_submit_parser, spec_parser
+from supervisor.cli.http_submit import (
+    EXIT_INFRA,
+    EXIT_OK,
+    EXIT_REJECTED,
+    exit_code_of,
+    print_result,
+)
 from supervisor.cli.node_retire import add_node_parser
 from supervisor.cli.options import (
     SubcommandParser,
@@ -33,17 +41,9 @@ from supervisor.eventlog.outcomes import record_refusal, refusal_result
 from supervisor.policy.admission import decode_spec
 from supervisor.policy.classify import catalogue_entry
 
-EXIT_OK, EXIT_FAILED, EXIT_REJECTED, EXIT_INFRA = 0, 1, 2, 3
-
 
 def exit_code_for(result: Result) -> int:
-    if result.status == "succeeded":
-        return EXIT_OK
-    if result.status == "rejected":
-        return EXIT_REJECTED
-    if result.error is not None and result.error.type == "infrastructure":
-        return EXIT_INFRA
-    return EXIT_FAILED
+    return exit_code_of(msgspec.to_builtins(result))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,16 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _spec_parser(sub: Any, name: str, help_: str, description: str) -> Any:
-    """A subcommand that takes a task spec (a file, or - for stdin) and `--json`."""
-    p = sub.add_parser(name, help=help_, description=description)
-    p.add_argument("spec", metavar="SPEC|-", help="task spec JSON file, or - for stdin")
-    p.add_argument("--json", action="store_true", help="print the answer as JSON")
-    return p
-
-
 def _add_run(sub: Any) -> None:
-    run = _spec_parser(
+    run = spec_parser(
         sub,
         "run",
         "run one task in the foreground, with retries",
@@ -139,32 +131,7 @@ def _roles(text: str) -> frozenset[str]:
 
 
 def _add_submit(sub: Any) -> None:
-    submit = _spec_parser(
-        sub,
-        "submit",
-        "enqueue a task to a running daemon",
-        "Validate and enqueue a task (JSON spec file, or - for stdin). Prints the task id, "
-        "or with --wait the result. A full queue is refused at once (resource/QUEUE_FULL, "
-        "exit 2).",
-    )
-    submit.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    submit.add_argument(
-        "--priority", choices=["high", "normal", "low"], help="override the spec's priority"
-    )
-    submit.add_argument(
-        "--correlation-id",
-        metavar="ID",
-        help="correlation id repeated by every event of the task (default: the spec's, else new)",
-    )
-    submit.add_argument(
-        "--timeout",
-        type=float,
-        default=None,
-        metavar="S",
-        help="with --wait: give up waiting after S seconds (exit 3)",
-    )
-    common_options(submit)
-    submit.set_defaults(func=_cmd_submit)
+    add_submit_parser(sub).set_defaults(func=_cmd_submit)
 
 
 def _add_tail(sub: Any) -> None:
@@ -247,22 +214,7 @@ def _read_spec_bytes(arg: str) -> bytes:
 
 
 def _print_result(result: Result, as_json: bool) -> None:
-    if as_json:
-        sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
-        return
-    out = sys.stdout
-    if result.stdout:
-        out.write(result.stdout if result.stdout.endswith("\n") else result.stdout + "\n")
-    if result.stderr:
-        sys.stderr.write(result.stderr if result.stderr.endswith("\n") else result.stderr + "\n")
-    line = f"task {result.task_id}: {result.status} after {result.attempts} attempt(s) in {result.duration_s:.2f}s"
-    if result.exit_code is not None:
-        line += f", exit code {result.exit_code}"
-    if result.error is not None:
-        line += f"\n  error: {result.error.type}/{result.error.code}: {result.error.message}"
-    if result.stdout_truncated or result.stderr_truncated:
-        line += "\n  output truncated at the task's output cap"
-    sys.stderr.write(line + "\n")
+    print_result(msgspec.to_builtins(result), as_json)
 
 
 async def _run_async(args: argparse.Namespace, cfg: Config) -> int:
@@ -555,6 +507,7 @@ def _cmd_credentials(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The whole CLI (`supervisor.__main__` tries `submit`'s quick path first)."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     if not any(a in ("-h", "--help", "--version") for a in argv[:1]):

@@ -1,5 +1,5 @@
-"""The options the subcommands share (`--nats`, `--data-dir`, `--node-id`, `--config`),
-written once for the CLI's own subcommands and the read side's."""
+"""What the subcommands share beyond their options (`supervisor.cli.args`): the
+configuration they make of them, and the error for a command that does not exist."""
 
 from __future__ import annotations
 
@@ -7,37 +7,14 @@ import argparse
 import difflib
 import os
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
 from schemas.config import Config, load_config
+from supervisor.cli.args import SubcommandParser, common_options
 from supervisor.daemon.datadir import node_id_for, stored_node_id
 
-
-def common_options(p: argparse.ArgumentParser, *, node: bool = True, nats: bool = True) -> None:
-    """The options shared by the subcommands; each takes only those it uses."""
-    if nats:
-        p.add_argument(
-            "--nats",
-            dest="nats_url",
-            metavar="URL",
-            help="NATS server URL, or a comma-separated list (else the configuration's, else "
-            "$SUPERVISOR_NATS_URL, else a running daemon's, else an embedded nats-server "
-            "under the data dir)",
-        )
-    p.add_argument(
-        "--data-dir", metavar="DIR", help="data dir (else $SUPERVISOR_DATA_DIR, else ./.supervisor)"
-    )
-    if node:
-        p.add_argument(
-            "--node-id",
-            metavar="ID",
-            help="this node's id (else the configuration's, else the one kept in the data dir)",
-        )
-    p.add_argument(
-        "--config", metavar="FILE", help="configuration file, TOML or JSON (docs/configuration.md)"
-    )
+__all__ = ["SubcommandParser", "common_options", "config_of", "unknown_command", "with_node_id"]
 
 
 def config_of(args: argparse.Namespace) -> Config:
@@ -64,22 +41,6 @@ def with_node_id(cfg: Config, *, keep: bool) -> Config:
     """`cfg` with its node id settled (`supervisor.daemon.datadir.node_id_for`)."""
     node_id = node_id_for(Path(cfg.data_dir).resolve(), cfg.node_id, keep=keep)
     return cfg if node_id == cfg.node_id else msgspec.structs.replace(cfg, node_id=node_id)
-
-
-class SubcommandParser(argparse.ArgumentParser):
-    """A subcommand's parser: an unknown option is its own error, with its own usage and
-    the nearest option it knows (not the top-level usage, with the option's value taken
-    for a positional argument)."""
-
-    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
-        parsed, extra = super().parse_known_args(args, namespace)
-        unknown = [a for a in extra if a.startswith("-")]
-        if unknown:
-            known = [o for a in self._actions for o in a.option_strings]
-            near = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
-            hint = f" (did you mean {near[0]}?)" if near else ""
-            self.error(f"unrecognized option {unknown[0]}{hint}")
-        return parsed, extra
 
 
 def unknown_command(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
