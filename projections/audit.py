@@ -29,7 +29,10 @@ Rules, each reported with the task, and the stream sequences that prove it:
 - `decision_without_outcome`: a `reconcile.decision` that ordered a command (not a dry
   run) with no final `reconcile.outcome` for that command afterwards;
 - `history_erased`: the history starts past seq 1 and the stream's retention in force
-  cannot explain it (judged when the audit reads the stream, which knows its limits).
+  cannot explain it (judged when the audit reads the stream, which knows its limits);
+- and the rules that decide again from recorded evidence (`projections.evidence`):
+  `outcome_not_evidence`, `evidence_altered`, `terminal_not_attempt`,
+  `event_after_instance_end`, `decision_unjustified`.
 
 "Eventually" rules (`task_not_terminal`, `*_not_removed`, `cleanup_unresolved`,
 `decision_without_outcome`) skip work still in flight when `grace_s` is given: a task not
@@ -48,6 +51,7 @@ from typing import Any, NamedTuple
 import duckdb
 import msgspec
 
+from projections.evidence import Record, Rederivation, Violation
 from projections.store.apply import ATTEMPT_CATEGORIES
 from projections.store.machine import (
     TERMINAL_TASK_TYPES,
@@ -89,39 +93,14 @@ _RESOLVES = {
 }
 
 
-class Record(NamedTuple):
-    """What the audit reads of one event."""
-
-    seq: int
-    type: str
-    task_id: str
-    attempt: int
-    occurred_at: datetime
-    container_id: str | None = None
-    step: str | None = None
-    resource: str | None = None
-    path: str | None = None
-    command_id: str | None = None
-    dry_run: bool | None = None
-    final: bool | None = None
-    instance_id: str = ""
-    error_type: str | None = None
-
-
-class Violation(msgspec.Struct, frozen=True, kw_only=True):
-    task_id: str
-    rule: str
-    seqs: tuple[int, ...]
-    detail: str
-    attempt: int | None = None
-    resource: str | None = None
-
-
 _LOAD = """
 SELECT seq, type, task_id, attempt, occurred_at,
        payload->>'container_id', payload->>'step', payload->>'resource', payload->>'path',
        payload->>'command_id', (payload->>'dry_run')::BOOLEAN, (payload->>'final')::BOOLEAN,
-       instance_id, payload->>'error_type'
+       instance_id, payload->>'error_type', node_id, payload->>'outcome',
+       payload->>'error_code', CAST(payload->'evidence' AS VARCHAR),
+       payload->>'superseded_instance', (payload->>'deadline')::DOUBLE, payload->>'rule',
+       payload->>'action', (payload->>'timeout_s')::DOUBLE
 FROM events ORDER BY seq
 """
 
@@ -131,14 +110,20 @@ def load_records(con: duckdb.DuckDBPyConnection) -> list[Record]:
     return [Record._make(row) for row in con.execute(_LOAD).fetchall()]
 
 
+_FIELDS = Record._fields[5:]
+
+
 def records_of(events: Iterable[Event], first_seq: int = 1) -> list[Record]:
     """Records of `events` as if they were stored in this order from `first_seq` on."""
     out = []
     for seq, e in enumerate(events, start=first_seq):
-        names = ("container_id", "step", "resource", "path", "command_id", "dry_run", "final")
-        extra = [getattr(e, name, None) for name in names]
         head = (seq, event_type(e), e.task_id or NO_TASK, e.attempt, e.occurred_at)
-        out.append(Record._make((*head, *extra, e.instance_id, getattr(e, "error_type", None))))
+        extra = [getattr(e, name, None) for name in _FIELDS]
+        evidence = getattr(e, "evidence", None)
+        extra[_FIELDS.index("evidence")] = (
+            None if evidence is None else msgspec.json.encode(evidence).decode()
+        )
+        out.append(Record._make((*head, *extra)))
     return out
 
 
@@ -293,6 +278,7 @@ def audit_records(
     ordered: dict[str, Record] = {}  # command id -> the first decision ordering it
     concluded: set[str] = set()  # command ids with a final outcome
     end: datetime | None = None
+    again = Rederivation()
     for r in records:
         end = r.occurred_at if end is None or r.occurred_at > end else end
         if r.task_id in skip:
@@ -302,7 +288,9 @@ def audit_records(
         category = r.type.split(".", 1)[0]
         if r.attempt > 0 and category in ATTEMPT_CATEGORIES:
             t.owners.setdefault(r.attempt, r.instance_id)
-        if not _owned(r, t, out):
+        owned = _owned(r, t, out)
+        again.feed(r, owned)
+        if not owned:
             continue
         if r.type in TASK_EVENT_TYPES:
             _task_event(r, t, out)
@@ -382,6 +370,7 @@ def audit_records(
                 detail=f"command {command_id} never reached a final outcome",
             )
         )
+    out.extend(again.violations)
     out.sort(key=lambda v: (v.seqs[0], v.rule))
     return out
 

@@ -20,6 +20,7 @@ ORDER: dict[str, tuple[str, ...]] = {
         "errors",  # the read side's branch of the exception tree
         "stream",  # SUP_EVENTS read and decoded into staging batches
         "store",  # the DuckDB file: its schema, how a batch is applied
+        "evidence",  # what the audit reads and reports; outcomes decided again
         "audit",  # history judged against the lifecycle
         "query",  # read-only SQL, its rendering, the remote query client
         "serve",  # the projector (stream -> store), replay, the live part

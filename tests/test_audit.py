@@ -17,6 +17,7 @@ from schemas import (
     CleanupSucceeded,
     ErrorRaised,
     Event,
+    Evidence,
     WorkspaceCreated,
 )
 from supervisor.cli.read_parsers import add_parsers
@@ -59,7 +60,10 @@ def test_a_clean_history_passes() -> None:
 def test_task_lifecycle_an_event_the_machine_forbids() -> None:
     events = one_task().events
     del events[8]  # attempt.finished: the task goes from running straight to succeeded
-    assert rules(audit(events)) == [("t-1", "task_lifecycle", (2, 9))]
+    assert rules(audit(events)) == [
+        ("t-1", "task_lifecycle", (2, 9)),
+        ("t-1", "terminal_not_attempt", (9,)),
+    ]
     assert audit(events)[0].detail == "task.succeeded not allowed in state running"
 
 
@@ -136,7 +140,9 @@ def test_a_failed_kill_is_resolved_by_a_removal() -> None:
     )
     b.emit(CleanupSucceeded, "t-1", 1, step="remove_container", resource=cid, duration_s=0.1)
     b.emit(CleanupSucceeded, "t-1", 1, step="remove_workspace", resource=ws, duration_s=0.1)
-    b.emit(AttemptFinished, "t-1", 1, outcome="succeeded", exit_code=0)
+    b.emit(
+        AttemptFinished, "t-1", 1, outcome="succeeded", exit_code=0, evidence=Evidence(exit_code=0)
+    )
     b.succeed("t-1", 1)
     assert audit(b.events) == []
 

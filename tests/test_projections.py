@@ -25,7 +25,7 @@ from projections.serve.projector import Projector
 from projections.serve.replay import replay
 from projections.store.ddl import DDL_VERSION, TABLES
 from projections.store.store import ProjectionStore
-from schemas import AttemptFinished, CleanupSucceeded, TaskSubmitted, encode_event
+from schemas import AttemptFinished, CleanupSucceeded, Evidence, TaskSubmitted, encode_event
 from supervisor.cli.main import main as cli_main
 from testing.loadgen import publish
 from testing.snapshot import tables
@@ -577,6 +577,7 @@ async def test_a_forged_success_before_the_real_end_is_a_conflict_never_the_outc
         error_type="user_code",
         error_code="NONZERO_EXIT",
         duration_s=0.4,
+        evidence=Evidence(exit_code=3),
     )
     b.fail("t-run", 1, "NONZERO_EXIT", exit_code=3)
     last = await publish(nats_url, b.events)
