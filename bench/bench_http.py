@@ -9,7 +9,9 @@ warm pool included; `--no-brakes`, `--no-pool` turn them off). Rounds alternate:
 `Client.run`, `submit --wait` (a new CLI process each time, as a shell script would use
 it: through the data dir's daemon, the quick path), and `submit --wait --nats URL` (the
 same straight to NATS), so the machine's drift weighs on all five. Prints the medians and
-the ratios to raw.
+the ratios to raw. Each supervisor run starts once the pool is full again (a client sending
+fewer tasks than the pool refills, about 3 a second at size 2, finds it so); with
+`--back-to-back` they follow each other at once and take what is parked.
 
 With `--burst N`, then N trivial tasks submitted at once over HTTP (`submit_many`) and
 waited for, against raw docker-py running N containers with 8 threads, alternated: the
@@ -57,6 +59,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternated bursts (default 2)")
     ap.add_argument("--no-brakes", action="store_true", help="turn the host-pressure brakes off")
     ap.add_argument("--no-pool", action="store_true", help="turn the warm pool off ([pool] size 0)")
+    ap.add_argument(
+        "--back-to-back",
+        action="store_true",
+        help="start each supervisor run at once, without waiting for the pool to refill",
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-http-"))
     server = NatsServer(tmp / "nats")
@@ -78,23 +85,31 @@ def main() -> None:
     cli_nats: list[float] = []
     try:
         daemon.start(60)
+
+        def ready() -> None:
+            if not args.back_to_back and not args.no_pool:
+                _pool_full(daemon)
+
         with daemon.client() as c:
             c.run(_spec(), timeout_s=60)  # warm up: the image, the projection
             for _ in range(args.tasks):
                 raw.append(raw_one(api, str(mount)))
 
+                ready()
                 t = time.perf_counter()
                 sub = c.submit(_spec())
                 view = c.wait(sub.task_id, timeout_s=60)
                 http.append(time.perf_counter() - t)
                 assert view.result is not None and view.result.stdout == "hello\n", view
 
+                ready()
                 t = time.perf_counter()
                 result = c.run(_spec(), timeout_s=60)
                 run.append(time.perf_counter() - t)
                 assert result.stdout == "hello\n", result
 
                 for out, via in ((cli, ()), (cli_nats, ("--nats", url))):
+                    ready()
                     t = time.perf_counter()
                     done = subprocess.run(
                         [
@@ -141,6 +156,23 @@ def main() -> None:
         remove_managed_containers("n1")
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pool_full(daemon: DaemonProc, size: int = 2, timeout: float = 5.0) -> None:
+    """Wait (at most `timeout` s) until the daemon's pool has `size` containers parked, as
+    a client sending fewer tasks than the pool refills (about 3 a second at size 2) finds
+    it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, body = daemon.get("/metrics")
+        parked = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in body.decode().splitlines()
+            if line.startswith("supervisor_pool_parked{")
+        )
+        if parked >= size:
+            return
+        time.sleep(0.02)
 
 
 def _pool_counts(daemon: DaemonProc) -> str:
