@@ -51,6 +51,7 @@ from typing import Any, NamedTuple
 import duckdb
 import msgspec
 
+from projections.evidence import AUDIT_RULES as RULES
 from projections.evidence import Record, Rederivation, Violation
 from projections.store.apply import ATTEMPT_CATEGORIES
 from projections.store.machine import (
@@ -71,6 +72,7 @@ from schemas.lifecycle import (
 )
 
 __all__ = [
+    "RULES",
     "HistoryStart",
     "Record",
     "Retention",
@@ -268,9 +270,11 @@ def audit_records(
     grace_s: float | None = None,
     now: datetime | None = None,
     skip: frozenset[str] = frozenset(),
+    rederive: bool = True,
 ) -> list[Violation]:
     """Every violation in `records` (in stream order), sorted by first proving sequence.
-    The events of the tasks in `skip` (`HistoryStart.partial_tasks`) are left out."""
+    The events of the tasks in `skip` (`HistoryStart.partial_tasks`) are left out;
+    `rederive` False leaves out the rules of `projections.evidence` (to measure them)."""
     out: list[Violation] = []
     tasks: dict[str, _Task] = defaultdict(_Task)
     resources: dict[tuple[str, str], _Resource] = {}
@@ -289,7 +293,8 @@ def audit_records(
         if r.attempt > 0 and category in ATTEMPT_CATEGORIES:
             t.owners.setdefault(r.attempt, r.instance_id)
         owned = _owned(r, t, out)
-        again.feed(r, owned)
+        if rederive:
+            again.feed(r, owned)
         if not owned:
             continue
         if r.type in TASK_EVENT_TYPES:

@@ -74,6 +74,33 @@ class Violation(msgspec.Struct, frozen=True, kw_only=True):
     resource: str | None = None
 
 
+RULES = (
+    "outcome_not_evidence",
+    "evidence_altered",
+    "terminal_not_attempt",
+    "event_after_instance_end",
+    "decision_unjustified",
+)
+"""The rules of this module, in the order the module's docstring gives them."""
+
+AUDIT_RULES = (
+    "task_lifecycle",
+    "one_terminal_state",
+    "not_owner",
+    "task_not_terminal",
+    "attempt_order",
+    "event_after_attempt_finished",
+    "container_lifecycle",
+    "workspace_lifecycle",
+    "container_not_removed",
+    "workspace_not_removed",
+    "cleanup_unresolved",
+    "decision_without_outcome",
+    "history_erased",
+    *RULES,
+)
+"""Every rule `projections.audit` reports, as its docstring lists them."""
+
 _JUDGED_RULES = ("orphan_container", "lost_attempt", "leaked_workspace")
 """The reconciler's rules that act only on what a dead instance left: one of them about a
 live instance's open attempt before its deadline is never justified."""
@@ -244,7 +271,7 @@ class Rederivation:
         if a.deadline is not None and r.occurred_at.timestamp() > a.deadline:
             return  # past its deadline: the overdue rule may order it
         self._report(
-            r,
+            r._replace(task_id=key[0], attempt=key[1]),
             "decision_unjustified",
             (r.seq,),
             f"{r.rule or 'a rule'} ordered about {name} of the open attempt {key[1]} of a live "

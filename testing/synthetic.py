@@ -145,19 +145,8 @@ class HistoryBuilder:
         finish: bool = True,
     ) -> None:
         """One attempt's events. `finish=False` stops before attempt.finished (in flight)."""
-        cid, ws = self.container_id(task_id, n), self.workspace_path(task_id, n)
-        self.emit(AttemptStarted, task_id, n, max_attempts=max_attempts)
-        self.emit(WorkspaceCreated, task_id, n, path=ws, files=1, bytes=48)
-        self.emit(
-            ContainerCreated,
-            task_id,
-            n,
-            container_id=cid,
-            image="supervisor-sandbox:busybox",
-            labels={"supervisor.managed": "true", "supervisor.node": self.node_id},
-            deadline=(self.now() + timedelta(seconds=10)).timestamp(),
-        )
-        self.emit(ContainerStarted, task_id, n, container_id=cid)
+        cid = self.start_attempt(task_id, n, max_attempts=max_attempts)
+        ws = self.workspace_path(task_id, n)
         kills: tuple[str, ...] = ()
         if plan.kill_reason is not None:
             kills = (plan.kill_reason,)
@@ -220,6 +209,24 @@ class HistoryBuilder:
             duration_s=0.4,
             evidence=evidence,
         )
+
+    def start_attempt(self, task_id: str, n: int, *, max_attempts: int = 3) -> str:
+        """An attempt up to its container running (its owner may die here); the container
+        id."""
+        cid, ws = self.container_id(task_id, n), self.workspace_path(task_id, n)
+        self.emit(AttemptStarted, task_id, n, max_attempts=max_attempts)
+        self.emit(WorkspaceCreated, task_id, n, path=ws, files=1, bytes=48)
+        self.emit(
+            ContainerCreated,
+            task_id,
+            n,
+            container_id=cid,
+            image="supervisor-sandbox:busybox",
+            labels={"supervisor.managed": "true", "supervisor.node": self.node_id},
+            deadline=(self.now() + timedelta(seconds=10)).timestamp(),
+        )
+        self.emit(ContainerStarted, task_id, n, container_id=cid)
+        return cid
 
     def retry(self, task_id: str, n: int, error_code: str, delay_s: float = 1.0) -> None:
         self.emit(
