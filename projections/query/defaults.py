@@ -6,3 +6,6 @@ TIMEOUT_S = 30.0
 """Seconds a query runs at most unless it asks for another limit."""
 FORMATS = ("table", "json", "csv")
 """The output formats of `supervisor sql`."""
+
+EXPORT_FORMATS = ("parquet", "csv")
+"""The file formats `supervisor export` writes (`projections.query.export`)."""

@@ -1,11 +1,14 @@
-"""The read side's subcommands for the `supervisor` CLI: `replay`, `audit`, `sql`.
+"""The read side's subcommands for the `supervisor` CLI: `replay`, `audit`, `sql`,
+`report`, `export`.
 
 `supervisor.cli.read_parsers` registers them; each `cmd_*` takes the parsed args and returns the
 exit code (0 ok; `audit` 1 on violations; `sql` 2 on a
 refused statement or a refused token, 1 when a query fails or times out; 3 when NATS, the
 projection file or the daemon cannot be used).
 
-`sql` without `--db` asks the running daemon (`POST /v1/query`, `projections.query.remote`).
+`sql` and `report` without `--db` ask the running daemon (`POST /v1/query`,
+`projections.query.remote`); with none answering, they read the data dir's own projection
+(a stopped daemon's) or one rebuilt from `SUP_EVENTS`, as `export` does, and say which.
 
 NATS is found as every command finds it (`--nats`, `SUPERVISOR_NATS_URL`, a running
 daemon's URL in the data dir, the configuration); only when none is known is an embedded
@@ -21,7 +24,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from projections.errors import (
     DaemonUnreachable,
     ProjectionError,
     QueryError,
+    QueryFailed,
     QueryRefused,
 )
 from projections.query.query import (
@@ -44,8 +48,9 @@ from projections.query.query import (
 )
 from projections.query.remote import daemon_token, daemon_url, query_daemon
 from projections.query.render import render
+from projections.serve.live import DB_NAME
 from projections.serve.replay import replay, stream_retention
-from schemas.errors import SupervisorError
+from schemas.errors import SupervisorError, redact_url
 from supervisor.cli.options import config_of
 from supervisor.daemon.nats_target import nats_for
 
@@ -82,6 +87,44 @@ async def nats_url_for(args: argparse.Namespace) -> AsyncIterator[str]:
 def _fail(message: str, code: int) -> int:
     sys.stderr.write(f"supervisor: {message}\n")
     return code
+
+
+@contextlib.contextmanager
+def local_projection(args: argparse.Namespace, purpose: str) -> Iterator[Path]:
+    """A projection to read without a daemon, saying which on stderr: the data dir's own
+    file (a stopped daemon's), else one rebuilt from `SUP_EVENTS` into a temporary file
+    (the data dir's embedded NATS is started for it when no NATS is known)."""
+    _, data_dir = _settings(args)
+    own = data_dir / DB_NAME
+    if own.is_file():
+        with contextlib.suppress(QueryFailed):
+            open_readonly(own).close()
+            sys.stderr.write(f"{purpose}: reading the data dir's projection {own}{_as_of(own)}\n")
+            yield own
+            return
+    with tempfile.TemporaryDirectory(prefix=f"supervisor-{purpose}-") as tmp:
+        path = Path(tmp) / DB_NAME
+
+        async def rebuild() -> str:
+            async with nats_url_for(args) as url:
+                await replay(path, url, progress=True)
+            return url
+
+        url = asyncio.run(rebuild())
+        sys.stderr.write(
+            f"{purpose}: no projection file to read: rebuilt one from SUP_EVENTS at "
+            f"{redact_url(url)}{_as_of(path)}\n"
+        )
+        yield path
+
+
+def _as_of(path: Path) -> str:
+    con = open_readonly(path)
+    try:
+        row = con.execute("SELECT max(seq) FROM events").fetchone()
+    finally:
+        con.close()
+    return "" if row is None or row[0] is None else f" (as of seq {row[0]})"
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -143,6 +186,7 @@ async def _audit_stream(args: argparse.Namespace) -> tuple[list[Any], HistorySta
     with tempfile.TemporaryDirectory(prefix="supervisor-audit-") as tmp:
         path = Path(tmp) / "audit.duckdb"
         async with nats_url_for(args) as url:
+            sys.stderr.write(f"audit: replaying SUP_EVENTS from {redact_url(url)}\n")
             await replay(path, url, progress=True)
             retention = await stream_retention(url)
         con = open_readonly(path)
@@ -154,7 +198,17 @@ async def _audit_stream(args: argparse.Namespace) -> tuple[list[Any], HistorySta
 
 def cmd_sql(args: argparse.Namespace) -> int:
     try:
-        result = _sql_local(args) if args.db else _sql_remote(args)
+        if args.db:
+            result = _sql_local(args, args.db)
+        else:
+            try:
+                result = _sql_remote(args)
+            except DaemonUnreachable as e:
+                if args.url:
+                    raise
+                sys.stderr.write(f"sql: {e}\n")
+                with local_projection(args, "sql") as path:
+                    result = _sql_local(args, path)
     except QueryRefused as e:
         return _fail(str(e), EXIT_REFUSED)
     except DaemonRefused as e:
@@ -171,9 +225,9 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _sql_local(args: argparse.Namespace) -> QueryResult:
+def _sql_local(args: argparse.Namespace, db: str | Path) -> QueryResult:
     check_query(args.query)
-    con = open_readonly(args.db)
+    con = open_readonly(db)
     try:
         return run_query(con, args.query, max_rows=args.max_rows, timeout_s=args.timeout)
     finally:
@@ -205,15 +259,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     except QueryRefused as e:
         return _fail(f"report: --{e}", EXIT_REFUSED)
     started = time.monotonic()
+
+    def from_file(db: str | Path) -> report.Report:
+        con = open_readonly(db)
+        try:
+            return report.collect(_local_runner(con), since)
+        finally:
+            con.close()
+
     try:
         if args.db:
-            con = open_readonly(args.db)
-            try:
-                doc = report.collect(_local_runner(con), since)
-            finally:
-                con.close()
+            doc = from_file(args.db)
         else:
-            doc = report.collect(_remote_runner(args), since)
+            try:
+                doc = report.collect(_remote_runner(args), since)
+            except DaemonUnreachable as e:
+                if args.url:
+                    raise
+                sys.stderr.write(f"report: {e}\n")
+                with local_projection(args, "report") as path:
+                    doc = from_file(path)
     except DaemonUnreachable as e:
         return _fail(f"{e} (is `supervisor serve` running? --url, or --db FILE)", EXIT_UNAVAILABLE)
     except DaemonRefused as e:
@@ -229,6 +294,33 @@ def cmd_report(args: argparse.Namespace) -> int:
         f"{t['errors']:.0f} errors, {doc.first_seq or 0}-{doc.last_seq or 0} events, "
         f"{time.monotonic() - started:.1f}s\n"
     )
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from projections.query.export import export, format_of, table_query
+
+    if bool(args.table) == bool(args.query):
+        return _fail("export: give a TABLE or --query SQL (one of them)", EXIT_REFUSED)
+    out = Path(args.out)
+    if not out.resolve().parent.is_dir():
+        return _fail(f"export: the directory of --out {args.out} does not exist", EXIT_REFUSED)
+    try:
+        fmt = format_of(out, args.format)
+        with contextlib.ExitStack() as stack:
+            db = args.db or stack.enter_context(local_projection(args, "export"))
+            con = open_readonly(db)
+            stack.callback(con.close)
+            sql = args.query or table_query(con, args.table)
+            rows = export(con, sql, out, fmt)
+    except QueryRefused as e:
+        return _fail(f"export: {e}", EXIT_REFUSED)
+    except (QueryError, ProjectionError) as e:
+        return _fail(f"export: {e}", EXIT_QUERY_FAILED if args.query else EXIT_UNAVAILABLE)
+    except SupervisorError as e:
+        return _fail(f"export: {e}", EXIT_UNAVAILABLE)
+    what = args.table or "the query"
+    sys.stderr.write(f"export: {rows} rows of {what} to {out} ({fmt})\n")
     return EXIT_OK
 
 

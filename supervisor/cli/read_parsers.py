@@ -1,11 +1,11 @@
-"""The read side's subcommands on the `supervisor` CLI's parser: `replay`, `audit`, `sql`
-(run by `supervisor.cli.read`) and `reconcile` (`supervisor.cli.reconcile`).
+"""The read side's subcommands on the `supervisor` CLI's parser: `replay`, `audit`, `sql`,
+`report`, `export` (run by `supervisor.cli.read`) and `reconcile` (`supervisor.cli.reconcile`).
 
 Registering them imports neither DuckDB nor Arrow: each command's module is imported when
 the command runs, so `supervisor serve`, `submit` and `run` do not carry the read side's
 libraries in their memory (the daemon's projection runs in a process of its own).
 
-`add_parsers(subparsers)` registers all four, each with the CLI's shared options
+`add_parsers(subparsers)` registers them all, each with the CLI's shared options
 (`supervisor.cli.options`). Each sets `func`: the parsed args -> the exit code.
 """
 
@@ -18,13 +18,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from projections.query.defaults import FORMATS, MAX_ROWS, TIMEOUT_S
+from projections.query.defaults import EXPORT_FORMATS, FORMATS, MAX_ROWS, TIMEOUT_S
 from schemas.params import point_in_time
 from supervisor.cli.options import common_options
 
 
 def add_parsers(subparsers: Any) -> None:
-    """Register `replay`, `audit`, `sql` and `reconcile`."""
+    """Register the read side's commands and `reconcile`."""
     add_read_side_parsers(subparsers)
     add_reconcile_parser(subparsers)
 
@@ -79,7 +79,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_read_side_parsers(subparsers: Any) -> None:
-    """Register `replay`, `audit` and `sql` on the CLI's subparsers."""
+    """Register `replay`, `audit`, `sql`, `report` and `export` on the CLI's subparsers."""
     p = subparsers.add_parser(
         "replay",
         help="rebuild the projection as of a point in history",
@@ -123,8 +123,10 @@ def add_read_side_parsers(subparsers: Any) -> None:
         description="Run one read-only SELECT over the running daemon's live projection "
         "(POST /v1/query; its address from <data-dir>/http.url, else the configured "
         "http.listen; token from $SUPERVISOR_HTTP_TOKEN, else http.token), or over a "
-        "projection file with --db. A statement that is not a single SELECT is refused "
-        "(exit 2); a failed or timed-out query exits 1; no daemon, 3.",
+        "projection file with --db. With no daemon answering (and no --url), the data dir's "
+        "own projection (a stopped daemon's), else one rebuilt from SUP_EVENTS; stderr says "
+        "which. A statement that is not a single SELECT is refused (exit 2); a failed or "
+        "timed-out query exits 1; nothing to read, 3.",
     )
     p.add_argument(
         "query", metavar="SQL", help='one SELECT statement, e.g. "SELECT * FROM error_rates"'
@@ -161,7 +163,8 @@ def add_read_side_parsers(subparsers: Any) -> None:
         "cleanup success rate, leaked resources and queue depth (alerts and breaker "
         "transitions marked) over time, and the top error codes with an example task each. "
         "Reads a projection file with --db, else the running daemon's live projection "
-        "(POST /v1/query, as `sql`). Exit 0 written, 2 bad usage, 3 no daemon or file.",
+        "(POST /v1/query, as `sql`), else the data dir's own or one rebuilt from SUP_EVENTS "
+        "(as `sql`, saying which). Exit 0 written, 2 bad usage, 3 nothing to read.",
     )
     p.add_argument("--out", required=True, metavar="FILE", help="the HTML file to write")
     p.add_argument("--db", metavar="FILE", help="a projection file (e.g. made by replay)")
@@ -175,6 +178,28 @@ def add_read_side_parsers(subparsers: Any) -> None:
     )
     common_options(p, node=False)
     p.set_defaults(func=_lazy("supervisor.cli.read", "cmd_report"))
+    _add_export(subparsers)
+
+
+def _add_export(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a table or a query's result as Parquet or CSV",
+        description="Write a table or view of the projection (docs/projections.md), or the "
+        "rows of one read-only SELECT, as a Parquet or CSV file that any DuckDB, pandas or "
+        "polars opens. Reads --db FILE, else the data dir's projection (a stopped daemon's), "
+        "else one rebuilt from SUP_EVENTS, and says which. Exit 0 written, 2 bad usage or a "
+        "refused statement, 1 a failed query, 3 nothing to read.",
+    )
+    p.add_argument("table", nargs="?", metavar="TABLE", help="a table or view, e.g. errors")
+    p.add_argument("--query", metavar="SQL", help="one SELECT instead of a table")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+    p.add_argument(
+        "--format", choices=EXPORT_FORMATS, help="parquet or csv (default: --out's suffix)"
+    )
+    p.add_argument("--db", metavar="FILE", help="a projection file (e.g. made by replay)")
+    common_options(p, node=False)
+    p.set_defaults(func=_lazy("supervisor.cli.read", "cmd_export"))
 
 
 def add_reconcile_parser(subparsers: Any) -> None:
