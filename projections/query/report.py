@@ -98,9 +98,16 @@ def bucket_width(start: datetime, end: datetime) -> int:
 # keeps the rows whose COL falls in the period, `{origin}` is the first bucket's start
 # (`_Span.sql` fills them in; the values are timestamps and integers the report made).
 _PERIOD = "SELECT min(seq), max(seq), min(occurred_at), max(occurred_at) FROM events WHERE {lo}"
+# A spec refused at admission (attempt 0, validation or security) is bad input, not a run
+# that failed: hundreds of them would flatten the runs' errors, so they have a chart apart.
+_REFUSED = "attempt = 0 AND error_type IN ('validation', 'security')"
 _ERRORS_BY_TYPE = (
     "SELECT error_type, {i:occurred_at} AS i, count(*) FROM errors "
-    "WHERE {in:occurred_at} GROUP BY ALL"
+    f"WHERE {{in:occurred_at}} AND NOT ({_REFUSED}) GROUP BY ALL"
+)
+_REFUSED_BY_CODE = (
+    "SELECT code, {i:occurred_at} AS i, count(*) FROM errors "
+    f"WHERE {{in:occurred_at}} AND {_REFUSED} GROUP BY ALL"
 )
 _TOP_ERRORS = (
     "SELECT error_type, code, count(*) AS n, arg_max(task_id, seq), arg_max(message, seq) "
@@ -108,7 +115,7 @@ _TOP_ERRORS = (
 )
 _ERRORS_BY_CODE = (
     "SELECT code, {i:occurred_at} AS i, count(*) FROM errors "
-    "WHERE {in:occurred_at} AND code IN ({codes}) GROUP BY ALL"
+    f"WHERE {{in:occurred_at}} AND NOT ({_REFUSED}) AND code IN ({{codes}}) GROUP BY ALL"
 )
 _LATENCY = (  # `task_latencies` is the one definition of a task's latency
     "SELECT {i:finished_at} AS i, quantile_cont(latency_s, [0.5, 0.95, 0.99]) "
@@ -210,21 +217,34 @@ def collect(run: Run, since: datetime | None = None, now: datetime | None = None
         TopError(str(t), str(c), int(k), str(ex), str(m))
         for t, c, k, ex, m in run(span.sql(_TOP_ERRORS))
     ]
-    codes = [e.code for e in top[:TOP_CODES]]
+    run_codes = run(
+        span.sql(
+            "SELECT code, count(*) AS n FROM errors "
+            f"WHERE {{in:occurred_at}} AND NOT ({_REFUSED}) GROUP BY ALL ORDER BY n DESC, code "
+            f"LIMIT {TOP_CODES}"
+        )
+    )
+    codes = [str(c) for c, _ in run_codes]
     by_code = span.series(run(span.sql(_ERRORS_BY_CODE, codes=_in(codes)))) if codes else {}
     per = f"errors per {_w(span.width)}"
     charts = [
         Chart(
             "errors_by_type",
-            "Errors by type",
+            "Errors of runs by type",
             per,
             [*span.series(run(span.sql(_ERRORS_BY_TYPE))).values()],
         ),
         Chart(
             "errors_by_code",
-            f"Errors by code (top {len(codes)})",
+            f"Errors of runs by code (top {len(codes)})",
             per,
             [by_code[c] for c in codes if c in by_code],
+        ),
+        Chart(
+            "refused",
+            "Specs refused at admission, by code",
+            f"refusals per {_w(span.width)}",
+            [*span.series(run(span.sql(_REFUSED_BY_CODE))).values()],
         ),
         Chart("latency", "Task latency, submitted to finished", "seconds", _latency(run, span)),
         Chart(

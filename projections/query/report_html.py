@@ -11,8 +11,8 @@ from html import escape
 
 from projections.query.report import Chart, Report
 
-W, H = 560, 220
-PAD_L, PAD_R, PAD_T, PAD_B = 52, 12, 12, 28
+W, H = 560, 240
+PAD_L, PAD_R, PAD_T, PAD_B = 66, 12, 12, 44
 COLORS = ("#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563")
 MARK_COLORS = {"alert": "#dc2626", "recovered": "#16a34a", "breaker": "#7c3aed"}
 
@@ -29,6 +29,7 @@ height:10px;border-radius:2px;margin:0 4px 0 10px}
 table{border-collapse:collapse;width:100%;background:#fff}td,th{border-bottom:1px solid #e5e7eb;
 padding:6px 8px;text-align:left;font-size:13px}th{background:#f3f4f6}td.n{text-align:right}
 .empty{color:#9ca3af;font-style:italic}
+.panel svg{display:block;width:100%;height:auto}
 """
 
 
@@ -77,7 +78,7 @@ def _panel(chart: Chart, report: Report) -> str:
     legend = "".join(
         f'<i style="background:{COLORS[i % len(COLORS)]}"></i>{escape(s.name)} '
         f'(<span data-k="{chart.key}.{escape(s.name)}">{s.total:g}</span>)'
-        if chart.key.startswith("errors")
+        if chart.key.startswith(("errors", "refused"))
         else f'<i style="background:{COLORS[i % len(COLORS)]}"></i>{escape(s.name)}'
         for i, s in enumerate(chart.series)
     )
@@ -105,7 +106,8 @@ def _svg(chart: Chart, report: Report) -> str:
     values = [v for s in chart.series for v in s.values if v is not None]
     if not values:
         return (
-            f"<svg width={W} height={H} role=img><text x=20 y=110 class=empty>no data</text></svg>"
+            f'<svg viewBox="0 0 {W} {H}" role=img>'
+            f'<text x={W // 2} y={H // 2} text-anchor=middle fill="#9ca3af">no data</text></svg>'
         )
     top = _nice(max(values))
     pw, ph = W - PAD_L - PAD_R, H - PAD_T - PAD_B
@@ -116,7 +118,14 @@ def _svg(chart: Chart, report: Report) -> str:
     def y(v: float) -> float:
         return PAD_T + ph - ph * v / top
 
-    out = [f'<svg width={W} height={H} viewBox="0 0 {W} {H}" role=img>']
+    out = [
+        f'<svg viewBox="0 0 {W} {H}" role=img>',
+        # The axes' titles: the unit up the left, the time along the bottom.
+        f"<text class=axis-title x=14 y={PAD_T + ph / 2:.1f} font-size=12 text-anchor=middle "
+        f'fill="#374151" transform="rotate(-90 14 {PAD_T + ph / 2:.1f})">{escape(chart.unit)}</text>',
+        f"<text class=axis-title x={PAD_L + pw / 2:.1f} y={H - 4} font-size=12 "
+        f'text-anchor=middle fill="#374151">time (UTC)</text>',
+    ]
     for k in range(5):
         tick = top * k / 4
         out.append(
@@ -128,7 +137,7 @@ def _svg(chart: Chart, report: Report) -> str:
     for i in sorted({0, n // 2, n - 1}):
         anchor = "start" if i == 0 else "end" if i == n - 1 else "middle"
         out.append(
-            f'<text x={x(i):.1f} y={H - 8} font-size=11 text-anchor={anchor} fill="#6b7280">'
+            f'<text x={x(i):.1f} y={H - 24} font-size=11 text-anchor={anchor} fill="#6b7280">'
             f"{report.buckets[i].strftime(fmt)}</text>"
         )
     span = max((report.buckets[-1] - report.buckets[0]).total_seconds(), 1.0)
@@ -141,26 +150,23 @@ def _svg(chart: Chart, report: Report) -> str:
             f'stroke-dasharray="4 3"><title>{escape(m.label)} at {_t(m.at)}</title></line>'
         )
     for si, s in enumerate(chart.series):
-        color = COLORS[si % len(COLORS)]
-        run: list[str] = []
-        for i, v in enumerate(s.values):
-            if v is None:
-                out.append(_line(run, color))
-                run = []
-                continue
-            run.append(f"{x(i):.1f},{y(v):.1f}")
-        out.append(_line(run, color))
+        # One line through the windows that have a value (a window with no task has none:
+        # the line joins its neighbours rather than breaking into fragments), a dot on each.
+        points = [f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(s.values) if v is not None]
+        out.append(_line(points, COLORS[si % len(COLORS)], dots=chart.key == "latency"))
     out.append("</svg>")
     return "".join(out)
 
 
-def _line(points: list[str], color: str) -> str:
-    if not points:
-        return ""
-    if len(points) == 1:
-        cx, cy = points[0].split(",")
-        return f'<circle cx={cx} cy={cy} r=2.5 fill="{color}"/>'
-    return f'<polyline fill=none stroke="{color}" stroke-width=1.8 points="{" ".join(points)}"/>'
+def _line(points: list[str], color: str, *, dots: bool) -> str:
+    marks = "".join(
+        f'<circle cx={p.split(",")[0]} cy={p.split(",")[1]} r=2 fill="{color}"/>'
+        for p in (points if dots or len(points) == 1 else ())
+    )
+    if len(points) < 2:
+        return marks
+    line = f'<polyline fill=none stroke="{color}" stroke-width=1.8 points="{" ".join(points)}"/>'
+    return line + marks
 
 
 def _top_errors(report: Report) -> str:
