@@ -235,7 +235,9 @@ class KillIssued(Event, frozen=True, tag="container.kill_issued"):
     category = "container"
     name = "kill_issued"
     container_id: str
-    reason: Literal["timeout", "cpu_time", "output_limit", "cancelled", "cleanup", "reconcile"]
+    reason: Literal[
+        "timeout", "cpu_time", "output_limit", "cancelled", "cleanup", "reconcile", "pids_limit"
+    ]
     signal: str = "SIGKILL"
 
 
@@ -247,10 +249,8 @@ class ContainerExited(Event, frozen=True, tag="container.exited"):
     evidence: Evidence = Evidence()
     stdout_bytes: int = 0
     stderr_bytes: int = 0
-    cpu_time_s: float | None = None
-    """CPU seconds its processes used (its cgroup, sampled while it ran); None if unread."""
-    peak_memory_bytes: int | None = None
-    """Its cgroup's memory high-water mark; None if unread."""
+    cpu_time_s: float | None = None  # CPU seconds of its processes (its cgroup); None: unread
+    peak_memory_bytes: int | None = None  # its cgroup's memory high-water mark; None: unread
 
 
 # --- errors ----------------------------------------------------------------------------

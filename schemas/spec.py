@@ -207,6 +207,15 @@ class Sandbox(Struct, forbid_unknown_fields=True, kw_only=True):
             "`validation/RUNTIME_UNAVAILABLE`."
         ),
     ] = msgspec.field(default_factory=lambda: ["runc", "runsc"])
+    gvisor_log_max_mb: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1,
+            description="Under gVisor, how large a task's boot log (its fork trace) may grow: "
+            "past it, a task with refused forks is killed (`PIDS_LIMIT`), another's log "
+            "is emptied.",
+        ),
+    ] = 64
 
 
 def _pool_doc(text: str) -> msgspec.Meta:

@@ -18,7 +18,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from schemas import Limits, RetryPolicy, TaskSpec
+from schemas import KillIssued, Limits, RetryPolicy, TaskSpec
 from schemas.config import Config
 from schemas.spec import Sandbox
 from supervisor.daemon.checks import runtime_check
@@ -222,3 +222,50 @@ def test_a_daemon_on_runsc_runs_tasks_and_leaves_nothing(
     assert not managed
     logs = Path("/var/log/runsc")
     assert not any(logs.glob("*.boot.txt")) if logs.is_dir() else True
+
+
+# Six sleepers fill the sandbox's 8 processes with docker-init and the shell, then awk (in
+# the shell's place) asks for a fork in a loop, refused each time, and goes on.
+_FORK_SPIN = (
+    'for i in 1 2 3 4 5 6; do sleep 60 & done; exec awk "BEGIN { while (1) system(\\"true\\") }"'
+)
+
+
+@pytest.fixture
+async def small_log_node(tmp_dir: Path, nats_url: str) -> AsyncIterator[Node]:
+    cfg = Config(
+        data_dir=str(tmp_dir / "data"),
+        node_id="n1",
+        sandbox=Sandbox(runtime="runsc", gvisor_log_max_mb=1),
+    )
+    async with open_node(cfg, nats_url=nats_url) as n:
+        yield n
+        await n.executor.attempts.drain()
+        await n.events.flush(10)
+
+
+async def test_a_fork_bomb_under_runsc_is_killed_before_its_trace_fills_the_disk(
+    small_log_node: Node, nats_url: str
+) -> None:
+    """A task that spins on refused forks, each one traced: past the log's cap (1 MiB
+    here) the supervisor kills it, long before its deadline, as PIDS_LIMIT; a task that
+    forks thousands of times within its limit only has its log emptied."""
+    bomb = _spec(_FORK_SPIN, limits=Limits(pids=8, timeout_s=60))
+    result = await small_log_node.executor.run(bomb)
+    assert result.error is not None, result
+    assert (result.error.type, result.error.code) == ("resource", "PIDS_LIMIT"), result.error
+    assert result.duration_s < 40
+    kills = [
+        e.reason
+        for e in await stream_events(nats_url, f"sup.container.kill_issued.n1.{result.task_id}")
+        if isinstance(e, KillIssued)
+    ]
+    assert "pids_limit" in kills
+
+    busy = await small_log_node.executor.run(
+        _spec(
+            "i=0; while [ $i -lt 3600 ]; do (true); i=$((i + 1)); done; echo forked $i",
+            limits=Limits(pids=16, timeout_s=120),
+        )
+    )
+    assert (busy.status, busy.stdout) == ("succeeded", "forked 3600\n"), (busy.error, busy.stderr)

@@ -18,7 +18,9 @@ sandbox with its output. So, under gVisor:
   errno=11` is one refused fork, the counterpart of the cgroup's `pids.events max`.
 
 The boot log is read when the attempt ends and deleted then; a log that nothing reads
-(a supervisor killed meanwhile) is deleted once it is `STALE_S` old.
+(a supervisor killed meanwhile) is deleted once it is `STALE_S` old. While the task runs
+the log is kept under `[sandbox] gvisor_log_max_mb` (`guard`): each fork is about 300 bytes
+of it, so a task that forks in a loop past its limit would fill the disk.
 """
 
 from __future__ import annotations
@@ -159,6 +161,23 @@ class BootLogs:
         except OSError:
             return None
         return refused
+
+    def guard(self, container_id: str, max_bytes: int) -> bool:
+        """Keep the boot log of a running sandbox under `max_bytes`: True when it is larger
+        and holds a refused fork (a task forking in a loop past its limit: to be killed);
+        a larger log without one (a task that forks a lot, within its limit) is emptied,
+        as it holds no evidence."""
+        path = self._find(container_id)
+        try:
+            if path is None or path.stat().st_size <= max_bytes:
+                return False
+        except OSError:
+            return False
+        if self.refused_forks(container_id):
+            return True
+        with contextlib.suppress(OSError):
+            os.truncate(path, 0)
+        return False
 
     def discard(self, container_id: str) -> None:
         """Delete the boot log of `container_id` (read, or no longer needed)."""

@@ -38,7 +38,7 @@ from schemas.errors import (
 )
 from schemas.labels import container_labels
 from schemas.spec import handoff
-from supervisor.docker.gvisor import take_refused_forks
+from supervisor.docker.gvisor import boot_logs, take_refused_forks
 from supervisor.docker.internals import close_socket, stdin_socket
 from supervisor.docker.observe import CgroupSampler, DockerEventWatcher
 from supervisor.docker.runtime import (
@@ -61,6 +61,7 @@ T = TypeVar("T")
 _IO_DRAIN_S = 5.0
 _DIED_EVENT_WAIT_S = 1.0
 _DESTROY_EVENT_WAIT_S = 0.5
+_FORK_LOG_CHECK_S = 0.5
 
 
 log = logging.getLogger("supervisor.execution.attempt")
@@ -350,6 +351,11 @@ class AttemptRunner:
         )
         st.stream, st.reader = stream, io
         waiter = asyncio.ensure_future(self.runtime.wait(cid))
+        guard = (
+            asyncio.ensure_future(self._guard_fork_log(em, cid, st))
+            if st.fork_log_dir is not None
+            else None
+        )
         try:
             done, _ = await asyncio.wait({waiter}, timeout=spec.limits.timeout_s)
             if not done:
@@ -359,6 +365,8 @@ class AttemptRunner:
         finally:
             if not waiter.done():
                 waiter.cancel()
+            if guard is not None:
+                guard.cancel()
         st.running = False
         for t in st.kill_tasks:
             await t
@@ -386,6 +394,18 @@ class AttemptRunner:
             cpu_limit_ns=None if limit is None else int(limit * 1e9),
             on_cpu_limit=self._kill_from_thread(em, cid, "cpu_time", st),
         )
+
+    async def _guard_fork_log(self, em: Emitter, cid: str, st: AttemptState) -> None:
+        """Under gVisor, while the task runs: its boot log kept under the configured size;
+        a task whose refused forks fill it is killed (`supervisor.docker.gvisor`)."""
+        assert st.fork_log_dir is not None
+        logs = boot_logs(st.fork_log_dir)
+        cap = self.config.sandbox.gvisor_log_max_mb * 2**20
+        while True:
+            await asyncio.sleep(_FORK_LOG_CHECK_S)
+            if await asyncio.to_thread(logs.guard, cid, cap):
+                await self._kill(em, cid, "pids_limit", st)
+                return
 
     def _kill_from_thread(
         self, em: Emitter, cid: str, reason: str, st: AttemptState
