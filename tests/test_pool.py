@@ -139,6 +139,14 @@ CASES: list[tuple[str, Any, dict[str, Any], tuple[str, str] | None, int | None, 
         0,
         True,
     ),
+    (
+        "binary_io",
+        "od -An -tx1 /workspace/b.bin; od -An -tx1",
+        {"files_base64": {"b.bin": "AP8BgH8K"}, "stdin_base64": "3q2+7wAK"},
+        None,
+        0,
+        True,
+    ),
     ("nonzero_exit", "echo before; exit 3", {}, ("user_code", "NONZERO_EXIT"), 3, True),
     ("signaled", "kill -SEGV $$", {}, ("user_code", "SIGNALED"), 139, True),
     ("not_found", ["no-such-command"], {}, ("user_code", "NONZERO_EXIT"), 127, False),
@@ -207,13 +215,17 @@ async def test_an_adopted_container_gives_a_task_what_a_cold_start_gives_it(
     for r in (cold, warm):
         got = (r.error.type, r.error.code) if r.error else None
         assert (got, r.exit_code) == (expected, exit_code), r
+        assert r.peak_memory_bytes and r.cpu_time_s is not None, r  # read from its cgroup
     assert (warm.stdout_truncated, warm.stderr_truncated) == (
         cold.stdout_truncated,
         cold.stderr_truncated,
     )
     if same_output:
         assert (warm.stdout, warm.stderr) == (cold.stdout, cold.stderr)
-        assert "ws-ro" in cold.stdout or expected is not None
+        if "touch /workspace" in str(command):
+            assert "ws-ro" in cold.stdout
+        if "od -An" in str(command):  # every byte in, every byte out
+            assert cold.stdout == " 00 ff 01 80 7f 0a\n de ad be ef 00 0a\n"
 
 
 async def test_a_warm_attempt_is_recorded_as_an_adoption(
