@@ -119,13 +119,21 @@ def _projection_services() -> set[int]:
     }
 
 
+def _boot_logs() -> set[str]:
+    """gVisor's boot logs (`supervisor.docker.gvisor`): each belongs to one container."""
+    return {str(p) for p in Path("/var/log/runsc").glob("runsc.log.*.boot.txt")}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _suite_leaves_nothing_behind() -> Iterator[None]:
     """After the whole suite: no managed container, no temp dir, no nats-server child, no
-    projection process."""
+    projection process, no gVisor boot log of a container it made."""
     before = set(_managed_containers())
     services_before = _projection_services()
+    logs_before = _boot_logs()
     yield
+    logs = sorted(_boot_logs() - logs_before)
+    assert not logs, f"the suite left gVisor boot logs: {logs}"
     left = sorted(set(_managed_containers()) - before)
     dirs = _leftover_temp_dirs()
     servers = _nats_children()

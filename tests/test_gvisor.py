@@ -195,8 +195,11 @@ def test_a_daemon_on_runsc_runs_tasks_and_leaves_nothing(
     tmp_dir: Path, nats_url: str, daemons: list[DaemonProc], docker_client
 ) -> None:  # type: ignore[no-untyped-def]
     """`[sandbox] runtime = "runsc"` with the warm pool on: tasks succeed and fail as under
-    runc, `/readyz` says the runtime traces forks, no container or boot log is left."""
-    d = DaemonProc(tmp_dir / "data", nats_url, {"sandbox": {"runtime": "runsc"}, "pool": {}})
+    runc, `/readyz` says the runtime traces forks; six tasks asking for a runtime the engine
+    lacks are refused at once and leave the breaker closed; no container or boot log is
+    left."""
+    sandbox = {"runtime": "runsc", "runtimes": ["runc", "runsc", "kata"]}
+    d = DaemonProc(tmp_dir / "data", nats_url, {"sandbox": sandbox, "pool": {}})
     daemons.append(d)
     d.start(60)
     status, body = d.get("/readyz")
@@ -209,8 +212,14 @@ def test_a_daemon_on_runsc_runs_tasks_and_leaves_nothing(
             TaskSpec(**task("for i in $(seq 1 40); do sleep 5 & done; wait", limits={"pids": 8})),
             timeout_s=120,
         )
+        lacking = [c.run(TaskSpec(**task("true", runtime="kata")), timeout_s=60) for _ in range(6)]
     assert (ok.status, ok.stdout) == ("succeeded", "hi\n")
     assert bad.error is not None and bad.error.code == "PIDS_LIMIT"
+    assert {(r.status, r.attempts, r.error and r.error.code) for r in lacking} == {
+        ("rejected", 0, "RUNTIME_UNAVAILABLE")
+    }
+    status, body = d.get("/readyz")
+    assert json.loads(body)["checks"]["breaker"]["ok"], body  # never counted as engine failures
     d.stop()
     history = asyncio.run(stream_events(nats_url, "sup.>"))
     con = duckdb.connect(str(project(history, tmp_dir / "p.duckdb")))

@@ -40,12 +40,15 @@ def _wait(cond, timeout: float, what: str) -> float:  # type: ignore[no-untyped-
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.parametrize("runtime", ["runc", "runsc"])
 def test_a_daemon_killed_mid_task_leaves_nothing_once_it_is_back(
-    tmp_dir: Path, nats_url: str, daemons, docker_client
+    tmp_dir: Path, nats_url: str, daemons, docker_client, runtime: str
 ) -> None:  # type: ignore[no-untyped-def]
+    """Under runc and under gVisor alike: the reconciler works from labels and the log."""
     node_id = new_node_id()
     config = {
         "node_id": node_id,
+        "sandbox": {"runtime": runtime},
         # No redelivery within the test: only the reconciler can clean up.
         "scheduling": {"ack_wait_s": 300, "ack_progress_s": 1, "concurrency": 8},
         # Two containers parked for the tasks' shape: the dead instance's are leftovers too.

@@ -53,6 +53,7 @@ from projections.serve.replay import replay, stream_retention
 from schemas.errors import SupervisorError, redact_url
 from supervisor.cli.options import config_of
 from supervisor.daemon.nats_target import nats_for
+from supervisor.eventlog.nats_server import resolve_nats_url
 
 EXIT_OK, EXIT_VIOLATIONS, EXIT_REFUSED, EXIT_UNAVAILABLE = 0, 1, 2, 3
 EXIT_QUERY_FAILED = EXIT_VIOLATIONS
@@ -87,6 +88,17 @@ async def nats_url_for(args: argparse.Namespace) -> AsyncIterator[str]:
 def _fail(message: str, code: int) -> int:
     sys.stderr.write(f"supervisor: {message}\n")
     return code
+
+
+def readable_locally(args: argparse.Namespace) -> bool:
+    """Whether there is something to read without a daemon: the data dir's projection file,
+    a NATS that is named or answers, or an embedded NATS store to start."""
+    url, data_dir = _settings(args)
+    return (
+        (data_dir / DB_NAME).is_file()
+        or resolve_nats_url(url, data_dir) is not None
+        or (data_dir / "nats").is_dir()
+    )
 
 
 @contextlib.contextmanager
@@ -204,7 +216,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
             try:
                 result = _sql_remote(args)
             except DaemonUnreachable as e:
-                if args.url:
+                if args.url or not readable_locally(args):
                     raise
                 sys.stderr.write(f"sql: {e}\n")
                 with local_projection(args, "sql") as path:
@@ -274,7 +286,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             try:
                 doc = report.collect(_remote_runner(args), since)
             except DaemonUnreachable as e:
-                if args.url:
+                if args.url or not readable_locally(args):
                     raise
                 sys.stderr.write(f"report: {e}\n")
                 with local_projection(args, "report") as path:
@@ -305,6 +317,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not out.resolve().parent.is_dir():
         return _fail(f"export: the directory of --out {args.out} does not exist", EXIT_REFUSED)
+    if not args.db and not readable_locally(args):
+        _, data_dir = _settings(args)
+        return _fail(
+            f"export: the data dir {data_dir} holds no projection and no NATS is known "
+            "(--db FILE for a file, --nats URL for a stream)",
+            EXIT_UNAVAILABLE,
+        )
     try:
         fmt = format_of(out, args.format)
         with contextlib.ExitStack() as stack:

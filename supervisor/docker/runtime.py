@@ -36,7 +36,7 @@ from schemas.errors import (
     RuntimeUnavailable,
 )
 from schemas.labels import node_filter
-from supervisor.docker.gvisor import RuntimeInfo, engine_runtimes, host_pids
+from supervisor.docker.gvisor import RuntimeInfo, boot_logs, engine_runtimes, host_pids
 from supervisor.docker.internals import close_socket, share_unix_pool
 
 __all__ = [
@@ -330,8 +330,9 @@ class DockerRuntime:
         return True
 
     async def remove(self, container_id: str) -> bool:
-        """Force-remove with volumes. True if it was already gone, or another removal (a
-        cleanup command, a `docker rm -f`) held it and it is gone now."""
+        """Force-remove with volumes, and what a gVisor runtime left of it (its boot log).
+        True if it was already gone, or another removal (a cleanup command, a `docker rm
+        -f`) held it and it is gone now."""
         deadline = time.monotonic() + self.REMOVAL_WAIT_S
         while True:
             try:
@@ -339,7 +340,7 @@ class DockerRuntime:
                     "remove", self.api.remove_container, container_id, force=True, v=True
                 )
             except ContainerVanished:
-                return True
+                gone = True
             except DockerRequestRefused as e:
                 # A forced removal is refused (409) only while another removal holds the
                 # container: asked again, it ends gone (that removal succeeded), or removed
@@ -348,7 +349,20 @@ class DockerRuntime:
                     raise
                 await asyncio.sleep(0.05)
                 continue
-            return False
+            else:
+                gone = False
+            await self._forget_boot_logs(container_id)
+            return gone
+
+    async def _forget_boot_logs(self, container_id: str) -> None:
+        """Delete the gVisor boot log of a removed container (an attempt reads and deletes
+        its own; this one is a reconciler's removal, or a parked container's)."""
+        try:
+            dirs = {i.fork_log_dir for i in (await self.runtimes()).values() if i.fork_log_dir}
+        except DockerError:
+            return
+        for d in dirs:
+            await asyncio.to_thread(boot_logs(d).discard, container_id)
 
     async def list_managed(self, node_id: str) -> list[dict[str, Any]]:
         filters = {"label": node_filter(node_id)}

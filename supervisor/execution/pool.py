@@ -28,7 +28,6 @@ from schemas.errors import SupervisorError
 from schemas.events import PoolRetireReason
 from schemas.labels import parked_labels
 from schemas.spec import WAITER, Shape, pool_shape
-from supervisor.docker.gvisor import boot_logs
 from supervisor.docker.observe import DockerEventWatcher
 from supervisor.docker.runtime import ContainerRequest, DockerRuntime
 from supervisor.eventlog.emitter import Emitter
@@ -351,8 +350,6 @@ class WarmPool:
             error = str(e) or type(e).__name__
         with contextlib.suppress(OSError):
             await asyncio.to_thread(remove_workspace, p.workspace)
-        if p.fork_log_dir is not None:
-            await asyncio.to_thread(boot_logs(p.fork_log_dir).discard, p.container_id)
         self.emitter.emit(
             PoolRetired,
             container_id=p.container_id,
