@@ -96,6 +96,8 @@ def test_the_overrides_and_the_plain_output_go_through_the_daemon(
     assert bad.returncode == 2 and bad.stderr.startswith(b"supervisor: "), bad.stderr
     slow = _submit(daemon.data_dir, task("sleep 5"), "--wait", "--timeout", "0.5")
     assert slow.returncode == 3 and b"no result within 0.5s" in slow.stderr
+    late = _submit(daemon.data_dir, task("sleep 4; echo late"), "--wait")  # longer than a connect
+    assert (late.returncode, late.stdout) == (0, b"late\n"), late.stderr
 
 
 def test_with_no_daemon_answering_submit_goes_to_nats(

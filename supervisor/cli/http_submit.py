@@ -123,6 +123,9 @@ def quick_submit(argv: list[str]) -> int | None:
     try:
         daemon = _Daemon(url, token)
         daemon.conn.connect()
+        # Answers may take as long as a `?wait`: the short timeout was for connecting only.
+        assert daemon.conn.sock is not None
+        daemon.conn.sock.settimeout(LONGEST_WAIT_S + 30)
     except OSError:
         return None  # no daemon answers: the full CLI goes straight to NATS
     try:
@@ -170,7 +173,6 @@ def _submit(daemon: _Daemon, args: argparse.Namespace) -> int:
         return EXIT_OK
     task_id = answer["task_id"]
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    daemon.conn.timeout = LONGEST_WAIT_S + 30
     while True:
         left = LONGEST_WAIT_S if deadline is None else deadline - time.monotonic()
         wait = max(0.0, min(left, LONGEST_WAIT_S))
