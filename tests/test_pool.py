@@ -40,17 +40,21 @@ from tests.conftest import SANDBOX_IMAGE
 pytestmark = pytest.mark.usefixtures("docker_client")
 
 
-@pytest.fixture(params=["runc", "runsc"])
+RUNTIMES = pytest.mark.parametrize("pooled", ["runc", "runsc"], indirect=True)
+"""The outcomes run the same under runc and under gVisor (`runsc`); the pool's own
+bookkeeping, which no runtime touches, runs under runc."""
+
+
+@pytest.fixture
 async def pooled(
     tmp_dir: Path, nats_url: str, request: pytest.FixtureRequest
 ) -> AsyncIterator[tuple[Node, WarmPool]]:
-    """A node and its pool, under each runtime: every test of this module runs the same
-    under runc and under gVisor (`runsc`)."""
+    """A node and its pool, under the runtime the test names (`RUNTIMES`), else runc."""
     cfg = Config(
         data_dir=str(tmp_dir / "data"),
         node_id="n1",
         pool=PoolConfig(size=1, learn=False, refill_interval_s=0.05),
-        sandbox=Sandbox(runtime=request.param),
+        sandbox=Sandbox(runtime=getattr(request, "param", "runc")),
     )
     async with open_node(cfg, nats_url=nats_url) as node:
         pool = WarmPool(
@@ -194,6 +198,7 @@ CASES: list[tuple[str, Any, dict[str, Any], tuple[str, str] | None, int | None, 
 ]
 
 
+@RUNTIMES
 @pytest.mark.parametrize(
     ("command", "fields", "expected", "exit_code", "same_output"),
     [c[1:] for c in CASES],
@@ -386,6 +391,7 @@ def test_a_spec_no_parked_container_can_serve_starts_cold(fields: dict[str, Any]
     assert pool_shape(_spec("true", **fields)) is None
 
 
+@RUNTIMES
 @pytest.mark.parametrize(
     ("fault", "code"),
     [("kill", "KILLED_EXTERNALLY"), ("remove", "CONTAINER_VANISHED"), ("cancel", "CANCELLED")],

@@ -147,8 +147,6 @@ def test_refusals_do_not_flatten_the_runs_and_the_plots_fill_their_cards(tmp_dir
     assert max(ticks) <= 25 < 50 <= max(refusal_ticks), (ticks, refusal_ticks)  # own scales
     assert 'data-k="refused.INVALID_SPEC">433<' in html
     assert panel("latency").count("<polyline") == 3  # p50, p95, p99: one line each
-    with Image.open(screenshot(page, tmp_dir, tmp_dir / "shot.png")) as shot:
-        assert shot.size == (1280, 1500)
 
 
 def test_report_refuses_what_it_cannot_do(tmp_dir: Path) -> None:

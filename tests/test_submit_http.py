@@ -48,33 +48,40 @@ def daemon(tmp_dir: Path, nats_url: str, daemons: list[DaemonProc]) -> DaemonPro
     return d.start(60)
 
 
-@pytest.mark.parametrize(
-    ("spec", "code", "status"),
-    [
-        (task("echo hi", retry={"max_attempts": 1}), 0, "succeeded"),
-        (task("echo no >&2; exit 3", retry={"max_attempts": 1}), 1, "failed"),
-        (task("true", privileged=True), 2, "rejected"),
-    ],
-    ids=["succeeded", "failed", "rejected"],
-)
+CASES = [
+    (task("echo hi", retry={"max_attempts": 1}), 0, "succeeded"),
+    (task("echo no >&2; exit 3", retry={"max_attempts": 1}), 1, "failed"),
+    (task("true", privileged=True), 2, "rejected"),
+]
+
+
 def test_submit_wait_answers_through_the_daemon_as_through_nats(
-    daemon: DaemonProc, nats_url: str, spec: dict[str, Any], code: int, status: str
+    daemon: DaemonProc, nats_url: str
 ) -> None:
-    quick = _submit(daemon.data_dir, spec, "--wait", "--json")
-    full = _submit(daemon.data_dir, spec, "--wait", "--json", "--nats", nats_url)
-    results = []
-    for done in (quick, full):
-        assert done.returncode == code, done.stderr
-        results.append(msgspec.json.decode(done.stdout, type=Result))
-        assert set(json.loads(done.stdout)) == set(json.loads(full.stdout))
-    q, f = results
-    assert (q.status, q.exit_code, q.stdout, q.stderr) == (status, f.exit_code, f.stdout, f.stderr)
-    assert (q.error and (q.error.type, q.error.code)) == (f.error and (f.error.type, f.error.code))
-    if status != "rejected":
-        # The daemon's intake recorded it: the submission is the daemon's instance's.
-        by_daemon = _submitted(nats_url, q.task_id)
-        by_cli = _submitted(nats_url, f.task_id)
-        assert by_daemon.instance_id != by_cli.instance_id
+    """A success, a failure and a refusal: the same Result, keys and exit code both ways."""
+    for spec, code, status in CASES:
+        quick = _submit(daemon.data_dir, spec, "--wait", "--json")
+        full = _submit(daemon.data_dir, spec, "--wait", "--json", "--nats", nats_url)
+        results = []
+        for done in (quick, full):
+            assert done.returncode == code, (status, done.stderr)
+            results.append(msgspec.json.decode(done.stdout, type=Result))
+            assert set(json.loads(done.stdout)) == set(json.loads(full.stdout))
+        q, f = results
+        assert (q.status, q.exit_code, q.stdout, q.stderr) == (
+            status,
+            f.exit_code,
+            f.stdout,
+            f.stderr,
+        )
+        assert (q.error and (q.error.type, q.error.code)) == (
+            f.error and (f.error.type, f.error.code)
+        )
+        if status != "rejected":
+            # The daemon's intake recorded it: the submission is the daemon's instance's.
+            by_daemon = _submitted(nats_url, q.task_id)
+            by_cli = _submitted(nats_url, f.task_id)
+            assert by_daemon.instance_id != by_cli.instance_id
 
 
 def test_the_overrides_and_the_plain_output_go_through_the_daemon(
