@@ -150,7 +150,8 @@ def test_the_async_client_runs_judge_specs_and_follows_errors(
 def test_wait_gives_up_after_its_seconds_and_refuses_nonsense(
     tmp_dir: Path, nats_url: str, daemons: list[DaemonProc]
 ) -> None:
-    d = DaemonProc(tmp_dir / "data", nats_url, {"pool": {}})
+    # The task is still running at the end: a short grace, and the daemon stops at once.
+    d = DaemonProc(tmp_dir / "data", nats_url, {"pool": {}, "scheduling": {"shutdown_grace_s": 1}})
     daemons.append(d)
     d.start()
     _post(d, task("sleep 20", task_id="res-long"))
