@@ -101,10 +101,12 @@ def add_read_side_parsers(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "audit",
-        help="check lifecycle invariants over history",
+        help="check history: lifecycle invariants, outcomes decided again",
         description="Check the whole history against the lifecycle state machine and the "
-        "cleanup invariants. Exit 0 when clean, 1 with violations. Without --db the stream "
-        "is replayed into a temporary file first.",
+        "cleanup invariants, and decide again from recorded evidence: each attempt's "
+        "outcome re-classified, each reconcile decision re-checked, no event from an "
+        "instance after its end (docs/projections.md, Audit). Exit 0 when clean, 1 with "
+        "violations. Without --db the stream is replayed into a temporary file first.",
     )
     p.add_argument("--db", metavar="FILE", help="a projection file (e.g. made by replay)")
     p.add_argument("--json", action="store_true", help="print the violations as JSON")
