@@ -346,8 +346,18 @@ class Projector:
                 # meanwhile (a fetch now and again would cost both sides CPU for nothing).
                 await asyncio.wait([self._inflight[0]], timeout=_POLL_S)
                 continue
+            wait = self._wait(buf, born, urgent)
+            if buf and not (self.bulk or urgent or self.awaited) and wait > _MIN_FETCH_S:
+                # Live, a batch not due yet grows at the server until it is: one fetch
+                # then, rather than a round trip each time an event arrives.
+                if stop is None:
+                    await asyncio.sleep(wait)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), wait)
+                wait = _MIN_FETCH_S
             fetched_at = time.monotonic()
-            chunk = await reader.fetch(limit - len(buf), self._wait(buf, born, urgent))
+            chunk = await reader.fetch(limit - len(buf), wait)
             if not chunk and stop is None and nc.is_closed:
                 raise StreamUnavailable(self.nats_url, "the connection closed during the run")
             if chunk:

@@ -499,7 +499,8 @@ class _Api:
 
     async def task(self, task_id: str, wait_s: float = 0.0) -> Mapping[str, Any] | None:
         if self.daemon.read_side is not None:
-            await self._caught_up()
+            if wait_s <= 0:  # a wait lays any durable end of the task over its row itself
+                await self._caught_up()
             doc = await view_when_durable(self.js, self.daemon.read_side.task, task_id, wait_s)
             self._saw(doc)
             return doc

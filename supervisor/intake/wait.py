@@ -107,11 +107,13 @@ ReadTask = Callable[[str, float], Awaitable[Mapping[str, Any] | None]]
 async def view_when_durable(
     js: JetStreamContext, read: ReadTask, task_id: str, wait_s: float
 ) -> Mapping[str, Any] | None:
-    """`GET /v1/tasks/{id}?wait`: the read side's view once it shows the task's end, or,
-    as soon as the end is durable in `SUP_EVENTS` and applies (`ResultWaiter`: the same
-    ownership rule as the projection's), the read side's view with that end laid over it
-    (`projection_seq` says how far the projection itself had got). The read side's view at
-    the end of the wait when neither came; the read side alone if NATS cannot be followed."""
+    """`GET /v1/tasks/{id}?wait`: the read side's view with the task's end laid over it as
+    soon as that end is durable in `SUP_EVENTS` and applies (`ResultWaiter`: the same
+    ownership rule as the projection's; `projection_seq` says how far the projection itself
+    had got), or the read side's view at once when it already shows the end. The read side
+    is not asked to wait (a waiting read would have the projection apply a batch for each
+    task awaited: under a burst, one batch per task); it is read again when the wait runs
+    out. The read side's own wait if NATS cannot be followed."""
     if wait_s <= 0 or not _TASK_ID.fullmatch(task_id):  # never a wildcard subject
         return await read(task_id, wait_s)
     # The row as it is now (an ended task is answered at once); the end is laid over it.
@@ -122,27 +124,11 @@ async def view_when_durable(
         waiter = await wait_for_result(js, task_id)
     except Exception:  # NATS away: the projection's own wait
         return await read(task_id, wait_s)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_s
-    proj = asyncio.ensure_future(read(task_id, wait_s))
-    ended = asyncio.ensure_future(waiter.result(wait_s))
     try:
-        done, _ = await asyncio.wait({proj, ended}, return_when=asyncio.FIRST_COMPLETED)
-        if proj in done:
-            doc = proj.result()
-            if doc is not None and doc.get("outcome") is not None:
-                return doc
-            # Not ended (or not projected yet): the stream may still bring the end.
-            base = doc or base
-            await asyncio.wait({ended}, timeout=max(deadline - loop.time(), 0.0))
-            if not ended.done() or ended.result() is None or waiter.end is None:
-                return base
-        elif ended.result() is None or waiter.end is None:
-            return await proj
+        if await waiter.result(wait_s) is None or waiter.end is None:
+            return await read(task_id, 0.0)  # not ended within the wait (or NATS went away)
         return overlay_end(base or {"task_id": task_id}, *waiter.end)
     finally:
-        for t in (proj, ended):
-            t.cancel()
         await waiter.cancel()
 
 
