@@ -6,6 +6,8 @@ Rules, each reported with the task, and the stream sequences that prove it:
 - `task_lifecycle`: an event the task machine does not allow in the task's state (the
   machine then resynchronises on the state the event leads to, so one slip is one report);
 - `one_terminal_state`: a task reached a second terminal event;
+- `not_signed`: a terminal or `attempt.finished` event its node did not sign (its proof,
+  judged by the projection: `unsigned`, `bad_signature` or `unknown_key`); not applied;
 - `not_owner`: a terminal or `attempt.finished` event that the attempt's owner did not
   send and the design does not let another instance send
   (`projections.store.machine.terminal_applies`, `attempt_finish_applies`): a forgery, or a
@@ -52,7 +54,7 @@ import duckdb
 import msgspec
 
 from projections.evidence import AUDIT_RULES as RULES
-from projections.evidence import Record, Rederivation, Violation
+from projections.evidence import Record, Rederivation, Violation, refused_end
 from projections.store.apply import ATTEMPT_CATEGORIES
 from projections.store.machine import (
     TERMINAL_TASK_TYPES,
@@ -102,7 +104,7 @@ SELECT seq, type, task_id, attempt, occurred_at,
        instance_id, payload->>'error_type', node_id, payload->>'outcome',
        payload->>'error_code', CAST(payload->'evidence' AS VARCHAR),
        payload->>'superseded_instance', (payload->>'deadline')::DOUBLE, payload->>'rule',
-       payload->>'action', (payload->>'timeout_s')::DOUBLE
+       payload->>'action', (payload->>'timeout_s')::DOUBLE, proof
 FROM events ORDER BY seq
 """
 
@@ -381,27 +383,19 @@ def audit_records(
 
 
 def _owned(r: Record, t: _Task, out: list[Violation]) -> bool:
-    """Whether `r` may be applied: False (and a `not_owner` violation) for an end of an
-    attempt that its owner did not send and no other instance may send."""
+    """Whether `r` may be applied: False (and a `not_signed` or `not_owner` violation) for
+    an end its node did not sign, or of an attempt that its owner did not send and no other
+    instance may send."""
     owner = t.owners.get(r.attempt)
     if r.type == "attempt.finished":
-        ok = attempt_finish_applies(r.instance_id, owner, r.error_type)
+        ok = attempt_finish_applies(r.instance_id, owner, r.error_type, r.proof)
     elif r.type in TERMINAL_TASK_TYPES:
-        ok = terminal_applies(r.attempt, r.instance_id, r.seq, owner, t.finished.get(r.attempt))
+        finished = t.finished.get(r.attempt)
+        ok = terminal_applies(r.attempt, r.instance_id, r.seq, owner, finished, r.proof)
     else:
         return True
     if not ok:
-        why = "never started" if owner is None else f"owned by instance {owner}"
-        out.append(
-            Violation(
-                task_id=r.task_id,
-                rule="not_owner",
-                seqs=(r.seq,),
-                attempt=r.attempt or None,
-                detail=f"{r.type} from instance {r.instance_id}: attempt "
-                f"{r.attempt} is {why}; not applied",
-            )
-        )
+        out.append(refused_end(r, owner))
     return ok
 
 

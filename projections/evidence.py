@@ -34,6 +34,7 @@ import msgspec
 
 from schemas import Evidence
 from schemas.catalogue import classify
+from schemas.lifecycle import proven
 
 
 class Record(NamedTuple):
@@ -63,6 +64,8 @@ class Record(NamedTuple):
     rule: str | None = None
     action: str | None = None
     timeout_s: float | None = None
+    proof: str | None = None
+    """How the projection judged the signature of an end (`schemas.lifecycle.Keyring`)."""
 
 
 class Violation(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,6 +89,7 @@ RULES = (
 AUDIT_RULES = (
     "task_lifecycle",
     "one_terminal_state",
+    "not_signed",
     "not_owner",
     "task_not_terminal",
     "attempt_order",
@@ -100,6 +104,26 @@ AUDIT_RULES = (
     *RULES,
 )
 """Every rule `projections.audit` reports, as its docstring lists them."""
+
+
+def refused_end(r: Record, owner: str | None) -> Violation:
+    """The violation of an end that is not applied: `not_signed` when its node did not
+    sign it (`r.proof`), else `not_owner`."""
+    if not proven(r.proof):
+        rule = "not_signed"
+        why = f"{r.proof} for node {r.node_id}"
+    else:
+        rule = "not_owner"
+        why = "never started" if owner is None else f"owned by instance {owner}"
+        why = f"attempt {r.attempt} is {why}"
+    return Violation(
+        task_id=r.task_id,
+        rule=rule,
+        seqs=(r.seq,),
+        attempt=r.attempt or None,
+        detail=f"{r.type} from instance {r.instance_id}: {why}; not applied",
+    )
+
 
 _JUDGED_RULES = ("orphan_container", "lost_attempt", "leaked_workspace")
 """The reconciler's rules that act only on what a dead instance left: one of them about a

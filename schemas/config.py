@@ -12,7 +12,7 @@ import msgspec
 from msgspec import Struct
 
 from schemas import params
-from schemas.connection import NatsConfig
+from schemas.connection import NatsConfig, SigningConfig
 from schemas.errors import ConfigError
 from schemas.spec import PoolConfig, Sandbox
 
@@ -454,6 +454,7 @@ class Config(Struct, forbid_unknown_fields=True, kw_only=True):
     callbacks: CallbacksConfig = msgspec.field(default_factory=CallbacksConfig)
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)
     pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
+    signing: SigningConfig = msgspec.field(default_factory=SigningConfig)
     log_level: Annotated[str, _doc("Log level of `serve` (DEBUG, INFO, WARNING, ERROR).")] = "INFO"
 
     @property

@@ -15,6 +15,8 @@ import msgspec
 from msgspec import Struct
 
 from schemas.errors import ConfigError
+from schemas.lifecycle import Keyring
+from schemas.streams import is_public_key
 
 _URL_UNSAFE = frozenset("@:/,?# ")
 
@@ -127,6 +129,45 @@ def url_options(url: str) -> dict[str, str]:
             )
         options[key] = value
     return options
+
+
+class SigningConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Who signs this node's events, and whose signatures this node's readers (its
+    projection, `?wait`, `audit`) take as each node's (`schemas.lifecycle.Keyring`)."""
+
+    seed_file: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="The NKey seed file this node signs its events with (none: `[nats] "
+            "nkey_seed` when set, else `signing.nk` in the data dir, made at first start)."
+        ),
+    ] = None
+    keys: Annotated[
+        dict[str, list[str]],
+        msgspec.Meta(
+            description="Public NKeys pinned per node id: that node's ends count only when "
+            "signed by one of them (two during a rotation); others' keys are learned on first use."
+        ),
+    ] = msgspec.field(default_factory=dict)
+    required: Annotated[
+        bool,
+        msgspec.Meta(
+            description="Refuse an unsigned end even from a node never seen signing "
+            "(otherwise a history from before signing counts)."
+        ),
+    ] = False
+
+    def __post_init__(self) -> None:
+        for node, keys in self.keys.items():
+            bad = [k for k in keys if not is_public_key(k)]
+            if bad or not keys:
+                raise ValueError(f"[signing] keys of {node!r}: {bad or 'none'}: not a public NKey")
+
+    def keyring(self) -> Keyring:
+        """A new keyring with these pins (each reader learns the others itself)."""
+        return Keyring(
+            {node: tuple(keys) for node, keys in self.keys.items()}, required=self.required
+        )
 
 
 INBOX_ROLES = ("node", "reader")

@@ -225,23 +225,36 @@ CLOSING_ERROR_TYPE: Final = "infrastructure"
 """The only error type with which an instance may close another instance's attempt."""
 
 
-def attempt_finish_applies(instance: str, starter: str | None, error_type: str | None) -> bool:
-    """Whether an `attempt.finished` from `instance` ends an attempt started by `starter`."""
+def attempt_finish_applies(
+    instance: str, starter: str | None, error_type: str | None, proof: str | None = None
+) -> bool:
+    """Whether an `attempt.finished` from `instance` ends an attempt started by `starter`;
+    never one whose `proof` (`Keyring.judge`) says its node did not sign it."""
+    if not proven(proof):
+        return False
     return starter is None or instance == starter or error_type == CLOSING_ERROR_TYPE
 
 
-def sql_attempt_finish_applies(instance: str, starter: str, error_type: str) -> str:
+def sql_attempt_finish_applies(instance: str, starter: str, error_type: str, proof: str) -> str:
     return (
-        f"({starter} IS NULL OR {instance} = {starter} "
-        f"OR {error_type} IS NOT DISTINCT FROM '{CLOSING_ERROR_TYPE}')"
+        f"({sql_proven(proof)} AND ({starter} IS NULL OR {instance} = {starter} "
+        f"OR {error_type} IS NOT DISTINCT FROM '{CLOSING_ERROR_TYPE}'))"
     )
 
 
 def terminal_applies(
-    attempt: int, instance: str, seq: int, starter: str | None, finished_seq: int | None
+    attempt: int,
+    instance: str,
+    seq: int,
+    starter: str | None,
+    finished_seq: int | None,
+    proof: str | None = None,
 ) -> bool:
     """Whether a terminal task event of `attempt` (0: none ran) from `instance` at `seq`
-    ends the task, given the attempt's starting instance and the seq it finished at."""
+    ends the task, given the attempt's starting instance and the seq it finished at; never
+    one whose `proof` says its node did not sign it."""
+    if not proven(proof):
+        return False
     if attempt == 0:
         return True
     if starter is None:
@@ -250,9 +263,84 @@ def terminal_applies(
 
 
 def sql_terminal_applies(
-    attempt: str, instance: str, seq: str, starter: str, finished_seq: str
+    attempt: str, instance: str, seq: str, starter: str, finished_seq: str, proof: str
 ) -> str:
     return (
-        f"({attempt} = 0 OR ({starter} IS NOT NULL AND ({instance} = {starter} "
-        f"OR coalesce({finished_seq} < {seq}, false))))"
+        f"({sql_proven(proof)} AND ({attempt} = 0 OR ({starter} IS NOT NULL AND "
+        f"({instance} = {starter} OR coalesce({finished_seq} < {seq}, false)))))"
     )
+
+
+# --- who wrote an event ---------------------------------------------------------------------
+#
+# Every node signs its events (`schemas.streams.EventSigner`). The ends of tasks and attempts
+# count only when signed by a key of the node they name: the node credential alone (shared
+# by a fleet) cannot write another node's outcomes, even with a copied `instance_id`. The
+# readers judge a signature the same way, in stream order: the projection, the audit, a
+# client waiting for a result.
+
+PROVEN: Final = ("signed", "legacy")
+"""Proofs with which an end counts: signed by its node's key; or unsigned from a node that
+never signed anything (a history older than signing), unless signatures are required."""
+
+REFUSED_PROOFS: Final = ("unsigned", "bad_signature", "unknown_key")
+"""Why an end does not count: no signature from a node whose key is known; a signature that
+does not verify (the event was altered, or the key is not one); a valid signature by a key
+that is not its node's."""
+
+PROOF_TYPES: Final = (
+    "task.succeeded",
+    "task.failed",
+    "task.rejected",
+    "attempt.finished",
+    "supervisor.started",
+)
+"""The events whose signature is checked: the ends, and each instance's start (which is
+where a node's key is usually first seen)."""
+
+
+def proven(proof: str | None) -> bool:
+    """Whether an event with this `proof` (None: not checked) may change a task's state."""
+    return proof is None or proof in PROVEN
+
+
+def sql_proven(proof: str) -> str:
+    return f"({proof} IS NULL OR {proof} IN {PROVEN!r})"
+
+
+class Keyring:
+    """Which public keys sign for which node. A node in `pinned` (`[signing] keys`, the
+    way for a fleet) has exactly those keys (several during a rotation). Any other learns
+    its key on first use: the first valid signature seen from it, in stream order, is its
+    key from then on (`learned`; `judge` says when it learns one). With `required`, an
+    unsigned end is refused even from a node that never signed."""
+
+    def __init__(
+        self,
+        pinned: dict[str, tuple[str, ...]] | None = None,
+        learned: dict[str, str] | None = None,
+        *,
+        required: bool = False,
+    ) -> None:
+        self.pinned = dict(pinned or {})
+        self.learned = dict(learned or {})
+        self.required = required
+
+    def keys(self, node_id: str) -> tuple[str, ...]:
+        if node_id in self.pinned:
+            return self.pinned[node_id]
+        return (self.learned[node_id],) if node_id in self.learned else ()
+
+    def judge(self, node_id: str, signer: str | None) -> tuple[str, bool]:
+        """The proof of an event from `node_id` signed by `signer` (`payload_signer`'s
+        answer: a key, "" for a bad signature, None for none), and whether `signer` was
+        just learned as the node's key."""
+        if signer == "":
+            return "bad_signature", False
+        keys = self.keys(node_id)
+        if signer is None:
+            return ("unsigned" if keys or self.required else "legacy"), False
+        if not keys and node_id not in self.pinned:
+            self.learned[node_id] = signer
+            return "signed", True
+        return ("signed" if signer in keys else "unknown_key"), False

@@ -49,6 +49,7 @@ from projections.query.endpoint import QueryEndpoint, QueryLimits, unavailable
 from projections.serve.projector import Progress, Projector
 from projections.serve.replay import BULK_BATCH, replay
 from schemas.config import ProjectionConfig
+from schemas.connection import SigningConfig
 from schemas.http import Check
 from schemas.streams import EVENTS_STREAM
 
@@ -148,6 +149,7 @@ class ProjectionPart:
         self.settings = settings or LiveSettings()
         self.db_path: Path | None = Path(db_path) if db_path is not None else None
         self.stream = stream
+        self._signing = config.signing if config is not None else SigningConfig()
         self._projector: Projector | None = None
         self._js: JetStreamContext | None = None
         self._nats_url = ""
@@ -256,6 +258,7 @@ class ProjectionPart:
             threads=s.threads,
             memory_limit=s.memory_limit,
             temp_limit=s.temp_limit,
+            keyring=self._signing.keyring(),
         )
         try:
             projector = await asyncio.to_thread(live)

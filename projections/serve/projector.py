@@ -53,6 +53,7 @@ from projections.stream.decode import Staged, parse_reply, stage_raw
 from projections.stream.pull import PullReader
 from projections.stream.worker import DecodePool
 from schemas.connection import connect_options
+from schemas.lifecycle import Keyring
 from schemas.streams import EVENTS_STREAM, EVENTS_SUBJECTS
 
 __all__ = ["Progress", "Projector", "to_ns"]
@@ -165,6 +166,7 @@ class Projector:
         threads: int | None = None,
         memory_limit: str | None = None,
         temp_limit: str | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
         if not 0 < max_busy <= 1:
             raise ValueError(f"max_busy must be in (0, 1], not {max_busy}")
@@ -188,6 +190,7 @@ class Projector:
             threads=threads,
             memory_limit=memory_limit,
             temp_limit=temp_limit,
+            keyring=keyring,
         )
         self._workers: DecodePool | None = DecodePool(_BULK_DECODERS) if bulk else None
         decoders = len(self._workers) if self._workers is not None else 1

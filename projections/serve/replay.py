@@ -27,6 +27,7 @@ from projections.errors import ProjectionStoreError, StreamUnavailable
 from projections.serve.progress import ProgressBar
 from projections.serve.projector import Progress, Projector
 from schemas.connection import connect_options
+from schemas.lifecycle import Keyring
 from schemas.streams import EVENTS_STREAM
 
 __all__ = ["ensure_not_in_use", "replay", "stream_retention"]
@@ -69,10 +70,11 @@ async def replay(
     progress: bool = False,
     *,
     batch_size: int = BULK_BATCH,
+    keyring: Keyring | None = None,
 ) -> Progress:
     """Rebuild `db_path` from `SUP_EVENTS` as of `until_seq` / `until_time` (both None:
-    the whole history as it is now). With `progress`, draw a bar on stderr if it is a
-    terminal. Returns the totals. Raises StreamUnavailable, ProjectionStoreError."""
+    the whole history as it is now), judging signatures with `keyring` (None: no pins).
+    With `progress`, draw a bar on stderr if it is a terminal. Returns the totals. Raises StreamUnavailable, ProjectionStoreError."""
     target = Path(db_path)
     target.parent.mkdir(parents=True, exist_ok=True)
     ensure_not_in_use(target)
@@ -80,7 +82,9 @@ async def replay(
     _remove(tmp, _wal(tmp))
     bar = ProgressBar() if progress else None
     try:
-        with Projector(tmp, nats_url, batch_size=batch_size, bulk=True) as projector:
+        with Projector(
+            tmp, nats_url, batch_size=batch_size, bulk=True, keyring=keyring
+        ) as projector:
             result = await projector.catch_up(
                 until_seq=until_seq, until_time=until_time, progress=bar
             )

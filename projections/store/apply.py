@@ -64,7 +64,7 @@ SELECT * REPLACE (make_timestamp(stored_ns // 1000) AS stored_ns) FROM _batch LI
 INSERT_BATCH_EVENTS = """
 INSERT INTO events
 SELECT seq, subject, make_timestamp(stored_ns // 1000), type, event_id, occurred_at, node_id,
-       instance_id, task_id, attempt, correlation_id, schema_version, payload
+       instance_id, task_id, attempt, correlation_id, schema_version, payload, proof
 FROM _rows_batch
 """
 """Every event of `_rows_batch`, the batch's Arrow table itself, into `events`: the subjects

@@ -111,6 +111,7 @@ _FINISHED = Group(
                 Ev("seq"),
                 Looked("instance_id"),
                 Looked("finished_seq"),
+                Ev("proof"),
             ),
         ),
     ),
@@ -168,7 +169,7 @@ _ENDED = Group(
         Rule(
             attempt_finish_applies,
             sql_attempt_finish_applies,
-            (Ev("instance_id"), OwnerOf("instance_id"), Ev("error_type")),
+            (Ev("instance_id"), OwnerOf("instance_id"), Ev("error_type"), Ev("proof")),
         ),
     ),
     guard="finished_seq",

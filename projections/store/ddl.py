@@ -19,8 +19,9 @@ from __future__ import annotations
 from typing import Final
 
 from projections.store.machine import TERMINAL_TASK_TYPES, sql_in
+from schemas.lifecycle import REFUSED_PROOFS
 
-DDL_VERSION: Final = 3
+DDL_VERSION: Final = 4
 
 TABLES: Final[tuple[str, ...]] = (
     "events",
@@ -38,6 +39,7 @@ TABLES: Final[tuple[str, ...]] = (
     "inventories",
     "observed_containers",
     "observed_workspaces",
+    "node_keys",
     "projector_state",
 )
 """Every table, in the order a comparison or a dump should visit them."""
@@ -71,6 +73,7 @@ KEYS: Final[dict[str, tuple[str, ...]]] = {
     "inventories": ("seq",),
     "observed_containers": ("node_id", "container_id"),
     "observed_workspaces": ("node_id", "path"),
+    "node_keys": ("node_id", "public_key"),
     "projector_state": ("stream",),
 }
 """The key of each table (unique by construction; no index is declared: inserts stay cheap)."""
@@ -99,7 +102,8 @@ CREATE TABLE IF NOT EXISTS events (
     attempt        INTEGER NOT NULL,
     correlation_id VARCHAR NOT NULL,
     schema_version INTEGER NOT NULL,
-    payload        JSON NOT NULL USING COMPRESSION zstd
+    payload        JSON NOT NULL USING COMPRESSION zstd,
+    proof          VARCHAR
 )""",
     "dead_letters": """
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -305,6 +309,15 @@ CREATE TABLE IF NOT EXISTS observed_workspaces (
     created_at TIMESTAMP NOT NULL,
     task_id    VARCHAR,
     attempt    INTEGER
+)""",
+    # The keys that sign for each node (`schemas.lifecycle.Keyring`): pinned in `[signing]
+    # keys` when the projection was made, or learned from the node's first signed event.
+    "node_keys": """
+CREATE TABLE IF NOT EXISTS node_keys (
+    node_id    VARCHAR NOT NULL,
+    public_key VARCHAR NOT NULL,
+    pinned     BOOLEAN NOT NULL,
+    first_seq  BIGINT
 )""",
     "projector_state": """
 CREATE TABLE IF NOT EXISTS projector_state (
@@ -524,15 +537,18 @@ ORDER BY d.decision_seq
     # (`projections.store.machine.terminal_applies`); an attempt, likewise, one end. Every other
     # terminal or `attempt.finished` event (a bug, a forgery, a node that went on after it
     # was presumed dead) is kept here with both sequences and why it was not applied:
-    # `after_end` (the task or attempt had ended already) or `not_owner` (an instance
-    # other than the attempt's owner, or an attempt never started). The `tasks` and
+    # its proof when its node did not sign it (`unsigned`, `bad_signature`,
+    # `unknown_key`: `schemas.lifecycle.REFUSED_PROOFS`), else `after_end` (the task or
+    # attempt had ended already) or `not_owner` (an instance other than the attempt's
+    # owner, or an attempt never started). The `tasks` and
     # `attempts` rows never take it; `supervisor audit` reports it.
     "terminal_conflicts": f"""
 CREATE OR REPLACE VIEW terminal_conflicts AS
 SELECT e.task_id, e.attempt, 'task' AS scope, t.finished_seq AS first_seq,
        t.outcome AS first_outcome, e.seq AS conflict_seq,
        split_part(e.type, '.', 2) AS conflict_outcome,
-       CASE WHEN e.seq > t.finished_seq THEN 'after_end' ELSE 'not_owner' END AS reason,
+       CASE WHEN e.proof IN {REFUSED_PROOFS!r} THEN e.proof
+            WHEN e.seq > t.finished_seq THEN 'after_end' ELSE 'not_owner' END AS reason,
        e.node_id, e.instance_id, e.occurred_at
 FROM events e JOIN tasks t ON t.task_id = e.task_id
 WHERE t.terminal_events > CAST(t.finished_seq IS NOT NULL AS INTEGER)
@@ -540,7 +556,8 @@ WHERE t.terminal_events > CAST(t.finished_seq IS NOT NULL AS INTEGER)
 UNION ALL
 SELECT e.task_id, e.attempt, 'attempt', a.finished_seq, a.outcome, e.seq,
        e.payload->>'$.outcome',
-       CASE WHEN e.seq > a.finished_seq THEN 'after_end' ELSE 'not_owner' END,
+       CASE WHEN e.proof IN {REFUSED_PROOFS!r} THEN e.proof
+            WHEN e.seq > a.finished_seq THEN 'after_end' ELSE 'not_owner' END,
        e.node_id, e.instance_id, e.occurred_at
 FROM events e JOIN attempts a ON a.task_id = e.task_id AND a.attempt = e.attempt
 WHERE e.type = 'attempt.finished' AND e.seq IS DISTINCT FROM a.finished_seq

@@ -51,6 +51,7 @@ ENVELOPE: Final[tuple[str, ...]] = (
     "attempt",
     "correlation_id",
     "schema_version",
+    "proof",
 )
 """The envelope fields every event has (the columns of `_new`)."""
 

@@ -25,6 +25,7 @@ Two ways, one result (`tests/test_fold.py` holds them equal, row for row):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import time
 from collections import OrderedDict
@@ -51,8 +52,9 @@ from projections.store.apply import (
 )
 from projections.store.batch_fold import FACT_KINDS, FOLDS, Event, Fold, Look, Row, fact_rows
 from projections.store.ddl import DDL_VERSION, schema_statements
-from projections.stream.decode import STAGING, Staged
+from projections.stream.decode import BAD_SIGNATURE, STAGING, UNSIGNED, Staged
 from schemas import NO_TASK
+from schemas.lifecycle import Keyring
 from schemas.streams import EVENTS_STREAM
 
 __all__ = ["ApplyResult", "ProjectionStore", "store_config"]
@@ -108,6 +110,9 @@ def store_config(
     return config
 
 
+LEARN_KEY: Final = "INSERT INTO node_keys VALUES ($node, $key, false, $seq)"
+
+
 class ProjectionStore:
     """The projection file, open for writing (see `store_config`). Not thread-safe: one
     thread at a time (the projector applies batches from a single worker thread)."""
@@ -122,9 +127,11 @@ class ProjectionStore:
         fold_max: int = FOLD_MAX_EVENTS,
         memory_limit: str | None = None,
         temp_limit: str | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
         self.path = Path(path)
         self.stream = stream
+        self.keyring = keyring or Keyring()
         self.fold_max = fold_max
         self._schemas: dict[str, pa.Schema] = {}
         self._sources: dict[str, _ArrowSource] = {}
@@ -164,6 +171,13 @@ class ProjectionStore:
         elif row[1] != DDL_VERSION:
             con.rollback()
             raise ProjectionVersionMismatch(str(self.path), int(row[1]), DDL_VERSION)
+        # The pins as configured now; the keys learned so far, which go on being the nodes'.
+        con.execute("DELETE FROM node_keys WHERE pinned")
+        for node, keys in self.keyring.pinned.items():
+            for key in keys:
+                con.execute("INSERT INTO node_keys VALUES (?, ?, true, NULL)", [node, key])
+        learned = "SELECT node_id, public_key FROM node_keys WHERE NOT pinned ORDER BY first_seq"
+        self.keyring.learned.update(dict(con.execute(learned).fetchall()))
         con.commit()
 
     def _create_staging(self) -> None:
@@ -205,8 +219,10 @@ class ProjectionStore:
         con = self.con
         applied = 0
         started = time.perf_counter()
+        learned = dict(self.keyring.learned)
         try:
             con.begin()
+            staged = self._judge(staged)
             if staged.events:
                 applied = self._apply_events(staged)
             if staged.dead.num_rows:
@@ -217,13 +233,13 @@ class ProjectionStore:
             committed_ns = time.time_ns()
         except duckdb.Error as e:
             _rollback_quietly(con)
-            self._forget()
+            self._forget(learned)
             raise ProjectionStoreError(
                 str(self.path), f"batch up to seq {staged.last_seq}: {e}"
             ) from e
         except BaseException:
             _rollback_quietly(con)
-            self._forget()
+            self._forget(learned)
             raise
         duplicates = staged.events - applied + staged.repeats
         return ApplyResult(
@@ -235,6 +251,30 @@ class ProjectionStore:
             staged.tables["batch"].column("stored_ns"),
             time.perf_counter() - started,
         )
+
+    def _judge(self, staged: Staged) -> Staged:
+        """In the open transaction: the batch with each checked event's `proof` judged by
+        the keyring (in stream order), and the keys it learned stored in `node_keys`."""
+        batch = staged.tables["batch"]
+        at = batch.schema.get_field_index("proof")
+        raw = batch.column(at)
+        if raw.null_count == len(raw):
+            return staged
+        nodes, seqs = batch.column("node_id").to_pylist(), batch.column("seq").to_pylist()
+        proofs: list[str | None] = []
+        for signer, node, seq in zip(raw.to_pylist(), nodes, seqs, strict=True):
+            if signer is None:
+                proofs.append(None)
+                continue
+            proof, new = self.keyring.judge(
+                node, None if signer == UNSIGNED else "" if signer == BAD_SIGNATURE else signer
+            )
+            if new:
+                self._run(LEARN_KEY, {"node": node, "key": signer, "seq": seq})
+            proofs.append(proof)
+        tables = dict(staged.tables)
+        tables["batch"] = batch.set_column(at, "proof", pa.array(proofs, pa.string()))
+        return dataclasses.replace(staged, tables=tables)
 
     def _apply_events(self, staged: Staged) -> int:
         """In the open transaction: load the staging kinds that have rows (a folded batch:
@@ -391,10 +431,13 @@ class ProjectionStore:
         while len(cache) > CACHED_ROWS:
             cache.popitem(last=False)
 
-    def _forget(self) -> None:
-        """Empty `_cached`: after a rollback, or before SQL rewrites the tables."""
+    def _forget(self, learned: dict[str, str] | None = None) -> None:
+        """Empty `_cached`: after a rollback (with the keys learned before the batch), or
+        before SQL rewrites the tables."""
         for cache in self._cached.values():
             cache.clear()
+        if learned is not None:
+            self.keyring.learned = learned
 
     def checkpoint(self) -> None:
         """Write everything committed into the file now (and truncate the WAL)."""

@@ -60,7 +60,9 @@ from schemas import (
     WorkspaceCreated,
     decode_event,
 )
+from schemas.lifecycle import PROOF_TYPES
 from schemas.projected import seen_container, workspace_owner
+from schemas.streams import payload_signer
 
 TAGS: Final[dict[type[Event], str]] = {cls: str(cls.__struct_config__.tag) for cls in EVENT_TYPES}
 KNOWN_TYPES: Final[frozenset[str]] = frozenset(TAGS.values())
@@ -82,6 +84,8 @@ STAGING: Final[dict[str, pa.Schema]] = {
             ("correlation_id", pa.string()),
             ("schema_version", pa.int32()),
             ("payload", pa.string()),
+            # Who signed it (`signer`), judged by the store (`schemas.lifecycle.Keyring`).
+            ("proof", pa.string()),
         ]
     ),
     "submitted": pa.schema(
@@ -353,9 +357,21 @@ def decode_batch(
                 ev.correlation_id,
                 ev.schema_version,
                 data,
+                signer(data) if TAGS[type(ev)] in PROOF_TYPES else None,
             )
         )
     return batch
+
+
+UNSIGNED: Final = "-"
+BAD_SIGNATURE: Final = "!"
+
+
+def signer(data: bytes) -> str:
+    """The staged `proof` of an event whose signature is checked, before the store judges
+    it: the public key whose signature verifies, `BAD_SIGNATURE` or `UNSIGNED`."""
+    key = payload_signer(data)
+    return UNSIGNED if key is None else key or BAD_SIGNATURE
 
 
 def _result(ev: TaskSucceeded | TaskFailed) -> tuple[Any, ...]:

@@ -403,7 +403,7 @@ async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
     from supervisor.eventlog.diskguard import DiskGuard
     from supervisor.eventlog.emitter import Emitter
     from supervisor.intake.submit import Intake, prepare
-    from supervisor.intake.wait import wait_for_result
+    from supervisor.intake.wait import own_keyring, wait_for_result
 
     try:
         spec = decode_spec(_read_spec_bytes(args.spec))
@@ -418,8 +418,10 @@ async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
     spec = prepare(msgspec.structs.replace(spec, **{k: v for k, v in overrides.items() if v}))
     async with connected_event_log(cfg, args.nats_url, "submit") as events:
         waiter = None
+        node_id = node_id_for(events.data_dir, cfg.node_id, keep=False)
         if args.wait:
-            waiter = await wait_for_result(events.js, spec.task_id or "")
+            keyring = own_keyring(cfg.signing, node_id, events.signer)
+            waiter = await wait_for_result(events.js, spec.task_id or "", keyring)
         disk = DiskGuard(
             events.data_dir,
             held=lambda: events.disk_full,
@@ -427,9 +429,7 @@ async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
         )
         submission = await Intake(
             events.js,
-            Emitter(
-                events, node_id_for(events.data_dir, cfg.node_id, keep=False), events.instance_id
-            ),
+            Emitter(events, node_id, events.instance_id),
             events,
             cfg,
             disk_full=disk.reason,

@@ -51,6 +51,7 @@ from projections.query.render import render
 from projections.serve.live import DB_NAME
 from projections.serve.replay import replay, stream_retention
 from schemas.errors import SupervisorError, redact_url
+from schemas.lifecycle import Keyring
 from supervisor.cli.options import config_of
 from supervisor.daemon.nats_target import nats_for
 from supervisor.eventlog.nats_server import resolve_nats_url
@@ -75,6 +76,11 @@ def _settings(args: argparse.Namespace) -> tuple[str | None, Path]:
     return getattr(args, "nats_url", None) or cfg.nats_target, Path(
         data_dir or cfg.data_dir
     ).resolve()
+
+
+def _keyring(args: argparse.Namespace) -> Keyring:
+    """The configuration's pinned keys (`[signing] keys`): a replay learns the others."""
+    return config_of(args).signing.keyring()
 
 
 @contextlib.asynccontextmanager
@@ -119,7 +125,7 @@ def local_projection(args: argparse.Namespace, purpose: str) -> Iterator[Path]:
 
         async def rebuild() -> str:
             async with nats_url_for(args) as url:
-                await replay(path, url, progress=True)
+                await replay(path, url, progress=True, keyring=_keyring(args))
             return url
 
         url = asyncio.run(rebuild())
@@ -147,7 +153,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     async def go() -> int:
         async with nats_url_for(args) as url:
             result = await replay(
-                args.db, url, until_time=args.until, until_seq=args.until_seq, progress=True
+                args.db,
+                url,
+                until_time=args.until,
+                until_seq=args.until_seq,
+                progress=True,
+                keyring=_keyring(args),
             )
         sys.stderr.write(
             f"replay: {args.db} at seq {result.seq}: {result.applied} events applied, "
@@ -199,7 +210,7 @@ async def _audit_stream(args: argparse.Namespace) -> tuple[list[Any], HistorySta
         path = Path(tmp) / "audit.duckdb"
         async with nats_url_for(args) as url:
             sys.stderr.write(f"audit: replaying SUP_EVENTS from {redact_url(url)}\n")
-            await replay(path, url, progress=True)
+            await replay(path, url, progress=True, keyring=_keyring(args))
             retention = await stream_retention(url)
         con = open_readonly(path)
         try:

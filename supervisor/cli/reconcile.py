@@ -31,6 +31,7 @@ from projections.serve.projector import Projector
 from projections.serve.reconcile_state import DuckDBState, cursor_runner
 from projections.serve.replay import replay
 from schemas.errors import NatsUnavailable, SupervisorError
+from schemas.lifecycle import Keyring
 from supervisor.cli.options import config_of
 
 EXIT_OK, EXIT_UNAVAILABLE = 0, 3
@@ -52,12 +53,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 @contextlib.asynccontextmanager
-async def _projection(db: str | None, url: str) -> AsyncIterator[tuple[Projector, DuckDBState]]:
+async def _projection(
+    db: str | None, url: str, keyring: Keyring
+) -> AsyncIterator[tuple[Projector, DuckDBState]]:
     with tempfile.TemporaryDirectory(prefix="supervisor-reconcile-") as tmp:
         path = Path(db) if db else Path(tmp) / "projection.duckdb"
         if db is None:
-            await replay(path, url)
-        projector = Projector(path, url, batch_age_s=0.05)
+            await replay(path, url, keyring=keyring)
+        projector = Projector(path, url, batch_age_s=0.05, keyring=keyring)
         on_cursor, close = cursor_runner(projector.store.con)
         try:
             yield projector, DuckDBState(on_cursor, refresh=projector.catch_up)
@@ -81,7 +84,8 @@ async def _reconcile(args: argparse.Namespace) -> dict[str, Any]:
         await ensure_stream_exists(
             js, commands_stream_config(node.config.nats.replicas), url=node.nats_url
         )
-        async with _projection(args.db, node.nats_url) as (projector, state):
+        keyring = cfg.signing.keyring()
+        async with _projection(args.db, node.nats_url, keyring) as (projector, state):
             reconciler = Reconciler(
                 emitter=node.emitter,
                 observer=node.runtime,

@@ -62,7 +62,7 @@ from supervisor.execution.task_loop import Scheduler
 from supervisor.execution.workqueue import WorkQueue, ensure_consumers
 from supervisor.intake.cancel import request_cancel
 from supervisor.intake.submit import Intake, Submission
-from supervisor.intake.wait import view_when_durable
+from supervisor.intake.wait import own_keyring, view_when_durable
 from supervisor.observability.metrics import Metrics
 from supervisor.policy.breaker import counts
 from supervisor.policy.capacity import can_pull_any, fits_budget
@@ -469,6 +469,10 @@ class _Api:
         # had applied it, and the highest sequence the projection is known to have applied.
         self.answered_seq = 0
         self.applied_seq = 0
+        node = daemon.node
+        self.keyring = own_keyring(
+            daemon.config.signing, daemon.config.node_id, node.events.signer if node else None
+        )
 
     def _saw(self, doc: Mapping[str, Any] | None) -> None:
         if doc is None:
@@ -501,7 +505,8 @@ class _Api:
         if self.daemon.read_side is not None:
             if wait_s <= 0:  # a wait lays any durable end of the task over its row itself
                 await self._caught_up()
-            doc = await view_when_durable(self.js, self.daemon.read_side.task, task_id, wait_s)
+            read = self.daemon.read_side.task
+            doc = await view_when_durable(self.js, read, task_id, wait_s, self.keyring)
             self._saw(doc)
             return doc
         events = await read_task_events(self.js, task_id)

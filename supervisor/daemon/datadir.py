@@ -21,7 +21,8 @@ from pathlib import Path
 
 import msgspec
 
-from schemas.errors import DataDirInUse, SupervisorError
+from schemas.errors import ConfigError, DataDirInUse, SupervisorError
+from schemas.streams import EventSigner, new_seed
 from supervisor.eventlog.nats_auth import write_private_once
 
 LOCK_NAME = "daemon.lock"
@@ -150,3 +151,30 @@ def stored_token(data_dir: Path) -> str | None:
         return (data_dir / TOKEN_NAME).read_text().strip() or None
     except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+SIGNING_SEED_NAME = "signing.nk"
+
+
+def node_signer(data_dir: Path, seed_file: str | None, nkey_seed: str | None) -> EventSigner:
+    """This node's event signer (`schemas.streams.EventSigner`): the seed of `[signing]
+    seed_file`, else of `[nats] nkey_seed` (one identity to connect and to sign), else the
+    data dir's own, made at the first start (mode 0600). Raises ConfigError when a named
+    file cannot be read or holds no seed."""
+    path = seed_file or nkey_seed
+    if path is None:
+        own = data_dir / SIGNING_SEED_NAME
+        try:
+            seed = own.read_bytes()
+        except FileNotFoundError:
+            seed = write_private_once(own, new_seed() + b"\n")
+        path = str(own)
+    else:
+        try:
+            seed = Path(path).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"signing seed {path}: {e.strerror}") from e
+    try:
+        return EventSigner(seed)
+    except ValueError as e:
+        raise ConfigError(f"signing seed {path}: {e}") from e

@@ -14,6 +14,7 @@ from nats.js.api import StreamConfig
 
 from schemas.config import Config
 from schemas.errors import NatsUnavailable, NoDaemon
+from supervisor.daemon.datadir import node_signer
 from supervisor.eventlog.emitter import new_id
 from supervisor.eventlog.log import EventLog
 from supervisor.eventlog.nats_auth import ensure_credentials, with_user, write_server_config
@@ -49,7 +50,13 @@ async def connected_event_log(
         # leave no data dir behind.
         raise NoDaemon(purpose, str(data_dir))
     async with nats_for(nats_url or config.nats_target, data_dir) as url:
-        events = EventLog(data_dir, url, instance_id=new_id()[:16], stream=events_stream(config))
+        events = EventLog(
+            data_dir,
+            url,
+            instance_id=new_id()[:16],
+            stream=events_stream(config),
+            signer=node_signer(data_dir, config.signing.seed_file, config.nats.nkey_seed),
+        )
         await events.start()
         try:
             if not await events.wait_connected(10):

@@ -15,7 +15,8 @@ import msgspec
 
 from schemas import EmbeddedNatsRestarted, SupervisorStarted, SupervisorStopped
 from schemas.config import Config
-from supervisor.daemon.datadir import node_id_for
+from schemas.errors import ConfigError
+from supervisor.daemon.datadir import node_id_for, node_signer
 from supervisor.daemon.nats_target import events_stream, node_nats, stream_configs
 from supervisor.docker.observe import CgroupSampler, DockerEventWatcher
 from supervisor.docker.runtime import DockerRuntime
@@ -71,6 +72,13 @@ async def open_node(
     if node_id != config.node_id:
         config = msgspec.structs.replace(config, node_id=node_id)
     instance_id = instance_id or new_id()[:16]
+    signer = node_signer(data_dir, config.signing.seed_file, config.nats.nkey_seed)
+    pinned = config.signing.keys.get(node_id)
+    if pinned is not None and signer.public_key not in pinned:
+        raise ConfigError(
+            f"[signing] keys pins node {node_id} to {', '.join(pinned)}, "
+            f"not to its own key {signer.public_key}: its events would not count"
+        )
     metrics = Metrics()
     async with contextlib.AsyncExitStack() as stack:
         url, server = await stack.enter_async_context(
@@ -81,7 +89,13 @@ async def open_node(
                 configure=role == "serve",
             )
         )
-        events = EventLog(data_dir, url, instance_id=instance_id, stream=events_stream(config))
+        events = EventLog(
+            data_dir,
+            url,
+            instance_id=instance_id,
+            stream=events_stream(config),
+            signer=signer,
+        )
         await events.start()
         stack.push_async_callback(events.close, flush_timeout)
         emitter = Emitter(events, config.node_id, instance_id)

@@ -36,6 +36,7 @@ from nats.js.client import JetStreamContext
 
 from schemas import Event, encode_event
 from schemas.errors import DiskFull, EventLogError, NatsUnavailable
+from schemas.streams import SIGNATURE_BYTES, EventSigner
 from supervisor.eventlog.nats_auth import redact
 from supervisor.eventlog.nats_client import (
     CONNECTION_ERRORS,
@@ -79,6 +80,10 @@ class _Batch:
                 f.exception()
 
 
+def _signed(signer: EventSigner, records: list[Record]) -> list[Record]:
+    return [Record(r.seq, r.subject, r.msg_id, signer.sign(r.payload)) for r in records]
+
+
 def _abandon(in_flight: deque[_Batch]) -> None:
     while in_flight:
         in_flight.popleft().abandon()
@@ -109,6 +114,7 @@ class EventLog:
         max_overflow_bytes: int = 64 * 1024 * 1024,
         replicas: int = 1,
         stream: StreamConfig | None = None,
+        signer: EventSigner | None = None,
     ) -> None:
         if batch < 1 or window < 1:
             raise ValueError("batch and window must be at least 1")
@@ -124,6 +130,10 @@ class EventLog:
         self.reconnect_wait = reconnect_wait
         self.adopt_interval = adopt_interval
         self.max_payload = max_payload
+        self.signer = signer
+        """Signs each event as it is published (None: unsigned). The outbox holds them
+        unsigned: an outbox adopted from a dead process is signed by this one's key, which
+        is its node's."""
         self._outbox: Outbox | None = None
         self._wakeup = asyncio.Event()
         self._drained = asyncio.Event()
@@ -235,7 +245,7 @@ class EventLog:
                 _valid_subjects.clear()
             _valid_subjects.add(subject)
         payload = encode_event(event)
-        if len(payload) > self.max_payload:
+        if len(payload) + (SIGNATURE_BYTES if self.signer is not None else 0) > self.max_payload:
             raise ValueError(
                 f"event {event.event_id} is {len(payload)} bytes, over {self.max_payload}"
             )
@@ -481,6 +491,10 @@ class EventLog:
                 # Group commit: one fsync covers every record appended so far, and nothing
                 # is published before it is durable.
                 await asyncio.to_thread(outbox.sync)
+            if self.signer is not None:
+                # Signed as they go out, off the event loop (the crypto runs without the
+                # GIL): the events' own process keeps emitting and taking acks meanwhile.
+                records = await asyncio.to_thread(_signed, self.signer, records)
             batch = await self._send(records)
             if batch.futures:
                 in_flight.append(batch)

@@ -24,7 +24,11 @@ from schemas import (
     TaskSucceeded,
     decode_event,
 )
-from schemas.lifecycle import attempt_finish_applies, terminal_applies
+from schemas.connection import SigningConfig
+from schemas.lifecycle import Keyring, attempt_finish_applies, terminal_applies
+from schemas.streams import EventSigner, payload_signer
+
+_ENDS = (AttemptFinished, TaskSucceeded, TaskFailed, TaskRejected)
 
 
 class ResultWaiter:
@@ -35,7 +39,8 @@ class ResultWaiter:
     instance that started the attempt it names, or after that attempt was closed. A
     `task.succeeded` published by anyone else while the task runs is never the result."""
 
-    def __init__(self) -> None:
+    def __init__(self, keyring: Keyring | None = None) -> None:
+        self._keyring = keyring
         self._future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._sub: object | None = None
         self._starters: dict[int, str] = {}
@@ -47,15 +52,18 @@ class ResultWaiter:
         with contextlib.suppress(Exception):
             event = decode_event(data)
             a = event.attempt
+            proof = None
+            if self._keyring is not None and isinstance(event, _ENDS):
+                proof = self._keyring.judge(event.node_id, payload_signer(data))[0]
             if isinstance(event, AttemptStarted):
                 self._starters.setdefault(a, event.instance_id)
             elif isinstance(event, AttemptFinished) and attempt_finish_applies(
-                event.instance_id, self._starters.get(a), event.error_type
+                event.instance_id, self._starters.get(a), event.error_type, proof
             ):
                 self._finished.setdefault(a, seq)
             elif isinstance(event, TaskSucceeded | TaskFailed | TaskRejected):
                 if self._future.done() or not terminal_applies(
-                    a, event.instance_id, seq, self._starters.get(a), self._finished.get(a)
+                    a, event.instance_id, seq, self._starters.get(a), self._finished.get(a), proof
                 ):
                     return
                 self.end = (event, seq)
@@ -84,11 +92,14 @@ class ResultWaiter:
                 await sub.unsubscribe()  # type: ignore[attr-defined]
 
 
-async def wait_for_result(js: JetStreamContext, task_id: str) -> ResultWaiter:
+async def wait_for_result(
+    js: JetStreamContext, task_id: str, keyring: Keyring | None = None
+) -> ResultWaiter:
     """Follow the task's terminal event and return the waiter. From the start of the
     task's history: a task submitted again (the same spec under a known id) may have ended
-    already; its first terminal event is its outcome."""
-    waiter = ResultWaiter()
+    already; its first terminal event is its outcome. With `keyring`, an end its node did
+    not sign never is (the keyring learns a node's key on first use)."""
+    waiter = ResultWaiter(keyring)
 
     async def cb(msg) -> None:  # type: ignore[no-untyped-def]
         waiter._offer(msg.data, msg.metadata.sequence.stream)
@@ -100,12 +111,25 @@ async def wait_for_result(js: JetStreamContext, task_id: str) -> ResultWaiter:
     return waiter
 
 
+def own_keyring(signing: SigningConfig, node_id: str, signer: EventSigner | None) -> Keyring:
+    """The keyring a process waiting for results judges ends with: the pinned keys, and its
+    own node's key (`signer`'s, the data dir's), which it knows without being told."""
+    keyring = signing.keyring()
+    if signer is not None and node_id not in keyring.pinned:
+        keyring.learned[node_id] = signer.public_key
+    return keyring
+
+
 _TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # the spec's `Token`
 ReadTask = Callable[[str, float], Awaitable[Mapping[str, Any] | None]]
 
 
 async def view_when_durable(
-    js: JetStreamContext, read: ReadTask, task_id: str, wait_s: float
+    js: JetStreamContext,
+    read: ReadTask,
+    task_id: str,
+    wait_s: float,
+    keyring: Keyring | None = None,
 ) -> Mapping[str, Any] | None:
     """`GET /v1/tasks/{id}?wait`: the read side's view with the task's end laid over it as
     soon as that end is durable in `SUP_EVENTS` and applies (`ResultWaiter`: the same
@@ -121,7 +145,7 @@ async def view_when_durable(
     if base is not None and base.get("outcome") is not None:
         return base
     try:
-        waiter = await wait_for_result(js, task_id)
+        waiter = await wait_for_result(js, task_id, keyring)
     except Exception:  # NATS away: the projection's own wait
         return await read(task_id, wait_s)
     try:
