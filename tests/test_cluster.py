@@ -27,7 +27,7 @@ import pytest
 
 from schemas import CleanupCommand, ReconcileOutcome
 from schemas.connection import NatsConfig, connect_options, server_list
-from schemas.streams import COMMANDS_STREAM, EVENTS_STREAM, TASKS_STREAM
+from schemas.streams import COMMANDS_STREAM, EVENTS_STREAM, TASKS_STREAM, EventSigner, new_seed
 from supervisor.eventlog.cluster import pids
 from supervisor.eventlog.emitter import utcnow
 from supervisor.reconcile.command_executor import JetStreamCommands
@@ -170,8 +170,19 @@ def test_the_streams_have_three_replicas_and_two_nodes_share_the_work(
     # The streams are the operator's: `scripts/cluster up` made them, three copies each.
     for role in ("node", "reader"):
         assert os.stat(cluster / f"{role}.toml").st_mode & 0o777 == 0o600
-    n1 = _node(daemons, cluster, tmp_dir, "n1")
-    _node(daemons, cluster, tmp_dir, "n2")
+    # Each node signs with its own key, and every node's key is pinned (the fleet's way).
+    signers = {}
+    for node_id in ("n1", "n2"):
+        seed = new_seed()
+        (tmp_dir / f"{node_id}.nk").write_bytes(seed)
+        signers[node_id] = EventSigner(seed)
+    pins = {node_id: [s.public_key] for node_id, s in signers.items()}
+
+    def signing(node_id: str) -> dict[str, Any]:
+        return {"signing": {"seed_file": str(tmp_dir / f"{node_id}.nk"), "keys": pins}}
+
+    n1 = _node(daemons, cluster, tmp_dir, "n1", signing("n1"))
+    _node(daemons, cluster, tmp_dir, "n2", signing("n2"))
 
     info = asyncio.run(_stream_info(url))
     assert {name: (r, peers) for name, (r, _, peers) in info.items()} == {
@@ -190,6 +201,20 @@ def test_the_streams_have_three_replicas_and_two_nodes_share_the_work(
     )
     assert set(started) == {"n1", "n2"}, started
     assert sum(started.values()) == len(ids)
+    # Both nodes' ends count in n1's projection, each under its node's pinned key.
+    sql = (
+        "SELECT (SELECT count(*) FROM tasks WHERE outcome = 'succeeded' AND task_id LIKE 'share-%'),"
+        " (SELECT count(*) FROM terminal_conflicts),"
+        " (SELECT list(node_id || '=' || public_key ORDER BY node_id) FROM node_keys WHERE pinned)"
+    )
+
+    def projected() -> list[Any]:
+        status, body = n1.request("POST", "/v1/query", json.dumps({"sql": sql}).encode())
+        assert status == 200, body
+        return list(json.loads(body)["rows"][0])
+
+    wait_until(lambda: projected()[0] == len(ids), 60, "n1's projection to apply every end")
+    assert projected() == [len(ids), 0, [f"{n}={s.public_key}" for n, s in signers.items()]]
 
 
 @pytest.mark.parametrize("which", ["leader", "follower"])
