@@ -38,6 +38,10 @@ class ContainerActivity:
     destroyed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+WATCHED_ACTIONS = ("kill", "stop", "die", "destroy")
+"""The container actions the watcher follows."""
+
+
 class DockerEventWatcher:
     """Follows `docker events` for containers labelled managed on this node.
 
@@ -73,6 +77,9 @@ class DockerEventWatcher:
         filters = {
             "type": "container",
             "label": node_filter(self._node),
+            # Only what is read (`_record`, `external_kills`, the pool): a container's
+            # create, attach, start, resize... would cost dockerd and this thread for nothing.
+            "event": list(WATCHED_ACTIONS),
         }
         while not self._stop.is_set():
             try:
