@@ -11,6 +11,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,12 @@ from schemas import (
 )
 from schemas.config import load_config
 from schemas.connection import connect_options
+from schemas.http import CallbackBody
 from schemas.lifecycle import Keyring
 from schemas.streams import EventSigner, new_seed, payload_signer
 from supervisor.eventlog.nats_auth import read_credentials, redact, with_user
 from testing.daemon import DaemonProc, task, wait_until
+from testing.receiver import Receiver
 from testing.stream import stream_events
 
 T0 = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
@@ -225,21 +228,46 @@ def test_an_end_forged_with_the_node_credential_is_kept_apart_and_reported(
     tmp_dir: Path,
     daemons,  # type: ignore[no-untyped-def]
 ) -> None:
-    d = DaemonProc(tmp_dir / "data", None).start()
+    receiver = Receiver()
+    hook = f"{receiver.url}/hooks/end"
+    d = DaemonProc(tmp_dir / "data", None, {"callbacks": {"allowed": [hook], "secret": "x"}})
     daemons.append(d)
+    d.start()
     node = _nats_url(d, "node")
-    with d.client() as c:
-        sub = c.submit(msgspec.convert(task("sleep 3; echo real"), TaskSpec))
-        subject = f"sup.attempt.started.*.{sub.task_id}"
+
+    def running(script: str) -> tuple[str, AttemptStarted]:
+        spec = msgspec.convert(task(script, callback_url=hook), TaskSpec)
+        task_id = c.submit(spec).task_id
+        subject = f"sup.attempt.started.*.{task_id}"
         wait_until(lambda: asyncio.run(stream_events(node, subject)), what="the attempt's start")
         started = asyncio.run(stream_events(node, subject))[0]
         assert isinstance(started, AttemptStarted)
-        asyncio.run(_forge(node, started, None, 1))  # the node credential, no key
-        asyncio.run(_forge(node, started, EventSigner(new_seed()), 2))  # another node's key
-        view = c.wait(sub.task_id, timeout_s=60)
-        conflicts = "SELECT conflict_seq, reason, instance_id FROM terminal_conflicts"
-        rows = c.query(f"{conflicts} WHERE task_id = '{sub.task_id}'").rows
-        keys = c.query("SELECT node_id, public_key, pinned FROM node_keys").rows
+        return task_id, started
+
+    try:
+        with d.client() as c:
+            task_id, started = running("sleep 3; echo real")
+            asyncio.run(_forge(node, started, None, 1))  # the node credential, no key
+            asyncio.run(_forge(node, started, EventSigner(new_seed()), 2))  # another node's key
+            view = c.wait(task_id, timeout_s=60)
+            # A task with only a forged end has not ended: it can still be cancelled.
+            other, started_other = running("sleep 60")
+            asyncio.run(_forge(node, started_other, None, 3))
+            cancelling = c.cancel(other)
+            cancelled = c.wait(other, timeout_s=60)
+            wait_until(lambda: len(receiver.on("/hooks/end")) >= 2, 30, "both callbacks")
+            conflicts = "SELECT conflict_seq, reason, instance_id FROM terminal_conflicts"
+            rows = c.query(f"{conflicts} WHERE task_id = '{task_id}'").rows
+            keys = c.query("SELECT node_id, public_key, pinned FROM node_keys").rows
+        time.sleep(1.0)  # no other callback comes
+        posted = sorted(
+            (b.task_id, b.result.status, b.result.stdout)
+            for b in (
+                msgspec.json.decode(r.body, type=CallbackBody) for r in receiver.on("/hooks/end")
+            )
+        )
+    finally:
+        receiver.close()
     audit = subprocess.run(
         [sys.executable, "-m", "supervisor", "audit", "--json", "--data-dir", str(d.data_dir)],
         capture_output=True,
@@ -251,11 +279,16 @@ def test_an_end_forged_with_the_node_credential_is_kept_apart_and_reported(
     assert view.result is not None and view.result.stdout == "real\n", view
     assert sorted(r[1] for r in rows) == ["unknown_key", "unsigned"]
     assert {r[2] for r in rows} == {started.instance_id}  # the copied id did not help
+    assert cancelling.task_id == other
+    assert cancelled.result is not None and cancelled.result.error is not None
+    assert cancelled.result.error.code == "CANCELLED"
+    # The callbacks carried the real ends only.
+    assert posted == sorted([(task_id, "succeeded", "real\n"), (other, "failed", "")])
     own = EventSigner((d.data_dir / "signing.nk").read_bytes())
     assert keys == [[started.node_id, own.public_key, False]]
     assert audit.returncode == 1, audit.stderr
     found = [(v["rule"], v["task_id"]) for v in json.loads(audit.stdout)["violations"]]
-    assert found == [("not_signed", sub.task_id)] * 2
+    assert found == [("not_signed", task_id)] * 2 + [("not_signed", other)]
 
 
 def test_a_node_pinned_to_a_key_it_does_not_hold_refuses_to_start(

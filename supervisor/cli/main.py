@@ -419,8 +419,8 @@ async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
     async with connected_event_log(cfg, args.nats_url, "submit") as events:
         waiter = None
         node_id = node_id_for(events.data_dir, cfg.node_id, keep=False)
+        keyring = own_keyring(cfg.signing, node_id, events.signer)
         if args.wait:
-            keyring = own_keyring(cfg.signing, node_id, events.signer)
             waiter = await wait_for_result(events.js, spec.task_id or "", keyring)
         disk = DiskGuard(
             events.data_dir,
@@ -433,6 +433,7 @@ async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
             events,
             cfg,
             disk_full=disk.reason,
+            keyring=keyring,
         ).submit(spec)
         if not submission.accepted:
             result = submission.result()

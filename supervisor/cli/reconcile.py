@@ -105,6 +105,7 @@ async def _reconcile(args: argparse.Namespace) -> dict[str, Any]:
                     data_dir=node.data_dir,
                     config=cfg.reconcile,
                     metrics=node.metrics,
+                    keyring=node.keyring,
                 )
                 await executor.start(background=False)
                 try:

@@ -62,7 +62,7 @@ from supervisor.execution.task_loop import Scheduler
 from supervisor.execution.workqueue import WorkQueue, ensure_consumers
 from supervisor.intake.cancel import request_cancel
 from supervisor.intake.submit import Intake, Submission
-from supervisor.intake.wait import own_keyring, view_when_durable
+from supervisor.intake.wait import view_when_durable
 from supervisor.observability.metrics import Metrics
 from supervisor.policy.breaker import counts
 from supervisor.policy.capacity import can_pull_any, fits_budget
@@ -221,6 +221,7 @@ class Daemon:
                 cfg,
                 metrics=node.metrics,
                 disk_full=self._disk_reason,
+                keyring=node.keyring,
             )
             sc = cfg.scheduling
             self.scheduler = scheduler = Scheduler(
@@ -233,6 +234,7 @@ class Daemon:
                 superseded=frozenset([lock.previous.instance_id] if lock.previous else []),
                 heartbeat_timeout_s=cfg.reconcile.heartbeat_timeout_s,
                 terminal_wait_s=sc.ack_wait_s,
+                keyring=node.keyring,
             )
             if self.pull:
                 await stack.enter_async_context(following_cancellations(js, node.executor))
@@ -469,10 +471,8 @@ class _Api:
         # had applied it, and the highest sequence the projection is known to have applied.
         self.answered_seq = 0
         self.applied_seq = 0
-        node = daemon.node
-        self.keyring = own_keyring(
-            daemon.config.signing, daemon.config.node_id, node.events.signer if node else None
-        )
+        assert daemon.node is not None
+        self.keyring = daemon.node.keyring
 
     def _saw(self, doc: Mapping[str, Any] | None) -> None:
         if doc is None:
@@ -509,7 +509,7 @@ class _Api:
             doc = await view_when_durable(self.js, read, task_id, wait_s, self.keyring)
             self._saw(doc)
             return doc
-        events = await read_task_events(self.js, task_id)
+        events = await read_task_events(self.js, task_id, keyring=self.keyring)
         if not events:
             return None
         h = summarize(events)
@@ -529,7 +529,9 @@ class _Api:
     async def cancel(self, task_id: str) -> Mapping[str, Any]:
         node = self.daemon.node
         assert node is not None
-        return await request_cancel(self.js, node.events, node.emitter, task_id)
+        return await request_cancel(
+            self.js, node.events, node.emitter, task_id, keyring=self.keyring
+        )
 
     async def tasks(self, params: Mapping[str, str]) -> Mapping[str, Any]:
         if self.daemon.read_side is None:

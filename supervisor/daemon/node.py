@@ -16,6 +16,7 @@ import msgspec
 from schemas import EmbeddedNatsRestarted, SupervisorStarted, SupervisorStopped
 from schemas.config import Config
 from schemas.errors import ConfigError
+from schemas.lifecycle import Keyring
 from supervisor.daemon.datadir import node_id_for, node_signer
 from supervisor.daemon.nats_target import events_stream, node_nats, stream_configs
 from supervisor.docker.observe import CgroupSampler, DockerEventWatcher
@@ -25,6 +26,7 @@ from supervisor.eventlog.emitter import Emitter, new_id
 from supervisor.eventlog.log import EventLog
 from supervisor.eventlog.nats_server import NatsWatch
 from supervisor.execution.executor import Executor
+from supervisor.intake.wait import own_keyring
 from supervisor.observability.metrics import Metrics
 from supervisor.policy.classify import Classification
 
@@ -49,6 +51,8 @@ class Node:
     disk: DiskGuard | None = None
     # This process started the embedded server and configured its streams as its admin.
     provisioned: bool = False
+    # Whose signatures make an end count, as this process reads a task's history.
+    keyring: Keyring | None = None
 
 
 @contextlib.asynccontextmanager
@@ -149,6 +153,7 @@ async def open_node(
             watch,
             disk,
             provisioned=server is not None,
+            keyring=own_keyring(config.signing, node_id, signer),
         )
         try:
             yield node

@@ -46,6 +46,7 @@ from schemas import (
 )
 from schemas.config import Config
 from schemas.http import CallbackBody
+from schemas.lifecycle import Keyring
 from schemas.streams import EVENTS_STREAM
 from supervisor.delivery.signing import (
     SIGNATURE,
@@ -116,7 +117,9 @@ class CallbacksPart:
         )
         http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=cfg.timeout_s))
         stack.push_async_callback(http.close)
-        deliverer = _Deliverer(self, ctx.js, ctx.node.events, ctx.node.emitter, http, counter)
+        deliverer = _Deliverer(
+            self, ctx.js, ctx.node.events, ctx.node.emitter, http, counter, ctx.node.keyring
+        )
         task = asyncio.create_task(deliverer.run(sub), name="callbacks")
 
         async def stop() -> None:
@@ -143,12 +146,14 @@ class _Deliverer:
         emitter: Emitter,
         http: aiohttp.ClientSession,
         counter: Counter,
+        keyring: Keyring | None = None,
     ) -> None:
         self.cfg = part.config
         self.secret = part.secret
         self.js = js
         self.events = events
         self.emitter = emitter
+        self.keyring = keyring
         self.http = http
         self.counter = counter
         self.stopping = asyncio.Event()
@@ -184,7 +189,7 @@ class _Deliverer:
         if peek.callback_url is None:
             await msg.ack()
             return
-        messages = await read_task_messages(self.js, peek.task_id)
+        messages = await read_task_messages(self.js, peek.task_id, keyring=self.keyring)
         end = applied_terminal(messages)
         this = next((e for s, e in messages if s == msg.metadata.sequence.stream), None)
         # The URL is the submitted spec's (admitted against the policy then), never what a

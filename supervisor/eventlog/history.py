@@ -25,8 +25,11 @@ from schemas import (
     WorkspaceCreated,
     decode_event,
 )
-from schemas.lifecycle import attempt_finish_applies, terminal_applies
-from schemas.streams import EVENTS_STREAM
+from schemas.lifecycle import Keyring, attempt_finish_applies, proven, terminal_applies
+from schemas.streams import EVENTS_STREAM, payload_signer
+
+ENDS = (AttemptFinished, TaskSucceeded, TaskFailed, TaskRejected)
+"""The events whose signature decides whether they count (`schemas.lifecycle.proven`)."""
 
 
 @dataclass(frozen=True)
@@ -128,17 +131,19 @@ def applied_terminal(messages: list[tuple[int, Event]]) -> Event | None:
 
 
 async def read_task_events(
-    js: JetStreamContext, task_id: str, timeout: float = 10.0
+    js: JetStreamContext, task_id: str, timeout: float = 10.0, keyring: Keyring | None = None
 ) -> list[Event]:
-    """Every event of `task_id` now in the stream, in order."""
-    return [e for _, e in await read_task_messages(js, task_id, timeout)]
+    """Every event of `task_id` now in the stream, in order (see `read_task_messages`)."""
+    return [e for _, e in await read_task_messages(js, task_id, timeout, keyring)]
 
 
 async def read_task_messages(
-    js: JetStreamContext, task_id: str, timeout: float = 10.0
+    js: JetStreamContext, task_id: str, timeout: float = 10.0, keyring: Keyring | None = None
 ) -> list[tuple[int, Event]]:
     """Every event of `task_id` now in the stream with its sequence, in order (an ordered
-    consumer filtered on `sup.*.*.*.<task>`; the stream's subject index keeps this cheap)."""
+    consumer filtered on `sup.*.*.*.<task>`; the stream's subject index keeps this cheap).
+    With `keyring`, an end its node did not sign is left out: it never counts
+    (`schemas.lifecycle.proven`)."""
     subject = f"sup.*.*.*.{task_id}"
     info = await js.stream_info(EVENTS_STREAM, subjects_filter=subject)
     count = sum((info.state.subjects or {}).values()) if info.state.subjects else 0
@@ -149,7 +154,11 @@ async def read_task_messages(
 
     async def on_msg(msg) -> None:  # type: ignore[no-untyped-def]
         with contextlib.suppress(Exception):  # an undecodable event is the projector's business
-            out.append((msg.metadata.sequence.stream, decode_event(msg.data)))
+            event = decode_event(msg.data)
+            if not (keyring is not None and isinstance(event, ENDS)) or proven(
+                keyring.judge(event.node_id, payload_signer(msg.data))[0]
+            ):
+                out.append((msg.metadata.sequence.stream, event))
         if msg.metadata.num_pending == 0:
             done.set()
 

@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 
 from schemas import PRIORITIES, Result, TaskSpec
 from schemas.errors import NatsUnavailable, SupervisorError
+from schemas.lifecycle import Keyring
 from supervisor.eventlog.emitter import utcnow
 from supervisor.eventlog.history import TaskHistory, read_task_events, summarize
 from supervisor.eventlog.outcomes import emit_error
@@ -101,6 +102,7 @@ class Scheduler:
         superseded: frozenset[str] = frozenset(),
         heartbeat_timeout_s: float = 20.0,
         defer_s: float = 5.0,
+        keyring: Keyring | None = None,
         terminal_wait_s: float = _TERMINAL_DURABLE_S,
     ) -> None:
         self.wq = wq
@@ -113,6 +115,7 @@ class Scheduler:
         self.superseded = superseded
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.defer_s = defer_s
+        self.keyring = keyring
         # No use waiting longer than the ack wait: the message comes back then anyway, and
         # its redelivery is acked here once the terminal event is durable (`_known_here`).
         self.terminal_wait_s = terminal_wait_s
@@ -345,7 +348,7 @@ class Scheduler:
         # and those of the outboxes it adopted (a superseded instance's terminal events).
         if not await self.events.flush(self.terminal_wait_s):
             raise _Defer("the event log cannot reach NATS to read the task's history")
-        history = summarize(await read_task_events(self.wq.js, spec.task_id))
+        history = summarize(await read_task_events(self.wq.js, spec.task_id, keyring=self.keyring))
         if history.terminal is not None:
             return None  # done before, only the ack was lost
         last = history.last_attempt

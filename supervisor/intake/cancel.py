@@ -14,6 +14,7 @@ from nats.js.client import JetStreamContext
 
 from schemas import TaskCancelRequested, TaskSubmitted
 from schemas.errors import ApiError, NatsUnavailable
+from schemas.lifecycle import Keyring
 from supervisor.eventlog.emitter import Emitter
 from supervisor.eventlog.history import read_task_events, summarize
 from supervisor.eventlog.log import EventLog
@@ -22,12 +23,18 @@ __all__ = ["request_cancel"]
 
 
 async def request_cancel(
-    js: JetStreamContext, events: EventLog, emitter: Emitter, task_id: str, reason: str = ""
+    js: JetStreamContext,
+    events: EventLog,
+    emitter: Emitter,
+    task_id: str,
+    reason: str = "",
+    *,
+    keyring: Keyring | None = None,
 ) -> dict[str, Any]:
     """Record the cancellation of `task_id` once it is durable. Raises ApiError 404 for a
     task the stream does not know, 409 `TASK_ENDED` for one that has ended (naming how),
     NatsUnavailable when the request cannot be made durable."""
-    history = await read_task_events(js, task_id)
+    history = await read_task_events(js, task_id, keyring=keyring)
     if not history:
         raise ApiError(404, "validation", "TASK_NOT_FOUND", f"no task {task_id!r}")
     ended = summarize(history).terminal

@@ -39,7 +39,7 @@ from schemas import (
 )
 from schemas.config import Config
 from schemas.errors import EventLogError, NatsUnavailable, SpecError
-from schemas.lifecycle import InvalidTransition, next_task_state
+from schemas.lifecycle import InvalidTransition, Keyring, next_task_state
 from schemas.spec import public_spec
 from schemas.streams import EVENTS_STREAM, TASKS_STREAM
 from supervisor.eventlog.emitter import Emitter, new_id
@@ -158,8 +158,10 @@ class Intake:
         *,
         metrics: Metrics | None = None,
         disk_full: Callable[[], str | None] = lambda: None,
+        keyring: Keyring | None = None,
     ) -> None:
         self.js = js
+        self.keyring = keyring  # an end its node did not sign does not end a task
         self.metrics = metrics
         self.disk_full = disk_full
         self.emitter = emitter
@@ -287,7 +289,7 @@ class Intake:
         except (nats.errors.Error, OSError) as e:
             raise NatsUnavailable("jetstream", f"looking up task {task_id}: {e!r}") from e
         try:
-            messages = await read_task_messages(self.js, task_id)
+            messages = await read_task_messages(self.js, task_id, keyring=self.keyring)
         except (nats.errors.Error, OSError, TimeoutError) as e:
             raise NatsUnavailable("jetstream", f"reading task {task_id}: {e!r}") from e
         return id_state(messages)

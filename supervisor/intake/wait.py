@@ -27,8 +27,7 @@ from schemas import (
 from schemas.connection import SigningConfig
 from schemas.lifecycle import Keyring, attempt_finish_applies, terminal_applies
 from schemas.streams import EventSigner, payload_signer
-
-_ENDS = (AttemptFinished, TaskSucceeded, TaskFailed, TaskRejected)
+from supervisor.eventlog.history import ENDS
 
 
 class ResultWaiter:
@@ -53,7 +52,7 @@ class ResultWaiter:
             event = decode_event(data)
             a = event.attempt
             proof = None
-            if self._keyring is not None and isinstance(event, _ENDS):
+            if self._keyring is not None and isinstance(event, ENDS):
                 proof = self._keyring.judge(event.node_id, payload_signer(data))[0]
             if isinstance(event, AttemptStarted):
                 self._starters.setdefault(a, event.instance_id)

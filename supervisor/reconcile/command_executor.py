@@ -51,6 +51,7 @@ from schemas.errors import CommandBusError, ContainerVanished, SupervisorError
 from schemas.labels import MANAGED as MANAGED_LABEL
 from schemas.labels import NODE as NODE_LABEL
 from schemas.labels import is_ours
+from schemas.lifecycle import Keyring
 from schemas.streams import COMMANDS_STREAM
 from supervisor.docker.runtime import DockerRuntime
 from supervisor.eventlog.emitter import Emitter
@@ -123,8 +124,10 @@ class CommandExecutor:
         reconcile_metrics: ReconcileMetrics | None = None,
         claim_kill: Callable[[str, str], KillClaim] | None = None,
         claim_workspace: Callable[[str], str | None] | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
         self.js = js
+        self.keyring = keyring  # an end its node did not sign does not close an attempt
         self.claim_kill = claim_kill
         self.claim_workspace = claim_workspace
         self.runtime = runtime
@@ -355,7 +358,7 @@ class CommandExecutor:
     ) -> tuple[ReconcileOutcomeKind, str]:
         # The stream, not the projection, is the authority at the moment of acting.
         try:
-            events = await read_task_events(self.js, cmd.task_id)
+            events = await read_task_events(self.js, cmd.task_id, keyring=self.keyring)
             history = summarize(events)
         except (nats.errors.Error, TimeoutError) as e:
             raise CommandBusError(f"cannot read the history of {cmd.task_id}: {e!r}") from e

@@ -72,6 +72,7 @@ class ReconcilerPart:
             reconcile_metrics=self.metrics,
             claim_kill=node.executor.claim_kill,
             claim_workspace=node.executor.claim_workspace,
+            keyring=node.keyring,
         )
         await self.executor.start()
         stack.push_async_callback(self.executor.stop)
