@@ -1,7 +1,7 @@
 """Side by side: a raw ordered-consumer read of SUP_EVENTS against a replay of the same
 stream into a fresh DuckDB projection.
 
-    .venv/bin/python bench/bench_replay.py [--events N] [--rounds R] [--public]
+    .venv/bin/python bench/bench_replay.py [--events N] [--rounds R] [--public] [--signed]
 
 Starts its own nats-server (in a temp dir, removed afterwards), publishes N realistic mixed
 events (whole task histories: successes, retried timeouts, user errors, OOM kills,
@@ -15,7 +15,9 @@ rejections; `testing.synthetic.mixed_history`) with `publish_async` and their
 
 With `--public`, each round also replays through the public pull path alone (the
 quarantined lean reader of `projections.stream.bulkread` turned off), to show what that
-reader gains. The contenders alternate which goes first. Prints msgs/s for each, and the ratio replay/raw as
+reader gains. With `--signed`, every event is published signed (as a daemon's are), so the
+replay checks the signature of each end as it does on a real history. The contenders
+alternate which goes first. Prints msgs/s for each, and the ratio replay/raw as
 best against best and as the median of the per-round ratios (robust when other work
 shares the machine); target >= 0.5.
 """
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 
@@ -40,24 +43,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # testing/ is n
 
 import projections.serve.projector as projector_module
 from projections.serve.replay import replay
+from schemas import encode_event
+from schemas.streams import EventSigner, new_seed
 from supervisor.eventlog.nats_server import NatsServer
-from testing.loadgen import publish
+from testing.loadgen import Item, publish
 from testing.synthetic import EPOCH, mixed_history
 
 CHUNK = 100_000
 TARGET = 0.5
 
 
-async def load(url: str, n: int) -> int:
-    """Publish n events in chunks (each chunk is whole tasks, with its own ids and times)."""
+async def load(url: str, n: int, signed: bool = False) -> int:
+    """Publish n events in chunks (each chunk is whole tasks, with its own ids and times),
+    each signed by the node's key with `signed`."""
     last = 0
     run = uuid.uuid4().hex[:12]
+    signer = EventSigner(new_seed())
     for i, start in enumerate(range(0, n, CHUNK)):
         size = min(CHUNK, n - start)
         events = mixed_history(
             size, seed=i, id_prefix=f"{run}-{i:03d}", start=EPOCH + timedelta(hours=i)
         )
-        last = await publish(url, events)
+        items: Iterable[Item] = events
+        if signed:
+            items = [(e.subject(), signer.sign(encode_event(e))) for e in events]
+        last = await publish(url, items)
     return last
 
 
@@ -103,13 +113,13 @@ async def replay_once(url: str, path: Path, n: int, *, public: bool = False) -> 
     return elapsed
 
 
-async def main(n: int, rounds: int, public: bool) -> int:
+async def main(n: int, rounds: int, public: bool, signed: bool = False) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-replay-"))
     server = NatsServer(tmp / "nats")
     try:
         url = server.start()
         t0 = time.perf_counter()
-        last = await load(url, n)
+        last = await load(url, n, signed)
         print(f"published {last:,} events in {time.perf_counter() - t0:.1f}s", flush=True)
         await raw_read(url, n)  # warm the stream's pages
         raws, replays, publics = [], [], []
@@ -160,5 +170,8 @@ if __name__ == "__main__":
     parser.add_argument(
         "--public", action="store_true", help="also replay through the public pull path alone"
     )
+    parser.add_argument(
+        "--signed", action="store_true", help="publish every event signed, as a daemon does"
+    )
     args = parser.parse_args()
-    sys.exit(asyncio.run(main(args.events, args.rounds, args.public)))
+    sys.exit(asyncio.run(main(args.events, args.rounds, args.public, args.signed)))
