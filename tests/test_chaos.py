@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.nats, pytest.mark.timeout(300)]
 def test_every_task_ends_once_and_nothing_is_left_whatever_fails(tmp_dir: Path) -> None:
     seed = int(os.environ.get("SUPERVISOR_CHAOS_SEED") or random.SystemRandom().randrange(10**6))
 
-    report = run_chaos(tmp_dir, seed=seed, tasks=26, fault_s=35.0, settle_s=90.0)
+    report = run_chaos(tmp_dir, seed=seed, tasks=26, fault_s=25.0, settle_s=90.0)
 
     print(report.line())
     assert report.violations == [], f"{report.line()}\n" + "\n".join(report.violations)

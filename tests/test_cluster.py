@@ -324,6 +324,12 @@ def test_a_killed_node_s_tasks_end_once_elsewhere_and_its_containers_wait_for_it
         ids = _submit(n1, 6, "sleep 5", "lost")
         wait_until(lambda: len(_containers(docker_client, "n1")) == 3, 60, "n1 to run three tasks")
         on_n1 = _containers(docker_client, "n1")
+
+        def published() -> bool:  # n1's outbox has sent what its containers' leaks rest on
+            started = asyncio.run(stream_events(url, "sup.container.started.n1.*"))
+            return {e.task_id for e in started} >= set(on_n1)
+
+        wait_until(published, 30, "n1's container events in the stream")
         n1.kill()
 
         wait_until(lambda: _all_ended(url, ids), timeout=120, what="every task to end")

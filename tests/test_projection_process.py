@@ -144,12 +144,13 @@ def test_the_service_dies_with_its_daemon_and_frees_the_file(nats_url: str, tmp_
 
 
 async def test_a_long_query_never_stalls_the_writer(nats_url: str, tmp_dir: Path) -> None:
-    """A 20 s query (interrupted at its time limit) runs while events keep arriving: the
-    projection keeps applying them, its lag staying under `max_lag_s` the whole time."""
+    """A 10 s query (twice `max_lag_s`, interrupted at its time limit) runs while events
+    keep arriving: the projection keeps applying them, its lag staying under `max_lag_s`
+    the whole time."""
     await publish(nats_url, scenario_history())
     async with running_process(tmp_dir, nats_url) as (part, _):
         await until(lambda: part.pid is not None)
-        slow = {"sql": "SELECT count(*) FROM range(1000000000000)", "timeout_s": 20}
+        slow = {"sql": "SELECT count(*) FROM range(1000000000000)", "timeout_s": 10}
         query = asyncio.ensure_future(part.query(slow))
         b = HistoryBuilder(id_prefix="lag")
         lags: list[float] = []
@@ -171,7 +172,7 @@ async def test_a_long_query_never_stalls_the_writer(nats_url: str, tmp_dir: Path
             await part.query({"sql": "SELECT count(*) FROM tasks WHERE task_id LIKE 't-lag-%'"})
         )["rows"]
     print(f"max lag during a {took:.1f} s query: {max(lags):.2f} s over {len(lags)} samples")
-    assert took >= 19
+    assert took >= 9.5
     assert max(lags) < ProjectionConfig().max_lag_s
     assert applied[0][0] >= i - 1  # all but perhaps the last batch, still in flight
 

@@ -101,12 +101,13 @@ def add_read_side_parsers(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "audit",
-        help="check history: lifecycle invariants, outcomes decided again",
+        help="check history: lifecycle invariants, signatures, outcomes decided again",
         description="Check the whole history against the lifecycle state machine and the "
         "cleanup invariants, and decide again from recorded evidence: each attempt's "
         "outcome re-classified, each reconcile decision re-checked, no event from an "
-        "instance after its end (docs/projections.md, Audit). Exit 0 when clean, 1 with "
-        "violations. Without --db the stream is replayed into a temporary file first.",
+        "instance after its end, no end its node did not sign (docs/projections.md, Audit). "
+        "Exit 0 when clean, 1 with violations. Without --db the stream is replayed into a "
+        "temporary file first, judging signatures with the configuration's [signing] keys.",
     )
     p.add_argument("--db", metavar="FILE", help="a projection file (e.g. made by replay)")
     p.add_argument("--json", action="store_true", help="print the violations as JSON")
