@@ -139,7 +139,7 @@ def test_an_outage_longer_than_the_ack_wait_redelivers_but_never_reruns_or_reclo
         # that all four run at once even when the submissions are slow.
         ids = [f"outage-{i}" for i in range(4)]
         for i, t in enumerate(ids):
-            script = "sleep 6; echo done" if i < 2 else "sleep 20; echo done"
+            script = "sleep 6; echo done" if i < 2 else "sleep 16; echo done"
             spec = task(script, task_id=t, limits={"timeout_s": 60})
             assert submit(url, tmp_dir / "client", spec).returncode == 0
         wait_until(lambda: len(list((data / "workspaces").iterdir())) == 4, 60, "4 running tasks")

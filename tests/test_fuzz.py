@@ -47,7 +47,7 @@ def test_the_fuzzer_finds_no_failure_and_the_history_stays_clean(
             "--max-examples",
             "12",
             "--max-time",
-            "20",
+            "12",
             "--seed",
             "20261206",
             "--generation-database",
