@@ -316,14 +316,10 @@ class Keyring:
     unsigned end is refused even from a node that never signed."""
 
     def __init__(
-        self,
-        pinned: dict[str, tuple[str, ...]] | None = None,
-        learned: dict[str, str] | None = None,
-        *,
-        required: bool = False,
+        self, pinned: dict[str, tuple[str, ...]] | None = None, *, required: bool = False
     ) -> None:
         self.pinned = dict(pinned or {})
-        self.learned = dict(learned or {})
+        self.learned: dict[str, str] = {}
         self.required = required
 
     def keys(self, node_id: str) -> tuple[str, ...]:

@@ -31,6 +31,7 @@ from schemas import (
 from supervisor.policy.divergence import RuleConfig, decide
 from testing.snapshot import table_rows
 from testing.synthetic import AttemptPlan, HistoryBuilder
+from tests.test_projections import query as rows
 
 LABELS = {
     "supervisor.managed": "true",
@@ -148,14 +149,6 @@ def project(db: Path, events: list[Event], cuts: tuple[int, ...] = ()) -> None:
                 [encode_event(e) for e in part],
             )
             store.apply(stage(batch))
-
-
-def rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
 
 
 def test_the_node_and_reconciler_tables_hold_exact_rows(tmp_dir: Path) -> None:

@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import msgspec
 import nats
 import pytest
@@ -42,6 +41,7 @@ from supervisor.eventlog.nats_auth import read_credentials, redact, with_user
 from testing.daemon import DaemonProc, task, wait_until
 from testing.receiver import Receiver
 from testing.stream import stream_events
+from tests.test_projections import query
 
 T0 = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 OWNER, OTHER = EventSigner(new_seed()), EventSigner(new_seed())
@@ -77,14 +77,6 @@ def _apply(store: ProjectionStore, first: int, payloads: list[tuple[Event, bytes
     subjects = [e.subject() for e, _ in payloads]
     datas = [data for _, data in payloads]
     store.apply(stage(decode_batch(seqs, subjects, [0] * len(seqs), datas)))
-
-
-def _rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
 
 
 def test_a_signature_covers_the_whole_event_and_readers_that_ignore_it_see_the_event() -> None:
@@ -127,14 +119,14 @@ def test_the_projection_counts_only_the_end_its_node_signed(tmp_dir: Path, fold_
                 (real, OWNER.sign(encode_event(real))),
             ],
         )
-    assert _rows(db, "SELECT outcome, exit_code, finished_seq FROM tasks") == [("succeeded", 0, 7)]
+    assert query(db, "SELECT outcome, exit_code, finished_seq FROM tasks") == [("succeeded", 0, 7)]
     conflicts = "SELECT conflict_seq, reason FROM terminal_conflicts ORDER BY conflict_seq"
-    assert _rows(db, conflicts) == [(4, "unsigned"), (5, "unknown_key"), (6, "bad_signature")]
-    assert _rows(db, "SELECT node_id, public_key, pinned, first_seq FROM node_keys") == [
+    assert query(db, conflicts) == [(4, "unsigned"), (5, "unknown_key"), (6, "bad_signature")]
+    assert query(db, "SELECT node_id, public_key, pinned, first_seq FROM node_keys") == [
         ("n1", OWNER.public_key, False, 1)
     ]
     proofs = "SELECT seq, proof FROM events WHERE proof IS NOT NULL ORDER BY seq"
-    assert _rows(db, proofs) == [
+    assert query(db, proofs) == [
         (1, "signed"),
         (4, "unsigned"),
         (5, "unknown_key"),
@@ -146,7 +138,7 @@ def test_the_projection_counts_only_the_end_its_node_signed(tmp_dir: Path, fold_
     later = _ev(TaskSucceeded, 8, attempt=1, result=_end(8, 0).result)
     with ProjectionStore(db, fold_max=fold_max) as store:
         _apply(store, 8, [(later, OTHER.sign(encode_event(later)))])
-    assert _rows(db, "SELECT reason FROM terminal_conflicts WHERE conflict_seq = 8") == [
+    assert query(db, "SELECT reason FROM terminal_conflicts WHERE conflict_seq = 8") == [
         ("unknown_key",)
     ]
 
@@ -156,11 +148,11 @@ def test_pinned_keys_decide_and_two_pins_carry_a_rotation(tmp_dir: Path) -> None
         history = _history()
         with ProjectionStore(db, keyring=keyring) as store:
             _apply(store, 1, [(e, signer.sign(encode_event(e))) for e in [*history, _end(4, 0)]])
-        return _rows(db, "SELECT outcome FROM tasks")
+        return query(db, "SELECT outcome FROM tasks")
 
     # n1 pinned to OTHER: OWNER's signature is no longer n1's, even first.
     assert outcome(tmp_dir / "a.duckdb", Keyring({"n1": (OTHER.public_key,)}), OWNER) == [(None,)]
-    assert _rows(tmp_dir / "a.duckdb", "SELECT pinned FROM node_keys") == [(True,)]
+    assert query(tmp_dir / "a.duckdb", "SELECT pinned FROM node_keys") == [(True,)]
     rotation = Keyring({"n1": (OWNER.public_key, OTHER.public_key)})
     assert outcome(tmp_dir / "b.duckdb", rotation, OTHER) == [("succeeded",)]
 
@@ -171,8 +163,8 @@ def test_an_unsigned_history_counts_unless_signatures_are_required(tmp_dir: Path
         _apply(store, 1, plain)
     with ProjectionStore(tmp_dir / "b.duckdb", keyring=Keyring(required=True)) as store:
         _apply(store, 1, plain)
-    assert _rows(tmp_dir / "a.duckdb", "SELECT outcome FROM tasks") == [("succeeded",)]
-    assert _rows(tmp_dir / "b.duckdb", "SELECT outcome FROM tasks") == [(None,)]
+    assert query(tmp_dir / "a.duckdb", "SELECT outcome FROM tasks") == [("succeeded",)]
+    assert query(tmp_dir / "b.duckdb", "SELECT outcome FROM tasks") == [(None,)]
 
 
 def test_signing_config_is_checked_and_becomes_a_keyring(tmp_dir: Path) -> None:
