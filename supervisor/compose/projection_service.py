@@ -16,7 +16,9 @@ daemon knows:
 - `GET /metrics`: the projection's Prometheus metrics, text format.
 
 The protocol on its standard streams: the daemon writes one JSON line (`Setup`) and keeps
-stdin open; the service answers one JSON line `{"port": P, "seq": N}` on stdout once it
+stdin open (it starts the interpreter first thing and writes the line once its node is
+open, so that the imports overlap its own start-up; stdin closed before any line ends the
+service with 0); the service answers one JSON line `{"port": P, "seq": N}` on stdout once it
 has caught up with the stream. It stops (the batch being gathered is applied, the file
 checkpointed) on SIGTERM or when stdin closes, so it never outlives its daemon, even one
 killed with SIGKILL. It ignores SIGINT: a Ctrl-C in the daemon's terminal reaches the
@@ -230,6 +232,8 @@ async def _main_async(setup: Setup) -> int:
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     line = sys.stdin.buffer.readline()
+    if not line:  # the daemon went before handing a setup (it failed to start): nothing to do
+        return 0
     try:
         setup = msgspec.json.decode(line, type=Setup)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:

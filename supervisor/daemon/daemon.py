@@ -44,7 +44,7 @@ from supervisor.daemon.api import create_app, http_token
 from supervisor.daemon.checks import daemon_checks, pool_check, runtime_check
 from supervisor.daemon.datadir import DataDirLock, node_id_for, publish
 from supervisor.daemon.error_counts import counting_node_errors
-from supervisor.daemon.extension import DaemonContext, Part, ReadSide
+from supervisor.daemon.extension import DaemonContext, Part, Prepares, ReadSide
 from supervisor.daemon.http_server import ConnectionGuard, HttpServer, start_http
 from supervisor.daemon.monitor import HostSampler, PsutilSampler, ResourceMonitor
 from supervisor.daemon.nats_target import stream_configs
@@ -177,7 +177,11 @@ class Daemon:
             Path(cfg.data_dir).resolve(), instance_id=instance_id, node_id=cfg.node_id
         )
         try:
-            return await self._run(stop, force, lock)
+            async with contextlib.AsyncExitStack() as early:
+                for part in self.parts:
+                    if isinstance(part, Prepares):
+                        await part.prepare(early)
+                return await self._run(stop, force, lock)
         finally:
             lock.release()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -77,6 +77,15 @@ class Part(Protocol):
     name: str
 
     async def start(self, ctx: DaemonContext, stack: contextlib.AsyncExitStack) -> None: ...
+
+
+@runtime_checkable
+class Prepares(Protocol):
+    """A part with slow work that needs nothing from the node (a child interpreter's
+    imports): `prepare` begins it before the node opens, so that it overlaps the daemon's
+    own start-up, and pushes on `stack` what undoes it should `start` never come."""
+
+    async def prepare(self, stack: contextlib.AsyncExitStack) -> None: ...
 
 
 class ReadSide(Protocol):

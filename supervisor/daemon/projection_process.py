@@ -103,6 +103,7 @@ class ProjectionProcess:
         self._closing = False
         self._supervise: asyncio.Task[None] | None = None
         self._families: list[Metric] = []
+        self._early: asyncio.subprocess.Process | None = None
 
     # --- the part -----------------------------------------------------------------------
 
@@ -118,14 +119,26 @@ class ProjectionProcess:
         ctx.registry.register(_Forwarded(self))
         ctx.add_scrape_hook(self.refresh_metrics)
 
+    async def prepare(self, stack: contextlib.AsyncExitStack) -> None:
+        """Start the service's interpreter now: its imports (about a second) overlap the
+        daemon's own start-up, and `start` hands it its setup line. Ended, unused, if the
+        daemon fails before."""
+        self._early = await self._exec()
+        stack.push_async_callback(self._end_early)
+
+    async def _end_early(self) -> None:
+        early, self._early = self._early, None
+        if early is not None:
+            await _end(early, self.stop_timeout_s)
+
     @property
     def pid(self) -> int | None:
         """The service's process id while one runs."""
         return self._child.proc.pid if self._child is not None else None
 
-    async def _spawn(self) -> _Child:
-        token = secrets.token_urlsafe(32)
-        proc = await asyncio.create_subprocess_exec(
+    async def _exec(self) -> asyncio.subprocess.Process:
+        """The service's interpreter, waiting for its setup line on stdin."""
+        return await asyncio.create_subprocess_exec(
             self.python,
             "-m",
             SERVICE,
@@ -133,6 +146,12 @@ class ProjectionProcess:
             stdout=asyncio.subprocess.PIPE,
             start_new_session=True,  # a terminal's Ctrl-C is the daemon's to handle
         )
+
+    async def _spawn(self) -> _Child:
+        token = secrets.token_urlsafe(32)
+        proc, self._early = self._early, None  # the interpreter `prepare` started, once
+        if proc is None or proc.returncode is not None:
+            proc = await self._exec()
         assert proc.stdin is not None and proc.stdout is not None
         config = msgspec.structs.replace(self.config, data_dir=self._data_dir)
         setup = {
