@@ -253,7 +253,8 @@ async def _reader_attempts(url: str) -> tuple[int, list[str]]:
 
     nc = await nats.connect(**connect_options(url), connect_timeout=5, error_cb=on_error)
     try:
-        js = nc.jetstream()
+        # A refused request gets no answer: 1 s is long enough to learn nothing came back.
+        js = nc.jetstream(timeout=1.0)
         info = await js.stream_info(EVENTS_STREAM)
         for subject in ("sup.task.succeeded.n1.forged", "suptask.normal", "supcmd.n1.kill"):
             await nc.publish(subject, b"{}")

@@ -191,7 +191,9 @@ async def _wait_ready(
             nc = None
             try:
                 nc = await connect_nats(server, reconnect=False, timeout=2.0)
-                await nc.jetstream().account_info()
+                # Asked before the meta leader is elected, the request gets no answer at
+                # all: a short timeout asks again instead of waiting out nats-py's 5 s.
+                await nc.jetstream(timeout=0.5).account_info()
                 break
             except Exception as e:  # not ready yet: no connection, or no meta leader
                 if time.monotonic() > deadline:
