@@ -331,13 +331,20 @@ def _signals(first: asyncio.Event, second: asyncio.Event) -> None:
 
 
 async def _serve_async(args: argparse.Namespace, cfg: Config) -> int:
+    roles: frozenset[str] = args.roles
+    with_projection = "projection" in roles and not args.no_projection
+    interpreter = None
+    if with_projection and roles != {"projection"}:
+        # First: the projection's interpreter imports while this process does.
+        from supervisor.daemon.projection_exec import start_service
+
+        interpreter = await start_service()
     from supervisor.daemon.daemon import Daemon
     from supervisor.observability.logs import configure
 
     configure(cfg.node_id, args.log_level or cfg.log_level)
     stop, force = asyncio.Event(), asyncio.Event()
     _signals(stop, force)
-    roles: frozenset[str] = args.roles
     if roles == {"projection"}:
         from supervisor.daemon.api import http_token
         from supervisor.daemon.projection_host import ProjectionHost
@@ -347,8 +354,9 @@ async def _serve_async(args: argparse.Namespace, cfg: Config) -> int:
         return await host.run(stop)
     parts, read_side = _read_side_parts(
         cfg,
-        with_projection="projection" in roles and not args.no_projection,
+        with_projection=with_projection,
         with_reconciler="reconciler" in roles and cfg.reconcile.enabled,
+        interpreter=interpreter,
     )
     if "executor" in roles and cfg.callbacks.allowed:
         from supervisor.delivery.callbacks import CallbacksPart
@@ -361,7 +369,7 @@ async def _serve_async(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _read_side_parts(
-    cfg: Config, *, with_projection: bool, with_reconciler: bool
+    cfg: Config, *, with_projection: bool, with_reconciler: bool, interpreter: Any = None
 ) -> tuple[list[Any], Any]:
     """The daemon's composition: the projection (a child process running
     `supervisor.compose.projection_service`, which serves the queries), the reconciler reading it, and with
@@ -372,7 +380,7 @@ def _read_side_parts(
     if with_projection:
         from supervisor.daemon.projection_process import ProjectionProcess
 
-        read_side = ProjectionProcess(cfg)
+        read_side = ProjectionProcess(cfg, interpreter=interpreter)
         parts.append(read_side)
     if with_reconciler:
         from supervisor.reconcile.part import ReconcilerPart

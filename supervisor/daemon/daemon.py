@@ -1,8 +1,8 @@
 """`supervisor serve`: the long-running daemon of one node.
 
 Start-up order (teardown is the reverse, through one AsyncExitStack): what the parts
-`prepare` (the projection's interpreter, whose imports overlap the rest) -> NATS (embedded
-when no URL is known) -> event log -> Docker runtime and watchers -> streams and the shared
+`prepare` (the projection's interpreter, unless `serve` started it already) -> NATS
+(embedded when no URL is known) -> event log -> Docker runtime and watchers -> streams and the shared
 work-queue consumers -> Docker breaker and resource monitor -> HTTP (health answers from
 here on; readiness waits for the rest) -> the injected parts (projection, reconciler) ->
 the scheduler's pull loop. The daemon writes its NATS URL and its HTTP URL into the data

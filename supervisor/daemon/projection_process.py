@@ -37,13 +37,13 @@ from schemas.config import Config
 from schemas.errors import ApiError, SupervisorError, projection_unavailable
 from schemas.http import Check
 from schemas.projected import ProjectedState
+from supervisor.daemon.projection_exec import start_service
 
 if TYPE_CHECKING:
     from schemas.http import ReadHost
 
 log = logging.getLogger("supervisor.projection")
 
-SERVICE = "supervisor.compose.projection_service"
 READ_TIMEOUT_S = 30.0
 """How long a task lookup, the reconciler's state, a readiness check or a metrics fetch may
 take before the service counts as not answering."""
@@ -87,7 +87,10 @@ class ProjectionProcess:
         stop_timeout_s: float = 30.0,
         restart_min_s: float = 0.5,
         restart_max_s: float = 10.0,
+        interpreter: asyncio.subprocess.Process | None = None,
     ) -> None:
+        """`interpreter`: the service's, started already (`start_service`), used at the
+        first start."""
         self.config = config
         self.python = python
         self.open_timeout_s = open_timeout_s
@@ -103,7 +106,7 @@ class ProjectionProcess:
         self._closing = False
         self._supervise: asyncio.Task[None] | None = None
         self._families: list[Metric] = []
-        self._early: asyncio.subprocess.Process | None = None
+        self._early = interpreter
 
     # --- the part -----------------------------------------------------------------------
 
@@ -120,10 +123,11 @@ class ProjectionProcess:
         ctx.add_scrape_hook(self.refresh_metrics)
 
     async def prepare(self, stack: contextlib.AsyncExitStack) -> None:
-        """Start the service's interpreter now: its imports (about a second) overlap the
-        daemon's own start-up, and `start` hands it its setup line. Ended, unused, if the
-        daemon fails before."""
-        self._early = await self._exec()
+        """Start the service's interpreter now, unless it was handed one: its imports
+        overlap the daemon's own start-up, and `start` hands it its setup line. Ended,
+        unused, if the daemon fails before."""
+        if self._early is None:
+            self._early = await start_service(self.python)
         stack.push_async_callback(self._end_early)
 
     async def _end_early(self) -> None:
@@ -136,22 +140,11 @@ class ProjectionProcess:
         """The service's process id while one runs."""
         return self._child.proc.pid if self._child is not None else None
 
-    async def _exec(self) -> asyncio.subprocess.Process:
-        """The service's interpreter, waiting for its setup line on stdin."""
-        return await asyncio.create_subprocess_exec(
-            self.python,
-            "-m",
-            SERVICE,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            start_new_session=True,  # a terminal's Ctrl-C is the daemon's to handle
-        )
-
     async def _spawn(self) -> _Child:
         token = secrets.token_urlsafe(32)
         proc, self._early = self._early, None  # the interpreter `prepare` started, once
         if proc is None or proc.returncode is not None:
-            proc = await self._exec()
+            proc = await start_service(self.python)
         assert proc.stdin is not None and proc.stdout is not None
         config = msgspec.structs.replace(self.config, data_dir=self._data_dir)
         setup = {
