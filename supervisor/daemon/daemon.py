@@ -2,10 +2,10 @@
 
 Start-up order (teardown is the reverse, through one AsyncExitStack): what the parts
 `prepare` (the projection's interpreter, unless `serve` started it already) -> NATS
-(embedded when no URL is known) -> event log -> Docker runtime and watchers -> streams and the shared
-work-queue consumers -> Docker breaker and resource monitor -> HTTP (health answers from
-here on; readiness waits for the rest) -> the injected parts (projection, reconciler) ->
-the scheduler's pull loop. The daemon writes its NATS URL and its HTTP URL into the data
+(embedded when no URL is known) -> event log -> Docker runtime and watchers -> streams and
+the shared work-queue consumers -> Docker breaker and resource monitor -> HTTP (health
+answers from here on; readiness waits for the rest) -> the injected parts (projection,
+reconciler) -> the scheduler's pull loop. The daemon writes its NATS URL and its HTTP URL into the data
 dir so that the other commands find them.
 
 Work is pulled only while the breaker is closed, the host is under its thresholds and the
