@@ -5,8 +5,8 @@ Start-up order (teardown is the reverse, through one AsyncExitStack): what the p
 (embedded when no URL is known) -> event log -> Docker runtime and watchers -> streams and
 the shared work-queue consumers -> Docker breaker and resource monitor -> HTTP (health
 answers from here on; readiness waits for the rest) -> the injected parts (projection,
-reconciler) -> the scheduler's pull loop. The daemon writes its NATS URL and its HTTP URL into the data
-dir so that the other commands find them.
+reconciler) -> the scheduler's pull loop. The daemon writes its NATS URL and its HTTP URL
+into the data dir so that the other commands find them.
 
 Work is pulled only while the breaker is closed, the host is under its thresholds and the
 concurrency bound and memory budget leave room; otherwise tasks wait in SUP_TASKS.
