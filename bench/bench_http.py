@@ -15,13 +15,15 @@ fewer tasks than the pool refills, about 3 a second at size 2, finds it so); wit
 
 With `--burst N`, then N trivial tasks submitted at once over HTTP (`submit_many`) and
 waited for, against raw docker-py running N containers with 8 threads, alternated: the
-throughput ratio.
+throughput ratio, and the CPU each side's processes spent per task (read from /proc: on a
+host whose cores both sides keep busy, the ratio follows the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -191,9 +193,13 @@ def _pool_counts(daemon: DaemonProc) -> str:
 def _burst(c: Client, n: int, rounds: int, mount: str) -> None:
     ours: list[float] = []
     theirs: list[float] = []
+    cpu: dict[str, list[dict[str, float]]] = {"raw": [], "ours": []}
     for _ in range(rounds):
+        before = _cpu_by_process()
         _, wall = raw_run(n, 8, mount)
         theirs.append(n / wall)
+        cpu["raw"].append(_cpu_since(before, n))
+        before = _cpu_by_process()
         t = time.perf_counter()
         specs = [_spec() for _ in range(n)]
         subs = [s for i in range(0, n, 100) for s in c.submit_many(specs[i : i + 100])]
@@ -202,10 +208,62 @@ def _burst(c: Client, n: int, rounds: int, mount: str) -> None:
             view = c.wait(sub.task_id, timeout_s=300)
             assert view.result is not None and view.result.status == "succeeded", view
         ours.append(n / (time.perf_counter() - t))
+        cpu["ours"].append(_cpu_since(before, n))
     o, r = statistics.median(ours), statistics.median(theirs)
     print(f"{n} trivial tasks at once, {rounds} alternated rounds (medians):")
     print(f"  raw docker-py, 8 threads: {r:.2f} tasks/s")
     print(f"  HTTP, the daemon's defaults: {o:.2f} tasks/s  ratio {o / r:.2f}")
+    print("  CPU per task (ms, medians over rounds; read from /proc, so approximate):")
+    for side, label in (("raw", "raw docker-py"), ("ours", "the supervisor")):
+        groups = sorted({g for d in cpu[side] for g in d})
+        per = {g: statistics.median(d.get(g, 0.0) for d in cpu[side]) for g in groups}
+        shown = ", ".join(f"{g} {v:.1f}" for g, v in sorted(per.items(), key=lambda kv: -kv[1]))
+        print(f"    {label}: total {sum(per.values()):.0f} ({shown})")
+
+
+_GROUPS = {"dockerd": "dockerd", "containerd": "containerd", "nats-server": "nats-server"}
+
+
+def _cpu_by_process() -> dict[str, float]:
+    """CPU seconds so far of each process group on the host: the engine (dockerd,
+    containerd, the shims; runc and the containers' processes are counted where they are
+    reaped), nats-server, the daemon and its projection, the kernel's workers, the rest.
+    Children reaped are included (`cutime`/`cstime`)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = (
+                Path(f"/proc/{pid}/cmdline")
+                .read_bytes()
+                .replace(b"\0", b" ")
+                .decode(errors="replace")
+            )
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        f = stat[stat.rindex(")") + 2 :].split()
+        if int(pid) == os.getpid():
+            group = "this benchmark"
+        elif "projection_service" in cmd:
+            group = "projection"
+        elif "supervisor serve" in cmd:
+            group = "daemon"
+        elif comm.startswith("containerd-shim"):
+            group = "shims"
+        elif comm.startswith("kworker"):
+            group = "kernel workers"
+        else:
+            group = _GROUPS.get(comm, "runc, containers, other")
+        out[group] = out.get(group, 0.0) + sum(int(x) for x in f[11:15]) / hz
+    return out
+
+
+def _cpu_since(before: dict[str, float], n: int) -> dict[str, float]:
+    """Milliseconds of CPU per task of each group since `before` (groups that gained)."""
+    now = _cpu_by_process()
+    return {g: (v - before.get(g, 0.0)) * 1e3 / n for g, v in now.items() if v > before.get(g, 0.0)}
 
 
 if __name__ == "__main__":
