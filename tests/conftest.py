@@ -107,7 +107,7 @@ def _nats_children() -> list[int]:
     ]
 
 
-def _projection_services() -> set[int]:
+def projection_services() -> set[int]:
     """Projection processes (`python -m supervisor.compose.projection_service`) anywhere on the host: one
     whose daemon was killed is no longer a child of anything the suite started."""
     import psutil
@@ -129,7 +129,7 @@ def _suite_leaves_nothing_behind() -> Iterator[None]:
     """After the whole suite: no managed container, no temp dir, no nats-server child, no
     projection process, no gVisor boot log of a container it made."""
     before = set(_managed_containers())
-    services_before = _projection_services()
+    services_before = projection_services()
     logs_before = _boot_logs()
     yield
     logs = sorted(_boot_logs() - logs_before)
@@ -137,7 +137,7 @@ def _suite_leaves_nothing_behind() -> Iterator[None]:
     left = sorted(set(_managed_containers()) - before)
     dirs = _leftover_temp_dirs()
     servers = _nats_children()
-    services = sorted(_projection_services() - services_before)
+    services = sorted(projection_services() - services_before)
     assert not left, f"the suite leaked managed containers: {left}"
     assert not dirs, f"the suite leaked temp dirs: {dirs}"
     assert not servers, f"the suite leaked server processes (nats-server, dockerd): {servers}"

@@ -41,6 +41,7 @@ from supervisor.eventlog.nats_auth import read_credentials, redact, with_user
 from testing.daemon import DaemonProc, task, wait_until
 from testing.receiver import Receiver
 from testing.stream import stream_events
+from tests.conftest import projection_services
 from tests.test_projections import query
 
 T0 = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
@@ -290,25 +291,13 @@ def test_a_node_pinned_to_a_key_it_does_not_hold_refuses_to_start(
     cfg = {"node_id": "n-pin", "signing": {"keys": {"n-pin": [OTHER.public_key]}}}
     d = DaemonProc(tmp_dir / "data", None, cfg)
     daemons.append(d)
-    before = _projection_services()
+    before = projection_services()
     with pytest.raises(AssertionError, match=r"pins node n-pin to .*its events would not count"):
         d.start(timeout=30)
     assert d.wait(30) != 0
     # The projection's interpreter, started before the node opened, ended with the daemon.
     wait_until(
-        lambda: _projection_services() <= before,
+        lambda: projection_services() <= before,
         timeout=10,
         what="the projection interpreter the daemon started to end",
     )
-
-
-def _projection_services() -> set[int]:
-    """The projection service processes alive on the host."""
-    import psutil
-
-    return {
-        p.pid
-        for p in psutil.process_iter(["cmdline", "status"])
-        if "supervisor.compose.projection_service" in (p.info["cmdline"] or [])
-        and p.info["status"] != psutil.STATUS_ZOMBIE
-    }

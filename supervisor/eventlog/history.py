@@ -32,6 +32,15 @@ ENDS = (AttemptFinished, TaskSucceeded, TaskFailed, TaskRejected)
 """The events whose signature decides whether they count (`schemas.lifecycle.proven`)."""
 
 
+def end_proof(keyring: Keyring | None, event: Event, data: bytes) -> str | None:
+    """How `event` (its payload `data`) is proven when it is an end judged by `keyring`
+    (`schemas.lifecycle.PROVEN` or a refusal); None when it is not judged (no keyring, or
+    not an end)."""
+    if keyring is None or not isinstance(event, ENDS):
+        return None
+    return keyring.judge(event.node_id, payload_signer(data))[0]
+
+
 @dataclass(frozen=True)
 class TaskHistory:
     last_attempt: int = 0
@@ -155,9 +164,7 @@ async def read_task_messages(
     async def on_msg(msg) -> None:  # type: ignore[no-untyped-def]
         with contextlib.suppress(Exception):  # an undecodable event is the projector's business
             event = decode_event(msg.data)
-            if not (keyring is not None and isinstance(event, ENDS)) or proven(
-                keyring.judge(event.node_id, payload_signer(msg.data))[0]
-            ):
+            if proven(end_proof(keyring, event, msg.data)):
                 out.append((msg.metadata.sequence.stream, event))
         if msg.metadata.num_pending == 0:
             done.set()

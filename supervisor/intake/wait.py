@@ -26,8 +26,8 @@ from schemas import (
 )
 from schemas.connection import SigningConfig
 from schemas.lifecycle import Keyring, attempt_finish_applies, terminal_applies
-from schemas.streams import EventSigner, payload_signer
-from supervisor.eventlog.history import ENDS
+from schemas.streams import EventSigner
+from supervisor.eventlog.history import end_proof
 
 
 class ResultWaiter:
@@ -51,9 +51,7 @@ class ResultWaiter:
         with contextlib.suppress(Exception):
             event = decode_event(data)
             a = event.attempt
-            proof = None
-            if self._keyring is not None and isinstance(event, ENDS):
-                proof = self._keyring.judge(event.node_id, payload_signer(data))[0]
+            proof = end_proof(self._keyring, event, data)
             if isinstance(event, AttemptStarted):
                 self._starters.setdefault(a, event.instance_id)
             elif isinstance(event, AttemptFinished) and attempt_finish_applies(
