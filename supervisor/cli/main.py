@@ -7,8 +7,6 @@ import argparse
 import asyncio
 import contextlib
 import importlib.metadata
-import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -406,12 +404,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cfg = msgspec.structs.replace(cfg, http=msgspec.structs.replace(cfg.http, listen=args.http))
     rc = asyncio.run(_serve_async(args, cfg))
     # Stopped: the outbox flushed, `supervisor.stopped` out, every container, child and
-    # connection closed. Tearing the interpreter down added a tenth of a second to every
-    # stop (and waited on any library thread still parked in a blocking call).
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)
+    # connection closed.
+    from supervisor.observability.logs import exit_at_once
+
+    exit_at_once(rc)
 
 
 async def _submit_async(args: argparse.Namespace, cfg: Config) -> int:
