@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psutil
 import pytest
 
@@ -27,6 +28,7 @@ from schemas import (
     Event,
     TaskFailed,
     TaskRefused,
+    TaskSpec,
     TaskSubmitted,
     TaskSucceeded,
 )
@@ -82,6 +84,8 @@ def test_the_embedded_nats_killed_mid_task_is_restarted_and_each_task_ends_once(
         assert submit(url, tmp_dir / "client", spec).returncode == 0
     wait_until(lambda: len(list((data / "workspaces").iterdir())) == 4, 60, "4 running tasks")
     server = _nats_child(daemon)
+    with daemon.client() as c:  # queued behind the four; its end is followed by the daemon
+        c.submit(msgspec.convert(task("echo queued", task_id="embedded-http"), TaskSpec))
 
     server.send_signal(signal.SIGKILL)
     server.wait(10)
@@ -95,6 +99,15 @@ def test_the_embedded_nats_killed_mid_task_is_restarted_and_each_task_ends_once(
         return len(terminal_counts(events)) == 4
 
     wait_until(all_ended, 90, "the 4 tasks to end")
+    # The daemon's follower of ends lived through the restart: a task submitted before it
+    # and one after are answered from it (no projection sequence: not the read side's row).
+    with daemon.client() as c:
+        after = c.submit(msgspec.convert(task("echo after", task_id="embedded-after"), TaskSpec))
+        for t in ("embedded-http", after.task_id):
+            view = c.wait(t, timeout_s=60)
+            assert view.result is not None and view.result.status == "succeeded", view
+            assert view.projection_seq is None, view
+    ids += ["embedded-http", "embedded-after"]
     time.sleep(1.0)  # any second terminal event would land now
     events = asyncio.run(stream_events(url))
     assert_one_outcome_each(events, ids)

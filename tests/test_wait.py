@@ -18,7 +18,7 @@ import pytest
 
 from schemas import AttemptStarted, Result, TaskSubmitted, TaskSucceeded
 from schemas.connection import connect_options
-from supervisor.intake.wait import view_when_durable
+from supervisor.intake.wait import following_ends, view_when_durable
 from tests.test_tail import publish
 
 pytestmark = pytest.mark.nats
@@ -26,13 +26,13 @@ pytestmark = pytest.mark.nats
 T0 = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 
 
-def _ev(cls: type, instance: str, n: int, **kw: Any) -> Any:
+def _ev(cls: type, instance: str, n: int, task_id: str = "t-wait", **kw: Any) -> Any:
     return cls(
-        event_id=f"w-{n}-{instance}",
+        event_id=f"w-{n}-{instance}-{task_id}",
         occurred_at=T0,
         node_id="n1",
         instance_id=instance,
-        task_id="t-wait",
+        task_id=task_id,
         **kw,
     )
 
@@ -50,8 +50,8 @@ class _LaggingReadSide:
         return {"task_id": task_id, "state": "running", "outcome": None, "projection_seq": 2}
 
 
-def _ok(attempt: int) -> Result:
-    return Result(task_id="t-wait", status="succeeded", attempts=attempt, exit_code=0, stdout="x\n")
+def _ok(attempt: int, task_id: str = "t-wait") -> Result:
+    return Result(task_id=task_id, status="succeeded", attempts=attempt, exit_code=0, stdout="x\n")
 
 
 async def test_the_end_is_answered_once_durable_and_a_forged_one_never(
@@ -112,3 +112,55 @@ async def test_an_id_that_is_not_a_task_id_never_becomes_a_wildcard(nats_url: st
     finally:
         await nc.close()
     assert view is not None and read.calls == [0.2]  # the read side alone, no subscription
+
+
+async def test_a_task_followed_from_its_submission_is_answered_by_the_shared_follower(
+    tmp_dir: Path, nats_url: str
+) -> None:
+    """The daemon's one follower of ends (`EndWatcher`) answers a task tracked from before
+    its first event by the same rule, without reading the read side while it waits; a task
+    it does not follow (older than it, or forgotten past its capacity) is waited for as
+    before, from its own history."""
+    await publish(tmp_dir, nats_url, [_ev(AttemptStarted, "owner", 1, "t-old", attempt=1)])
+    nc = await nats.connect(**connect_options(nats_url))
+    read = _LaggingReadSide()
+    try:
+        js = nc.jetstream()
+        async with following_ends(js) as ends:
+            ends.capacity = 2
+            for t in ("t-new", "t-gone", "t-kept", "t-kept"):  # t-new is forgotten
+                ends.track(t)
+            assert [ends.follows(t) for t in ("t-new", "t-gone", "t-kept", "t-old")] == [
+                False,
+                True,
+                True,
+                False,
+            ]
+            await publish(tmp_dir, nats_url, [_ev(AttemptStarted, "owner", 2, "t-kept", attempt=1)])
+            forged = _ev(TaskSucceeded, "intruder", 3, "t-kept", attempt=1, result=_ok(1, "t-kept"))
+            waiting = asyncio.ensure_future(
+                view_when_durable(js, read.task, "t-kept", 1.0, ends=ends)
+            )
+            await asyncio.sleep(0.3)
+            await publish(tmp_dir, nats_url, [forged], instance="intruder")
+            view = await waiting
+            assert view is not None and view["outcome"] is None  # the wait ran out
+            assert read.calls == [0.0]  # read once, after the wait: not while waiting
+
+            real = _ev(TaskSucceeded, "owner", 4, "t-kept", attempt=1, result=_ok(1, "t-kept"))
+            await publish(tmp_dir, nats_url, [real])
+            kept = await view_when_durable(js, read.task, "t-kept", 20.0, ends=ends)
+            assert read.calls == [0.0]
+            # The old task: its own history, read side first (no end yet: the wait runs out).
+            old = await view_when_durable(js, read.task, "t-old", 0.5, ends=ends)
+            assert read.calls == [0.0, 0.0, 0.0] and old is not None and old["outcome"] is None
+    finally:
+        await nc.close()
+    assert kept is not None and kept["result"]["stdout"] == "x\n"
+    assert (kept["task_id"], kept["outcome"], kept["attempts"], kept["finished_seq"]) == (
+        "t-kept",
+        "succeeded",
+        1,
+        4,
+    )
+    assert kept.get("projection_seq") is None  # laid over nothing of the read side's

@@ -63,7 +63,7 @@ from supervisor.execution.task_loop import Scheduler
 from supervisor.execution.workqueue import WorkQueue, ensure_consumers
 from supervisor.intake.cancel import request_cancel
 from supervisor.intake.submit import Intake, Submission
-from supervisor.intake.wait import view_when_durable
+from supervisor.intake.wait import EndWatcher, following_ends, view_when_durable
 from supervisor.observability.metrics import Metrics
 from supervisor.policy.breaker import counts
 from supervisor.policy.capacity import can_pull_any, fits_budget
@@ -104,6 +104,7 @@ class Daemon:
         self.sampler = sampler
         self.node: Node | None = None
         self.intake: Intake | None = None
+        self.ends: EndWatcher | None = None
         self.scheduler: Scheduler | None = None
         self.breaker: DockerBreaker | None = None
         self.monitor: ResourceMonitor | None = None
@@ -219,6 +220,7 @@ class Daemon:
             wq = await self._open_queue(node, stack)
             breaker, monitor = await self._open_control(node, stack)
             js = node.events.js
+            self.ends = await stack.enter_async_context(following_ends(js, node.keyring))
             self.intake = Intake(
                 js,
                 node.emitter,
@@ -227,6 +229,7 @@ class Daemon:
                 metrics=node.metrics,
                 disk_full=self._disk_reason,
                 keyring=node.keyring,
+                track=self.ends.track,
             )
             sc = cfg.scheduling
             self.scheduler = scheduler = Scheduler(
@@ -511,7 +514,8 @@ class _Api:
             if wait_s <= 0:  # a wait lays any durable end of the task over its row itself
                 await self._caught_up()
             read = self.daemon.read_side.task
-            doc = await view_when_durable(self.js, read, task_id, wait_s, self.keyring)
+            ends = self.daemon.ends
+            doc = await view_when_durable(self.js, read, task_id, wait_s, self.keyring, ends)
             self._saw(doc)
             return doc
         events = await read_task_events(self.js, task_id, keyring=self.keyring)

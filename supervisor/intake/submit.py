@@ -159,8 +159,11 @@ class Intake:
         metrics: Metrics | None = None,
         disk_full: Callable[[], str | None] = lambda: None,
         keyring: Keyring | None = None,
+        track: Callable[[str], None] | None = None,
     ) -> None:
         self.js = js
+        # Told of each task whose id the stream had never seen, before its first event.
+        self.track = track
         self.keyring = keyring  # an end its node did not sign does not end a task
         self.metrics = metrics
         self.disk_full = disk_full
@@ -198,6 +201,8 @@ class Intake:
         full = self.disk_full()
         if full is not None:
             return self._end(em, spec, catalogue_entry("DISK_FULL", full), full, TaskRefused)
+        if ids.state is None and self.track is not None:
+            self.track(spec.task_id)
         em.emit(
             TaskSubmitted,
             event_id=submitted_event_id(spec.task_id, ids.refusals),
