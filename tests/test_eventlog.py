@@ -351,3 +351,76 @@ async def test_the_shared_connection_is_exposed_and_missing_nats_is_reported(tmp
             _ = log.js
     finally:
         await log.close(flush_timeout=0.1)
+
+
+async def test_ack_of_tells_a_new_event_from_one_the_stream_had(
+    tmp_dir: Path, nats_url: str
+) -> None:
+    """Two logs publish one event id: JetStream keeps the first, and each log's `ack_of`
+    says which it was (the second's ack is a duplicate, with the first's sequence)."""
+    first, second = make_events(1, "same")[0], make_events(1, "same")[0]
+    logs = [EventLog(tmp_dir / f"data{i}", nats_url, instance_id=f"i{i}") for i in range(2)]
+    for log in logs:
+        await log.start()
+    try:
+        acks = []
+        for log, event in zip(logs, (first, second), strict=True):
+            ack = log.ack_of(event.event_id)
+            log.emit(event)
+            assert await log.flush(10) is True
+            acks.append(await asyncio.wait_for(ack, 5))
+    finally:
+        for log in logs:
+            await log.close()
+    assert [(a.seq, bool(a.duplicate)) for a in acks] == [(1, False), (1, True)]
+    await assert_stream_holds_exactly(nats_url, [first])
+
+
+async def test_submissions_racing_under_one_id_make_one_task(tmp_dir: Path, nats_url: str) -> None:
+    """Two intakes (two processes' event logs) submit under one id at once: both find the
+    id free and emit its `task.submitted`; JetStream keeps one. The same spec twice is one
+    task queued once; another spec is refused as DUPLICATE_TASK_ID, never a second task."""
+    from schemas import TaskSpec, TaskSubmitted
+    from schemas.config import Config
+    from supervisor.eventlog.emitter import Emitter
+    from supervisor.intake.submit import Intake
+
+    logs = [EventLog(tmp_dir / f"d{i}", nats_url, instance_id=f"i{i}") for i in range(2)]
+    for log in logs:
+        await log.start()
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await ensure_streams(js)
+    intakes = [
+        Intake(js, Emitter(log, "n1", f"i{i}"), log, Config(), ack_of=log.ack_of)
+        for i, log in enumerate(logs)
+    ]
+
+    def spec(task_id: str, script: str) -> TaskSpec:
+        return TaskSpec(
+            image="supervisor-sandbox:busybox", command=["sh", "-c", script], task_id=task_id
+        )
+
+    try:
+        same = await asyncio.gather(*(i.submit(spec("race-same", "true")) for i in intakes))
+        other = await asyncio.gather(
+            intakes[0].submit(spec("race-other", "true")),
+            intakes[1].submit(spec("race-other", "false")),
+        )
+        for log in logs:
+            assert await log.flush(10) is True
+        queued = await js.stream_info(TASKS_STREAM)
+    finally:
+        await nc.close()
+        for log in logs:
+            await log.close()
+    assert [s.accepted for s in same] == [True, True]
+    # Whichever `task.submitted` JetStream kept first is the task; the other is refused.
+    assert sorted(s.accepted for s in other) == [False, True]
+    refused = next(s for s in other if not s.accepted)
+    assert refused.error is not None and refused.error.code == "DUPLICATE_TASK_ID"
+    assert queued.state.messages == 2  # race-same once, race-other once
+    submitted = [
+        e.task_id for _, _, _, e in await stream_messages(nats_url) if isinstance(e, TaskSubmitted)
+    ]
+    assert sorted(submitted) == ["race-other", "race-same"]

@@ -230,6 +230,7 @@ class Daemon:
                 disk_full=self._disk_reason,
                 keyring=node.keyring,
                 track=self.ends.track,
+                ack_of=node.events.ack_of,
             )
             sc = cfg.scheduling
             self.scheduler = scheduler = Scheduler(

@@ -150,6 +150,7 @@ class EventLog:
         self.max_overflow_bytes = max_overflow_bytes
         self._overflow: deque[tuple[str, str, bytes]] = deque()
         self._overflow_bytes = 0
+        self._acks: dict[str, asyncio.Future[PubAck]] = {}
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -285,6 +286,20 @@ class EventLog:
             self._overflow.popleft()
             self._overflow_bytes -= len(payload)
         log.info("event log: the data dir has space again; every held event is in the outbox")
+
+    def ack_of(self, msg_id: str) -> asyncio.Future[PubAck]:
+        """JetStream's ack of the event `msg_id` when this process's relay publishes it next
+        (`duplicate`: the stream had stored one under that id already). Cancel it once it
+        is no longer wanted."""
+        fut: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
+        self._acks[msg_id] = fut
+
+        def forget(done: asyncio.Future[PubAck]) -> None:
+            if self._acks.get(msg_id) is done:
+                del self._acks[msg_id]
+
+        fut.add_done_callback(forget)
+        return fut
 
     @property
     def disk_full(self) -> bool:
@@ -550,6 +565,9 @@ class EventLog:
             if error is not None:
                 self._publish_failed(batch.records[acked], error)
                 break
+            want = self._acks.get(batch.records[acked].msg_id) if self._acks else None
+            if want is not None and not want.done():
+                want.set_result(f.result())
             acked += 1
         return acked
 

@@ -18,12 +18,14 @@ One outcome per task id, whatever the client does:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
 import nats.errors
 import nats.js.errors
+from nats.js.api import PubAck
 from nats.js.client import JetStreamContext
 
 from schemas import (
@@ -160,8 +162,12 @@ class Intake:
         disk_full: Callable[[], str | None] = lambda: None,
         keyring: Keyring | None = None,
         track: Callable[[str], None] | None = None,
+        ack_of: Callable[[str], asyncio.Future[PubAck]] | None = None,
     ) -> None:
         self.js = js
+        # JetStream's ack of one event this process emits (`EventLog.ack_of`): a
+        # `task.submitted` stored as new needs no reading back.
+        self.ack_of = ack_of
         # Told of each task whose id the stream had never seen, before its first event.
         self.track = track
         self.keyring = keyring  # an end its node did not sign does not end a task
@@ -203,13 +209,17 @@ class Intake:
             return self._end(em, spec, catalogue_entry("DISK_FULL", full), full, TaskRefused)
         if ids.state is None and self.track is not None:
             self.track(spec.task_id)
-        em.emit(
-            TaskSubmitted,
-            event_id=submitted_event_id(spec.task_id, ids.refusals),
-            spec=public_spec(spec),
-            priority=spec.priority,
-        )
-        if not await self.sink.flush(_SUBMITTED_DURABLE_S):
+        msg_id = submitted_event_id(spec.task_id, ids.refusals)
+        stored = self.ack_of(msg_id) if self.ack_of is not None else None
+        try:
+            submitted = em.emit(
+                TaskSubmitted, event_id=msg_id, spec=public_spec(spec), priority=spec.priority
+            )
+            durable = await self.sink.flush(_SUBMITTED_DURABLE_S)
+        finally:
+            if stored is not None and not stored.done():
+                stored.cancel()
+        if not durable:
             # Refused to the client, so refused in the log too: the `task.submitted` waiting
             # in the outbox lands later with its `task.refused` behind it, never as a task
             # that was queued; the id stays free for the same spec.
@@ -219,8 +229,12 @@ class Intake:
             message = "task.submitted could not be made durable: NATS did not answer"
             self._end(em, spec, catalogue_entry("NATS_UNAVAILABLE", message), message, TaskRefused)
             raise NatsUnavailable("jetstream", "task.submitted could not be made durable")
-        # A racing submission of the same id may have stored its `task.submitted` first.
-        after = await self._id_state(spec.task_id)
+        # A racing submission of the same id may have stored its `task.submitted` first:
+        # JetStream's ack says so (a duplicate of its id), or the stream is read back.
+        if stored is not None and not stored.cancelled() and not stored.result().duplicate:
+            after = IdState(submitted=(stored.result().seq, submitted))
+        else:
+            after = await self._id_state(spec.task_id)
         if after.submitted is None:
             raise NatsUnavailable("jetstream", "task.submitted is not in the stream")
         if not same_spec(after.submitted[1].spec, spec):
