@@ -329,10 +329,11 @@ class DockerRuntime:
             raise
         return True
 
-    async def remove(self, container_id: str) -> bool:
-        """Force-remove with volumes, and what a gVisor runtime left of it (its boot log).
-        True if it was already gone, or another removal (a cleanup command, a `docker rm
-        -f`) held it and it is gone now."""
+    async def remove(self, container_id: str, *, gvisor: bool = True) -> bool:
+        """Force-remove with volumes, and what a gVisor runtime left of it (its boot log;
+        `gvisor=False` for a container known to have run under another runtime, whose
+        removal then lists no boot log dir). True if it was already gone, or another
+        removal (a cleanup command, a `docker rm -f`) held it and it is gone now."""
         deadline = time.monotonic() + self.REMOVAL_WAIT_S
         while True:
             try:
@@ -351,7 +352,8 @@ class DockerRuntime:
                 continue
             else:
                 gone = False
-            await self._forget_boot_logs(container_id)
+            if gvisor:
+                await self._forget_boot_logs(container_id)
             return gone
 
     async def _forget_boot_logs(self, container_id: str) -> None:

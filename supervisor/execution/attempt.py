@@ -465,7 +465,9 @@ class AttemptRunner:
 
     async def _cleanup(self, em: Emitter, st: AttemptState) -> CleanupReport:
         cid = st.container_id
-        report = await self.cleaner.clean(em, cid, st.workspace, running=st.running)
+        report = await self.cleaner.clean(
+            em, cid, st.workspace, running=st.running, gvisor=st.fork_log_dir is not None
+        )
         self.workspaces.discard(str(st.workspace))
         await self._close_reader(st)
         if cid is not None and self.watcher is not None:

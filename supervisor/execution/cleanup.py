@@ -47,15 +47,20 @@ class Cleaner:
         workspace: Path | None,
         *,
         running: bool,
+        gvisor: bool = True,
     ) -> CleanupReport:
-        """Run every step that applies, each even if an earlier one failed."""
+        """Run every step that applies, each even if an earlier one failed. `gvisor=False`:
+        the container is known to have run under another runtime (`DockerRuntime.remove`)."""
         report = CleanupReport()
         if container_id is not None:
             if running:
                 ok, _ = await self._step(em, "kill", container_id, self._kill(container_id))
                 report.ok &= ok
             ok, gone = await self._step(
-                em, "remove_container", container_id, self.runtime.remove(container_id)
+                em,
+                "remove_container",
+                container_id,
+                self.runtime.remove(container_id, gvisor=gvisor),
             )
             report.ok &= ok
             report.container_already_gone = gone

@@ -345,7 +345,7 @@ class WarmPool:
         if self.watcher is not None:
             self.watcher.expect_kill(p.container_id)
         try:
-            await self.runtime.remove(p.container_id)
+            await self.runtime.remove(p.container_id, gvisor=p.fork_log_dir is not None)
         except SupervisorError as e:
             error = str(e) or type(e).__name__
         with contextlib.suppress(OSError):
