@@ -373,22 +373,35 @@ async def test_cancellation_cleans_up_and_records_the_task(
 async def test_a_cancellation_during_a_creating_step_leaks_nothing(
     node: Node, nats_url: str, docker_client, monkeypatch: pytest.MonkeyPatch, step: str
 ) -> None:
-    # The step is held inside its thread while the attempt is cancelled: what it creates
+    # The step is held inside its call while the attempt is cancelled: what it creates
     # (a workspace, a container, an attach socket) must still be known to cleanup.
     entered, release = threading.Event(), threading.Event()
-    if step == "create_workspace":
-        target, name = attempt_module, "create_workspace"
+    runtime = node.executor.runtime
+    if step in ("create", "start") and runtime.calls is not None:  # made on the loop
+        calls, real_call = runtime.calls, runtime.calls.call
+        ending = {"create": "/containers/create", "start": "/start"}[step]
+
+        async def held_call(method: str, path: str, **kw: Any) -> Any:
+            if path.endswith(ending):
+                entered.set()
+                await asyncio.to_thread(release.wait, 10)
+            return await real_call(method, path, **kw)
+
+        monkeypatch.setattr(calls, "call", held_call)
     else:
-        names = {"create": "create_container", "attach": "attach_socket", "start": "start"}
-        target, name = node.executor.runtime.api, names[step]
-    real = getattr(target, name)
+        if step == "create_workspace":
+            target, name = attempt_module, "create_workspace"
+        else:
+            names = {"create": "create_container", "attach": "attach_socket", "start": "start"}
+            target, name = runtime.api, names[step]
+        real = getattr(target, name)
 
-    def held(*args: object, **kw: object) -> object:
-        entered.set()
-        release.wait(10)
-        return real(*args, **kw)
+        def held(*args: object, **kw: object) -> object:
+            entered.set()
+            release.wait(10)
+            return real(*args, **kw)
 
-    monkeypatch.setattr(target, name, held)
+        monkeypatch.setattr(target, name, held)
     task = asyncio.ensure_future(node.executor.run(_spec("sleep 30", timeout_s=20)))
     assert await asyncio.to_thread(entered.wait, 10)
     task.cancel()

@@ -1,6 +1,6 @@
 """docker-py's internals, quarantined: the only module of the project that reads them.
 
-Two things the public API does not give, each measured and each with a fallback:
+Three things the public API does not give, each measured and each with a fallback:
 
 - **One keep-alive connection pool for every call** (`share_unix_pool`). docker-py's
   Unix-socket adapter keeps one pool per request URL, and a container's URLs are its own
@@ -13,6 +13,11 @@ Two things the public API does not give, each measured and each with a fallback:
   garbage collector closes them later, with a `ResourceWarning`). Writing the container's
   stdin and shutting the connection down use public calls only: `fileno()`, and a
   duplicate of that descriptor (`stdin_socket`).
+- **docker-py's judgement of an error answer** (`api_error`) for a request made without it
+  (`supervisor.docker.aio`, used only where `share_unix_pool` took, on the socket path its
+  adapter holds: `unix_socket_path`): its `create_api_error_from_http_exception` takes a
+  `requests` response, built here from the answer's status and body (`Response._content`,
+  how requests itself fills one).
 
 `pyproject.toml` pins docker-py to the version this was written against
 (`DOCKER_PY_VERSION`); `shared_pool_supported` checks that version and the shapes read
@@ -30,6 +35,8 @@ import socket
 from typing import Any
 
 import docker
+import docker.errors
+import requests
 from docker.transport.unixconn import UnixHTTPAdapter, UnixHTTPConnectionPool
 
 DOCKER_PY_VERSION = "7.2.0"
@@ -88,6 +95,14 @@ def share_unix_pool(api: docker.APIClient) -> bool:
     return True
 
 
+def unix_socket_path(api: docker.APIClient) -> str | None:
+    """The engine's socket path when `api` reaches it over a Unix socket (its adapter's
+    `socket_path`), else None."""
+    adapter = getattr(api, "_custom_adapter", None)
+    path = getattr(adapter, "socket_path", None) if isinstance(adapter, UnixHTTPAdapter) else None
+    return path if isinstance(path, str) else None
+
+
 def stdin_socket(sock: Any) -> socket.socket:
     """A socket of its own on the connection of attach socket `sock` (a duplicate of its
     descriptor): what the container's stdin is written on and half-closed, by a thread
@@ -106,3 +121,19 @@ def close_socket(sock: Any) -> None:
         if close is not None:
             with contextlib.suppress(OSError, ValueError):
                 close()
+
+
+def api_error(status: int, reason: str, url: str, body: bytes) -> docker.errors.APIError:
+    """The exception docker-py raises for the engine's error answer `status` with `body`
+    (`ImageNotFound`, `NotFound`, `APIError`: it reads the message the engine sent)."""
+    response = requests.Response()
+    response.status_code, response.reason, response.url = status, reason, url
+    response._content = body
+    try:
+        response.raise_for_status()
+    except requests.exceptions.HTTPError as e:
+        try:
+            docker.errors.create_api_error_from_http_exception(e)
+        except docker.errors.APIError as judged:
+            return judged
+    return docker.errors.APIError(f"HTTP {status}", response=response)

@@ -1,10 +1,12 @@
 """The Docker adapter: the only module that calls docker-py for task containers.
 
-Every blocking docker-py call runs in this adapter's own thread pool (the default executor
-is far too small for one streaming thread per running container), and every library error
-is translated into the project's exception tree:
-connection failures -> DockerUnavailable, 5xx -> DockerApiError, a missing image ->
-ImageNotFound, a missing container -> ContainerVanished.
+A task container's own calls (create, start, wait, inspect, kill, remove) are made on the
+event loop (`supervisor.docker.aio`) when the engine is on a Unix socket; every other
+blocking docker-py call runs in this adapter's own thread pool (the default executor is
+far too small for one streaming thread per running container). Every library error is
+translated into the project's exception tree: connection failures -> DockerUnavailable,
+5xx -> DockerApiError, a missing image -> ImageNotFound, a missing container ->
+ContainerVanished.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import aiohttp
 import docker
 import docker.errors
 import docker.types
@@ -36,8 +39,9 @@ from schemas.errors import (
     RuntimeUnavailable,
 )
 from schemas.labels import node_filter
+from supervisor.docker.aio import EngineCalls
 from supervisor.docker.gvisor import RuntimeInfo, boot_logs, engine_runtimes, host_pids
-from supervisor.docker.internals import close_socket, share_unix_pool
+from supervisor.docker.internals import close_socket, share_unix_pool, unix_socket_path
 
 __all__ = [
     "ContainerRequest",
@@ -74,6 +78,8 @@ def translate(operation: str, e: BaseException) -> DockerError:
         requests.exceptions.ConnectionError
         | requests.exceptions.Timeout
         | urllib3.exceptions.HTTPError
+        | aiohttp.ClientError
+        | TimeoutError
         | ConnectionError
         | FileNotFoundError
         | docker.errors.DockerException,
@@ -183,6 +189,11 @@ class DockerRuntime:
             raise DockerUnavailable("connect", type(e).__name__) from e
         self.api = self.client.api
         self.shared_pool = share_unix_pool(self.api) if shared_pool else False
+        # The loop's own calls read docker-py's internals too: only where those were
+        # checked (the pinned version, a Unix socket); else docker-py's public API.
+        socket_path = unix_socket_path(self.api) if self.shared_pool else None
+        self.calls = EngineCalls(socket_path, self.API_VERSION, timeout) if socket_path else None
+        """A task container's own calls, on the loop (None: all through docker-py)."""
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
         self._images: dict[str, float] = {}
         self._runtimes: tuple[float, dict[str, RuntimeInfo]] = (0.0, {})
@@ -191,6 +202,24 @@ class DockerRuntime:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kw))
+        except DockerError:
+            raise
+        except Exception as e:
+            raise translate(operation, e) from e
+
+    async def _request(
+        self,
+        operation: str,
+        calls: EngineCalls,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: Any = None,
+        wait: bool = False,
+    ) -> Any:
+        try:
+            return await calls.call(method, path, params=params, body=body, wait=wait)
         except DockerError:
             raise
         except Exception as e:
@@ -269,20 +298,32 @@ class DockerRuntime:
             nano_cpus=int(req.cpus * 1e9),
             binds=_binds(req),
         )
-        resp = await self._call(
-            "create",
-            self.api.create_container,
-            req.image,
-            req.command,
+        config = dict(
             user=req.user,
             environment=req.env,
             labels=req.labels,
             working_dir=req.workspace_mount,
             host_config=host_config,
             network_disabled=req.network == "none",
-            name=req.name,
             stdin_open=req.stdin,  # and so StdinOnce: stdin ends when the write ends
             tty=False,
+        )
+        calls = self.calls
+        if calls is None:
+            resp = await self._call(
+                "create", self.api.create_container, req.image, req.command, name=req.name, **config
+            )
+            return str(resp["Id"])
+        # The body docker-py would send, without the proxy variables of the Docker client's
+        # own config file that it adds to the environment: a task's is its spec's.
+        body = self.api.create_container_config(req.image, req.command, **config)
+        resp = await self._request(
+            "create",
+            calls,
+            "POST",
+            "/containers/create",
+            params={"name": req.name} if req.name else None,
+            body={k: v for k, v in body.items() if v is not None},
         )
         return str(resp["Id"])
 
@@ -296,14 +337,27 @@ class DockerRuntime:
         return await self._call("attach", self.api.attach_socket, container_id, params=params)
 
     async def start(self, container_id: str) -> None:
-        await self._call("start", self.api.start, container_id)
+        if (calls := self.calls) is None:
+            await self._call("start", self.api.start, container_id)
+        else:
+            await self._request("start", calls, "POST", f"/containers/{container_id}/start")
 
     async def wait(self, container_id: str) -> int:
-        resp = await self._call("wait", self.api.wait, container_id, timeout=None)
+        if (calls := self.calls) is None:
+            resp = await self._call("wait", self.api.wait, container_id, timeout=None)
+        else:
+            path = f"/containers/{container_id}/wait"
+            resp = await self._request("wait", calls, "POST", path, wait=True)
         return int(resp.get("StatusCode", -1))
 
+    async def _inspect(self, container_id: str) -> dict[str, Any]:
+        if (calls := self.calls) is None:
+            return await self._call("inspect", self.api.inspect_container, container_id)
+        path = f"/containers/{container_id}/json"
+        return dict(await self._request("inspect", calls, "GET", path))
+
     async def inspect(self, container_id: str) -> ContainerState:
-        attrs = await self._call("inspect", self.api.inspect_container, container_id)
+        attrs = await self._inspect(container_id)
         st = attrs.get("State") or {}
         running = bool(st.get("Running"))
         return ContainerState(
@@ -314,13 +368,17 @@ class DockerRuntime:
         )
 
     async def labels(self, container_id: str) -> dict[str, str]:
-        attrs = await self._call("inspect", self.api.inspect_container, container_id)
+        attrs = await self._inspect(container_id)
         return dict((attrs.get("Config") or {}).get("Labels") or {})
 
     async def kill(self, container_id: str, signal: str = "SIGKILL") -> bool:
         """False when there was nothing to kill (already exited or gone)."""
         try:
-            await self._call("kill", self.api.kill, container_id, signal=signal)
+            if (calls := self.calls) is None:
+                await self._call("kill", self.api.kill, container_id, signal=signal)
+            else:
+                path = f"/containers/{container_id}/kill"
+                await self._request("kill", calls, "POST", path, params={"signal": signal})
         except ContainerVanished:
             return False
         except DockerApiError as e:
@@ -337,9 +395,7 @@ class DockerRuntime:
         deadline = time.monotonic() + self.REMOVAL_WAIT_S
         while True:
             try:
-                await self._call(
-                    "remove", self.api.remove_container, container_id, force=True, v=True
-                )
+                await self._remove(container_id)
             except ContainerVanished:
                 gone = True
             except DockerRequestRefused as e:
@@ -355,6 +411,13 @@ class DockerRuntime:
             if gvisor:
                 await self._forget_boot_logs(container_id)
             return gone
+
+    async def _remove(self, container_id: str) -> None:
+        if (calls := self.calls) is None:
+            await self._call("remove", self.api.remove_container, container_id, force=True, v=True)
+        else:
+            path = f"/containers/{container_id}"
+            await self._request("remove", calls, "DELETE", path, params={"v": "1", "force": "1"})
 
     async def _forget_boot_logs(self, container_id: str) -> None:
         """Delete the gVisor boot log of a removed container (an attempt reads and deletes

@@ -1,0 +1,59 @@
+"""A task container's own engine calls without a thread: create, start, wait, inspect, kill
+and remove, over the engine's Unix socket with aiohttp (the HTTP server's library).
+
+Through docker-py each of these is a blocking call handed to a worker thread: about three
+times the CPU of the same request made on the event loop (`bench/bench_http.py --burst`
+prints what each process spends a task), and a thread held for each running container's
+wait. docker-py still builds the request bodies (`create_container_config`) and decides
+what an error answer is (`internals.api_error`), so the answers and their classes are the
+same both ways; `DockerRuntime` translates them as it does docker-py's.
+
+Each call has a connection of its own, closed with its answer (a session bound to no loop,
+so nothing is left open whatever loop runs it, or when it is cancelled); that costs a
+connect, and still half the CPU of a docker-py call. An engine on another transport than a
+Unix socket (`tcp://`, `ssh://`) has none of this, and every call goes through docker-py.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+
+from supervisor.docker.internals import api_error
+
+__all__ = ["EngineCalls"]
+
+
+class EngineCalls:
+    """Requests to the engine's API over its Unix socket, each on the running loop."""
+
+    def __init__(self, socket_path: str, api_version: str, timeout: float) -> None:
+        self.socket_path = socket_path
+        self._prefix = f"http://docker/v{api_version}"
+        self._timeout = timeout
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: Any = None,
+        wait: bool = False,
+    ) -> Any:
+        """The decoded JSON answer (None for an empty one). An error answer raises what
+        docker-py raises for it (`docker.errors.*`); a broken connection raises
+        aiohttp's errors, a timeout `TimeoutError`. `wait`: no time limit."""
+        timeout = aiohttp.ClientTimeout(total=None if wait else self._timeout)
+        connector = aiohttp.UnixConnector(path=self.socket_path, force_close=True)
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+            session.request(method, self._prefix + path, params=params, json=body) as resp,
+        ):
+            data = await resp.read()
+            status, reason, url = resp.status, resp.reason or "", str(resp.url)
+        if status >= 400:
+            raise api_error(status, reason, url, data)
+        return json.loads(data) if data else None

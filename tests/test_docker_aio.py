@@ -1,0 +1,87 @@
+"""A task container's own engine calls made on the event loop (`supervisor.docker.aio`),
+against a real dockerd: the same answers and the same error classes as through docker-py,
+no worker thread, and nothing left open whatever loop made the calls."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from schemas.errors import ContainerVanished, DockerUnavailable, ImageNotFound
+from supervisor.docker.runtime import ContainerRequest, DockerRuntime
+
+pytestmark = pytest.mark.usefixtures("docker_client")
+
+IMAGE = "supervisor-sandbox:busybox"
+
+
+def _request(ws: Path, script: str, image: str = IMAGE) -> ContainerRequest:
+    return ContainerRequest(
+        image=image,
+        command=["sh", "-c", script],
+        labels={"supervisor.test": "aio"},
+        env={"GREETING": "hi"},
+        workspace=str(ws),
+        workspace_mount="/workspace",
+        user="65534:65534",
+        memory_mb=64,
+        cpus=0.5,
+        pids=32,
+        tmpfs_size="4m",
+    )
+
+
+async def test_a_container_s_calls_answer_as_docker_py_s_without_a_thread(tmp_dir: Path) -> None:
+    runtime = DockerRuntime()
+    try:
+        cid = await runtime.create(_request(tmp_dir, 'test "$GREETING" = hi && exit 7'))
+        await runtime.start(cid)
+        assert await runtime.wait(cid) == 7
+        state = await runtime.inspect(cid)
+        assert (state.exit_code, state.running, state.oom_killed) == (7, False, False)
+        assert (await runtime.labels(cid))["supervisor.test"] == "aio"
+        assert await runtime.kill(cid) is False  # not running: nothing to kill (409)
+        assert await runtime.remove(cid, gvisor=False) is False
+        assert await runtime.remove(cid, gvisor=False) is True  # gone already (404)
+        with pytest.raises(ContainerVanished):
+            await runtime.inspect(cid)
+        with pytest.raises(ImageNotFound):
+            await runtime.create(_request(tmp_dir, "true", image="supervisor-sandbox:nowhere"))
+        # Every call above went through the loop's session: no worker thread was started.
+        assert runtime._pool._threads == set()
+    finally:
+        runtime.close()
+
+
+def test_calls_from_one_loop_then_another_and_a_missing_socket_is_unavailable(
+    tmp_dir: Path,
+) -> None:
+    runtime = DockerRuntime()
+    try:
+        for _ in range(2):  # two loops, one after the other
+
+            async def run_one() -> int:
+                cid = await runtime.create(_request(tmp_dir, "exit 3"))
+                try:
+                    await runtime.start(cid)
+                    return await runtime.wait(cid)
+                finally:
+                    await runtime.remove(cid, gvisor=False)
+
+            assert asyncio.run(run_one()) == 3
+    finally:
+        runtime.close()
+    nowhere = DockerRuntime(f"unix://{tmp_dir}/no-dockerd.sock")
+
+    async def refused() -> None:
+        try:
+            with pytest.raises(DockerUnavailable):
+                await nowhere.create(_request(tmp_dir, "true"))
+            with pytest.raises(DockerUnavailable):
+                await nowhere.start("0123456789ab")
+        finally:
+            nowhere.close()
+
+    asyncio.run(refused())
