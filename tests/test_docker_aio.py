@@ -5,6 +5,7 @@ no worker thread, and nothing left open whatever loop made the calls."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -33,26 +34,36 @@ def _request(ws: Path, script: str, image: str = IMAGE) -> ContainerRequest:
     )
 
 
-async def test_a_container_s_calls_answer_as_docker_py_s_without_a_thread(tmp_dir: Path) -> None:
+@pytest.mark.parametrize("pooled", [True, False])
+async def test_a_container_s_calls_answer_as_docker_py_s_without_a_thread(
+    tmp_dir: Path, pooled: bool
+) -> None:
     runtime = DockerRuntime()
     try:
-        cid = await runtime.create(_request(tmp_dir, 'test "$GREETING" = hi && exit 7'))
-        await runtime.start(cid)
-        assert await runtime.wait(cid) == 7
-        state = await runtime.inspect(cid)
-        assert (state.exit_code, state.running, state.oom_killed) == (7, False, False)
-        assert (await runtime.labels(cid))["supervisor.test"] == "aio"
-        assert await runtime.kill(cid) is False  # not running: nothing to kill (409)
-        assert await runtime.remove(cid, gvisor=False) is False
-        assert await runtime.remove(cid, gvisor=False) is True  # gone already (404)
-        with pytest.raises(ContainerVanished):
-            await runtime.inspect(cid)
-        with pytest.raises(ImageNotFound):
-            await runtime.create(_request(tmp_dir, "true", image="supervisor-sandbox:nowhere"))
-        # Every call above went through the loop's session: no worker thread was started.
+        async with contextlib.AsyncExitStack() as stack:
+            if pooled:  # as the daemon's node: keep-alive connections, closed on exit
+                await stack.enter_async_context(runtime.pooled())
+            await _one_container(runtime, tmp_dir)
+        # Every call went through the loop: no worker thread was started.
         assert runtime._pool._threads == set()
     finally:
         runtime.close()
+
+
+async def _one_container(runtime: DockerRuntime, tmp_dir: Path) -> None:
+    cid = await runtime.create(_request(tmp_dir, 'test "$GREETING" = hi && exit 7'))
+    await runtime.start(cid)
+    assert await runtime.wait(cid) == 7
+    state = await runtime.inspect(cid)
+    assert (state.exit_code, state.running, state.oom_killed) == (7, False, False)
+    assert (await runtime.labels(cid))["supervisor.test"] == "aio"
+    assert await runtime.kill(cid) is False  # not running: nothing to kill (409)
+    assert await runtime.remove(cid, gvisor=False) is False
+    assert await runtime.remove(cid, gvisor=False) is True  # gone already (404)
+    with pytest.raises(ContainerVanished):
+        await runtime.inspect(cid)
+    with pytest.raises(ImageNotFound):
+        await runtime.create(_request(tmp_dir, "true", image="supervisor-sandbox:nowhere"))
 
 
 def test_calls_from_one_loop_then_another_and_a_missing_socket_is_unavailable(

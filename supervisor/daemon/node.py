@@ -122,6 +122,7 @@ async def open_node(
             stack.push_async_callback(_cancel, watching)
         runtime = DockerRuntime(config.docker_url)
         stack.callback(runtime.close)
+        await stack.enter_async_context(runtime.pooled())
         watcher = DockerEventWatcher(runtime, config.node_id)
         watcher.start()
         stack.callback(watcher.stop)

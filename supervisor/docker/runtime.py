@@ -16,7 +16,7 @@ import contextlib
 import functools
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -432,6 +432,16 @@ class DockerRuntime:
     async def list_managed(self, node_id: str) -> list[dict[str, Any]]:
         filters = {"label": node_filter(node_id)}
         return await self._call("list", self.api.containers, all=True, filters=filters)
+
+    @contextlib.asynccontextmanager
+    async def pooled(self) -> AsyncIterator[None]:
+        """While open, this loop's engine calls share keep-alive connections (`EngineCalls`
+        `.pooled`): for a process that runs many tasks on one loop, the daemon's node."""
+        if self.calls is None:
+            yield
+            return
+        async with self.calls.pooled():
+            yield
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
