@@ -11,8 +11,9 @@ Prints per-task latency at concurrency 1 (median, ratio supervisor/raw: target <
 throughput at the given concurrency (ratio supervisor/raw: target >= 0.85).
 
 With `--public`, each round also runs the supervisor with docker-py's internals left alone
-(`supervisor.docker.internals`: one connection pool per URL, as on another docker-py
-version) and prints what the shared pool gains.
+(`supervisor.docker.internals`: one connection pool per URL and every engine call in a
+worker thread, as on another docker-py version) and prints what the shared pool and the
+container's calls made on the loop (`supervisor.docker.aio`) gain.
 """
 
 from __future__ import annotations
@@ -172,8 +173,8 @@ def main() -> None:
         if args.public:
             pm, pt = statistics.median(pub_lat), statistics.median(pub_tp)
             print(
-                f"public docker-py only: median {pm * 1000:.1f} ms, {pt:.2f} tasks/s; the shared "
-                f"pool's gain: latency {pm / sm:.3f}x, throughput {st / pt:.3f}x"
+                f"public docker-py only: median {pm * 1000:.1f} ms, {pt:.2f} tasks/s; what the "
+                f"internals gain: latency {pm / sm:.3f}x, throughput {st / pt:.3f}x"
             )
     finally:
         server.stop()

@@ -3,6 +3,7 @@ through `supervisor.client`) against `supervisor submit --wait` and against raw 
 running the same hardened container, one task at a time, in one run.
 
     .venv/bin/python bench/bench_http.py [--tasks 20] [--burst 120] [--no-brakes] [--no-pool]
+        [--against DIR]
 
 A daemon runs on its own nats-server, on the defaults (the host-pressure brakes and the
 warm pool included; `--no-brakes`, `--no-pool` turn them off). Rounds alternate: raw docker-py, the HTTP round trip,
@@ -16,12 +17,16 @@ fewer tasks than the pool refills, about 3 a second at size 2, finds it so); wit
 With `--burst N`, then N trivial tasks submitted at once over HTTP (`submit_many`) and
 waited for, against raw docker-py running N containers with 8 threads, alternated: the
 throughput ratio, and the CPU each side's processes spent per task (read from /proc: on a
-host whose cores both sides keep busy, the ratio follows the CPU).
+host whose cores both sides keep busy, the ratio follows the CPU). With `--against DIR`
+(another checkout of this repository, at an older commit say), each burst round runs on a
+daemon started from that checkout and on one started from this tree, both fresh, in
+alternating order, beside raw docker-py: what a change gained, measured in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -30,7 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import docker
 
@@ -62,6 +69,11 @@ def main() -> None:
     ap.add_argument("--no-brakes", action="store_true", help="turn the host-pressure brakes off")
     ap.add_argument("--no-pool", action="store_true", help="turn the warm pool off ([pool] size 0)")
     ap.add_argument(
+        "--against",
+        metavar="DIR",
+        help="with --burst: each round also on a daemon from the checkout DIR (both fresh)",
+    )
+    ap.add_argument(
         "--back-to-back",
         action="store_true",
         help="start each supervisor run at once, without waiting for the pool to refill",
@@ -86,6 +98,9 @@ def main() -> None:
     cli: list[float] = []
     cli_nats: list[float] = []
     try:
+        if args.burst and args.against:  # fresh daemons from both trees, round by round
+            _burst_trees(args.burst, args.rounds, str(mount), tmp, cfg, Path(args.against))
+            return
         daemon.start(60)
 
         def ready() -> None:
@@ -190,31 +205,90 @@ def _pool_counts(daemon: DaemonProc) -> str:
     return f"{hits:.0f} hits, {misses:.0f} misses (status {status})"
 
 
+def _submit_burst(c: Client, n: int) -> None:
+    """`n` trivial tasks submitted at once (100 a request), each waited for."""
+    specs = [_spec() for _ in range(n)]
+    subs = [s for i in range(0, n, 100) for s in c.submit_many(specs[i : i + 100])]
+    for sub in subs:
+        assert not isinstance(sub, Exception), sub
+        view = c.wait(sub.task_id, timeout_s=300)
+        assert view.result is not None and view.result.status == "succeeded", view
+
+
+def _measured(n: int, work: Callable[[], object]) -> tuple[float, dict[str, float]]:
+    """Tasks a second of `work` (n tasks), and the CPU per task of each process group."""
+    before = _cpu_by_process()
+    t = time.perf_counter()
+    work()
+    return n / (time.perf_counter() - t), _cpu_since(before, n)
+
+
 def _burst(c: Client, n: int, rounds: int, mount: str) -> None:
-    ours: list[float] = []
-    theirs: list[float] = []
+    rates: dict[str, list[float]] = {"raw": [], "ours": []}
     cpu: dict[str, list[dict[str, float]]] = {"raw": [], "ours": []}
     for _ in range(rounds):
-        before = _cpu_by_process()
-        _, wall = raw_run(n, 8, mount)
-        theirs.append(n / wall)
-        cpu["raw"].append(_cpu_since(before, n))
-        before = _cpu_by_process()
-        t = time.perf_counter()
-        specs = [_spec() for _ in range(n)]
-        subs = [s for i in range(0, n, 100) for s in c.submit_many(specs[i : i + 100])]
-        for sub in subs:
-            assert not isinstance(sub, Exception), sub
-            view = c.wait(sub.task_id, timeout_s=300)
-            assert view.result is not None and view.result.status == "succeeded", view
-        ours.append(n / (time.perf_counter() - t))
-        cpu["ours"].append(_cpu_since(before, n))
-    o, r = statistics.median(ours), statistics.median(theirs)
+        for side, work in (
+            ("raw", lambda: raw_run(n, 8, mount)),
+            ("ours", lambda: _submit_burst(c, n)),
+        ):
+            rate, used = _measured(n, work)
+            rates[side].append(rate)
+            cpu[side].append(used)
     print(f"{n} trivial tasks at once, {rounds} alternated rounds (medians):")
-    print(f"  raw docker-py, 8 threads: {r:.2f} tasks/s")
-    print(f"  HTTP, the daemon's defaults: {o:.2f} tasks/s  ratio {o / r:.2f}")
+    _report(rates, cpu, {"raw": "raw docker-py, 8 threads", "ours": "HTTP, the daemon's defaults"})
+
+
+def _burst_trees(
+    n: int, rounds: int, mount: str, tmp: Path, cfg: dict[str, Any], other: Path
+) -> None:
+    """Each round: raw docker-py, then a fresh daemon from `other` and one from this tree
+    (each on its own nats-server), in alternating order."""
+    here = Path(__file__).resolve().parent.parent
+    trees = {"other": other.resolve(), "this": here}
+    rates: dict[str, list[float]] = {"raw": [], "other": [], "this": []}
+    cpu: dict[str, list[dict[str, float]]] = {k: [] for k in rates}
+    try:
+        for r in range(rounds):
+            rate, used = _measured(n, lambda: raw_run(n, 8, mount))
+            rates["raw"].append(rate)
+            cpu["raw"].append(used)
+            for side in ("other", "this") if r % 2 == 0 else ("this", "other"):
+                os.chdir(trees[side])  # `python -m supervisor` runs the tree it starts in
+                server = NatsServer(tmp / f"nats-{side}-{r}")
+                daemon = DaemonProc(tmp / f"data-{side}-{r}", server.start(), cfg)
+                try:
+                    daemon.start(60)
+                    with daemon.client() as c:
+                        c.run(_spec(), timeout_s=60)  # warm up: the image, the projection
+                        time.sleep(2)
+                        rate, used = _measured(n, functools.partial(_submit_burst, c, n))
+                finally:
+                    daemon.stop()
+                    remove_managed_containers("n1")
+                    server.stop()
+                rates[side].append(rate)
+                cpu[side].append(used)
+            print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}/s" for k, v in rates.items()))
+    finally:
+        os.chdir(here)
+    print(f"{n} trivial tasks at once, {rounds} alternated rounds (medians):")
+    labels = {
+        "raw": "raw docker-py, 8 threads",
+        "other": f"daemon from {other}",
+        "this": "daemon from this tree",
+    }
+    _report(rates, cpu, labels)
+
+
+def _report(
+    rates: dict[str, list[float]], cpu: dict[str, list[dict[str, float]]], labels: dict[str, str]
+) -> None:
+    raw = statistics.median(rates["raw"])
+    for side, label in labels.items():
+        rate = statistics.median(rates[side])
+        print(f"  {label}: {rate:.2f} tasks/s  ratio {rate / raw:.2f}")
     print("  CPU per task (ms, medians over rounds; read from /proc, so approximate):")
-    for side, label in (("raw", "raw docker-py"), ("ours", "the supervisor")):
+    for side, label in labels.items():
         groups = sorted({g for d in cpu[side] for g in d})
         per = {g: statistics.median(d.get(g, 0.0) for d in cpu[side]) for g in groups}
         shown = ", ".join(f"{g} {v:.1f}" for g, v in sorted(per.items(), key=lambda kv: -kv[1]))
