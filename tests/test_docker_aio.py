@@ -96,3 +96,22 @@ def test_calls_from_one_loop_then_another_and_a_missing_socket_is_unavailable(
             nowhere.close()
 
     asyncio.run(refused())
+
+
+async def test_a_reference_that_is_no_container_reaches_no_other_endpoint(
+    docker_client,  # type: ignore[no-untyped-def]
+) -> None:
+    """The engine's router resolves `..` in a path: `x/../../images/<image>` as a container
+    (a forged cleanup command's resource, say) would be the image. No call is made for it:
+    there is no such container, and the image is still there afterwards."""
+    runtime = DockerRuntime()
+    forged = f"x/../../images/{IMAGE}"
+    try:
+        for ref in (forged, "..", "."):
+            with pytest.raises(ContainerVanished):
+                await runtime.labels(ref)
+            assert await runtime.kill(ref) is False
+            assert await runtime.remove(ref, gvisor=False) is True  # nothing of that name
+    finally:
+        runtime.close()
+    assert docker_client.images.get(IMAGE).tags  # the image was never touched

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -331,29 +332,31 @@ class DockerRuntime:
         """Open the raw output socket (multiplexed frames). Call before `start` so no byte
         is missed; `read_output` drains and closes it. With `stdin`, the socket also takes
         the container's standard input (`write_stdin`)."""
+        _container("attach", container_id)
         params = {"stdout": 1, "stderr": 1, "stream": 1, "logs": 1}
         if stdin:
             params["stdin"] = 1
         return await self._call("attach", self.api.attach_socket, container_id, params=params)
 
     async def start(self, container_id: str) -> None:
+        path = _container("start", container_id, "/start")
         if (calls := self.calls) is None:
             await self._call("start", self.api.start, container_id)
         else:
-            await self._request("start", calls, "POST", f"/containers/{container_id}/start")
+            await self._request("start", calls, "POST", path)
 
     async def wait(self, container_id: str) -> int:
+        path = _container("wait", container_id, "/wait")
         if (calls := self.calls) is None:
             resp = await self._call("wait", self.api.wait, container_id, timeout=None)
         else:
-            path = f"/containers/{container_id}/wait"
             resp = await self._request("wait", calls, "POST", path, wait=True)
         return int(resp.get("StatusCode", -1))
 
     async def _inspect(self, container_id: str) -> dict[str, Any]:
+        path = _container("inspect", container_id, "/json")
         if (calls := self.calls) is None:
             return await self._call("inspect", self.api.inspect_container, container_id)
-        path = f"/containers/{container_id}/json"
         return dict(await self._request("inspect", calls, "GET", path))
 
     async def inspect(self, container_id: str) -> ContainerState:
@@ -374,10 +377,10 @@ class DockerRuntime:
     async def kill(self, container_id: str, signal: str = "SIGKILL") -> bool:
         """False when there was nothing to kill (already exited or gone)."""
         try:
+            path = _container("kill", container_id, "/kill")
             if (calls := self.calls) is None:
                 await self._call("kill", self.api.kill, container_id, signal=signal)
             else:
-                path = f"/containers/{container_id}/kill"
                 await self._request("kill", calls, "POST", path, params={"signal": signal})
         except ContainerVanished:
             return False
@@ -413,10 +416,10 @@ class DockerRuntime:
             return gone
 
     async def _remove(self, container_id: str) -> None:
+        path = _container("remove", container_id)
         if (calls := self.calls) is None:
             await self._call("remove", self.api.remove_container, container_id, force=True, v=True)
         else:
-            path = f"/containers/{container_id}"
             await self._request("remove", calls, "DELETE", path, params={"v": "1", "force": "1"})
 
     async def _forget_boot_logs(self, container_id: str) -> None:
@@ -446,6 +449,20 @@ class DockerRuntime:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
+
+
+_CONTAINER_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+"""A container's id or name as the engine makes them: never a `/` or a `..` alone, which
+the engine's router would resolve to another endpoint (a forged cleanup command's
+`container/../../images/...` is an image)."""
+
+
+def _container(operation: str, container_id: str, action: str = "") -> str:
+    """The API path of a container; ContainerVanished (there is no such container) for a
+    reference that is not an id or a name."""
+    if not _CONTAINER_REF.fullmatch(container_id) or set(container_id) == {"."}:
+        raise ContainerVanished(operation, f"no such container: {container_id[:80]!r}")
+    return f"/containers/{container_id}{action}"
 
 
 def _binds(req: ContainerRequest) -> dict[str, dict[str, str]]:
