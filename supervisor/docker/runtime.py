@@ -209,18 +209,11 @@ class DockerRuntime:
             raise translate(operation, e) from e
 
     async def _request(
-        self,
-        operation: str,
-        calls: EngineCalls,
-        method: str,
-        path: str,
-        *,
-        params: dict[str, str] | None = None,
-        body: Any = None,
-        wait: bool = False,
+        self, operation: str, calls: EngineCalls, method: str, path: str, **kw: Any
     ) -> Any:
+        """`calls.call(method, path, **kw)`, its errors translated as docker-py's are."""
         try:
-            return await calls.call(method, path, params=params, body=body, wait=wait)
+            return await calls.call(method, path, **kw)
         except DockerError:
             raise
         except Exception as e:
