@@ -37,7 +37,8 @@ class EngineCalls:
     def __init__(self, socket_path: str, api_version: str, timeout: float) -> None:
         self.socket_path = socket_path
         self._prefix = f"http://docker/v{api_version}"
-        self._timeout = timeout
+        # Made once: a call's own limit, and none for a container's wait.
+        self._timeouts = (aiohttp.ClientTimeout(total=timeout), aiohttp.ClientTimeout(total=None))
         self._pool: tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession] | None = None
 
     @contextlib.asynccontextmanager
@@ -65,7 +66,7 @@ class EngineCalls:
         """The decoded JSON answer (None for an empty one). An error answer raises what
         docker-py raises for it (`docker.errors.*`); a broken connection raises
         aiohttp's errors, a timeout `TimeoutError`. `wait`: no time limit."""
-        timeout = aiohttp.ClientTimeout(total=None if wait else self._timeout)
+        timeout = self._timeouts[wait]
         pool = self._pool
         if pool is not None and pool[0] is asyncio.get_running_loop():
             session = pool[1]
