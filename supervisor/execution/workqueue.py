@@ -1,7 +1,11 @@
 """The executor's side of `SUP_TASKS`: one durable pull consumer per priority, shared by
-every node (a node pulls only when it has capacity), fetched without waiting so that
-priority order costs one round trip per empty queue, and acknowledged only after the
-task's terminal event is durable."""
+every node (a node pulls only when it has capacity), fetched without waiting, and
+acknowledged only after the task's terminal event is durable.
+
+Priority order would cost a round trip per empty queue at every pull: a queue found empty
+is not asked again until a task is published to it (the core subscription that wakes the
+scheduler sees every publish, from any node) or `RECHECK_S` has passed (what no publish
+announces: a redelivery after another node's ack wait, a message handed back)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 
 import nats.errors
 import nats.js.errors
@@ -24,6 +29,7 @@ from schemas.streams import TASKS_STREAM
 
 log = logging.getLogger("supervisor.execution.workqueue")
 _NO_WAIT = json.dumps({"batch": 1, "no_wait": True}).encode()
+RECHECK_S = 1.0
 
 
 def consumer_name(priority: str) -> str:
@@ -65,12 +71,17 @@ class WorkQueue:
         self.wakeup = asyncio.Event()
         self.missing: set[str] = set()
         self._sub: object | None = None
+        self._empty_at: dict[str, float] = {}  # priority -> when a pull last found it empty
+        self._published: dict[str, int] = dict.fromkeys(PRIORITIES, 0)  # publishes seen
 
     async def start(self) -> None:
         """Wake the scheduler whenever a task is published (a core subscription sees the
-        same subjects the stream stores)."""
+        same subjects the stream stores); the queue published to is worth a pull again."""
 
-        async def _wake(_: Msg) -> None:
+        async def _wake(msg: Msg) -> None:
+            priority = msg.subject.rpartition(".")[2]
+            self._published[priority] = self._published.get(priority, 0) + 1
+            self._empty_at.pop(priority, None)
             self.wakeup.set()
 
         self._sub = await self.nc.subscribe("suptask.>", cb=_wake)
@@ -83,8 +94,14 @@ class WorkQueue:
                 await sub.unsubscribe()  # type: ignore[attr-defined]
 
     async def next(self, priority: str) -> Msg | None:
-        """The next message of `priority`, or None at once when there is none."""
+        """The next message of `priority`, or None at once when there is none (without
+        asking, for a queue found empty since which nothing was published to it and less
+        than `RECHECK_S` ago)."""
+        empty_at = self._empty_at.get(priority)
+        if empty_at is not None and time.monotonic() - empty_at < RECHECK_S:
+            return None
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{TASKS_STREAM}.{consumer_name(priority)}"
+        published = self._published.get(priority)
         try:
             msg = await self.nc.request(subject, _NO_WAIT, timeout=5, old_style=True)
         except nats.errors.NoRespondersError as e:
@@ -96,10 +113,12 @@ class WorkQueue:
         except nats.errors.ConnectionClosedError as e:
             raise NatsUnavailable("jetstream", "connection closed") from e
         self.missing.discard(priority)
-        if msg.headers and msg.headers.get("Status"):
-            return None  # 404 no messages / 408 request expired
-        if not msg.reply:
+        if (msg.headers and msg.headers.get("Status")) or not msg.reply:
+            # 404 no messages / 408 expired: empty, unless a publish came in meanwhile
+            if self._published.get(priority) == published:
+                self._empty_at[priority] = time.monotonic()
             return None
+        self._empty_at.pop(priority, None)
         return msg
 
     async def _recreate(self, priority: str) -> None:
