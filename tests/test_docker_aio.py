@@ -11,15 +11,23 @@ from pathlib import Path
 import pytest
 
 from schemas.errors import ContainerVanished, DockerUnavailable, ImageNotFound
-from supervisor.docker.runtime import ContainerRequest, DockerRuntime
+from supervisor.docker.internals import stdin_socket
+from supervisor.docker.runtime import (
+    ContainerRequest,
+    DockerRuntime,
+    Output,
+    read_output,
+    write_stdin,
+)
 
 pytestmark = pytest.mark.usefixtures("docker_client")
 
 IMAGE = "supervisor-sandbox:busybox"
 
 
-def _request(ws: Path, script: str, image: str = IMAGE) -> ContainerRequest:
+def _request(ws: Path, script: str, image: str = IMAGE, *, stdin: bool = False) -> ContainerRequest:
     return ContainerRequest(
+        stdin=stdin,
         image=image,
         command=["sh", "-c", script],
         labels={"supervisor.test": "aio"},
@@ -64,6 +72,49 @@ async def _one_container(runtime: DockerRuntime, tmp_dir: Path) -> None:
         await runtime.inspect(cid)
     with pytest.raises(ImageNotFound):
         await runtime.create(_request(tmp_dir, "true", image="supervisor-sandbox:nowhere"))
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+async def test_an_attach_on_the_loop_carries_stdin_and_every_byte_of_output(
+    tmp_dir: Path, pooled: bool
+) -> None:
+    """The attach stream is opened on the loop (the upgrade by hand): attached before the
+    start (the cold path) or after it (an adoption: what the container printed meanwhile
+    comes first, from the engine's log, with not a byte of it taken by the answer's
+    head), stdin written and ended through it, both streams read whole; a container that
+    is not there is no such container."""
+    runtime = DockerRuntime()
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            if pooled:
+                await stack.enter_async_context(runtime.pooled())
+            assert runtime.calls is not None  # the loop's path, not docker-py's
+            script = "echo early; read line; echo got:$line; echo err >&2; cat >/dev/null"
+            for attach_first in (True, False):
+                cid = await runtime.create(_request(tmp_dir, script, stdin=True))
+                try:
+                    if attach_first:
+                        stream = await runtime.attach(cid, stdin=True)
+                        await runtime.start(cid)
+                    else:
+                        await runtime.start(cid)
+                        await asyncio.sleep(0.5)  # "early" is printed before the attach
+                        stream = await runtime.attach(cid, stdin=True)
+                    data = b"hello\n" + b"x" * 200_000
+                    writer = runtime.run_blocking(write_stdin, stdin_socket(stream), data)
+                    out = await runtime.run_blocking(read_output, stream, 1 << 20, Output(), list)
+                    await writer
+                    assert await runtime.wait(cid) == 0
+                    assert (bytes(out.stdout), bytes(out.stderr)) == (
+                        b"early\ngot:hello\n",
+                        b"err\n",
+                    )
+                finally:
+                    await runtime.remove(cid, gvisor=False)
+            with pytest.raises(ContainerVanished):
+                await runtime.attach(cid)
+    finally:
+        runtime.close()
 
 
 def test_calls_from_one_loop_then_another_and_a_missing_socket_is_unavailable(

@@ -377,9 +377,9 @@ async def test_a_cancellation_during_a_creating_step_leaks_nothing(
     # (a workspace, a container, an attach socket) must still be known to cleanup.
     entered, release = threading.Event(), threading.Event()
     runtime = node.executor.runtime
-    if step in ("create", "start") and runtime.calls is not None:  # made on the loop
-        calls, real_call = runtime.calls, runtime.calls.call
-        ending = {"create": "/containers/create", "start": "/start"}[step]
+    if step in ("create", "attach", "start") and runtime.calls is not None:  # on the loop
+        calls, real_call, real_attach = runtime.calls, runtime.calls.call, runtime.calls.attach
+        ending = {"create": "/containers/create", "start": "/start"}.get(step, "-")
 
         async def held_call(method: str, path: str, **kw: Any) -> Any:
             if path.endswith(ending):
@@ -387,7 +387,14 @@ async def test_a_cancellation_during_a_creating_step_leaks_nothing(
                 await asyncio.to_thread(release.wait, 10)
             return await real_call(method, path, **kw)
 
+        async def held_attach(path: str, params: dict[str, str]) -> Any:
+            entered.set()
+            await asyncio.to_thread(release.wait, 10)
+            return await real_attach(path, params)
+
         monkeypatch.setattr(calls, "call", held_call)
+        if step == "attach":
+            monkeypatch.setattr(calls, "attach", held_attach)
     else:
         if step == "create_workspace":
             target, name = attempt_module, "create_workspace"

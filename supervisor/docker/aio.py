@@ -1,5 +1,6 @@
-"""A task container's own engine calls without a thread: create, start, wait, inspect, kill
-and remove, over the engine's Unix socket with aiohttp (the HTTP server's library).
+"""A task container's own engine calls without a thread: create, attach, start, wait,
+inspect, kill and remove, over the engine's Unix socket with aiohttp (the HTTP server's
+library; an attach is upgraded by hand, see `EngineCalls.attach`).
 
 Through docker-py each of these is a blocking call handed to a worker thread: about three
 times the CPU of the same request made on the event loop (`bench/bench_http.py --burst`
@@ -21,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 
@@ -36,6 +39,8 @@ class EngineCalls:
 
     def __init__(self, socket_path: str, api_version: str, timeout: float) -> None:
         self.socket_path = socket_path
+        self.timeout = timeout
+        self._version = f"/v{api_version}"
         self._prefix = f"http://docker/v{api_version}"
         # Made once: a call's own limit, and none for a container's wait.
         self._timeouts = (aiohttp.ClientTimeout(total=timeout), aiohttp.ClientTimeout(total=None))
@@ -95,3 +100,72 @@ class EngineCalls:
         url = self._prefix + path
         async with session.request(method, url, params=params, json=body, timeout=timeout) as resp:
             return await resp.read(), resp.status, resp.reason or "", str(resp.url)
+
+    async def attach(self, path: str, params: dict[str, str]) -> socket.socket:
+        """Open the attach stream of container path `path` (`/containers/<id>/attach`):
+        the connection, once the engine answered the upgrade, as a blocking socket whose
+        next byte is the stream's first (what docker-py's `attach_socket` gives, without
+        its HTTP machinery: a connection of its own, as the stream holds it). An error
+        answer raises what docker-py raises for it; no answer within the calls' time limit
+        `TimeoutError`."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        target = f"{self._version}{path}?{urlencode(params)}"
+        try:
+            async with asyncio.timeout(self.timeout):
+                await loop.sock_connect(sock, self.socket_path)
+                await loop.sock_sendall(
+                    sock,
+                    f"POST {target} HTTP/1.1\r\nHost: docker\r\nContent-Length: 0\r\n"
+                    "Connection: Upgrade\r\nUpgrade: tcp\r\n\r\n".encode(),
+                )
+                status, reason, length = _answer_head(await _head(loop, sock))
+                if status >= 400:
+                    body = b""
+                    while len(body) < length and (more := await loop.sock_recv(sock, 65536)):
+                        body += more
+                    raise api_error(status, reason, f"http://docker{target}", body)
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(True)
+        return sock
+
+
+async def _head(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    """The answer's head, taken from `sock` to its blank line and not a byte further: what
+    follows an upgrade is the stream, read by the output's reader."""
+    while True:
+        readable = loop.create_future()
+        loop.add_reader(sock.fileno(), readable.set_result, None)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(sock.fileno())
+        try:
+            seen = sock.recv(65536, socket.MSG_PEEK)
+        except BlockingIOError:
+            continue
+        if not seen:
+            raise ConnectionResetError("the engine closed the attach connection")
+        end = seen.find(b"\r\n\r\n")
+        if end >= 0:
+            return sock.recv(end + 4)
+        if len(seen) >= 65536:
+            raise ConnectionError("the engine's attach answer has no end of head")
+        await asyncio.sleep(0.001)  # the rest of the head is on its way
+
+
+def _answer_head(head: bytes) -> tuple[int, str, int]:
+    """Status, reason and Content-Length (0 when absent) of an HTTP answer's head."""
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise ConnectionError(f"not an HTTP answer from the engine: {status_line[:80]!r}")
+    length = 0
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length" and value.strip().isdigit():
+            length = int(value.strip())
+    return int(parts[1]), parts[2] if len(parts) > 2 else "", length

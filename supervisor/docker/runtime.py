@@ -17,7 +17,7 @@ import functools
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -212,8 +212,12 @@ class DockerRuntime:
         self, operation: str, calls: EngineCalls, method: str, path: str, **kw: Any
     ) -> Any:
         """`calls.call(method, path, **kw)`, its errors translated as docker-py's are."""
+        return await self._translated(operation, calls.call(method, path, **kw))
+
+    @staticmethod
+    async def _translated(operation: str, call: Awaitable[T]) -> T:
         try:
-            return await calls.call(method, path, **kw)
+            return await call
         except DockerError:
             raise
         except Exception as e:
@@ -325,11 +329,13 @@ class DockerRuntime:
         """Open the raw output socket (multiplexed frames). Call before `start` so no byte
         is missed; `read_output` drains and closes it. With `stdin`, the socket also takes
         the container's standard input (`write_stdin`)."""
-        _container("attach", container_id)
-        params = {"stdout": 1, "stderr": 1, "stream": 1, "logs": 1}
+        path = _container("attach", container_id, "/attach")
+        params = {"stdout": "1", "stderr": "1", "stream": "1", "logs": "1"}
         if stdin:
-            params["stdin"] = 1
-        return await self._call("attach", self.api.attach_socket, container_id, params=params)
+            params["stdin"] = "1"
+        if (calls := self.calls) is None:
+            return await self._call("attach", self.api.attach_socket, container_id, params=params)
+        return await self._translated("attach", calls.attach(path, params))
 
     async def start(self, container_id: str) -> None:
         path = _container("start", container_id, "/start")
