@@ -299,7 +299,7 @@ class CgroupSampler:
     disappears when the container exits). A container tracked with a CPU-time limit has
     `on_cpu_limit(used_ns)` called once, from the sampling thread, when it passes it."""
 
-    def __init__(self, interval: float = 0.01) -> None:
+    def __init__(self, interval: float = 0.02) -> None:
         self.interval = interval
         self._tracked: dict[str, _Tracked] = {}
         self._lock = threading.Lock()
