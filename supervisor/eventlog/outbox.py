@@ -42,6 +42,10 @@ _STALE_NEW_LOG_S = 3600.0
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 DEFAULT_TRUNCATE_THRESHOLD = 64 * 1024 * 1024
 DEFAULT_MEMORY_LIMIT = 32 * 1024 * 1024
+# A group commit fsyncs the cursor too when its last fsync is older than this: after a
+# power cut the relay resends at most this much of what JetStream already acked, well
+# inside its duplicate window (2 min), which drops it (Nats-Msg-Id).
+CURSOR_SYNC_S = 1.0
 
 
 class _Log:
@@ -64,6 +68,7 @@ class _Log:
         self._cursor_fd = -1
         self._cursor_len = 0
         self._cursor_dirty = False
+        self._cursor_synced_at = 0.0  # time.monotonic() of the cursor's last fsync
         self.size = 0
         self.dirty = False
         self._window: deque[Record] = deque()
@@ -305,7 +310,8 @@ class _Log:
     def _write_cursor(self) -> None:
         """Overwrite the cursor in place, without an fsync: it runs on every ack, on the
         event loop, where a create-fsync-rename costs milliseconds. The cursor is fsync'd
-        with the next group commit of the log (`sync`), before a truncation and on close.
+        with a group commit of the log (`sync`) at most every `CURSOR_SYNC_S`, before a
+        truncation and on close.
         A cursor lost to a power cut only makes the relay resend acked records, which
         JetStream's duplicate window drops (Nats-Msg-Id)."""
         text = f"{self.cursor}\n".encode()
@@ -326,6 +332,7 @@ class _Log:
     def sync_cursor(self) -> None:
         if self._cursor_dirty and self._cursor_fd >= 0:
             self._cursor_dirty = False
+            self._cursor_synced_at = time.monotonic()
             os.fsync(self._cursor_fd)
 
     def truncate_if_done(self, threshold: int) -> bool:
@@ -348,7 +355,8 @@ class _Log:
         if self.dirty:
             self.dirty = False  # before the fsync: an append racing with it re-marks it
             os.fsync(self.fd)
-        self.sync_cursor()
+        if time.monotonic() - self._cursor_synced_at >= CURSOR_SYNC_S:
+            self.sync_cursor()
 
     def delete(self) -> None:
         """Remove a fully acked orphan: the log first (a leftover cursor is harmless)."""
