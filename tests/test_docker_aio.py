@@ -76,7 +76,7 @@ async def _one_container(runtime: DockerRuntime, tmp_dir: Path) -> None:
 
 @pytest.mark.parametrize("pooled", [True, False])
 async def test_an_attach_on_the_loop_carries_stdin_and_every_byte_of_output(
-    tmp_dir: Path, pooled: bool
+    tmp_dir: Path, pooled: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The attach stream is opened on the loop (the upgrade by hand): attached before the
     start (the cold path) or after it (an adoption: what the container printed meanwhile
@@ -115,6 +115,8 @@ async def test_an_attach_on_the_loop_carries_stdin_and_every_byte_of_output(
                 await runtime.attach(cid)
     finally:
         runtime.close()
+    # Nothing the loop had to report (a callback that failed, say).
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
 
 
 def test_calls_from_one_loop_then_another_and_a_missing_socket_is_unavailable(

@@ -137,8 +137,9 @@ async def _head(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
     """The answer's head, taken from `sock` to its blank line and not a byte further: what
     follows an upgrade is the stream, read by the output's reader."""
     while True:
-        readable = loop.create_future()
-        loop.add_reader(sock.fileno(), readable.set_result, None)
+        readable: asyncio.Future[None] = loop.create_future()
+        # Called at each turn of the loop while readable, until removed: once is enough.
+        loop.add_reader(sock.fileno(), _set_once, readable)
         try:
             await readable
         finally:
@@ -155,6 +156,11 @@ async def _head(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
         if len(seen) >= 65536:
             raise ConnectionError("the engine's attach answer has no end of head")
         await asyncio.sleep(0.001)  # the rest of the head is on its way
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _answer_head(head: bytes) -> tuple[int, str, int]:
