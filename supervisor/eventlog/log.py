@@ -56,6 +56,7 @@ _SUBJECT_RE = re.compile(r"^sup(\.[^.\s*>]+){4}$")
 _valid_subjects: set[str] = set()  # subjects repeat (a task's dozen events); checked once
 _MAX_BACKOFF_S = 2.0
 _OVERFLOW_RETRY_S = 0.5
+SIGN_ON_LOOP = 16  # most records of a batch signed on the loop (25 us each; a thread hop 150)
 
 
 class _Batch:
@@ -78,9 +79,6 @@ class _Batch:
                 f.cancel()
             elif not f.cancelled():
                 f.exception()
-
-
-SIGN_ON_LOOP = 16  # the most records of a batch signed on the event loop
 
 
 def _signed(signer: EventSigner, records: list[Record]) -> list[Record]:
@@ -509,14 +507,10 @@ class EventLog:
                 # Group commit: one fsync covers every record appended so far, and nothing
                 # is published before it is durable.
                 await asyncio.to_thread(outbox.sync)
-            if self.signer is not None:
-                # Signed as they go out: a few on the loop (a signature costs about 25 us,
-                # a hop to a worker thread 150 us of CPU), a backlog's off it (the crypto
-                # runs without the GIL: the process keeps emitting and taking acks).
-                if len(records) <= SIGN_ON_LOOP:
-                    records = _signed(self.signer, records)
-                else:
-                    records = await asyncio.to_thread(_signed, self.signer, records)
+            if self.signer is not None and len(records) <= SIGN_ON_LOOP:
+                records = _signed(self.signer, records)
+            elif self.signer is not None:  # off the loop: the crypto runs without the GIL
+                records = await asyncio.to_thread(_signed, self.signer, records)
             batch = await self._send(records)
             if batch.futures:
                 in_flight.append(batch)
