@@ -326,11 +326,14 @@ class DockerRuntime:
         return str(resp["Id"])
 
     async def attach(self, container_id: str, *, stdin: bool = False) -> Any:
-        """Open the raw output socket (multiplexed frames). Call before `start` so no byte
-        is missed; `read_output` drains and closes it. With `stdin`, the socket also takes
-        the container's standard input (`write_stdin`)."""
+        """Open the raw output socket (multiplexed frames). Call before `start`: the engine
+        subscribes the stream before it answers, so no byte printed afterwards is missed;
+        what was printed before is not replayed (the engine's `logs` replay, read from its
+        log file while the stream already runs, would double what a container started at
+        once prints meanwhile). `read_output` drains and closes it. With `stdin`, the
+        socket also takes the container's standard input (`write_stdin`)."""
         path = _container("attach", container_id, "/attach")
-        params = {"stdout": "1", "stderr": "1", "stream": "1", "logs": "1"}
+        params = {"stdout": "1", "stderr": "1", "stream": "1"}
         if stdin:
             params["stdin"] = "1"
         if (calls := self.calls) is None:
