@@ -1,6 +1,7 @@
 """The work queue's pulls against a real nats-server: a queue found empty is not asked again
 until a task is published to it or `RECHECK_S` has passed, and no task is missed for it
-(one published meanwhile is pulled at once; one no publish announces, within RECHECK_S)."""
+(one published meanwhile is pulled at once; one no publish announces, within RECHECK_S;
+one whose publish was seen before the stream stored it, at the next tries)."""
 
 from __future__ import annotations
 
@@ -92,5 +93,24 @@ def test_a_task_no_publish_announces_is_pulled_within_the_recheck(nats_url: str)
         assert msg is not None and msg.data == b"{}"
         assert workqueue.RECHECK_S <= time.monotonic() - t + 0.1 < workqueue.RECHECK_S + 1
         await msg.ack_sync()
+
+    asyncio.run(_pulls_of(nats_url, body))
+
+
+def test_a_queue_published_to_is_asked_again_before_it_is_marked_empty(nats_url: str) -> None:
+    """The publish reaches the subscription before the stream stores the task: a pull right
+    after it may find the queue empty. It is asked again 20, 40, 80 and 160 ms later, then
+    marked empty."""
+
+    async def body(wq: WorkQueue, js: JetStreamContext, asked: list[str], spy: NATS) -> None:
+        await wq._published(Msg(wq.nc, subject="suptask.high"))  # seen, not stored (yet)
+        for retry in range(5):
+            wq.wakeup.clear()
+            assert await wq.next("high") is None
+            if retry < 4:  # the scheduler is woken to ask again
+                await asyncio.wait_for(wq.wakeup.wait(), 1.0)
+        assert await wq.next("high") is None  # marked empty now: not asked
+        await _settle(spy)
+        assert asked.count("exec-high") == 5
 
     asyncio.run(_pulls_of(nats_url, body))

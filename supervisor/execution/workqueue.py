@@ -5,7 +5,11 @@ acknowledged only after the task's terminal event is durable.
 Priority order would cost a round trip per empty queue at every pull: a queue found empty
 is not asked again until a task is published to it (the core subscription that wakes the
 scheduler sees every publish, from any node) or `RECHECK_S` has passed (what no publish
-announces: a redelivery after another node's ack wait, a message handed back)."""
+announces: a redelivery after another node's ack wait, a message handed back). A publish
+reaches that subscription before the stream has stored it (JetStream fsyncs it first): a
+queue found empty after a publish to it is asked again `RETRY_S` later, then twice as late,
+up to `RETRY_MAX_S`, before it is marked empty (a task another node took meanwhile costs
+this node four more pulls)."""
 
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ from schemas.streams import TASKS_STREAM
 log = logging.getLogger("supervisor.execution.workqueue")
 _NO_WAIT = json.dumps({"batch": 1, "no_wait": True}).encode()
 RECHECK_S = 1.0
+RETRY_S = 0.02
+RETRY_MAX_S = 0.16
 
 
 def consumer_name(priority: str) -> str:
@@ -72,19 +78,19 @@ class WorkQueue:
         self.missing: set[str] = set()
         self._sub: object | None = None
         self._empty_at: dict[str, float] = {}  # priority -> when a pull last found it empty
-        self._published: dict[str, int] = dict.fromkeys(PRIORITIES, 0)  # publishes seen
+        self._retry: dict[str, float] = {}  # priority -> next delay to ask again after a 404
 
     async def start(self) -> None:
         """Wake the scheduler whenever a task is published (a core subscription sees the
         same subjects the stream stores); the queue published to is worth a pull again."""
 
-        async def _wake(msg: Msg) -> None:
-            priority = msg.subject.rpartition(".")[2]
-            self._published[priority] = self._published.get(priority, 0) + 1
-            self._empty_at.pop(priority, None)
-            self.wakeup.set()
+        self._sub = await self.nc.subscribe("suptask.>", cb=self._published)
 
-        self._sub = await self.nc.subscribe("suptask.>", cb=_wake)
+    async def _published(self, msg: Msg) -> None:
+        priority = msg.subject.rpartition(".")[2]
+        self._retry[priority] = RETRY_S
+        self._empty_at.pop(priority, None)
+        self.wakeup.set()
 
     async def stop(self) -> None:
         sub = self._sub
@@ -101,7 +107,6 @@ class WorkQueue:
         if empty_at is not None and time.monotonic() - empty_at < RECHECK_S:
             return None
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{TASKS_STREAM}.{consumer_name(priority)}"
-        published = self._published.get(priority)
         try:
             msg = await self.nc.request(subject, _NO_WAIT, timeout=5, old_style=True)
         except nats.errors.NoRespondersError as e:
@@ -114,8 +119,13 @@ class WorkQueue:
             raise NatsUnavailable("jetstream", "connection closed") from e
         self.missing.discard(priority)
         if (msg.headers and msg.headers.get("Status")) or not msg.reply:
-            # 404 no messages / 408 expired: empty, unless a publish came in meanwhile
-            if self._published.get(priority) == published:
+            # 404 no messages / 408 expired: empty, unless a task published to it may
+            # not be stored yet (then the scheduler is woken again to ask)
+            delay = self._retry.pop(priority, None)
+            if delay is not None and delay <= RETRY_MAX_S:
+                self._retry[priority] = delay * 2
+                asyncio.get_running_loop().call_later(delay, self.wakeup.set)
+            else:
                 self._empty_at[priority] = time.monotonic()
             return None
         self._empty_at.pop(priority, None)
