@@ -1,17 +1,20 @@
 """A task container's own engine calls made on the event loop (`supervisor.docker.aio`),
 against a real dockerd: the same answers and the same error classes as through docker-py,
-no worker thread, and nothing left open whatever loop made the calls."""
+no worker thread, and nothing left open whatever loop made the calls. And its cgroup
+counters, read on the loop too (`supervisor.docker.observe.CgroupSampler`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from pathlib import Path
 
 import pytest
 
 from schemas.errors import ContainerVanished, DockerUnavailable, ImageNotFound
 from supervisor.docker.internals import stdin_socket
+from supervisor.docker.observe import CgroupSampler
 from supervisor.docker.runtime import (
     ContainerRequest,
     DockerRuntime,
@@ -140,6 +143,43 @@ async def test_a_container_started_at_once_after_its_attach_prints_each_line_onc
                     await runtime.remove(cid, gvisor=False)
     finally:
         runtime.close()
+
+
+async def test_a_container_that_ends_between_two_samples_is_read_as_it_exits(
+    tmp_dir: Path,
+) -> None:
+    """No round of the sampler runs (an interval of a minute): what it reports of a shell
+    that hits its pids limit and exits at once was read when the container's first process
+    exited, before the engine removed the cgroup. Without that read the counters are
+    those of the sample right after the start (no limit hit yet), and a task that ends
+    within one interval is not seen to hit it (the pool's catalogue test found it so 1
+    time in 3 at the 20 ms default)."""
+    threads = threading.active_count()
+    sampler = CgroupSampler(interval=60.0)
+    runtime = DockerRuntime()
+    try:
+        async with runtime.pooled():
+            for _ in range(3):
+                script = "sleep 0.2; for i in $(seq 1 40); do sleep 5 & done; wait"
+                request = _request(tmp_dir, script)
+                request.pids = 8
+                cid = await runtime.create(request)
+                try:
+                    sampler.track(cid)
+                    await runtime.start(cid)
+                    sampler.sample(cid)
+                    assert await runtime.wait(cid) == 2  # "can't fork"
+                    await asyncio.sleep(0.5)  # the cgroup is long gone
+                    counters = sampler.untrack(cid)
+                finally:
+                    await runtime.remove(cid, gvisor=False)
+                assert counters.pids_limit_events >= 1, counters
+                assert counters.cpu_time_ns and counters.peak_memory_bytes, counters
+        assert threading.active_count() == threads  # no thread of its own
+    finally:
+        sampler.stop()
+        runtime.close()
+    assert sampler._round is None
 
 
 def test_calls_from_one_loop_then_another_and_a_missing_socket_is_unavailable(
