@@ -21,6 +21,8 @@ host whose cores both sides keep busy, the ratio follows the CPU). With `--again
 (another checkout of this repository, at an older commit say), each burst round runs on a
 daemon started from that checkout and on one started from this tree, both fresh, in
 alternating order, beside raw docker-py: what a change gained, measured in one run.
+Besides the ratio of the medians it prints each round's own ratio and their median: the
+host's speed drifts between rounds by as much as the gap, a round's sides ran back to back.
 """
 
 from __future__ import annotations
@@ -292,7 +294,18 @@ def _report(
     raw = statistics.median(rates["raw"])
     for side, label in labels.items():
         rate = statistics.median(rates[side])
-        print(f"  {label}: {rate:.2f} tasks/s  ratio {rate / raw:.2f}")
+        # Each round's own ratio too: the host's speed drifts between rounds as much as
+        # the gap, and a round's sides ran back to back.
+        paired = [r / w for r, w in zip(rates[side], rates["raw"], strict=True)]
+        rounds = ", ".join(f"{r:.2f}" for r in paired)
+        print(
+            f"  {label}: {rate:.2f} tasks/s  ratio {rate / raw:.2f}"
+            + (
+                f"  (by round: {rounds}; median {statistics.median(paired):.2f})"
+                if side != "raw"
+                else ""
+            )
+        )
     print("  CPU per task (ms, medians over rounds; read from /proc, so approximate):")
     for side, label in labels.items():
         groups = sorted({g for d in cpu[side] for g in d})

@@ -5,8 +5,7 @@
 - `CgroupSampler`: the containers' cgroup counters (pids limit hits, OOM kills), sampled
   while they run because Docker removes the cgroup when the container exits.
 
-The watcher runs one thread for the whole process, the sampler on the event loop; neither
-has one per container.
+Both run one thread each for the whole process, not one per container.
 """
 
 from __future__ import annotations
@@ -267,8 +266,6 @@ class _Tracked:
     on_cpu_limit: Callable[[int], None] | None = None
     exit_fd: int | None = None
     """A pidfd of the container's first process, readable once it exited."""
-    watched: bool = False
-    """Its exit was watched (or cannot be): not tried again."""
 
     def counters(self) -> tuple[_Counter, ...]:
         return (self.pids, self.oom, self.cpu, self.memory)
@@ -303,24 +300,22 @@ class CgroupSampler:
     """Samples the cgroup counters of tracked containers every `interval` s: pids-limit
     hits, OOM kills, CPU time and peak memory, keeping the highest value seen (the cgroup
     disappears when the container exits). A container tracked with a CPU-time limit has
-    `on_cpu_limit(used_ns)` called once, on the loop, when it passes it.
+    `on_cpu_limit(used_ns)` called once, from the sampling thread, when it passes it.
 
-    Runs on the event loop that tracks (every method is called there): a round is a few
-    `pread`s of held file descriptors, microseconds each. A thread of its own cost more
-    than the reads: each read gives up the GIL, and taking it back from a busy loop is a
-    futex handoff (about 220 a task in a burst of 120, measured with strace). No round is
-    scheduled while nothing is tracked.
-
-    A container's counters are also read the moment its first process (its init) exits,
-    through a pidfd on the loop: the engine removes the cgroup only after it has handled
-    the exit, so that last read sees what a task that ends within one interval did (a
-    shell that hits its pids limit and exits at once). Where no pidfd can be had (no
-    `cgroup.procs`, another PID namespace, a kernel before 5.3) the rounds alone do."""
+    A container's counters are also read the moment its first process (its init) exits:
+    `sample` right after its start opens a pidfd on it, which the event loop watches. The
+    engine removes the cgroup only after it has handled the exit, so that read sees what a
+    task that ends within one interval did (a shell that hits its pids limit and exits at
+    once). Where no pidfd can be had (no `cgroup.procs`, another PID namespace, a kernel
+    before 5.3) the thread's rounds alone do."""
 
     def __init__(self, interval: float = 0.02) -> None:
         self.interval = interval
         self._tracked: dict[str, _Tracked] = {}
-        self._round: asyncio.TimerHandle | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cgroup-sampler", daemon=True)
+        self._started = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def track(
@@ -332,32 +327,32 @@ class CgroupSampler:
     ) -> None:
         entry = _tracked(cid)
         entry.cpu_limit_ns, entry.on_cpu_limit = cpu_limit_ns, on_cpu_limit
-        self._tracked[cid] = entry
-        loop = asyncio.get_running_loop()
-        if self._round is None or self._loop is not loop:  # none yet, or on a loop now gone
-            if self._round is not None:
-                self._round.cancel()
-            self._loop = loop
-            self._round = loop.call_later(self.interval, self._run)
+        with self._lock:
+            self._tracked[cid] = entry
+            if not self._started:
+                self._started = True
+                self._thread.start()
 
     def sample(self, cid: str) -> None:
         """Sample one container now (right after its start: a short-lived one may be gone
-        before the next round)."""
-        entry = self._tracked.get(cid)
-        if entry is not None:
-            entry.sample()
-            self._watch_exit(cid, entry)
+        before the sampling thread's next round), and watch its exit. On the loop."""
+        with self._lock:
+            entry = self._tracked.get(cid)
+            if entry is not None:
+                entry.sample()
+                self._watch_exit(cid, entry)
 
     def untrack(self, cid: str) -> CgroupCounters:
         """Take a last sample and stop tracking; returns the highest counters seen."""
-        entry = self._tracked.pop(cid, None)
-        if entry is None:
-            return CgroupCounters()
-        entry.on_cpu_limit = None
-        self._unwatch(entry)
-        for c in entry.counters():
-            c.sample()
-            c.close()
+        with self._lock:
+            entry = self._tracked.pop(cid, None)
+            if entry is None:
+                return CgroupCounters()
+            entry.on_cpu_limit = None
+            self._unwatch(entry)
+            for c in entry.counters():
+                c.sample()
+                c.close()
         return CgroupCounters(
             pids_limit_events=entry.pids.best,
             memory_oom_events=entry.oom.best,
@@ -366,37 +361,35 @@ class CgroupSampler:
         )
 
     def _run(self) -> None:
-        for cid, entry in list(self._tracked.items()):  # a limit's callback may untrack
-            entry.sample()
-            self._watch_exit(cid, entry)
-        loop = self._loop
-        self._round = loop.call_later(self.interval, self._run) if loop and self._tracked else None
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                for entry in self._tracked.values():
+                    entry.sample()
 
     def _watch_exit(self, cid: str, entry: _Tracked) -> None:
-        """Once its cgroup is open: a pidfd of the container's first process, read by the
-        loop (`_exited`). Tried at each sample until the cgroup lists a process."""
+        """A pidfd of the container's first process, read by the loop (`_exited`)."""
         path = entry.pids.path
-        if entry.watched or path is None or self._loop is None:
+        if entry.exit_fd is not None or path is None:
             return
         try:
             procs = (path.parent / "cgroup.procs").read_bytes().split()
             if not procs:
-                return  # not started yet: the next sample tries again
-            entry.watched = True
+                return
             entry.exit_fd = os.pidfd_open(min(int(p) for p in procs))
         except ProcessLookupError:  # exited already: read it while the cgroup is there
             entry.sample()
             return
         except (OSError, ValueError, AttributeError):  # no pidfd here: the rounds alone
-            entry.watched = True
             return
+        self._loop = asyncio.get_running_loop()
         self._loop.add_reader(entry.exit_fd, self._exited, cid)
 
     def _exited(self, cid: str) -> None:
-        entry = self._tracked.get(cid)
-        if entry is not None:
-            entry.sample()
-            self._unwatch(entry)
+        with self._lock:
+            entry = self._tracked.get(cid)
+            if entry is not None:
+                entry.sample()
+                self._unwatch(entry)
 
     def _unwatch(self, entry: _Tracked) -> None:
         fd, entry.exit_fd = entry.exit_fd, None
@@ -406,11 +399,12 @@ class CgroupSampler:
             os.close(fd)
 
     def stop(self) -> None:
-        if self._round is not None:
-            self._round.cancel()
-            self._round = None
-        for entry in self._tracked.values():
-            self._unwatch(entry)
-            for c in entry.counters():
-                c.close()
-        self._tracked.clear()
+        self._stop.set()
+        if self._started:
+            self._thread.join(timeout=2)
+        with self._lock:
+            for entry in self._tracked.values():
+                self._unwatch(entry)
+                for c in entry.counters():
+                    c.close()
+            self._tracked.clear()
