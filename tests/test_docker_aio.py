@@ -1,7 +1,6 @@
 """A task container's own engine calls made on the event loop (`supervisor.docker.aio`),
 against a real dockerd: the same answers and the same error classes as through docker-py,
-no worker thread, and nothing left open whatever loop made the calls. And its cgroup
-counters read as it exits (`supervisor.docker.observe.CgroupSampler`)."""
+no worker thread, and nothing left open whatever loop made the calls."""
 
 from __future__ import annotations
 
@@ -12,9 +11,7 @@ from pathlib import Path
 import pytest
 
 from schemas.errors import ContainerVanished, DockerUnavailable, ImageNotFound
-from supervisor.docker import observe
 from supervisor.docker.internals import stdin_socket
-from supervisor.docker.observe import CgroupSampler
 from supervisor.docker.runtime import (
     ContainerRequest,
     DockerRuntime,
@@ -142,80 +139,6 @@ async def test_a_container_started_at_once_after_its_attach_prints_each_line_onc
                 finally:
                     await runtime.remove(cid, gvisor=False)
     finally:
-        runtime.close()
-
-
-async def test_a_container_that_ends_between_two_samples_is_read_as_it_exits(
-    tmp_dir: Path,
-) -> None:
-    """No round of the sampler runs (an interval of a minute): what it reports of a shell
-    that hits its pids limit and exits at once was read when the container's first process
-    exited, before the engine removed the cgroup. Without that read the counters are
-    those of the sample right after the start (no limit hit yet), and a task that ends
-    within one interval is not seen to hit it (the pool's catalogue test found it so 1
-    time in 3 at the 20 ms default)."""
-    sampler = CgroupSampler(interval=60.0)
-    runtime = DockerRuntime()
-    try:
-        async with runtime.pooled():
-            for _ in range(3):
-                script = "sleep 0.2; for i in $(seq 1 40); do sleep 5 & done; wait"
-                request = _request(tmp_dir, script)
-                request.pids = 8
-                cid = await runtime.create(request)
-                try:
-                    sampler.track(cid)
-                    await runtime.start(cid)
-                    sampler.sample(cid)
-                    assert await runtime.wait(cid) == 2  # "can't fork"
-                    await asyncio.sleep(0.5)  # the cgroup is long gone
-                    counters = sampler.untrack(cid)
-                finally:
-                    await runtime.remove(cid, gvisor=False)
-                assert counters.pids_limit_events >= 1, counters
-                assert counters.cpu_time_ns and counters.peak_memory_bytes, counters
-    finally:
-        sampler.stop()
-        runtime.close()
-
-
-async def test_only_a_cpu_time_limit_or_an_unwatched_exit_costs_rounds(
-    tmp_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Two containers alike running for 0.4 s, sampled at 10 ms: the one whose exit is
-    watched and that has no CPU-time limit is read at its start, as it exits and when
-    untracked; the one with a limit at every round as well."""
-    reads: dict[str, int] = {}
-    original = observe._Tracked.sample
-
-    def counted(self: observe._Tracked) -> None:
-        key = "limited" if self.on_cpu_limit is not None else "watched"
-        reads[key] = reads.get(key, 0) + 1
-        original(self)
-
-    monkeypatch.setattr(observe._Tracked, "sample", counted)
-    sampler = CgroupSampler(interval=0.01)
-    runtime = DockerRuntime()
-    try:
-        async with runtime.pooled():
-            cids = [await runtime.create(_request(tmp_dir, "sleep 0.4")) for _ in range(2)]
-            try:
-                sampler.track(cids[0])
-                sampler.track(cids[1], cpu_limit_ns=10**12, on_cpu_limit=lambda _: None)
-                for cid in cids:
-                    await runtime.start(cid)
-                    sampler.sample(cid)
-                for cid in cids:
-                    assert await runtime.wait(cid) == 0
-                await asyncio.sleep(0.1)
-                counters = [sampler.untrack(cid) for cid in cids]
-            finally:
-                for cid in cids:
-                    await runtime.remove(cid, gvisor=False)
-        assert all(c.cpu_time_ns and c.peak_memory_bytes for c in counters), counters
-        assert reads["watched"] <= 4 < 20 <= reads["limited"], reads
-    finally:
-        sampler.stop()
         runtime.close()
 
 

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import select
 import threading
 import time
 from collections import OrderedDict
@@ -222,7 +221,6 @@ class _Counter:
         self.key: bytes | None = None
         self.scale = 1
         self.fd: int | None = None
-        self.path: Path | None = None
         self.gone = False
         self.best = 0
         self.seen = False
@@ -236,7 +234,7 @@ class _Counter:
                     self.fd = os.open(p, os.O_RDONLY)
                 except OSError:
                     continue
-                self.key, self.scale, self.path = key, scale, p
+                self.key, self.scale = key, scale
                 break
             if self.fd is None:
                 return
@@ -265,18 +263,6 @@ class _Tracked:
     memory: _Counter
     cpu_limit_ns: int | None = None
     on_cpu_limit: Callable[[int], None] | None = None
-    exit_fd: int | None = None
-    """A pidfd of the container's first process, readable once it exited."""
-    started: bool = False
-    """`CgroupSampler.sample` was called: it runs, and its exit is watched if it can be."""
-    exited: bool = False
-
-    def needs_rounds(self) -> bool:
-        """Read every interval: a CPU-time limit to enforce, or an exit not watched (before
-        its start there is no cgroup to read)."""
-        if self.exited:
-            return False
-        return self.cpu_limit_ns is not None or (self.started and self.exit_fd is None)
 
     def counters(self) -> tuple[_Counter, ...]:
         return (self.pids, self.oom, self.cpu, self.memory)
@@ -308,20 +294,10 @@ def _tracked(cid: str) -> _Tracked:
 
 
 class CgroupSampler:
-    """Reads the cgroup counters of tracked containers: pids-limit hits, OOM kills, CPU
-    time and peak memory, keeping the highest value seen (the cgroup disappears when the
-    container exits). A container tracked with a CPU-time limit has `on_cpu_limit(used_ns)`
-    called once, from the sampling thread, when it passes it.
-
-    Every counter is cumulative or a high-water mark, so what matters is the last read
-    before the cgroup goes. `sample`, right after the container's start, opens a pidfd on
-    its first process (its init); the sampling thread waits on those and reads a container
-    the moment it exits, before the engine, which removes the cgroup only once it has
-    handled the exit, gets there (a shell that hits its pids limit and exits at once).
-    Rounds every `interval` s remain for a container with a CPU-time limit (to kill it in
-    time) and for one started whose exit cannot be watched (no `cgroup.procs`, another PID
-    namespace, a kernel before 5.3); with none of those the thread sleeps until an exit.
-    Only the thread closes a pidfd (one closed under a wait would go unnoticed)."""
+    """Samples the cgroup counters of tracked containers every `interval` s: pids-limit
+    hits, OOM kills, CPU time and peak memory, keeping the highest value seen (the cgroup
+    disappears when the container exits). A container tracked with a CPU-time limit has
+    `on_cpu_limit(used_ns)` called once, from the sampling thread, when it passes it."""
 
     def __init__(self, interval: float = 0.02) -> None:
         self.interval = interval
@@ -330,9 +306,6 @@ class CgroupSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cgroup-sampler", daemon=True)
         self._started = False
-        self._stopped = False
-        self._wake_r = self._wake_w = -1  # a pipe, made with the thread
-        self._to_close: list[int] = []
 
     def track(
         self,
@@ -347,21 +320,15 @@ class CgroupSampler:
             self._tracked[cid] = entry
             if not self._started:
                 self._started = True
-                self._wake_r, self._wake_w = os.pipe()
-                os.set_blocking(self._wake_w, False)
                 self._thread.start()
-        self._wake()
 
     def sample(self, cid: str) -> None:
         """Sample one container now (right after its start: a short-lived one may be gone
-        before the thread's next read), and watch its exit."""
+        before the sampling thread's next round)."""
         with self._lock:
             entry = self._tracked.get(cid)
             if entry is not None:
                 entry.sample()
-                entry.started = True
-                self._watch_exit(entry)
-        self._wake()
 
     def untrack(self, cid: str) -> CgroupCounters:
         """Take a last sample and stop tracking; returns the highest counters seen."""
@@ -370,9 +337,6 @@ class CgroupSampler:
             if entry is None:
                 return CgroupCounters()
             entry.on_cpu_limit = None
-            if entry.exit_fd is not None:
-                self._to_close.append(entry.exit_fd)
-                entry.exit_fd = None
             for c in entry.counters():
                 c.sample()
                 c.close()
@@ -383,72 +347,18 @@ class CgroupSampler:
             peak_memory_bytes=entry.memory.best if entry.memory.seen else None,
         )
 
-    @staticmethod
-    def _watch_exit(entry: _Tracked) -> None:
-        """A pidfd of the container's first process, for the thread to wait on."""
-        path = entry.pids.path
-        if entry.exit_fd is not None or entry.exited or path is None:
-            return
-        try:
-            procs = (path.parent / "cgroup.procs").read_bytes().split()
-            if procs:
-                entry.exit_fd = os.pidfd_open(min(int(p) for p in procs))
-        except ProcessLookupError:  # exited already: read it while the cgroup is there
-            entry.sample()
-        except (OSError, ValueError, AttributeError):  # no pidfd here: the rounds alone
-            pass
-
-    def _wake(self) -> None:
-        if self._wake_w >= 0:
-            with contextlib.suppress(OSError):  # full: a wake is pending anyway
-                os.write(self._wake_w, b"x")
-
     def _run(self) -> None:
-        last_round = time.monotonic()
-        while not self._stop.is_set():
+        while not self._stop.wait(self.interval):
             with self._lock:
-                for fd in self._to_close:
-                    os.close(fd)
-                self._to_close.clear()
-                watched = {e.exit_fd: e for e in self._tracked.values() if e.exit_fd is not None}
-                rounds = any(e.needs_rounds() for e in self._tracked.values())
-            poller = select.poll()  # not select(): a busy daemon's fds pass 1024
-            for fd in (self._wake_r, *watched):
-                poller.register(fd, select.POLLIN)
-            wait = max(0.0, last_round + self.interval - time.monotonic()) if rounds else None
-            ready = {fd for fd, _ in poller.poll(None if wait is None else wait * 1000)}
-            if self._wake_r in ready:
-                os.read(self._wake_r, 4096)
-            with self._lock:
-                for fd in ready:
-                    entry = watched.get(fd)
-                    if entry is not None and entry.exit_fd == fd:  # exited: its last read
-                        entry.sample()
-                        entry.exit_fd, entry.exited = None, True
-                        self._to_close.append(fd)
-                if rounds and time.monotonic() - last_round >= self.interval:
-                    last_round = time.monotonic()
-                    for entry in self._tracked.values():
-                        if entry.needs_rounds():
-                            entry.sample()
+                for entry in self._tracked.values():
+                    entry.sample()
 
     def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
         self._stop.set()
-        self._wake()
         if self._started:
             self._thread.join(timeout=2)
         with self._lock:
-            fds = self._to_close + [e.exit_fd for e in self._tracked.values() if e.exit_fd]
             for entry in self._tracked.values():
                 for c in entry.counters():
                     c.close()
             self._tracked.clear()
-            self._to_close = []
-            for fd in (*fds, self._wake_r, self._wake_w):
-                if fd >= 0:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-            self._wake_r = self._wake_w = -1

@@ -416,9 +416,8 @@ class AttemptRunner:
     def _kill_from_thread(
         self, em: Emitter, cid: str, reason: str, st: AttemptState
     ) -> Callable[..., None]:
-        """A callback that kills the container for `reason` in this loop, callable from
-        another thread (the output reader) as from the loop (the cgroup sampler);
-        `_supervise` awaits the kill."""
+        """A callback for another thread (the output reader, the cgroup sampler) that kills
+        the container for `reason` in this loop; `_supervise` awaits the kill."""
         loop = asyncio.get_running_loop()
 
         def kill() -> None:
