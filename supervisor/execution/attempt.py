@@ -52,7 +52,7 @@ from supervisor.eventlog.outcomes import emit_error
 from supervisor.execution.cleanup import Cleaner, CleanupReport
 from supervisor.execution.pool import Parked, WarmPool
 from supervisor.execution.state import AttemptOutcome, AttemptState, LiveAttempt
-from supervisor.execution.workspace import create_workspace, fill_workspace, on_loop_if_small
+from supervisor.execution.workspace import create_workspace, fill_workspace
 from supervisor.observability.metrics import Metrics
 from supervisor.policy.classify import classify
 
@@ -196,12 +196,8 @@ class AttemptRunner:
         # Creating steps run to completion even when the attempt is cancelled meanwhile, so
         # what they made is known to cleanup instead of leaking (a workspace, a container,
         # an open socket).
-        contents = spec.file_bytes()
-        st.workspace_bytes = sum(map(len, contents.values()))
         (st.workspace, nbytes), cancelled = await _settled(
-            on_loop_if_small(
-                st.workspace_bytes, create_workspace, self.data_dir, task_id, attempt, contents
-            )
+            asyncio.to_thread(create_workspace, self.data_dir, task_id, attempt, spec.file_bytes())
         )
         if cancelled:
             raise asyncio.CancelledError
@@ -282,10 +278,8 @@ class AttemptRunner:
         self.last_adopt_at = time.perf_counter()
         rt, cid = self.runtime, p.container_id
         try:
-            contents = spec.file_bytes()
-            st.workspace_bytes = sum(map(len, contents.values()))
             nbytes, cancelled = await _settled(
-                on_loop_if_small(st.workspace_bytes, fill_workspace, p.workspace, contents)
+                asyncio.to_thread(fill_workspace, p.workspace, spec.file_bytes())
             )
             stream, attached_cancel = await _settled(rt.attach(cid, stdin=True))
         except (DockerError, OSError):
@@ -472,12 +466,7 @@ class AttemptRunner:
     async def _cleanup(self, em: Emitter, st: AttemptState) -> CleanupReport:
         cid = st.container_id
         report = await self.cleaner.clean(
-            em,
-            cid,
-            st.workspace,
-            running=st.running,
-            gvisor=st.fork_log_dir is not None,
-            workspace_bytes=st.workspace_bytes,
+            em, cid, st.workspace, running=st.running, gvisor=st.fork_log_dir is not None
         )
         self.workspaces.discard(str(st.workspace))
         await self._close_reader(st)

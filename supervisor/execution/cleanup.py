@@ -15,7 +15,7 @@ from schemas.errors import SupervisorError
 from supervisor.docker.observe import DockerEventWatcher
 from supervisor.docker.runtime import DockerRuntime
 from supervisor.eventlog.emitter import Emitter
-from supervisor.execution.workspace import on_loop_if_small, remove_workspace
+from supervisor.execution.workspace import remove_workspace
 from supervisor.observability.metrics import Metrics
 
 
@@ -48,12 +48,9 @@ class Cleaner:
         *,
         running: bool,
         gvisor: bool = True,
-        workspace_bytes: int | None = None,
     ) -> CleanupReport:
         """Run every step that applies, each even if an earlier one failed. `gvisor=False`:
-        the container is known to have run under another runtime (`DockerRuntime.remove`).
-        `workspace_bytes`: what the attempt wrote into the workspace, when known (a small
-        one is removed on the loop: `on_loop_if_small`)."""
+        the container is known to have run under another runtime (`DockerRuntime.remove`)."""
         report = CleanupReport()
         if container_id is not None:
             if running:
@@ -72,7 +69,7 @@ class Cleaner:
                 em,
                 "remove_workspace",
                 str(workspace),
-                on_loop_if_small(workspace_bytes, remove_workspace, workspace),
+                asyncio.to_thread(remove_workspace, workspace),
             )
             report.ok &= ok
         return report

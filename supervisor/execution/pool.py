@@ -31,7 +31,7 @@ from schemas.spec import WAITER, Shape, pool_shape
 from supervisor.docker.observe import DockerEventWatcher
 from supervisor.docker.runtime import ContainerRequest, DockerRuntime
 from supervisor.eventlog.emitter import Emitter
-from supervisor.execution.workspace import WORKSPACES, on_loop_if_small, remove_workspace
+from supervisor.execution.workspace import WORKSPACES, remove_workspace
 from supervisor.observability.metrics import Metrics
 
 __all__ = ["Parked", "WarmPool"]
@@ -276,7 +276,7 @@ class WarmPool:
         cid: str | None = None
         ws: Path | None = None
         try:
-            ws = await on_loop_if_small(0, _make_workspace, self.data_dir)  # an empty dir
+            ws = await asyncio.to_thread(_make_workspace, self.data_dir)
             labels = parked_labels(
                 node_id=self.emitter.node_id,
                 instance_id=self.emitter.instance_id,
@@ -316,7 +316,7 @@ class WarmPool:
                 await self._retire(Parked(cid, ws, shape, {}, fork_log_dir=logs), "failed")
             elif ws is not None:
                 with contextlib.suppress(OSError):
-                    await on_loop_if_small(0, remove_workspace, ws)  # never handed out
+                    await asyncio.to_thread(remove_workspace, ws)
             return
         finally:
             st.parking -= 1

@@ -20,8 +20,6 @@ class AttemptState:
     """What one attempt has created and observed so far (filled as it goes)."""
 
     workspace: Path | None = None
-    workspace_bytes: int | None = None
-    """What its files hold, once written (None: unknown)."""
     container_id: str | None = None
     running: bool = False
     exit_code: int | None = None

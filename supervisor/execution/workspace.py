@@ -3,32 +3,14 @@ files, mounted read-only into the container. Readable by the sandbox's non-root 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from typing import Any
 
 WORKSPACES = "workspaces"
-
-# A workspace whose files hold at most this many bytes is written and removed on the event
-# loop: a few dozen syscalls into the page cache, where a worker thread's hop, and the GIL
-# handed back and forth at each of its syscalls while the loop is busy, cost more (the
-# daemon's futex calls in a burst of trivial tasks: 399 -> 222 a task, strace -c).
-INLINE_BYTES = 64 * 1024
-
-
-async def on_loop_if_small(nbytes: int | None, fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` (a workspace operation) on the loop when the workspace's files are known
-    to hold at most `INLINE_BYTES`, else in a worker thread."""
-    if nbytes is not None and nbytes <= INLINE_BYTES:
-        return fn(*args)
-    return await asyncio.to_thread(fn, *args)
 
 
 def create_workspace(
