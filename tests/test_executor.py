@@ -36,6 +36,7 @@ from supervisor.execution import attempt as attempt_module
 from supervisor.policy.breaker import counts
 from supervisor.policy.classify import classify
 from supervisor.reconcile.command_executor import CommandExecutor
+from testing.daemon import FORKS_REFUSED
 from testing.stream import stream_events, stream_messages
 from tests.conftest import SANDBOX_IMAGE
 
@@ -167,16 +168,7 @@ async def test_the_container_is_hardened(node: Node) -> None:
             "resource",
             137,
         ),
-        # Forks refused, then about 0.2 s of builtins before its exit: one refused in the
-        # last cgroup sample's interval can be missed (a limit the README states).
-        (
-            "(for i in $(seq 1 40); do sleep 5 & done; wait); s=$?; "
-            "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; exit $s",
-            {"pids": 8},
-            "PIDS_LIMIT",
-            "resource",
-            2,
-        ),
+        (FORKS_REFUSED, {"pids": 8}, "PIDS_LIMIT", "resource", 2),
     ],
 )
 async def test_each_failure_is_classified_from_evidence(

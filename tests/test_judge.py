@@ -17,6 +17,7 @@ from schemas.config import Bounds, Config, Policy
 from schemas.errors import InvalidSpec
 from supervisor.daemon.node import Node, open_node
 from supervisor.policy.admission import admit
+from testing.daemon import LINGER
 from testing.stream import stream_events
 from tests.conftest import SANDBOX_IMAGE
 
@@ -140,12 +141,7 @@ def test_admission_names_the_bad_field(fields: dict[str, object], field: str, sa
 async def test_a_child_killed_for_memory_fails_the_task_even_when_the_script_exits_0(
     node: Node,
 ) -> None:
-    # Then about 0.2 s of shell builtins before its exit: a kill in the last cgroup
-    # sample's interval can be missed (a limit the README states).
-    script = (
-        "head -c 200000000 /dev/zero | sort >/dev/null; echo survived; "
-        "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"
-    )
+    script = f"head -c 200000000 /dev/zero | sort >/dev/null; echo survived; {LINGER}"
     result = await _run(node, _spec(["sh", "-c", script], limits=Limits(memory_mb=32)))
 
     assert result.stdout == "survived\n"
