@@ -15,7 +15,8 @@ fewer tasks than the pool refills, about 3 a second at size 2, finds it so); wit
 `--back-to-back` they follow each other at once and take what is parked.
 
 With `--burst N`, then N trivial tasks submitted at once over HTTP (`submit_many`) and
-waited for, against raw docker-py running N containers with 8 threads, alternated: the
+waited for, against raw docker-py running N containers with 8 threads, alternated (which
+side goes first alternates too: each inherits the clean-up of the one before): the
 throughput ratio, and the CPU each side's processes spent per task (read from /proc: on a
 host whose cores both sides keep busy, the ratio follows the CPU). With `--against DIR`
 (another checkout of this repository, at an older commit say), each burst round runs on a
@@ -234,12 +235,12 @@ def _measured(n: int, work: Callable[[], object]) -> tuple[float, dict[str, floa
 def _burst(c: Client, n: int, rounds: int, mount: str) -> None:
     rates: dict[str, list[float]] = {"raw": [], "ours": []}
     cpu: dict[str, list[dict[str, float]]] = {"raw": [], "ours": []}
-    for _ in range(rounds):
-        for side, work in (
-            ("raw", lambda: raw_run(n, 8, mount)),
-            ("ours", lambda: _submit_burst(c, n)),
-        ):
-            rate, used = _measured(n, work)
+    work = {"raw": lambda: raw_run(n, 8, mount), "ours": lambda: _submit_burst(c, n)}
+    for r in range(rounds):
+        # Alternating which side goes first: each side inherits the engine's and the
+        # kernel's clean-up of the one before it.
+        for side in ("raw", "ours") if r % 2 == 0 else ("ours", "raw"):
+            rate, used = _measured(n, work[side])
             rates[side].append(rate)
             cpu[side].append(used)
     print(f"{n} trivial tasks at once, {rounds} alternated rounds (medians):")
@@ -320,7 +321,8 @@ _GROUPS = {"dockerd": "dockerd", "containerd": "containerd", "nats-server": "nat
 def _cpu_by_process() -> dict[str, float]:
     """CPU seconds so far of each process group on the host: the engine (dockerd,
     containerd, the shims; runc and the containers' processes are counted where they are
-    reaped), nats-server, the daemon and its projection, the kernel's workers, the rest.
+    reaped), nats-server, the daemon (its event loop and its other threads) and its
+    projection, the kernel's workers, the rest.
     Children reaped are included (`cutime`/`cstime`)."""
     hz = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
@@ -342,7 +344,16 @@ def _cpu_by_process() -> dict[str, float]:
         elif "projection_service" in cmd:
             group = "projection"
         elif "supervisor serve" in cmd:
-            group = "daemon"
+            # Its event loop (the main thread) apart from its other threads: the sampler,
+            # the attach readers, the engine's and the fsyncs' workers.
+            try:
+                loop = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
+            except OSError:
+                continue
+            own = sum(int(x) for x in loop[loop.rindex(")") + 2 :].split()[11:13]) / hz
+            out["daemon's event loop"] = out.get("daemon's event loop", 0.0) + own
+            out["daemon's threads"] = out.get("daemon's threads", 0.0) - own
+            group = "daemon's threads"
         elif comm.startswith("containerd-shim"):
             group = "shims"
         elif comm.startswith("kworker"):
