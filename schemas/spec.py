@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 Priority = Literal["high", "normal", "low"]
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
@@ -52,17 +52,23 @@ class RetryPolicy(Struct, forbid_unknown_fields=True, kw_only=True):
 
 class TaskSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     """One task as submitted. `files` (text) and `files_base64` (bytes, base64) are written
-    to a workspace mounted read-only at /workspace; `stdin` (text) or `stdin_base64` (bytes,
-    base64) is the script's standard input, closed at its end (without either, stdin is
-    empty). The security requests (`network`, `privileged`, `cap_add`, `mounts`) are refused
-    unless the configured policy allows them; `callback_url` unless `[callbacks] allowed`
-    names its destination; `runtime` unless `[sandbox] runtimes` lists it."""
+    to a workspace mounted read-only at /workspace (those named in `executables`
+    executable); `stdin` (text) or `stdin_base64` (bytes, base64) is the script's standard
+    input, closed at its end (without either, stdin is empty). The security requests
+    (`network`, `privileged`, `cap_add`, `mounts`) are refused unless the configured policy
+    allows them; `callback_url` unless `[callbacks] allowed` names its destination;
+    `runtime` unless `[sandbox] runtimes` lists it."""
 
     image: Annotated[str, Meta(min_length=1, max_length=512)]
     command: Annotated[list[str], Meta(min_length=1)]
     task_id: Token | None = None
     files: dict[str, str] = {}
     files_base64: dict[str, str] = {}
+    executables: list[str] | UnsetType = UNSET
+    """Names of `files` / `files_base64` written executable (mode 0755, the others 0644): a
+    program compiled elsewhere, or a script with a `#!` line, run as the command itself.
+    Left out of the JSON when not given, so that the specs (and `task.submitted` events) of
+    tasks without it read as before to older readers."""
     stdin: str | None = None
     stdin_base64: str | None = None
     env: dict[str, str] = {}
@@ -156,6 +162,7 @@ def public_spec(spec: TaskSpec) -> TaskSpec:
         stdin=None if spec.stdin is None else hidden(spec.stdin),
         stdin_base64=None if spec.stdin_base64 is None else hidden(spec.stdin_base64),
         env={k: hidden(v) for k, v in spec.env.items()},
+        executables=sorted(set(spec.executables or ())) or UNSET,
     )
 
 

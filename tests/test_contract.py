@@ -10,11 +10,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from schemas import EVENT_TYPES, ErrorRaised, TaskSucceeded, decode_event, encode_event
+from schemas import EVENT_TYPES, ErrorRaised, TaskSpec, TaskSucceeded, decode_event, encode_event
 from schemas.config import load_config
 from schemas.errors import ConfigError
 from schemas.jsonschema import JSON_DIR, render
 from schemas.lifecycle import InvalidTransition, next_container_state, next_task_state
+from schemas.spec import public_spec
 from tests.layout import PURE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +66,23 @@ def test_unknown_fields_are_ignored_by_old_readers() -> None:
     ev = decode_event(raw)
 
     assert ev.subject() == "sup.supervisor.stopped.n1._"
+
+
+def test_a_spec_without_executables_reads_as_before() -> None:
+    """A spec's embedded form forbids unknown fields, so `executables` (added later) is left
+    out of the JSON unless given: a task that does not use it travels, and its
+    `task.submitted` is kept, as older readers decode it. Its public form is a set."""
+    plain = TaskSpec(image="i", command=["true"])
+    assert b"executables" not in msgspec.json.encode(plain)
+    assert b"executables" not in msgspec.json.encode(public_spec(plain))
+    assert public_spec(msgspec.structs.replace(plain, executables=[])) == public_spec(plain)
+
+    marked = TaskSpec(
+        image="i", command=["./b"], files={"a": "", "b": ""}, executables=["b", "a", "b"]
+    )
+    assert public_spec(marked).executables == ["a", "b"]
+    again = msgspec.json.decode(msgspec.json.encode(public_spec(marked)), type=TaskSpec)
+    assert again == public_spec(marked) == public_spec(again)
 
 
 def test_terminal_events_carry_a_result() -> None:

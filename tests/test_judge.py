@@ -77,6 +77,39 @@ async def test_binary_files_arrive_byte_for_byte(node: Node) -> None:
     assert result.stdout == f"{hashlib.md5(blob).hexdigest()}  /workspace/bin/prog.dat\ntext too\n"
 
 
+async def test_an_uploaded_program_marked_executable_is_the_command(node: Node) -> None:
+    """A judge compiles elsewhere and sends the binary (here a static busybox) with
+    `executables`: it runs as the command itself, from the read-only workspace; the same
+    file without the mark cannot be executed (126), nor can anything be made executable
+    from inside."""
+    program = base64.b64encode(Path("/bin/busybox").read_bytes()).decode()
+    ran = await _run(
+        node,
+        _spec(
+            [
+                "/workspace/bin/busybox",
+                "sh",
+                "-c",
+                "echo ran; chmod +x /workspace/bin/data || echo ro; ls -l /workspace/bin/* | cut -c1-10",
+            ],
+            files_base64={"bin/busybox": program, "bin/data": program},
+            executables=["bin/busybox"],
+        ),
+    )
+    assert ran.status == "succeeded", ran.error
+    assert ran.stdout == "ran\nro\n-rwxr-xr-x\n-rw-r--r--\n"  # bin/busybox, bin/data
+
+    unmarked = await _run(
+        node,
+        _spec(
+            ["/workspace/busybox", "true"],
+            files_base64={"busybox": program},
+        ),
+    )
+    assert unmarked.exit_code == 126
+    assert unmarked.error is not None and unmarked.error.code == "NONZERO_EXIT"
+
+
 async def test_a_busy_loop_past_its_cpu_time_is_killed(node: Node, nats_url: str) -> None:
     spec = _spec(["sh", "-c", "while :; do :; done"], limits=Limits(cpu_time_s=0.5, timeout_s=30))
     result = await _run(node, spec)
@@ -128,6 +161,7 @@ async def test_peak_memory_is_the_cgroup_high_water_mark(node: Node) -> None:
         ({"stdin": "x" * 11}, "stdin", "above the configured bound 10"),
         ({"files_base64": {"a": base64.b64encode(b"y" * 11).decode()}}, "files", "11 bytes"),
         ({"limits": Limits(cpu_time_s=700)}, "limits.cpu_time_s", "above the configured bound"),
+        ({"files": {"a": "x"}, "executables": ["b"]}, "executables.b", "names no file"),
     ],
 )
 def test_admission_names_the_bad_field(fields: dict[str, object], field: str, says: str) -> None:

@@ -152,6 +152,14 @@ CASES: list[tuple[str, Any, dict[str, Any], tuple[str, str] | None, int | None, 
         0,
         True,
     ),
+    (
+        "executable",
+        ["/workspace/bin/run", "arg"],
+        {"files": {"bin/run": "#!/bin/sh\necho ran $0 $1\n"}, "executables": ["bin/run"]},
+        None,
+        0,
+        True,
+    ),
     ("nonzero_exit", "echo before; exit 3", {}, ("user_code", "NONZERO_EXIT"), 3, True),
     ("signaled", "kill -SEGV $$", {}, ("user_code", "SIGNALED"), 139, True),
     ("not_found", ["no-such-command"], {}, ("user_code", "NONZERO_EXIT"), 127, False),
@@ -230,6 +238,8 @@ async def test_an_adopted_container_gives_a_task_what_a_cold_start_gives_it(
         assert (warm.stdout, warm.stderr) == (cold.stdout, cold.stderr)
         if "touch /workspace" in str(command):
             assert "ws-ro" in cold.stdout
+        if command == ["/workspace/bin/run", "arg"]:
+            assert cold.stdout == "ran /workspace/bin/run arg\n"
         if "od -An" in str(command):  # every byte in, every byte out
             assert cold.stdout == " 00 ff 01 80 7f 0a\n de ad be ef 00 0a\n"
 

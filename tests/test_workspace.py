@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import threading
 from pathlib import Path
 
@@ -37,3 +38,12 @@ def test_removing_a_workspace_already_gone_says_so(tmp_dir: Path) -> None:
 
     assert remove_workspace(path) is False
     assert remove_workspace(path) is True
+
+
+def test_files_named_executable_are_the_only_ones_that_may_run(tmp_dir: Path) -> None:
+    files = {"run": b"#!/bin/sh", "lib/tool": b"\x7fELF", "data.txt": b"x"}
+    path, total = create_workspace(tmp_dir, "t-1", 1, files, frozenset({"run", "lib/tool"}))
+
+    modes = {name: stat.S_IMODE((path / name).stat().st_mode) for name in files}
+    assert modes == {"run": 0o755, "lib/tool": 0o755, "data.txt": 0o644}
+    assert total == sum(map(len, files.values()))

@@ -197,7 +197,14 @@ class AttemptRunner:
         # what they made is known to cleanup instead of leaking (a workspace, a container,
         # an open socket).
         (st.workspace, nbytes), cancelled = await _settled(
-            asyncio.to_thread(create_workspace, self.data_dir, task_id, attempt, spec.file_bytes())
+            asyncio.to_thread(
+                create_workspace,
+                self.data_dir,
+                task_id,
+                attempt,
+                spec.file_bytes(),
+                frozenset(spec.executables or ()),
+            )
         )
         if cancelled:
             raise asyncio.CancelledError
@@ -279,7 +286,12 @@ class AttemptRunner:
         rt, cid = self.runtime, p.container_id
         try:
             nbytes, cancelled = await _settled(
-                asyncio.to_thread(fill_workspace, p.workspace, spec.file_bytes())
+                asyncio.to_thread(
+                    fill_workspace,
+                    p.workspace,
+                    spec.file_bytes(),
+                    frozenset(spec.executables or ()),
+                )
             )
             stream, attached_cancel = await _settled(rt.attach(cid, stdin=True))
         except (DockerError, OSError):

@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +15,20 @@ WORKSPACES = "workspaces"
 
 
 def create_workspace(
-    root: Path, task_id: str, attempt: int, files: dict[str, bytes]
+    root: Path,
+    task_id: str,
+    attempt: int,
+    files: dict[str, bytes],
+    executables: Collection[str] = (),
 ) -> tuple[Path, int]:
-    """Write `files` (already validated as relative paths) into a new dir; returns (dir, bytes)."""
+    """Write `files` (already validated as relative paths) into a new dir, those named in
+    `executables` executable; returns (dir, bytes)."""
     base = root / WORKSPACES
     base.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f"{task_id}.{attempt}.", dir=base))
     os.chmod(path, 0o755)
     try:
-        total = fill_workspace(path, files)
+        total = fill_workspace(path, files, executables)
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
@@ -48,14 +54,15 @@ def _ignore_vanished(func: Any, path: str, exc: Any) -> None:
         raise error
 
 
-def fill_workspace(path: Path, files: dict[str, bytes]) -> int:
+def fill_workspace(path: Path, files: dict[str, bytes], executables: Collection[str] = ()) -> int:
     """Write `files` into the existing dir `path` (a warm pool's parked workspace, empty
-    until now), as `create_workspace` does; returns the bytes written."""
+    until now), as `create_workspace` does; returns the bytes written. Files are readable
+    by the sandbox's user (0644), those named in `executables` executable too (0755)."""
     total = 0
     for name, content in files.items():
         target = path / name
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         target.write_bytes(content)
-        os.chmod(target, 0o644)
+        os.chmod(target, 0o755 if name in executables else 0o644)
         total += len(content)
     return total

@@ -155,6 +155,9 @@ def _check_files(spec: TaskSpec, bounds: Bounds) -> None:
     if total > bounds.max_files_bytes:
         raise InvalidSpec("files", f"{total} bytes is above the bound {bounds.max_files_bytes}")
     _check_no_file_is_a_dir([*spec.files, *spec.files_base64])
+    for name in spec.executables or ():
+        if name not in spec.files and name not in spec.files_base64:
+            raise InvalidSpec(f"executables.{name[:64]}", "names no file of files or files_base64")
 
 
 def _check_stdin(spec: TaskSpec, bounds: Bounds) -> None:
