@@ -3,8 +3,7 @@
 Each event is a frozen Struct whose `type` tag is stable and whose subject is
 `sup.<category>.<name>.<node>.<task>` (`_` for "no task"). The envelope fields are common to
 all. Events evolve by adding fields with defaults; a field never changes type, and unknown
-fields are ignored on decode so old readers survive new writers.
-"""
+fields (a spec's too) are ignored on decode so old readers survive new writers."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from typing import Any, ClassVar, Literal
 import msgspec
 from msgspec import Struct
 
-from schemas.spec import ErrorType, ExecutionError, Result, TaskSpec
+from schemas.spec import ErrorType, ExecutionError, Result, TaskSpec, spec_fields_known
 
 SCHEMA_VERSION = 1
 NO_TASK = "_"
@@ -22,13 +21,11 @@ NO_TASK = "_"
 
 class Evidence(Struct, kw_only=True, frozen=True):
     """What was observed about one attempt, recorded so classification can be re-run.
-
     `adapter_error` is the class tag of the project's exception an adapter raised
     (`docker_unavailable`, `docker_api_error`, `image_not_found`, `container_vanished`,
     `circuit_open`, ...). `kills_issued` are the reasons of the supervisor's own kills;
     `external_kills` the signals of `kill`/`stop` actions Docker reported that the
-    supervisor did not issue.
-    """
+    supervisor did not issue."""
 
     exit_code: int | None = None
     oom_killed: bool = False
@@ -596,5 +593,8 @@ def encode_event(event: Event) -> bytes:
 
 def decode_event(data: bytes) -> Event:
     """Decode one event; raises `msgspec.DecodeError` / `msgspec.ValidationError`."""
-    event: Event = _decoder.decode(data)
+    try:
+        event: Event = _decoder.decode(data)
+    except msgspec.ValidationError as e:
+        event = _decoder.decode(spec_fields_known(data, e))  # a newer writer's spec
     return event

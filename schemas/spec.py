@@ -108,6 +108,23 @@ def b64decode(text: str) -> bytes:
         raise ValueError(f"not base64: {e}") from e
 
 
+_NESTED = {"limits": Limits, "retry": RetryPolicy}
+
+
+def spec_fields_known(event: bytes, error: msgspec.ValidationError) -> bytes:
+    """An event's JSON whose embedded `spec` (strict, as a submitted spec must be) holds
+    fields a newer writer added: the same without them, as the event's own unknown fields
+    are ignored. Re-raises `error` when it is about anything else."""
+    if "unknown field" not in str(error) or "`$.spec" not in str(error):
+        raise error
+    raw = msgspec.json.decode(event)
+    spec = {k: v for k, v in raw["spec"].items() if k in TaskSpec.__struct_fields__}
+    for name, struct in _NESTED.items():
+        if isinstance(spec.get(name), dict):
+            spec[name] = {k: v for k, v in spec[name].items() if k in struct.__struct_fields__}
+    return msgspec.json.encode({**raw, "spec": spec})
+
+
 class ExecutionError(Struct, kw_only=True):
     """A classified error: `type` and `code` come from the catalogue, `retryable` from the
     catalogue's default for that code. `details` holds the evidence that decided it."""

@@ -10,7 +10,15 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from schemas import EVENT_TYPES, ErrorRaised, TaskSpec, TaskSucceeded, decode_event, encode_event
+from schemas import (
+    EVENT_TYPES,
+    ErrorRaised,
+    TaskSpec,
+    TaskSubmitted,
+    TaskSucceeded,
+    decode_event,
+    encode_event,
+)
 from schemas.config import load_config
 from schemas.errors import ConfigError
 from schemas.jsonschema import JSON_DIR, render
@@ -66,6 +74,30 @@ def test_unknown_fields_are_ignored_by_old_readers() -> None:
     ev = decode_event(raw)
 
     assert ev.subject() == "sup.supervisor.stopped.n1._"
+
+
+def test_fields_a_newer_writer_added_to_a_spec_are_ignored_too() -> None:
+    """A submitted spec refuses unknown fields; one inside a `task.submitted` from a newer
+    writer (its spec's, its limits') is read without them, like the event's own. Anything
+    else wrong with the event still fails."""
+    spec = TaskSpec(image="i", command=["true"])
+    event = TaskSubmitted(
+        event_id="e",
+        occurred_at=datetime(2026, 1, 1, tzinfo=UTC),
+        node_id="n1",
+        instance_id="i",
+        task_id="t-1",
+        spec=spec,
+    )
+    doc = msgspec.json.decode(encode_event(event))
+    doc["spec"]["added_in_v2"] = {"x": 1}
+    doc["spec"]["limits"]["added_too"] = 2
+
+    assert decode_event(msgspec.json.encode(doc)) == event
+    with pytest.raises(msgspec.ValidationError, match=r"at `\$\.attempt`"):
+        decode_event(msgspec.json.encode({**doc, "attempt": "one"}))
+    with pytest.raises(msgspec.ValidationError, match="unknown field"):
+        msgspec.json.decode(msgspec.json.encode(doc["spec"]), type=TaskSpec)
 
 
 def test_a_spec_without_executables_reads_as_before() -> None:
