@@ -111,6 +111,19 @@ def b64decode(text: str) -> bytes:
 _NESTED = {"limits": Limits, "retry": RetryPolicy}
 
 
+def _known(spec: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A spec's JSON object without the fields this version does not know, and their names
+    (`limits.x` for one of its limits)."""
+    out = {k: v for k, v in spec.items() if k in TaskSpec.__struct_fields__}
+    dropped = sorted(set(spec) - set(out))
+    for name, struct in _NESTED.items():
+        if isinstance(out.get(name), dict):
+            nested = out[name]
+            out[name] = {k: v for k, v in nested.items() if k in struct.__struct_fields__}
+            dropped += sorted(f"{name}.{k}" for k in set(nested) - set(out[name]))
+    return out, dropped
+
+
 def spec_fields_known(event: bytes, error: msgspec.ValidationError) -> bytes:
     """An event's JSON whose embedded `spec` (strict, as a submitted spec must be) holds
     fields a newer writer added: the same without them, as the event's own unknown fields
@@ -118,11 +131,22 @@ def spec_fields_known(event: bytes, error: msgspec.ValidationError) -> bytes:
     if "unknown field" not in str(error) or "`$.spec" not in str(error):
         raise error
     raw = msgspec.json.decode(event)
-    spec = {k: v for k, v in raw["spec"].items() if k in TaskSpec.__struct_fields__}
-    for name, struct in _NESTED.items():
-        if isinstance(spec.get(name), dict):
-            spec[name] = {k: v for k, v in spec[name].items() if k in struct.__struct_fields__}
-    return msgspec.json.encode({**raw, "spec": spec})
+    return msgspec.json.encode({**raw, "spec": _known(raw["spec"])[0]})
+
+
+def newer_spec(data: bytes) -> tuple[TaskSpec, list[str]] | None:
+    """A spec (a work message) that is valid but for fields this version does not know (a
+    newer node's intake took it): the spec without them, and their names. None for anything
+    else: not JSON, not an object, no task id, or wrong in a field this version knows."""
+    try:
+        raw = msgspec.json.decode(data)
+        if not isinstance(raw, dict):
+            return None
+        known, dropped = _known(raw)
+        spec = msgspec.convert(known, TaskSpec)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return (spec, dropped) if dropped and spec.task_id is not None else None
 
 
 class ExecutionError(Struct, kw_only=True):

@@ -23,7 +23,7 @@ from schemas.config import load_config
 from schemas.errors import ConfigError
 from schemas.jsonschema import JSON_DIR, render
 from schemas.lifecycle import InvalidTransition, next_container_state, next_task_state
-from schemas.spec import public_spec
+from schemas.spec import newer_spec, public_spec
 from tests.layout import PURE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +98,21 @@ def test_fields_a_newer_writer_added_to_a_spec_are_ignored_too() -> None:
         decode_event(msgspec.json.encode({**doc, "attempt": "one"}))
     with pytest.raises(msgspec.ValidationError, match="unknown field"):
         msgspec.json.decode(msgspec.json.encode(doc["spec"]), type=TaskSpec)
+
+
+def test_a_work_message_from_a_newer_node_is_told_from_garbage() -> None:
+    ok = b'{"image": "i", "command": ["x"], "task_id": "t-1", "v2": 1, "limits": {"v2": 2}}'
+    spec, unknown = newer_spec(ok) or (None, None)
+    assert spec == TaskSpec(image="i", command=["x"], task_id="t-1")
+    assert unknown == ["v2", "limits.v2"]
+    for not_one in (
+        b'{"image": "i", "command": ["x"], "task_id": "t-1"}',  # nothing unknown
+        b'{"image": "i", "command": ["x"], "v2": 1}',  # no task id
+        b'{"image": "i", "command": "x", "task_id": "t-1", "v2": 1}',  # a known field wrong
+        b"[1]",
+        b"{not json",
+    ):
+        assert newer_spec(not_one) is None, not_one
 
 
 def test_a_spec_without_executables_reads_as_before() -> None:

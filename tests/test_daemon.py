@@ -356,6 +356,38 @@ def test_a_poison_message_on_the_queue_is_recorded_and_work_goes_on(
     ] == [("INVALID_SPEC", "_", "normal")]
 
 
+def test_a_task_from_a_newer_node_is_handed_back_and_never_run_without_its_fields(
+    tmp_dir: Path, nats_url: str, daemons
+) -> None:  # type: ignore[no-untyped-def]
+    """A spec on the queue with a field this node does not know (a newer node's intake
+    took it) is a task, not garbage: handed back for a node that knows the field, and,
+    when none takes it, ended once at its last delivery without a container."""
+    d = _daemon(daemons, tmp_dir, nats_url, scheduling={"max_deliver": 1})
+    spec = {**task("echo never", task_id="t-newer"), "added_in_v2": {"x": 1}}
+
+    async def publish() -> None:
+        import nats
+
+        nc = await nats.connect(nats_url)
+        await nc.jetstream().publish("suptask.normal", json.dumps(spec).encode())
+        await nc.close()
+
+    asyncio.run(publish())
+    wait_until(
+        lambda: asyncio.run(stream_events(nats_url, "sup.task.*.*.t-newer")),
+        timeout=60,
+        what="the task's end",
+    )
+
+    events = asyncio.run(stream_events(nats_url, "sup.*.*.*.t-newer"))
+    assert [(type(e).__name__, getattr(e, "code", None)) for e in events] == [
+        ("ErrorRaised", "REDELIVERY_LIMIT"),
+        ("TaskFailed", None),
+    ]
+    assert "fields this node does not know (added_in_v2)" in d.log()
+    assert "undecodable task message" not in d.log()
+
+
 def test_a_task_id_submitted_twice_is_one_task_and_another_spec_under_it_is_refused(
     tmp_dir: Path, nats_url: str, daemons
 ) -> None:  # type: ignore[no-untyped-def]

@@ -27,6 +27,7 @@ from nats.aio.msg import Msg
 from schemas import PRIORITIES, Result, TaskSpec
 from schemas.errors import NatsUnavailable, SupervisorError
 from schemas.lifecycle import Keyring
+from schemas.spec import newer_spec
 from supervisor.eventlog.emitter import utcnow
 from supervisor.eventlog.history import TaskHistory, read_task_events, summarize
 from supervisor.eventlog.outcomes import emit_error
@@ -85,7 +86,8 @@ class Scheduler:
     owner's open attempt closed first (`supervisor.execution.recovery`); a task in backoff
     is parked without a slot and its message kept alive until the retry is due; a
     message that cannot be decoded, or was delivered `max_deliver` times, is ended as a
-    poison message with its error recorded, never retried forever. `stop_pulling` stops
+    poison message with its error recorded, never retried forever; a task whose spec has
+    fields this node does not know (a newer node's) is handed back until then, never run. `stop_pulling` stops
     taking work and hands parked tasks back to the queue.
     """
 
@@ -235,8 +237,24 @@ class Scheduler:
                 if spec.task_id is None:
                     raise msgspec.ValidationError("task_id is missing")
             except (msgspec.ValidationError, msgspec.DecodeError) as e:
-                await self._poison(msg, prio, str(e))
-                continue
+                newer = newer_spec(msg.data)
+                if newer is None:
+                    await self._poison(msg, prio, str(e))
+                    continue
+                spec, unknown = newer
+                if msg.metadata.num_delivered <= self.max_deliver:
+                    # A newer node's intake took it: it is a task, but not one to run
+                    # without those fields. Left to a node that knows them; past the
+                    # deliveries `_execute` ends it (REDELIVERY_LIMIT) without running it.
+                    log.warning(
+                        "task %s: its spec has fields this node does not know (%s); "
+                        "leaving it to a node that does",
+                        spec.task_id,
+                        ", ".join(unknown),
+                    )
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=self.defer_s)
+                    continue
             return msg, spec
 
     async def _poison(self, msg: Msg, prio: str, reason: str) -> None:
