@@ -98,6 +98,9 @@ def test_fields_a_newer_writer_added_to_a_spec_are_ignored_too() -> None:
         decode_event(msgspec.json.encode({**doc, "attempt": "one"}))
     with pytest.raises(msgspec.ValidationError, match="unknown field"):
         msgspec.json.decode(msgspec.json.encode(doc["spec"]), type=TaskSpec)
+    # The published schemas say the same: a spec is closed, an event's spec is not.
+    assert b'"additionalProperties": false' in (JSON_DIR / "task_spec.json").read_bytes()
+    assert b'"additionalProperties": false' not in (JSON_DIR / "events.json").read_bytes()
 
 
 def test_a_work_message_from_a_newer_node_is_told_from_garbage() -> None:
