@@ -21,6 +21,7 @@ from schemas import (
     AttemptFinished,
     AttemptStarted,
     Event,
+    NodeHeartbeat,
     Result,
     TaskFailed,
     TaskRejected,
@@ -139,6 +140,11 @@ class EndWatcher:
     async def open(self, js: JetStreamContext) -> None:
         self._floor = (await js.stream_info(EVENTS_STREAM)).state.last_seq
         subjects = [f"sup.{kind.category}.{kind.name}.*.*" for kind in _END_EVIDENCE]
+        # And the nodes' heartbeats, which nothing here waits for: nats-py replaces a lost
+        # ordered consumer from the last sequence it delivered, or from the stream's start
+        # if none yet. A heartbeat every few seconds keeps that window short on a node
+        # where no task ends for hours.
+        subjects.append(f"sup.{NodeHeartbeat.category}.{NodeHeartbeat.name}.*.*")
         self._sub = await js.subscribe(
             "sup.>",
             stream=EVENTS_STREAM,
