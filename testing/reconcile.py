@@ -40,8 +40,8 @@ from supervisor.eventlog.streams import commands_stream_config
 from supervisor.execution.workspace import create_workspace
 from supervisor.reconcile.command_executor import CommandExecutor, JetStreamCommands
 from supervisor.reconcile.reconciler import ReconcileMetrics, Reconciler
+from testing.daemon import SANDBOX_IMAGE
 
-SANDBOX_IMAGE = "supervisor-sandbox:busybox"
 FAST = {
     "creation_grace_s": 0.0,
     "lost_attempt_grace_s": 0.0,

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from supervisor.eventlog.nats_server import NatsServer
-from testing.daemon import DaemonProc
+from testing.daemon import SANDBOX_IMAGE, DaemonProc
 
-SANDBOX_IMAGE = "supervisor-sandbox:busybox"
+__all__ = ["SANDBOX_IMAGE"]  # the tests import it from here
 # Per test session, so that the leak check sees only this session's dirs.
 _TMP_PREFIX = f"suptest-{os.getpid()}-"
 
