@@ -87,8 +87,8 @@ class Scheduler:
     is parked without a slot and its message kept alive until the retry is due; a
     message that cannot be decoded, or was delivered `max_deliver` times, is ended as a
     poison message with its error recorded, never retried forever; a task whose spec has
-    fields this node does not know (a newer node's) is handed back until then, never run. `stop_pulling` stops
-    taking work and hands parked tasks back to the queue.
+    fields this node does not know (a newer node's) is handed back until then, never run.
+    `stop_pulling` stops taking work and hands parked tasks back to the queue.
     """
 
     def __init__(
