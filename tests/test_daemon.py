@@ -385,6 +385,9 @@ def test_a_task_from_a_newer_node_is_handed_back_and_never_run_without_its_field
         ("TaskFailed", None),
     ]
     assert "fields this node does not know (added_in_v2)" in d.log()
+    (error,) = [e for e in events if isinstance(e, ErrorRaised)]
+    assert error.details["unknown_fields"] == ["added_in_v2"]
+    assert "no node that knows its spec's fields (added_in_v2) took it" in error.message
     assert "undecodable task message" not in d.log()
 
 

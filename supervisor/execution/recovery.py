@@ -5,6 +5,7 @@ policy says; and end a poison task as `infrastructure/REDELIVERY_LIMIT`."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -93,7 +94,20 @@ async def _ours(executor: Executor, em: Emitter, container_id: str | None) -> st
     return container_id
 
 
-def redelivery_limit(deliveries: int, max_deliver: int) -> Classification:
+def redelivery_limit(
+    deliveries: int, max_deliver: int, unknown_fields: Sequence[str] = ()
+) -> Classification:
+    """`unknown_fields`: the spec's fields this node does not know, which is why it handed
+    the task back each time (a newer node's spec, and no newer node took it)."""
+    if unknown_fields:
+        return catalogue_entry(
+            "REDELIVERY_LIMIT",
+            f"the task was delivered {deliveries} times (limit {max_deliver}) and no node "
+            f"that knows its spec's fields ({', '.join(unknown_fields)}) took it",
+            deliveries=deliveries,
+            max_deliver=max_deliver,
+            unknown_fields=list(unknown_fields),
+        )
     return catalogue_entry(
         "REDELIVERY_LIMIT",
         f"the task was delivered {deliveries} times (limit {max_deliver}); it is poison",

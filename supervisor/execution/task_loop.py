@@ -125,6 +125,9 @@ class Scheduler:
         self._acks: set[asyncio.Task[None]] = set()
         self.held: dict[str, tuple[Msg, TaskSpec, asyncio.Task[None]]] = {}
         self.parked: dict[str, Parked] = {}
+        # Tasks on their last delivery whose spec had fields this node does not know: the
+        # names, for the REDELIVERY_LIMIT that ends them (`_pull`, `_execute`).
+        self._unknown_fields: dict[str, list[str]] = {}
         self._changed = asyncio.Event()
         self._stopping = False
         executor.on_cancel = self._cancel_parked
@@ -255,6 +258,7 @@ class Scheduler:
                     with contextlib.suppress(Exception):
                         await msg.nak(delay=self.defer_s)
                     continue
+                self._unknown_fields[spec.task_id or ""] = unknown
             return msg, spec
 
     async def _poison(self, msg: Msg, prio: str, reason: str) -> None:
@@ -358,6 +362,7 @@ class Scheduler:
 
     async def _execute(self, msg: Msg, spec: TaskSpec) -> Result | Backoff | None:
         deliveries = msg.metadata.num_delivered
+        unknown = self._unknown_fields.pop(spec.task_id or "", ())
         ex = self.executor
         if deliveries <= 1:
             return await ex.run_or_park(spec, announce=False, terminal_on_cancel=False)
@@ -376,7 +381,8 @@ class Scheduler:
         if history.cancel_requested:
             return ex.fail(spec, ex.cancellation(), attempts=last)
         if deliveries > self.max_deliver:
-            return ex.fail(spec, redelivery_limit(deliveries, self.max_deliver), attempts=last)
+            limit = redelivery_limit(deliveries, self.max_deliver, unknown)
+            return ex.fail(spec, limit, attempts=last)
         if last == 0:
             return await ex.run_or_park(spec, announce=False, terminal_on_cancel=False)
         if closed is None and history.retry_pending == last + 1:
