@@ -21,6 +21,16 @@ from testing.projection import project
 from testing.synthetic import AttemptPlan, HistoryBuilder, mixed_history
 
 
+def _report(*args: str) -> subprocess.CompletedProcess[str]:
+    """`supervisor report ARGS` in a new process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", "report", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def _history() -> list:  # type: ignore[type-arg]
     events = mixed_history(3000)
     b = HistoryBuilder(start=events[-1].occurred_at + timedelta(seconds=1), id_prefix="extra")
@@ -34,12 +44,7 @@ def _history() -> list:  # type: ignore[type-arg]
 def test_the_report_shows_what_the_sql_says(tmp_dir: Path) -> None:
     db = project(_history(), tmp_dir / "p.duckdb")
     page = tmp_dir / "report.html"
-    done = subprocess.run(
-        [sys.executable, "-m", "supervisor", "report", "--db", str(db), "--out", str(page)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _report("--db", str(db), "--out", str(page))
     assert done.returncode == 0, done.stderr
     html = page.read_text()
     assert not re.search(r"<script|<link|src=|href=|@import|url\(", html)  # self-contained
@@ -112,12 +117,7 @@ def test_refusals_do_not_flatten_the_runs_and_the_plots_fill_their_cards(tmp_dir
     plot has its axes' titles and fills its card's width (measured by Chromium's layout)."""
     db = project(_flood_history(), tmp_dir / "p.duckdb")
     page = tmp_dir / "report.html"
-    done = subprocess.run(
-        [sys.executable, "-m", "supervisor", "report", "--db", str(db), "--out", str(page)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _report("--db", str(db), "--out", str(page))
     assert done.returncode == 0, done.stderr
     html = page.read_text()
     probe = tmp_dir / "probe.html"
@@ -150,19 +150,11 @@ def test_refusals_do_not_flatten_the_runs_and_the_plots_fill_their_cards(tmp_dir
 
 
 def test_report_refuses_what_it_cannot_do(tmp_dir: Path) -> None:
-    def report(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "supervisor", "report", *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-
-    missing = report("--db", str(tmp_dir / "none.duckdb"), "--out", str(tmp_dir / "r.html"))
+    missing = _report("--db", str(tmp_dir / "none.duckdb"), "--out", str(tmp_dir / "r.html"))
     assert missing.returncode == 3 and "no such projection file" in missing.stderr
-    nowhere = report("--db", str(tmp_dir / "none.duckdb"), "--out", "/nonexistent/dir/r.html")
+    nowhere = _report("--db", str(tmp_dir / "none.duckdb"), "--out", "/nonexistent/dir/r.html")
     assert nowhere.returncode == 2 and "does not exist" in nowhere.stderr
     db = project(mixed_history(50), tmp_dir / "p.duckdb")
-    bad = report("--db", str(db), "--out", str(tmp_dir / "r.html"), "--since", "soon")
+    bad = _report("--db", str(db), "--out", str(tmp_dir / "r.html"), "--since", "soon")
     assert bad.returncode == 2 and "since" in bad.stderr
     assert not (tmp_dir / "r.html").exists()
