@@ -99,20 +99,16 @@ def redelivery_limit(
 ) -> Classification:
     """`unknown_fields`: the spec's fields this node does not know, which is why it handed
     the task back each time (a newer node's spec, and no newer node took it)."""
+    message = f"the task was delivered {deliveries} times (limit {max_deliver}); it is poison"
+    extra: dict[str, object] = {}
     if unknown_fields:
-        return catalogue_entry(
-            "REDELIVERY_LIMIT",
+        message = (
             f"the task was delivered {deliveries} times (limit {max_deliver}) and no node "
-            f"that knows its spec's fields ({', '.join(unknown_fields)}) took it",
-            deliveries=deliveries,
-            max_deliver=max_deliver,
-            unknown_fields=list(unknown_fields),
+            f"that knows its spec's fields ({', '.join(unknown_fields)}) took it"
         )
+        extra["unknown_fields"] = list(unknown_fields)
     return catalogue_entry(
-        "REDELIVERY_LIMIT",
-        f"the task was delivered {deliveries} times (limit {max_deliver}); it is poison",
-        deliveries=deliveries,
-        max_deliver=max_deliver,
+        "REDELIVERY_LIMIT", message, deliveries=deliveries, max_deliver=max_deliver, **extra
     )
 
 
