@@ -124,7 +124,7 @@ async def _run(node: Node, pool: WarmPool, spec: TaskSpec, *, warm: bool) -> Res
 
 _SEES = (
     "env | grep -v -e ^HOSTNAME= -e ^SUPERVISOR_TASK_ID= | sort; id; cat /proc/1/comm; "
-    "echo ppid=$PPID; grep CapEff /proc/self/status; pwd; ls -ln /workspace; "
+    "echo ppid=$PPID; grep CapEff /proc/self/status; pwd; stat -c '%A %u:%g %s %n' /workspace/*; "
     "touch /workspace/x 2>/dev/null || echo ws-ro; touch /x 2>/dev/null || echo root-ro; "
     "echo tmp >/tmp/t && cat /tmp/t; cat /sys/fs/cgroup/memory/memory.limit_in_bytes "
     "/sys/fs/cgroup/pids/pids.max; ls /sys/class/net; cat"
@@ -238,6 +238,8 @@ async def test_an_adopted_container_gives_a_task_what_a_cold_start_gives_it(
         assert (warm.stdout, warm.stderr) == (cold.stdout, cold.stderr)
         if "touch /workspace" in str(command):
             assert "ws-ro" in cold.stdout
+            # Modes, owners and sizes, not times: a minute may turn between the two runs.
+            assert " 5 /workspace/f.txt\n" in cold.stdout and "/workspace/d\n" in cold.stdout
         if command == ["/workspace/bin/run", "arg"]:
             assert cold.stdout == "ran /workspace/bin/run arg\n"
         if "od -An" in str(command):  # every byte in, every byte out
