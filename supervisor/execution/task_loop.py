@@ -125,9 +125,6 @@ class Scheduler:
         self._acks: set[asyncio.Task[None]] = set()
         self.held: dict[str, tuple[Msg, TaskSpec, asyncio.Task[None]]] = {}
         self.parked: dict[str, Parked] = {}
-        # Tasks on their last delivery whose spec had fields this node does not know: the
-        # names, for the REDELIVERY_LIMIT that ends them (`_pull`, `_execute`).
-        self._unknown_fields: dict[str, list[str]] = {}
         self._changed = asyncio.Event()
         self._stopping = False
         executor.on_cancel = self._cancel_parked
@@ -258,7 +255,6 @@ class Scheduler:
                     with contextlib.suppress(Exception):
                         await msg.nak(delay=self.defer_s)
                     continue
-                self._unknown_fields[spec.task_id or ""] = unknown
             return msg, spec
 
     async def _poison(self, msg: Msg, prio: str, reason: str) -> None:
@@ -362,7 +358,6 @@ class Scheduler:
 
     async def _execute(self, msg: Msg, spec: TaskSpec) -> Result | Backoff | None:
         deliveries = msg.metadata.num_delivered
-        unknown = self._unknown_fields.pop(spec.task_id or "", ())
         ex = self.executor
         if deliveries <= 1:
             return await ex.run_or_park(spec, announce=False, terminal_on_cancel=False)
@@ -381,7 +376,9 @@ class Scheduler:
         if history.cancel_requested:
             return ex.fail(spec, ex.cancellation(), attempts=last)
         if deliveries > self.max_deliver:
-            limit = redelivery_limit(deliveries, self.max_deliver, unknown)
+            # A newer node's spec (`_pull` handed it back each time): its unknown fields.
+            newer = newer_spec(msg.data)
+            limit = redelivery_limit(deliveries, self.max_deliver, newer[1] if newer else ())
             return ex.fail(spec, limit, attempts=last)
         if last == 0:
             return await ex.run_or_park(spec, announce=False, terminal_on_cancel=False)
