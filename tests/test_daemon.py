@@ -412,6 +412,14 @@ def test_a_task_id_submitted_twice_is_one_task_and_another_spec_under_it_is_refu
     refused = json.loads(other.stdout)
     assert (refused["status"], refused["error"]["code"]) == ("rejected", "DUPLICATE_TASK_ID")
     assert (http_status, json.loads(http_body)["error"]["code"]) == (409, "DUPLICATE_TASK_ID")
+
+    def dups_in_log() -> int:
+        found = asyncio.run(stream_events(nats_url, "sup.error.*.*.t-dup"))
+        return sum(isinstance(e, ErrorRaised) and e.code == "DUPLICATE_TASK_ID" for e in found)
+
+    # The daemon records its refusal through its outbox: in the log soon after the 409,
+    # not necessarily before it (the CLI's own, above, is durable before it exits).
+    wait_until(lambda: dups_in_log() >= 2, timeout=30, what="the daemon's refusal in the log")
     events = asyncio.run(stream_events(nats_url, "sup.*.*.*.t-dup"))
     kinds = [type(e).__name__ for e in events]
     assert kinds.count("TaskSubmitted") == 1
