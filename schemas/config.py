@@ -111,6 +111,10 @@ class Scheduling(Struct, forbid_unknown_fields=True, kw_only=True):
     shutdown_grace_s: Annotated[
         float, _doc("How long running tasks may finish after SIGTERM before they are killed.")
     ] = 30.0
+    removal_wait_s: Annotated[
+        float, _doc("Longest a finished task's removal waits for queued tasks (0: at once).")
+    ] = 15.0
+    removal_max_waiting: Annotated[int, _doc("Most removals that wait at once.")] = 256
 
 
 class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):

@@ -10,11 +10,9 @@ into the data dir so that the other commands find them.
 
 Work is pulled only while the breaker is closed, the host is under its thresholds and the
 concurrency bound and memory budget leave room; otherwise tasks wait in SUP_TASKS.
-
 Shutdown (SIGTERM/SIGINT): stop pulling, let running tasks finish within the grace, then
-kill and clean up the rest and leave their messages for redelivery, flush the outbox,
-publish `supervisor.stopped`, exit 0. A second signal skips the grace; containers are still
-cleaned up.
+kill and clean up the rest and leave their messages for redelivery, flush the outbox, publish
+`supervisor.stopped`, exit 0. A second signal skips the grace; containers are still cleaned up.
 """
 
 from __future__ import annotations
@@ -245,6 +243,7 @@ class Daemon:
                 terminal_wait_s=sc.ack_wait_s,
                 keyring=node.keyring,
             )
+            node.executor.attempts.removals.low_disk = lambda: "disk_pct" in monitor.alerting
             if self.pull:
                 await stack.enter_async_context(following_cancellations(js, node.executor))
                 self._open_pool(node, stack)
@@ -280,6 +279,7 @@ class Daemon:
             data_dir=node.data_dir,
             watcher=node.watcher,
             gate=self._gate,
+            busy=self.scheduler.backlog if self.scheduler is not None else None,
         )
         node.executor.attempts.pool = pool
         self.pool = pool

@@ -51,6 +51,7 @@ from supervisor.eventlog.emitter import Emitter
 from supervisor.eventlog.outcomes import emit_error
 from supervisor.execution.cleanup import Cleaner, CleanupReport
 from supervisor.execution.pool import Parked, WarmPool
+from supervisor.execution.removals import RemovalGate
 from supervisor.execution.state import AttemptOutcome, AttemptState, LiveAttempt
 from supervisor.execution.workspace import create_workspace, fill_workspace
 from supervisor.observability.metrics import Metrics
@@ -100,8 +101,10 @@ class AttemptRunner:
         # The warm pool (set by the daemon): an attempt adopts a parked container of its
         # shape when there is one, and starts cold otherwise.
         self.pool: WarmPool | None = None
-        # The removals that follow their attempt's outcome (`_defer_cleanup`).
+        # The removals that follow their attempt's outcome (`_defer_cleanup`), and what
+        # makes them wait while tasks wait for a slot (set up by the daemon).
         self.deferred: set[asyncio.Task[CleanupReport]] = set()
+        self.removals = RemovalGate.configured(config, metrics)
         # When the last adoption began and the last container exited (perf_counter): what
         # `bench/bench_pool.py` reads as a pool hit's adopt-to-exit time.
         self.last_adopt_at = 0.0
@@ -449,13 +452,19 @@ class AttemptRunner:
     def _defer_cleanup(self, em: Emitter, st: AttemptState) -> None:
         """Remove an attempt's exited container and its workspace after its outcome is
         recorded (`_after`), in the background: the task's result does not wait for the
-        removal. `drain` waits for every such removal."""
-        task = asyncio.ensure_future(self._cleanup(em, st))
+        removal, which waits its turn (`RemovalGate`). `drain` waits for every such removal."""
+
+        async def removal() -> CleanupReport:
+            await self.removals.turn()
+            return await self._cleanup(em, st)
+
+        task = asyncio.ensure_future(removal())
         self.deferred.add(task)
         task.add_done_callback(self.deferred.discard)
 
     async def drain(self) -> None:
         """Wait for the removals deferred so far (at shutdown: none may be left behind)."""
+        await self.removals.close()
         while self.deferred:
             await asyncio.gather(*self.deferred, return_exceptions=True)
 

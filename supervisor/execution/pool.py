@@ -82,7 +82,8 @@ class WarmPool:
     container (`pool.retired{shutdown}`). A park that fails backs its shape off
     (exponentially, at most a minute); a parked container that died or vanished is retired
     as `vanished` and never handed out. Asks `gate` (the breaker) before parking: a pool
-    never adds load to an engine the breaker has given up on."""
+    never adds load to an engine the breaker has given up on, nor while tasks wait for a
+    slot (`busy`): they start cold as slots free, and a park would take the engine from them."""
 
     def __init__(
         self,
@@ -94,6 +95,7 @@ class WarmPool:
         data_dir: Path,
         watcher: DockerEventWatcher | None = None,
         gate: Callable[[], None] | None = None,
+        busy: Callable[[], bool] | None = None,
     ) -> None:
         self.runtime = runtime
         self.emitter = emitter
@@ -103,6 +105,7 @@ class WarmPool:
         self.data_dir = data_dir
         self.watcher = watcher
         self.gate = gate
+        self.busy = busy or (lambda: False)
         self._shapes: dict[str, _ShapeState] = {}
         self._parked: dict[str, deque[Parked]] = {}
         self._wake = asyncio.Event()
@@ -237,8 +240,8 @@ class WarmPool:
                 self._gauge(key)
                 continue
             want = self.cfg.size - len(queue) - st.parking
-            if want <= 0 or now < st.retry_at:
-                continue
+            if want <= 0 or now < st.retry_at or self.busy():
+                continue  # (tasks waiting for a slot start cold: a park would slow them)
             if self.gate is not None:
                 try:
                     self.gate()

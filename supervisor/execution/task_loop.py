@@ -128,6 +128,9 @@ class Scheduler:
         self._changed = asyncio.Event()
         self._stopping = False
         executor.on_cancel = self._cancel_parked
+        # A finished attempt's removal waits while tasks wait for a slot here.
+        executor.attempts.removals.busy = self.backlog
+        executor.attempts.removals.active = lambda: bool(self.running)
 
     @property
     def events(self):  # type: ignore[no-untyped-def]
@@ -154,6 +157,11 @@ class Scheduler:
             await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
             for w in waits:
                 w.cancel()
+
+    def backlog(self) -> bool:
+        """Whether tasks wait for a slot here: held for memory, due after a backoff, or
+        left in the queue by the last pull."""
+        return bool(self.held) or any(p.ready for p in self.parked.values()) or self.wq.waiting()
 
     def poke(self) -> None:
         """Something changed (capacity, breaker, pressure): look at the queues again."""

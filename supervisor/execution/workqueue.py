@@ -79,6 +79,8 @@ class WorkQueue:
         self._sub: object | None = None
         self._empty_at: dict[str, float] = {}  # priority -> when a pull last found it empty
         self._retry: dict[str, float] = {}  # priority -> next delay to ask again after a 404
+        # priority -> the messages left after the last one pulled (0: found empty)
+        self.left: dict[str, int] = {}
 
     async def start(self) -> None:
         """Wake the scheduler whenever a task is published (a core subscription sees the
@@ -88,6 +90,7 @@ class WorkQueue:
 
     async def _published(self, msg: Msg) -> None:
         priority = msg.subject.rpartition(".")[2]
+        self.left[priority] = self.left.get(priority, 0) + 1  # until the next pull says
         self._retry[priority] = RETRY_S
         self._empty_at.pop(priority, None)
         self.wakeup.set()
@@ -127,9 +130,17 @@ class WorkQueue:
                 asyncio.get_running_loop().call_later(delay, self.wakeup.set)
             else:
                 self._empty_at[priority] = time.monotonic()
+            self.left[priority] = 0
             return None
         self._empty_at.pop(priority, None)
+        with contextlib.suppress(ValueError, IndexError):
+            self.left[priority] = msg.metadata.num_pending
         return msg
+
+    def waiting(self) -> bool:
+        """Whether the last pull of some priority left messages behind it (tasks that wait
+        for a slot here, unless another node takes them first)."""
+        return any(self.left.values())
 
     async def _recreate(self, priority: str) -> None:
         try:

@@ -188,6 +188,16 @@ class Metrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=r,
         )
+        self.removals_waiting = Gauge(
+            "supervisor_removals_waiting",
+            "Removals of finished attempts' containers waiting while tasks wait for a slot",
+            registry=r,
+        )
+        self.removals_deferred = Counter(
+            "supervisor_removals_deferred",
+            "Removals of finished attempts' containers that waited for queued tasks",
+            registry=r,
+        )
         self.ready_check = Gauge(
             "supervisor_ready_check",
             "1 when this readiness check passed last time",
