@@ -3,7 +3,7 @@ through `supervisor.client`) against `supervisor submit --wait` and against raw 
 running the same hardened container, one task at a time, in one run.
 
     .venv/bin/python bench/bench_http.py [--tasks 20] [--burst 120] [--no-brakes] [--no-pool]
-        [--against DIR]
+        [--against DIR] [--against-config JSON]
 
 A daemon runs on its own nats-server, on the defaults (the host-pressure brakes and the
 warm pool included; `--no-brakes`, `--no-pool` turn them off). Rounds alternate: raw docker-py, the HTTP round trip,
@@ -17,11 +17,15 @@ fewer tasks than the pool refills, about 3 a second at size 2, finds it so); wit
 With `--burst N`, then N trivial tasks submitted at once over HTTP (`submit_many`) and
 waited for, against raw docker-py running N containers with 8 threads, alternated (which
 side goes first alternates too: each inherits the clean-up of the one before): the
-throughput ratio, and the CPU each side's processes spent per task (read from /proc: on a
+throughput ratio, to the daemon's last answer and to its last container removed (a burst's
+removals wait for its tasks: `[scheduling] removal_wait_s`; a round ends only after them),
+and the CPU each side's processes spent per task, removals included (read from /proc: on a
 host whose cores both sides keep busy, the ratio follows the CPU). With `--against DIR`
 (another checkout of this repository, at an older commit say), each burst round runs on a
 daemon started from that checkout and on one started from this tree, both fresh, in
-alternating order, beside raw docker-py: what a change gained, measured in one run.
+alternating order, beside raw docker-py: what a change gained, measured in one run; with
+`--against-config JSON` the other daemon's configuration has JSON merged into it (this tree
+unless `--against` names another): what a setting gains.
 Besides the ratio of the medians it prints each round's own ratio and their median: the
 host's speed drifts between rounds by as much as the gap, a round's sides ran back to back.
 """
@@ -29,7 +33,6 @@ host's speed drifts between rounds by as much as the gap, a round's sides ran ba
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import shutil
@@ -77,6 +80,12 @@ def main() -> None:
         help="with --burst: each round also on a daemon from the checkout DIR (both fresh)",
     )
     ap.add_argument(
+        "--against-config",
+        metavar="JSON",
+        help="with --burst: each round also on a fresh daemon (from DIR, or this tree) with "
+        'JSON merged into its configuration, e.g. \'{"scheduling": {"removal_wait_s": 0}}\'',
+    )
+    ap.add_argument(
         "--back-to-back",
         action="store_true",
         help="start each supervisor run at once, without waiting for the pool to refill",
@@ -101,8 +110,10 @@ def main() -> None:
     cli: list[float] = []
     cli_nats: list[float] = []
     try:
-        if args.burst and args.against:  # fresh daemons from both trees, round by round
-            _burst_trees(args.burst, args.rounds, str(mount), tmp, cfg, Path(args.against))
+        if args.burst and (args.against or args.against_config):  # fresh daemons, by round
+            other = Path(args.against) if args.against else Path(__file__).parent.parent
+            changed = json.loads(args.against_config or "{}")
+            _burst_trees(args.burst, args.rounds, str(mount), tmp, cfg, other, changed)
             return
         daemon.start(60)
 
@@ -232,30 +243,67 @@ def _measured(n: int, work: Callable[[], object]) -> tuple[float, dict[str, floa
     return n / (time.perf_counter() - t), _cpu_since(before, n)
 
 
+def _removed(api: docker.APIClient) -> None:
+    """Wait until no finished task's container is left: a burst's removals wait for its
+    tasks (`[scheduling] removal_wait_s`), and the round is not over before them."""
+    while api.containers(
+        all=True, filters={"label": "supervisor.managed=true", "status": "exited"}
+    ):
+        time.sleep(0.02)
+
+
 def _burst(c: Client, n: int, rounds: int, mount: str) -> None:
-    rates: dict[str, list[float]] = {"raw": [], "ours": []}
-    cpu: dict[str, list[dict[str, float]]] = {"raw": [], "ours": []}
-    work = {"raw": lambda: raw_run(n, 8, mount), "ours": lambda: _submit_burst(c, n)}
+    rates: dict[str, list[float]] = {"raw": [], "ours": [], "removed": []}
+    cpu: dict[str, list[dict[str, float]]] = {"raw": [], "ours": [], "removed": []}
+    api = docker.APIClient(version="1.41", timeout=120)
     for r in range(rounds):
         # Alternating which side goes first: each side inherits the engine's and the
         # kernel's clean-up of the one before it.
         for side in ("raw", "ours") if r % 2 == 0 else ("ours", "raw"):
-            rate, used = _measured(n, work[side])
-            rates[side].append(rate)
-            cpu[side].append(used)
+            if side == "raw":
+                rate, used = _measured(n, lambda: raw_run(n, 8, mount))
+                rates["raw"].append(rate)
+                cpu["raw"].append(used)
+                continue
+            # Ours twice: to its last answer, and to its last container removed (the CPU
+            # per task is counted to the latter, removals included).
+            before, t = _cpu_by_process(), time.perf_counter()
+            _submit_burst(c, n)
+            rates["ours"].append(n / (time.perf_counter() - t))
+            _removed(api)
+            rates["removed"].append(n / (time.perf_counter() - t))
+            used = _cpu_since(before, n)
+            cpu["ours"].append(used)
+            cpu["removed"].append(used)
+    api.close()
     print(f"{n} trivial tasks at once, {rounds} alternated rounds (medians):")
-    _report(rates, cpu, {"raw": "raw docker-py, 8 threads", "ours": "HTTP, the daemon's defaults"})
+    labels = {
+        "raw": "raw docker-py, 8 threads",
+        "ours": "HTTP, the daemon's defaults, to the last answer",
+        "removed": "the same, to the last container removed",
+    }
+    _report(rates, cpu, labels)
 
 
 def _burst_trees(
-    n: int, rounds: int, mount: str, tmp: Path, cfg: dict[str, Any], other: Path
+    n: int,
+    rounds: int,
+    mount: str,
+    tmp: Path,
+    cfg: dict[str, Any],
+    other: Path,
+    changed: dict[str, Any],
 ) -> None:
-    """Each round: raw docker-py, then a fresh daemon from `other` and one from this tree
-    (each on its own nats-server), in alternating order."""
+    """Each round: raw docker-py, then a fresh daemon from `other` (its configuration with
+    `changed` merged in) and one from this tree (each on its own nats-server), in
+    alternating order."""
     here = Path(__file__).resolve().parent.parent
     trees = {"other": other.resolve(), "this": here}
-    rates: dict[str, list[float]] = {"raw": [], "other": [], "this": []}
+    cfgs = {"other": _merged(cfg, changed), "this": cfg}
+    rates: dict[str, list[float]] = {k: [] for k in ("raw", "other", "this")}
+    rates |= {"other removed": [], "this removed": []}
     cpu: dict[str, list[dict[str, float]]] = {k: [] for k in rates}
+    api = docker.APIClient(version="1.41", timeout=120)
     try:
         for r in range(rounds):
             rate, used = _measured(n, lambda: raw_run(n, 8, mount))
@@ -264,13 +312,19 @@ def _burst_trees(
             for side in ("other", "this") if r % 2 == 0 else ("this", "other"):
                 os.chdir(trees[side])  # `python -m supervisor` runs the tree it starts in
                 server = NatsServer(tmp / f"nats-{side}-{r}")
-                daemon = DaemonProc(tmp / f"data-{side}-{r}", server.start(), cfg)
+                daemon = DaemonProc(tmp / f"data-{side}-{r}", server.start(), cfgs[side])
                 try:
                     daemon.start(60)
                     with _client(daemon) as c:
                         c.run(_spec(), timeout_s=60)  # warm up: the image, the projection
                         time.sleep(2)
-                        rate, used = _measured(n, functools.partial(_submit_burst, c, n))
+                        before, t = _cpu_by_process(), time.perf_counter()
+                        _submit_burst(c, n)
+                        rate = n / (time.perf_counter() - t)
+                        _removed(api)
+                        rates[f"{side} removed"].append(n / (time.perf_counter() - t))
+                        used = _cpu_since(before, n)
+                        cpu[f"{side} removed"].append(used)
                 finally:
                     daemon.stop()
                     remove_managed_containers("n1")
@@ -279,14 +333,28 @@ def _burst_trees(
                 cpu[side].append(used)
             print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}/s" for k, v in rates.items()))
     finally:
+        api.close()
         os.chdir(here)
     print(f"{n} trivial tasks at once, {rounds} alternated rounds (medians):")
     labels = {
         "raw": "raw docker-py, 8 threads",
-        "other": f"daemon from {other}",
+        "other": f"daemon from {other}" + (f" with {json.dumps(changed)}" if changed else ""),
         "this": "daemon from this tree",
+        "other removed": "  the first, to its last container removed",
+        "this removed": "  the second, to its last container removed",
     }
     _report(rates, cpu, labels)
+
+
+def _merged(base: dict[str, Any], changed: dict[str, Any]) -> dict[str, Any]:
+    """`base` with the tables of `changed` merged into its own (one level deep)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in changed.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
 
 
 def _report(
