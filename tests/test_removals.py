@@ -77,8 +77,10 @@ def test_removals_wait_while_tasks_wait_and_go_together_once_none_runs() -> None
         node.waiting = False  # the queue is drained, the last tasks still run
         await asyncio.sleep(0.05)
         assert done == [] and gate.waiting == 3
+        late, done_late = await _turns(gate, 1)  # one now waits for nothing: it goes
+        assert done_late == [0] and done == [] and gate.waiting == 3
         node.running = False
-        await asyncio.gather(*tasks)
+        await asyncio.gather(*tasks, *late)
         assert done == [0, 1, 2] and gate.waiting == 0
 
     asyncio.run(main())
@@ -225,7 +227,8 @@ def test_a_burst_s_removals_follow_its_tasks_each_recorded_once(
     assert [e for e in events if isinstance(e, ReconcileDecision)] == []  # none needed
     assert audit_records(records_of(events)) == []
     _, body = daemon.get("/metrics")
-    assert "supervisor_removals_deferred_total 4.0" in body.decode()
+    # The last task's own removal waited for nothing: no task was queued behind it.
+    assert "supervisor_removals_deferred_total 3.0" in body.decode()
     assert "supervisor_removals_waiting 0.0" in body.decode()
     daemon.stop()
     assert daemon.wait() == 0

@@ -102,7 +102,7 @@ class AttemptRunner:
         # shape when there is one, and starts cold otherwise.
         self.pool: WarmPool | None = None
         # The removals that follow their attempt's outcome (`_defer_cleanup`), and what
-        # makes them wait while tasks wait for a slot (set up by the daemon).
+        # makes them wait while tasks wait for a slot (the scheduler gives it its backlog).
         self.deferred: set[asyncio.Task[CleanupReport]] = set()
         self.removals = RemovalGate.configured(config, metrics)
         # When the last adoption began and the last container exited (perf_counter): what

@@ -5,11 +5,11 @@ and its container and workspace removed afterwards (`AttemptRunner._defer_cleanu
 tasks wait for a slot on this node (`busy`), such a removal waits too, and those waiting
 keep waiting until no task runs here any more (`active`), so that the engine's time goes to
 the tasks first: a burst's results come sooner, and its removals follow once it is over.
-A removal waits no longer than `max_wait_s` (the daemon keeps that
-under half the reconciler's `creation_grace_s`, which spares a live instance's exited
-container for that long after its attempt ended), never while fewer than `min_free_mb`
-are left on the data dir's disk (`low_disk`), and never while more than `max_waiting`
-others wait (the oldest goes first). Its events are the same as an immediate removal's,
+A removal waits no longer than `max_wait_s` (kept under half the reconciler's
+`creation_grace_s`, which spares a live instance's exited container for that long after
+its attempt ended), never while the disk brake is on (`low_disk`), and never while more
+than `max_waiting` others wait (the oldest goes first); one that finds no task waiting for
+a slot goes at once, even while others wait. Its events are the same as an immediate removal's,
 only later: `cleanup.succeeded` (or `cleanup.failed`, a recorded leak). A daemon killed
 while removals wait leaves exited containers of a dead instance: the next reconcile pass
 removes them (`orphan_container`).
@@ -74,16 +74,16 @@ class RemovalGate:
     def waiting(self) -> int:
         return sum(1 for _, f in self._queue if not f.done())
 
-    def _hold(self) -> bool:
-        """Whether removals wait now: tasks wait for a slot, or some removals wait already
-        and tasks still run."""
+    def _hold(self, *, waiting: bool) -> bool:
+        """Whether a removal waits now: a new one while tasks wait for a slot; one waiting
+        already also while tasks still run."""
         if not self._open or self.max_wait_s <= 0 or self.max_waiting <= 0 or self.low_disk():
             return False
-        return self.busy() or (self.waiting > 0 and self.active())
+        return self.busy() or (waiting and self.active())
 
     async def turn(self) -> None:
         """Wait until this removal may run (at once when nothing waits for a slot)."""
-        if not self._hold():
+        if not self._hold(waiting=False):
             return
         loop = asyncio.get_running_loop()
         turn: asyncio.Future[None] = loop.create_future()
@@ -106,7 +106,7 @@ class RemovalGate:
     def _release(self) -> None:
         """Let go the removals whose turn it is: all once no task waits or runs, else those
         past `max_wait_s` and the oldest beyond `max_waiting`."""
-        hold = self._hold()
+        hold = self._hold(waiting=True)
         now = asyncio.get_running_loop().time()
         q = self._queue
         while q and q[0][1].done():
