@@ -77,11 +77,26 @@ def test_removals_wait_while_tasks_wait_and_go_together_once_none_runs() -> None
         node.waiting = False  # the queue is drained, the last tasks still run
         await asyncio.sleep(0.05)
         assert done == [] and gate.waiting == 3
-        late, done_late = await _turns(gate, 1)  # one now waits for nothing: it goes
-        assert done_late == [0] and done == [] and gate.waiting == 3
+        late, done_late = await _turns(gate, 1)  # the burst's tail: it waits with them
+        assert done_late == [] and gate.waiting == 4
         node.running = False
         await asyncio.gather(*tasks, *late)
         assert done == [0, 1, 2] and gate.waiting == 0
+
+    asyncio.run(main())
+
+
+def test_under_steady_load_after_a_burst_a_new_removal_goes_at_once() -> None:
+    async def main() -> None:
+        node = _Node()
+        gate = _gate(node, tail_s=0.1)
+        tasks, done = await _turns(gate, 2)
+        node.waiting = False  # the burst is over; tasks keep coming and running
+        await asyncio.sleep(0.15)
+        late, done_late = await _turns(gate, 1)
+        assert done_late == [0] and done == [] and gate.waiting == 2
+        await gate.close()
+        await asyncio.gather(*tasks, *late)
 
     asyncio.run(main())
 
@@ -227,8 +242,7 @@ def test_a_burst_s_removals_follow_its_tasks_each_recorded_once(
     assert [e for e in events if isinstance(e, ReconcileDecision)] == []  # none needed
     assert audit_records(records_of(events)) == []
     _, body = daemon.get("/metrics")
-    # The last task's own removal waited for nothing: no task was queued behind it.
-    assert "supervisor_removals_deferred_total 3.0" in body.decode()
+    assert "supervisor_removals_deferred_total 4.0" in body.decode()
     assert "supervisor_removals_waiting 0.0" in body.decode()
     daemon.stop()
     assert daemon.wait() == 0

@@ -8,8 +8,9 @@ the tasks first: a burst's results come sooner, and its removals follow once it 
 A removal waits no longer than `max_wait_s` (kept under half the reconciler's
 `creation_grace_s`, which spares a live instance's exited container for that long after
 its attempt ended), never while the disk brake is on (`low_disk`), and never while more
-than `max_waiting` others wait (the oldest goes first); one that finds no task waiting for
-a slot goes at once, even while others wait. Its events are the same as an immediate removal's,
+than `max_waiting` others wait (the oldest goes first). One that finds no task waiting for
+a slot goes at once, unless others wait and tasks waited for a slot in the last
+`tail_s` (the last tasks of a burst): under steady load nothing waits. Its events are the same as an immediate removal's,
 only later: `cleanup.succeeded` (or `cleanup.failed`, a recorded leak). A daemon killed
 while removals wait leaves exited containers of a dead instance: the next reconcile pass
 removes them (`orphan_container`).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import deque
 from collections.abc import Callable
 
@@ -31,6 +33,7 @@ from supervisor.observability.metrics import Metrics
 __all__ = ["RemovalGate"]
 
 _POLL_S = 0.1
+_TAIL_S = 2.0
 
 
 class RemovalGate:
@@ -45,6 +48,7 @@ class RemovalGate:
         active: Callable[[], bool] = lambda: False,
         low_disk: Callable[[], bool] = lambda: False,
         poll_s: float = _POLL_S,
+        tail_s: float = _TAIL_S,
     ) -> None:
         self.max_wait_s = max_wait_s
         self.max_waiting = max_waiting
@@ -52,6 +56,8 @@ class RemovalGate:
         self.active = active
         self.low_disk = low_disk
         self.poll_s = poll_s
+        self.tail_s = tail_s
+        self._busy_at = -math.inf  # loop time tasks were last seen waiting for a slot
         self.on_defer: Callable[[], None] = lambda: None
         self._queue: deque[tuple[float, asyncio.Future[None]]] = deque()
         self._watch: asyncio.Task[None] | None = None
@@ -75,11 +81,17 @@ class RemovalGate:
         return sum(1 for _, f in self._queue if not f.done())
 
     def _hold(self, *, waiting: bool) -> bool:
-        """Whether a removal waits now: a new one while tasks wait for a slot; one waiting
-        already also while tasks still run."""
+        """Whether a removal waits now: a new one while tasks wait for a slot, or while
+        others wait and tasks waited a moment ago; one waiting already while tasks run."""
         if not self._open or self.max_wait_s <= 0 or self.max_waiting <= 0 or self.low_disk():
             return False
-        return self.busy() or (waiting and self.active())
+        now = asyncio.get_running_loop().time()
+        if self.busy():
+            self._busy_at = now
+            return True
+        if not self.active():
+            return False
+        return waiting or (self.waiting > 0 and now - self._busy_at < self.tail_s)
 
     async def turn(self) -> None:
         """Wait until this removal may run (at once when nothing waits for a slot)."""
