@@ -101,33 +101,19 @@ def test_under_steady_load_after_a_burst_a_new_removal_goes_at_once() -> None:
     asyncio.run(main())
 
 
-def test_a_removal_goes_at_once_when_no_task_waits_for_a_slot() -> None:
-    async def main() -> None:
-        node = _Node()
-        node.waiting = False  # tasks run, none waits: a lone task's removal is not held
-        gate = _gate(node)
-        tasks, done = await _turns(gate, 2)
-        assert done == [0, 1]
-        await asyncio.gather(*tasks)
-
-    asyncio.run(main())
-
-
 @pytest.mark.parametrize(
-    ("setting", "value"),
-    [("max_wait_s", 0.0), ("max_waiting", 0), ("disk_low", True)],
+    "case", ["no task waits", "max_wait_s 0", "max_waiting 0", "the disk brake on"]
 )
-def test_nothing_waits_when_turned_off_or_while_the_disk_is_short(
-    setting: str, value: float
+def test_a_removal_goes_at_once_when_no_task_waits_when_off_or_while_the_disk_is_short(
+    case: str,
 ) -> None:
     async def main() -> None:
-        node = _Node()
-        if setting == "disk_low":
-            node.disk_low = True
-            gate = _gate(node)
-        else:
-            gate = _gate(node, **{setting: value})
-        tasks, done = await _turns(gate, 2)
+        node = _Node()  # tasks run (and, but in the first case, others wait for a slot)
+        node.waiting = case != "no task waits"
+        node.disk_low = case == "the disk brake on"
+        setting, _, value = case.partition(" ")
+        kw = {setting: float(value)} if case.startswith("max_") else {}
+        tasks, done = await _turns(_gate(node, **kw), 2)
         assert done == [0, 1]
         await asyncio.gather(*tasks)
 

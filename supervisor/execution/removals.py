@@ -5,15 +5,15 @@ and its container and workspace removed afterwards (`AttemptRunner._defer_cleanu
 tasks wait for a slot on this node (`busy`), such a removal waits too, and those waiting
 keep waiting until no task runs here any more (`active`), so that the engine's time goes to
 the tasks first: a burst's results come sooner, and its removals follow once it is over.
-A removal waits no longer than `max_wait_s` (kept under half the reconciler's
+A removal that finds no task waiting goes at once, unless others wait and tasks waited in
+the last `tail_s` (the burst's last tasks): under steady load with an empty queue nothing
+waits. A removal waits no longer than `max_wait_s` (kept under half the reconciler's
 `creation_grace_s`, which spares a live instance's exited container for that long after
 its attempt ended), never while the disk brake is on (`low_disk`), and never while more
-than `max_waiting` others wait (the oldest goes first). One that finds no task waiting for
-a slot goes at once, unless others wait and tasks waited for a slot in the last
-`tail_s` (the last tasks of a burst): under steady load nothing waits. Its events are the same as an immediate removal's,
-only later: `cleanup.succeeded` (or `cleanup.failed`, a recorded leak). A daemon killed
-while removals wait leaves exited containers of a dead instance: the next reconcile pass
-removes them (`orphan_container`).
+than `max_waiting` others wait (the oldest goes first). Its events are an immediate
+removal's, only later: `cleanup.succeeded` (or `cleanup.failed`, a recorded leak). A daemon
+killed while removals wait leaves exited containers of a dead instance: the next reconcile
+pass removes them (`orphan_container`).
 
 Pure asyncio: the scheduler gives `busy` (its backlog) and `active` (tasks running), the
 daemon `low_disk` (its disk brake).
