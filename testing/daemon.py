@@ -184,6 +184,19 @@ class DaemonProc:
         self.proc.wait()
 
 
+def node_containers(
+    docker_client: Any, node_id: str, *labels: str, status: str | None = None
+) -> set[str]:
+    """The ids of the containers a supervisor made for `node_id` (with `labels` too, and in
+    Docker's `status` when given), as Docker lists them now."""
+    flt: dict[str, Any] = {
+        "label": ["supervisor.managed=true", f"supervisor.node={node_id}", *labels]
+    }
+    if status is not None:
+        flt["status"] = status
+    return {c["Id"] for c in docker_client.api.containers(all=True, filters=flt)}
+
+
 def remove_managed_containers(node_id: str = "n1") -> int:
     """Force-remove every container a supervisor labelled for `node_id` (benchmarks clean up
     after a daemon they SIGKILLed); returns how many."""

@@ -19,16 +19,11 @@ import pytest
 from schemas import ContainerCreated, PoolParked, ReconcileDecision, SupervisorSuperseded
 from schemas.config import Config
 from schemas.streams import TASKS_STREAM
-from testing.daemon import SANDBOX_IMAGE, DaemonProc, submit, task
+from testing.daemon import SANDBOX_IMAGE, DaemonProc, node_containers, submit, task
 from testing.reconcile import new_node_id
 from testing.stream import stream_events
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
-
-
-def _containers(docker_client, node_id: str, *labels: str) -> list[str]:  # type: ignore[no-untyped-def]
-    flt = {"label": ["supervisor.managed=true", f"supervisor.node={node_id}", *labels]}
-    return [c["Id"] for c in docker_client.api.containers(all=True, filters=flt)]
 
 
 def _wait(cond, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
@@ -73,7 +68,7 @@ def test_a_daemon_killed_mid_task_leaves_nothing_once_it_is_back(
             container keeps the pool's label: whose it is, the log says). A daemon killed
             while it parks one leaves a workspace the log does not know yet: that one goes
             only after `creation_grace_s` (docs/running.md)."""
-            seen = set(_containers(docker_client, node_id))
+            seen = node_containers(docker_client, node_id)
             events = asyncio.run(stream_events(nats_url, f"sup.*.*.{node_id}.>"))
             ran = {e.container_id for e in events if isinstance(e, ContainerCreated)}
             parked = {e.container_id for e in events if isinstance(e, PoolParked)} - ran
@@ -85,7 +80,7 @@ def test_a_daemon_killed_mid_task_leaves_nothing_once_it_is_back(
             )
 
         _wait(settled, 90, "5 running tasks and 2 parked containers")
-        left = _containers(docker_client, node_id)
+        left = node_containers(docker_client, node_id)
         workspaces = sorted(str(p) for p in (data / "workspaces").iterdir())
 
         first.kill()
@@ -96,7 +91,7 @@ def test_a_daemon_killed_mid_task_leaves_nothing_once_it_is_back(
         # (The successor parks containers of its own meanwhile.)
         _wait(
             lambda: (
-                not set(left) & set(_containers(docker_client, node_id))
+                not left & node_containers(docker_client, node_id)
                 and not set(workspaces) & {str(p) for p in (data / "workspaces").iterdir()}
             ),
             60,
@@ -119,7 +114,7 @@ def test_a_daemon_killed_mid_task_leaves_nothing_once_it_is_back(
         second.stop()
         assert second.wait() == 0
     finally:
-        for cid in _containers(docker_client, node_id):
+        for cid in node_containers(docker_client, node_id):
             docker_client.api.remove_container(cid, force=True)
 
 

@@ -30,7 +30,7 @@ from schemas import (
 from schemas.config import Config
 from schemas.events import TERMINAL_TASK_EVENTS
 from supervisor.execution.removals import RemovalGate
-from testing.daemon import SANDBOX_IMAGE, DaemonProc, task, wait_until
+from testing.daemon import SANDBOX_IMAGE, DaemonProc, node_containers, task, wait_until
 from testing.reconcile import new_node_id
 from testing.stream import stream_events
 
@@ -172,8 +172,7 @@ def _node_events(url: str, node_id: str) -> list[Event]:
 
 
 def _exited(docker_client: Any, node_id: str) -> set[str]:
-    flt = {"label": ["supervisor.managed=true", f"supervisor.node={node_id}"], "status": "exited"}
-    return {c["Id"] for c in docker_client.api.containers(all=True, filters=flt)}
+    return node_containers(docker_client, node_id, status="exited")
 
 
 def _created(events: list[Event]) -> dict[str, str]:
@@ -268,12 +267,11 @@ def test_a_daemon_killed_while_removals_wait_leaves_nothing_once_it_is_back(
         second = DaemonProc(data, nats_url, config)
         daemons.append(second)
         second.start()
-        flt = {"label": ["supervisor.managed=true", f"supervisor.node={node_id}"]}
-
-        def gone() -> bool:
-            return not left & {c["Id"] for c in docker_client.api.containers(all=True, filters=flt)}
-
-        wait_until(gone, 60, "the dead instance's containers to go")
+        wait_until(
+            lambda: not left & node_containers(docker_client, node_id),
+            60,
+            "the dead instance's containers to go",
+        )
         events = _node_events(nats_url, node_id)
         decided = {(e.rule, e.resource) for e in events if isinstance(e, ReconcileDecision)}
         assert {("orphan_container", cid) for cid in left} <= decided
@@ -282,9 +280,8 @@ def test_a_daemon_killed_while_removals_wait_leaves_nothing_once_it_is_back(
         second.stop()
         assert second.wait() == 0
     finally:
-        flt = {"label": ["supervisor.managed=true", f"supervisor.node={node_id}"]}
-        for cont in docker_client.api.containers(all=True, filters=flt):
-            docker_client.api.remove_container(cont["Id"], force=True)
+        for cid in node_containers(docker_client, node_id):
+            docker_client.api.remove_container(cid, force=True)
 
 
 @pytest.mark.docker
